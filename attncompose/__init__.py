@@ -1,0 +1,22 @@
+"""attncompose: approximate attention composed from primitives, declared in YAML."""
+
+from __future__ import annotations
+
+from attncompose.metrics import relative_error
+from attncompose.runtime.attention import Attention, compile
+from attncompose.runtime.checks import AttentionInputError
+from attncompose.spec import RecipeError
+from attncompose.spec.recipe import builtin_recipes, load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "AttentionInputError",
+    "RecipeError",
+    "__version__",
+    "builtin_recipes",
+    "compile",
+    "load_recipe",
+    "relative_error",
+]

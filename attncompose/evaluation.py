@@ -1,0 +1,57 @@
+"""Error and latency of an attention callable against exact attention on Q/K/V data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attncompose.data import load_qkv
+from attncompose.metrics import relative_error
+from attncompose.timing import measure
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One data item: relative error against exact, and both latencies (ms)."""
+
+    name: str
+    error: float
+    latency_ms: float
+    exact_ms: float
+
+
+def exact_sdpa(q, k, v, is_causal: bool):
+    """Exact attention with PyTorch's SDPA (GQA expanded, causal bottom-right aligned)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    lq, lk = q.shape[2], k.shape[2]
+    if is_causal and lq != lk:
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+def compare_to_exact(
+    attn, data: Path | None, seq_len: int, causal: bool, repeats: int = 3, device: str = "cpu"
+) -> list[Comparison]:
+    """Run ``attn`` and exact SDPA on each item of the data at ``seq_len``."""
+    rows = []
+    for item in load_qkv(data, seq_len):
+        x = item.to(device)
+        with torch.no_grad():
+            exact = exact_sdpa(x.q, x.k, x.v, causal)
+            out = attn(x.q, x.k, x.v, is_causal=causal)
+            t_exact = measure(
+                lambda x=x: exact_sdpa(x.q, x.k, x.v, causal), device, repeats=repeats
+            )
+            t_attn = measure(
+                lambda x=x: attn(x.q, x.k, x.v, is_causal=causal), device, repeats=repeats
+            )
+        rows.append(
+            Comparison(item.name, relative_error(out, exact), t_attn.median_ms, t_exact.median_ms)
+        )
+    return rows

@@ -1,0 +1,202 @@
+"""What primitives exchange, and the registry that maps a step's ``op`` to its runtime.
+
+Shapes: the runtime flattens batch and query heads into one leading dimension ``N = B*Hq``
+(keys and values are expanded from ``Hkv`` to ``Hq`` heads beforehand), so
+
+- ``q``: [N, Lq, D], ``k``: [N, Lk, D], ``v``: [N, Lk, Dv], all float32;
+- a :class:`Partial` holds ``out`` [N, Lq, Dv] and ``lse`` [N, Lq] (``-inf`` where a row
+  attended no key), both float32;
+- a :class:`Coverage` says which (query, key) pairs a kernel computed exactly, so that later
+  kernels and the sampler skip them (a union is never counted twice).
+
+Positions are absolute: query ``i`` sits at ``q_offset + i``, key ``j`` at ``k_offset + j``;
+under a causal mask key ``j`` is visible to query ``i`` iff its position is not larger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from attncompose.spec.steps import StepSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One (query range) x (key range) attention problem."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    causal: bool
+    heads: int  # query heads per batch element: row n of q belongs to head n % heads
+    kv_group: int  # query heads per key/value head (GQA)
+    q_offset: int = 0
+    k_offset: int = 0
+
+    @property
+    def lq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def lk(self) -> int:
+        return self.k.shape[1]
+
+    def sub(self, q: slice, k: slice, causal: bool) -> Problem:
+        """The sub-problem of a query range and a key range (offsets follow)."""
+        q0 = q.start or 0
+        k0 = k.start or 0
+        return replace(
+            self,
+            q=self.q[:, q],
+            k=self.k[:, k],
+            v=self.v[:, k],
+            causal=causal,
+            q_offset=self.q_offset + q0,
+            k_offset=self.k_offset + k0,
+        )
+
+    def visible(self, qi: Tensor, kj: Tensor) -> Tensor:
+        """Bool mask of causally visible pairs (all True when not causal); broadcasts."""
+        if not self.causal:
+            return torch.ones(
+                torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device
+            )
+        return kj + self.k_offset <= qi + self.q_offset
+
+    def visible_keys(self, qi: Tensor) -> Tensor:
+        """Number of keys visible to each query index in ``qi``."""
+        if not self.causal:
+            return torch.full_like(qi, self.lk)
+        return (qi + self.q_offset - self.k_offset + 1).clamp(0, self.lk)
+
+    def generator(self, seed: int, *salt: Any) -> torch.Generator:
+        """A generator on the problem's device, seeded from ``seed``, the ranges and ``salt``."""
+        key = repr((seed, self.q_offset, self.k_offset, self.lq, self.lk, *salt)).encode()
+        g = torch.Generator(device=self.q.device)
+        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+        return g
+
+
+@dataclass
+class Partial:
+    """Attention of every query over a subset of keys: ``out`` [N, Lq, Dv], ``lse`` [N, Lq]."""
+
+    out: Tensor
+    lse: Tensor
+    coverage: Coverage | None = None
+
+    @staticmethod
+    def empty(problem: Problem) -> Partial:
+        n, lq = problem.q.shape[:2]
+        out = problem.q.new_zeros(n, lq, problem.v.shape[-1])
+        return Partial(out, problem.q.new_full((n, lq), float("-inf")))
+
+
+@dataclass
+class Tiles:
+    """Work list of a block kernel: query tiles and the candidate keys of each.
+
+    ``q_idx`` [N, T, bq] query indices, ``k_idx`` [N, T, nk] key indices; ``-1`` pads. A query
+    appears in at most one tile. ``lse_shift`` [N, T] (optional) is added to each tile's lse
+    (the sampler's reweighting). ``exact``: every valid candidate pair is covered by the
+    selection that made the tiles, so the kernel need not test coverage.
+    """
+
+    q_idx: Tensor
+    k_idx: Tensor
+    lse_shift: Tensor | None = None
+    exact: bool = False
+
+
+class Coverage:
+    """The (query, key) pairs one kernel input computes exactly."""
+
+    def tiles(self, problem: Problem) -> Tiles:
+        """Tiles whose candidate keys include every covered pair of their queries."""
+        raise NotImplementedError
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        """Bool mask: is (qi, kj) covered? ``qi`` [N, T, bq, 1], ``kj`` [N, T, 1, nk], may be -1."""
+        raise NotImplementedError
+
+
+@dataclass
+class UnionCoverage(Coverage):
+    """Union of coverages: covered if any part covers the pair."""
+
+    parts: list[Coverage] = field(default_factory=list)
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        mask = self.parts[0].covers(problem, qi, kj)
+        for part in self.parts[1:]:
+            mask = mask | part.covers(problem, qi, kj)
+        return mask
+
+
+class Selection:
+    """A detector's result; a block kernel binds it to its block size to get a Coverage."""
+
+    def bind(self, block_size: int) -> Coverage:
+        raise NotImplementedError
+
+
+class Primitive:
+    """Runtime of one step. Subclasses set ``op`` and implement ``__call__``.
+
+    ``__call__(problem, **ports)`` receives the values of the step's input ports (lists of
+    values; a lazy port receives a function ``Problem -> value``) and returns a Selection or
+    a Partial.
+    """
+
+    op: ClassVar[str]
+
+    def __init__(self, step: StepSpec, backend: str = "torch"):
+        self.step = step
+        self.knobs = step.knobs()
+        self.backend = backend
+
+    def kernel_name(self) -> str:
+        """Which implementation runs (shown by ``attncompose show``)."""
+        return f"{self.backend}:{self.op}"
+
+    def __call__(self, problem: Problem, **ports: Any) -> Any:
+        raise NotImplementedError
+
+
+PRIMITIVES: dict[str, type[Primitive]] = {}
+
+
+def register(cls: type[Primitive]) -> type[Primitive]:
+    """Register a primitive's runtime under its op name."""
+    if cls.op in PRIMITIVES and PRIMITIVES[cls.op] is not cls:
+        raise ValueError(f"a primitive named {cls.op!r} is already registered")
+    PRIMITIVES[cls.op] = cls
+    return cls
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[n, idx[n, ...]]`` for x [N, L, D] and idx [N, ...] (-1 reads row 0); [N, ..., D]."""
+    n, length, d = x.shape
+    base = torch.arange(n, device=idx.device).view(n, *([1] * (idx.dim() - 1))) * length
+    rows = (idx.clamp_min(0) + base).reshape(-1)
+    return x.reshape(n * length, d).index_select(0, rows).view(*idx.shape, d)
+
+
+def take(meta: Tensor, idx: Tensor) -> Tensor:
+    """``meta[n, idx[n, ...]]`` for per-row metadata meta [N, L] and idx [N, ...] (-1 -> 0)."""
+    n = meta.shape[0]
+    return meta.gather(1, idx.clamp_min(0).reshape(n, -1)).view(idx.shape)
+
+
+def natural_tiles(n: int, length: int, tile: int, device: torch.device) -> Tensor:
+    """Query indices [N, ceil(length/tile), tile] in natural order, -1 padded."""
+    count = -(-length // tile)
+    idx = torch.arange(count * tile, device=device).view(count, tile)
+    idx = idx.masked_fill(idx >= length, -1)
+    return idx.unsqueeze(0).expand(n, -1, -1)

@@ -1,0 +1,58 @@
+"""``causal_split``: HyperAttention's recursive causal splitter around a non-causal body.
+
+A causal square of n <= min_seq_len rows is computed exactly. A larger one is halved: both
+diagonal halves recurse, and the lower-left rectangle (second-half queries x first-half
+keys, fully visible) goes through the non-causal body; its result is merged into the second
+half's rows by lse. Decode (Lq < Lk, bottom-right aligned): the key prefix every query sees
+goes through the body, the trailing Lq x Lq square recurses. Non-causal calls go straight to
+the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from attncompose.primitives.base import Partial, Primitive, Problem, register
+from attncompose.primitives.exact.fast import fused_exact_attention
+from attncompose.primitives.merge.naive import merge_partials
+
+Body = Callable[[Problem], Partial]
+
+
+def causal_split(problem: Problem, body: Body, min_seq_len: int) -> Partial:
+    """Causal attention by recursive halving; see the module docstring."""
+    if not problem.causal:
+        return body(problem)
+    last_q = problem.q_offset + problem.lq
+    if last_q != problem.k_offset + problem.lk or problem.lq > problem.lk:
+        return fused_exact_attention(problem)  # not bottom-right aligned: keep it exact
+    if problem.lq == problem.lk:
+        return _square(problem, body, min_seq_len)
+    if problem.lk <= min_seq_len:
+        return fused_exact_attention(problem)
+    delta = problem.lk - problem.lq  # keys [0, delta) are visible to every query
+    rect = body(problem.sub(slice(None), slice(0, delta), causal=False))
+    square = _square(problem.sub(slice(None), slice(delta, None), causal=True), body, min_seq_len)
+    return merge_partials([rect, square])
+
+
+def _square(problem: Problem, body: Body, min_seq_len: int) -> Partial:
+    n = problem.lq
+    if n <= min_seq_len:
+        return fused_exact_attention(problem)
+    h = n // 2
+    top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len)
+    bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len)
+    rect = body(problem.sub(slice(h, n), slice(0, h), causal=False))
+    bottom = merge_partials([bottom, rect])
+    return Partial(torch.cat([top.out, bottom.out], dim=1), torch.cat([top.lse, bottom.lse], 1))
+
+
+@register
+class CausalSplit(Primitive):
+    op = "causal_split"
+
+    def __call__(self, problem: Problem, body: Body) -> Partial:
+        return causal_split(problem, body, self.knobs["min_seq_len"])

@@ -1,0 +1,14 @@
+"""``merge``: lse combination of partial results."""
+
+from __future__ import annotations
+
+from attncompose.primitives.base import Partial, Primitive, Problem, register
+from attncompose.primitives.merge.naive import merge_partials
+
+
+@register
+class Merge(Primitive):
+    op = "merge"
+
+    def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:
+        return merge_partials(list(inputs))

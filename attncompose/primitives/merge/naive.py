@@ -1,0 +1,16 @@
+"""Reference merge: combine partial results over disjoint key sets by log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+
+from attncompose.primitives.base import Partial
+
+
+def merge_partials(parts: list[Partial]) -> Partial:
+    """o = sum_i e^{l_i} o_i / sum_i e^{l_i}, l = log sum_i e^{l_i}; rows all -inf stay empty."""
+    lses = torch.stack([p.lse for p in parts])  # [P, N, L]
+    lse = torch.logsumexp(lses, dim=0)  # [N, L]
+    w = torch.exp(lses - lse.nan_to_num(neginf=0.0).unsqueeze(0))  # [P, N, L], 0 where -inf
+    out = sum(w[i].unsqueeze(-1) * p.out for i, p in enumerate(parts))
+    return Partial(out, lse)

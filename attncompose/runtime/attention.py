@@ -1,0 +1,72 @@
+"""The SDPA-compatible attention module that ``compile`` returns."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from attncompose.primitives.base import Problem
+from attncompose.runtime.checks import check_inputs
+from attncompose.runtime.compiler import Pipeline
+
+
+class Attention(nn.Module):
+    """Approximate attention with the calling convention of ``scaled_dot_product_attention``.
+
+    ``attn(q, k, v, is_causal=False, scale=None, return_lse=False)`` with q [B, Hq, Lq, D],
+    k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq a multiple of Hkv; causal masks are aligned
+    bottom-right, so Lq < Lk is decoding). Returns o [B, Hq, Lq, Dv] in q's dtype, and with
+    ``return_lse`` also lse [B, Hq, Lq] (float32, natural log). Computation runs in float32.
+    """
+
+    def __init__(self, recipe, backend: str = "torch", check_finite: bool = True):
+        super().__init__()
+        self.recipe = recipe
+        self.pipeline = Pipeline(recipe, backend=backend)
+        self.check_finite = check_finite
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        is_causal: bool = False,
+        scale: float | None = None,
+        return_lse: bool = False,
+    ):
+        check_inputs(q, k, v, is_causal, self.check_finite)
+        b, hq, lq, d = q.shape
+        group = hq // k.shape[1]
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        problem = Problem(
+            q=_rows(q),
+            k=_rows(k.repeat_interleave(group, dim=1)),
+            v=_rows(v.repeat_interleave(group, dim=1)),
+            scale=scale,
+            causal=bool(is_causal),
+            heads=hq,
+            kv_group=group,
+        )
+        with torch.no_grad():
+            result = self.pipeline(problem)
+        out = result.out.view(b, hq, lq, -1).to(q.dtype)
+        if return_lse:
+            return out, result.lse.view(b, hq, lq)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe.name!r}, backend={self.pipeline.backend!r}"
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[B, H, L, D] -> contiguous float32 [B*H, L, D]."""
+    return x.reshape(-1, x.shape[2], x.shape[3]).float().contiguous()
+
+
+def compile(recipe, backend: str = "auto", check_finite: bool = True) -> Attention:
+    """Compile a recipe (name, path, mapping or Recipe) into an :class:`Attention` module."""
+    from attncompose.spec.recipe import load_recipe
+
+    return Attention(load_recipe(recipe), backend=backend, check_finite=check_finite)

@@ -1,0 +1,57 @@
+"""Input validation of the attention call: every bad input is a clear error naming what."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class AttentionInputError(ValueError):
+    """Inputs that the attention call cannot take, with what is wrong."""
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, check_finite: bool) -> None:
+    """Shapes [B,Hq,Lq,D], [B,Hkv,Lk,D], [B,Hkv,Lk,Dv]; same dtype/device; Hq % Hkv == 0."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise AttentionInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise AttentionInputError(
+                f"{name} must be 4-D [batch, heads, length, head_dim], got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise AttentionInputError(
+                f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttentionInputError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise AttentionInputError(
+            f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}"
+        )
+    (b, hq, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
+    if bk != b or v.shape[0] != b:
+        raise AttentionInputError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}")
+    if dk != d:
+        raise AttentionInputError(f"head_dim of q ({d}) and k ({dk}) differ")
+    if v.shape[1] != hkv or v.shape[2] != lk:
+        raise AttentionInputError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length"
+        )
+    if hkv == 0 or hq % hkv:
+        raise AttentionInputError(
+            f"query heads ({hq}) must be a multiple of key/value heads "
+            f"({hkv}) for grouped-query attention"
+        )
+    if lk == 0 or lq == 0:
+        raise AttentionInputError(f"empty sequence: Lq={lq}, Lk={lk}")
+    if is_causal and lq > lk:
+        raise AttentionInputError(
+            f"causal attention needs Lq <= Lk (bottom-right aligned), got Lq={lq}, Lk={lk}"
+        )
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not torch.isfinite(t.sum(dtype=torch.float32)):  # one reduction, no mask
+                raise AttentionInputError(f"{name} contains NaN or Inf values")

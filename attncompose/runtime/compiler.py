@@ -1,0 +1,59 @@
+"""Recipe graph -> executable pipeline of primitive runtimes.
+
+The pipeline evaluates steps in dependency order on a :class:`Problem`. A lazy port (the
+causal splitter's body) receives a function that evaluates the body's sub-graph on a
+sub-problem, so the splitter can run it on each off-diagonal rectangle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attncompose.graph import build_graph
+from attncompose.primitives.base import PRIMITIVES, Partial, Primitive, Problem
+from attncompose.spec.errors import RecipeError
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class Pipeline:
+    """The compiled steps of one recipe."""
+
+    def __init__(self, recipe, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.recipe = recipe
+        self.backend = backend
+        self.graph = build_graph(recipe)
+        self.output = recipe.output_id
+        self.nodes: dict[str, Primitive] = {}
+        for sid, step in recipe.steps.items():
+            if step.op not in PRIMITIVES:
+                raise RecipeError(f"no runtime registered for op {step.op!r}", loc=f"steps.{sid}")
+            self.nodes[sid] = PRIMITIVES[step.op](step, backend="torch")
+
+    def kernels(self) -> dict[str, str]:
+        """Step id -> name of the implementation that runs it."""
+        return {sid: node.kernel_name() for sid, node in self.nodes.items()}
+
+    def __call__(self, problem: Problem) -> Partial:
+        return self.evaluate(self.output, problem, {})
+
+    def evaluate(self, sid: str, problem: Problem, cache: dict[str, Any]) -> Any:
+        """Value of step ``sid`` on ``problem`` (memoised in ``cache`` for this problem)."""
+        if sid in cache:
+            return cache[sid]
+        step = self.recipe.steps[sid]
+        ports: dict[str, Any] = {}
+        for port, spec in type(step).ports.items():
+            names = step.port_names(port)
+            if spec.lazy:
+                ports[port] = self._lazy(names[0])
+            elif names:
+                ports[port] = [self.evaluate(name, problem, cache) for name in names]
+        value = self.nodes[sid](problem, **ports)
+        cache[sid] = value
+        return value
+
+    def _lazy(self, sid: str):
+        return lambda sub: self.evaluate(sid, sub, {})

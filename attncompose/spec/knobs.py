@@ -1,0 +1,199 @@
+"""Knob values that may carry a tunable range.
+
+A knob in a recipe is either a plain value (``block_size: 256``) or a tunable declaration
+that keeps the value used when untuned and the space the tuner may search::
+
+    block_size: {default: 256, choices: [64, 128, 256, 512]}
+    sample_size: {default: 256, low: 0, high: 2048, step: 64}
+    p: {default: 0.9, low: 0.5, high: 0.99}
+    num_projections: {default: 7, low: 2, high: 12, log: false}
+
+Each primitive declares its knobs with ``int_knob``/``float_knob`` and the bounds every value
+must respect; defaults, range ends and choices are all checked against those bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
+
+
+class _Tunable(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def values_to_check(self) -> list[Any]:
+        raise NotImplementedError
+
+
+class IntRange(_Tunable):
+    """An integer knob searched over ``[low, high]`` (optionally log-scaled or stepped)."""
+
+    default: int
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if not self.low <= self.default <= self.high:
+            raise ValueError(f"default {self.default} lies outside [{self.low}, {self.high}]")
+        if self.log and (self.low < 1 or self.step != 1):
+            raise ValueError("log ranges need low >= 1 and step 1")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.default, self.low, self.high]
+
+
+class FloatRange(_Tunable):
+    """A float knob searched over ``[low, high]``."""
+
+    default: float
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if not self.low <= self.default <= self.high:
+            raise ValueError(f"default {self.default} lies outside [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError("log ranges need low > 0")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.default, self.low, self.high]
+
+
+class IntChoices(_Tunable):
+    """An integer knob searched over a list of values."""
+
+    default: int
+    choices: list[int] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _default_is_a_choice(self) -> IntChoices:
+        if self.default not in self.choices:
+            raise ValueError(f"default {self.default} is not one of the choices {self.choices}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.default, *self.choices]
+
+
+class FloatChoices(_Tunable):
+    """A float knob searched over a list of values."""
+
+    default: float
+    choices: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _default_is_a_choice(self) -> FloatChoices:
+        if self.default not in self.choices:
+            raise ValueError(f"default {self.default} is not one of the choices {self.choices}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.default, *self.choices]
+
+
+Tunable = Union[IntRange, FloatRange, IntChoices, FloatChoices]
+
+
+def _check_bounds(values: list[Any], ge: float | None, le: float | None) -> None:
+    for x in values:
+        if ge is not None and x < ge:
+            raise ValueError(f"{x} is below the minimum {ge}")
+        if le is not None and x > le:
+            raise ValueError(f"{x} is above the maximum {le}")
+
+
+def _parser(scalar: type, ranged: type[_Tunable], choices: type[_Tunable], ge, le):
+    kind = "an integer" if scalar is int else "a number"
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, _Tunable):
+            parsed = value
+        elif isinstance(value, dict):
+            cls = choices if "choices" in value else ranged
+            try:
+                parsed = cls.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(_first_message(err)) from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"expected {kind} or a tunable mapping ({{default, low, high}} or "
+                f"{{default, choices}}), got {value!r}"
+            )
+        elif scalar is int and not float(value).is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        else:
+            parsed = scalar(value)
+        _check_bounds(
+            parsed.values_to_check() if isinstance(parsed, _Tunable) else [parsed], ge, le
+        )
+        return parsed
+
+    return parse
+
+
+def _first_message(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _serialize(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, _Tunable) else value
+
+
+_SERIALIZER = PlainSerializer(_serialize)
+
+
+def int_knob(ge: int | None = None, le: int | None = None) -> Any:
+    """Type of an integer knob: a plain int, or a tunable int range/choice list."""
+    return Annotated[
+        int | IntRange | IntChoices,
+        PlainValidator(
+            _parser(int, IntRange, IntChoices, ge, le),
+            json_schema_input_type=Union[int, IntRange, IntChoices],
+        ),
+        _SERIALIZER,
+    ]
+
+
+def float_knob(ge: float | None = None, le: float | None = None) -> Any:
+    """Type of a float knob: a plain float, or a tunable float range/choice list."""
+    return Annotated[
+        float | FloatRange | FloatChoices,
+        PlainValidator(
+            _parser(float, FloatRange, FloatChoices, ge, le),
+            json_schema_input_type=Union[float, FloatRange, FloatChoices],
+        ),
+        _SERIALIZER,
+    ]
+
+
+def knob_value(value: Any) -> Any:
+    """The value a knob takes when it is not tuned (its default for a tunable)."""
+    return value.default if isinstance(value, _Tunable) else value
+
+
+def is_tunable(value: Any) -> bool:
+    """Whether a knob value declares a search space."""
+    return isinstance(value, _Tunable)

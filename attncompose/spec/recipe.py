@@ -1,0 +1,184 @@
+"""The recipe model and its loader.
+
+A recipe is a named DAG of steps (a mapping ``id -> step``) with one output::
+
+    name: hyperattention
+    steps:
+      hash: {op: lsh, num_projections: 7}
+      diag: {op: block, select: [hash], block_size: 256}
+      residual: {op: uniform_sample, exclude: [diag], sample_size: 256}
+      merged: {op: merge, inputs: [diag, residual]}
+      out: {op: causal_split, body: merged, min_seq_len: 4096}
+
+The structure (dangling names, cycles, kinds of inputs, one output) is checked by
+:mod:`attncompose.graph` when the model is validated, so a ``Recipe`` that exists is usable.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from attncompose.spec.errors import RecipeError, format_loc
+from attncompose.spec.knobs import is_tunable
+
+
+class RecipeBase(BaseModel):
+    """Fields common to every recipe; ``steps`` is added with the union of registered steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    output: str | None = Field(None, description="id of the output step (default: the sink)")
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> RecipeBase:
+        from attncompose.graph import check_structure
+
+        check_structure(self)
+        return self
+
+    @property
+    def output_id(self) -> str:
+        """The id of the step whose result is the attention output."""
+        from attncompose.graph import output_step
+
+        return output_step(self)
+
+    def knob_values(self) -> dict[str, Any]:
+        """'step.knob' -> value in effect, for every knob of every step."""
+        return {f"{sid}.{k}": v for sid, st in self.steps.items() for k, v in st.knobs().items()}
+
+    def tunables(self) -> dict[str, Any]:
+        """'step.knob' -> tunable declaration, for every knob the recipe lets the tuner search."""
+        return {f"{sid}.{k}": v for sid, st in self.steps.items() for k, v in st.tunables().items()}
+
+    def with_knobs(self, values: dict[str, Any]) -> Recipe:
+        """A copy with the given 'step.knob' values fixed (tunable declarations replaced)."""
+        data = self.model_dump(mode="python", exclude_none=True)
+        for dotted, value in values.items():
+            sid, _, knob = dotted.partition(".")
+            if sid not in data["steps"] or knob not in type(self.steps[sid]).model_fields:
+                raise RecipeError(f"no knob {dotted!r} in recipe {self.name!r}")
+            data["steps"][sid][knob] = value
+        return validate_recipe(data, source=f"<{self.name} with knobs>")
+
+    def dump_yaml(self) -> str:
+        """The recipe as YAML text that :func:`load_recipe` reads back unchanged."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+Recipe: type[RecipeBase] = RecipeBase  # replaced by rebuild_recipe_model()
+
+
+def rebuild_recipe_model() -> None:
+    """Rebuild ``Recipe`` so its ``steps`` accept every registered step type."""
+    from attncompose.spec.steps import STEP_TYPES
+
+    global Recipe
+    types = tuple(STEP_TYPES.values())
+    step = types[0] if len(types) == 1 else Annotated[types, Field(discriminator="op")]
+    Recipe = create_model(
+        "Recipe",
+        __base__=RecipeBase,
+        __module__=__name__,
+        steps=(dict[str, step], Field(min_length=1)),
+    )
+
+
+def builtin_recipe_dir() -> Path:
+    """The folder holding the recipes shipped with the package."""
+    return Path(str(resources.files("attncompose") / "recipes"))
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the built-in recipes."""
+    return sorted(p.stem for p in builtin_recipe_dir().glob("*.yaml"))
+
+
+def validate_recipe(data: Any, source: str | None = None) -> Recipe:
+    """Validate a parsed recipe mapping; errors name the source and the field path."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}", source=source)
+    try:
+        return Recipe.model_validate(copy.deepcopy(data))
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = _strip_tags(first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if first["type"] == "missing":
+            msg = "field required"
+        extra = len(err.errors()) - 1
+        if extra:
+            msg += f" (and {extra} more error{'s' if extra > 1 else ''})"
+        raise RecipeError(msg, source=source, loc=format_loc(loc) or None) from None
+    except RecipeError as err:
+        raise RecipeError(err.reason, source=source, loc=err.loc) from None
+
+
+def _strip_tags(loc: tuple) -> tuple:
+    """Drop the discriminator tag pydantic inserts after a step id."""
+    from attncompose.spec.steps import STEP_TYPES
+
+    if len(loc) >= 3 and loc[0] == "steps" and loc[2] in STEP_TYPES:
+        return (*loc[:2], *loc[3:])
+    return tuple(loc)
+
+
+def load_recipe(recipe: str | Path | dict | RecipeBase) -> Recipe:
+    """A validated recipe from a built-in name, a YAML path, a mapping or a Recipe."""
+    if isinstance(recipe, RecipeBase):
+        return recipe
+    if isinstance(recipe, dict):
+        return validate_recipe(recipe, source="<dict>")
+    path = Path(recipe)
+    if not path.exists() and path.suffix not in (".yaml", ".yml") and "/" not in str(recipe):
+        path = builtin_recipe_dir() / f"{recipe}.yaml"
+        if not path.exists():
+            names = ", ".join(builtin_recipes())
+            raise RecipeError(
+                f"no recipe file or built-in recipe named {recipe!r} (built-in: {names})"
+            )
+    return validate_recipe(read_yaml(path), source=str(recipe))
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; syntax errors name the file, line and column."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError("file not found", source=str(path)) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read: {err}", source=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(f"YAML syntax error: {problem}", source=where) from None
+
+
+def recipe_json_schema() -> dict:
+    """JSON Schema of recipe files (for editor completion)."""
+    return Recipe.model_json_schema()
+
+
+__all__ = [
+    "Recipe",
+    "RecipeBase",
+    "builtin_recipes",
+    "is_tunable",
+    "load_recipe",
+    "read_yaml",
+    "recipe_json_schema",
+    "validate_recipe",
+]

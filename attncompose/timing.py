@@ -1,0 +1,61 @@
+"""The project's one timing helper: CUDA events/do_bench on GPU, warm-up + median on CPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of a callable: median and all repeats, in milliseconds."""
+
+    median_ms: float
+    samples_ms: tuple[float, ...]
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
+
+def measure(
+    fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 5
+) -> Timing:
+    """Time ``fn()``: on CUDA with ``triton.testing.do_bench`` (CUDA events), on CPU with
+    ``warmup`` untimed calls then the median of ``repeats`` wall-clock timings."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _measure_cuda(fn, warmup, repeats)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(samples), tuple(samples))
+
+
+def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
+    try:
+        from triton.testing import do_bench
+
+        samples = do_bench(fn, warmup=max(25, warmup), rep=max(100, repeats), return_mode="all")
+        return Timing(statistics.median(samples), tuple(float(s) for s in samples))
+    except ImportError:
+        pass
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return Timing(statistics.median(samples), tuple(samples))

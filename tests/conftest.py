@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def reference_attention(q, k, v, is_causal=False, scale=None):
+    """Exact attention in float64 with GQA and a bottom-right causal mask: (out, lse)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
+    q = q.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if is_causal:
+        lq, lk = q.shape[2], k.shape[2]
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1) @ v, lse
+
+
+def qkv(b=2, hq=4, hkv=2, lq=63, lk=None, d=16, dtype=torch.float32, seed=0):
+    lk = lq if lk is None else lk
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.fixture
+def make_qkv():
+    return qkv
+
+
+@pytest.fixture
+def reference():
+    return reference_attention
