@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -83,7 +83,8 @@ def rebuild_recipe_model() -> None:
 
     global Recipe
     types = tuple(STEP_TYPES.values())
-    step = types[0] if len(types) == 1 else Annotated[types, Field(discriminator="op")]
+    union = Union[types]  # built from the registry at runtime
+    step = types[0] if len(types) == 1 else Annotated[union, Field(discriminator="op")]
     Recipe = create_model(
         "Recipe",
         __base__=RecipeBase,
