@@ -69,9 +69,12 @@ def load_qkv(
 
 
 def _from_capture(path: Path, seq_len: int, layers: list[int] | None, explicit: bool) -> list[QKV]:
-    from attncompose.models.capture import load_capture
+    from attncompose.models.capture import CaptureError, load_capture
 
-    captured, meta = load_capture(path)
+    try:
+        captured, meta = load_capture(path)
+    except CaptureError as err:
+        raise DataError(str(err)) from None
     length = int(meta["length"])
     if seq_len > length:
         if explicit:

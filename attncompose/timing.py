@@ -59,3 +59,33 @@ def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end))
     return Timing(statistics.median(samples), tuple(samples))
+
+
+def run_info() -> dict[str, str]:
+    """Where a measurement was taken: device, library versions, git commit, date (UTC)."""
+    import datetime
+    import platform
+    import subprocess
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -48,6 +48,7 @@ class Attention(nn.Module):
             causal=bool(is_causal),
             heads=hq,
             kv_group=group,
+            q_offset=k.shape[2] - lq,  # bottom-right: the last query sits at the last key
         )
         with torch.no_grad():
             result = self.pipeline(problem)

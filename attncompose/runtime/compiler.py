@@ -30,7 +30,7 @@ class Pipeline:
         for sid, step in recipe.steps.items():
             if step.op not in PRIMITIVES:
                 raise RecipeError(f"no runtime registered for op {step.op!r}", loc=f"steps.{sid}")
-            self.nodes[sid] = PRIMITIVES[step.op](step, backend="torch")
+            self.nodes[sid] = PRIMITIVES[step.op](step, backend=backend)
 
     def kernels(self) -> dict[str, str]:
         """Step id -> name of the implementation that runs it."""

@@ -10,8 +10,8 @@ from attncompose.primitives.base import (
     UnionCoverage,
     register,
 )
-from attncompose.primitives.block.naive import block_attention
 from attncompose.primitives.merge.naive import merge_partials
+from attncompose.runtime import dispatch
 
 
 @register
@@ -24,8 +24,15 @@ class Block(Primitive):
         for selection in select:
             cov = selection.bind(self.knobs["block_size"])
             tiles = cov.tiles(problem)
-            parts.append(block_attention(problem, tiles, own=cov, exclude=tuple(prior + mine)))
+            parts.append(
+                dispatch.call(
+                    "block", self.backend, problem, tiles, own=cov, exclude=tuple(prior + mine)
+                )
+            )
             mine.append(cov)
         result = parts[0] if len(parts) == 1 else merge_partials(parts)
         result.coverage = mine[0] if len(mine) == 1 else UnionCoverage(mine)
         return result
+
+    def kernel_name(self) -> str:
+        return dispatch.describe("block", self.backend)

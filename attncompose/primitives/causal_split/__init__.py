@@ -17,34 +17,39 @@ import torch
 from attncompose.primitives.base import Partial, Primitive, Problem, register
 from attncompose.primitives.exact.fast import fused_exact_attention
 from attncompose.primitives.merge.naive import merge_partials
+from attncompose.runtime import dispatch
 
 Body = Callable[[Problem], Partial]
 
 
-def causal_split(problem: Problem, body: Body, min_seq_len: int) -> Partial:
-    """Causal attention by recursive halving; see the module docstring."""
+def causal_split(
+    problem: Problem, body: Body, min_seq_len: int, exact: Body = fused_exact_attention
+) -> Partial:
+    """Causal attention by recursive halving (base cases by ``exact``); see the module doc."""
     if not problem.causal:
         return body(problem)
     last_q = problem.q_offset + problem.lq
     if last_q != problem.k_offset + problem.lk or problem.lq > problem.lk:
-        return fused_exact_attention(problem)  # not bottom-right aligned: keep it exact
+        return exact(problem)  # not bottom-right aligned: keep it exact
     if problem.lq == problem.lk:
-        return _square(problem, body, min_seq_len)
+        return _square(problem, body, min_seq_len, exact)
     if problem.lk <= min_seq_len:
-        return fused_exact_attention(problem)
+        return exact(problem)
     delta = problem.lk - problem.lq  # keys [0, delta) are visible to every query
     rect = body(problem.sub(slice(None), slice(0, delta), causal=False))
-    square = _square(problem.sub(slice(None), slice(delta, None), causal=True), body, min_seq_len)
+    square = _square(
+        problem.sub(slice(None), slice(delta, None), causal=True), body, min_seq_len, exact
+    )
     return merge_partials([rect, square])
 
 
-def _square(problem: Problem, body: Body, min_seq_len: int) -> Partial:
+def _square(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Partial:
     n = problem.lq
     if n <= min_seq_len:
-        return fused_exact_attention(problem)
+        return exact(problem)
     h = n // 2
-    top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len)
-    bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len)
+    top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len, exact)
+    bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len, exact)
     rect = body(problem.sub(slice(h, n), slice(0, h), causal=False))
     bottom = merge_partials([bottom, rect])
     return Partial(torch.cat([top.out, bottom.out], dim=1), torch.cat([top.lse, bottom.lse], 1))
@@ -55,4 +60,8 @@ class CausalSplit(Primitive):
     op = "causal_split"
 
     def __call__(self, problem: Problem, body: Body) -> Partial:
-        return causal_split(problem, body, self.knobs["min_seq_len"])
+        exact = dispatch.choose("exact", self.backend, problem).load()
+        return causal_split(problem, body, self.knobs["min_seq_len"], exact)
+
+    def kernel_name(self) -> str:
+        return "base case " + dispatch.describe("exact", self.backend)

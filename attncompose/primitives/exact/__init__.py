@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from attncompose.primitives.base import Partial, Primitive, Problem, register
-from attncompose.primitives.exact.fast import fused_exact_attention
+from attncompose.runtime import dispatch
 
 
 @register
@@ -11,7 +11,7 @@ class Exact(Primitive):
     op = "exact"
 
     def __call__(self, problem: Problem) -> Partial:
-        return fused_exact_attention(problem)
+        return dispatch.call("exact", self.backend, problem)
 
     def kernel_name(self) -> str:
-        return "torch:sdpa-with-lse"
+        return dispatch.describe("exact", self.backend)

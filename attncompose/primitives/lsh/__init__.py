@@ -22,7 +22,8 @@ from attncompose.primitives.base import (
     register,
     take,
 )
-from attncompose.primitives.lsh.naive import projections, sort_positions
+from attncompose.primitives.lsh.naive import projections
+from attncompose.runtime import dispatch
 
 
 @dataclass
@@ -41,18 +42,22 @@ class LshCoverage(Coverage):
     sel: LshSelection
     b: int
 
+    def _block(self, problem: Problem) -> int:
+        return min(self.b, problem.lk)  # one block holds every key once b >= Lk
+
     def _q_bucket(self, problem: Problem, pos: Tensor) -> Tensor:
-        n_blocks = -(-problem.lk // self.b)
-        return (pos * problem.lk // (problem.lq * self.b)).clamp_max(n_blocks - 1)
+        b = self._block(problem)
+        n_blocks = -(-problem.lk // b)
+        return (pos * problem.lk // (problem.lq * b)).clamp_max(n_blocks - 1)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         qb = self._q_bucket(problem, take(self.sel.q_pos, qi))
-        kb = take(self.sel.k_pos, kj) // self.b
+        kb = take(self.sel.k_pos, kj) // self._block(problem)
         return qb == kb
 
     def tiles(self, problem: Problem) -> Tiles:
-        lq, lk, b = problem.lq, problem.lk, self.b
-        bq = max(1, min(b, b * lq // lk))  # a tile's queries span at most two key blocks
+        lq, lk, b = problem.lq, problem.lk, self._block(problem)
+        bq = max(1, min(b, lq, b * lq // lk))  # a tile's queries span at most two key blocks
         n_tiles = -(-lq // bq)
         slots = torch.arange(n_tiles * bq, device=problem.q.device).view(n_tiles, bq)
         first = self._q_bucket(problem, slots[:, 0])  # [T]
@@ -77,6 +82,7 @@ class Lsh(Primitive):
 
     def __call__(self, problem: Problem) -> LshSelection:
         dirs = self.directions(problem)
+        sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
         q_order, q_pos = sort_positions(problem.q, dirs)
         k_order, k_pos = sort_positions(problem.k, dirs)
         return LshSelection(q_order, q_pos, k_order, k_pos)
@@ -91,3 +97,6 @@ class Lsh(Primitive):
             problem.heads, problem.q.shape[-1], self.knobs["num_projections"], self.knobs["seed"]
         ).to(problem.q.device)
         return dirs.repeat(problem.q.shape[0] // problem.heads, 1, 1)
+
+    def kernel_name(self) -> str:
+        return dispatch.describe("lsh_sort", self.backend)

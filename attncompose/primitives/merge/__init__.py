@@ -12,3 +12,6 @@ class Merge(Primitive):
 
     def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:
         return merge_partials(list(inputs))
+
+    def kernel_name(self) -> str:
+        return "torch:lse-merge"  # elementwise; no Triton kernel yet

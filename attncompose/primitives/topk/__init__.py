@@ -60,3 +60,6 @@ class Topk(Primitive):
         est = block_scores(problem, size)
         table = select_blocks(est, self.knobs["k"], self.knobs.get("p"), self.knobs["max_k"])
         return TopkCoverage(table, size)
+
+    def kernel_name(self) -> str:
+        return "torch:block-means-topk"  # no Triton kernel yet; its table feeds the tile kernel

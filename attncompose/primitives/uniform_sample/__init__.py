@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from attncompose.primitives.base import Partial, Primitive, Problem, register
-from attncompose.primitives.block.naive import block_attention
 from attncompose.primitives.uniform_sample.naive import draw_uniforms, sample_tiles
+from attncompose.runtime import dispatch
 
 
 @register
@@ -17,4 +17,7 @@ class UniformSample(Primitive):
             return Partial.empty(problem)
         tiles = sample_tiles(problem, draw_uniforms(problem, m, self.knobs["seed"]))
         covered = tuple(p.coverage for p in exclude)
-        return block_attention(problem, tiles, exclude=covered)
+        return dispatch.call("block", self.backend, problem, tiles, exclude=covered)
+
+    def kernel_name(self) -> str:
+        return "torch:stratified-draws + " + dispatch.describe("block", self.backend)

@@ -31,8 +31,9 @@ def sample_tiles(problem: Problem, uniforms: Tensor) -> Tiles:
     q_idx = natural_tiles(n, problem.lq, TILE, dev)
     last = (torch.arange(n_tiles, device=dev) * TILE + TILE - 1).clamp_max(problem.lq - 1)
     reach = problem.visible_keys(last).view(1, n_tiles, 1)  # R per tile
-    u = torch.arange(m, device=dev).view(1, 1, m)
-    strata = torch.floor((u + uniforms) * reach / m).long()
+    width = min(m, problem.lk)  # more draws than keys: every key once
+    u = torch.arange(width, device=dev).view(1, 1, width)
+    strata = torch.floor((u + uniforms[..., :width]) * reach / m).long()
     everything = torch.where(u < reach, u, -1)  # m >= R: all keys, once
     k_idx = torch.where(reach > m, strata, everything)
     k_idx = k_idx.masked_fill(reach == 0, -1)

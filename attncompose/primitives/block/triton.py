@@ -1,0 +1,235 @@
+"""Triton tile kernel: exact attention of each tile's queries over its candidate keys.
+
+Same contract as the reference ``block_attention``. One program per (query sub-tile, tile,
+row n) gathers its queries by ``q_idx``, streams the tile's candidate keys (``k_idx``) in
+chunks with an online softmax and applies, per pair: padding (-1), the causal mask on
+absolute positions, the selection's own coverage (unless ``tiles.exact``) and every
+``exclude`` coverage, all as kernel data (:mod:`attncompose.primitives.coverage_args`).
+The tile's ``lse_shift`` is added to its rows' lse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
+from attncompose.primitives.coverage_args import Predicate, predicates
+from attncompose.primitives.exact.triton import (
+    LOG2E,
+    finish_rows,
+    online_softmax_step,
+    tile_sizes,
+)
+
+@triton.jit
+def _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
+    """Bool [BQ, BK]: does predicate i_p let the pairs through (covered == want)?"""
+    mode = tl.load(meta + i_p * 5)
+    want = tl.load(meta + i_p * 5 + 1)
+    b_a = tl.load(pred_q + (i_p * N + i_n) * Lq + b_qi, mask=m_q, other=-1)  # [BQ]
+    b_b = tl.load(pred_k + (i_p * N + i_n) * Lk + b_kj, mask=m_k, other=-2)  # [BK]
+    m_t = m_q[:, None] & m_k[None, :]
+    # bucket predicates have zero table offset/strides: they read table[0], always valid
+    p_t = (
+        table
+        + tl.load(meta + i_p * 5 + 2)
+        + i_n * tl.load(meta + i_p * 5 + 3)
+        + b_a[:, None].to(tl.int64) * tl.load(meta + i_p * 5 + 4)
+        + b_b[None, :] * mode
+    )
+    b_t = tl.load(p_t, mask=m_t, other=0)  # [BQ, BK]
+    hit = tl.where(mode == 1, b_t != 0, b_a[:, None] == b_b[None, :])
+    return hit == (want != 0)
+
+
+@triton.jit
+def _block_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    q_idx,
+    k_idx,
+    shift,
+    pred_q,
+    pred_k,
+    meta,
+    table,
+    s_qn,
+    s_ql,
+    s_qd,
+    s_kn,
+    s_kl,
+    s_kd,
+    s_vn,
+    s_vl,
+    s_vd,
+    s_on,
+    s_ol,
+    s_od,
+    s_ln,
+    N,
+    T,
+    Lq,
+    Lk,
+    TQ,  # queries per tile (bq)
+    NK,  # candidate keys per tile
+    delta,  # q_offset - k_offset
+    qk_scale,  # scale * log2(e)
+    CAUSAL: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    N_PRED: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+):
+    i_s, i_t, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_r = i_s * BQ + tl.arange(0, BQ)  # [BQ] rows of the tile
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    p_tile = (i_n * T + i_t).to(tl.int64)
+    b_qi = tl.load(q_idx + p_tile * TQ + o_r, mask=o_r < TQ, other=-1)  # [BQ]
+    m_q = b_qi >= 0
+    p_q = q + i_n * s_qn + b_qi[:, None] * s_ql + o_d[None, :] * s_qd
+    b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    b_m = tl.full([BQ], float("-inf"), tl.float32)
+    b_l = tl.zeros([BQ], tl.float32)
+    b_acc = tl.zeros([BQ, BDV], tl.float32)
+    for i_k in range(0, NK, BK):
+        o_k = i_k + tl.arange(0, BK)  # [BK]
+        b_kj = tl.load(k_idx + p_tile * NK + o_k, mask=o_k < NK, other=-1)  # [BK]
+        m_k = b_kj >= 0
+        p_k = k + i_n * s_kn + b_kj[:, None] * s_kl + o_d[None, :] * s_kd
+        p_v = v + i_n * s_vn + b_kj[:, None] * s_vl + o_dv[None, :] * s_vd
+        b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
+        b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BQ, BK]
+        m_s = m_q[:, None] & m_k[None, :]
+        if CAUSAL:
+            m_s = m_s & (b_kj[None, :] <= b_qi[:, None] + delta)
+        for i_p in tl.static_range(N_PRED):
+            m_s = m_s & _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
+    b_out, b_lse = finish_rows(b_m, b_l, b_acc)
+    if HAS_SHIFT:
+        b_lse = b_lse + tl.load(shift + p_tile)
+    p_o = o + i_n * s_on + b_qi[:, None] * s_ol + o_dv[None, :] * s_od
+    tl.store(p_o, b_out, mask=m_q[:, None])
+    tl.store(lse + i_n * s_ln + b_qi, b_lse, mask=m_q)
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """Predicates stacked for the kernel: ids [P, N, Lq] / [P, N, Lk], flat int8 tables and
+    meta [P, 5] = (mode: 0 bucket / 1 table, want: keep iff covered, table offset, table
+    stride per row n, table columns)."""
+
+    q_ids: Tensor
+    k_ids: Tensor
+    meta: Tensor
+    table: Tensor
+    count: int
+
+
+def _pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> _Packed:
+    dev = problem.q.device
+    if not rules:
+        dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+        return _Packed(dummy, dummy, dummy.long(), dummy.to(torch.int8), 0)
+    n = problem.q.shape[0]
+    meta, tables, offset = [], [], 0
+    for pred, want in rules:
+        if pred.table is None:
+            meta.append([0, int(want), 0, 0, 0])
+            continue
+        _, rows, cols = pred.table.shape
+        meta.append([1, int(want), offset, rows * cols, cols])
+        tables.append(pred.table.reshape(-1).to(torch.int8))
+        offset += n * rows * cols
+    table = torch.cat(tables) if tables else torch.zeros(1, dtype=torch.int8, device=dev)
+    return _Packed(
+        torch.stack([p.q_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
+        torch.stack([p.k_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
+        torch.tensor(meta, dtype=torch.int64, device=dev),
+        table,
+        len(rules),
+    )
+
+
+def block_attention(
+    problem: Problem,
+    tiles: Tiles,
+    own: Coverage | None = None,
+    exclude: tuple[Coverage, ...] = (),
+    out: Partial | None = None,
+) -> Partial:
+    """(out [N, Lq, Dv], lse [N, Lq]) over the tiles' pairs; rows in no tile get lse=-inf.
+
+    ``out``: buffers to write; the kernel writes only rows that sit in a tile, so pass
+    ``out`` only when every query is in one (else the rest keeps what ``out`` held).
+    """
+    if out is None:
+        n, lq = problem.q.shape[:2]
+        out = Partial(
+            problem.q.new_zeros(n, lq, problem.v.shape[-1], dtype=torch.float32),
+            problem.q.new_full((n, lq), float("-inf"), dtype=torch.float32),
+        )
+    rules: list[tuple[Predicate, bool]] = []
+    if own is not None and not tiles.exact:
+        mine = predicates(own, problem)
+        if len(mine) != 1:
+            raise TypeError("a union coverage can only be excluded, not selected, in a kernel")
+        rules.append((mine[0], True))
+    rules += [(p, False) for cov in exclude for p in predicates(cov, problem)]
+    packed = _pack(problem, rules)
+    q, k, v = problem.q, problem.k, problem.v
+    n, t, tq = tiles.q_idx.shape
+    nk = tiles.k_idx.shape[-1]
+    q_idx = tiles.q_idx.expand(n, t, tq).contiguous()
+    k_idx = tiles.k_idx.expand(n, t, nk).contiguous()
+    shift = tiles.lse_shift
+    shift = q_idx if shift is None else shift.float().expand(n, t).contiguous()
+    bq, bk = tile_sizes(tq, nk)
+    grid = (triton.cdiv(tq, bq), t, n)
+    _block_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out.out,
+        out.lse,
+        q_idx,
+        k_idx,
+        shift,
+        packed.q_ids,
+        packed.k_ids,
+        packed.meta,
+        packed.table,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.out.stride(),
+        out.lse.stride(0),
+        n,
+        t,
+        problem.lq,
+        problem.lk,
+        tq,
+        nk,
+        problem.q_offset - problem.k_offset,
+        problem.scale * LOG2E,
+        CAUSAL=problem.causal,
+        HAS_SHIFT=tiles.lse_shift is not None,
+        N_PRED=packed.count,
+        BQ=bq,
+        BK=bk,
+        BD=q.shape[-1],
+        BDV=v.shape[-1],
+    )
+    return out

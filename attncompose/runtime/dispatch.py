@@ -1,0 +1,139 @@
+"""Which implementation runs a kernel-level op, xformers-style.
+
+Each op has implementations in preference order (Triton first, PyTorch last); each answers
+``not_supported_reasons(problem, **inputs)``. ``backend="torch"`` takes the PyTorch one;
+``"triton"`` takes Triton or raises one error listing every reason; ``"auto"`` takes Triton
+for CUDA tensors when it has no reason against, else PyTorch. Triton modules are imported
+only when an implementation is first called, so ``import attncompose`` never loads kernels.
+
+Ops: ``exact`` (attention with lse), ``block`` (tile kernel, also the sampler's),
+``lsh_sort`` (hash, Gray rank, sort).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attncompose.primitives.base import Problem
+from attncompose.runtime.checks import AttentionInputError
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendNotSupportedError(AttentionInputError):
+    """The requested backend cannot run this problem; the message lists every reason."""
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reasons(problem: Problem) -> list[str]:
+    """Why Triton kernels cannot run ``problem`` (empty when they can)."""
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    device = problem.q.device
+    if device.type != "cuda" and not interpreting():
+        reasons.append(f"device {device} is not CUDA (set TRITON_INTERPRET=1 to interpret)")
+    if problem.q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {problem.q.dtype} is not float32/float16/bfloat16")
+    if problem.q.dtype == torch.bfloat16 and device.type != "cuda":
+        reasons.append("the Triton interpreter computes bfloat16 wrongly")
+    for name, d in (("head dim", problem.q.shape[-1]), ("value head dim", problem.v.shape[-1])):
+        if d < 16 or d > 256 or d & (d - 1):
+            reasons.append(f"{name} {d} is not a power of two in [16, 256]")
+    return reasons
+
+
+def _block_reasons(problem: Problem, own=None, exclude=()) -> list[str]:
+    from attncompose.primitives.base import UnionCoverage
+    from attncompose.primitives.coverage_args import has_kernel_form
+
+    reasons = triton_reasons(problem)
+    if isinstance(own, UnionCoverage):
+        reasons.append("a union coverage cannot be a tile kernel's own selection")
+    for cov in (own, *exclude):
+        if cov is not None and not has_kernel_form(cov):
+            reasons.append(f"coverage {type(cov).__name__} has no kernel form (coverage_args)")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of an op: ``name`` (shown by ``show``), where its function lives."""
+
+    name: str
+    module: str
+    function: str
+    reasons: Callable[..., list[str]] = lambda problem, **inputs: []
+
+    @property
+    def backend(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    def not_supported_reasons(self, problem: Problem, **inputs: Any) -> list[str]:
+        return self.reasons(problem, **inputs)
+
+    def load(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+def _triton_basic(problem: Problem, **inputs: Any) -> list[str]:
+    return triton_reasons(problem)
+
+
+_P = "attncompose.primitives"
+OPS: dict[str, list[Implementation]] = {
+    "exact": [
+        Implementation("triton:flash-fwd-lse", f"{_P}.exact.triton", "exact_attention", _triton_basic),
+        Implementation("torch:sdpa-with-lse", f"{_P}.exact.fast", "fused_exact_attention"),
+    ],
+    "block": [
+        Implementation("triton:tile-attention", f"{_P}.block.triton", "block_attention", _block_reasons),
+        Implementation("torch:tile-attention", f"{_P}.block.naive", "block_attention"),
+    ],
+    "lsh_sort": [
+        Implementation("triton:lsh-gray-rank+torch.sort", f"{_P}.lsh.triton", "sort_positions", _triton_basic),
+        Implementation("torch:lsh-gray-rank+torch.sort", f"{_P}.lsh.naive", "sort_positions"),
+    ],
+}  # fmt: skip
+
+
+def _by_backend(op: str, backend: str) -> Implementation:
+    return next(impl for impl in OPS[op] if impl.backend == backend)
+
+
+def choose(op: str, backend: str, problem: Problem, **inputs: Any) -> Implementation:
+    """The implementation of ``op`` that ``backend`` runs on ``problem`` (see module doc)."""
+    if backend == "torch":
+        return _by_backend(op, "torch")
+    triton_impl = _by_backend(op, "triton")
+    reasons = triton_impl.not_supported_reasons(problem, **inputs)
+    if backend == "triton" and reasons:
+        raise BackendNotSupportedError(
+            f"backend 'triton' cannot run {op!r}: " + "; ".join(reasons)
+        )
+    if backend == "triton" or (problem.q.device.type == "cuda" and not reasons):
+        return triton_impl
+    return _by_backend(op, "torch")
+
+
+def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> Any:
+    """Run ``op`` on ``problem`` with the implementation ``backend`` chooses."""
+    return choose(op, backend, problem, **inputs).load()(problem, *args, **inputs)
+
+
+def describe(op: str, backend: str) -> str:
+    """What ``backend`` runs for ``op``, as ``attncompose show`` prints it."""
+    if backend == "auto":
+        return f"{_by_backend(op, 'triton').name} on CUDA, else {_by_backend(op, 'torch').name}"
+    return _by_backend(op, backend).name

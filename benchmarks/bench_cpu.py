@@ -1,0 +1,62 @@
+"""CPU speed of a recipe (torch backend) against PyTorch SDPA, measured in the same run.
+
+B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward. Writes
+``benchmarks/results/bench_cpu.json`` (device, versions, commit, date) and prints a table.
+
+    python benchmarks/bench_cpu.py [--recipe hyperattention] [--seq-lens 4096,8192,16384,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attncompose as ac
+from attncompose.timing import measure, run_info
+
+
+def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) -> list[dict]:
+    attn = ac.compile(recipe, backend="torch")
+    rows = []
+    for n in seq_lens:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
+        for causal in (False, True):
+            exact = measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                            repeats=repeats)
+            approx = measure(lambda: attn(q, k, v, is_causal=causal), repeats=repeats)
+            row = {"n": n, "causal": causal, "recipe_ms": approx.median_ms,
+                   "sdpa_ms": exact.median_ms, "speedup": exact.median_ms / approx.median_ms}
+            rows.append(row)
+            print(f"n={n:6d} {'causal    ' if causal else 'non-causal'} "
+                  f"{recipe} {approx.median_ms:9.1f} ms  sdpa {exact.median_ms:9.1f} ms  "
+                  f"speedup {row['speedup']:5.2f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="hyperattention")
+    parser.add_argument("--seq-lens", default="4096,8192,16384,32768")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "bench_cpu.json")
+    args = parser.parse_args()
+    seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    rows = bench(args.recipe, seq_lens, args.heads, args.dim, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "bench_cpu", "recipe": args.recipe, "batch": 1, "heads": args.heads,
+              "head_dim": args.dim, "dtype": "float32", "backend": "torch", **run_info(),
+              "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The command line: one clear line and a non-zero exit for user mistakes, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from attncompose.cli import main
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, list(args))
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_validate_builtin_and_files(run):
+    result = run("validate", "hyperattention", "recipes/lsh-only.yaml")
+    assert result.exit_code == 0
+    assert "ok: hyperattention" in result.output and "ok: recipes/lsh-only.yaml" in result.output
+
+
+def test_validate_reports_each_bad_file(run, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  a: {op: block, select: [ghost]}\n")
+    result = run("validate", "exact", str(bad))
+    assert result.exit_code == 2
+    assert "ok: exact" in result.output
+    assert f"error: {bad}: steps.a.select: names unknown step 'ghost'" in result.output
+
+
+def test_validate_malformed_yaml(run, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: [\n")
+    result = run("validate", str(bad))
+    assert result.exit_code == 2 and "YAML syntax error" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_show_text_and_dot(run):
+    text = run("show", "hyperattention")
+    assert text.exit_code == 0
+    assert "diag: block(" in text.output and "[torch:block]" in text.output
+    dot = run("show", "hyperattention", "--dot")
+    assert dot.exit_code == 0 and dot.output.startswith('digraph "hyperattention"')
+
+
+def test_show_unknown_recipe(run):
+    _one_line_error(run("show", "nope"), "no recipe file or built-in recipe named 'nope'")
+
+
+def test_schema_is_json(run):
+    result = run("schema")
+    assert result.exit_code == 0
+    assert "steps" in json.loads(result.output)["properties"]
+
+
+@pytest.mark.parametrize("causal", ["--causal", "--no-causal"])
+def test_run_reports_error_and_latency(run, causal):
+    result = run("run", "hyperattention", "--seq-len", "300", causal, "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    assert "rel. error" in result.output and "speedup" in result.output
+
+
+def test_run_bad_length(run):
+    result = run("run", "exact", "--seq-len", "0")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_run_missing_data_file(run, tmp_path):
+    _one_line_error(run("run", "exact", "--seq-len", "16", "--data", str(tmp_path / "no.st")),
+                    "no.st")
