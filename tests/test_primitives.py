@@ -36,8 +36,11 @@ class ReducesToExact:
         return ac.compile(_recipe(self.steps))
 
     @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-    @pytest.mark.parametrize(("lq", "lk"), [(63, 63), (130, 130), (1, 97), (17, 130)],
-                             ids=["T63", "T130", "decode1", "decode17"])
+    @pytest.mark.parametrize(
+        ("lq", "lk"),
+        [(63, 63), (130, 130), (1, 97), (17, 130)],
+        ids=["T63", "T130", "decode1", "decode17"],
+    )
     def test_equals_exact(self, make_qkv, reference, causal, lq, lk):
         if not causal and lq != lk and lq == 1:
             pytest.skip("covered by the causal case")
@@ -242,7 +245,8 @@ def test_sampled_residual_is_unbiased(causal):
 def test_same_seed_same_output_and_seed_matters(make_qkv):
     q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=300, d=16)
     recipe = ac.load_recipe("hyperattention").with_knobs(
-        {"diag.block_size": 32, "residual.sample_size": 32, "out.min_seq_len": 64})
+        {"diag.block_size": 32, "residual.sample_size": 32, "out.min_seq_len": 64}
+    )
     a, b = ac.compile(recipe), ac.compile(recipe)
     assert torch.equal(a(q, k, v, is_causal=True), b(q, k, v, is_causal=True))
     other = ac.compile(recipe.with_knobs({"residual.seed": 1}))
@@ -266,3 +270,78 @@ def test_approximate_path_never_builds_an_n_by_n_matrix():
     q, k, v = (torch.randn(1, 1, n, 16, generator=g) for _ in range(3))
     out = ac.compile("hyperattention")(q, k, v)
     assert out.shape == (1, 1, n, 16) and torch.isfinite(out).all()
+
+
+# -- sinks and windows ---------------------------------------------------------------------
+
+
+class TestSinksCoverEverything(ReducesToExact):
+    steps = {
+        "sinks": {"op": "sink", "count": 4096},
+        "local": {"op": "window", "width": 8},
+        "out": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
+    }
+
+
+class TestWindowThenSampleEverything(ReducesToExact):
+    steps = {
+        "sinks": {"op": "sink", "count": 3},
+        "local": {"op": "window", "width": 7},
+        "near": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
+        "rest": {"op": "uniform_sample", "exclude": ["near"], "sample_size": 4096},
+        "out": {"op": "merge", "inputs": ["near", "rest"]},
+    }
+
+
+class TestZeroSwitchesPartsOff(ReducesToExact):
+    steps = {
+        "sinks": {"op": "sink", "count": 0},
+        "local": {"op": "window", "width": 0},
+        "heavy": {"op": "topk", "block_size": 8, "k": 0},
+        "near": {"op": "block", "select": ["sinks", "local", "heavy"], "block_size": 16},
+        "rest": {"op": "uniform_sample", "exclude": ["near"], "sample_size": 4096},
+        "out": {"op": "merge", "inputs": ["near", "rest"]},
+    }
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("lq", "lk"), [(63, 63), (10, 300), (1, 129)])
+@pytest.mark.parametrize("width", [0, 1, 5, 40])
+def test_window_and_sink_kernels_match_dense_mask(causal, lq, lk, width):
+    from attncompose.primitives.sink import Sink
+    from attncompose.primitives.window import Window
+    from attncompose.spec.steps import SinkStep, WindowStep
+
+    p = make_problem(2, lq, lk, causal=causal)
+    win = Window(WindowStep(width=width))(p).bind(16)
+    sink = Sink(SinkStep(count=3))(p).bind(16)
+    _assert_partial_equal(
+        block_attention(p, win.tiles(p), own=win, exclude=(sink,)),
+        masked_attention(p, dense_mask(p, win, exclude=(sink,))),
+    )
+    _assert_partial_equal(
+        block_attention(p, sink.tiles(p), own=sink, exclude=(win,)),
+        masked_attention(p, dense_mask(p, sink, exclude=(win,))),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_union_of_detectors_counts_no_key_twice(causal):
+    """block(select=[sink, window, lsh, topk]) equals attention over the union of their pairs."""
+    from attncompose.primitives.block import Block
+    from attncompose.primitives.sink import Sink
+    from attncompose.primitives.window import Window
+    from attncompose.spec.steps import BlockStep, SinkStep, WindowStep
+
+    p = make_problem(2, 120, 120, causal=causal, seed=8)
+    sels = [
+        Sink(SinkStep(count=5))(p),
+        Window(WindowStep(width=20))(p),
+        Lsh(LshStep(num_projections=3))(p),
+        Topk(TopkStep(block_size=8, k=3))(p),
+    ]
+    got = Block(BlockStep(select=["a"], block_size=16))(p, select=sels)
+    union = torch.zeros(2, 120, 120, dtype=torch.bool)
+    for sel in sels:
+        union |= dense_mask(p, sel.bind(16))
+    _assert_partial_equal(got, masked_attention(p, union))

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from attncompose.primitives import block, causal_split, exact, lsh, merge, topk, uniform_sample
+from attncompose.primitives import (
+    block,
+    causal_split,
+    exact,
+    lsh,
+    merge,
+    sink,
+    topk,
+    uniform_sample,
+    window,
+)
 from attncompose.primitives.base import (
     PRIMITIVES,
     Coverage,
@@ -24,4 +34,4 @@ __all__ = [
     "Tiles",
     "register",
 ]
-del block, causal_split, exact, lsh, merge, topk, uniform_sample
+del block, causal_split, exact, lsh, merge, sink, topk, uniform_sample, window

@@ -119,9 +119,7 @@ def choose(op: str, backend: str, problem: Problem, **inputs: Any) -> Implementa
     triton_impl = _by_backend(op, "triton")
     reasons = triton_impl.not_supported_reasons(problem, **inputs)
     if backend == "triton" and reasons:
-        raise BackendNotSupportedError(
-            f"backend 'triton' cannot run {op!r}: " + "; ".join(reasons)
-        )
+        raise BackendNotSupportedError(f"backend 'triton' cannot run {op!r}: " + "; ".join(reasons))
     if backend == "triton" or (problem.q.device.type == "cuda" and not reasons):
         return triton_impl
     return _by_backend(op, "torch")

@@ -110,6 +110,24 @@ class TopkStep(StepSpec):
 
 
 @register_step
+class SinkStep(StepSpec):
+    """Attention sinks: the first ``count`` keys of the sequence, for every query (0: off)."""
+
+    op: Literal["sink"] = "sink"
+    produces: ClassVar[str] = SELECTION
+    count: int_knob(ge=0) = 4
+
+
+@register_step
+class WindowStep(StepSpec):
+    """Local band: the ``width`` keys up to and including each query's position (0: off)."""
+
+    op: Literal["window"] = "window"
+    produces: ClassVar[str] = SELECTION
+    width: int_knob(ge=0) = 256
+
+
+@register_step
 class BlockStep(StepSpec):
     """Exact attention over the (query, key) pairs selected by its detectors, as (out, lse)."""
 

@@ -23,6 +23,8 @@ def block_attention(
     result = Partial.empty(problem)
     n, t, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
+    if nk == 0:
+        return result
     step = max(1, SCORE_BUDGET // max(1, n * bq * nk))
     for t0 in range(0, t, step):
         sl = slice(t0, t0 + step)

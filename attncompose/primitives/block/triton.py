@@ -26,6 +26,7 @@ from attncompose.primitives.exact.triton import (
     tile_sizes,
 )
 
+
 @triton.jit
 def _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
     """Bool [BQ, BK]: does predicate i_p let the pairs through (covered == want)?"""
@@ -114,7 +115,9 @@ def _block_fwd_kernel(
         if CAUSAL:
             m_s = m_s & (b_kj[None, :] <= b_qi[:, None] + delta)
         for i_p in tl.static_range(N_PRED):
-            m_s = m_s & _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk)
+            m_s = m_s & _keep(
+                pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk
+            )
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)

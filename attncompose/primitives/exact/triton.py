@@ -36,7 +36,9 @@ def finish_rows(b_m, b_l, b_acc):
     """(out [BQ, BDV], natural-log lse [BQ]); out 0 and lse -inf where no key took part."""
     m_any = b_l > 0
     b_out = b_acc / tl.where(m_any, b_l, 1.0)[:, None]
-    b_lse = tl.where(m_any, (b_m + tl.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    b_lse = tl.where(
+        m_any, (b_m + tl.log2(tl.where(m_any, b_l, 1.0))) * 0.6931471805599453, float("-inf")
+    )
     return b_out, b_lse
 
 
@@ -115,7 +117,9 @@ def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
     n, lq, d = q.shape
     dv = v.shape[-1]
     if out is None:
-        out = Partial(q.new_empty(n, lq, dv, dtype=torch.float32), q.new_empty(n, lq, dtype=torch.float32))
+        out = Partial(
+            q.new_empty(n, lq, dv, dtype=torch.float32), q.new_empty(n, lq, dtype=torch.float32)
+        )
     bq, bk = tile_sizes(lq, problem.lk)
     grid = (triton.cdiv(lq, bq), n)
     _exact_fwd_kernel[grid](

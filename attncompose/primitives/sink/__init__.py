@@ -1,0 +1,49 @@
+"""``sink``: exact attention to the first ``count`` keys (attention sinks, StreamingLLM).
+
+Positions are absolute, so inside a causal splitter only rectangles that hold the first keys
+see them. ``count = 0`` selects nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import (
+    Coverage,
+    Primitive,
+    Problem,
+    Selection,
+    Tiles,
+    natural_tiles,
+    register,
+)
+
+
+@dataclass
+class SinkCoverage(Selection, Coverage):
+    count: int
+    tile: int = 128
+
+    def bind(self, block_size: int) -> SinkCoverage:
+        return SinkCoverage(self.count, tile=block_size)
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        return (kj + problem.k_offset < self.count) & (kj >= 0) & (qi >= 0)
+
+    def tiles(self, problem: Problem) -> Tiles:
+        n, dev = problem.q.shape[0], problem.q.device
+        width = max(0, min(problem.lk, self.count - problem.k_offset))
+        q_idx = natural_tiles(n, problem.lq, min(self.tile, problem.lq), dev)
+        k_idx = torch.arange(width, device=dev).expand(n, q_idx.shape[1], width)
+        return Tiles(q_idx, k_idx, exact=True)
+
+
+@register
+class Sink(Primitive):
+    op = "sink"
+
+    def __call__(self, problem: Problem) -> SinkCoverage:
+        return SinkCoverage(self.knobs["count"])

@@ -1,0 +1,56 @@
+"""``window``: exact attention to the ``width`` keys ending at each query's position.
+
+Query at absolute position p covers keys at positions (p - width, p]; with a bottom-right
+causal mask that is a sliding window of ``width`` keys including the query's own position.
+``width = 0`` selects nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import (
+    Coverage,
+    Primitive,
+    Problem,
+    Selection,
+    Tiles,
+    natural_tiles,
+    register,
+)
+
+
+@dataclass
+class WindowCoverage(Selection, Coverage):
+    width: int
+    tile: int = 128
+
+    def bind(self, block_size: int) -> WindowCoverage:
+        return WindowCoverage(self.width, tile=block_size)
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        q_pos, k_pos = qi + problem.q_offset, kj + problem.k_offset
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.width) & (kj >= 0) & (qi >= 0)
+
+    def tiles(self, problem: Problem) -> Tiles:
+        n, dev = problem.q.shape[0], problem.q.device
+        bq = min(self.tile, problem.lq)
+        q_idx = natural_tiles(n, problem.lq, bq, dev)
+        if self.width == 0:
+            return Tiles(q_idx, q_idx.new_empty(*q_idx.shape[:2], 0))
+        first_q = torch.arange(q_idx.shape[1], device=dev) * bq  # [T]
+        start = first_q + problem.q_offset - problem.k_offset - self.width + 1  # local key idx
+        k_idx = start[:, None] + torch.arange(bq + self.width - 1, device=dev)  # [T, nk]
+        k_idx = k_idx.masked_fill((k_idx < 0) | (k_idx >= problem.lk), -1)
+        return Tiles(q_idx, k_idx.expand(n, -1, -1))
+
+
+@register
+class Window(Primitive):
+    op = "window"
+
+    def __call__(self, problem: Problem) -> WindowCoverage:
+        return WindowCoverage(self.knobs["width"])
