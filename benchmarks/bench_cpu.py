@@ -26,15 +26,26 @@ def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) 
         g = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
         for causal in (False, True):
-            exact = measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                            repeats=repeats)
-            approx = measure(lambda: attn(q, k, v, is_causal=causal), repeats=repeats)
-            row = {"n": n, "causal": causal, "recipe_ms": approx.median_ms,
-                   "sdpa_ms": exact.median_ms, "speedup": exact.median_ms / approx.median_ms}
+            sdpa = lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
+                q, k, v, is_causal=c
+            )
+            run = lambda q=q, k=k, v=v, c=causal: attn(q, k, v, is_causal=c)
+            exact = measure(sdpa, repeats=repeats)
+            approx = measure(run, repeats=repeats)
+            row = {
+                "n": n,
+                "causal": causal,
+                "recipe_ms": approx.median_ms,
+                "sdpa_ms": exact.median_ms,
+                "speedup": exact.median_ms / approx.median_ms,
+            }
             rows.append(row)
-            print(f"n={n:6d} {'causal    ' if causal else 'non-causal'} "
-                  f"{recipe} {approx.median_ms:9.1f} ms  sdpa {exact.median_ms:9.1f} ms  "
-                  f"speedup {row['speedup']:5.2f}x", flush=True)
+            print(
+                f"n={n:6d} {'causal    ' if causal else 'non-causal'} "
+                f"{recipe} {approx.median_ms:9.1f} ms  sdpa {exact.median_ms:9.1f} ms  "
+                f"speedup {row['speedup']:5.2f}x",
+                flush=True,
+            )
     return rows
 
 
@@ -45,15 +56,24 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "bench_cpu.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "bench_cpu.json"
+    )
     args = parser.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
     rows = bench(args.recipe, seq_lens, args.heads, args.dim, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "bench_cpu", "recipe": args.recipe, "batch": 1, "heads": args.heads,
-              "head_dim": args.dim, "dtype": "float32", "backend": "torch", **run_info(),
-              "rows": rows}
+    result = {
+        "benchmark": "bench_cpu",
+        "recipe": args.recipe,
+        "batch": 1,
+        "heads": args.heads,
+        "head_dim": args.dim,
+        "dtype": "float32",
+        "backend": "torch",
+        **run_info(),
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -79,5 +79,6 @@ def test_run_bad_length(run):
 
 
 def test_run_missing_data_file(run, tmp_path):
-    _one_line_error(run("run", "exact", "--seq-len", "16", "--data", str(tmp_path / "no.st")),
-                    "no.st")
+    _one_line_error(
+        run("run", "exact", "--seq-len", "16", "--data", str(tmp_path / "no.st")), "no.st"
+    )

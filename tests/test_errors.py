@@ -59,7 +59,7 @@ def test_mixed_dtypes(attn):
 
 def test_unsupported_dtype(attn):
     q, k, v = _qkv()
-    with pytest.raises(AttentionInputError, match="q has dtype torch.float64"):
+    with pytest.raises(AttentionInputError, match=r"q has dtype torch\.float64"):
         attn(q.double(), k.double(), v.double())
 
 
