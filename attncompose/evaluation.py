@@ -55,3 +55,22 @@ def compare_to_exact(
             Comparison(item.name, relative_error(out, exact), t_attn.median_ms, t_exact.median_ms)
         )
     return rows
+
+
+def exact_products(q, k, is_causal: bool) -> int:
+    """Query-key products of exact attention: B*Hq*Lq*Lk, or the visible pairs if causal."""
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    if not is_causal:
+        return b * hq * lq * lk
+    offset = lk - lq  # bottom-right: query i sees keys 0..i+offset
+    return b * hq * (lq * (offset + 1) + lq * (lq - 1) // 2)
+
+
+def products_fraction(attn, q, k, v, is_causal: bool) -> float:
+    """ "frac": products the recipe computes (torch kernels) / products of exact attention."""
+    from attncompose.primitives.base import count_products
+
+    with torch.no_grad(), count_products() as computed:
+        attn(q, k, v, is_causal=is_causal)
+    return computed[0] / exact_products(q, k, is_causal)

@@ -345,3 +345,20 @@ def test_union_of_detectors_counts_no_key_twice(causal):
     for sel in sels:
         union |= dense_mask(p, sel.bind(16))
     _assert_partial_equal(got, masked_attention(p, union))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_products_fraction(make_qkv, causal):
+    from attncompose.evaluation import products_fraction
+
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=256, d=16)
+    assert products_fraction(ac.compile("exact"), q, k, v, causal) == 1.0
+    window = ac.load_recipe("streaming").with_knobs({"sinks.count": 0, "local.width": 16})
+    frac = products_fraction(ac.compile(window), q, k, v, True)
+    expected = (16 * 17 / 2 + (256 - 16) * 16) / (256 * 257 / 2)  # a 16-key band
+    assert frac == pytest.approx(expected)
+    hyper = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 32, "residual.sample_size": 0, "out.min_seq_len": 64}
+    )
+    frac = products_fraction(ac.compile(hyper), q, k, v, causal)
+    assert 0.0 < frac < 1.0

@@ -16,6 +16,9 @@ under a causal mask key ``j`` is visible to query ``i`` iff its position is not 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -200,3 +203,34 @@ def natural_tiles(n: int, length: int, tile: int, device: torch.device) -> Tenso
     idx = torch.arange(count * tile, device=device).view(count, tile)
     idx = idx.masked_fill(idx >= length, -1)
     return idx.unsqueeze(0).expand(n, -1, -1)
+
+
+_PRODUCTS: ContextVar[list[int] | None] = ContextVar("attncompose_products", default=None)
+
+
+@contextmanager
+def count_products() -> Iterator[list[int]]:
+    """Count the query-key products the PyTorch kernels compute inside the block.
+
+    Yields a one-element list holding the running total (unmasked pairs of block and sampler
+    tiles, visible pairs of exact attention). Used to report "frac", the fraction of exact
+    attention's products a recipe computes.
+    """
+    box = [0]
+    token = _PRODUCTS.set(box)
+    try:
+        yield box
+    finally:
+        _PRODUCTS.reset(token)
+
+
+def counting_products() -> bool:
+    """Whether a :func:`count_products` block is active."""
+    return _PRODUCTS.get() is not None
+
+
+def add_products(count: int | Tensor) -> None:
+    """Add to the active product count (no-op outside :func:`count_products`)."""
+    box = _PRODUCTS.get()
+    if box is not None:
+        box[0] += int(count)

@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Partial, Problem, Tiles, gather_rows
+from attncompose.primitives.base import (
+    Coverage,
+    Partial,
+    Problem,
+    Tiles,
+    add_products,
+    counting_products,
+    gather_rows,
+)
 
 SCORE_BUDGET = 1 << 24  # score elements held at once (64 MiB in fp32)
 
@@ -66,6 +74,8 @@ def _tile_chunk(
         s.masked_fill_(~own.covers(problem, qi4, kj4), neg_inf)
     for cov in exclude:
         s.masked_fill_(cov.covers(problem, qi4, kj4), neg_inf)
+    if counting_products():
+        add_products((torch.isfinite(s) & (qi4 >= 0)).sum())
     top = s.amax(dim=-1, keepdim=True)  # [N, T, bq, 1]
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p = s.sub_(top).exp_()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from attncompose.primitives.base import Partial, Problem
+from attncompose.primitives.base import Partial, Problem, add_products, counting_products
 from attncompose.primitives.exact.naive import exact_attention
 from attncompose.primitives.merge.naive import merge_partials
 
 
 def fused_exact_attention(problem: Problem) -> Partial:
     """Same contract as :func:`exact_attention`, through fused kernels where they apply."""
+    if counting_products():
+        visible = problem.visible_keys(torch.arange(problem.lq, device=problem.q.device))
+        add_products(problem.q.shape[0] * visible.sum())
     if not problem.causal:
         return _fused(problem, causal=False)
     delta = problem.q_offset - problem.k_offset
