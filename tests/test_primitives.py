@@ -362,3 +362,21 @@ def test_products_fraction(make_qkv, causal):
     )
     frac = products_fraction(ac.compile(hyper), q, k, v, causal)
     assert 0.0 < frac < 1.0
+
+
+def test_power_pattern_picks_power_of_two_distances():
+    from attncompose.primitives.power import power_table
+
+    p = make_problem(1, 80, 80, causal=True)
+    rows = power_table(p, 8, max_distance=1 << 20)[0]
+    assert rows[9].nonzero().flatten().tolist() == [1, 5, 7, 8, 9]  # distances 8, 4, 2, 1, 0
+    assert power_table(p, 8, max_distance=0).sum() == 0
+
+
+class TestPowerWithSamplingEverything(ReducesToExact):
+    steps = {
+        "pattern": {"op": "power", "block_size": 8},
+        "near": {"op": "block", "select": ["pattern"], "block_size": 16},
+        "rest": {"op": "uniform_sample", "exclude": ["near"], "sample_size": 4096},
+        "out": {"op": "merge", "inputs": ["near", "rest"]},
+    }

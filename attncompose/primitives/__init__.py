@@ -8,6 +8,7 @@ from attncompose.primitives import (
     exact,
     lsh,
     merge,
+    power,
     sink,
     topk,
     uniform_sample,
@@ -34,4 +35,4 @@ __all__ = [
     "Tiles",
     "register",
 ]
-del block, causal_split, exact, lsh, merge, sink, topk, uniform_sample, window
+del block, causal_split, exact, lsh, merge, power, sink, topk, uniform_sample, window

@@ -128,6 +128,16 @@ class WindowStep(StepSpec):
 
 
 @register_step
+class PowerStep(StepSpec):
+    """PowerAttention's static pattern: key blocks at power-of-two block distances (0: off)."""
+
+    op: Literal["power"] = "power"
+    produces: ClassVar[str] = SELECTION
+    block_size: int_knob(ge=1) = 64
+    max_distance: int_knob(ge=0) = 1 << 20
+
+
+@register_step
 class BlockStep(StepSpec):
     """Exact attention over the (query, key) pairs selected by its detectors, as (out, lse)."""
 

@@ -1,0 +1,36 @@
+"""``power``: PowerAttention's static sparse pattern (Chen et al., 2025).
+
+Query block i attends to the key blocks at block distance 0, 1, 2, 4, 8, ... (up to
+``max_distance``; 0 switches the pattern off), so information reaches any earlier position in
+a logarithmic number of layers. Distances are in absolute positions, so the pattern is the
+same inside a causal splitter's rectangles. The result is a block table, the same coverage
+the ``topk`` detector produces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncompose.primitives.base import Primitive, Problem, register
+from attncompose.primitives.topk import TopkCoverage
+
+
+def power_table(problem: Problem, size: int, max_distance: int) -> torch.Tensor:
+    """Bool [N, nQB, nKB]: key block j is selected for query block i iff their distance is
+    0 or a power of two not above ``max_distance`` (and max_distance > 0)."""
+    dev = problem.q.device
+    nqb, nkb = -(-problem.lq // size), -(-problem.lk // size)
+    q_block = (problem.q_offset + torch.arange(nqb, device=dev) * size) // size
+    k_block = (problem.k_offset + torch.arange(nkb, device=dev) * size) // size
+    d = q_block[:, None] - k_block[None, :]
+    table = (d >= 0) & (d <= max_distance) & ((d & (d - 1)) == 0) & (max_distance > 0)
+    return table.expand(problem.q.shape[0], -1, -1)
+
+
+@register
+class Power(Primitive):
+    op = "power"
+
+    def __call__(self, problem: Problem) -> TopkCoverage:
+        size = self.knobs["block_size"]
+        return TopkCoverage(power_table(problem, size, self.knobs["max_distance"]), size)
