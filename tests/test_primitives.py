@@ -127,11 +127,14 @@ class TestLshThenSampleEverything(ReducesToExact):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("lq", "lk"), [(63, 63), (200, 200), (10, 300), (1, 129), (300, 77)])
 @pytest.mark.parametrize("block", [8, 32, 1000])
-def test_lsh_block_kernel_matches_dense_mask(causal, lq, lk, block):
+@pytest.mark.parametrize(
+    ("pairing", "align"), [("rank", "none"), ("code", "none"), ("code", "mips")]
+)
+def test_lsh_block_kernel_matches_dense_mask(causal, lq, lk, block, pairing, align):
     if causal and lq > lk:
         pytest.skip("causal needs Lq <= Lk")
     p = make_problem(3, lq, lk, causal=causal)
-    cov = Lsh(LshStep(num_projections=3))(p).bind(block)
+    cov = Lsh(LshStep(num_projections=3, pairing=pairing, align=align))(p).bind(block)
     got = block_attention(p, cov.tiles(p), own=cov)
     want = masked_attention(p, dense_mask(p, cov))
     _assert_partial_equal(got, want)
@@ -380,3 +383,20 @@ class TestPowerWithSamplingEverything(ReducesToExact):
         "rest": {"op": "uniform_sample", "exclude": ["near"], "sample_size": 4096},
         "out": {"op": "merge", "inputs": ["near", "rest"]},
     }
+
+
+def test_code_pairing_meets_the_keys_of_the_same_code():
+    """Queries far from the keys (a shifted distribution): rank pairing sends them to key
+    blocks by quantile, code pairing to the keys sharing their bucket."""
+    from attncompose.primitives.lsh.naive import gray_rank, hash_codes
+
+    p = make_problem(1, 256, 256, d=16, seed=9)
+    step = LshStep(num_projections=4, pairing="code")
+    lsh = Lsh(step)
+    cov = lsh(p).bind(32)
+    dirs = lsh.directions(p)
+    q_rank = gray_rank(hash_codes(p.q, dirs), 4)[0]
+    k_rank = gray_rank(hash_codes(p.k, dirs), 4)[0]
+    mask = dense_mask(p, cov)[0]
+    same = q_rank[:, None] == k_rank[None, :]
+    assert (mask & same).sum() > 0.5 * (mask.sum() * same.float().mean())  # far above chance

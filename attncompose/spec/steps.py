@@ -93,6 +93,16 @@ class LshStep(StepSpec):
     produces: ClassVar[str] = SELECTION
     num_projections: int_knob(ge=1, le=30) = 7
     seed: int = 0
+    pairing: Literal["rank", "code"] = Field(
+        "rank",
+        description="rank: sorted query block i with sorted key block i (the paper); code: "
+        "each sorted query tile with the key block where its codes fall among the key codes",
+    )
+    align: Literal["none", "mips"] = Field(
+        "none",
+        description="mips: hash [q/|q|, 0] and [k/M, sqrt(1-|k|^2/M^2)] so that angular LSH "
+        "tracks inner products (the MIPS-to-angular reduction) instead of raw directions",
+    )
 
 
 @register_step

@@ -1,9 +1,14 @@
 """``lsh``: sortLSH detector (HyperAttention).
 
 Queries and keys are sorted by the Gray rank of their hash codes (one seeded set of
-directions per query head). Bound to a block size b, the key sort is cut into
-blocks of b, and the query at sorted slot p is paired with key block ``floor(p * Lk/Lq / b)``
-(for Lq = Lk: sorted query block i with sorted key block i, as in the paper).
+directions per query head). Pairing ``rank`` (the paper) matches sorted query block i with
+sorted key block i; pairing ``code`` sends each tile of sorted queries to the key block where
+its median code falls among the sorted key codes, so differently distributed queries and keys
+still meet their own buckets. ``align: mips`` hashes vectors augmented so that angular LSH
+follows inner products (Neyshabur & Srebro's reduction of MIPS to angular search).
+
+Bound to a block size b, the key sort is cut into blocks of b; with rank pairing the query at
+sorted slot p is paired with key block ``floor(p * Lk/Lq / b)``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from attncompose.primitives.base import (
     register,
     take,
 )
-from attncompose.primitives.lsh.naive import projections
+from attncompose.primitives.lsh.naive import gray_rank, hash_codes, mips_augment, projections
 from attncompose.runtime import dispatch
 
 
@@ -32,6 +37,8 @@ class LshSelection(Selection):
     q_pos: Tensor  # [N, Lq] sorted slot of each query
     k_order: Tensor  # [N, Lk]
     k_pos: Tensor  # [N, Lk]
+    q_rank: Tensor | None = None  # [N, Lq] Gray ranks in sorted order (code pairing)
+    k_rank: Tensor | None = None  # [N, Lk]
 
     def bind(self, block_size: int) -> LshCoverage:
         return LshCoverage(self, block_size)
@@ -39,40 +46,57 @@ class LshSelection(Selection):
 
 @dataclass
 class LshCoverage(Coverage):
+    """Sorted query slot p is paired with one key block (by rank quantile or by code)."""
+
     sel: LshSelection
     b: int
 
     def _block(self, problem: Problem) -> int:
         return min(self.b, problem.lk)  # one block holds every key once b >= Lk
 
-    def _q_bucket(self, problem: Problem, pos: Tensor) -> Tensor:
+    def _tile(self, problem: Problem) -> int:
+        lq, lk, b = problem.lq, problem.lk, self._block(problem)
+        if self.sel.q_rank is not None:
+            return min(b, lq)
+        return max(1, min(b, lq, b * lq // lk))  # a tile's queries span at most two key blocks
+
+    def _slot_bucket(self, problem: Problem, slots: Tensor) -> Tensor:
+        """Key block paired with each sorted query slot; slots [S] -> [N or 1, S]."""
         b = self._block(problem)
         n_blocks = -(-problem.lk // b)
-        return (pos * problem.lk // (problem.lq * b)).clamp_max(n_blocks - 1)
+        if self.sel.q_rank is None:  # rank quantile (the paper's pairing)
+            return (slots * problem.lk // (problem.lq * b)).clamp_max(n_blocks - 1)[None]
+        bq = self._tile(problem)
+        median = ((slots // bq) * bq + bq // 2).clamp_max(problem.lq - 1)
+        where = torch.searchsorted(self.sel.k_rank, self.sel.q_rank[:, median])  # [N, S]
+        return (where // b).clamp_max(n_blocks - 1)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        qb = self._q_bucket(problem, take(self.sel.q_pos, qi))
+        slot_bucket = self._slot_bucket(problem, torch.arange(problem.lq, device=qi.device))
+        slot_bucket = slot_bucket.expand(self.sel.q_pos.shape[0], -1)
+        qb = take(slot_bucket, take(self.sel.q_pos, qi))
         kb = take(self.sel.k_pos, kj) // self._block(problem)
         return qb == kb
 
     def tiles(self, problem: Problem) -> Tiles:
         lq, lk, b = problem.lq, problem.lk, self._block(problem)
-        bq = max(1, min(b, lq, b * lq // lk))  # a tile's queries span at most two key blocks
+        bq = self._tile(problem)
         n_tiles = -(-lq // bq)
-        slots = torch.arange(n_tiles * bq, device=problem.q.device).view(n_tiles, bq)
-        first = self._q_bucket(problem, slots[:, 0])  # [T]
-        last = self._q_bucket(problem, slots[:, -1].clamp_max(lq - 1))
-        span = int((last - first).max()) + 1
-        k_slots = first[:, None] * b + torch.arange(span * b, device=slots.device)  # [T, nk]
         n = self.sel.q_order.shape[0]
-        q_idx = self._lookup(self.sel.q_order, slots, lq, n)
-        k_idx = self._lookup(self.sel.k_order, k_slots, lk, n)
-        exact = lq == lk and lq % b == 0  # sorted query block t is paired with key block t
+        slots = torch.arange(n_tiles * bq, device=problem.q.device).view(n_tiles, bq)
+        first = self._slot_bucket(problem, slots[:, 0])  # [N or 1, T]
+        last = self._slot_bucket(problem, slots[:, -1].clamp_max(lq - 1))
+        span = int((last - first).max()) + 1
+        k_slots = first[..., None] * b + torch.arange(span * b, device=slots.device)
+        q_idx = self._lookup(self.sel.q_order, slots.expand(n, -1, -1), lq)
+        k_idx = self._lookup(self.sel.k_order, k_slots.expand(n, -1, -1), lk)
+        # every query of tile t is paired with key block `first[t]` alone
+        exact = span == 1 and (self.sel.q_rank is not None or lq % bq == 0)
         return Tiles(q_idx, k_idx, exact=exact)
 
     @staticmethod
-    def _lookup(order: Tensor, slots: Tensor, length: int, n: int) -> Tensor:
-        idx = take(order, slots.clamp_max(length - 1).unsqueeze(0).expand(n, -1, -1))
+    def _lookup(order: Tensor, slots: Tensor, length: int) -> Tensor:
+        idx = take(order, slots.clamp_max(length - 1))
         return idx.masked_fill(slots >= length, -1)
 
 
@@ -81,20 +105,31 @@ class Lsh(Primitive):
     op = "lsh"
 
     def __call__(self, problem: Problem) -> LshSelection:
-        dirs = self.directions(problem)
+        q, k = problem.q, problem.k
+        if self.knobs["align"] == "mips":
+            q, k = mips_augment(q, k)
+        dirs = self.directions(problem, q.shape[-1])
         sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
-        q_order, q_pos = sort_positions(problem.q, dirs)
-        k_order, k_pos = sort_positions(problem.k, dirs)
-        return LshSelection(q_order, q_pos, k_order, k_pos)
+        q_order, q_pos = sort_positions(q, dirs)
+        k_order, k_pos = sort_positions(k, dirs)
+        if self.knobs["pairing"] == "rank":
+            return LshSelection(q_order, q_pos, k_order, k_pos)
+        bits = dirs.shape[-1]
+        q_rank = gray_rank(hash_codes(q, dirs), bits).gather(1, q_order)
+        k_rank = gray_rank(hash_codes(k, dirs), bits).gather(1, k_order)
+        return LshSelection(q_order, q_pos, k_order, k_pos, q_rank, k_rank)
 
-    def directions(self, problem: Problem) -> Tensor:
+    def directions(self, problem: Problem, dim: int | None = None) -> Tensor:
         """Hash directions per row [N, D, r]: one seeded set per query head.
 
         Keys are hashed once per query head (on the expanded keys), so grouped-query
         attention equals attention with K/V repeated to every query head.
         """
         dirs = projections(
-            problem.heads, problem.q.shape[-1], self.knobs["num_projections"], self.knobs["seed"]
+            problem.heads,
+            dim or problem.q.shape[-1],
+            self.knobs["num_projections"],
+            self.knobs["seed"],
         ).to(problem.q.device)
         return dirs.repeat(problem.q.shape[0] // problem.heads, 1, 1)
 

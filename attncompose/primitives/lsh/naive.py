@@ -47,3 +47,17 @@ def sort_positions(x: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
     position = torch.empty_like(order)
     position.scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
     return order, position
+
+
+def mips_augment(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The MIPS-to-angular reduction: q -> [q/|q|, 0], k -> [k/M, sqrt(1 - |k|^2/M^2)].
+
+    With M the largest key norm (per row), every augmented key has norm 1 and the angle
+    between an augmented query and key orders keys by q.k, which sign-LSH tracks.
+    """
+    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norms = k.norm(dim=-1, keepdim=True)
+    m = norms.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    kn = k / m
+    extra = (1 - (norms / m) ** 2).clamp_min(0).sqrt()
+    return torch.cat([qn, torch.zeros_like(qn[..., :1])], -1), torch.cat([kn, extra], -1)
