@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attncompose.analysis import coverage_mask
 from attncompose.primitives.base import Coverage, Partial, Problem
 
 
@@ -41,15 +42,7 @@ def dense_mask(
     problem: Problem, coverage: Coverage | None = None, exclude: tuple[Coverage, ...] = ()
 ) -> Tensor:
     """Bool [N, Lq, Lk]: visible pairs covered by ``coverage`` and by none of ``exclude``."""
-    n = problem.q.shape[0]
-    qi = torch.arange(problem.lq).view(1, 1, -1, 1).expand(n, 1, -1, 1)
-    kj = torch.arange(problem.lk).view(1, 1, 1, -1).expand(n, 1, 1, -1)
-    mask = problem.visible(qi, kj).expand(n, 1, problem.lq, problem.lk)
-    if coverage is not None:
-        mask = mask & coverage.covers(problem, qi, kj)
-    for cov in exclude:
-        mask = mask & ~cov.covers(problem, qi, kj)
-    return mask[:, 0]
+    return coverage_mask(problem, coverage, exclude)
 
 
 def masked_attention(problem: Problem, mask: Tensor) -> Partial:
