@@ -22,12 +22,22 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from attncompose.data import DataError
+        from attncompose.models.capture_file import CaptureError
+        from attncompose.models.smollm2 import ModelNotAvailableError
         from attncompose.runtime.checks import AttentionInputError
         from attncompose.spec.errors import RecipeError
 
+        errors = (
+            RecipeError,
+            AttentionInputError,
+            DataError,
+            CaptureError,
+            ModelNotAvailableError,
+            FileNotFoundError,
+        )
         try:
             return fn(*args, **kwargs)
-        except (RecipeError, AttentionInputError, DataError, FileNotFoundError) as err:
+        except errors as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_USER_ERROR)
 
@@ -126,6 +136,123 @@ def run(
             f"{row.exact_ms / row.latency_ms:.2f}x",
         )
     Console().print(table)
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value in (None, "all"):
+        return None
+    try:
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected 'all' or comma-separated integers, got {value!r}"
+        ) from None
+
+
+@main.command()
+@click.option("--model", "model_name", default="smollm2", show_default=True)
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Text file; default: Python's pydoc_data topics.",
+)
+@click.option("--seq-len", type=click.IntRange(min=2), required=True)
+@click.option("--layers", default="all", show_default=True, help="'all' or e.g. 0,12,29.")
+@click.option(
+    "--kv-heads",
+    default="all",
+    show_default=True,
+    help="'all' or key/value heads to keep, each with its query heads.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of the tensors.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@_user_errors
+def capture(
+    model_name: str,
+    text: Path | None,
+    seq_len: int,
+    layers: str,
+    kv_heads: str,
+    dtype: str,
+    out: Path,
+) -> None:
+    """Run a model on a text and store post-RoPE Q, K, V per layer (safetensors)."""
+    import torch
+
+    from attncompose.models import load_model
+    from attncompose.models.capture import capture_qkv
+    from attncompose.models.capture_file import save_capture, select_kv_heads
+    from attncompose.models.text import load_text, text_sha256, token_ids
+
+    chosen, heads = _int_list(layers), _int_list(kv_heads)  # bad arguments fail before loading
+    model, tokenizer = load_model(model_name)
+    body = load_text(text)
+    ids = token_ids(tokenizer, seq_len, body)
+    qkv = capture_qkv(model, ids, "all" if chosen is None else chosen)
+    if heads is not None:
+        qkv = select_kv_heads(qkv, heads)
+    cast = getattr(torch, dtype)
+    qkv = {i: tuple(t.to(cast) for t in triple) for i, triple in qkv.items()}
+    meta = save_capture(out, qkv, model=model_name, text_sha256=text_sha256(body))
+    size = out.stat().st_size / 2**20
+    click.echo(
+        f"wrote {out}: layers {meta['layers']}, n={meta['length']}, "
+        f"{meta['num_q_heads']} query / {meta['num_kv_heads']} kv heads, {size:.1f} MiB"
+    )
+
+
+@main.command(name="eval")
+@click.argument("recipe")
+@click.option("--model", "model_name", default="smollm2", show_default=True)
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Text file; default: Python's pydoc_data topics.",
+)
+@click.option("--seq-len", type=click.IntRange(min=2), required=True)
+@click.option(
+    "--layers",
+    default="all",
+    show_default=True,
+    help="Layers that use the recipe: 'all', e.g. 0,12,29.",
+)
+@_user_errors
+def evaluate(recipe: str, model_name: str, text: Path | None, seq_len: int, layers: str) -> None:
+    """Perplexity with exact attention and with RECIPE; per-layer error and frac."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attncompose.model_eval import evaluate_recipe
+
+    chosen = _int_list(layers)
+    report = evaluate_recipe(recipe, model_name, text, seq_len, "all" if chosen is None else chosen)
+    console = Console()
+    summary = Table(title=f"{report.recipe} on {model_name}, n={seq_len}")
+    for col in ("attention", "perplexity", "vs exact", "frac", "attention share of time"):
+        summary.add_column(col, justify="right" if col != "attention" else "left")
+    summary.add_row("exact", f"{report.exact_ppl:.3f}", "", "1.000", f"{report.exact_share:.0%}")
+    summary.add_row(
+        report.recipe,
+        f"{report.ppl:.3f}",
+        f"{report.ppl / report.exact_ppl - 1:+.1%}",
+        f"{report.frac:.3f}",
+        f"{report.share:.0%}",
+    )
+    console.print(summary)
+    layers_table = Table(title="per-layer output error on captured Q/K/V")
+    for col in ("layer", "rel. error", "frac"):
+        layers_table.add_column(col, justify="right")
+    for layer, (err, frac) in report.layers.items():
+        layers_table.add_row(str(layer), f"{err:.4f}", f"{frac:.3f}")
+    console.print(layers_table)
 
 
 if __name__ == "__main__":

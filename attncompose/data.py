@@ -69,7 +69,7 @@ def load_qkv(
 
 
 def _from_capture(path: Path, seq_len: int, layers: list[int] | None, explicit: bool) -> list[QKV]:
-    from attncompose.models.capture import CaptureError, load_capture
+    from attncompose.models.capture_file import CaptureError, load_capture
 
     try:
         captured, meta = load_capture(path)

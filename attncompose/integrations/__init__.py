@@ -1,0 +1,1 @@
+"""Integrations of attncompose attention callables into model libraries (import each submodule)."""

@@ -1,0 +1,148 @@
+"""Hugging Face transformers integration: an attention callable as an ``attn_implementation``.
+
+``register(name, attn)`` registers both an attention function (``AttentionInterface``) and a
+mask function (``AttentionMaskInterface``, transformers' ``sdpa_mask``). The mask function
+matters: for a name missing from the mask interface, transformers builds no mask at all, so a
+padding mask would be silently dropped.
+
+Which calls reach ``attn`` (contract: ``o = attn(q, k, v, is_causal=True, scale=None)`` with
+q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], returning [B, Hq, Lq, D]):
+
+- selected layers only; the others run exact SDPA;
+- no mask (``sdpa_mask`` returns None for an unpadded causal prefill or a decode step), or a
+  mask that is exactly bottom-right causal (chunked prefill on a cache);
+- any other mask, e.g. left padding in a batch, runs **exact SDPA with that mask**: the
+  approximation is not used for padded batches, so their results stay correct;
+- dropout > 0 (training) also runs exact SDPA.
+
+A static cache's prefill (no mask, Lq < Lk, keys past Lq not yet written) crops k/v to the
+first Lq positions, as transformers' SDPA path does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+AttentionFn = Callable[..., torch.Tensor]
+LayerSelection = Union[str, int, Sequence[int]]
+
+_OWN_NAMES: set[str] = set()
+
+
+def select_layers(layers: LayerSelection, num_layers: int) -> frozenset[int]:
+    """Layer indices chosen by ``layers``: "all", k >= 0 (first k), -k (last k) or a list."""
+    if layers == "all":
+        return frozenset(range(num_layers))
+    if isinstance(layers, (bool, str)):
+        raise ValueError(f"layers must be 'all', an int or a list of ints, not {layers!r}")
+    if isinstance(layers, int):
+        if abs(layers) > num_layers:
+            raise ValueError(f"layers={layers} but the model has {num_layers} layers")
+        return frozenset(range(layers) if layers >= 0 else range(num_layers + layers, num_layers))
+    chosen = frozenset(int(i) for i in layers)
+    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
+    if outside:
+        raise ValueError(f"layers {outside} are outside 0..{num_layers - 1}")
+    return chosen
+
+
+def _is_bottom_right_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether a boolean [B, 1|H, Lq, Lk] mask is plain bottom-right causal (no padding)."""
+    if mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (q_len, kv_len):
+        return False
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+    return bool((mask == causal).all())
+
+
+def _use_attn(
+    module: torch.nn.Module,
+    layers: LayerSelection,
+    mask: torch.Tensor | None,
+    shapes: tuple[int, int],
+    dropout: float,
+) -> bool:
+    """Whether this call may go to the approximate callable (see the module docstring)."""
+    if dropout > 0 or module.layer_idx not in select_layers(
+        layers, module.config.num_hidden_layers
+    ):
+        return False
+    return mask is None or _is_bottom_right_causal(mask, *shapes)
+
+
+def attention_function(
+    attn: AttentionFn, layers: LayerSelection = "all"
+) -> Callable[..., tuple[torch.Tensor, None]]:
+    """Wrap ``attn`` in transformers' attention-function signature.
+
+    The returned function takes (module, query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D],
+    attention_mask, dropout, scaling, is_causal, ...) and returns (output [B, Lq, Hq, D], None).
+    """
+
+    def forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if not _use_attn(module, layers, attention_mask, (q_len, kv_len), dropout):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+            )
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if attention_mask is None and causal and 1 < q_len < kv_len:
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        out = attn(query, key, value, is_causal=causal, scale=scaling)  # [B, Hq, Lq, D]
+        return out.transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+def register(name: str, attn: AttentionFn, layers: LayerSelection = "all") -> str:
+    """Register ``attn`` on ``layers`` as ``attn_implementation=name``; returns ``name``.
+
+    Use it with ``AutoModelForCausalLM.from_pretrained(..., attn_implementation=name)`` or
+    ``model.set_attn_implementation(name)``. Registering the same name again replaces it;
+    transformers' own implementations ("sdpa", "eager", ...) cannot be replaced.
+    """
+    if isinstance(layers, str) and layers != "all":
+        raise ValueError(f"layers must be 'all', an int or a list of ints, not {layers!r}")
+    return register_function(name, attention_function(attn, layers))
+
+
+def register_function(name: str, function: Callable[..., tuple[torch.Tensor, Any]]) -> str:
+    """Register a function of transformers' attention signature, with the SDPA mask function."""
+    if name == "eager" or (name in AttentionInterface._global_mapping and name not in _OWN_NAMES):
+        raise ValueError(
+            f"{name!r} is a transformers attention implementation; choose another name"
+        )
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _OWN_NAMES.add(name)
+    return name
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
+    """Run ``model`` with ``attn_implementation=name`` in the block, then restore the old one."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,58 @@
+"""A recipe on a real model: perplexity, per-layer error on its own Q/K/V, frac, time share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attncompose.evaluation import exact_sdpa, products_fraction
+from attncompose.metrics import relative_error
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """Perplexities (exact and recipe), frac over the replaced layers, per-layer (error, frac)."""
+
+    recipe: str
+    exact_ppl: float
+    ppl: float
+    frac: float
+    exact_share: float
+    share: float
+    layers: dict[int, tuple[float, float]]
+
+
+def evaluate_recipe(
+    recipe: str, model_name: str, text: Path | None, seq_len: int, layers: str | list[int] = "all"
+) -> ModelReport:
+    """Run the model with exact attention and with the recipe on ``layers``."""
+    from attncompose.integrations.hf import select_layers
+    from attncompose.loading import load_attention
+    from attncompose.models import load_model
+    from attncompose.models.capture import capture_qkv
+    from attncompose.models.evaluate import attention_time_share, perplexity
+    from attncompose.models.text import load_text, token_ids
+
+    attn = load_attention(recipe)
+    model, tokenizer = load_model(model_name)
+    ids = token_ids(tokenizer, seq_len, load_text(text))
+    chosen = sorted(select_layers(layers, model.config.num_hidden_layers))
+    exact_ppl = perplexity(model, ids)
+    ppl = perplexity(model, ids, attn, chosen)
+    per_layer = {}
+    for layer, (q, k, v) in capture_qkv(model, ids, chosen).items():
+        with torch.no_grad():
+            err = relative_error(attn(q, k, v, is_causal=True), exact_sdpa(q, k, v, True))
+        per_layer[layer] = (err, products_fraction(attn, q, k, v, True))
+    frac = sum(f for _, f in per_layer.values()) / len(per_layer)
+    return ModelReport(
+        recipe=getattr(attn, "name", str(recipe)),
+        exact_ppl=exact_ppl,
+        ppl=ppl,
+        frac=frac,
+        exact_share=attention_time_share(model, ids)["share"],
+        share=attention_time_share(model, ids, attn, chosen)["share"],
+        layers=per_layer,
+    )

@@ -1,0 +1,114 @@
+"""The capture file format: post-RoPE Q, K, V per layer in safetensors, with metadata.
+
+Layout: ``layer.{i}.q`` [1, Hq, L, D], ``layer.{i}.k`` and ``layer.{i}.v`` [1, Hkv, L, D],
+plus string metadata (format, model, text hash, length, layers, heads, head dim, dtype).
+Reading and writing need safetensors only, not transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+FORMAT = "attncompose.capture/1"
+_INT_FIELDS = ("length", "num_q_heads", "num_kv_heads", "head_dim")
+
+
+class CaptureError(ValueError):
+    """A capture file is missing, unreadable, or lacks tensors its metadata promises."""
+
+
+def save_capture(
+    path: str | Path, qkv: dict[int, QKV], *, model: str, text_sha256: str
+) -> dict[str, Any]:
+    """Write captured tensors and their metadata to a safetensors file; returns the metadata.
+
+    Metadata: format, model, text_sha256, length, layers, num_q_heads, num_kv_heads, head_dim,
+    dtype.
+    """
+    if not qkv:
+        raise ValueError("nothing to save: no layers were captured")
+    q, k, _ = next(iter(qkv.values()))
+    metadata = {
+        "format": FORMAT,
+        "model": model,
+        "text_sha256": text_sha256,
+        "length": q.shape[2],
+        "layers": sorted(qkv),
+        "num_q_heads": q.shape[1],
+        "num_kv_heads": k.shape[1],
+        "head_dim": q.shape[3],
+        "dtype": str(q.dtype).removeprefix("torch."),
+    }
+    tensors = {
+        f"layer.{i}.{name}": t.cpu()
+        for i, triple in qkv.items()
+        for name, t in zip("qkv", triple, strict=True)
+    }
+    text = {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in metadata.items()
+    }
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=text)
+    except (SafetensorError, OSError) as error:
+        raise CaptureError(f"cannot write {path}: {error}") from None
+    return metadata
+
+
+def _parse_metadata(path: Path, raw: dict[str, str] | None) -> dict[str, Any]:
+    """Metadata of a capture file with numbers and the layer list decoded."""
+    if not raw or raw.get("format") != FORMAT:
+        raise CaptureError(f"{path} is not an attncompose capture file (no {FORMAT!r} metadata)")
+    try:
+        return {
+            **raw,
+            "layers": json.loads(raw["layers"]),
+            **{key: int(raw[key]) for key in _INT_FIELDS},
+        }
+    except (KeyError, ValueError) as error:
+        raise CaptureError(f"{path} has incomplete metadata: {error}") from error
+
+
+def load_capture(path: str | Path) -> tuple[dict[int, QKV], dict[str, Any]]:
+    """Read a capture file: ({layer: (q [1, Hq, L, D], k [1, Hkv, L, D], v)}, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptureError(f"capture file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = _parse_metadata(path, handle.metadata())
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CaptureError(f"{path} is not a readable safetensors file: {error}") from error
+    missing = [
+        f"layer.{i}.{n}"
+        for i in metadata["layers"]
+        for n in "qkv"
+        if f"layer.{i}.{n}" not in tensors
+    ]
+    if missing:
+        raise CaptureError(f"{path} lacks tensors {', '.join(missing[:6])}")
+    return {
+        i: tuple(tensors[f"layer.{i}.{n}"] for n in "qkv") for i in metadata["layers"]
+    }, metadata
+
+
+def select_kv_heads(qkv: dict[int, QKV], kv_heads: list[int]) -> dict[int, QKV]:
+    """Keep the given key/value heads and their groups of query heads (GQA order)."""
+    out = {}
+    for layer, (q, k, v) in qkv.items():
+        group = q.shape[1] // k.shape[1]
+        bad = [h for h in kv_heads if not 0 <= h < k.shape[1]]
+        if bad:
+            raise CaptureError(f"no key/value heads {bad}: the model has {k.shape[1]}")
+        q_heads = [h * group + i for h in kv_heads for i in range(group)]
+        out[layer] = (q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
+    return out
