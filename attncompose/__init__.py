@@ -7,6 +7,7 @@ from attncompose.runtime.attention import Attention, compile
 from attncompose.runtime.checks import AttentionInputError
 from attncompose.spec import RecipeError
 from attncompose.spec.recipe import builtin_recipes, load_recipe
+from attncompose.tuned import TunedAttention, load
 
 __version__ = "0.1.0"
 
@@ -14,9 +15,11 @@ __all__ = [
     "Attention",
     "AttentionInputError",
     "RecipeError",
+    "TunedAttention",
     "__version__",
     "builtin_recipes",
     "compile",
+    "load",
     "load_recipe",
     "relative_error",
 ]

@@ -6,42 +6,14 @@ no traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-EXIT_USER_ERROR = 2
-
-
-def _user_errors(fn):
-    """Turn the library's user-facing errors into one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from attncompose.data import DataError
-        from attncompose.models.capture_file import CaptureError
-        from attncompose.models.smollm2 import ModelNotAvailableError
-        from attncompose.runtime.checks import AttentionInputError
-        from attncompose.spec.errors import RecipeError
-
-        errors = (
-            RecipeError,
-            AttentionInputError,
-            DataError,
-            CaptureError,
-            ModelNotAvailableError,
-            FileNotFoundError,
-        )
-        try:
-            return fn(*args, **kwargs)
-        except errors as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(EXIT_USER_ERROR)
-
-    return wrapper
+from attncompose.commands import EXIT_USER_ERROR
+from attncompose.commands import user_errors as _user_errors
 
 
 @click.group()
@@ -254,6 +226,14 @@ def evaluate(recipe: str, model_name: str, text: Path | None, seq_len: int, laye
         layers_table.add_row(str(layer), f"{err:.4f}", f"{frac:.3f}")
     console.print(layers_table)
 
+
+def _register_commands() -> None:
+    from attncompose.tuner.command import tune
+
+    main.add_command(tune)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,148 @@
+"""Where trials live: storages, study names, resuming and sharing a study between workers.
+
+Without ``--storage`` the study lives in a SQLite file beside the output, so rerunning the
+same command resumes it. ``--storage`` takes an SQLAlchemy URL (``sqlite:///...``,
+``postgresql://...``) or ``journal:PATH`` (a journal file on a shared disk); processes that
+run the same command against one storage and study name cooperate. Every finished trial is
+committed when it ends, so a killed worker loses only the trial it was running; RDB storages
+keep a heartbeat and mark such a trial failed (and re-queue its knobs) once it goes stale.
+
+One study per (device, sequence length): ``NAME:DEVICE:nLENGTH``. A study records what it
+was started for (recipe, target, mode, data, seeds); joining it with other settings is an error.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
+from optuna.storages.journal import JournalFileBackend
+
+from attncompose.tuner.errors import TunerError
+from attncompose.tuner.objective import FINISHED
+
+HEARTBEAT_S = 10
+GRACE_S = 30
+JOURNAL_PREFIX = "journal:"
+OPEN_ATTEMPTS = 5
+
+
+def default_storage_url(out: Path) -> str:
+    """The SQLite file beside the tuned output: ``tuned.yaml`` -> ``tuned.optuna.db``."""
+    return f"sqlite:///{out.with_suffix('.optuna.db').resolve()}"
+
+
+def open_storage(url: str) -> BaseStorage:
+    """An Optuna storage from an SQLAlchemy URL or ``journal:PATH``; clear errors otherwise."""
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
+        if not path.parent.is_dir():
+            raise TunerError(f"--storage {url}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise TunerError(
+            f"--storage {url!r}: expected an SQLAlchemy URL (sqlite:///FILE, "
+            "postgresql://USER@HOST/DB) or journal:PATH"
+        )
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return _rdb_storage(url)
+        except ImportError as err:
+            cause = err.__cause__ or err
+            raise TunerError(
+                f"--storage {_redact(url)}: missing database driver ({cause}); for PostgreSQL: "
+                "pip install 'psycopg[binary]'"
+            ) from None
+        except Exception as err:  # SQLAlchemy/driver errors: bad URL, refused connection, ...
+            if attempt + 1 < OPEN_ATTEMPTS and _is_creation_race(err):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TunerError(f"--storage {_redact(url)}: cannot open ({reason})") from None
+    raise AssertionError("unreachable")
+
+
+def _rdb_storage(url: str) -> RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+
+
+def _is_creation_race(err: Exception) -> bool:
+    """Workers creating the same new database's tables at once: the loser retries."""
+    text = str(err).lower()
+    return any(word in text for word in ("unique", "duplicate", "already exists", "locked"))
+
+
+def _redact(url: str) -> str:
+    """The URL without a password."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+
+
+def study_name(base: str, device_name: str, seq_len: int) -> str:
+    """The study of one device and length within a tuning job named ``base``."""
+    return f"{base}:{device_name}:n{seq_len}"
+
+
+def open_study(
+    storage: BaseStorage, name: str, sampler: optuna.samplers.BaseSampler, meta: dict[str, Any]
+) -> optuna.Study:
+    """Create or join study ``name``; ``meta`` must match what the study was started with."""
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
+    )
+    recorded = study.user_attrs
+    if not recorded:
+        for key, value in meta.items():
+            study.set_user_attr(key, value)
+        return study
+    diff = [k for k, v in meta.items() if k in recorded and recorded[k] != v]
+    if diff:
+        k = diff[0]
+        raise TunerError(
+            f"study {name!r} was started with {k}={recorded[k]!r}, not {meta[k]!r}; "
+            "use another --study (or --out) for different settings"
+        )
+    return study
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed and pruned trials of the study (by every worker)."""
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    n_trials: int,
+    timeout_s: float | None,
+    on_trial: Callable[[optuna.Study], None] = lambda study: None,
+) -> None:
+    """Run trials until the study holds ``n_trials`` finished ones (counting every worker's),
+    or ``timeout_s`` passes. A trial that raises an unexpected error stops the run."""
+    start = time.monotonic()
+    while len(finished_trials(study)) < n_trials:
+        if timeout_s is not None and time.monotonic() - start >= timeout_s:
+            return
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        on_trial(study)

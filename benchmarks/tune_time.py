@@ -1,0 +1,79 @@
+"""Time to tune one length on CPU: hyperattention, n=4096, 40 trials, target 0.05 (goal < 60 s).
+
+Writes benchmarks/results/tune_time_cpu.json. Usage:
+    python benchmarks/tune_time.py [--seq-len 4096] [--trials 40] [--target-err 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from attncompose.tuner import TuneConfig, tune
+from attncompose.tuner.job import versions
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository holding this script, or None outside git."""
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="hyperattention")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--target-err", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, default=RESULTS / "tune_time_cpu.json")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TuneConfig(
+            target_err=args.target_err,
+            seq_lens=(args.seq_len,),
+            trials=args.trials,
+            device="cpu",
+            out=Path(tmp) / "tuned.yaml",
+        )
+        start = time.perf_counter()
+        result = tune(args.recipe, config)
+        seconds = time.perf_counter() - start
+    entry = result.tuned.table["cpu"][args.seq_len]
+    trials = result.trials[args.seq_len]
+    record = {
+        "benchmark": "tune_time",
+        "recipe": args.recipe,
+        "seq_len": args.seq_len,
+        "trials": args.trials,
+        "target_err": args.target_err,
+        "seconds": seconds,
+        "goal_seconds": 60,
+        "pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "reused": sum("same_as" in t.user_attrs for t in trials),
+        "entry": entry.model_dump(mode="json"),
+        "device": "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("seconds", "pruned", "reused")}), entry.fallback)
+
+
+if __name__ == "__main__":
+    main()
