@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import click
 
@@ -16,7 +17,27 @@ from attncompose.commands import EXIT_USER_ERROR
 from attncompose.commands import user_errors as _user_errors
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """Commands with heavy imports (optuna, triton) load only when they are run."""
+
+    lazy: ClassVar[dict[str, str]] = {
+        "tune": "attncompose.tuner.command:tune",
+        "bench": "attncompose.bench:bench",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup)
 @click.version_option(package_name="attncompose")
 def main() -> None:
     """Approximate attention composed from primitives: validate, inspect, run, tune."""
@@ -226,14 +247,6 @@ def evaluate(recipe: str, model_name: str, text: Path | None, seq_len: int, laye
         layers_table.add_row(str(layer), f"{err:.4f}", f"{frac:.3f}")
     console.print(layers_table)
 
-
-def _register_commands() -> None:
-    from attncompose.tuner.command import tune
-
-    main.add_command(tune)
-
-
-_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -67,10 +67,16 @@ def exact_products(q, k, is_causal: bool) -> int:
     return b * hq * (lq * (offset + 1) + lq * (lq - 1) // 2)
 
 
-def products_fraction(attn, q, k, v, is_causal: bool) -> float:
-    """ "frac": products the recipe computes (torch kernels) / products of exact attention."""
+def run_counted(attn, q, k, v, is_causal: bool):
+    """(output, frac): run ``attn`` counting the query-key products its torch kernels compute,
+    frac being their share of exact attention's products."""
     from attncompose.primitives.base import count_products
 
     with torch.no_grad(), count_products() as computed:
-        attn(q, k, v, is_causal=is_causal)
-    return computed[0] / exact_products(q, k, is_causal)
+        out = attn(q, k, v, is_causal=is_causal)
+    return out, computed[0] / exact_products(q, k, is_causal)
+
+
+def products_fraction(attn, q, k, v, is_causal: bool) -> float:
+    """ "frac": products the recipe computes (torch kernels) / products of exact attention."""
+    return run_counted(attn, q, k, v, is_causal)[1]

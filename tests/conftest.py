@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# Triton kernels run in its CPU interpreter unless told otherwise (TRITON_INTERPRET=0 on a GPU
+# machine). It must be set before anything imports triton, transformers included.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import sys
 from pathlib import Path
 

@@ -150,7 +150,7 @@ def test_missing_loader_package_is_named(monkeypatch):
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="smollm2"):
+    with pytest.raises(ModelNotAvailableError, match="smollm2"):
         load_model("gpt5")
 
 

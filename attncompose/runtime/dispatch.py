@@ -3,7 +3,8 @@
 Each op has implementations in preference order (Triton first, PyTorch last); each answers
 ``not_supported_reasons(problem, **inputs)``. ``backend="torch"`` takes the PyTorch one;
 ``"triton"`` takes Triton or raises one error listing every reason; ``"auto"`` takes Triton
-for CUDA tensors when it has no reason against, else PyTorch. Triton modules are imported
+for CUDA tensors when it has no reason against, else PyTorch (per call: ``show`` can only
+say what CUDA inputs would get). Triton modules are imported
 only when an implementation is first called, so ``import attncompose`` never loads kernels.
 
 Ops: ``exact`` (attention with lse), ``block`` (tile kernel, also the sampler's),
@@ -94,18 +95,24 @@ def _triton_basic(problem: Problem, **inputs: Any) -> list[str]:
 _P = "attncompose.primitives"
 OPS: dict[str, list[Implementation]] = {
     "exact": [
-        Implementation("triton:flash-fwd-lse", f"{_P}.exact.triton", "exact_attention", _triton_basic),
+        Implementation(
+            "triton:flash-fwd-lse", f"{_P}.exact.triton", "exact_attention", _triton_basic
+        ),
         Implementation("torch:sdpa-with-lse", f"{_P}.exact.fast", "fused_exact_attention"),
     ],
     "block": [
-        Implementation("triton:tile-attention", f"{_P}.block.triton", "block_attention", _block_reasons),
-        Implementation("torch:tile-attention", f"{_P}.block.naive", "block_attention"),
+        Implementation(
+            "triton:tile-attention", f"{_P}.block.triton", "block_attention", _block_reasons
+        ),
+        Implementation("torch:block", f"{_P}.block.naive", "block_attention"),
     ],
     "lsh_sort": [
-        Implementation("triton:lsh-gray-rank+torch.sort", f"{_P}.lsh.triton", "sort_positions", _triton_basic),
+        Implementation(
+            "triton:lsh-gray-rank+torch.sort", f"{_P}.lsh.triton", "sort_positions", _triton_basic
+        ),
         Implementation("torch:lsh-gray-rank+torch.sort", f"{_P}.lsh.naive", "sort_positions"),
     ],
-}  # fmt: skip
+}
 
 
 def _by_backend(op: str, backend: str) -> Implementation:
@@ -131,7 +138,9 @@ def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> 
 
 
 def describe(op: str, backend: str) -> str:
-    """What ``backend`` runs for ``op``, as ``attncompose show`` prints it."""
+    """What ``backend`` runs for ``op`` on this machine, as ``attncompose show`` prints it
+    (``auto``: Triton where CUDA and triton are present, else PyTorch)."""
     if backend == "auto":
-        return f"{_by_backend(op, 'triton').name} on CUDA, else {_by_backend(op, 'torch').name}"
+        cuda = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+        backend = "triton" if cuda else "torch"
     return _by_backend(op, backend).name

@@ -30,21 +30,23 @@ from attncompose.primitives.exact.triton import (
 @triton.jit
 def _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
     """Bool [BQ, BK]: does predicate i_p let the pairs through (covered == want)?"""
-    mode = tl.load(meta + i_p * 5)
-    want = tl.load(meta + i_p * 5 + 1)
+    mode = tl.load(meta + i_p * 6)
+    want = tl.load(meta + i_p * 6 + 1)
     b_a = tl.load(pred_q + (i_p * N + i_n) * Lq + b_qi, mask=m_q, other=-1)  # [BQ]
     b_b = tl.load(pred_k + (i_p * N + i_n) * Lk + b_kj, mask=m_k, other=-2)  # [BK]
     m_t = m_q[:, None] & m_k[None, :]
-    # bucket predicates have zero table offset/strides: they read table[0], always valid
+    # bucket and band predicates have zero table offset/strides: they read table[0], always valid
     p_t = (
         table
-        + tl.load(meta + i_p * 5 + 2)
-        + i_n * tl.load(meta + i_p * 5 + 3)
-        + b_a[:, None].to(tl.int64) * tl.load(meta + i_p * 5 + 4)
-        + b_b[None, :] * mode
+        + tl.load(meta + i_p * 6 + 2)
+        + i_n * tl.load(meta + i_p * 6 + 3)
+        + b_a[:, None].to(tl.int64) * tl.load(meta + i_p * 6 + 4)
+        + b_b[None, :] * (mode == 1).to(tl.int32)
     )
     b_t = tl.load(p_t, mask=m_t, other=0)  # [BQ, BK]
-    hit = tl.where(mode == 1, b_t != 0, b_a[:, None] == b_b[None, :])
+    b_gap = b_a[:, None] - b_b[None, :]  # [BQ, BK] band form: query minus key position
+    m_band = (b_gap >= 0) & (b_gap < tl.load(meta + i_p * 6 + 5))
+    hit = tl.where(mode == 1, b_t != 0, tl.where(mode == 2, m_band, b_a[:, None] == b_b[None, :]))
     return hit == (want != 0)
 
 
@@ -131,8 +133,8 @@ def _block_fwd_kernel(
 @dataclass(frozen=True)
 class _Packed:
     """Predicates stacked for the kernel: ids [P, N, Lq] / [P, N, Lk], flat int8 tables and
-    meta [P, 5] = (mode: 0 bucket / 1 table, want: keep iff covered, table offset, table
-    stride per row n, table columns)."""
+    meta [P, 6] = (mode: 0 bucket / 1 table / 2 band, want: keep iff covered, table offset,
+    table stride per row n, table columns, band width)."""
 
     q_ids: Tensor
     k_ids: Tensor
@@ -150,10 +152,11 @@ def _pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> _Packed:
     meta, tables, offset = [], [], 0
     for pred, want in rules:
         if pred.table is None:
-            meta.append([0, int(want), 0, 0, 0])
+            band = pred.band is not None
+            meta.append([2 if band else 0, int(want), 0, 0, 0, pred.band if band else 0])
             continue
         _, rows, cols = pred.table.shape
-        meta.append([1, int(want), offset, rows * cols, cols])
+        meta.append([1, int(want), offset, rows * cols, cols, 0])
         tables.append(pred.table.reshape(-1).to(torch.int8))
         offset += n * rows * cols
     table = torch.cat(tables) if tables else torch.zeros(1, dtype=torch.int8, device=dev)

@@ -27,6 +27,7 @@ def _gray_rank_kernel(
     s_dd,
     s_dr,
     L,
+    D,
     R,
     BL: tl.constexpr,
     BD: tl.constexpr,
@@ -38,8 +39,9 @@ def _gray_rank_kernel(
     m_l = o_l < L
     p_x = x + i_n * s_xn + o_l[:, None] * s_xl + o_d[None, :] * s_xd
     p_d = dirs + i_n * s_dn + o_d[:, None] * s_dd + o_r[None, :] * s_dr
-    b_x = tl.load(p_x, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, BD]
-    b_d = tl.load(p_d, mask=(o_r < R)[None, :], other=0.0)  # [BD, BR]
+    m_d = o_d < D  # D need not be a power of two (MIPS augmentation adds columns)
+    b_x = tl.load(p_x, mask=m_l[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BL, BD]
+    b_d = tl.load(p_d, mask=m_d[:, None] & (o_r < R)[None, :], other=0.0)  # [BD, BR]
     b_p = tl.dot(b_x, b_d, input_precision="ieee")  # [BL, BR]
     b_code = tl.sum(tl.where(b_p > 0, 1 << o_r[None, :], 0), 1)  # [BL]
     for i_s in tl.static_range(5):  # inverse Gray map for codes of up to 32 bits
@@ -58,8 +60,8 @@ def gray_ranks(x: Tensor, directions: Tensor) -> Tensor:
     bl = max(16, min(64, triton.next_power_of_2(length)))
     grid = (triton.cdiv(length, bl), n)
     _gray_rank_kernel[grid](
-        x, dirs, rank, *x.stride(), *dirs.stride(), length, r,
-        BL=bl, BD=d, BR=max(16, triton.next_power_of_2(r)),
+        x, dirs, rank, *x.stride(), *dirs.stride(), length, d, r,
+        BL=bl, BD=max(16, triton.next_power_of_2(d)), BR=max(16, triton.next_power_of_2(r)),
     )  # fmt: skip
     return rank
 

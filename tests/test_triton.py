@@ -1,0 +1,258 @@
+"""Triton kernels against their PyTorch references, under the CPU interpreter.
+
+Same seeded hash directions and samples for kernel and reference, so results compare
+exactly (up to float rounding). Tiny shapes: the interpreter runs one program at a time.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton (and any kernel module) is imported
+
+from dataclasses import replace
+
+import pytest
+import torch
+from oracle import make_problem
+
+pytest.importorskip("triton")
+
+import triton
+import triton.runtime.interpreter
+
+import attncompose as ac
+from attncompose.primitives.base import Coverage, Partial, UnionCoverage
+from attncompose.primitives.block import naive as block_naive
+from attncompose.primitives.block import triton as block_triton
+from attncompose.primitives.exact import naive as exact_naive
+from attncompose.primitives.exact import triton as exact_triton
+from attncompose.primitives.lsh import Lsh
+from attncompose.primitives.lsh import naive as lsh_naive
+from attncompose.primitives.lsh import triton as lsh_triton
+from attncompose.primitives.sink import SinkCoverage
+from attncompose.primitives.topk import Topk
+from attncompose.primitives.uniform_sample.naive import draw_uniforms, sample_tiles
+from attncompose.primitives.window import WindowCoverage
+from attncompose.runtime import dispatch
+from attncompose.runtime.compiler import Pipeline
+from attncompose.spec.steps import LshStep, TopkStep
+
+pytestmark = pytest.mark.triton
+
+if not torch.cuda.is_available() and not isinstance(
+    triton.language.zeros, triton.runtime.interpreter.InterpretedFunction
+):  # triton.language was imported (e.g. by transformers) before TRITON_INTERPRET=1
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1: set it in conftest.py or the environment",
+        allow_module_level=True,
+    )
+
+SHAPES = [(17, 17), (33, 33), (64, 64), (17, 64)]  # (Lq, Lk); Lq < Lk is decode
+IDS = ["T17", "T33", "T64", "decode17x64"]
+
+
+def assert_same(got: Partial, want: Partial, tol: float = 1e-5) -> None:
+    assert not got.out.isnan().any() and not got.lse.isnan().any()
+    assert torch.equal(got.lse.isinf(), want.lse.isinf())
+    finite = want.lse.isfinite()
+    assert torch.allclose(got.lse[finite], want.lse[finite].float(), atol=tol)
+    assert torch.allclose(got.out, want.out.float(), atol=tol)
+
+
+def nan_partial(problem) -> Partial:
+    n, lq = problem.q.shape[:2]
+    return Partial(
+        torch.full((n, lq, problem.v.shape[-1]), float("nan")), torch.full((n, lq), float("nan"))
+    )
+
+
+def padded_views(problem):
+    """The problem on strided views into NaN storage: reading out of range poisons results."""
+
+    def pad(x):
+        n, length, d = x.shape
+        store = torch.full((n + 1, length + 3, 2 * d), float("nan"))
+        store[1:, 1 : length + 1, :d] = x
+        return store[1:, 1 : length + 1, :d]
+
+    return replace(problem, q=pad(problem.q), k=pad(problem.k), v=pad(problem.v))
+
+
+def lsh_coverage(problem, block):
+    sel = Lsh(LshStep(op="lsh", num_projections=3, seed=1))(problem)
+    return sel.bind(block)
+
+
+# ---------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), SHAPES, ids=IDS)
+def test_exact_matches_reference(lq, lk, causal):
+    problem = make_problem(2, lq, lk, 16, causal=causal)
+    assert_same(exact_triton.exact_attention(problem), exact_naive.exact_attention(problem))
+
+
+@pytest.mark.parametrize("delta", [-20, 5, 40], ids=["rows-see-nothing", "shifted", "all"])
+def test_exact_arbitrary_offsets(delta):
+    problem = replace(make_problem(2, 33, 17, 16, causal=True), q_offset=delta)
+    assert_same(exact_triton.exact_attention(problem), exact_naive.exact_attention(problem))
+
+
+def test_exact_nan_poisoned_buffers_and_inputs_equal_clean_run():
+    problem = make_problem(2, 33, 33, 16, causal=True)
+    clean = exact_triton.exact_attention(problem)
+    poisoned = exact_triton.exact_attention(padded_views(problem), out=nan_partial(problem))
+    assert torch.equal(poisoned.out, clean.out) and torch.equal(poisoned.lse, clean.lse)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_exact_fp16_within_twice_torch_fp16_error(causal):
+    problem = make_problem(2, 64, 64, 16, causal=causal)
+    truth = exact_naive.exact_attention(problem).out
+    half = replace(problem, q=problem.q.half(), k=problem.k.half(), v=problem.v.half())
+    torch_err = (exact_naive.exact_attention(half).out.float() - truth).abs().max()
+    kernel_err = (exact_triton.exact_attention(half).out - truth).abs().max()
+    assert kernel_err <= 2 * torch_err + 1e-5
+
+
+# ---------------------------------------------------------------- block
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), SHAPES, ids=IDS)
+def test_block_lsh_tiles_match_reference(lq, lk, causal):
+    problem = make_problem(2, lq, lk, 16, causal=causal)
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)
+    assert_same(
+        block_triton.block_attention(problem, tiles, own=cov),
+        block_naive.block_attention(problem, tiles, own=cov),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_block_topk_table_excluding_lsh_matches_reference(causal):
+    problem = make_problem(2, 33, 64, 16, causal=causal)
+    top = Topk(TopkStep(op="topk", block_size=16, k=2))(problem)
+    lsh = lsh_coverage(problem, 16)
+    tiles = top.tiles(problem)
+    assert_same(
+        block_triton.block_attention(problem, tiles, own=top, exclude=(lsh,)),
+        block_naive.block_attention(problem, tiles, own=top, exclude=(lsh,)),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), [(33, 33), (17, 64)], ids=["T33", "decode17x64"])
+def test_sample_tiles_with_shift_and_union_exclude_match_reference(lq, lk, causal):
+    problem = make_problem(2, lq, lk, 16, causal=causal)
+    top = Topk(TopkStep(op="topk", block_size=16, k=1))(problem)
+    union = UnionCoverage([lsh_coverage(problem, 16), top])
+    tiles = sample_tiles(problem, draw_uniforms(problem, 16, seed=3))
+    assert_same(
+        block_triton.block_attention(problem, tiles, exclude=(union,)),
+        block_naive.block_attention(problem, tiles, exclude=(union,)),
+    )
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(33, 33), (17, 64)], ids=["T33", "decode17x64"])
+def test_window_band_and_sink_bucket_forms_match_reference(lq, lk):
+    problem = replace(make_problem(2, lq, lk, 16, causal=True), k_offset=3)
+    window, sink = WindowCoverage(5).bind(16), SinkCoverage(6).bind(16)
+    tiles = lsh_coverage(problem, 16).tiles(problem)
+    for own, exclude in ((window, (sink,)), (sink, (window,)), (None, (window, sink))):
+        assert_same(
+            block_triton.block_attention(problem, tiles, own=own, exclude=exclude),
+            block_naive.block_attention(problem, tiles, own=own, exclude=exclude),
+        )
+
+
+def test_block_nan_poisoned_buffers_and_inputs_equal_clean_run():
+    problem = make_problem(2, 33, 33, 16, causal=True)
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)  # every query sits in one tile: the kernel writes every row
+    clean = block_triton.block_attention(problem, tiles, own=cov)
+    poisoned = block_triton.block_attention(
+        padded_views(problem), tiles, own=cov, out=nan_partial(problem)
+    )
+    assert torch.equal(poisoned.out, clean.out) and torch.equal(poisoned.lse, clean.lse)
+
+
+def test_block_fp16_within_twice_torch_fp16_error():
+    problem = make_problem(2, 64, 64, 16)
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)
+    truth = block_naive.block_attention(problem, tiles, own=cov).out
+    half = replace(problem, q=problem.q.half(), k=problem.k.half(), v=problem.v.half())
+    torch_err = (block_naive.block_attention(half, tiles, own=cov).out.float() - truth).abs().max()
+    kernel_err = (block_triton.block_attention(half, tiles, own=cov).out - truth).abs().max()
+    assert kernel_err <= 2 * torch_err + 1e-5
+
+
+# ---------------------------------------------------------------- lsh
+
+
+@pytest.mark.parametrize("bits", [1, 7, 12])
+def test_lsh_ranks_and_sort_match_reference(bits):
+    x = torch.randn(2, 33, 16, generator=torch.Generator().manual_seed(bits))
+    dirs = lsh_naive.projections(2, 16, bits, seed=5)
+    want = lsh_naive.gray_rank(lsh_naive.hash_codes(x, dirs), bits)
+    assert torch.equal(lsh_triton.gray_ranks(x, dirs).long(), want)
+    for got, ref in zip(
+        lsh_triton.sort_positions(x, dirs), lsh_naive.sort_positions(x, dirs), strict=True
+    ):
+        assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------- pipeline and dispatch
+
+SMALL = {
+    "hash": {"op": "lsh", "num_projections": 3},
+    "diag": {"op": "block", "select": ["hash"], "block_size": 16},
+    "residual": {"op": "uniform_sample", "exclude": ["diag"], "sample_size": 16},
+    "merged": {"op": "merge", "inputs": ["diag", "residual"]},
+    "out": {"op": "causal_split", "body": "merged", "min_seq_len": 16},
+}
+
+
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal"),
+    [(33, 33, False), (64, 64, True), (17, 64, True)],
+    ids=["T33-noncausal", "T64-causal", "decode17x64"],
+)
+def test_pipeline_triton_equals_torch_with_gqa(make_qkv, lq, lk, causal):
+    recipe = ac.load_recipe({"name": "small", "steps": SMALL})
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+    want, want_lse = ac.compile(recipe, backend="torch")(q, k, v, is_causal=causal, return_lse=True)
+    got, got_lse = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
+    assert ac.relative_error(got, want) < 1e-5
+    assert torch.allclose(got_lse, want_lse, atol=1e-5)
+
+
+def test_kernels_say_which_implementation_runs():
+    recipe = ac.load_recipe({"name": "small", "steps": SMALL})
+    assert Pipeline(recipe, backend="triton").kernels()["diag"] == "triton:tile-attention"
+    assert Pipeline(recipe, backend="torch").kernels()["out"].endswith("torch:sdpa-with-lse")
+    auto = Pipeline(recipe, backend="auto").kernels()["diag"]
+    assert auto == ("triton:tile-attention" if torch.cuda.is_available() else "torch:block")
+
+
+def test_triton_backend_lists_every_reason():
+    problem = make_problem(2, 17, 17, 24)
+    problem = replace(problem, q=problem.q.double(), k=problem.k.double(), v=problem.v.double())
+    with pytest.raises(dispatch.BackendNotSupportedError) as err:
+        dispatch.choose("exact", "triton", problem)
+    assert "float64" in str(err.value) and "head dim 24" in str(err.value)
+
+
+def test_auto_uses_torch_on_cpu_and_triton_refuses_unknown_coverage():
+    problem = make_problem(2, 17, 17, 16)
+    assert dispatch.choose("block", "auto", problem).backend == "torch"
+
+    class Opaque(Coverage):
+        pass
+
+    reasons = dispatch.OPS["block"][0].not_supported_reasons(problem, own=None, exclude=(Opaque(),))
+    assert any("Opaque has no kernel form" in r for r in reasons)
