@@ -23,7 +23,7 @@ class Comparison:
     exact_ms: float
 
 
-def exact_sdpa(q, k, v, is_causal: bool):
+def exact_sdpa(q, k, v, is_causal: bool, scale: float | None = None):
     """Exact attention with PyTorch's SDPA (GQA expanded, causal bottom-right aligned)."""
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -31,8 +31,8 @@ def exact_sdpa(q, k, v, is_causal: bool):
     lq, lk = q.shape[2], k.shape[2]
     if is_causal and lq != lk:
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
 
 
 def compare_to_exact(

@@ -8,24 +8,15 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import tiny_llama  # noqa: E402
+
 from attncompose.models.capture import capture_qkv  # noqa: E402
 from attncompose.models.capture_file import CaptureError, load_capture, save_capture  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(3)
 
 
 @pytest.fixture(scope="module")

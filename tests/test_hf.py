@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import exact_attention, tiny_llama  # noqa: E402
+
 from attncompose.integrations.hf import attention_implementation, register, select_layers  # noqa: E402
-
-
-def exact_attention(q, k, v, is_causal=True, scale=None):
-    """Stand-in for a compiled recipe: SDPA with GQA and bottom-right causal alignment."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    mask = None
-    if is_causal and q_len != kv_len:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
-    causal = is_causal and mask is None
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
-    )
 
 
 class CallLog:
@@ -32,24 +21,6 @@ class CallLog:
     def __call__(self, q, k, v, is_causal=True, scale=None):
         self.calls.append((q.shape[2], k.shape[2]))
         return exact_attention(q, k, v, is_causal=is_causal, scale=scale)
-
-
-def tiny_llama(num_layers: int = 2) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
+
+from tiny_models import exact_attention, tiny_llama  # noqa: E402
 
 from attncompose.models import ModelNotAvailableError, load_model, smollm2  # noqa: E402
 from attncompose.models.capture import capture_qkv  # noqa: E402
@@ -31,13 +32,6 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
-def exact_attention(q, k, v, is_causal=True, scale=None):
-    """Stand-in for a compiled recipe (equal lengths only here): SDPA with GQA."""
-    return F.scaled_dot_product_attention(
-        q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True
-    )
-
-
 def uniform_attention(q, k, v, is_causal=True, scale=None):
     """A deliberately wrong attention: the mean of all values, repeated for every query."""
     mean = v.mean(dim=2, keepdim=True).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -46,18 +40,7 @@ def uniform_attention(q, k, v, is_causal=True, scale=None):
 
 @pytest.fixture(scope="module")
 def model() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(2)
 
 
 @pytest.fixture(scope="module")
