@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attncompose.commands import backend_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
+from attncompose.loading import load_attention
 from attncompose.metrics import relative_error
 from attncompose.timing import measure
+from attncompose.tuned import TunedAttention
 
 HEAD_CHUNK = 4  # heads per exact float32 reference call (bounds its memory)
 
@@ -106,37 +108,11 @@ def bench_length(
     return rows
 
 
-def load_attention(source: str, backend: str) -> tuple[str, Callable[..., Tensor]]:
-    """(name, module) of a recipe name/path or a tuned file."""
-    import attncompose as ac
-    from attncompose.spec.recipe import read_yaml
-    from attncompose.tuned import load
-
-    path = Path(source)
-    if path.is_file() and isinstance(data := read_yaml(path), dict) and "table" in data:
-        tuned = load(path, backend=backend)
-        return f"{tuned.recipe.name} (tuned)", tuned
-    attn = ac.compile(source, backend=backend)
-    return attn.recipe.name, attn
-
-
-def _lengths(ctx, param, value: str) -> list[int]:
-    try:
-        lengths = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of integers: {value!r}") from None
-    if not lengths or min(lengths) < 1:
-        raise click.BadParameter("give at least one positive length")
-    return lengths
-
-
 @click.command("bench")
 @click.argument("recipe_or_tuned")
-@click.option("--seq-lens", default="4096,8192", show_default=True, callback=_lengths)
+@click.option("--seq-lens", default="4096,8192", show_default=True, callback=parse_lengths)
 @click.option("--causal/--no-causal", default=False, show_default=True)
-@click.option(
-    "--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"])
-)
+@backend_option
 @click.option("--heads", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option(
@@ -162,7 +138,8 @@ def bench(
     from rich.table import Table
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name, attn = load_attention(recipe_or_tuned, backend)
+    attn = load_attention(recipe_or_tuned, backend)
+    name = attn.recipe.name + (" (tuned)" if isinstance(attn, TunedAttention) else "")
     table = Table(title=f"{name} on {dev}, B=1 H={heads} d={head_dim} {dtype}, causal={causal}")
     for col in ("seq_len", "implementation", "median ms", "rel. error", "note"):
         table.add_column(col)

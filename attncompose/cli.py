@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import click
 
-from attncompose.commands import EXIT_USER_ERROR
+from attncompose.commands import EXIT_USER_ERROR, backend_option, data_option
 from attncompose.commands import user_errors as _user_errors
 
 
@@ -66,9 +66,7 @@ def validate(recipes: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("recipe")
 @click.option("--dot", is_flag=True, help="Print Graphviz DOT instead of text.")
-@click.option(
-    "--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"])
-)
+@backend_option
 @_user_errors
 def show(recipe: str, dot: bool, backend: str) -> None:
     """Print the compiled graph: steps, edges, knobs and the kernels chosen."""
@@ -95,15 +93,8 @@ def schema() -> None:
 @click.argument("recipe")
 @click.option("--seq-len", type=click.IntRange(min=1), required=True)
 @click.option("--causal/--no-causal", default=False, show_default=True)
-@click.option(
-    "--data",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Captured Q/K/V (safetensors); default: the built-in data.",
-)
-@click.option(
-    "--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"])
-)
+@data_option
+@backend_option
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @_user_errors
 def run(

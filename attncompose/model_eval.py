@@ -48,7 +48,7 @@ def evaluate_recipe(
         per_layer[layer] = (err, products_fraction(attn, q, k, v, True))
     frac = sum(f for _, f in per_layer.values()) / len(per_layer)
     return ModelReport(
-        recipe=getattr(attn, "name", str(recipe)),
+        recipe=attn.recipe.name,
         exact_ppl=exact_ppl,
         ppl=ppl,
         frac=frac,

@@ -2,40 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import click
 
-from attncompose.commands import EXIT_USER_ERROR
+from attncompose.commands import backend_option, data_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
-
-
-def _tuner_errors(fn):
-    """Tuner errors (arguments, storage, study) as one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from attncompose.tuner.errors import TunerError
-
-        try:
-            return fn(*args, **kwargs)
-        except TunerError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(EXIT_USER_ERROR)
-
-    return wrapper
-
-
-def _lengths(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        lengths = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not lengths or min(lengths) < 1:
-        raise click.BadParameter(f"expected positive lengths, got {value!r}")
-    return tuple(dict.fromkeys(lengths))
 
 
 @click.command("tune")
@@ -50,7 +22,7 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
     "--seq-lens",
     default="4096",
     show_default=True,
-    callback=_lengths,
+    callback=parse_lengths,
     help="Comma-separated sequence lengths to tune.",
 )
 @click.option(
@@ -60,12 +32,7 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
     help="Use exact attention where the best feasible latency exceeds this.",
 )
 @click.option("--causal/--no-causal", default=True, show_default=True)
-@click.option(
-    "--data",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Captured Q/K/V (safetensors); default: the built-in data.",
-)
+@data_option
 @click.option(
     "--trials",
     type=click.IntRange(min=1),
@@ -107,12 +74,9 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
     default=None,
     help="Write a PNG of error vs latency per length (Pareto front, target line).",
 )
-@click.option(
-    "--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"])
-)
+@backend_option
 @click.option("--device", default=None, help="Device to tune on [default: cuda if available].")
 @_user_errors
-@_tuner_errors
 def tune(
     recipe: str,
     target_err: float,
