@@ -43,31 +43,41 @@ def grid(**axes) -> list[dict]:
 
 SWEEPS: dict[str, list[dict]] = {
     "streaming": grid(
-        **{"sinks.count": [4], "local.width": [64, 128, 256, 512, 768, 1024, 1536, 2048, 3072]}
+        **{
+            "sinks.count": [4],
+            "local.width": [64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144],
+        }
     ),
-    "block-topk": grid(**{"local.width": [64, 128, 256, 512], "heavy.k": [1, 2, 4, 8, 16]}),
-    "topp": grid(**{"local.width": [64, 256, 512], "heavy.p": [0.7, 0.9, 0.95, 0.98, 0.99],
-                    "heavy.max_k": [64]}),
+    "block-topk": grid(
+        **{"local.width": [64, 128, 256, 512, 1024], "heavy.k": [1, 2, 4, 8, 16, 32]}
+    ),
+    "topp": grid(
+        **{
+            "local.width": [64, 256, 512],
+            "heavy.p": [0.7, 0.9, 0.95, 0.98, 0.99],
+            "heavy.max_k": [64],
+        }
+    ),
     "power": grid(**{"pattern.block_size": [32, 64, 128, 256]}),
     "hyperattention": grid(
         **{
-            "out.min_seq_len": [256, 512, 1024, 2048],
-            "diag.block_size": [128, 256],
+            "out.min_seq_len": [512, 1024, 2048, 4096],
+            "diag.block_size": [256],
             "residual.sample_size": [0, 256],
         }
     ),
     "hyperattention-sinks": grid(
         **{
-            "out.min_seq_len": [256, 512, 1024, 2048],
-            "diag.block_size": [128, 256],
+            "out.min_seq_len": [512, 1024, 2048, 4096],
+            "diag.block_size": [256],
             "residual.sample_size": [0, 256],
         }
     ),
     "hyperattention-aligned": grid(
         **{
-            "out.min_seq_len": [256, 512, 1024, 2048],
+            "out.min_seq_len": [512, 1024, 2048, 4096],
             "diag.block_size": [128, 256],
-            "residual.sample_size": [0, 128],
+            "residual.sample_size": [0],
         }
     ),
 }
