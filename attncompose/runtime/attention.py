@@ -42,8 +42,8 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         problem = Problem(
             q=_rows(q),
-            k=_rows(k.repeat_interleave(group, dim=1)),
-            v=_rows(v.repeat_interleave(group, dim=1)),
+            k=_rows(_expand_heads(k, group)),
+            v=_rows(_expand_heads(v, group)),
             scale=scale,
             causal=bool(is_causal),
             heads=hq,
@@ -59,6 +59,11 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.pipeline.backend!r}"
+
+
+def _expand_heads(x: Tensor, group: int) -> Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv*group, L, D], each key/value head repeated for its group."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def _rows(x: Tensor) -> Tensor:
