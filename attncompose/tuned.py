@@ -55,6 +55,7 @@ class Candidate(BaseModel):
     error_mean: float = Field(ge=0)
     error_max: float = Field(ge=0)
     latency_ms: float = Field(ge=0)
+    frac: float | None = Field(None, ge=0, description="share of exact attention's products")
 
 
 class TunedEntry(BaseModel):
@@ -71,11 +72,13 @@ class TunedEntry(BaseModel):
     error_mean: float = Field(ge=0)
     error_max: float = Field(ge=0)
     latency_ms: float = Field(ge=0)
+    frac: float | None = Field(None, ge=0, description="share of exact attention's products")
     exact_latency_ms: float = Field(ge=0)
     best: Candidate | None = None
     trials: int = Field(ge=0)
     target_err: float = Field(gt=0)
     latency_budget_ms: float | None = Field(None, gt=0)
+    cost: str = Field("latency", description="what the tuner minimised: latency or products")
     seeds: int = Field(ge=1)
     data: str
     date: str

@@ -112,6 +112,25 @@ def test_tuned_result_meets_the_target_on_its_calibration_data(recipe_path, tmp_
     assert len(result.trials[N]) == 6
 
 
+def test_cost_products_minimises_frac_not_latency(recipe_path, tmp_path):
+    out = tmp_path / "tuned.yaml"
+    config = TuneConfig(
+        target_err=TARGET, seq_lens=(N,), trials=5, backend="torch", out=out, cost="products"
+    )
+    result = tune(recipe_path, config)
+    entry = read_tuned(out).table["cpu"][N]
+    assert entry.cost == "products" and entry.best is not None
+    fracs = [
+        t.user_attrs["frac"]
+        for t in result.trials[N]
+        if t.state.name == "COMPLETE" and t.user_attrs["error_mean"] <= TARGET
+    ]
+    assert entry.best.frac == pytest.approx(min(fracs))
+    assert 0 < entry.best.frac <= 1
+    if entry.best.frac < 1:  # cheaper in products than exact: used whatever the latency says
+        assert entry.knobs == entry.best.knobs and entry.frac == entry.best.frac
+
+
 def test_impossible_target_falls_back_to_exact_and_says_so(recipe_path, tmp_path):
     out = tmp_path / "tuned.yaml"
     args = cli_args(recipe_path, out, "--trials", "3")

@@ -31,6 +31,14 @@ from attncompose.commands import user_errors as _user_errors
     default=None,
     help="Use exact attention where the best feasible latency exceeds this.",
 )
+@click.option(
+    "--cost",
+    type=click.Choice(["latency", "products"]),
+    default="latency",
+    show_default=True,
+    help="Minimise measured latency, or the share of exact attention's query-key products "
+    "(device-independent; for comparing recipes where timings say little, e.g. on CPU).",
+)
 @click.option("--causal/--no-causal", default=True, show_default=True)
 @data_option
 @click.option(
@@ -82,6 +90,7 @@ def tune(
     target_err: float,
     seq_lens: tuple[int, ...],
     latency_budget_ms,
+    cost,
     causal,
     data,
     trials,
@@ -120,6 +129,7 @@ def tune(
         seed=seed,
         n_seeds=n_seeds,
         latency_budget_ms=latency_budget_ms,
+        cost=cost,
         backend=backend,
         device=device,
         storage=storage,

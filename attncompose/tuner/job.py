@@ -35,6 +35,8 @@ from attncompose.tuner.study import (
     study_name,
 )
 
+COSTS = ("latency", "products")
+
 
 @dataclass(frozen=True)
 class TuneConfig:
@@ -50,6 +52,7 @@ class TuneConfig:
     n_seeds: int = 3
     repeats: int = 3
     latency_budget_ms: float | None = None
+    cost: str = "latency"  # what to minimise: "latency" (measured) or "products" (frac)
     backend: str = "auto"
     device: str | None = None
     storage: str | None = None
@@ -66,6 +69,8 @@ class TuneConfig:
             raise TunerError("--trials, seeds and repeats must be at least 1")
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise TunerError(f"--latency-budget-ms must be positive, got {self.latency_budget_ms}")
+        if self.cost not in COSTS:
+            raise TunerError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
         if self.study is not None and self.storage is None:
             raise TunerError("--study names a study in a shared --storage; give --storage too")
         if not self.out.parent.is_dir():
@@ -127,7 +132,13 @@ def _tune_length(
 ) -> tuple[optuna.Study, TunedEntry]:
     """Run (or resume, or join) the study of one length and make its entry."""
     evaluator = Evaluator(
-        recipe, calib, config.target_err, config.backend, config.n_seeds, config.repeats
+        recipe,
+        calib,
+        config.target_err,
+        config.backend,
+        config.n_seeds,
+        config.repeats,
+        cost=config.cost,
     )
     objective = Objective(evaluator, space=search_space(recipe))
     meta = _meta(recipe, config, calib)
@@ -176,6 +187,7 @@ def _default_study(recipe, config: TuneConfig) -> str:
                 str(config.data),
                 config.n_seeds,
                 config.backend,
+                config.cost,
             ]
         ).encode()
     ).hexdigest()
@@ -193,6 +205,7 @@ def _meta(recipe, config: TuneConfig, calib: Calibration) -> dict:
         "data": data,
         "seeds": config.n_seeds,
         "backend": config.backend,
+        "cost": config.cost,
     }
 
 
@@ -223,7 +236,8 @@ def make_entry(
             knobs=best.params,
             error_mean=best.user_attrs["error_mean"],
             error_max=best.user_attrs["error_max"],
-            latency_ms=best.value,
+            latency_ms=best.user_attrs["latency_ms"],
+            frac=best.user_attrs.get("frac"),
         )
     )
     fallback = _fallback(candidate, calib.exact_latency_ms, config)
@@ -231,7 +245,13 @@ def make_entry(
         chosen = candidate.model_dump()
     else:
         exact = calib.exact_latency_ms
-        chosen = {"knobs": None, "error_mean": 0.0, "error_max": 0.0, "latency_ms": exact}
+        chosen = {
+            "knobs": None,
+            "error_mean": 0.0,
+            "error_max": 0.0,
+            "latency_ms": exact,
+            "frac": 1.0 if config.cost == "products" else None,
+        }
     return TunedEntry(
         **chosen,
         fallback=fallback,
@@ -240,6 +260,7 @@ def make_entry(
         trials=len(trials),
         target_err=config.target_err,
         latency_budget_ms=config.latency_budget_ms,
+        cost=config.cost,
         seeds=seeds,
         data=data,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -254,6 +275,10 @@ def _fallback(best: Candidate | None, exact_ms: float, config: TuneConfig) -> st
         return f"no trial met the error target {config.target_err:g}"
     if budget is not None and best.latency_ms > budget:
         return f"best feasible latency {best.latency_ms:.3g} ms exceeds the budget {budget:g} ms"
+    if config.cost == "products":
+        if best.frac is not None and best.frac >= 1.0:
+            return f"computes as many products as exact attention (frac {best.frac:.3g})"
+        return None
     if best.latency_ms >= exact_ms:
         return f"exact attention is faster ({exact_ms:.3g} ms vs {best.latency_ms:.3g} ms)"
     return None

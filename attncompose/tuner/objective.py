@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
 from attncompose.data import QKV, load_qkv
-from attncompose.evaluation import exact_sdpa
+from attncompose.evaluation import exact_products, exact_sdpa
 from attncompose.metrics import relative_error
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.timing import measure
@@ -84,6 +84,7 @@ class Evaluation:
     errors: list[list[float]] = field(default_factory=list)
     first_ms: float = math.nan
     samples_ms: list[float] = field(default_factory=list)
+    frac: float | None = None  # share of exact attention's products (cost "products")
     pruned: str | None = None
 
     @property
@@ -107,6 +108,8 @@ class Evaluation:
             "latency_ms": self.latency_ms,
             "seeds": len(self.errors),
         }
+        if self.frac is not None:
+            attrs["frac"] = self.frac
         if self.pruned:
             attrs["pruned"] = self.pruned
         return attrs
@@ -123,6 +126,7 @@ class Evaluator:
         backend: str = "auto",
         n_seeds: int = 3,
         repeats: int = 3,
+        cost: str = "latency",
     ):
         self.recipe = recipe
         self.calibration = calibration
@@ -130,6 +134,7 @@ class Evaluator:
         self.backend = backend
         self.n_seeds = n_seeds
         self.repeats = repeats
+        self.cost = cost
 
     def evaluate(self, knobs: dict[str, Any], best_ms: float | None = None) -> Evaluation:
         """Run the recipe with ``knobs`` for each seed setting, pruning when hopeless."""
@@ -145,6 +150,8 @@ class Evaluator:
             )
             if i == 0:
                 ev.first_ms = ms
+                if self.cost == "products":
+                    ev.frac = self._frac(attn)
             else:
                 ev.samples_ms.append(ms)
             ev.pruned = self._hopeless(ev, len(variants), best_ms)
@@ -172,6 +179,15 @@ class Evaluator:
         timing = measure(fn, self.calibration.device, warmup=0, repeats=1)
         return held[-1], timing.median_ms / len(items)
 
+    def _frac(self, attn) -> float:
+        """Share of exact attention's query-key products ``attn`` computes on the items."""
+        from attncompose.primitives.base import count_products
+
+        items, causal = self.calibration.items, self.calibration.causal
+        with count_products() as computed:
+            _run(attn, items, causal)
+        return computed[0] / sum(exact_products(x.q, x.k, causal) for x in items)
+
     def _samples(self, attn, repeats: int) -> list[float]:
         items, causal = self.calibration.items, self.calibration.causal
         timing = measure(
@@ -181,8 +197,9 @@ class Evaluator:
 
 
 class Objective:
-    """Optuna objective of one length: returns latency (ms); the error is a user attribute and
-    the constraint ``error`` (error_mean - target, feasible when <= 0).
+    """Optuna objective of one length: returns latency (ms), or frac for the cost "products";
+    the error is a user attribute and the constraint ``error`` (error_mean - target, feasible
+    when <= 0).
 
     A trial whose knobs repeat a finished trial reuses its measurements instead of running.
     """
@@ -197,7 +214,9 @@ class Objective:
         same = next((t for t in finished if t.params == knobs), None)
         if same is not None:
             return _replay(trial, same)
-        ev = self.evaluator.evaluate(knobs, best_ms=best_feasible_ms(finished, self.target_err))
+        by_latency = self.evaluator.cost == "latency"
+        best_ms = best_feasible_ms(finished, self.target_err) if by_latency else None
+        ev = self.evaluator.evaluate(knobs, best_ms=best_ms)
         for step in range(len(ev.errors)):
             trial.report(statistics.fmean(statistics.fmean(e) for e in ev.errors[: step + 1]), step)
         for key, value in ev.attrs().items():
@@ -205,7 +224,7 @@ class Objective:
         trial.set_constraint(CONSTRAINT, ev.error_mean - self.target_err)
         if ev.pruned:
             raise optuna.TrialPruned(ev.pruned)
-        return ev.latency_ms
+        return ev.latency_ms if by_latency else ev.frac
 
     @property
     def target_err(self) -> float:

@@ -50,7 +50,9 @@ class RichReporter(Reporter):
         best = best_feasible(trials, target_err)
         text = "no feasible trial yet"
         if best is not None:
-            text = f"best {best.value:.3g} ms at err {best.user_attrs['error_mean']:.3g}"
+            attrs = best.user_attrs
+            frac = f", frac {attrs['frac']:.3g}" if "frac" in attrs else ""
+            text = f"best {attrs['latency_ms']:.3g} ms{frac} at err {attrs['error_mean']:.3g}"
         self.progress.update(self.tasks[seq_len], completed=len(trials), best=text)
 
     def end_length(self, seq_len: int, entry: TunedEntry) -> None:
