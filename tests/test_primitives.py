@@ -11,7 +11,8 @@ from oracle import dense_mask, make_problem, masked_attention
 
 import attncompose as ac
 from attncompose.primitives.base import Partial
-from attncompose.primitives.block.naive import block_attention
+from attncompose.primitives.block.fused import block_attention as fused_block_attention
+from attncompose.primitives.block.naive import block_attention as naive_block_attention
 from attncompose.primitives.exact.naive import exact_attention
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh.naive import gray_code, gray_rank
@@ -124,13 +125,24 @@ class TestLshThenSampleEverything(ReducesToExact):
 # -- the kernels against the dense specification ---------------------------------------------
 
 
+BLOCK_KERNELS = {"naive": naive_block_attention, "fused-cpu": fused_block_attention}
+
+
+@pytest.fixture(params=sorted(BLOCK_KERNELS))
+def block_attention(request):
+    """Every torch implementation of the block kernel must match the dense specification."""
+    return BLOCK_KERNELS[request.param]
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("lq", "lk"), [(63, 63), (200, 200), (10, 300), (1, 129), (300, 77)])
 @pytest.mark.parametrize("block", [8, 32, 1000])
 @pytest.mark.parametrize(
     ("pairing", "align"), [("rank", "none"), ("code", "none"), ("code", "mips")]
 )
-def test_lsh_block_kernel_matches_dense_mask(causal, lq, lk, block, pairing, align):
+def test_lsh_block_kernel_matches_dense_mask(
+    block_attention, causal, lq, lk, block, pairing, align
+):
     if causal and lq > lk:
         pytest.skip("causal needs Lq <= Lk")
     p = make_problem(3, lq, lk, causal=causal)
@@ -142,7 +154,7 @@ def test_lsh_block_kernel_matches_dense_mask(causal, lq, lk, block, pairing, ali
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("k", "p_cov"), [(2, None), (1, None), (3, 0.5), (8, 0.9)])
-def test_topk_kernel_excluding_lsh_matches_dense_mask(causal, k, p_cov):
+def test_topk_kernel_excluding_lsh_matches_dense_mask(block_attention, causal, k, p_cov):
     p = make_problem(2, 101, 101, causal=causal, seed=3)
     lsh = Lsh(LshStep(num_projections=3))(p).bind(16)
     topk = Topk(TopkStep(block_size=7, k=k, p=p_cov, max_k=4))(p)
@@ -310,7 +322,7 @@ class TestZeroSwitchesPartsOff(ReducesToExact):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("lq", "lk"), [(63, 63), (10, 300), (1, 129)])
 @pytest.mark.parametrize("width", [0, 1, 5, 40])
-def test_window_and_sink_kernels_match_dense_mask(causal, lq, lk, width):
+def test_window_and_sink_kernels_match_dense_mask(block_attention, causal, lq, lk, width):
     from attncompose.primitives.sink import Sink
     from attncompose.primitives.window import Window
     from attncompose.spec.steps import SinkStep, WindowStep

@@ -236,7 +236,9 @@ def test_kernels_say_which_implementation_runs():
     assert Pipeline(recipe, backend="triton").kernels()["diag"] == "triton:tile-attention"
     assert Pipeline(recipe, backend="torch").kernels()["out"].endswith("torch:sdpa-with-lse")
     auto = Pipeline(recipe, backend="auto").kernels()["diag"]
-    assert auto == ("triton:tile-attention" if torch.cuda.is_available() else "torch:block")
+    assert auto == (
+        "triton:tile-attention" if torch.cuda.is_available() else "torch:block-fused-cpu"
+    )
 
 
 def test_triton_backend_lists_every_reason():

@@ -92,6 +92,12 @@ def _triton_basic(problem: Problem, **inputs: Any) -> list[str]:
     return triton_reasons(problem)
 
 
+def _fused_reasons(problem: Problem, **inputs: Any) -> list[str]:
+    from attncompose.primitives.block.fused import not_supported_reasons
+
+    return not_supported_reasons(problem, **inputs)
+
+
 _P = "attncompose.primitives"
 OPS: dict[str, list[Implementation]] = {
     "exact": [
@@ -104,6 +110,9 @@ OPS: dict[str, list[Implementation]] = {
         Implementation(
             "triton:tile-attention", f"{_P}.block.triton", "block_attention", _block_reasons
         ),
+        Implementation(
+            "torch:block-fused-cpu", f"{_P}.block.fused", "block_attention", _fused_reasons
+        ),
         Implementation("torch:block", f"{_P}.block.naive", "block_attention"),
     ],
     "lsh_sort": [
@@ -115,21 +124,28 @@ OPS: dict[str, list[Implementation]] = {
 }
 
 
-def _by_backend(op: str, backend: str) -> Implementation:
-    return next(impl for impl in OPS[op] if impl.backend == backend)
+def _by_backend(op: str, backend: str, problem: Problem | None = None, **inputs: Any):
+    """The first implementation of ``backend`` with no reason against ``problem`` (the last
+    of each backend, its reference, has none)."""
+    impls = [impl for impl in OPS[op] if impl.backend == backend]
+    if problem is None:
+        return impls[0]
+    return next(
+        i for i in impls if i is impls[-1] or not i.not_supported_reasons(problem, **inputs)
+    )
 
 
 def choose(op: str, backend: str, problem: Problem, **inputs: Any) -> Implementation:
     """The implementation of ``op`` that ``backend`` runs on ``problem`` (see module doc)."""
     if backend == "torch":
-        return _by_backend(op, "torch")
+        return _by_backend(op, "torch", problem, **inputs)
     triton_impl = _by_backend(op, "triton")
     reasons = triton_impl.not_supported_reasons(problem, **inputs)
     if backend == "triton" and reasons:
         raise BackendNotSupportedError(f"backend 'triton' cannot run {op!r}: " + "; ".join(reasons))
     if backend == "triton" or (problem.q.device.type == "cuda" and not reasons):
         return triton_impl
-    return _by_backend(op, "torch")
+    return _by_backend(op, "torch", problem, **inputs)
 
 
 def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> Any:

@@ -28,6 +28,14 @@ def block_attention(
     problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple[Coverage, ...] = ()
 ) -> Partial:
     """(out [N, Lq, Dv], lse [N, Lq]) over the tiles' pairs; rows in no tile get lse=-inf."""
+    return run_tiles(problem, tiles, own, exclude, _softmax_chunk)
+
+
+def run_tiles(
+    problem: Problem, tiles: Tiles, own: Coverage | None, exclude: tuple[Coverage, ...], chunk_fn
+) -> Partial:
+    """Drive ``chunk_fn(q, k, v, mask, scale) -> (out, lse)`` over memory-bounded tile chunks:
+    gather rows, build the pair mask, count products, apply lse shifts, scatter back."""
     result = Partial.empty(problem)
     n, t, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
@@ -36,55 +44,60 @@ def block_attention(
     step = max(1, SCORE_BUDGET // max(1, n * bq * nk))
     for t0 in range(0, t, step):
         sl = slice(t0, t0 + step)
-        shift = None if tiles.lse_shift is None else tiles.lse_shift[:, sl]
-        _tile_chunk(
-            problem,
-            tiles.q_idx[:, sl],
-            tiles.k_idx[:, sl],
-            shift,
-            own,
-            tiles.exact,
-            exclude,
-            result,
-        )
+        qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
+        mask = pair_mask(problem, qi, kj, None if tiles.exact else own, exclude)
+        if counting_products():
+            valid = (qi >= 0).unsqueeze(-1)
+            add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
+        q = gather_rows(problem.q, qi)  # [N, T, bq, D]
+        k = gather_rows(problem.k, kj)  # [N, T, nk, D]
+        v = gather_rows(problem.v, kj)  # [N, T, nk, Dv]
+        out, lse = chunk_fn(q, k, v, mask, problem.scale)
+        if tiles.lse_shift is not None:
+            lse = lse + tiles.lse_shift[:, sl].unsqueeze(-1)
+        _scatter_rows(result, qi, out, lse)
     return result
 
 
-def _tile_chunk(
-    problem: Problem,
-    qi: Tensor,
-    kj: Tensor,
-    shift: Tensor | None,
-    own: Coverage | None,
-    exact: bool,
-    exclude: tuple[Coverage, ...],
-    result: Partial,
-) -> None:
-    q = gather_rows(problem.q, qi)  # [N, T, bq, D]
-    k = gather_rows(problem.k, kj)  # [N, T, nk, D]
-    v = gather_rows(problem.v, kj)  # [N, T, nk, Dv]
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(problem.scale)  # [N, T, bq, nk]
+def pair_mask(
+    problem: Problem, qi: Tensor, kj: Tensor, own: Coverage | None, exclude: tuple[Coverage, ...]
+) -> Tensor | None:
+    """Bool [N, T, bq or 1, nk] of the pairs that take part (None: all of them).
+
+    Padded keys, causally invisible keys, pairs ``own`` does not cover and pairs an
+    ``exclude`` coverage covers are out. Padded query rows are computed but never written.
+    """
     qi4, kj4 = qi.unsqueeze(-1), kj.unsqueeze(-2)
-    neg_inf = float("-inf")
-    if bool((kj < 0).any()):  # padded query rows are computed but never written back
-        s.masked_fill_(kj4 < 0, neg_inf)
+    parts = []
+    if bool((kj < 0).any()):
+        parts.append(kj4 >= 0)
     if problem.causal:
-        s.masked_fill_(~problem.visible(qi4, kj4), neg_inf)
-    if own is not None and not exact:
-        s.masked_fill_(~own.covers(problem, qi4, kj4), neg_inf)
-    for cov in exclude:
-        s.masked_fill_(cov.covers(problem, qi4, kj4), neg_inf)
-    if counting_products():
-        add_products((torch.isfinite(s) & (qi4 >= 0)).sum())
+        parts.append(problem.visible(qi4, kj4))
+    if own is not None:
+        parts.append(own.covers(problem, qi4, kj4))
+    parts += [~cov.covers(problem, qi4, kj4) for cov in exclude]
+    if not parts:
+        return None
+    shape = torch.broadcast_shapes(*(p.shape for p in parts))
+    mask = parts[0].expand(shape).clone()  # one full-size buffer, combined in place
+    for part in parts[1:]:
+        mask.logical_and_(part)
+    return mask
+
+
+def _softmax_chunk(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """The reference: scores, masked max-shifted softmax, weighted values; (out, lse)."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [N, T, bq, nk]
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
     top = s.amax(dim=-1, keepdim=True)  # [N, T, bq, 1]
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p = s.sub_(top).exp_()
     den = p.sum(dim=-1)  # [N, T, bq]
     out = torch.matmul(p, v) / den.clamp_min(1e-30).unsqueeze(-1)  # [N, T, bq, Dv]
-    lse = den.log() + top.squeeze(-1)  # -inf where no key took part
-    if shift is not None:
-        lse = lse + shift.unsqueeze(-1)
-    _scatter_rows(result, qi, out, lse)
+    return out, den.log() + top.squeeze(-1)  # lse is -inf where no key took part
 
 
 def _scatter_rows(result: Partial, qi: Tensor, out: Tensor, lse: Tensor) -> None:

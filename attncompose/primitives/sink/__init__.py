@@ -31,7 +31,7 @@ class SinkCoverage(Selection, Coverage):
         return SinkCoverage(self.count, tile=block_size)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        return (kj + problem.k_offset < self.count) & (kj >= 0) & (qi >= 0)
+        return (kj + problem.k_offset < self.count) & (kj >= 0)
 
     def tiles(self, problem: Problem) -> Tiles:
         n, dev = problem.q.shape[0], problem.q.device

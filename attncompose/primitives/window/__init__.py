@@ -33,7 +33,7 @@ class WindowCoverage(Selection, Coverage):
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         q_pos, k_pos = qi + problem.q_offset, kj + problem.k_offset
-        return (k_pos <= q_pos) & (k_pos > q_pos - self.width) & (kj >= 0) & (qi >= 0)
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.width)
 
     def tiles(self, problem: Problem) -> Tiles:
         n, dev = problem.q.shape[0], problem.q.device

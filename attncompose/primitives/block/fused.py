@@ -1,0 +1,54 @@
+"""CPU fast path of the block kernel: each tile chunk through PyTorch's fused flash kernel.
+
+Same contract and the same pair mask as the reference (:mod:`.naive`); the mask becomes an
+additive ``-inf`` bias of ``aten._scaled_dot_product_flash_attention_for_cpu``, which returns
+the lse, so scores, softmax and the value product never leave the fused kernel. Rows whose
+pairs are all masked come back with lse 0 from that kernel and are set to (0, -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
+from attncompose.primitives.block.naive import run_tiles
+
+
+def fused_op():
+    """PyTorch's CPU flash-attention op with lse, or None if this build lacks it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def not_supported_reasons(problem: Problem, **inputs) -> list[str]:
+    """Why the fused CPU path cannot run ``problem`` (empty when it can)."""
+    reasons = []
+    if problem.q.device.type != "cpu":
+        reasons.append(f"device {problem.q.device} is not the CPU")
+    if fused_op() is None:
+        reasons.append("this torch has no aten._scaled_dot_product_flash_attention_for_cpu")
+    if problem.q.shape[-1] != problem.v.shape[-1]:
+        reasons.append("query and value head dims differ")
+    return reasons
+
+
+def block_attention(
+    problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple[Coverage, ...] = ()
+) -> Partial:
+    """Same result as the reference block kernel, computed by the fused CPU kernel."""
+    return run_tiles(problem, tiles, own, exclude, _fused_chunk)
+
+
+def _fused_chunk(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    # tiles play the role of heads: q [N, T, bq, D], k/v [N, T, nk, D], bias [N, T, bq, nk]
+    bias = None
+    if mask is not None:
+        bias = torch.where(mask, 0.0, float("-inf")).expand(*q.shape[:-1], k.shape[-2])
+    out, lse = fused_op()(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+    if mask is not None:
+        empty = ~mask.any(dim=-1).expand(lse.shape)  # [N, T, bq]
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse
