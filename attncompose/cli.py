@@ -133,14 +133,18 @@ def _int_list(value: str | None) -> list[int] | None:
         ) from None
 
 
-@main.command()
-@click.option("--model", "model_name", default="smollm2", show_default=True)
-@click.option(
+_model_option = click.option("--model", "model_name", default="smollm2", show_default=True)
+_text_option = click.option(
     "--text",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="Text file; default: Python's pydoc_data topics.",
 )
+
+
+@main.command()
+@_model_option
+@_text_option
 @click.option("--seq-len", type=click.IntRange(min=2), required=True)
 @click.option("--layers", default="all", show_default=True, help="'all' or e.g. 0,12,29.")
 @click.option(
@@ -194,13 +198,8 @@ def capture(
 
 @main.command(name="eval")
 @click.argument("recipe")
-@click.option("--model", "model_name", default="smollm2", show_default=True)
-@click.option(
-    "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Text file; default: Python's pydoc_data topics.",
-)
+@_model_option
+@_text_option
 @click.option("--seq-len", type=click.IntRange(min=2), required=True)
 @click.option(
     "--layers",
