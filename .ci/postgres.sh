@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start a throw-away PostgreSQL server on 127.0.0.1:55432 (installing the Debian package if
-# needed) and print the URL of a fresh test database.
+# Start a throw-away PostgreSQL server on a free loopback port (installing the Debian package
+# if needed) and print the URL of a fresh test database.
 set -euo pipefail
 if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
   apt-get update -qq >/dev/null
@@ -8,8 +8,9 @@ if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
 fi
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 pgdata=$(mktemp -d)
+port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 chown postgres "$pgdata"
 su postgres -c "$pgbin/initdb -D $pgdata -A trust -U postgres" >/dev/null
-su postgres -c "$pgbin/pg_ctl -D $pgdata -o '-c listen_addresses=127.0.0.1 -p 55432 -k /tmp' -l $pgdata/log -w start" >/dev/null
-psql -h 127.0.0.1 -p 55432 -U postgres -qc "CREATE DATABASE attncompose_test;" >/dev/null
-echo "postgresql://postgres@127.0.0.1:55432/attncompose_test"
+su postgres -c "$pgbin/pg_ctl -D $pgdata -o '-c listen_addresses=127.0.0.1 -p $port -k /tmp' -l $pgdata/log -w start" >/dev/null
+psql -h 127.0.0.1 -p "$port" -U postgres -qc "CREATE DATABASE attncompose_test;" >/dev/null
+echo "postgresql://postgres@127.0.0.1:$port/attncompose_test"
