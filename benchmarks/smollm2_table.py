@@ -226,6 +226,8 @@ def knob_text(row: dict[str, Any]) -> str:
     """Knobs evaluated, compactly; † marks a tuned file that runs exact attention on CPU."""
     if row["perplexity"] is None:
         return "none met the target (runs exact)"
+    if row["frac"] >= 1.0:
+        return "only exact-equivalent knobs met the target"
     knobs = row["knobs"] or row["best_feasible"]["knobs"]
     text = ", ".join(f"{k}={v:g}" for k, v in knobs.items())
     return text if row["fallback"] is None else f"{text} †"
