@@ -13,7 +13,7 @@ length, recipe and target and keeps the others); the tuned files used are copied
 benchmarks/results/tuned/. Prints a markdown table. Usage:
 
     python benchmarks/smollm2_table.py [--seq-lens 2048,4096,8192]
-        [--recipes streaming,block-topk,hyperattention,hyperattention-sinks]
+        [--recipes streaming,block-topk,topp,hyperattention,hyperattention-sinks]
         [--targets 0.02,0.05,0.1] [--trials 20] [--table-only]
 """
 
@@ -38,7 +38,7 @@ from attncompose.timing import run_info
 from attncompose.tuned import device_name, read_tuned
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = "streaming,block-topk,hyperattention,hyperattention-sinks"
+RECIPES = "streaming,block-topk,topp,hyperattention,hyperattention-sinks"
 CAPTURE_LAYERS = [2, 11, 20, 29]
 MODEL = "smollm2"
 
