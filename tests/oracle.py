@@ -45,9 +45,12 @@ def dense_mask(
     return coverage_mask(problem, coverage, exclude)
 
 
-def masked_attention(problem: Problem, mask: Tensor) -> Partial:
-    """Softmax attention restricted to ``mask`` [N, Lq, Lk], in float64: (out, lse)."""
+def masked_attention(problem: Problem, mask: Tensor, bias: Tensor | None = None) -> Partial:
+    """Softmax attention restricted to ``mask`` [N, Lq, Lk], in float64: (out, lse); ``bias``
+    [N, Lq, Lk] (optional) is added to the scores (log-weights of the pairs)."""
     s = torch.matmul(problem.q.double(), problem.k.double().transpose(-1, -2)) * problem.scale
+    if bias is not None:
+        s = s + bias.double()
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))

@@ -10,7 +10,7 @@ import torch
 from oracle import dense_mask, make_problem, masked_attention
 
 import attncompose as ac
-from attncompose.primitives.base import Partial
+from attncompose.primitives.base import Partial, Tiles, count_products, natural_tiles
 from attncompose.primitives.block.fused import block_attention as fused_block_attention
 from attncompose.primitives.block.naive import block_attention as naive_block_attention
 from attncompose.primitives.exact.naive import exact_attention
@@ -19,6 +19,9 @@ from attncompose.primitives.lsh.naive import gray_code, gray_rank
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.topk import Topk
 from attncompose.primitives.uniform_sample import UniformSample
+from attncompose.primitives.uniform_sample.naive import MIN_GROUP, query_groups
+from attncompose.runtime import dispatch
+from attncompose.runtime.compiler import Pipeline
 from attncompose.spec.steps import LshStep, TopkStep, UniformSampleStep
 
 TIGHT = 1e-5  # relative error of float32 against the float64 reference
@@ -231,27 +234,115 @@ def test_sort_puts_equal_codes_together_in_gray_order():
     assert (sorted_ranks[:, 1:] >= sorted_ranks[:, :-1]).all()
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_sampled_residual_is_unbiased(causal):
+@pytest.mark.parametrize(
+    ("causal", "lq", "lk", "block"),
+    [(False, 20, 300, 32), (True, 20, 300, 32), (False, 128, 128, 64)],
+    ids=["natural-tiles", "natural-tiles-causal", "detector-tiles"],
+)
+def test_sampled_residual_is_unbiased(causal, lq, lk, block):
     """Averaged over many independent draws, the sampled mass and numerator converge to the
-    exact mass and numerator of the keys the sampler may count (visible, not covered)."""
+    exact mass and numerator of the keys the sampler may count (visible, not covered), with
+    natural query tiles and with draws that follow the detector's tiles."""
     draws = 4000
-    base = make_problem(1, 20, 300, d=8, causal=causal, seed=6)
+    base = make_problem(1, lq, lk, d=8, causal=causal, seed=6)
     rows = lambda t: t.expand(draws, -1, -1).contiguous()  # each row draws its own samples
     p = replace(base, q=rows(base.q), k=rows(base.k), v=rows(base.v))
     lsh_step = LshStep(num_projections=3)  # one head: every row hashes identically
     diag = Partial.empty(p)
-    diag.coverage = Lsh(lsh_step)(p).bind(32)
+    diag.coverage = Lsh(lsh_step)(p).bind(block)
+    grouped = query_groups(p, [diag.coverage]) is not None
+    assert grouped == (lq >= MIN_GROUP and not causal)
     est = UniformSample(UniformSampleStep(sample_size=24, seed=1))(p, exclude=[diag])
     weight = torch.exp(est.lse.double())  # [draws, Lq]
     mass = weight.mean(0)
     numer = (weight.unsqueeze(-1) * est.out.double()).mean(0)
-    truth = masked_attention(base, dense_mask(base, exclude=(Lsh(lsh_step)(base).bind(32),)))
+    truth = masked_attention(base, dense_mask(base, exclude=(Lsh(lsh_step)(base).bind(block),)))
     true_mass = torch.exp(truth.lse[0])
     true_numer = true_mass.unsqueeze(-1) * truth.out[0]
     assert torch.allclose(mass, true_mass, rtol=0.05)
     assert (numer - true_numer).norm() / true_numer.norm() < 0.05
     assert len({tuple(r.tolist()) for r in est.lse[:10]}) == 10  # draws do differ
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_bias_is_a_log_weight_per_key(block_attention, causal):
+    """``Tiles.key_bias`` adds a log-weight to each candidate key's scores; -inf drops it."""
+    p = make_problem(2, 70, 90, causal=causal, seed=4)
+    g = torch.Generator().manual_seed(5)
+    n, bq, nk = 2, 16, 24
+    q_idx = natural_tiles(n, p.lq, bq, p.q.device).contiguous()
+    t = q_idx.shape[1]
+    k_idx = torch.stack([torch.randperm(p.lk, generator=g)[:nk] for _ in range(n * t)])
+    k_idx = k_idx.view(n, t, nk).masked_fill(torch.rand(n, t, nk, generator=g) < 0.1, -1)
+    bias = torch.randn(n, t, nk, generator=g)
+    bias = bias.masked_fill(torch.rand(n, t, nk, generator=g) < 0.2, float("-inf"))
+    got = block_attention(p, Tiles(q_idx, k_idx, key_bias=bias, exact=True))
+    mask = torch.zeros(n, p.lq, p.lk, dtype=torch.bool)
+    dense = torch.zeros(n, p.lq, p.lk)
+    for r in range(n):
+        for i in range(t):
+            qs, ks = q_idx[r, i][q_idx[r, i] >= 0], k_idx[r, i]
+            keep = (ks >= 0) & bias[r, i].isfinite()
+            mask[r, qs[:, None], ks[keep][None, :]] = True
+            dense[r, qs[:, None], ks[keep][None, :]] = bias[r, i][keep]
+    mask &= dense_mask(p)  # causal visibility
+    _assert_partial_equal(got, masked_attention(p, mask, dense))
+
+
+# -- fused step patterns against the steps one by one -----------------------------------------
+
+
+FUSION_CASES = {
+    # (lq, lk, causal, block_size, sample_size, min_seq_len)
+    "draws-follow-tiles": (512, 512, False, 64, 32, 64),
+    "odd-length-steps-in-turn": (500, 500, False, 64, 32, 64),
+    "causal-splitter": (1024, 1024, True, 64, 32, 256),
+    "decode": (100, 1000, True, 64, 32, 256),
+    "sample-everything": (256, 256, False, 64, 512, 64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSION_CASES))
+def test_fused_block_residual_equals_the_steps_one_by_one(make_qkv, case, monkeypatch):
+    lq, lk, causal, block, m, min_len = FUSION_CASES[case]
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+    recipe = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": block, "residual.sample_size": m, "out.min_seq_len": min_len}
+    )
+    fused = ac.compile(recipe, backend="torch")
+    steps = ac.compile(recipe, backend="torch", fuse=False)
+    assert set(fused.pipeline.fusions) == {"merged"} and not steps.pipeline.fusions
+    calls = []
+    original = dispatch.call
+    monkeypatch.setattr(
+        dispatch, "call", lambda op, *a, **kw: calls.append(op) or original(op, *a, **kw)
+    )
+    with count_products() as n_fused:
+        o1, l1 = fused(q, k, v, is_causal=causal, return_lse=True)
+    fused_calls, calls[:] = len(calls), []
+    with count_products() as n_steps:
+        o2, l2 = steps(q, k, v, is_causal=causal, return_lse=True)
+    assert ac.relative_error(o1, o2) < TIGHT
+    assert torch.allclose(l1, l2, atol=1e-5)
+    assert n_fused == n_steps  # the same pairs
+    if case in ("draws-follow-tiles", "sample-everything", "causal-splitter"):
+        assert fused_calls < len(calls)  # one tile pass where there were two
+
+
+def test_no_fusion_when_another_step_reads_the_block():
+    steps = {
+        "hash": {"op": "lsh", "num_projections": 3},
+        "diag": {"op": "block", "select": ["hash"], "block_size": 16},
+        "residual": {"op": "uniform_sample", "exclude": ["diag"], "sample_size": 16},
+        "merged": {"op": "merge", "inputs": ["diag", "residual"]},
+        "sinks": {"op": "sink", "count": 4},
+        "more": {"op": "block", "select": ["sinks"], "exclude": ["diag"], "block_size": 16},
+        "out": {"op": "merge", "inputs": ["merged", "more"]},
+    }
+    assert Pipeline(_recipe(steps)).fusions == {}
+    del steps["more"], steps["sinks"]
+    steps["out"] = {"op": "causal_split", "body": "merged", "min_seq_len": 64}
+    assert set(Pipeline(_recipe(steps)).fusions) == {"merged"}
 
 
 # -- the attention call ------------------------------------------------------------------------

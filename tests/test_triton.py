@@ -22,7 +22,7 @@ import triton
 import triton.runtime.interpreter
 
 import attncompose as ac
-from attncompose.primitives.base import Coverage, Partial, UnionCoverage
+from attncompose.primitives.base import Coverage, Partial, Tiles, UnionCoverage, natural_tiles
 from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import triton as block_triton
 from attncompose.primitives.exact import naive as exact_naive
@@ -157,6 +157,24 @@ def test_sample_tiles_with_shift_and_union_exclude_match_reference(lq, lk, causa
     )
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_key_bias_matches_reference(causal):
+    """The fused block + residual tile: detector keys, then sampled keys with log-weights and
+    -inf for the ones to drop (:class:`BlockWithResidual`'s joint tiles)."""
+    problem = make_problem(2, 33, 40, 16, causal=causal)
+    g = torch.Generator().manual_seed(1)
+    q_idx = natural_tiles(2, 33, 16, problem.q.device).contiguous()
+    k_idx = torch.stack([torch.randperm(40, generator=g)[:20] for _ in range(2 * 3)]).view(2, 3, 20)
+    k_idx = k_idx.masked_fill(torch.rand(2, 3, 20, generator=g) < 0.1, -1)
+    bias = torch.randn(2, 3, 20, generator=g)
+    bias = bias.masked_fill(torch.rand(2, 3, 20, generator=g) < 0.2, float("-inf"))
+    tiles = Tiles(q_idx, k_idx, key_bias=bias, exact=True)
+    assert_same(
+        block_triton.block_attention(problem, tiles),
+        block_naive.block_attention(problem, tiles),
+    )
+
+
 @pytest.mark.parametrize(("lq", "lk"), [(33, 33), (17, 64)], ids=["T33", "decode17x64"])
 def test_window_band_and_sink_bucket_forms_match_reference(lq, lk):
     problem = replace(make_problem(2, lq, lk, 16, causal=True), k_offset=3)
@@ -229,6 +247,18 @@ def test_pipeline_triton_equals_torch_with_gqa(make_qkv, lq, lk, causal):
     got, got_lse = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
     assert ac.relative_error(got, want) < 1e-5
     assert torch.allclose(got_lse, want_lse, atol=1e-5)
+
+
+def test_fused_block_residual_pipeline_triton_equals_torch(make_qkv):
+    """Draws that follow 64-query detector tiles: the triton tile kernel runs the joint tile
+    (detector keys + weighted samples) and matches the torch steps run one by one."""
+    recipe = ac.load_recipe({"name": "small", "steps": SMALL}).with_knobs({"diag.block_size": 64})
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=128, lk=128, d=16)
+    want = ac.compile(recipe, backend="torch", fuse=False)(q, k, v, return_lse=True)
+    got = ac.compile(recipe, backend="triton")(q, k, v, return_lse=True)
+    assert "one tile pass" in Pipeline(recipe, backend="triton").kernels()["merged"]
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
 def test_kernels_say_which_implementation_runs():

@@ -107,14 +107,20 @@ class Tiles:
 
     ``q_idx`` [N, T, bq] query indices, ``k_idx`` [N, T, nk] key indices; ``-1`` pads. A query
     appears in at most one tile. ``lse_shift`` [N, T] (optional) is added to each tile's lse
-    (the sampler's reweighting). ``exact``: every valid candidate pair is covered by the
-    selection that made the tiles, so the kernel need not test coverage.
+    (the sampler's reweighting). ``key_bias`` [N, T, nk] (optional) is added to the scores of
+    each candidate key: a log-weight, ``-inf`` drops the key (a sampled residual fused into a
+    detector's tile carries its reweighting and its exclusions here). ``exact``: every valid
+    candidate pair is covered by the selection that made the tiles, so the kernel need not
+    test coverage. ``shared``: a coverage under which all queries of a tile cover the same
+    keys (the tiles group queries by it), so an exclusion by it is tested on one query a tile.
     """
 
     q_idx: Tensor
     k_idx: Tensor
     lse_shift: Tensor | None = None
     exact: bool = False
+    key_bias: Tensor | None = None
+    shared: Coverage | None = None
 
 
 class Coverage:

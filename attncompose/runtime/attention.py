@@ -19,12 +19,16 @@ class Attention(nn.Module):
     k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq a multiple of Hkv; causal masks are aligned
     bottom-right, so Lq < Lk is decoding). Returns o [B, Hq, Lq, Dv] in q's dtype, and with
     ``return_lse`` also lse [B, Hq, Lq] (float32, natural log). Computation runs in float32.
+    ``fuse=False`` evaluates every step on its own instead of fusing step patterns
+    (:mod:`attncompose.runtime.fusion`): same result, slower; for checking a fusion.
     """
 
-    def __init__(self, recipe, backend: str = "torch", check_finite: bool = True):
+    def __init__(
+        self, recipe, backend: str = "torch", check_finite: bool = True, fuse: bool = True
+    ):
         super().__init__()
         self.recipe = recipe
-        self.pipeline = Pipeline(recipe, backend=backend)
+        self.pipeline = Pipeline(recipe, backend=backend, fuse=fuse)
         self.check_finite = check_finite
 
     def forward(
@@ -71,8 +75,10 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[2], x.shape[3]).float().contiguous()
 
 
-def compile(recipe, backend: str = "auto", check_finite: bool = True) -> Attention:
+def compile(
+    recipe, backend: str = "auto", check_finite: bool = True, fuse: bool = True
+) -> Attention:
     """Compile a recipe (name, path, mapping or Recipe) into an :class:`Attention` module."""
     from attncompose.spec.recipe import load_recipe
 
-    return Attention(load_recipe(recipe), backend=backend, check_finite=check_finite)
+    return Attention(load_recipe(recipe), backend=backend, check_finite=check_finite, fuse=fuse)

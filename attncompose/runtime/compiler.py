@@ -2,7 +2,10 @@
 
 The pipeline evaluates steps in dependency order on a :class:`Problem`. A lazy port (the
 causal splitter's body) receives a function that evaluates the body's sub-graph on a
-sub-problem, so the splitter can run it on each off-diagonal rectangle.
+sub-problem, so the splitter can run it on each off-diagonal rectangle. Patterns of steps
+that run better together (:mod:`attncompose.runtime.fusion`) are evaluated as one; pass
+``fuse=False`` to evaluate every step on its own (the reference the fusions are tested
+against).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from attncompose.graph import build_graph
 from attncompose.primitives.base import PRIMITIVES, Partial, Primitive, Problem
+from attncompose.runtime.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -19,7 +23,7 @@ BACKENDS = ("auto", "torch", "triton")
 class Pipeline:
     """The compiled steps of one recipe."""
 
-    def __init__(self, recipe, backend: str = "torch"):
+    def __init__(self, recipe, backend: str = "torch", fuse: bool = True):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.recipe = recipe
@@ -31,10 +35,16 @@ class Pipeline:
             if step.op not in PRIMITIVES:
                 raise RecipeError(f"no runtime registered for op {step.op!r}", loc=f"steps.{sid}")
             self.nodes[sid] = PRIMITIVES[step.op](step, backend=backend)
+        self.fusions: dict[str, Fusion] = (
+            find_fusions(recipe, self.graph, self.nodes) if fuse else {}
+        )
 
     def kernels(self) -> dict[str, str]:
         """Step id -> name of the implementation that runs it."""
-        return {sid: node.kernel_name() for sid, node in self.nodes.items()}
+        names = {sid: node.kernel_name() for sid, node in self.nodes.items()}
+        for sid, fusion in self.fusions.items():
+            names[sid] = fusion.kernel_name()  # the absorbed steps run alone where it cannot
+        return names
 
     def __call__(self, problem: Problem) -> Partial:
         return self.evaluate(self.output, problem, {})
@@ -43,6 +53,13 @@ class Pipeline:
         """Value of step ``sid`` on ``problem`` (memoised in ``cache`` for this problem)."""
         if sid in cache:
             return cache[sid]
+        fusion = self.fusions.get(sid)
+        if fusion is not None:
+            ports = {
+                p: [self.evaluate(n, problem, cache) for n in ns] for p, ns in fusion.ports.items()
+            }
+            cache[sid] = value = fusion.run(problem, **ports)
+            return value
         step = self.recipe.steps[sid]
         ports: dict[str, Any] = {}
         for port, spec in type(step).ports.items():

@@ -1,9 +1,10 @@
 """CPU fast path of the block kernel: each tile chunk through PyTorch's fused flash kernel.
 
-Same contract and the same pair mask as the reference (:mod:`.naive`); the mask becomes an
-additive ``-inf`` bias of ``aten._scaled_dot_product_flash_attention_for_cpu``, which returns
-the lse, so scores, softmax and the value product never leave the fused kernel. Rows whose
-pairs are all masked come back with lse 0 from that kernel and are set to (0, -inf).
+Same contract and the same pair mask as the reference (:mod:`.naive`); the mask (with the
+key bias, if any) becomes the additive mask of
+``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the lse, so scores,
+softmax and the value product never leave the fused kernel. Rows whose pairs are all masked
+come back with lse 0 from that kernel and are set to (0, -inf).
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def block_attention(
 
 
 def _fused_chunk(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
-    # tiles play the role of heads: q [N, T, bq, D], k/v [N, T, nk, D], bias [N, T, bq, nk]
-    bias = None
+    # tiles play the role of heads: q [N, T, bq, D], k/v [N, T, nk, D]; the additive mask
+    # [N, T, bq or 1, nk] is broadcast over the tile's queries by stride, not copied
+    add = None
     if mask is not None:
-        bias = torch.where(mask, 0.0, float("-inf")).expand(*q.shape[:-1], k.shape[-2])
-    out, lse = fused_op()(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+        keep = 0.0 if bias is None else bias.unsqueeze(-2)
+        add = torch.where(mask, keep, float("-inf")).expand(*q.shape[:-1], k.shape[-2])
+    out, lse = fused_op()(q, k, v, 0.0, False, attn_mask=add, scale=scale)[:2]
     if mask is not None:
         empty = ~mask.any(dim=-1).expand(lse.shape)  # [N, T, bq]
         lse = lse.masked_fill(empty, float("-inf"))

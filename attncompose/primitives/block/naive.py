@@ -1,9 +1,10 @@
 """Reference block kernel: exact softmax attention over each tile's candidate keys.
 
 A pair (query i, key j) of a tile takes part iff both indices are valid, the key is visible
-(causal), ``own`` covers it (when the candidates are a superset of what the selection covers)
-and no coverage in ``exclude`` covers it. Softmax is computed in place on the score tile
-(max-shifted), in float32; memory is bounded by processing tiles in chunks.
+(causal), ``own`` covers it (when the candidates are a superset of what the selection covers),
+no coverage in ``exclude`` covers it and the key's ``key_bias`` (if any) is finite; the bias
+is added to its scores. Softmax is computed in place on the score tile (max-shifted), in
+float32; memory is bounded by processing tiles in chunks.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def block_attention(
 def run_tiles(
     problem: Problem, tiles: Tiles, own: Coverage | None, exclude: tuple[Coverage, ...], chunk_fn
 ) -> Partial:
-    """Drive ``chunk_fn(q, k, v, mask, scale) -> (out, lse)`` over memory-bounded tile chunks:
-    gather rows, build the pair mask, count products, apply lse shifts, scatter back."""
+    """Drive ``chunk_fn(q, k, v, mask, bias, scale) -> (out, lse)`` over memory-bounded tile
+    chunks: gather rows, build the pair mask, count products, apply lse shifts, scatter back.
+    ``mask`` is None or bool [N, T, bq or 1, nk]; ``bias`` None or the key bias [N, T, nk]."""
     result = Partial.empty(problem)
     n, t, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
@@ -45,14 +47,19 @@ def run_tiles(
     for t0 in range(0, t, step):
         sl = slice(t0, t0 + step)
         qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
-        mask = pair_mask(problem, qi, kj, None if tiles.exact else own, exclude)
+        to_test = None if tiles.exact else own
+        mask = pair_mask(problem, qi, kj, to_test, exclude, tiles.shared)
+        bias = None if tiles.key_bias is None else tiles.key_bias[:, sl]
+        if bias is not None:
+            finite = torch.isfinite(bias).unsqueeze(-2)
+            mask = finite if mask is None else mask & finite
         if counting_products():
             valid = (qi >= 0).unsqueeze(-1)
             add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
         q = gather_rows(problem.q, qi)  # [N, T, bq, D]
         k = gather_rows(problem.k, kj)  # [N, T, nk, D]
         v = gather_rows(problem.v, kj)  # [N, T, nk, Dv]
-        out, lse = chunk_fn(q, k, v, mask, problem.scale)
+        out, lse = chunk_fn(q, k, v, mask, bias, problem.scale)
         if tiles.lse_shift is not None:
             lse = lse + tiles.lse_shift[:, sl].unsqueeze(-1)
         _scatter_rows(result, qi, out, lse)
@@ -60,12 +67,19 @@ def run_tiles(
 
 
 def pair_mask(
-    problem: Problem, qi: Tensor, kj: Tensor, own: Coverage | None, exclude: tuple[Coverage, ...]
+    problem: Problem,
+    qi: Tensor,
+    kj: Tensor,
+    own: Coverage | None,
+    exclude: tuple[Coverage, ...],
+    shared: Coverage | None = None,
 ) -> Tensor | None:
     """Bool [N, T, bq or 1, nk] of the pairs that take part (None: all of them).
 
     Padded keys, causally invisible keys, pairs ``own`` does not cover and pairs an
     ``exclude`` coverage covers are out. Padded query rows are computed but never written.
+    An exclusion by ``shared`` (the coverage the tiles group queries by) is tested on each
+    tile's first query only: one key mask per tile.
     """
     qi4, kj4 = qi.unsqueeze(-1), kj.unsqueeze(-2)
     parts = []
@@ -75,7 +89,9 @@ def pair_mask(
         parts.append(problem.visible(qi4, kj4))
     if own is not None:
         parts.append(own.covers(problem, qi4, kj4))
-    parts += [~cov.covers(problem, qi4, kj4) for cov in exclude]
+    parts += [
+        ~cov.covers(problem, qi4[..., :1, :] if cov is shared else qi4, kj4) for cov in exclude
+    ]
     if not parts:
         return None
     shape = torch.broadcast_shapes(*(p.shape for p in parts))
@@ -86,10 +102,12 @@ def pair_mask(
 
 
 def _softmax_chunk(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """The reference: scores, masked max-shifted softmax, weighted values; (out, lse)."""
+    """The reference: scores (+ key bias), masked max-shifted softmax, weighted values."""
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [N, T, bq, nk]
+    if bias is not None:
+        s.add_(bias.unsqueeze(-2))
     if mask is not None:
         s.masked_fill_(~mask, float("-inf"))
     top = s.amax(dim=-1, keepdim=True)  # [N, T, bq, 1]

@@ -5,7 +5,8 @@ row n) gathers its queries by ``q_idx``, streams the tile's candidate keys (``k_
 chunks with an online softmax and applies, per pair: padding (-1), the causal mask on
 absolute positions, the selection's own coverage (unless ``tiles.exact``) and every
 ``exclude`` coverage, all as kernel data (:mod:`attncompose.primitives.coverage_args`).
-The tile's ``lse_shift`` is added to its rows' lse.
+The tile's ``lse_shift`` is added to its rows' lse and its ``key_bias`` to the scores of each
+candidate key (a key with bias ``-inf`` takes no part).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _block_fwd_kernel(
     q_idx,
     k_idx,
     shift,
+    kbias,
     pred_q,
     pred_k,
     meta,
@@ -87,6 +89,7 @@ def _block_fwd_kernel(
     qk_scale,  # scale * log2(e)
     CAUSAL: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
+    HAS_KBIAS: tl.constexpr,
     N_PRED: tl.constexpr,
     BQ: tl.constexpr,
     BK: tl.constexpr,
@@ -120,6 +123,10 @@ def _block_fwd_kernel(
             m_s = m_s & _keep(
                 pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk
             )
+        if HAS_KBIAS:
+            b_kb = tl.load(kbias + p_tile * NK + o_k, mask=o_k < NK, other=float("-inf"))
+            m_s = m_s & (b_kb > float("-inf"))[None, :]
+            b_s = b_s + tl.where(b_kb > float("-inf"), b_kb * 1.4426950408889634, 0.0)[None, :]
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)
@@ -202,6 +209,8 @@ def block_attention(
     k_idx = tiles.k_idx.expand(n, t, nk).contiguous()
     shift = tiles.lse_shift
     shift = q_idx if shift is None else shift.float().expand(n, t).contiguous()
+    kbias = tiles.key_bias
+    kbias = q_idx if kbias is None else kbias.float().expand(n, t, nk).contiguous()
     bq, bk = tile_sizes(tq, nk)
     grid = (triton.cdiv(tq, bq), t, n)
     _block_fwd_kernel[grid](
@@ -213,6 +222,7 @@ def block_attention(
         q_idx,
         k_idx,
         shift,
+        kbias,
         packed.q_ids,
         packed.k_ids,
         packed.meta,
@@ -232,6 +242,7 @@ def block_attention(
         problem.scale * LOG2E,
         CAUSAL=problem.causal,
         HAS_SHIFT=tiles.lse_shift is not None,
+        HAS_KBIAS=tiles.key_bias is not None,
         N_PRED=packed.count,
         BQ=bq,
         BK=bk,

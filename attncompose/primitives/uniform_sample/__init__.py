@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from attncompose.primitives.base import Partial, Primitive, Problem, register
-from attncompose.primitives.uniform_sample.naive import draw_uniforms, sample_tiles
+from attncompose.primitives.uniform_sample.naive import residual_tiles
 from attncompose.runtime import dispatch
 
 
@@ -15,8 +15,8 @@ class UniformSample(Primitive):
         m = self.knobs["sample_size"]
         if m == 0:
             return Partial.empty(problem)
-        tiles = sample_tiles(problem, draw_uniforms(problem, m, self.knobs["seed"]))
         covered = tuple(p.coverage for p in exclude)
+        tiles = residual_tiles(problem, m, self.knobs["seed"], covered)
         return dispatch.call("block", self.backend, problem, tiles, exclude=covered)
 
     def kernel_name(self) -> str:

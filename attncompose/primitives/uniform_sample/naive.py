@@ -5,38 +5,80 @@ equal strata of ``[0, R)``: ``j_u = floor((u + U_u) * R / m)``. Every key is dra
 probability m/R, so weighting each draw by R/m (an lse shift of log(R/m)) makes the sampled
 mass an unbiased estimate of the mass of the keys it may count (visible, not covered). With
 m >= R every key is taken once with weight 1: the residual is then exact.
+
+Which queries share a tile's draws does not matter for unbiasedness, only for cost. Tiles
+are 128 queries in natural order, except for a non-causal problem whose one exclusion has
+exact tiles (each tile's queries cover the same keys, as sortLSH and top-k blocks do): then
+the draws follow those tiles, so what a tile must exclude is one key set, not a pair mask,
+and the sampled keys can join the detector's keys in one tile pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Problem, Tiles, natural_tiles
+from attncompose.primitives.base import Coverage, Problem, Tiles, natural_tiles
 
-TILE = 128  # queries sharing one draw
+TILE = 128  # queries sharing one draw in natural order
+MIN_GROUP = 64  # narrower detector tiles would multiply the keys drawn and gathered
 
 
-def draw_uniforms(problem: Problem, m: int, seed: int) -> Tensor:
-    """The sampler's randomness: U [N, T, m] in [0, 1), seeded by seed and the ranges."""
-    n_tiles = -(-problem.lq // TILE)
+def draws_follow(problem: Problem, tiles: Tiles) -> bool:
+    """Whether the draws may follow a detector's ``tiles`` (see the module doc)."""
+    return not problem.causal and tiles.exact and tiles.q_idx.shape[-1] >= MIN_GROUP
+
+
+def query_groups(problem: Problem, exclude: Sequence[Coverage]) -> Tiles | None:
+    """The exclusion's tiles, when the sampler's draws may follow them (see module doc)."""
+    if problem.causal or len(exclude) != 1:
+        return None
+    try:
+        tiles = exclude[0].tiles(problem)
+    except NotImplementedError:  # e.g. a union: it has no tiles of its own
+        return None
+    return tiles if draws_follow(problem, tiles) else None
+
+
+def residual_tiles(problem: Problem, m: int, seed: int, exclude: Sequence[Coverage]) -> Tiles:
+    """The sampler's tiles: m stratified draws per query tile, excluding ``exclude``."""
+    groups = query_groups(problem, exclude)
+    if groups is None:
+        return sample_tiles(problem, draw_uniforms(problem, m, seed))
+    n_tiles = groups.q_idx.shape[1]
+    uniforms = draw_uniforms(problem, m, seed, n_tiles)
+    return sample_tiles(problem, uniforms, groups.q_idx, shared=exclude[0])
+
+
+def draw_uniforms(problem: Problem, m: int, seed: int, n_tiles: int | None = None) -> Tensor:
+    """The sampler's randomness: U [N, T, m] in [0, 1), seeded by seed and the ranges
+    (T: ``n_tiles``, by default the number of natural 128-query tiles)."""
+    if n_tiles is None:
+        n_tiles = -(-problem.lq // TILE)
     g = problem.generator(seed, "uniform_sample")
     return torch.rand(problem.q.shape[0], n_tiles, m, generator=g, device=problem.q.device)
 
 
-def sample_tiles(problem: Problem, uniforms: Tensor) -> Tiles:
-    """Tiles of natural query order with m stratified key draws each and their lse shifts."""
+def sample_tiles(
+    problem: Problem,
+    uniforms: Tensor,
+    q_idx: Tensor | None = None,
+    shared: Coverage | None = None,
+) -> Tiles:
+    """Tiles of ``q_idx`` (default: natural order, 128 queries) with m stratified key draws
+    each and their lse shifts; ``shared``: the coverage ``q_idx`` groups queries by."""
     n, n_tiles, m = uniforms.shape
     dev = uniforms.device
-    q_idx = natural_tiles(n, problem.lq, TILE, dev)
-    last = (torch.arange(n_tiles, device=dev) * TILE + TILE - 1).clamp_max(problem.lq - 1)
-    reach = problem.visible_keys(last).view(1, n_tiles, 1)  # R per tile
+    if q_idx is None:
+        q_idx = natural_tiles(n, problem.lq, TILE, dev)
+    reach = problem.visible_keys(q_idx.amax(dim=-1)).unsqueeze(-1)  # R per tile [N, T, 1]
     width = min(m, problem.lk)  # more draws than keys: every key once
     u = torch.arange(width, device=dev).view(1, 1, width)
     strata = torch.floor((u + uniforms[..., :width]) * reach / m).long()
     everything = torch.where(u < reach, u, -1)  # m >= R: all keys, once
     k_idx = torch.where(reach > m, strata, everything)
     k_idx = k_idx.masked_fill(reach == 0, -1)
-    ratio = (reach.float() / m).clamp_min(1.0).squeeze(-1)  # R/m, or 1 when all are taken
-    shift = torch.log(ratio).expand(n, n_tiles)
-    return Tiles(q_idx, k_idx, lse_shift=shift)
+    shift = torch.log((reach.float() / m).clamp_min(1.0)).squeeze(-1)  # R/m, 1 if all taken
+    return Tiles(q_idx, k_idx, lse_shift=shift.expand(n, n_tiles), shared=shared)
