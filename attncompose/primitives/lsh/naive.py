@@ -20,9 +20,13 @@ def projections(heads: int, dim: int, bits: int, seed: int) -> Tensor:
 
 def hash_codes(x: Tensor, directions: Tensor) -> Tensor:
     """r-bit sign codes [N, L] (int64) of x [N, L, D] under directions [N, D, r]."""
-    bits = (torch.matmul(x, directions) > 0).long()  # [N, L, r]
-    weights = 1 << torch.arange(directions.shape[-1], device=x.device)
-    return (bits * weights).sum(-1)
+    # [N, r, L]: one long GEMM row per bit (x @ directions, with only r columns, runs ~3x
+    # slower on CPU), then the bits are packed one at a time
+    proj = torch.matmul(directions.transpose(-1, -2), x.transpose(-1, -2))
+    code = torch.zeros(proj.shape[0], proj.shape[2], dtype=torch.long, device=x.device)
+    for bit in range(proj.shape[1]):
+        code.bitwise_or_((proj[:, bit] > 0).long() << bit)
+    return code
 
 
 def gray_rank(code: Tensor, bits: int = 63) -> Tensor:

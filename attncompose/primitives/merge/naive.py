@@ -12,5 +12,7 @@ def merge_partials(parts: list[Partial]) -> Partial:
     lses = torch.stack([p.lse for p in parts])  # [P, N, L]
     lse = torch.logsumexp(lses, dim=0)  # [N, L]
     w = torch.exp(lses - lse.nan_to_num(neginf=0.0).unsqueeze(0))  # [P, N, L], 0 where -inf
-    out = sum(w[i].unsqueeze(-1) * p.out for i, p in enumerate(parts))
+    out = parts[0].out * w[0].unsqueeze(-1)
+    for i, p in enumerate(parts[1:], 1):
+        out.addcmul_(p.out, w[i].unsqueeze(-1))
     return Partial(out, lse)
