@@ -131,6 +131,20 @@ def test_cost_products_minimises_frac_not_latency(recipe_path, tmp_path):
         assert entry.knobs == entry.best.knobs and entry.frac == entry.best.frac
 
 
+def test_knobs_that_compute_exact_attention_never_beat_it_by_timing_noise(tmp_path):
+    """A splitter whose min_seq_len covers the length computes exact attention: whatever the
+    timings say, the entry is exact attention, with the reason."""
+    path = tmp_path / "exact-equivalent.yaml"
+    path.write_text(
+        TINY.replace("default: 32, choices: [32, 64]", "default: 256, choices: [256, 512]")
+    )
+    out = tmp_path / "tuned.yaml"
+    tune(path, TuneConfig(target_err=TARGET, seq_lens=(N,), trials=3, backend="torch", out=out))
+    entry = read_tuned(out).table["cpu"][N]
+    assert entry.best is not None and entry.best.error_mean == 0 and entry.best.frac == 1
+    assert entry.knobs is None and "as many products as exact attention" in entry.fallback
+
+
 def test_impossible_target_falls_back_to_exact_and_says_so(recipe_path, tmp_path):
     out = tmp_path / "tuned.yaml"
     args = cli_args(recipe_path, out, "--trials", "3")

@@ -138,7 +138,10 @@ def tune(
     )
     with RichReporter() as reporter:
         result = run_tune(recipe, config, reporter)
-    Console().print(summary_table(result))
+    console = Console()
+    if not console.is_terminal:  # a log file: no terminal width to respect, keep rows whole
+        console = Console(width=160)
+    console.print(summary_table(result))
     if plot is not None:
         plot_pareto(result, target_err, plot)
     click.echo(f"wrote {config.out}" + (f" and {plot}" if plot else ""))

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +159,10 @@ def _tune_length(
     # timed again after the trials: the first timing of a process can carry warm-up costs
     again = time_exact(calib.items, calib.causal, calib.device, config.backend)
     calib = dataclasses.replace(calib, exact_latency_ms=min(calib.exact_latency_ms, again))
-    return study, make_entry(finished_trials(study), calib, config, seeds, meta["data"])
+    entry = make_entry(
+        finished_trials(study), calib, config, seeds, meta["data"], frac_of=evaluator.frac_of
+    )
+    return study, entry
 
 
 def _start_file(out: Path, recipe, causal: bool, source: str | None) -> TunedFile:
@@ -226,8 +230,15 @@ def make_entry(
     config: TuneConfig,
     seeds: int,
     data: str,
+    frac_of: Callable[[dict], float] | None = None,
 ) -> TunedEntry:
-    """The (device, length) entry: the fastest feasible knobs, or exact attention and why."""
+    """The (device, length) entry: the fastest feasible knobs, or exact attention and why.
+
+    ``frac_of(knobs)`` counts the products of the chosen knobs when the trials did not (cost
+    "latency"): knobs that compute every product exact attention computes (e.g. a splitter
+    whose ``min_seq_len`` covers the length) are never chosen over exact attention, whatever
+    timing noise says.
+    """
     best = best_feasible(trials, config.target_err)
     candidate = (
         None
@@ -240,6 +251,8 @@ def make_entry(
             frac=best.user_attrs.get("frac"),
         )
     )
+    if candidate is not None and candidate.frac is None and frac_of is not None:
+        candidate = candidate.model_copy(update={"frac": frac_of(best.params)})
     fallback = _fallback(candidate, calib.exact_latency_ms, config)
     if fallback is None:
         chosen = candidate.model_dump()
@@ -250,7 +263,7 @@ def make_entry(
             "error_mean": 0.0,
             "error_max": 0.0,
             "latency_ms": exact,
-            "frac": 1.0 if config.cost == "products" else None,
+            "frac": 1.0,
         }
     return TunedEntry(
         **chosen,
@@ -275,9 +288,9 @@ def _fallback(best: Candidate | None, exact_ms: float, config: TuneConfig) -> st
         return f"no trial met the error target {config.target_err:g}"
     if budget is not None and best.latency_ms > budget:
         return f"best feasible latency {best.latency_ms:.3g} ms exceeds the budget {budget:g} ms"
+    if best.frac is not None and best.frac >= 1.0:
+        return f"computes as many products as exact attention (frac {best.frac:.3g})"
     if config.cost == "products":
-        if best.frac is not None and best.frac >= 1.0:
-            return f"computes as many products as exact attention (frac {best.frac:.3g})"
         return None
     if best.latency_ms >= exact_ms:
         return f"exact attention is faster ({exact_ms:.3g} ms vs {best.latency_ms:.3g} ms)"

@@ -179,6 +179,10 @@ class Evaluator:
         timing = measure(fn, self.calibration.device, warmup=0, repeats=1)
         return held[-1], timing.median_ms / len(items)
 
+    def frac_of(self, knobs: dict) -> float:
+        """Share of exact attention's products the recipe with ``knobs`` computes."""
+        return self._frac(compile_recipe(self.recipe.with_knobs(knobs), self.backend))
+
     def _frac(self, attn) -> float:
         """Share of exact attention's query-key products ``attn`` computes on the items."""
         from attncompose.primitives.base import count_products

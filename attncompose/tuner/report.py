@@ -61,24 +61,32 @@ class RichReporter(Reporter):
 
 
 def summary_table(result: TuneResult) -> Table:
-    """One row per tuned length of this run's device: choice, error, latency, speedup."""
+    """One row per tuned length of this run's device: choice, error, frac, latency, speedup.
+    Why a length fell back to exact attention is a caption line under the table."""
     table = Table(title=f"tuned {result.tuned.recipe['name']} on {result.device}")
-    for col in ("n", "choice", "err mean", "err max", "ms", "exact ms", "speedup", "trials"):
-        table.add_column(col, justify="left" if col == "choice" else "right", overflow="fold")
+    cols = ("n", "choice", "err mean", "err max", "frac", "ms", "exact ms", "speedup", "trials")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "choice" else "right", no_wrap=True)
+    table.columns[1].no_wrap = False  # the knobs, one per line
+    reasons = []
     for n, e in sorted(result.tuned.table.get(result.device, {}).items()):
         if n not in result.trials:
             continue
-        choice = "exact: " + e.fallback if e.is_exact else _knobs(e.knobs)
+        if e.is_exact:
+            reasons.append(f"n={n}: exact attention, {e.fallback}")
         table.add_row(
             str(n),
-            choice,
+            "exact" if e.is_exact else _knobs(e.knobs),
             f"{e.error_mean:.4f}",
             f"{e.error_max:.4f}",
+            "" if e.frac is None else f"{e.frac:.3f}",
             f"{e.latency_ms:.3g}",
             f"{e.exact_latency_ms:.3g}",
             f"{e.exact_latency_ms / e.latency_ms:.2f}x",
             str(e.trials),
         )
+    table.caption = "\n".join(reasons) or None
+    table.caption_justify = "left"
     return table
 
 
