@@ -4,6 +4,7 @@ causal/decode, odd shapes, determinism. Every recipe case subclasses one contrac
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -343,6 +344,41 @@ def test_no_fusion_when_another_step_reads_the_block():
     del steps["more"], steps["sinks"]
     steps["out"] = {"op": "causal_split", "body": "merged", "min_seq_len": 64}
     assert set(Pipeline(_recipe(steps)).fusions) == {"merged"}
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(1024, 1024), (768, 768), (1000, 1000), (200, 1224)])
+def test_unrolled_splitter_equals_the_recursion(make_qkv, lq, lk, monkeypatch):
+    """All leaves in one exact call and the rectangles level by level give what the plain
+    recursion gives (same sub-problems, same seeds, same merge order), with fewer calls."""
+    from attncompose.primitives import causal_split as split
+
+    recipe = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 64, "residual.sample_size": 32, "out.min_seq_len": 128}
+    )
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=lq, lk=lk, d=16)
+    attn = ac.compile(recipe, backend="torch")
+    calls = []
+    choose = dispatch.choose
+
+    def counting_choose(op, backend, problem, **inputs):
+        impl = choose(op, backend, problem, **inputs)
+        if op != "exact":
+            return impl
+        exact = impl.load()
+        return SimpleNamespace(load=lambda: lambda p: calls.append(p.lq) or exact(p))
+
+    monkeypatch.setattr(dispatch, "choose", counting_choose)
+    flat, flat_lse = attn(q, k, v, is_causal=True, return_lse=True)
+    flat_calls = len(calls)
+    halve = split._halve
+    recursion = lambda p, body, m, exact: exact(p) if p.lq <= m else halve(p, body, m, exact)
+    monkeypatch.setattr(split, "_square", recursion)  # the recursion at every level
+    calls.clear()
+    rec, rec_lse = attn(q, k, v, is_causal=True, return_lse=True)
+    assert ac.relative_error(flat, rec) < TIGHT
+    assert torch.allclose(flat_lse, rec_lse, atol=1e-5)
+    if lq == lk and lq % 128 == 0:
+        assert flat_calls == 1 < len(calls)
 
 
 # -- the attention call ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A causal square of n <= min_seq_len rows is computed exactly. A larger one is halved: both
 diagonal halves recurse, and the lower-left rectangle (second-half queries x first-half
 keys, fully visible) goes through the non-causal body; its result is merged into the second
-half's rows by lse. Decode (Lq < Lk, bottom-right aligned): the key prefix every query sees
+half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
+all diagonal leaves in one exact call, then the rectangles level by level. Decode (Lq < Lk, bottom-right aligned): the key prefix every query sees
 goes through the body, the trailing Lq x Lq square recurses. Non-causal calls go straight to
 the body.
 """
@@ -11,6 +12,7 @@ the body.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -47,6 +49,41 @@ def _square(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Part
     n = problem.lq
     if n <= min_seq_len:
         return exact(problem)
+    leaf, levels = n, 0
+    while leaf > min_seq_len and leaf % 2 == 0:
+        leaf, levels = leaf // 2, levels + 1
+    if leaf <= min_seq_len:
+        return _flat_square(problem, body, leaf, levels, exact)
+    return _halve(problem, body, min_seq_len, exact)  # an odd length on the way down
+
+
+def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Body) -> Partial:
+    """The recursion unrolled for n = leaf * 2**levels: every diagonal leaf in ONE exact call
+    (the leaves stacked as rows: a view of contiguous inputs), then the rectangles level by
+    level from the smallest, each merged into its rows in place (the recursion's order)."""
+    rows, n = problem.q.shape[0], problem.lq
+    parts = 1 << levels
+    stack = lambda x: x.reshape(rows * parts, leaf, x.shape[-1])
+    diagonal = replace(
+        problem, q=stack(problem.q), k=stack(problem.k), v=stack(problem.v), q_offset=0, k_offset=0
+    )
+    leaves = exact(diagonal)  # squares: causal alignment needs no offsets
+    out = leaves.out.reshape(rows, n, -1)
+    lse = leaves.lse.reshape(rows, n)
+    for level in range(levels):
+        size = leaf << level
+        for start in range(0, n, 2 * size):
+            below = slice(start + size, start + 2 * size)
+            rect = body(problem.sub(below, slice(start, start + size), causal=False))
+            merged = merge_partials([Partial(out[:, below], lse[:, below]), rect])
+            out[:, below] = merged.out
+            lse[:, below] = merged.lse
+    return Partial(out, lse)
+
+
+def _halve(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Partial:
+    """One level of the recursion: both diagonal halves, then the lower-left rectangle."""
+    n = problem.lq
     h = n // 2
     top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len, exact)
     bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len, exact)
