@@ -56,8 +56,11 @@ class RichReporter(Reporter):
         self.progress.update(self.tasks[seq_len], completed=len(trials), best=text)
 
     def end_length(self, seq_len: int, entry: TunedEntry) -> None:
-        if entry.fallback:
-            self.progress.console.print(f"n={seq_len}: exact attention, {entry.fallback}")
+        """The length's row ends on its choice (the summary table says why, if exact)."""
+        text = "chose exact attention" if entry.fallback else f"chose {entry.latency_ms:.3g} ms"
+        if not entry.fallback:
+            text += f" at err {entry.error_mean:.3g}"
+        self.progress.update(self.tasks[seq_len], best=text)
 
 
 def summary_table(result: TuneResult) -> Table:
