@@ -14,7 +14,7 @@ benchmarks/results/tuned/. Prints a markdown table. Usage:
 
     python benchmarks/smollm2_table.py [--seq-lens 2048,4096,8192]
         [--recipes streaming,block-topk,topp,hyperattention,hyperattention-sinks]
-        [--targets 0.02,0.05,0.1] [--trials 20] [--table-only]
+        [--targets 0.02,0.05,0.1] [--trials 20] [--table-only [--pivot]]
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tuned", type=Path, default=Path("/work/tuned"))
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_table.json")
     parser.add_argument("--table-only", action="store_true", help="Print the table of --out.")
+    parser.add_argument(
+        "--pivot", action="store_true", help="Print a column per target (the README's form)."
+    )
     return parser.parse_args()
 
 
@@ -263,6 +266,39 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cell(r: dict[str, Any] | None) -> str:
+    """One target's cell of the pivot: perplexity change and frac, or why there is none."""
+    if r is None:
+        return "not run"
+    if r["perplexity"] is None:
+        return f"no trial met it ({r['trials']} trials)"
+    if r["frac"] >= 1.0:
+        return "exact only"
+    return f"{r['perplexity']:.3f} ({r['ppl_change']:+.1%}), frac {r['frac']:.3f}"
+
+
+def pivot(results: dict[str, Any]) -> str:
+    """Markdown: a row per (length, recipe), a column per target: perplexity (vs exact), frac."""
+    order = {r: i for i, r in enumerate(RECIPES.split(","))}
+    targets = sorted({r["target_err"] for r in results["rows"]})
+    lines = [
+        "| tokens | attention | " + " | ".join(f"target {t:g}" for t in targets) + " |",
+        "|---|---|" + "---|" * len(targets),
+    ]
+    for n, exact in sorted(results["exact"].items(), key=lambda item: int(item[0])):
+        lines.append(f"| {n} | exact | {exact['perplexity']:.3f} |" + " |" * (len(targets) - 1))
+        recipes = {r["recipe"] for r in results["rows"] if r["seq_len"] == int(n)}
+        for recipe in sorted(recipes, key=lambda name: (order.get(name, 99), name)):
+            by_target = {
+                r["target_err"]: r
+                for r in results["rows"]
+                if r["seq_len"] == int(n) and r["recipe"] == recipe
+            }
+            cells = " | ".join(cell(by_target.get(t)) for t in targets)
+            lines.append(f"| {n} | `{recipe}` | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     results = load_results(args.out)
@@ -276,7 +312,7 @@ def main() -> None:
         results["capture_layers"] = CAPTURE_LAYERS
         for n in (int(s) for s in args.seq_lens.split(",")):
             measure_length(model, tokenizer, n, args, results)
-    print(markdown(results))
+    print(pivot(results) if args.pivot else markdown(results))
 
 
 if __name__ == "__main__":
