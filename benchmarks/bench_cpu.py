@@ -1,6 +1,9 @@
 """CPU speed of a recipe (torch backend) against PyTorch SDPA, measured in the same run.
 
-B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward. Writes
+B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward. For causal rows it
+also times SDPA on the causal splitter's exact diagonal leaves alone (the leaves stacked as
+heads): sdpa_ms / leaves_sdpa_ms bounds the speedup any splitter with that min_seq_len can
+reach, even if everything else were free. Writes
 ``benchmarks/results/bench_cpu.json`` (device, versions, commit, date) and prints a table.
 
     python benchmarks/bench_cpu.py [--recipe hyperattention] [--seq-lens 4096,8192,16384,32768]
@@ -19,8 +22,20 @@ import attncompose as ac
 from attncompose.timing import measure, run_info
 
 
+def leaf_size(recipe, n: int) -> int | None:
+    """Length of the causal splitter's exact diagonal leaves at n (None: no splitting)."""
+    limits = [s.knobs()["min_seq_len"] for s in recipe.steps.values() if s.op == "causal_split"]
+    if not limits or n <= limits[0]:
+        return None
+    size = n
+    while size > limits[0] and size % 2 == 0:
+        size //= 2
+    return size
+
+
 def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) -> list[dict]:
     attn = ac.compile(recipe, backend="torch")
+    leaf_of = lambda n: leaf_size(attn.recipe, n)
     rows = []
     for n in seq_lens:
         g = torch.Generator().manual_seed(n)
@@ -39,11 +54,26 @@ def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) 
                 "sdpa_ms": exact.median_ms,
                 "speedup": exact.median_ms / approx.median_ms,
             }
+            leaf = leaf_of(n) if causal else None
+            if leaf is not None:  # the exact leaves alone: a bound on the causal speedup
+                qv, kv, vv = (x.view(1, heads * (n // leaf), leaf, dim) for x in (q, k, v))
+                leaves = lambda qv=qv, kv=kv, vv=vv: F.scaled_dot_product_attention(
+                    qv, kv, vv, is_causal=True
+                )
+                row["leaf"] = leaf
+                row["leaves_sdpa_ms"] = measure(leaves, repeats=repeats).median_ms
+                row["bound_speedup"] = exact.median_ms / row["leaves_sdpa_ms"]
             rows.append(row)
             print(
                 f"n={n:6d} {'causal    ' if causal else 'non-causal'} "
                 f"{recipe} {approx.median_ms:9.1f} ms  sdpa {exact.median_ms:9.1f} ms  "
-                f"speedup {row['speedup']:5.2f}x",
+                f"speedup {row['speedup']:5.2f}x"
+                + (
+                    f"  (exact {leaf}-leaves alone {row['leaves_sdpa_ms']:.1f} ms: "
+                    f"bound {row['bound_speedup']:.2f}x)"
+                    if leaf
+                    else ""
+                ),
                 flush=True,
             )
     return rows
