@@ -261,6 +261,24 @@ def test_fused_block_residual_pipeline_triton_equals_torch(make_qkv):
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_triton_backend_reads_float16_as_it_is(make_qkv, monkeypatch, causal):
+    """Half-precision inputs reach the Triton kernels uncast (they accumulate in float32) and
+    give what the float32 torch path gives, to half precision."""
+    recipe = ac.load_recipe({"name": "small", "steps": SMALL}).with_knobs({"diag.block_size": 32})
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=64, lk=64, d=16, dtype=torch.float16)
+    seen = []
+    tile_kernel = block_triton.block_attention
+    spy = lambda problem, *a, **kw: seen.append(problem.q.dtype) or tile_kernel(problem, *a, **kw)
+    monkeypatch.setattr(block_triton, "block_attention", spy)
+    got, got_lse = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
+    want, want_lse = ac.compile(recipe, backend="torch")(q, k, v, is_causal=causal, return_lse=True)
+    assert seen and set(seen) == {torch.float16}
+    assert got.dtype == torch.float16 and got_lse.dtype == torch.float32
+    assert ac.relative_error(got.float(), want.float()) < 2e-3
+    assert torch.allclose(got_lse, want_lse, atol=2e-3)
+
+
 def test_kernels_say_which_implementation_runs():
     recipe = ac.load_recipe({"name": "small", "steps": SMALL})
     assert Pipeline(recipe, backend="triton").kernels()["diag"] == "triton:tile-attention"

@@ -3,7 +3,9 @@
 Shapes: the runtime flattens batch and query heads into one leading dimension ``N = B*Hq``
 (keys and values are expanded from ``Hkv`` to ``Hq`` heads beforehand), so
 
-- ``q``: [N, Lq, D], ``k``: [N, Lk, D], ``v``: [N, Lk, Dv], all float32;
+- ``q``: [N, Lq, D], ``k``: [N, Lk, D], ``v``: [N, Lk, Dv], float32 (or the caller's float16 /
+  bfloat16 where the Triton kernels run, which accumulate in float32; PyTorch implementations
+  upcast what they compute with);
 - a :class:`Partial` holds ``out`` [N, Lq, Dv] and ``lse`` [N, Lq] (``-inf`` where a row
   attended no key), both float32;
 - a :class:`Coverage` says which (query, key) pairs a kernel computed exactly, so that later
@@ -97,8 +99,8 @@ class Partial:
     @staticmethod
     def empty(problem: Problem) -> Partial:
         n, lq = problem.q.shape[:2]
-        out = problem.q.new_zeros(n, lq, problem.v.shape[-1])
-        return Partial(out, problem.q.new_full((n, lq), float("-inf")))
+        out = problem.q.new_zeros(n, lq, problem.v.shape[-1], dtype=torch.float32)
+        return Partial(out, problem.q.new_full((n, lq), float("-inf"), dtype=torch.float32))
 
 
 @dataclass

@@ -18,7 +18,9 @@ class Attention(nn.Module):
     ``attn(q, k, v, is_causal=False, scale=None, return_lse=False)`` with q [B, Hq, Lq, D],
     k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq a multiple of Hkv; causal masks are aligned
     bottom-right, so Lq < Lk is decoding). Returns o [B, Hq, Lq, Dv] in q's dtype, and with
-    ``return_lse`` also lse [B, Hq, Lq] (float32, natural log). Computation runs in float32.
+    ``return_lse`` also lse [B, Hq, Lq] (float32, natural log). Computation runs in float32:
+    inputs are cast, except where the Triton kernels run (``backend="triton"``, or ``"auto"``
+    on CUDA), which read float16/bfloat16 as they are and accumulate in float32.
     ``fuse=False`` evaluates every step on its own instead of fusing step patterns
     (:mod:`attncompose.runtime.fusion`): same result, slower; for checking a fusion.
     """
@@ -44,10 +46,14 @@ class Attention(nn.Module):
         b, hq, lq, d = q.shape
         group = hq // k.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        native = self.pipeline.backend == "triton" or (
+            self.pipeline.backend == "auto" and q.device.type == "cuda"
+        )
+        dtype = q.dtype if native else torch.float32
         problem = Problem(
-            q=_rows(q),
-            k=_rows(_expand_heads(k, group)),
-            v=_rows(_expand_heads(v, group)),
+            q=_rows(q, dtype),
+            k=_rows(_expand_heads(k, group), dtype),
+            v=_rows(_expand_heads(v, group), dtype),
             scale=scale,
             causal=bool(is_causal),
             heads=hq,
@@ -70,9 +76,9 @@ def _expand_heads(x: Tensor, group: int) -> Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """[B, H, L, D] -> contiguous float32 [B*H, L, D]."""
-    return x.reshape(-1, x.shape[2], x.shape[3]).float().contiguous()
+def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, H, L, D] -> contiguous [B*H, L, D] of ``dtype``."""
+    return x.reshape(-1, x.shape[2], x.shape[3]).to(dtype).contiguous()
 
 
 def compile(

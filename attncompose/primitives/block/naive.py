@@ -56,9 +56,9 @@ def run_tiles(
         if counting_products():
             valid = (qi >= 0).unsqueeze(-1)
             add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
-        q = gather_rows(problem.q, qi)  # [N, T, bq, D]
-        k = gather_rows(problem.k, kj)  # [N, T, nk, D]
-        v = gather_rows(problem.v, kj)  # [N, T, nk, Dv]
+        q = gather_rows(problem.q, qi).float()  # [N, T, bq, D]
+        k = gather_rows(problem.k, kj).float()  # [N, T, nk, D]
+        v = gather_rows(problem.v, kj).float()  # [N, T, nk, Dv]
         out, lse = chunk_fn(q, k, v, mask, bias, problem.scale)
         if tiles.lse_shift is not None:
             lse = lse + tiles.lse_shift[:, sl].unsqueeze(-1)

@@ -4,9 +4,9 @@ A causal square of n <= min_seq_len rows is computed exactly. A larger one is ha
 diagonal halves recurse, and the lower-left rectangle (second-half queries x first-half
 keys, fully visible) goes through the non-causal body; its result is merged into the second
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
-all diagonal leaves in one exact call, then the rectangles level by level. Decode (Lq < Lk, bottom-right aligned): the key prefix every query sees
-goes through the body, the trailing Lq x Lq square recurses. Non-causal calls go straight to
-the body.
+all diagonal leaves in one exact call, then the rectangles level by level. Decode (Lq < Lk,
+bottom-right aligned): the key prefix every query sees goes through the body, the trailing
+Lq x Lq square recurses. Non-causal calls go straight to the body.
 """
 
 from __future__ import annotations

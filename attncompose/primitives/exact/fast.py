@@ -34,7 +34,7 @@ def fused_exact_attention(problem: Problem) -> Partial:
 
 
 def _fused(problem: Problem, causal: bool) -> Partial:
-    q, k, v = problem.q, problem.k, problem.v
+    q, k, v = problem.q.float(), problem.k.float(), problem.v.float()
     if q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
         return exact_attention(problem)
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -22,7 +22,7 @@ def hash_codes(x: Tensor, directions: Tensor) -> Tensor:
     """r-bit sign codes [N, L] (int64) of x [N, L, D] under directions [N, D, r]."""
     # [N, r, L]: one long GEMM row per bit (x @ directions, with only r columns, runs ~3x
     # slower on CPU), then the bits are packed one at a time
-    proj = torch.matmul(directions.transpose(-1, -2), x.transpose(-1, -2))
+    proj = torch.matmul(directions.transpose(-1, -2), x.to(directions.dtype).transpose(-1, -2))
     code = torch.zeros(proj.shape[0], proj.shape[2], dtype=torch.long, device=x.device)
     for bit in range(proj.shape[1]):
         code.bitwise_or_((proj[:, bit] > 0).long() << bit)
@@ -59,6 +59,7 @@ def mips_augment(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     With M the largest key norm (per row), every augmented key has norm 1 and the angle
     between an augmented query and key orders keys by q.k, which sign-LSH tracks.
     """
+    q, k = q.float(), k.float()
     qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     norms = k.norm(dim=-1, keepdim=True)
     m = norms.amax(dim=1, keepdim=True).clamp_min(1e-12)

@@ -26,8 +26,8 @@ def block_means(x: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 def block_scores(problem: Problem, size: int) -> Tensor:
     """Estimated log-mass [N, nQB, nKB] of each key block per query block; -inf if invisible."""
-    qm, _ = block_means(problem.q, size)
-    km, kcount = block_means(problem.k, size)
+    qm, _ = block_means(problem.q.float(), size)
+    km, kcount = block_means(problem.k.float(), size)
     est = torch.matmul(qm, km.transpose(-1, -2)) * problem.scale + kcount.log()
     nqb, nkb = est.shape[1:]
     dev = problem.q.device
