@@ -3,7 +3,8 @@
 B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward. For causal rows it
 also times SDPA on the causal splitter's exact diagonal leaves alone (the leaves stacked as
 heads): sdpa_ms / leaves_sdpa_ms bounds the speedup any splitter with that min_seq_len can
-reach, even if everything else were free. Writes
+reach, even if everything else were free. frac is the share of exact attention's query-key
+products the recipe computes; efficiency = speedup / (1 / frac). Writes
 ``benchmarks/results/bench_cpu.json`` (device, versions, commit, date) and prints a table.
 
     python benchmarks/bench_cpu.py [--recipe hyperattention] [--seq-lens 4096,8192,16384,32768]
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import attncompose as ac
+from attncompose.evaluation import products_fraction
 from attncompose.timing import measure, run_info
 
 
@@ -47,12 +49,15 @@ def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) 
             run = lambda q=q, k=k, v=v, c=causal: attn(q, k, v, is_causal=c)
             exact = measure(sdpa, repeats=repeats)
             approx = measure(run, repeats=repeats)
+            frac = products_fraction(attn, q, k, v, causal)
             row = {
                 "n": n,
                 "causal": causal,
                 "recipe_ms": approx.median_ms,
                 "sdpa_ms": exact.median_ms,
                 "speedup": exact.median_ms / approx.median_ms,
+                "frac": frac,  # share of exact attention's query-key products computed
+                "efficiency": exact.median_ms / approx.median_ms * frac,  # speedup / (1/frac)
             }
             leaf = leaf_of(n) if causal else None
             if leaf is not None:  # the exact leaves alone: a bound on the causal speedup
@@ -67,7 +72,8 @@ def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) 
             print(
                 f"n={n:6d} {'causal    ' if causal else 'non-causal'} "
                 f"{recipe} {approx.median_ms:9.1f} ms  sdpa {exact.median_ms:9.1f} ms  "
-                f"speedup {row['speedup']:5.2f}x"
+                f"speedup {row['speedup']:5.2f}x  frac {frac:.4f} "
+                f"efficiency {row['efficiency']:.0%}"
                 + (
                     f"  (exact {leaf}-leaves alone {row['leaves_sdpa_ms']:.1f} ms: "
                     f"bound {row['bound_speedup']:.2f}x)"
