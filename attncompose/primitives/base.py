@@ -166,6 +166,10 @@ class Primitive:
     """
 
     op: ClassVar[str]
+    # On a non-causal problem, the result does not depend on where the problem sits in the
+    # sequence (its offsets), random draws apart: independent problems of equal shape may be
+    # stacked as rows of one problem (the causal splitter does so per level)
+    offset_free: ClassVar[bool] = False
 
     def __init__(self, step: StepSpec, backend: str = "torch"):
         self.step = step

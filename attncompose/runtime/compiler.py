@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import networkx as nx
+
 from attncompose.graph import build_graph
 from attncompose.primitives.base import PRIMITIVES, Partial, Primitive, Problem
 from attncompose.runtime.fusion import Fusion, find_fusions
@@ -73,4 +75,9 @@ class Pipeline:
         return value
 
     def _lazy(self, sid: str):
-        return lambda sub: self.evaluate(sid, sub, {})
+        """``Problem -> value`` of step ``sid``; its ``offset_free`` says whether every step it
+        depends on is (:attr:`Primitive.offset_free`)."""
+        fn = lambda sub: self.evaluate(sid, sub, {})
+        steps = nx.ancestors(self.graph, sid) | {sid}
+        fn.offset_free = all(type(self.nodes[s]).offset_free for s in steps)
+        return fn

@@ -17,6 +17,7 @@ from attncompose.runtime import dispatch
 @register
 class Block(Primitive):
     op = "block"
+    offset_free = True
 
     def __call__(self, problem: Problem, select: list, exclude: list = ()) -> Partial:
         prior: list[Coverage] = [p.coverage for p in exclude]

@@ -4,7 +4,9 @@ A causal square of n <= min_seq_len rows is computed exactly. A larger one is ha
 diagonal halves recurse, and the lower-left rectangle (second-half queries x first-half
 keys, fully visible) goes through the non-causal body; its result is merged into the second
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
-all diagonal leaves in one exact call, then the rectangles level by level. Decode (Lq < Lk,
+all diagonal leaves in one exact call, then the rectangles level by level, each level in one
+body call where the body's steps do not depend on offsets (stacked as rows; their random
+draws then differ from the recursion's, each still unbiased). Decode (Lq < Lk,
 bottom-right aligned): the key prefix every query sees goes through the body, the trailing
 Lq x Lq square recurses. Non-causal calls go straight to the body.
 """
@@ -72,13 +74,32 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
     lse = leaves.lse.reshape(rows, n)
     for level in range(levels):
         size = leaf << level
-        for start in range(0, n, 2 * size):
+        starts = range(0, n, 2 * size)
+        if getattr(body, "offset_free", False) and len(starts) > 1:
+            rects = _stacked(problem, body, starts, size)
+        else:
+            rects = [body(problem.sub(slice(s + size, s + 2 * size), slice(s, s + size), False))
+                     for s in starts]  # fmt: skip
+        for start, rect in zip(starts, rects, strict=True):
             below = slice(start + size, start + 2 * size)
-            rect = body(problem.sub(below, slice(start, start + size), causal=False))
             merged = merge_partials([Partial(out[:, below], lse[:, below]), rect])
             out[:, below] = merged.out
             lse[:, below] = merged.lse
     return Partial(out, lse)
+
+
+def _stacked(problem: Problem, body: Body, starts: range, size: int) -> list[Partial]:
+    """The level's rectangles (queries [s+size, s+2size) x keys [s, s+size)) through ONE body
+    call: stacked as rows (rectangle-major, so row n' keeps head n' % heads)."""
+    rows = problem.q.shape[0]
+    cat = lambda x, shift: torch.cat([x[:, s + shift : s + shift + size] for s in starts])
+    first = problem.sub(slice(size, 2 * size), slice(0, size), causal=False)
+    stacked = replace(first, q=cat(problem.q, size), k=cat(problem.k, 0), v=cat(problem.v, 0))
+    result = body(stacked)
+    return [
+        Partial(result.out[i * rows : (i + 1) * rows], result.lse[i * rows : (i + 1) * rows])
+        for i in range(len(starts))
+    ]
 
 
 def _halve(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Partial:

@@ -9,6 +9,7 @@ from attncompose.runtime import dispatch
 @register
 class Exact(Primitive):
     op = "exact"
+    offset_free = True
 
     def __call__(self, problem: Problem) -> Partial:
         return dispatch.call("exact", self.backend, problem)

@@ -103,6 +103,7 @@ class LshCoverage(Coverage):
 @register
 class Lsh(Primitive):
     op = "lsh"
+    offset_free = True
 
     def __call__(self, problem: Problem) -> LshSelection:
         q, k = problem.q, problem.k

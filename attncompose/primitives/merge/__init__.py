@@ -9,6 +9,7 @@ from attncompose.primitives.merge.naive import merge_partials
 @register
 class Merge(Primitive):
     op = "merge"
+    offset_free = True
 
     def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:
         return merge_partials(list(inputs))

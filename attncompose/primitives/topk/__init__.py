@@ -54,6 +54,7 @@ class TopkCoverage(Selection, Coverage):
 @register
 class Topk(Primitive):
     op = "topk"
+    offset_free = True
 
     def __call__(self, problem: Problem) -> TopkCoverage:
         size = self.knobs["block_size"]

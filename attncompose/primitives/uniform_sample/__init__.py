@@ -10,6 +10,7 @@ from attncompose.runtime import dispatch
 @register
 class UniformSample(Primitive):
     op = "uniform_sample"
+    offset_free = True
 
     def __call__(self, problem: Problem, exclude: list = ()) -> Partial:
         m = self.knobs["sample_size"]
