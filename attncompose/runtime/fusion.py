@@ -19,7 +19,7 @@ from typing import Any
 import networkx as nx
 
 from attncompose.primitives.base import Primitive
-from attncompose.primitives.uniform_sample.fused import BlockWithResidual
+from attncompose.primitives.uniform_sample.block_residual import BlockWithResidual
 
 
 @dataclass(frozen=True)
