@@ -303,13 +303,20 @@ FUSION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(FUSION_CASES))
+@pytest.mark.parametrize("case", [*sorted(FUSION_CASES), "topk-detector"])
 def test_fused_block_residual_equals_the_steps_one_by_one(make_qkv, case, monkeypatch):
-    lq, lk, causal, block, m, min_len = FUSION_CASES[case]
-    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
-    recipe = ac.load_recipe("hyperattention").with_knobs(
-        {"diag.block_size": block, "residual.sample_size": m, "out.min_seq_len": min_len}
-    )
+    if case == "topk-detector":  # top-k tiles: natural query blocks of 64, exact
+        lq, lk, causal = 512, 512, False
+        q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+        recipe = ac.load_recipe("hyperattention-topk").with_knobs(
+            {"heavy.block_size": 64, "heavy.k": 2, "residual.sample_size": 32}
+        )
+    else:
+        lq, lk, causal, block, m, min_len = FUSION_CASES[case]
+        q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+        recipe = ac.load_recipe("hyperattention").with_knobs(
+            {"diag.block_size": block, "residual.sample_size": m, "out.min_seq_len": min_len}
+        )
     fused = ac.compile(recipe, backend="torch")
     steps = ac.compile(recipe, backend="torch", fuse=False)
     assert set(fused.pipeline.fusions) == {"merged"} and not steps.pipeline.fusions
@@ -326,7 +333,7 @@ def test_fused_block_residual_equals_the_steps_one_by_one(make_qkv, case, monkey
     assert ac.relative_error(o1, o2) < TIGHT
     assert torch.allclose(l1, l2, atol=1e-5)
     assert n_fused == n_steps  # the same pairs
-    if case in ("draws-follow-tiles", "sample-everything", "causal-splitter"):
+    if case in ("draws-follow-tiles", "sample-everything", "causal-splitter", "topk-detector"):
         assert fused_calls < len(calls)  # one tile pass where there were two
 
 
