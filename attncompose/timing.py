@@ -40,6 +40,34 @@ def measure(
     return Timing(statistics.median(samples), tuple(samples))
 
 
+def measure_rounds(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    repeats: int = 5,
+) -> dict[str, Timing]:
+    """Time several callables in interleaved rounds (each round calls every one once), so
+    that slow drifts of a shared machine hit all of them alike; ``samples_ms[i]`` of each
+    Timing comes from round i, so per-round ratios can be taken. CUDA: :func:`measure`."""
+    if torch.device(device).type == "cuda":
+        return {name: measure(fn, device, warmup, repeats) for name, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: Timing(statistics.median(s), tuple(s)) for name, s in samples.items()}
+
+
+def median_ratio(num: Timing, den: Timing) -> float:
+    """Median over rounds of num/den (timings from one :func:`measure_rounds` call)."""
+    return statistics.median(a / b for a, b in zip(num.samples_ms, den.samples_ms, strict=True))
+
+
 def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
     try:
         from triton.testing import do_bench

@@ -2,9 +2,10 @@
 
 B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward. For causal rows it
 also times SDPA on the causal splitter's exact diagonal leaves alone (the leaves stacked as
-heads): sdpa_ms / leaves_sdpa_ms bounds the speedup any splitter with that min_seq_len can
-reach, even if everything else were free. frac is the share of exact attention's query-key
-products the recipe computes; efficiency = speedup / (1 / frac). Writes
+heads): sdpa / leaves bounds the speedup any splitter with that min_seq_len can reach, even
+if everything else were free. frac is the share of exact attention's query-key products the
+recipe computes; efficiency = speedup / (1 / frac). The callables are timed in interleaved
+rounds and speedups are medians of per-round ratios (the machine is shared). Writes
 ``benchmarks/results/bench_cpu.json`` (device, versions, commit, date) and prints a table.
 
     python benchmarks/bench_cpu.py [--recipe hyperattention] [--seq-lens 4096,8192,16384,32768]
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 import attncompose as ac
 from attncompose.evaluation import products_fraction
-from attncompose.timing import measure, run_info
+from attncompose.timing import measure_rounds, median_ratio, run_info
 
 
 def leaf_size(recipe, n: int) -> int | None:
@@ -37,49 +38,52 @@ def leaf_size(recipe, n: int) -> int | None:
 
 def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) -> list[dict]:
     attn = ac.compile(recipe, backend="torch")
-    leaf_of = lambda n: leaf_size(attn.recipe, n)
     rows = []
     for n in seq_lens:
         g = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
         for causal in (False, True):
-            sdpa = lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
-                q, k, v, is_causal=c
-            )
-            run = lambda q=q, k=k, v=v, c=causal: attn(q, k, v, is_causal=c)
-            exact = measure(sdpa, repeats=repeats)
-            approx = measure(run, repeats=repeats)
+            fns = {
+                "sdpa": lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
+                    q, k, v, is_causal=c
+                ),
+                "recipe": lambda q=q, k=k, v=v, c=causal: attn(q, k, v, is_causal=c),
+            }
+            leaf = leaf_size(attn.recipe, n) if causal else None
+            if leaf is not None:  # the exact leaves alone: a bound on the causal speedup
+                qv, kv, vv = (x.view(1, heads * (n // leaf), leaf, dim) for x in (q, k, v))
+                fns["leaves"] = lambda qv=qv, kv=kv, vv=vv: F.scaled_dot_product_attention(
+                    qv, kv, vv, is_causal=True
+                )
+            t = measure_rounds(fns, repeats=repeats)  # interleaved: drifts hit all alike
             frac = products_fraction(attn, q, k, v, causal)
+            speedup = median_ratio(t["sdpa"], t["recipe"])
             row = {
                 "n": n,
                 "causal": causal,
-                "recipe_ms": approx.median_ms,
-                "sdpa_ms": exact.median_ms,
-                "speedup": exact.median_ms / approx.median_ms,
+                "recipe_ms": t["recipe"].median_ms,
+                "sdpa_ms": t["sdpa"].median_ms,
+                "speedup": speedup,  # median over rounds of sdpa / recipe
                 "frac": frac,  # share of exact attention's query-key products computed
-                "efficiency": exact.median_ms / approx.median_ms * frac,  # speedup / (1/frac)
+                "efficiency": speedup * frac,  # speedup / (1 / frac)
+                "recipe_samples_ms": t["recipe"].samples_ms,
+                "sdpa_samples_ms": t["sdpa"].samples_ms,
             }
-            leaf = leaf_of(n) if causal else None
-            if leaf is not None:  # the exact leaves alone: a bound on the causal speedup
-                qv, kv, vv = (x.view(1, heads * (n // leaf), leaf, dim) for x in (q, k, v))
-                leaves = lambda qv=qv, kv=kv, vv=vv: F.scaled_dot_product_attention(
-                    qv, kv, vv, is_causal=True
-                )
+            note = ""
+            if leaf is not None:
                 row["leaf"] = leaf
-                row["leaves_sdpa_ms"] = measure(leaves, repeats=repeats).median_ms
-                row["bound_speedup"] = exact.median_ms / row["leaves_sdpa_ms"]
+                row["leaves_sdpa_ms"] = t["leaves"].median_ms
+                row["bound_speedup"] = median_ratio(t["sdpa"], t["leaves"])
+                note = (
+                    f"  (exact {leaf}-leaves alone {row['leaves_sdpa_ms']:.1f} ms: "
+                    f"bound {row['bound_speedup']:.2f}x)"
+                )
             rows.append(row)
             print(
                 f"n={n:6d} {'causal    ' if causal else 'non-causal'} "
-                f"{recipe} {approx.median_ms:9.1f} ms  sdpa {exact.median_ms:9.1f} ms  "
-                f"speedup {row['speedup']:5.2f}x  frac {frac:.4f} "
-                f"efficiency {row['efficiency']:.0%}"
-                + (
-                    f"  (exact {leaf}-leaves alone {row['leaves_sdpa_ms']:.1f} ms: "
-                    f"bound {row['bound_speedup']:.2f}x)"
-                    if leaf
-                    else ""
-                ),
+                f"{recipe} {row['recipe_ms']:9.1f} ms  sdpa {row['sdpa_ms']:9.1f} ms  "
+                f"speedup {speedup:5.2f}x  frac {frac:.4f} efficiency {row['efficiency']:.0%}"
+                + note,
                 flush=True,
             )
     return rows
