@@ -32,6 +32,8 @@ from attncompose.primitives.lsh import naive as lsh_naive
 from attncompose.primitives.lsh import triton as lsh_triton
 from attncompose.primitives.sink import SinkCoverage
 from attncompose.primitives.topk import Topk
+from attncompose.primitives.topk import naive as topk_naive
+from attncompose.primitives.topk import triton as topk_triton
 from attncompose.primitives.uniform_sample.naive import draw_uniforms, sample_tiles
 from attncompose.primitives.window import WindowCoverage
 from attncompose.runtime import dispatch
@@ -158,6 +160,21 @@ def test_sample_tiles_with_shift_and_union_exclude_match_reference(lq, lk, causa
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(
+    ("lq", "lk", "size"), [(33, 33, 16), (64, 64, 7), (17, 64, 16)], ids=["T33", "odd7", "decode"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_topk_block_scores_match_reference(lq, lk, size, causal, dtype):
+    problem = make_problem(2, lq, lk, 16, causal=causal)
+    half = replace(problem, q=problem.q.to(dtype), k=problem.k.to(dtype), v=problem.v.to(dtype))
+    got = topk_triton.block_scores(half, size)
+    want = topk_naive.block_scores(half, size)
+    assert torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert torch.allclose(got[finite], want[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_key_bias_matches_reference(causal):
     """The fused block + residual tile: detector keys, then sampled keys with log-weights and
     -inf for the ones to drop (:class:`BlockWithResidual`'s joint tiles)."""
@@ -277,6 +294,20 @@ def test_triton_backend_reads_float16_as_it_is(make_qkv, monkeypatch, causal):
     assert got.dtype == torch.float16 and got_lse.dtype == torch.float32
     assert ac.relative_error(got.float(), want.float()) < 2e-3
     assert torch.allclose(got_lse, want_lse, atol=2e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_block_topk_pipeline_triton_equals_torch(make_qkv, causal):
+    """Sinks + window + top-k blocks: scores, tables and tiles all through Triton kernels."""
+    recipe = ac.load_recipe("block-topk").with_knobs(
+        {"sinks.count": 4, "local.width": 16, "heavy.block_size": 16, "heavy.k": 2}
+    )
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=64, lk=64, d=16)
+    assert Pipeline(recipe, backend="triton").kernels()["heavy"].startswith("triton:")
+    want = ac.compile(recipe, backend="torch")(q, k, v, is_causal=causal, return_lse=True)
+    got = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
 def test_kernels_say_which_implementation_runs():

@@ -8,7 +8,7 @@ say what CUDA inputs would get). Triton modules are imported
 only when an implementation is first called, so ``import attncompose`` never loads kernels.
 
 Ops: ``exact`` (attention with lse), ``block`` (tile kernel, also the sampler's),
-``lsh_sort`` (hash, Gray rank, sort).
+``lsh_sort`` (hash, Gray rank, sort), ``topk_scores`` (block means and their scores).
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ OPS: dict[str, list[Implementation]] = {
             "torch:block-fused-cpu", f"{_P}.block.fused", "block_attention", _fused_reasons
         ),
         Implementation("torch:block", f"{_P}.block.naive", "block_attention"),
+    ],
+    "topk_scores": [
+        Implementation(
+            "triton:block-mean-scores", f"{_P}.topk.triton", "block_scores", _triton_basic
+        ),
+        Implementation("torch:block-mean-scores", f"{_P}.topk.naive", "block_scores"),
     ],
     "lsh_sort": [
         Implementation(

@@ -17,7 +17,8 @@ from attncompose.primitives.base import (
     register,
     take,
 )
-from attncompose.primitives.topk.naive import block_scores, select_blocks
+from attncompose.primitives.topk.naive import select_blocks
+from attncompose.runtime import dispatch
 
 
 @dataclass
@@ -58,9 +59,9 @@ class Topk(Primitive):
 
     def __call__(self, problem: Problem) -> TopkCoverage:
         size = self.knobs["block_size"]
-        est = block_scores(problem, size)
+        est = dispatch.call("topk_scores", self.backend, problem, size)
         table = select_blocks(est, self.knobs["k"], self.knobs.get("p"), self.knobs["max_k"])
         return TopkCoverage(table, size)
 
     def kernel_name(self) -> str:
-        return "torch:block-means-topk"  # no Triton kernel yet; its table feeds the tile kernel
+        return dispatch.describe("topk_scores", self.backend) + " + torch top-k"
