@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import attncompose as ac
 from attncompose.evaluation import products_fraction
+from attncompose.primitives.causal_split import leaf_length
 from attncompose.timing import measure_rounds, median_ratio, run_info
 
 
@@ -30,10 +31,7 @@ def leaf_size(recipe, n: int) -> int | None:
     limits = [s.knobs()["min_seq_len"] for s in recipe.steps.values() if s.op == "causal_split"]
     if not limits or n <= limits[0]:
         return None
-    size = n
-    while size > limits[0] and size % 2 == 0:
-        size //= 2
-    return size
+    return leaf_length(n, limits[0])
 
 
 def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) -> list[dict]:

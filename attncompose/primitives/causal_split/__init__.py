@@ -51,12 +51,19 @@ def _square(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Part
     n = problem.lq
     if n <= min_seq_len:
         return exact(problem)
-    leaf, levels = n, 0
-    while leaf > min_seq_len and leaf % 2 == 0:
-        leaf, levels = leaf // 2, levels + 1
-    if leaf <= min_seq_len:
-        return _flat_square(problem, body, leaf, levels, exact)
+    leaf = leaf_length(n, min_seq_len)
+    if leaf is not None:
+        return _flat_square(problem, body, leaf, (n // leaf).bit_length() - 1, exact)
     return _halve(problem, body, min_seq_len, exact)  # an odd length on the way down
+
+
+def leaf_length(n: int, min_seq_len: int) -> int | None:
+    """Length of the diagonal leaves when a causal square of n halves evenly down to leaves
+    of at most ``min_seq_len`` (n itself if it is short enough); None otherwise."""
+    leaf = n
+    while leaf > min_seq_len and leaf % 2 == 0:
+        leaf //= 2
+    return leaf if leaf <= min_seq_len else None
 
 
 def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Body) -> Partial:
