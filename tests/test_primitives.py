@@ -20,7 +20,7 @@ from attncompose.primitives.lsh.naive import gray_code, gray_rank
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.topk import Topk
 from attncompose.primitives.uniform_sample import UniformSample
-from attncompose.primitives.uniform_sample.naive import MIN_GROUP, query_groups
+from attncompose.primitives.uniform_sample.naive import MIN_GROUP, query_groups, sample_tiles
 from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
 from attncompose.spec.steps import LshStep, TopkStep, UniformSampleStep
@@ -263,6 +263,17 @@ def test_sampled_residual_is_unbiased(causal, lq, lk, block):
     assert torch.allclose(mass, true_mass, rtol=0.05)
     assert (numer - true_numer).norm() / true_numer.norm() < 0.05
     assert len({tuple(r.tolist()) for r in est.lse[:10]}) == 10  # draws do differ
+
+
+def test_sampled_keys_stay_in_range_when_uniforms_round_up():
+    """float32 1023 + 0.99999994 is 1024: the last stratum's draw must still be a key
+    (found by a tuning run: index 4096 out of bounds for 4096 keys)."""
+    p = make_problem(1, 256, 4096, causal=False)
+    top = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    uniforms = torch.full((1, 2, 1024), float(top))
+    tiles = sample_tiles(p, uniforms)
+    assert int(tiles.k_idx.max()) == p.lk - 1 and int(tiles.k_idx.min()) >= 0
+    naive_block_attention(p, tiles)  # gathers in range
 
 
 @pytest.mark.parametrize("causal", [False, True])

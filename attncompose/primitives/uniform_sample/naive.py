@@ -77,6 +77,7 @@ def sample_tiles(
     width = min(m, problem.lk)  # more draws than keys: every key once
     u = torch.arange(width, device=dev).view(1, 1, width)
     strata = torch.floor((u + uniforms[..., :width]) * reach / m).long()
+    strata = torch.minimum(strata, reach - 1)  # float32 u + U rounds up to u + 1 for U ~ 1
     everything = torch.where(u < reach, u, -1)  # m >= R: all keys, once
     k_idx = torch.where(reach > m, strata, everything)
     k_idx = k_idx.masked_fill(reach == 0, -1)
