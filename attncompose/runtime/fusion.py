@@ -26,9 +26,7 @@ from attncompose.primitives.uniform_sample.block_residual import BlockWithResidu
 class Fusion:
     """How to compute one step: ``run(problem, **ports)`` with ports naming step ids."""
 
-    name: str
     ports: dict[str, list[str]]
-    absorbed: tuple[str, ...]
     run: Any
 
     def kernel_name(self) -> str:
@@ -51,5 +49,5 @@ def find_fusions(recipe, graph: nx.DiGraph, nodes: dict[str, Primitive]) -> dict
         if set(graph.successors(block)) != {sid, sample} or list(graph.successors(sample)) != [sid]:
             continue  # another step reads the block or the sample on its own
         run = BlockWithResidual(nodes[block], nodes[sample])
-        fusions[sid] = Fusion("block_residual", {"select": list(b.select)}, (block, sample), run)
+        fusions[sid] = Fusion({"select": list(b.select)}, run)
     return fusions

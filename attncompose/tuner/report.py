@@ -57,9 +57,11 @@ class RichReporter(Reporter):
 
     def end_length(self, seq_len: int, entry: TunedEntry) -> None:
         """The length's row ends on its choice (the summary table says why, if exact)."""
-        text = "chose exact attention" if entry.fallback else f"chose {entry.latency_ms:.3g} ms"
-        if not entry.fallback:
-            text += f" at err {entry.error_mean:.3g}"
+        text = (
+            "chose exact attention"
+            if entry.fallback
+            else f"chose {entry.latency_ms:.3g} ms at err {entry.error_mean:.3g}"
+        )
         self.progress.update(self.tasks[seq_len], best=text)
 
 

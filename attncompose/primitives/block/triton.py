@@ -126,7 +126,8 @@ def _block_fwd_kernel(
         if HAS_KBIAS:
             b_kb = tl.load(kbias + p_tile * NK + o_k, mask=o_k < NK, other=float("-inf"))
             m_s = m_s & (b_kb > float("-inf"))[None, :]
-            b_s = b_s + tl.where(b_kb > float("-inf"), b_kb * 1.4426950408889634, 0.0)[None, :]
+            b_kb = b_kb * 1.4426950408889634  # natural-log weights into the log2 domain
+            b_s = b_s + tl.where(b_kb > float("-inf"), b_kb, 0.0)[None, :]
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)

@@ -16,7 +16,7 @@ import torch
 
 from attncompose.primitives.base import Partial, Primitive, Problem, Selection, Tiles
 from attncompose.primitives.merge.naive import merge_partials
-from attncompose.primitives.uniform_sample.naive import draw_uniforms, draws_follow, sample_tiles
+from attncompose.primitives.uniform_sample.naive import draws_follow, draws_in
 from attncompose.runtime import dispatch
 
 
@@ -35,8 +35,7 @@ class BlockWithResidual:
             diag = self.block(problem, select=select)
             return merge_partials([diag, self.sample(problem, exclude=[diag])])
         n, n_tiles = tiles.q_idx.shape[0], tiles.q_idx.shape[1]
-        uniforms = draw_uniforms(problem, m, self.sample.knobs["seed"], n_tiles)
-        drawn = sample_tiles(problem, uniforms, tiles.q_idx, shared=cov)
+        drawn = draws_in(problem, m, self.sample.knobs["seed"], tiles, cov)
         first_q = tiles.q_idx[..., :1, None]  # [N, T, 1, 1]: the tile's queries cover alike
         covered = cov.covers(problem, first_q, drawn.k_idx.unsqueeze(-2)).squeeze(-2)
         weight = drawn.lse_shift.unsqueeze(-1).expand(covered.shape)

@@ -47,9 +47,13 @@ def residual_tiles(problem: Problem, m: int, seed: int, exclude: Sequence[Covera
     groups = query_groups(problem, exclude)
     if groups is None:
         return sample_tiles(problem, draw_uniforms(problem, m, seed))
-    n_tiles = groups.q_idx.shape[1]
-    uniforms = draw_uniforms(problem, m, seed, n_tiles)
-    return sample_tiles(problem, uniforms, groups.q_idx, shared=exclude[0])
+    return draws_in(problem, m, seed, groups, exclude[0])
+
+
+def draws_in(problem: Problem, m: int, seed: int, tiles: Tiles, cov: Coverage) -> Tiles:
+    """m stratified draws per tile of a detector's ``tiles``, whose queries ``cov`` groups."""
+    uniforms = draw_uniforms(problem, m, seed, tiles.q_idx.shape[1])
+    return sample_tiles(problem, uniforms, tiles.q_idx, shared=cov)
 
 
 def draw_uniforms(problem: Problem, m: int, seed: int, n_tiles: int | None = None) -> Tensor:
