@@ -316,7 +316,9 @@ def test_kernels_say_which_implementation_runs():
     assert Pipeline(recipe, backend="torch").kernels()["out"].endswith("torch:sdpa-with-lse")
     auto = Pipeline(recipe, backend="auto").kernels()["diag"]
     assert auto == (
-        "triton:tile-attention" if torch.cuda.is_available() else "torch:block-fused-cpu"
+        "triton:tile-attention"
+        if torch.cuda.is_available()
+        else "torch:block-fused-cpu else torch:block"
     )
 
 

@@ -40,6 +40,11 @@ class Pipeline:
         self.fusions: dict[str, Fusion] = (
             find_fusions(recipe, self.graph, self.nodes) if fuse else {}
         )
+        # per step: does every step its value depends on have Primitive.offset_free?
+        self.offset_free = {
+            sid: all(type(self.nodes[s]).offset_free for s in nx.ancestors(self.graph, sid) | {sid})
+            for sid in self.nodes
+        }
 
     def kernels(self) -> dict[str, str]:
         """Step id -> name of the implementation that runs it."""
@@ -78,6 +83,5 @@ class Pipeline:
         """``Problem -> value`` of step ``sid``; its ``offset_free`` says whether every step it
         depends on is (:attr:`Primitive.offset_free`)."""
         fn = lambda sub: self.evaluate(sid, sub, {})
-        steps = nx.ancestors(self.graph, sid) | {sid}
-        fn.offset_free = all(type(self.nodes[s]).offset_free for s in steps)
+        fn.offset_free = self.offset_free[sid]
         return fn

@@ -161,8 +161,10 @@ def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> 
 
 def describe(op: str, backend: str) -> str:
     """What ``backend`` runs for ``op`` on this machine, as ``attncompose show`` prints it
-    (``auto``: Triton where CUDA and triton are present, else PyTorch)."""
+    (``auto``: Triton where CUDA and triton are present, else PyTorch). A backend with
+    several implementations is named in preference order, ``a else b``: which one runs is
+    chosen per call (the fused CPU block kernel takes CPU tensors only)."""
     if backend == "auto":
         cuda = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
         backend = "triton" if cuda else "torch"
-    return _by_backend(op, backend).name
+    return " else ".join(impl.name for impl in OPS[op] if impl.backend == backend)
