@@ -20,7 +20,7 @@ import torch
 
 from attncompose.primitives.base import Partial, Primitive, Problem, register
 from attncompose.primitives.exact.fast import fused_exact_attention
-from attncompose.primitives.merge.naive import merge_partials
+from attncompose.primitives.merge.naive import merge_into, merge_partials
 from attncompose.runtime import dispatch
 
 Body = Callable[[Problem], Partial]
@@ -69,7 +69,8 @@ def leaf_length(n: int, min_seq_len: int) -> int | None:
 def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Body) -> Partial:
     """The recursion unrolled for n = leaf * 2**levels: every diagonal leaf in ONE exact call
     (the leaves stacked as rows: a view of contiguous inputs), then the rectangles level by
-    level from the smallest, each merged into its rows in place (the recursion's order)."""
+    level from the smallest (the recursion's order), each level merged into its rows at once
+    (the rows below each rectangle form one strided view [rows, rectangles, size])."""
     rows, n = problem.q.shape[0], problem.lq
     parts = 1 << levels
     stack = lambda x: x.reshape(rows * parts, leaf, x.shape[-1])
@@ -77,36 +78,41 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
         problem, q=stack(problem.q), k=stack(problem.k), v=stack(problem.v), q_offset=0, k_offset=0
     )
     leaves = exact(diagonal)  # squares: causal alignment needs no offsets
-    out = leaves.out.reshape(rows, n, -1)
-    lse = leaves.lse.reshape(rows, n)
+    out = leaves.out.reshape(rows, n, -1).contiguous()  # merged into in place below
+    lse = leaves.lse.reshape(rows, n).contiguous()
     for level in range(levels):
         size = leaf << level
         starts = range(0, n, 2 * size)
         if getattr(body, "offset_free", False) and len(starts) > 1:
             rects = _stacked(problem, body, starts, size)
         else:
-            rects = [body(problem.sub(slice(s + size, s + 2 * size), slice(s, s + size), False))
-                     for s in starts]  # fmt: skip
-        for start, rect in zip(starts, rects, strict=True):
-            below = slice(start + size, start + 2 * size)
-            merged = merge_partials([Partial(out[:, below], lse[:, below]), rect])
-            out[:, below] = merged.out
-            lse[:, below] = merged.lse
+            each = [body(problem.sub(slice(s + size, s + 2 * size), slice(s, s + size), False))
+                    for s in starts]  # fmt: skip
+            rects = Partial(
+                torch.stack([r.out for r in each], 1), torch.stack([r.lse for r in each], 1)
+            )
+        below = Partial(
+            out.view(rows, len(starts), 2 * size, -1)[:, :, size:],
+            lse.view(rows, len(starts), 2 * size)[:, :, size:],
+        )
+        merge_into(below, rects)
     return Partial(out, lse)
 
 
-def _stacked(problem: Problem, body: Body, starts: range, size: int) -> list[Partial]:
+def _stacked(problem: Problem, body: Body, starts: range, size: int) -> Partial:
     """The level's rectangles (queries [s+size, s+2size) x keys [s, s+size)) through ONE body
-    call: stacked as rows (rectangle-major, so row n' keeps head n' % heads)."""
+    call, stacked as rows (rectangle-major, so row n' keeps head n' % heads); the result as
+    out [rows, rectangles, size, Dv], lse [rows, rectangles, size] (views)."""
     rows = problem.q.shape[0]
     cat = lambda x, shift: torch.cat([x[:, s + shift : s + shift + size] for s in starts])
     first = problem.sub(slice(size, 2 * size), slice(0, size), causal=False)
     stacked = replace(first, q=cat(problem.q, size), k=cat(problem.k, 0), v=cat(problem.v, 0))
     result = body(stacked)
-    return [
-        Partial(result.out[i * rows : (i + 1) * rows], result.lse[i * rows : (i + 1) * rows])
-        for i in range(len(starts))
-    ]
+    count = len(starts)
+    return Partial(
+        result.out.reshape(count, rows, size, -1).transpose(0, 1),
+        result.lse.reshape(count, rows, size).transpose(0, 1),
+    )
 
 
 def _halve(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Partial:

@@ -16,3 +16,13 @@ def merge_partials(parts: list[Partial]) -> Partial:
     for i, p in enumerate(parts[1:], 1):
         out.addcmul_(p.out, w[i].unsqueeze(-1))
     return Partial(out, lse)
+
+
+def merge_into(target: Partial, part: Partial) -> None:
+    """Merge ``part`` into ``target`` in place: the same result as ``merge_partials([target,
+    part])``, written into ``target``'s tensors (which may be views of larger buffers)."""
+    lse = torch.logaddexp(target.lse, part.lse)  # -inf where both are
+    base = lse.nan_to_num(neginf=0.0)
+    target.out.mul_(torch.exp(target.lse - base).unsqueeze(-1))
+    target.out.addcmul_(part.out, torch.exp(part.lse - base).unsqueeze(-1))
+    target.lse.copy_(lse)
