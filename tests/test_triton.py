@@ -226,6 +226,55 @@ def test_block_fp16_within_twice_torch_fp16_error():
     assert kernel_err <= 2 * torch_err + 1e-5
 
 
+# ---------------------------------------------------------------- autotune (the GPU path)
+
+
+def test_autotune_prunes_tile_sizes_to_the_buckets():
+    configs = exact_triton._exact_tuned.configs
+    kept = exact_triton.prune_configs(configs, {"ROWS_B": 16, "KEYS_B": 64})
+    assert kept and all(c.kwargs["BQ"] <= 16 and c.kwargs["BK"] <= 64 for c in kept)
+    assert len(kept) < len(configs)
+    everything = {"ROWS_B": 1 << 17, "KEYS_B": 1 << 17}
+    assert len(exact_triton.prune_configs(configs, everything)) == len(configs)
+    assert exact_triton.bucket(1) == 16 and exact_triton.bucket(4097) == 8192
+
+
+def test_autotuned_launch_matches_reference(monkeypatch):
+    """The GPU launch path (autotuned wrapper, grid from the chosen config, bucketed keys)
+    under the interpreter: with 16 rows and 16 keys pruning leaves one config, so the
+    autotuner takes it without benchmarking (which needs a GPU)."""
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    for tuned in (exact_triton._exact_tuned, block_triton._block_tuned):
+        tuned.cache.clear()
+    problem = make_problem(2, 16, 16, 16, causal=True)
+    assert_same(exact_triton.exact_attention(problem), exact_naive.exact_attention(problem))
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)
+    assert_same(
+        block_triton.block_attention(problem, tiles, own=cov),
+        block_naive.block_attention(problem, tiles, own=cov),
+    )
+    for tuned in (exact_triton._exact_tuned, block_triton._block_tuned):
+        (config,) = tuned.cache.values()  # the autotuner ran and chose the one config
+        assert (config.kwargs["BQ"], config.kwargs["BK"]) == (16, 16)
+
+
+def test_fp32_dots_follow_torchs_tf32_setting():
+    """float32 inputs: full-precision dots unless PyTorch allows TF32 matmuls (Triton's own
+    default would be TF32, ~1e-3 relative error, on every GPU run)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert exact_triton.dot_precision(torch.float32) == "ieee"
+        assert exact_triton.dot_precision(torch.bfloat16) == "ieee"
+        matmul.allow_tf32 = True
+        assert exact_triton.dot_precision(torch.float32) == "tf32"
+        assert exact_triton.dot_precision(torch.float16) == "ieee"
+    finally:
+        matmul.allow_tf32 = before
+
+
 # ---------------------------------------------------------------- lsh
 
 

@@ -22,9 +22,11 @@ from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
 from attncompose.primitives.coverage_args import Predicate, predicates
 from attncompose.primitives.exact.triton import (
     LOG2E,
+    autotuned,
+    dot_precision,
     finish_rows,
+    launch,
     online_softmax_step,
-    tile_sizes,
 )
 
 
@@ -87,6 +89,8 @@ def _block_fwd_kernel(
     NK,  # candidate keys per tile
     delta,  # q_offset - k_offset
     qk_scale,  # scale * log2(e)
+    ROWS_B,  # autotune key only: power-of-two bucket of TQ
+    KEYS_B,  # autotune key only: power-of-two bucket of NK
     CAUSAL: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     HAS_KBIAS: tl.constexpr,
@@ -95,6 +99,7 @@ def _block_fwd_kernel(
     BK: tl.constexpr,
     BD: tl.constexpr,
     BDV: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_s, i_t, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_r = i_s * BQ + tl.arange(0, BQ)  # [BQ] rows of the tile
@@ -115,7 +120,7 @@ def _block_fwd_kernel(
         p_v = v + i_n * s_vn + b_kj[:, None] * s_vl + o_dv[None, :] * s_vd
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
         b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BQ, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & m_k[None, :]
         if CAUSAL:
             m_s = m_s & (b_kj[None, :] <= b_qi[:, None] + delta)
@@ -129,13 +134,18 @@ def _block_fwd_kernel(
             b_kb = b_kb * 1.4426950408889634  # natural-log weights into the log2 domain
             b_s = b_s + tl.where(b_kb > float("-inf"), b_kb, 0.0)[None, :]
         b_s = tl.where(m_s, b_s, float("-inf"))
-        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)
     if HAS_SHIFT:
         b_lse = b_lse + tl.load(shift + p_tile)
     p_o = o + i_n * s_on + b_qi[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out, mask=m_q[:, None])
     tl.store(lse + i_n * s_ln + b_qi, b_lse, mask=m_q)
+
+
+_block_tuned = autotuned(
+    _block_fwd_kernel, ["CAUSAL", "HAS_SHIFT", "HAS_KBIAS", "N_PRED", "BD", "BDV", "DOT"]
+)
 
 
 @dataclass(frozen=True)
@@ -212,9 +222,12 @@ def block_attention(
     shift = q_idx if shift is None else shift.float().expand(n, t).contiguous()
     kbias = tiles.key_bias
     kbias = q_idx if kbias is None else kbias.float().expand(n, t, nk).contiguous()
-    bq, bk = tile_sizes(tq, nk)
-    grid = (triton.cdiv(tq, bq), t, n)
-    _block_fwd_kernel[grid](
+    launch(
+        _block_fwd_kernel,
+        _block_tuned,
+        lambda bq: (triton.cdiv(tq, bq), t, n),
+        tq,
+        nk,
         q,
         k,
         v,
@@ -245,9 +258,8 @@ def block_attention(
         HAS_SHIFT=tiles.lse_shift is not None,
         HAS_KBIAS=tiles.key_bias is not None,
         N_PRED=packed.count,
-        BQ=bq,
-        BK=bk,
         BD=q.shape[-1],
         BDV=v.shape[-1],
+        DOT=dot_precision(q.dtype),
     )
     return out

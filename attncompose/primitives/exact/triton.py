@@ -20,14 +20,15 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def online_softmax_step(b_s, b_v, b_m, b_l, b_acc):
-    """One key chunk: b_s [BQ, BK] log2 scores (-inf masked), b_v [BK, BDV] -> (m, l, acc)."""
+def online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT: tl.constexpr):
+    """One key chunk: b_s [BQ, BK] log2 scores (-inf masked), b_v [BK, BDV] -> (m, l, acc);
+    ``DOT``: tl.dot's input precision (see :func:`dot_precision`)."""
     b_mn = tl.maximum(b_m, tl.max(b_s, 1))  # [BQ]
     b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # rows with no key yet stay at 0 mass
     b_p = tl.exp2(b_s - b_ms[:, None])  # [BQ, BK]
     b_alpha = tl.exp2(b_m - b_ms)  # [BQ]
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT)
     return b_mn, b_l, b_acc
 
 
@@ -66,11 +67,14 @@ def _exact_fwd_kernel(
     Lk,
     delta,  # q_offset - k_offset: key j is visible to query i iff j <= i + delta
     qk_scale,  # scale * log2(e)
+    ROWS_B,  # autotune key only: power-of-two bucket of Lq
+    KEYS_B,  # autotune key only: power-of-two bucket of Lk
     CAUSAL: tl.constexpr,
     BQ: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
     BDV: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_q, i_n = tl.program_id(0), tl.program_id(1)
     o_q = i_q * BQ + tl.arange(0, BQ)  # [BQ]
@@ -91,12 +95,12 @@ def _exact_fwd_kernel(
         p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
         b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BQ, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & m_k[None, :]
         if CAUSAL:
             m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
         b_s = tl.where(m_s, b_s, float("-inf"))
-        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc)
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)
     p_o = o + i_n * s_on + o_q[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out, mask=m_q[:, None])
@@ -104,11 +108,81 @@ def _exact_fwd_kernel(
 
 
 def tile_sizes(rows: int, cols: int) -> tuple[int, int]:
-    """(BQ, BK): powers of two in [16, 64] (tl.dot needs 16; 64 keeps registers in bounds)."""
+    """(BQ, BK) under the interpreter: powers of two in [16, 64] (tl.dot needs 16; small tiles
+    keep interpreted programs cheap)."""
     return (
         max(16, min(64, triton.next_power_of_2(rows))),
         max(16, min(64, triton.next_power_of_2(cols))),
     )
+
+
+# (BQ, BK, num_warps, num_stages) the attention kernels autotune over on a GPU
+ATTENTION_CONFIGS = (
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 32, 4, 3),
+    (64, 128, 4, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 3),
+    (32, 64, 4, 2),
+    (16, 64, 4, 2),
+    (16, 32, 2, 2),
+    (16, 16, 2, 1),
+)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision, as PyTorch's own matmuls: float32 inputs in full precision
+    ("ieee") unless ``torch.backends.cuda.matmul.allow_tf32`` allows TF32 (Triton's default
+    would be TF32 always); 16-bit inputs are multiplied exactly either way."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def bucket(size: int) -> int:
+    """Power-of-two bucket of a length: the autotune key, so lengths (a decode step's growing
+    Lk) share one tuning per bucket instead of tuning at every new length."""
+    return max(16, triton.next_power_of_2(max(1, size)))
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tile sizes larger than the bucketed rows/keys a program sees (all masked work)."""
+    rows, keys = named_args["ROWS_B"], named_args["KEYS_B"]
+    kept = [c for c in configs if c.kwargs["BQ"] <= rows and c.kwargs["BK"] <= keys]
+    return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
+
+
+def autotuned(kernel, key: list[str], configs=ATTENTION_CONFIGS):
+    """``kernel`` autotuned over ``configs`` per (ROWS_B, KEYS_B, *key) and input dtypes.
+
+    The kernels only store their results (nothing accumulates into ``out``), so the
+    autotuner's repeated launches leave the same result."""
+    return triton.autotune(
+        configs=[
+            triton.Config({"BQ": bq, "BK": bk}, num_warps=w, num_stages=s)
+            for bq, bk, w, s in configs
+        ],
+        key=["ROWS_B", "KEYS_B", *key],
+        prune_configs_by={"early_config_prune": prune_configs},
+    )(kernel)
+
+
+def launch(kernel, tuned, grid, rows: int, keys: int, *args, **meta) -> None:
+    """Run an attention kernel: ``grid(BQ)`` programs; ``rows``/``keys``: queries and
+    candidate keys a program row sees. Under the interpreter with one config (the fixed
+    :func:`tile_sizes`), on a GPU through ``tuned``, its autotuned wrapper."""
+    from attncompose.runtime.dispatch import interpreting
+
+    rows_b, keys_b = bucket(rows), bucket(keys)
+    if interpreting():
+        bq, bk = tile_sizes(rows, keys)
+        kernel[grid(bq)](*args, rows_b, keys_b, BQ=bq, BK=bk, **meta)
+    else:
+        tuned[lambda config: grid(config["BQ"])](*args, rows_b, keys_b, **meta)
+
+
+_exact_tuned = autotuned(_exact_fwd_kernel, ["CAUSAL", "BD", "BDV", "DOT"])
 
 
 def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
@@ -120,9 +194,12 @@ def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
         out = Partial(
             q.new_empty(n, lq, dv, dtype=torch.float32), q.new_empty(n, lq, dtype=torch.float32)
         )
-    bq, bk = tile_sizes(lq, problem.lk)
-    grid = (triton.cdiv(lq, bq), n)
-    _exact_fwd_kernel[grid](
+    launch(
+        _exact_fwd_kernel,
+        _exact_tuned,
+        lambda bq: (triton.cdiv(lq, bq), n),
+        lq,
+        problem.lk,
         q,
         k,
         v,
@@ -138,9 +215,8 @@ def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
         problem.q_offset - problem.k_offset,
         problem.scale * LOG2E,
         CAUSAL=problem.causal,
-        BQ=bq,
-        BK=bk,
         BD=d,
         BDV=dv,
+        DOT=dot_precision(q.dtype),
     )
     return out
