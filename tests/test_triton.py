@@ -1,20 +1,22 @@
-"""Triton kernels against their PyTorch references, under the CPU interpreter.
+"""Triton kernels against their PyTorch references, under the CPU interpreter or on a GPU.
 
 Same seeded hash directions and samples for kernel and reference, so results compare
 exactly (up to float rounding). Tiny shapes: the interpreter runs one program at a time.
+On a CUDA machine, ``TRITON_INTERPRET=0 pytest tests/test_triton.py`` compiles the kernels
+and runs every test on CUDA tensors (through the autotuned launch path).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton (and any kernel module) is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (any kernel module) imports
 
 from dataclasses import replace
 
 import pytest
 import torch
-from oracle import make_problem
+from oracle import make_problem as cpu_problem
 
 pytest.importorskip("triton")
 
@@ -50,6 +52,22 @@ if not torch.cuda.is_available() and not isinstance(
         allow_module_level=True,
     )
 
+# compiled kernels on CUDA tensors when not interpreting, else the interpreter on CPU tensors
+DEVICE = torch.device("cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu")
+
+
+def make_problem(*args, **kwargs):
+    """The oracle's problem on DEVICE."""
+    p = cpu_problem(*args, **kwargs)
+    return replace(p, q=p.q.to(DEVICE), k=p.k.to(DEVICE), v=p.v.to(DEVICE))
+
+
+@pytest.fixture
+def make_qkv(make_qkv):
+    """conftest's q, k, v on DEVICE."""
+    return lambda *args, **kwargs: tuple(x.to(DEVICE) for x in make_qkv(*args, **kwargs))
+
+
 SHAPES = [(17, 17), (33, 33), (64, 64), (17, 64)]  # (Lq, Lk); Lq < Lk is decode
 IDS = ["T17", "T33", "T64", "decode17x64"]
 
@@ -64,9 +82,8 @@ def assert_same(got: Partial, want: Partial, tol: float = 1e-5) -> None:
 
 def nan_partial(problem) -> Partial:
     n, lq = problem.q.shape[:2]
-    return Partial(
-        torch.full((n, lq, problem.v.shape[-1]), float("nan")), torch.full((n, lq), float("nan"))
-    )
+    nan = lambda *shape: torch.full(shape, float("nan"), device=problem.q.device)
+    return Partial(nan(n, lq, problem.v.shape[-1]), nan(n, lq))
 
 
 def padded_views(problem):
@@ -74,7 +91,7 @@ def padded_views(problem):
 
     def pad(x):
         n, length, d = x.shape
-        store = torch.full((n + 1, length + 3, 2 * d), float("nan"))
+        store = torch.full((n + 1, length + 3, 2 * d), float("nan"), device=x.device)
         store[1:, 1 : length + 1, :d] = x
         return store[1:, 1 : length + 1, :d]
 
@@ -185,7 +202,7 @@ def test_key_bias_matches_reference(causal):
     k_idx = k_idx.masked_fill(torch.rand(2, 3, 20, generator=g) < 0.1, -1)
     bias = torch.randn(2, 3, 20, generator=g)
     bias = bias.masked_fill(torch.rand(2, 3, 20, generator=g) < 0.2, float("-inf"))
-    tiles = Tiles(q_idx, k_idx, key_bias=bias, exact=True)
+    tiles = Tiles(q_idx, k_idx.to(DEVICE), key_bias=bias.to(DEVICE), exact=True)
     assert_same(
         block_triton.block_attention(problem, tiles),
         block_naive.block_attention(problem, tiles),
@@ -280,8 +297,8 @@ def test_fp32_dots_follow_torchs_tf32_setting():
 
 @pytest.mark.parametrize("bits", [1, 7, 12])
 def test_lsh_ranks_and_sort_match_reference(bits):
-    x = torch.randn(2, 33, 16, generator=torch.Generator().manual_seed(bits))
-    dirs = lsh_naive.projections(2, 16, bits, seed=5)
+    x = torch.randn(2, 33, 16, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
+    dirs = lsh_naive.projections(2, 16, bits, seed=5).to(DEVICE)
     want = lsh_naive.gray_rank(lsh_naive.hash_codes(x, dirs), bits)
     assert torch.equal(lsh_triton.gray_ranks(x, dirs).long(), want)
     for got, ref in zip(
@@ -327,22 +344,34 @@ def test_fused_block_residual_pipeline_triton_equals_torch(make_qkv):
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
+HALF = [
+    pytest.param(torch.float16, 2e-3, id="fp16"),
+    pytest.param(
+        torch.bfloat16,
+        2e-2,  # 8 significant bits against fp16's 11
+        id="bf16",
+        marks=pytest.mark.skipif(DEVICE.type != "cuda", reason="the interpreter miscomputes bf16"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), HALF)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_triton_backend_reads_float16_as_it_is(make_qkv, monkeypatch, causal):
+def test_triton_backend_reads_half_precision_as_it_is(make_qkv, monkeypatch, causal, dtype, tol):
     """Half-precision inputs reach the Triton kernels uncast (they accumulate in float32) and
     give what the float32 torch path gives, to half precision."""
     recipe = ac.load_recipe({"name": "small", "steps": SMALL}).with_knobs({"diag.block_size": 32})
-    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=64, lk=64, d=16, dtype=torch.float16)
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=64, lk=64, d=16, dtype=dtype)
     seen = []
     tile_kernel = block_triton.block_attention
     spy = lambda problem, *a, **kw: seen.append(problem.q.dtype) or tile_kernel(problem, *a, **kw)
     monkeypatch.setattr(block_triton, "block_attention", spy)
     got, got_lse = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
     want, want_lse = ac.compile(recipe, backend="torch")(q, k, v, is_causal=causal, return_lse=True)
-    assert seen and set(seen) == {torch.float16}
-    assert got.dtype == torch.float16 and got_lse.dtype == torch.float32
-    assert ac.relative_error(got.float(), want.float()) < 2e-3
-    assert torch.allclose(got_lse, want_lse, atol=2e-3)
+    assert seen and set(seen) == {dtype}
+    assert got.dtype == dtype and got_lse.dtype == torch.float32
+    assert ac.relative_error(got.float(), want.float()) < tol
+    assert torch.allclose(got_lse, want_lse, atol=tol)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
