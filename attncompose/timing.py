@@ -89,13 +89,21 @@ def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing
     return Timing(statistics.median(samples), tuple(samples))
 
 
-def run_info() -> dict[str, str]:
-    """Where a measurement was taken: device, library versions, git commit, date (UTC)."""
+def run_info(device: torch.device | str | None = None) -> dict[str, str]:
+    """Where a measurement was taken: device (``device``, by default CUDA where present),
+    library versions, git commit, date (UTC). The commit is the HEAD of the checkout holding
+    this package, else ``$ATTNCOMPOSE_COMMIT`` (a copy of the tree without .git), else
+    "unknown"."""
     import datetime
+    import os
     import platform
     import subprocess
+    from pathlib import Path
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     try:
         import triton
 
@@ -104,12 +112,16 @@ def run_info() -> dict[str, str]:
         triton_version = "absent"
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("ATTNCOMPOSE_COMMIT", "unknown")
     return {
-        "device": device,
+        "device": name,
         "cpu": platform.processor() or platform.machine(),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,

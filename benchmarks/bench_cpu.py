@@ -109,7 +109,7 @@ def main() -> None:
         "head_dim": args.dim,
         "dtype": "float32",
         "backend": "torch",
-        **run_info(),
+        **run_info("cpu"),
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")

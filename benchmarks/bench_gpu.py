@@ -7,16 +7,16 @@ speedup (exact FLOPs / FLOPs the pipeline computes, counted analytically from it
 Writes benchmarks/results/bench_gpu_<device>.json with device, versions, commit and date.
 
     python benchmarks/bench_gpu.py                     # the GPU grid (needs CUDA)
+    python benchmarks/bench_gpu.py --lengths 131072 --dims 128 --out F   # part of it
     python benchmarks/bench_gpu.py --cpu-smoke         # torch backend, tiny n, on CPU
+
+The results file is rewritten after every point: a run stopped by a time limit keeps them.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,32 +24,11 @@ import torch
 
 import attncompose as ac
 from attncompose.bench import bench_length, random_qkv
+from attncompose.timing import run_info
 
 RESULTS = Path(__file__).parent / "results"
 GPU_GRID = {"lengths": [4096, 8192, 16384, 32768, 65536, 131072], "dims": [64, 128], "heads": 32}
 SMOKE_GRID = {"lengths": [256, 512], "dims": [16], "heads": 2}
-
-
-def git_commit() -> str | None:
-    """HEAD of this repository, or None outside git."""
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
-    )
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def versions() -> dict[str, str | None]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-    }
 
 
 def hyper_flops(n: int, d: int, knobs: dict[str, int], causal: bool) -> float:
@@ -73,7 +52,10 @@ def exact_flops(n: int, d: int, causal: bool) -> float:
     return (2.0 if causal else 4.0) * d * n * n
 
 
-def run_grid(grid: dict, backend: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def run_grid(
+    grid: dict, backend: str, device: torch.device, dtype: torch.dtype, save
+) -> list[dict]:
+    """Every point of ``grid``; ``save(rows)`` after each one, so a killed run keeps them."""
     attn = ac.compile("hyperattention", backend=backend)
     knobs = {k: v for step in attn.recipe.steps.values() for k, v in step.knobs().items()}
     rows = []
@@ -91,7 +73,8 @@ def run_grid(grid: dict, backend: str, device: torch.device, dtype: torch.dtype)
                         row |= {"speedup_vs_flash": speedup, "ideal_speedup": ideal,
                                 "efficiency": speedup / ideal}  # fmt: skip
                     rows.append(row)
-                    print(json.dumps(row))
+                    print(json.dumps(row), flush=True)
+                save(rows)
                 del q, k, v
     return rows
 
@@ -99,6 +82,8 @@ def run_grid(grid: dict, backend: str, device: torch.device, dtype: torch.dtype)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="torch backend, tiny n, CPU")
+    parser.add_argument("--lengths", help="comma-separated n (default: the grid's)")
+    parser.add_argument("--dims", help="comma-separated head dims (default: the grid's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -107,25 +92,30 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error("no CUDA device; use --cpu-smoke to check the script on CPU")
         device, backend, grid, dtype = torch.device("cuda"), "triton", GPU_GRID, torch.bfloat16
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    rows = run_grid(grid, backend, device, dtype)
-    result = {
-        "benchmark": "bench_gpu",
-        "device": name,
-        "backend": backend,
-        "dtype": str(dtype).removeprefix("torch."),
-        "batch": 1,
-        "heads": grid["heads"],
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "flops_note": "ideal speedup = exact matmul FLOPs / analytical FLOPs of the pipeline",
-        "rows": rows,
-    }
-    slug = "cpu-smoke" if args.cpu_smoke else name.replace(" ", "_")
+    grid = dict(grid)
+    for key, given in (("lengths", args.lengths), ("dims", args.dims)):
+        if given:
+            grid[key] = [int(x) for x in given.split(",")]
+    info = run_info(device)
+    slug = "cpu-smoke" if args.cpu_smoke else info["device"].replace(" ", "_")
     out = args.out or RESULTS / f"bench_gpu_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+
+    def save(rows: list[dict]) -> None:
+        result = {
+            "benchmark": "bench_gpu",
+            "backend": backend,
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": 1,
+            "heads": grid["heads"],
+            "grid": grid,
+            **info,
+            "flops_note": "ideal speedup = exact matmul FLOPs / analytical FLOPs of the pipeline",
+            "rows": rows,
+        }
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    run_grid(grid, backend, device, dtype, save)
     print(f"wrote {out}")
 
 

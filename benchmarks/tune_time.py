@@ -7,28 +7,17 @@ Writes benchmarks/results/tune_time_cpu.json. Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
-import torch
 
+from attncompose.timing import run_info
 from attncompose.tuner import TuneConfig, tune
-from attncompose.tuner.job import versions
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def git_commit() -> str | None:
-    """HEAD of the repository holding this script, or None outside git."""
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
-    )
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def main() -> None:
@@ -64,11 +53,7 @@ def main() -> None:
         "pruned": sum(t.state.name == "PRUNED" for t in trials),
         "reused": sum("same_as" in t.user_attrs for t in trials),
         "entry": entry.model_dump(mode="json"),
-        "device": "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "versions": versions(),
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_info("cpu"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

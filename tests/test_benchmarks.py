@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end at tiny sizes and record where they ran.
+
+Speed is not checked here (benchmarks check speed); only that each script still runs on
+today's code and writes a results file with its rows and the run's device, versions,
+commit and date.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_INFO = {"device", "torch", "triton", "python", "commit", "date"}
+
+SCRIPTS = {
+    "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
+    "bench_gpu": ["--cpu-smoke"],
+    "profile_cpu": ["--seq-len", "1024", "--repeats", "1"],
+    "tune_time": ["--seq-len", "512", "--trials", "3"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_script_writes_its_results(script, tmp_path):
+    out = tmp_path / f"{script}.json"
+    path = ROOT / "benchmarks" / f"{script}.py"
+    done = subprocess.run(
+        [sys.executable, str(path), *SCRIPTS[script], "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= RUN_INFO, RUN_INFO - set(result)
+    assert result["device"] == "cpu" and result["commit"]
+    if script == "tune_time":
+        assert result["seconds"] > 0 and result["entry"]
+    else:
+        assert result["rows"] and all(row.get("causal") in (False, True) for row in result["rows"])
