@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from attncompose.runtime.checks import check_sdpa_options
 from attncompose.spec.errors import RecipeError, format_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
@@ -192,8 +193,8 @@ def device_name(device: torch.device | str) -> str:
 class TunedAttention(nn.Module):
     """SDPA-compatible attention that runs, per call, the entry tuned for its device and length.
 
-    ``attn(q, k, v, is_causal=False, scale=None, return_lse=False)`` with the shapes of
-    :class:`attncompose.Attention`; the dispatch policy is in this module's docstring.
+    Called like :class:`attncompose.Attention` (SDPA's signature, plus ``return_lse``); the
+    dispatch policy is in this module's docstring.
     """
 
     def __init__(self, tuned: TunedFile, backend: str = "auto", source: str | None = None):
@@ -210,10 +211,15 @@ class TunedAttention(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
         is_causal: bool = False,
+        *,
         scale: float | None = None,
+        enable_gqa: bool = False,
         return_lse: bool = False,
     ):
+        check_sdpa_options(attn_mask, dropout_p)
         attn = self.select(device_name(q.device), k.shape[2], bool(is_causal))
         return attn(q, k, v, is_causal=is_causal, scale=scale, return_lse=return_lse)
 

@@ -87,3 +87,35 @@ def test_non_finite_inputs(attn, name, bad):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ac.compile("exact", backend="cuda")
+
+
+def test_explicit_mask_and_dropout_are_refused_not_ignored(attn):
+    q, k, v = _qkv()
+    with pytest.raises(AttentionInputError, match="attn_mask is not supported"):
+        attn(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(AttentionInputError, match=r"dropout_p must be 0 .* got 0\.1"):
+        attn(q, k, v, dropout_p=0.1)
+
+
+def test_sdpa_positional_signature():
+    """A drop-in for F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal,
+    *, scale, enable_gqa): the exact recipe gives SDPA's result called the same way."""
+    q, k, v = _qkv(hq=4, hkv=2, lq=8, lk=8)  # Lq = Lk: SDPA aligns causal masks top-left
+    args, kwargs = (None, 0.0, True), {"scale": 0.3, "enable_gqa": True}
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+    got = ac.compile("exact")(q, k, v, *args, **kwargs)
+    assert ac.relative_error(got, want) < 1e-5
+
+
+def test_backward_fails_clearly_instead_of_dropping_gradients(attn):
+    """With gradients wanted, the output stays attached to q/k/v: a backward pass raises
+    rather than training the layers before attention with silently missing gradients."""
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    out = attn(q, k, v, is_causal=True)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match=r"no backward pass .* torch\.no_grad"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not attn(q, k, v).requires_grad
+    with torch.inference_mode():
+        assert torch.equal(attn(q, k, v, is_causal=True), out.detach())

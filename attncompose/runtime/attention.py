@@ -8,17 +8,22 @@ import torch
 from torch import Tensor, nn
 
 from attncompose.primitives.base import Problem
-from attncompose.runtime.checks import check_inputs
+from attncompose.runtime.checks import check_inputs, check_sdpa_options
 from attncompose.runtime.compiler import Pipeline
 
 
 class Attention(nn.Module):
     """Approximate attention with the calling convention of ``scaled_dot_product_attention``.
 
-    ``attn(q, k, v, is_causal=False, scale=None, return_lse=False)`` with q [B, Hq, Lq, D],
-    k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq a multiple of Hkv; causal masks are aligned
-    bottom-right, so Lq < Lk is decoding). Returns o [B, Hq, Lq, Dv] in q's dtype, and with
-    ``return_lse`` also lse [B, Hq, Lq] (float32, natural log). Computation runs in float32:
+    ``attn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+    enable_gqa=False, return_lse=False)``, SDPA's signature, with q [B, Hq, Lq, D],
+    k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq a multiple of Hkv: grouped-query attention
+    whatever ``enable_gqa`` says; causal masks are aligned bottom-right, so Lq < Lk is
+    decoding). ``attn_mask`` must be None and ``dropout_p`` 0 (an approximation takes no
+    arbitrary mask: the Hugging Face integration runs such calls exactly). Returns
+    o [B, Hq, Lq, Dv] in q's dtype, and with ``return_lse`` also lse [B, Hq, Lq] (float32,
+    natural log). Forward only: where gradients are wanted the output carries a backward
+    that raises, rather than silently detaching the inputs. Computation runs in float32:
     inputs are cast, except where the Triton kernels run (``backend="triton"``, or ``"auto"``
     on CUDA), which read float16/bfloat16 as they are and accumulate in float32.
     ``fuse=False`` evaluates every step on its own instead of fusing step patterns
@@ -38,11 +43,23 @@ class Attention(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
         is_causal: bool = False,
+        *,
         scale: float | None = None,
+        enable_gqa: bool = False,
         return_lse: bool = False,
     ):
+        check_sdpa_options(attn_mask, dropout_p)
         check_inputs(q, k, v, is_causal, self.check_finite)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            out, lse = _ForwardOnly.apply(lambda: self._run(q, k, v, is_causal, scale), q, k, v)
+        else:
+            out, lse = self._run(q, k, v, is_causal, scale)
+        return (out, lse) if return_lse else out
+
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None):
         b, hq, lq, d = q.shape
         group = hq // k.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -62,13 +79,27 @@ class Attention(nn.Module):
         )
         with torch.no_grad():
             result = self.pipeline(problem)
-        out = result.out.view(b, hq, lq, -1).to(q.dtype)
-        if return_lse:
-            return out, result.lse.view(b, hq, lq)
-        return out
+        return result.out.view(b, hq, lq, -1).to(q.dtype), result.lse.view(b, hq, lq)
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.pipeline.backend!r}"
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Links the output to q, k, v so that a backward pass fails with a clear message."""
+
+    @staticmethod
+    def forward(ctx, run, q, k, v):
+        out, lse = run()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        raise RuntimeError(
+            "attncompose attention has no backward pass (it is for inference): run the model "
+            "under torch.no_grad() or torch.inference_mode(), or use exact SDPA for training"
+        )
 
 
 def _expand_heads(x: Tensor, group: int) -> Tensor:

@@ -12,6 +12,17 @@ class AttentionInputError(ValueError):
     """Inputs that the attention call cannot take, with what is wrong."""
 
 
+def check_sdpa_options(attn_mask: object, dropout_p: float) -> None:
+    """SDPA arguments an approximation cannot honour: an explicit mask, dropout."""
+    if attn_mask is not None:
+        raise AttentionInputError(
+            "attn_mask is not supported: approximate attention takes no arbitrary mask; pass "
+            "is_causal=True for a (bottom-right) causal mask, or run exact SDPA for this call"
+        )
+    if dropout_p:
+        raise AttentionInputError(f"dropout_p must be 0 (inference only), got {dropout_p}")
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, check_finite: bool) -> None:
     """Shapes [B,Hq,Lq,D], [B,Hkv,Lk,D], [B,Hkv,Lk,Dv]; same dtype/device; Hq % Hkv == 0."""
     for name, t in (("q", q), ("k", k), ("v", v)):
