@@ -101,7 +101,8 @@ def _block_fwd_kernel(
     BDV: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    i_s, i_t, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_t = tl.program_id(0), tl.program_id(1)
+    i_n = tl.program_id(2).to(tl.int64)  # row offsets i_n * s_qn may pass 2**31
     o_r = i_s * BQ + tl.arange(0, BQ)  # [BQ] rows of the tile
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     p_tile = (i_n * T + i_t).to(tl.int64)

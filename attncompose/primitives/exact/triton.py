@@ -76,7 +76,8 @@ def _exact_fwd_kernel(
     BDV: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    i_q, i_n = tl.program_id(0), tl.program_id(1)
+    i_q = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets i_n * s_qn may pass 2**31
     o_q = i_q * BQ + tl.arange(0, BQ)  # [BQ]
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_q = o_q < Lq

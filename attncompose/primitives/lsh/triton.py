@@ -33,7 +33,8 @@ def _gray_rank_kernel(
     BD: tl.constexpr,
     BR: tl.constexpr,
 ):
-    i_l, i_n = tl.program_id(0), tl.program_id(1)
+    i_l = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets i_n * s_xn may pass 2**31
     o_l = i_l * BL + tl.arange(0, BL)  # [BL]
     o_d, o_r = tl.arange(0, BD), tl.arange(0, BR)
     m_l = o_l < L

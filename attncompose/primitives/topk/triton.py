@@ -31,7 +31,8 @@ def _mean_rows(x, i_n, i_b, s_n, s_l, s_d, L, D, SIZE, BS: tl.constexpr, BD: tl.
 
 @triton.jit
 def _block_means_kernel(x, out, s_n, s_l, s_d, L, D, NB, SIZE, BS: tl.constexpr, BD: tl.constexpr):
-    i_b, i_n = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
     b_mean = _mean_rows(x, i_n, i_b, s_n, s_l, s_d, L, D, SIZE, BS, BD)
     o_d = tl.arange(0, BD)
     tl.store(out + (i_n * NB + i_b) * D + o_d, b_mean, mask=o_d < D)
@@ -42,7 +43,8 @@ def _block_scores_kernel(
     q, kbar, est, s_qn, s_ql, s_qd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale,
     CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BKB: tl.constexpr,
 ):  # fmt: skip
-    i_b, i_n = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
     b_qbar = _mean_rows(q, i_n, i_b, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)  # [BD]
     last_q = tl.minimum(i_b * SIZE + SIZE - 1, Lq - 1)
     o_d = tl.arange(0, BD)
