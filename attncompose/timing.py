@@ -130,3 +130,16 @@ def run_info(device: torch.device | str | None = None) -> dict[str, str]:
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_results(path, record: dict, device: torch.device | str | None = None) -> dict:
+    """Write a benchmark's ``record`` to ``path`` as JSON, with where it ran (:func:`run_info`
+    of ``device``) merged in; returns what was written."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = {**record, **run_info(device)}
+    path.write_text(json.dumps(written, indent=2) + "\n")
+    return written

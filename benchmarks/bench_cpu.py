@@ -14,7 +14,6 @@ rounds and speedups are medians of per-round ratios (the machine is shared). Wri
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,9 @@ import torch.nn.functional as F
 import attncompose as ac
 from attncompose.evaluation import products_fraction
 from attncompose.primitives.causal_split import leaf_length
-from attncompose.timing import measure_rounds, median_ratio, run_info
+from attncompose.timing import measure_rounds, median_ratio, write_results
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def leaf_size(recipe, n: int) -> int | None:
@@ -87,33 +88,39 @@ def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) 
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cpu_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """Arguments the CPU benchmarks share: recipe, heads, head dim, repeats."""
     parser.add_argument("--recipe", default="hyperattention")
-    parser.add_argument("--seq-lens", default="4096,8192,16384,32768")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "bench_cpu.json"
-    )
-    args = parser.parse_args()
-    seq_lens = [int(x) for x in args.seq_lens.split(",")]
-    rows = bench(args.recipe, seq_lens, args.heads, args.dim, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "bench_cpu",
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
+def write_cpu_results(path: Path, benchmark: str, args: argparse.Namespace, rows: list) -> None:
+    """A CPU benchmark's rows with its setting (B=1, fp32, torch backend) and run_info."""
+    record = {
+        "benchmark": benchmark,
         "recipe": args.recipe,
         "batch": 1,
         "heads": args.heads,
         "head_dim": args.dim,
         "dtype": "float32",
         "backend": "torch",
-        **run_info("cpu"),
         "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(path, record, "cpu")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cpu_arguments(parser, repeats=3)
+    parser.add_argument("--seq-lens", default="4096,8192,16384,32768")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_cpu.json")
+    args = parser.parse_args()
+    seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    rows = bench(args.recipe, seq_lens, args.heads, args.dim, args.repeats)
+    write_cpu_results(args.out, "bench_cpu", args, rows)
 
 
 if __name__ == "__main__":

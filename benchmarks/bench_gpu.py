@@ -24,7 +24,7 @@ import torch
 
 import attncompose as ac
 from attncompose.bench import bench_length, random_qkv
-from attncompose.timing import run_info
+from attncompose.timing import write_results
 
 RESULTS = Path(__file__).parent / "results"
 GPU_GRID = {"lengths": [4096, 8192, 16384, 32768, 65536, 131072], "dims": [64, 128], "heads": 32}
@@ -96,10 +96,8 @@ def main() -> None:
     for key, given in (("lengths", args.lengths), ("dims", args.dims)):
         if given:
             grid[key] = [int(x) for x in given.split(",")]
-    info = run_info(device)
-    slug = "cpu-smoke" if args.cpu_smoke else info["device"].replace(" ", "_")
+    slug = "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name().replace(" ", "_")
     out = args.out or RESULTS / f"bench_gpu_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows: list[dict]) -> None:
         result = {
@@ -109,11 +107,10 @@ def main() -> None:
             "batch": 1,
             "heads": grid["heads"],
             "grid": grid,
-            **info,
             "flops_note": "ideal speedup = exact matmul FLOPs / analytical FLOPs of the pipeline",
             "rows": rows,
         }
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(out, result, device)
 
     run_grid(grid, backend, device, dtype, save)
     print(f"wrote {out}")

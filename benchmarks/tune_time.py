@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from attncompose.timing import run_info
+from attncompose.timing import write_results
 from attncompose.tuner import TuneConfig, tune
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,10 +53,8 @@ def main() -> None:
         "pruned": sum(t.state.name == "PRUNED" for t in trials),
         "reused": sum("same_as" in t.user_attrs for t in trials),
         "entry": entry.model_dump(mode="json"),
-        **run_info("cpu"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_results(args.out, record, "cpu")
     print(json.dumps({k: record[k] for k in ("seconds", "pruned", "reused")}), entry.fallback)
 
 

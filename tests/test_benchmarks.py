@@ -20,6 +20,7 @@ RUN_INFO = {"device", "torch", "triton", "python", "commit", "date"}
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
     "bench_gpu": ["--cpu-smoke"],
+    "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
     "profile_cpu": ["--seq-len", "1024", "--repeats", "1"],
     "tune_time": ["--seq-len", "512", "--trials", "3"],
 }
@@ -30,7 +31,8 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
     out = tmp_path / f"{script}.json"
     path = ROOT / "benchmarks" / f"{script}.py"
     done = subprocess.run(
-        [sys.executable, str(path), *SCRIPTS[script], "--out", str(out)],
+        [sys.executable, str(path), "--out", str(out)]
+        + [arg.format(tmp=tmp_path) for arg in SCRIPTS[script]],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,5 +44,7 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
     assert result["device"] == "cpu" and result["commit"]
     if script == "tune_time":
         assert result["seconds"] > 0 and result["entry"]
+    elif script == "detector_quality":
+        assert result["settings"] and "commit" in (tmp_path / "doc.md").read_text()
     else:
         assert result["rows"] and all(row.get("causal") in (False, True) for row in result["rows"])
