@@ -69,6 +69,8 @@ def median_ratio(num: Timing, den: Timing) -> float:
 
 
 def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
+    fn()  # compile and autotune first: do_bench sizes its loops on its first calls' time
+    torch.cuda.synchronize()
     try:
         from triton.testing import do_bench
 
