@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncompose.commands import backend_option, parse_lengths
+from attncompose.commands import backend_option, device_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
 from attncompose.loading import load_attention
 from attncompose.metrics import relative_error
@@ -121,7 +121,7 @@ def bench_length(
     show_default=True,
     type=click.Choice(["bfloat16", "float16", "float32"]),
 )
-@click.option("--device", default=None, help="Default: cuda if available, else cpu.")
+@device_option("Default: cuda if available, else cpu.")
 @_user_errors
 def bench(
     recipe_or_tuned: str,

@@ -1,5 +1,5 @@
 """What every command shares: user mistakes become one line on stderr and exit status 2, and
-the options several commands take (data, backend, lists of lengths)."""
+the options several commands take (data, backend, device, lists of lengths)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,26 @@ def user_errors(fn):
         except errors as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            click.echo(f"error: out of memory (try shorter sequences): {first}", err=True)
+            sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CPU or CUDA), not a bug."""
+    import torch
+
+    text = str(err).lower()
+    return (
+        isinstance(err, (MemoryError, torch.OutOfMemoryError))
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    )
 
 
 def parse_lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -51,6 +69,36 @@ def parse_lengths(ctx: click.Context, param: click.Parameter, value: str) -> tup
     if not lengths or min(lengths) < 1:
         raise click.BadParameter(f"expected positive lengths, got {value!r}")
     return tuple(dict.fromkeys(lengths))
+
+
+def parse_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback: a torch device this machine has ('cpu', 'cuda', 'cuda:1'), or None."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(
+            f"not a torch device: {value!r} (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU found"
+            raise click.BadParameter(f"{value!r}: CUDA is not available here ({why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(
+                f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise click.BadParameter(f"{value!r}: only cpu and cuda devices are supported")
+    return value
+
+
+def device_option(help: str):
+    """--device, checked against what this machine has (default None: the command decides)."""
+    return click.option("--device", default=None, callback=parse_device, help=help)
 
 
 data_option = click.option(

@@ -81,6 +81,39 @@ def test_run_bad_length(run):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["bench", "tune"])
+def test_device_the_machine_lacks_is_a_usage_error(run, command):
+    args = [command, "exact", "--seq-lens", "64"] + (["--target-err", "0.1"] * (command == "tune"))
+    bad = run(*args, "--device", "banana")
+    assert bad.exit_code == 2 and "not a torch device: 'banana'" in bad.output
+    assert "Traceback" not in bad.output
+    if not torch.cuda.is_available():
+        missing = run(*args, "--device", "cuda")
+        assert missing.exit_code == 2 and "CUDA is not available here" in missing.output
+
+
+def test_out_of_memory_is_one_line():
+    """An allocation failure (asking for a length the machine cannot hold) is a user error."""
+    import click
+
+    from attncompose.commands import user_errors
+
+    @click.command()
+    @user_errors
+    def greedy():
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 1e11 bytes")
+
+    @click.command()
+    @user_errors
+    def buggy():
+        raise RuntimeError("shape mismatch")
+
+    runner = CliRunner()
+    _one_line_error(runner.invoke(greedy, []), "out of memory", "can't allocate memory")
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # bugs still surface
+        runner.invoke(buggy, [], catch_exceptions=False)
+
+
 def test_run_missing_data_file(run, tmp_path):
     _one_line_error(
         run("run", "exact", "--seq-len", "16", "--data", str(tmp_path / "no.st")), "no.st"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from attncompose.commands import backend_option, data_option, parse_lengths
+from attncompose.commands import backend_option, data_option, device_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
 
 
@@ -83,7 +83,7 @@ from attncompose.commands import user_errors as _user_errors
     help="Write a PNG of error vs latency per length (Pareto front, target line).",
 )
 @backend_option
-@click.option("--device", default=None, help="Device to tune on [default: cuda if available].")
+@device_option("Device to tune on [default: cuda if available].")
 @_user_errors
 def tune(
     recipe: str,
