@@ -527,6 +527,32 @@ def test_window_and_sink_kernels_match_dense_mask(block_attention, causal, lq, l
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("lq", "lk"), [(200, 200), (207, 207), (100, 230)])
+def test_key_ranges_read_as_views_equal_gathers(block_attention, causal, lq, lk, monkeypatch):
+    """Window and sink tiles are key ranges: in-bounds chunks read K/V through overlapping
+    views (edge tiles, with keys outside [0, Lk), are gathered); same result as gathering
+    every chunk, and as the dense specification."""
+    from attncompose.primitives.block import naive
+    from attncompose.primitives.sink import SinkCoverage
+    from attncompose.primitives.window import WindowCoverage
+
+    monkeypatch.setattr(naive, "SCORE_BUDGET", 2 * 16 * 40 * 3)  # three tiles a chunk
+    views = []
+    key_ranges = naive.key_ranges
+    monkeypatch.setattr(naive, "key_ranges", lambda *a: views.append(a) or key_ranges(*a))
+    p = make_problem(2, lq, lk, causal=causal, seed=3)
+    win, sink = WindowCoverage(25).bind(16), SinkCoverage(4).bind(16)
+    for own, exclude in ((win, (sink,)), (sink, (win,))):
+        tiles = own.tiles(p)
+        got = block_attention(p, tiles, own=own, exclude=exclude)
+        gathered = block_attention(p, replace(tiles, k_start=None), own=own, exclude=exclude)
+        assert torch.allclose(got.out, gathered.out, atol=1e-6)
+        assert torch.equal(got.lse.isinf(), gathered.lse.isinf())
+        _assert_partial_equal(got, masked_attention(p, dense_mask(p, own, exclude=exclude)))
+    assert views  # some chunks were read as views
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_union_of_detectors_counts_no_key_twice(causal):
     """block(select=[sink, window, lsh, topk]) equals attention over the union of their pairs."""
     from attncompose.primitives.block import Block

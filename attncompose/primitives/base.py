@@ -115,6 +115,9 @@ class Tiles:
     candidate pair is covered by the selection that made the tiles, so the kernel need not
     test coverage. ``shared``: a coverage under which all queries of a tile cover the same
     keys (the tiles group queries by it), so an exclusion by it is tested on one query a tile.
+    ``k_start`` [T] (optional): the candidates of tile t are the key range ``k_start[t] + j``
+    in every row (``-1`` in ``k_idx`` where the range leaves [0, Lk)), so a kernel may read
+    them as a strided view instead of gathering (windows, sinks).
     """
 
     q_idx: Tensor
@@ -123,10 +126,17 @@ class Tiles:
     exact: bool = False
     key_bias: Tensor | None = None
     shared: Coverage | None = None
+    k_start: Tensor | None = None
 
 
 class Coverage:
     """The (query, key) pairs one kernel input computes exactly."""
+
+    @property
+    def row_invariant(self) -> bool:
+        """Whether ``covers`` answers alike for every row n (static patterns: sinks, windows):
+        a tile kernel may then build its pair mask once for all rows."""
+        return False
 
     def tiles(self, problem: Problem) -> Tiles:
         """Tiles whose candidate keys include every covered pair of their queries."""
@@ -142,6 +152,10 @@ class UnionCoverage(Coverage):
     """Union of coverages: covered if any part covers the pair."""
 
     parts: list[Coverage] = field(default_factory=list)
+
+    @property
+    def row_invariant(self) -> bool:
+        return all(part.row_invariant for part in self.parts)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         mask = self.parts[0].covers(problem, qi, kj)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
-from attncompose.primitives.block.naive import run_tiles
+from attncompose.primitives.block.naive import any_key, run_tiles
 
 
 def fused_op():
@@ -51,7 +51,7 @@ def _fused_chunk(
         add = torch.where(mask, keep, float("-inf")).expand(*q.shape[:-1], k.shape[-2])
     out, lse = fused_op()(q, k, v, 0.0, False, attn_mask=add, scale=scale)[:2]
     if mask is not None:
-        empty = ~mask.any(dim=-1).expand(lse.shape)  # [N, T, bq]
+        empty = ~any_key(mask).expand(lse.shape)  # [N, T, bq]
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse

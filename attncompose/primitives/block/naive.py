@@ -9,6 +9,8 @@ float32; memory is bounded by processing tiles in chunks.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -39,16 +41,19 @@ def run_tiles(
     chunks: gather rows, build the pair mask, count products, apply lse shifts, scatter back.
     ``mask`` is None or bool [N, T, bq or 1, nk]; ``bias`` None or the key bias [N, T, nk]."""
     result = Partial.empty(problem)
-    n, t, bq = tiles.q_idx.shape
+    n, _, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
     if nk == 0:
         return result
     step = max(1, SCORE_BUDGET // max(1, n * bq * nk))
-    for t0 in range(0, t, step):
-        sl = slice(t0, t0 + step)
+    to_test = None if tiles.exact else own
+    alike = rows_alike(tiles, [c for c in (to_test, *exclude) if c is not None])
+    for sl, first, stride in _chunks(tiles, problem.lk, step):
         qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
-        to_test = None if tiles.exact else own
-        mask = pair_mask(problem, qi, kj, to_test, exclude, tiles.shared)
+        if alike:  # one pair mask for every row, broadcast by stride
+            mask = pair_mask(problem, qi[:1], kj[:1], to_test, exclude, tiles.shared)
+        else:
+            mask = pair_mask(problem, qi, kj, to_test, exclude, tiles.shared)
         bias = None if tiles.key_bias is None else tiles.key_bias[:, sl]
         if bias is not None:
             finite = torch.isfinite(bias).unsqueeze(-2)
@@ -57,13 +62,72 @@ def run_tiles(
             valid = (qi >= 0).unsqueeze(-1)
             add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
         q = gather_rows(problem.q, qi).float()  # [N, T, bq, D]
-        k = gather_rows(problem.k, kj).float()  # [N, T, nk, D]
-        v = gather_rows(problem.v, kj).float()  # [N, T, nk, Dv]
+        if first is None:
+            k = gather_rows(problem.k, kj).float()  # [N, T, nk, D]
+            v = gather_rows(problem.v, kj).float()  # [N, T, nk, Dv]
+        else:  # key ranges in bounds: overlapping views, nothing copied
+            count = sl.stop - sl.start
+            k = key_ranges(problem.k, first, stride, count, nk).float()
+            v = key_ranges(problem.v, first, stride, count, nk).float()
         out, lse = chunk_fn(q, k, v, mask, bias, problem.scale)
         if tiles.lse_shift is not None:
             lse = lse + tiles.lse_shift[:, sl].unsqueeze(-1)
         _scatter_rows(result, qi, out, lse)
     return result
+
+
+def _chunks(tiles: Tiles, lk: int, step: int):
+    """(slice of tiles, first key, key stride between tiles) per chunk of at most ``step``
+    tiles; first/stride are None unless the chunk's candidates are key ranges
+    (``tiles.k_start``) inside [0, lk) whose starts step evenly: those are read as views."""
+    t = tiles.q_idx.shape[1]
+    if tiles.k_start is None:
+        for t0 in range(0, t, step):
+            yield slice(t0, min(t0 + step, t)), None, None
+        return
+    nk = tiles.k_idx.shape[-1]
+    starts = tiles.k_start.tolist()
+    inside = [s >= 0 and s + nk <= lk for s in starts]
+    t0 = 0
+    while t0 < t:  # segments of tiles alike in `inside`, chunked
+        t1 = t0 + 1
+        while t1 < t and t1 - t0 < step and inside[t1] == inside[t0]:
+            t1 += 1
+        chunk = starts[t0:t1]
+        steps = {b - a for a, b in itertools.pairwise(chunk)}
+        if inside[t0] and len(steps) <= 1:
+            yield slice(t0, t1), chunk[0], steps.pop() if steps else 0
+        else:
+            yield slice(t0, t1), None, None
+        t0 = t1
+
+
+def key_ranges(x: Tensor, first: int, stride: int, count: int, nk: int) -> Tensor:
+    """[N, count, nk, D] view of x [N, L, D]: tile t reads rows first + t*stride + j."""
+    s_n, s_l, s_d = x.stride()
+    return x.as_strided(
+        (x.shape[0], count, nk, x.shape[2]),
+        (s_n, stride * s_l, s_l, s_d),
+        x.storage_offset() + first * s_l,
+    )
+
+
+def rows_alike(tiles: Tiles, coverages: list[Coverage]) -> bool:
+    """Whether every row n has the same pair mask: the same query and key indices (expanded
+    along rows), no per-row key bias, and coverages whose answers do not depend on the row."""
+    same = lambda x: x.shape[0] == 1 or x.stride(0) == 0
+    return (
+        same(tiles.q_idx)
+        and same(tiles.k_idx)
+        and tiles.key_bias is None
+        and all(cov.row_invariant for cov in coverages)
+    )
+
+
+def any_key(mask: Tensor) -> Tensor:
+    """``mask.any(dim=-1)`` for a bool mask, as a byte max (an order of magnitude faster on
+    CPU than ``any`` over the last dimension)."""
+    return mask.view(torch.uint8).amax(dim=-1).bool()
 
 
 def pair_mask(

@@ -27,6 +27,8 @@ class SinkCoverage(Selection, Coverage):
     count: int
     tile: int = 128
 
+    row_invariant = True  # positions only
+
     def bind(self, block_size: int) -> SinkCoverage:
         return SinkCoverage(self.count, tile=block_size)
 
@@ -38,7 +40,8 @@ class SinkCoverage(Selection, Coverage):
         width = max(0, min(problem.lk, self.count - problem.k_offset))
         q_idx = natural_tiles(n, problem.lq, min(self.tile, problem.lq), dev)
         k_idx = torch.arange(width, device=dev).expand(n, q_idx.shape[1], width)
-        return Tiles(q_idx, k_idx, exact=True)
+        start = torch.zeros(q_idx.shape[1], dtype=torch.long, device=dev)
+        return Tiles(q_idx, k_idx, exact=True, k_start=start)
 
 
 @register

@@ -29,6 +29,10 @@ class TopkCoverage(Selection, Coverage):
     def bind(self, block_size: int) -> TopkCoverage:
         return self  # its own block size defines the geometry
 
+    @property
+    def row_invariant(self) -> bool:
+        return self.table.shape[0] == 1 or self.table.stride(0) == 0  # a static table (power)
+
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         nkb = self.table.shape[-1]
         flat = self.table.flatten(1)

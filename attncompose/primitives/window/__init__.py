@@ -28,6 +28,8 @@ class WindowCoverage(Selection, Coverage):
     width: int
     tile: int = 128
 
+    row_invariant = True  # positions only
+
     def bind(self, block_size: int) -> WindowCoverage:
         return WindowCoverage(self.width, tile=block_size)
 
@@ -45,7 +47,7 @@ class WindowCoverage(Selection, Coverage):
         start = first_q + problem.q_offset - problem.k_offset - self.width + 1  # local key idx
         k_idx = start[:, None] + torch.arange(bq + self.width - 1, device=dev)  # [T, nk]
         k_idx = k_idx.masked_fill((k_idx < 0) | (k_idx >= problem.lk), -1)
-        return Tiles(q_idx, k_idx.expand(n, -1, -1))
+        return Tiles(q_idx, k_idx.expand(n, -1, -1), k_start=start)
 
 
 @register
