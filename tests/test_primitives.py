@@ -167,6 +167,22 @@ def test_topk_kernel_excluding_lsh_matches_dense_mask(block_attention, causal, k
     _assert_partial_equal(got, want)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunks_reusing_scratch_buffers_match_dense_mask(block_attention, causal, monkeypatch):
+    """Many chunks of unequal sizes through one call's reused buffers (gathers, pair mask,
+    additive mask): every chunk sees its own data, none of the previous chunk's."""
+    from attncompose.primitives.block import naive
+
+    monkeypatch.setattr(naive, "SCORE_BUDGET", 2 * 7 * 28 * 2 + 1)  # 2 tiles a chunk, 15 tiles
+    p = make_problem(2, 101, 101, causal=causal, seed=4)
+    lsh = Lsh(LshStep(num_projections=3))(p).bind(16)
+    topk = Topk(TopkStep(block_size=7, k=3, max_k=4))(p)
+    tiles = topk.tiles(p)
+    assert tiles.q_idx.shape[1] == 15 and tiles.k_idx.shape[-1] == 21
+    got = block_attention(p, tiles, own=topk, exclude=(lsh,))
+    _assert_partial_equal(got, masked_attention(p, dense_mask(p, topk, exclude=(lsh,))))
+
+
 def test_topk_picks_the_planted_block():
     p = make_problem(1, 64, 64, d=16, seed=1)
     target = p.k[0, 40:48].mean(0)

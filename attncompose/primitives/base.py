@@ -209,12 +209,18 @@ def register(cls: type[Primitive]) -> type[Primitive]:
     return cls
 
 
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[n, idx[n, ...]]`` for x [N, L, D] and idx [N, ...] (-1 reads row 0); [N, ..., D]."""
+def gather_rows(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x[n, idx[n, ...]]`` for x [N, L, D] and idx [N, ...] (-1 reads row 0); [N, ..., D].
+    ``out``: a buffer of at least that many elements to write into (fresh memory costs page
+    faults on CPU, more than the copy itself)."""
     n, length, d = x.shape
     base = torch.arange(n, device=idx.device).view(n, *([1] * (idx.dim() - 1))) * length
     rows = (idx.clamp_min(0) + base).reshape(-1)
-    return x.reshape(n * length, d).index_select(0, rows).view(*idx.shape, d)
+    flat = x.reshape(n * length, d)
+    if out is None:
+        return flat.index_select(0, rows).view(*idx.shape, d)
+    dest = out[: rows.numel() * d].view(rows.numel(), d)
+    return torch.index_select(flat, 0, rows, out=dest).view(*idx.shape, d)
 
 
 def take(meta: Tensor, idx: Tensor) -> Tensor:

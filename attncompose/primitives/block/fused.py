@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
-from attncompose.primitives.block.naive import any_key, run_tiles
+from attncompose.primitives.block.naive import Scratch, any_key, run_tiles
 
 
 def fused_op():
@@ -41,14 +41,24 @@ def block_attention(
 
 
 def _fused_chunk(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     # tiles play the role of heads: q [N, T, bq, D], k/v [N, T, nk, D]; the additive mask
-    # [N, T, bq or 1, nk] is broadcast over the tile's queries by stride, not copied
+    # [N or 1, T, bq or 1, nk] is broadcast over rows and the tile's queries by stride
     add = None
     if mask is not None:
-        keep = 0.0 if bias is None else bias.unsqueeze(-2)
-        add = torch.where(mask, keep, float("-inf")).expand(*q.shape[:-1], k.shape[-2])
+        scalar = lambda x: torch.full((), x, dtype=q.dtype, device=q.device)
+        keep = scalar(0.0) if bias is None else bias.unsqueeze(-2)
+        shape = torch.broadcast_shapes(mask.shape, keep.shape)
+        into = None if scratch is None else scratch.take("add_mask", shape, q.dtype, q.device)
+        add = torch.where(mask, keep, scalar(float("-inf")), out=into)
+        add = add.expand(*q.shape[:-1], k.shape[-2])
     out, lse = fused_op()(q, k, v, 0.0, False, attn_mask=add, scale=scale)[:2]
     if mask is not None:
         empty = ~any_key(mask).expand(lse.shape)  # [N, T, bq]

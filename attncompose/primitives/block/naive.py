@@ -10,6 +10,7 @@ float32; memory is bounded by processing tiles in chunks.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor
@@ -34,12 +35,30 @@ def block_attention(
     return run_tiles(problem, tiles, own, exclude, _softmax_chunk)
 
 
+class Scratch:
+    """Buffers reused by the chunks of one kernel call: on CPU, touching fresh memory (page
+    faults) costs more than the copies and masks written into it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised [shape] tensor; ``name``'s buffer, grown when too small."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
 def run_tiles(
     problem: Problem, tiles: Tiles, own: Coverage | None, exclude: tuple[Coverage, ...], chunk_fn
 ) -> Partial:
-    """Drive ``chunk_fn(q, k, v, mask, bias, scale) -> (out, lse)`` over memory-bounded tile
-    chunks: gather rows, build the pair mask, count products, apply lse shifts, scatter back.
-    ``mask`` is None or bool [N, T, bq or 1, nk]; ``bias`` None or the key bias [N, T, nk]."""
+    """Drive ``chunk_fn(q, k, v, mask, bias, scale, scratch) -> (out, lse)`` over
+    memory-bounded tile chunks: gather rows, build the pair mask, count products, apply lse
+    shifts, scatter back. ``mask`` is None or bool [N, T, bq or 1, nk]; ``bias`` None or the
+    key bias [N, T, nk]; ``scratch``: the call's :class:`Scratch` (its buffers outlive a
+    chunk only until the next one)."""
     result = Partial.empty(problem)
     n, _, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
@@ -48,12 +67,14 @@ def run_tiles(
     step = max(1, SCORE_BUDGET // max(1, n * bq * nk))
     to_test = None if tiles.exact else own
     alike = rows_alike(tiles, [c for c in (to_test, *exclude) if c is not None])
+    scratch = Scratch()
     for sl, first, stride in _chunks(tiles, problem.lk, step):
         qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
         if alike:  # one pair mask for every row, broadcast by stride
-            mask = pair_mask(problem, qi[:1], kj[:1], to_test, exclude, tiles.shared)
+            qi_m, kj_m = qi[:1], kj[:1]
         else:
-            mask = pair_mask(problem, qi, kj, to_test, exclude, tiles.shared)
+            qi_m, kj_m = qi, kj
+        mask = pair_mask(problem, qi_m, kj_m, to_test, exclude, tiles.shared, scratch)
         bias = None if tiles.key_bias is None else tiles.key_bias[:, sl]
         if bias is not None:
             finite = torch.isfinite(bias).unsqueeze(-2)
@@ -61,15 +82,18 @@ def run_tiles(
         if counting_products():
             valid = (qi >= 0).unsqueeze(-1)
             add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
-        q = gather_rows(problem.q, qi).float()  # [N, T, bq, D]
+        gather = lambda name, x, idx: gather_rows(
+            x, idx, scratch.take(name, (idx.numel() * x.shape[-1],), x.dtype, x.device)
+        ).float()
+        q = gather("q", problem.q, qi)  # [N, T, bq, D]
         if first is None:
-            k = gather_rows(problem.k, kj).float()  # [N, T, nk, D]
-            v = gather_rows(problem.v, kj).float()  # [N, T, nk, Dv]
+            k = gather("k", problem.k, kj)  # [N, T, nk, D]
+            v = gather("v", problem.v, kj)  # [N, T, nk, Dv]
         else:  # key ranges in bounds: overlapping views, nothing copied
             count = sl.stop - sl.start
             k = key_ranges(problem.k, first, stride, count, nk).float()
             v = key_ranges(problem.v, first, stride, count, nk).float()
-        out, lse = chunk_fn(q, k, v, mask, bias, problem.scale)
+        out, lse = chunk_fn(q, k, v, mask, bias, problem.scale, scratch)
         if tiles.lse_shift is not None:
             lse = lse + tiles.lse_shift[:, sl].unsqueeze(-1)
         _scatter_rows(result, qi, out, lse)
@@ -137,6 +161,7 @@ def pair_mask(
     own: Coverage | None,
     exclude: tuple[Coverage, ...],
     shared: Coverage | None = None,
+    scratch: Scratch | None = None,
 ) -> Tensor | None:
     """Bool [N, T, bq or 1, nk] of the pairs that take part (None: all of them).
 
@@ -159,14 +184,23 @@ def pair_mask(
     if not parts:
         return None
     shape = torch.broadcast_shapes(*(p.shape for p in parts))
-    mask = parts[0].expand(shape).clone()  # one full-size buffer, combined in place
+    if scratch is None:
+        mask = parts[0].expand(shape).clone()  # one full-size buffer, combined in place
+    else:
+        mask = scratch.take("pair_mask", shape, torch.bool, qi.device).copy_(parts[0])
     for part in parts[1:]:
         mask.logical_and_(part)
     return mask
 
 
 def _softmax_chunk(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The reference: scores (+ key bias), masked max-shifted softmax, weighted values."""
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [N, T, bq, nk]
