@@ -56,9 +56,9 @@ def run_tiles(
 ) -> Partial:
     """Drive ``chunk_fn(q, k, v, mask, bias, scale, scratch) -> (out, lse)`` over
     memory-bounded tile chunks: gather rows, build the pair mask, count products, apply lse
-    shifts, scatter back. ``mask`` is None or bool [N, T, bq or 1, nk]; ``bias`` None or the
-    key bias [N, T, nk]; ``scratch``: the call's :class:`Scratch` (its buffers outlive a
-    chunk only until the next one)."""
+    shifts, scatter back. ``mask`` is None or bool [N or 1, T, bq or 1, nk] (1: the same for
+    every row or query, by broadcast); ``bias`` None or the key bias [N, T, nk]; ``scratch``:
+    the call's :class:`Scratch` (its buffers live until the next chunk)."""
     result = Partial.empty(problem)
     n, _, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
