@@ -50,3 +50,6 @@ class Sink(Primitive):
 
     def __call__(self, problem: Problem) -> SinkCoverage:
         return SinkCoverage(self.knobs["count"])
+
+    def kernel_name(self) -> str:
+        return "positions only (no kernel)"

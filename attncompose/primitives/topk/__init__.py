@@ -43,9 +43,11 @@ class TopkCoverage(Selection, Coverage):
     def tiles(self, problem: Problem) -> Tiles:
         n, _, nkb = self.table.shape
         dev = self.table.device
-        count = int(self.table.sum(-1).max()) if self.table.numel() else 0
+        # a static table (the same for every row) gives tiles expanded along rows
+        table = self.table[:1] if self.row_invariant else self.table
+        count = int(table.sum(-1).max()) if table.numel() else 0
         # selected block ids first (ascending), then unselected ones marked -1
-        key = torch.where(self.table, torch.arange(nkb, device=dev), nkb + 1)
+        key = torch.where(table, torch.arange(nkb, device=dev), nkb + 1)
         blocks = torch.sort(key, dim=-1).values[..., : max(count, 1)]  # [N, nQB, K]
         k_idx = blocks[..., None] * self.size + torch.arange(self.size, device=dev)
         k_idx = k_idx.flatten(-2)  # [N, nQB, K*size]
@@ -53,7 +55,7 @@ class TopkCoverage(Selection, Coverage):
             (blocks.repeat_interleave(self.size, -1) > nkb) | (k_idx >= problem.lk), -1
         )
         q_idx = natural_tiles(n, problem.lq, self.size, dev)
-        return Tiles(q_idx, k_idx, exact=True)
+        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=True)
 
 
 @register

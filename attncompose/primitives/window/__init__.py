@@ -56,3 +56,6 @@ class Window(Primitive):
 
     def __call__(self, problem: Problem) -> WindowCoverage:
         return WindowCoverage(self.knobs["width"])
+
+    def kernel_name(self) -> str:
+        return "positions only (no kernel)"
