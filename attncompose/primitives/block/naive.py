@@ -70,11 +70,8 @@ def run_tiles(
     scratch = Scratch()
     for sl, first, stride in _chunks(tiles, problem.lk, step):
         qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
-        if alike:  # one pair mask for every row, broadcast by stride
-            qi_m, kj_m = qi[:1], kj[:1]
-        else:
-            qi_m, kj_m = qi, kj
-        mask = pair_mask(problem, qi_m, kj_m, to_test, exclude, tiles.shared, scratch)
+        rows = slice(0, 1) if alike else slice(None)  # alike: one mask, broadcast over rows
+        mask = pair_mask(problem, qi[rows], kj[rows], to_test, exclude, tiles.shared, scratch)
         bias = None if tiles.key_bias is None else tiles.key_bias[:, sl]
         if bias is not None:
             finite = torch.isfinite(bias).unsqueeze(-2)
