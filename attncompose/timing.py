@@ -91,6 +91,15 @@ def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing
     return Timing(statistics.median(samples), tuple(samples))
 
 
+def device_name(device: torch.device | str) -> str:
+    """A device as measurements name it (and tuned files key it): the CUDA device name, or
+    its type (``cpu``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
 def run_info(device: torch.device | str | None = None) -> dict[str, str]:
     """Where a measurement was taken: device (``device``, by default CUDA where present),
     library versions, git commit, date (UTC). The commit is the HEAD of the checkout holding
@@ -104,8 +113,6 @@ def run_info(device: torch.device | str | None = None) -> dict[str, str]:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     try:
         import triton
 
@@ -123,7 +130,7 @@ def run_info(device: torch.device | str | None = None) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("ATTNCOMPOSE_COMMIT", "unknown")
     return {
-        "device": name,
+        "device": device_name(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,

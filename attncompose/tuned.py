@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from attncompose.runtime.checks import check_sdpa_options
 from attncompose.spec.errors import RecipeError, format_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
+from attncompose.timing import device_name  # the table key of a device
 
 FORMAT = "attncompose-tuned/1"
 log = logging.getLogger(__name__)
@@ -180,14 +180,6 @@ def write_tuned(path: str | Path, tuned: TunedFile) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(tuned.dump_yaml())
     os.replace(tmp, path)
-
-
-def device_name(device: torch.device | str) -> str:
-    """The table key of a device: the CUDA device name, or ``cpu``."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 class TunedAttention(nn.Module):

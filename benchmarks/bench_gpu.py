@@ -24,7 +24,7 @@ import torch
 
 import attncompose as ac
 from attncompose.bench import bench_length, random_qkv
-from attncompose.timing import write_results
+from attncompose.timing import device_name, write_results
 
 RESULTS = Path(__file__).parent / "results"
 GPU_GRID = {"lengths": [4096, 8192, 16384, 32768, 65536, 131072], "dims": [64, 128], "heads": 32}
@@ -96,7 +96,7 @@ def main() -> None:
     for key, given in (("lengths", args.lengths), ("dims", args.dims)):
         if given:
             grid[key] = [int(x) for x in given.split(",")]
-    slug = "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name().replace(" ", "_")
+    slug = "cpu-smoke" if args.cpu_smoke else device_name(device).replace(" ", "_")
     out = args.out or RESULTS / f"bench_gpu_{slug}.json"
 
     def save(rows: list[dict]) -> None:
