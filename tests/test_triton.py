@@ -409,8 +409,11 @@ def test_triton_backend_lists_every_reason():
 
 
 def test_auto_uses_torch_on_cpu_and_triton_refuses_unknown_coverage():
+    on_cpu = cpu_problem(2, 17, 17, 16)  # CPU tensors whatever DEVICE is
+    assert dispatch.choose("block", "auto", on_cpu).backend == "torch"
     problem = make_problem(2, 17, 17, 16)
-    assert dispatch.choose("block", "auto", problem).backend == "torch"
+    if problem.q.device.type == "cuda":  # compiled run: auto takes Triton for CUDA tensors
+        assert dispatch.choose("block", "auto", problem).backend == "triton"
 
     class Opaque(Coverage):
         pass

@@ -17,17 +17,22 @@ under a causal mask key ``j`` is visible to query ``i`` iff its position is not 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from attncompose.spec.steps import StepSpec
+
+if TYPE_CHECKING:
+    from attncompose.primitives.plan import BlockGrid
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,31 @@ class Coverage:
         raise NotImplementedError
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        """Bool mask: is (qi, kj) covered? ``qi`` [N, T, bq, 1], ``kj`` [N, T, 1, nk], may be -1."""
+        """Bool mask: is (qi, kj) covered? ``qi`` [N or 1, T, bq, 1], ``kj`` [N or 1, T, 1, nk]
+        (1: the same indices for every row), may be -1."""
         raise NotImplementedError
+
+    # -- block form (see :mod:`attncompose.primitives.plan`) ---------------------------------
+
+    @property
+    def has_block_form(self) -> bool:
+        """Whether :meth:`block_states` describes this coverage on a block grid."""
+        return False
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor | None:
+        """uint8 [R, nQB, nKB] on ``grid`` (R = 1 when the same for every row): 2 where the
+        coverage holds every in-range pair of block (i, j), 1 where it holds some, 0 where
+        none (causality is applied by the plan). None: no block form."""
+        return None
+
+    def block_grid(self) -> int | None:
+        """A block size plan blocks must divide (a table's), or None if any grid fits."""
+        return None
+
+    def static_key(self) -> tuple | None:
+        """A hashable description when the coverage depends on knobs and positions only (its
+        plan can be built once per length and reused), else None (data-dependent)."""
+        return None
 
 
 @dataclass
@@ -156,6 +184,24 @@ class UnionCoverage(Coverage):
     @property
     def row_invariant(self) -> bool:
         return all(part.row_invariant for part in self.parts)
+
+    @property
+    def has_block_form(self) -> bool:
+        return all(part.has_block_form for part in self.parts)
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor | None:
+        states = [part.block_states(problem, grid) for part in self.parts]
+        if any(s is None for s in states):
+            return None
+        return functools.reduce(torch.maximum, states)
+
+    def block_grid(self) -> int | None:
+        sizes = [s for s in (part.block_grid() for part in self.parts) if s is not None]
+        return math.gcd(*sizes) if sizes else None
+
+    def static_key(self) -> tuple | None:
+        keys = [part.static_key() for part in self.parts]
+        return None if any(k is None for k in keys) else ("union", *keys)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         mask = self.parts[0].covers(problem, qi, kj)
@@ -189,6 +235,13 @@ class Primitive:
         self.step = step
         self.knobs = step.knobs()
         self.backend = backend
+
+    # A selection step whose Selection has a block form (it can take part in a block plan)
+    block_form: ClassVar[bool] = False
+
+    def connect(self, inputs: dict[str, list[Primitive]]) -> None:
+        """Called once at compile time with the runtimes wired into each port (a primitive
+        whose implementation depends on its inputs' kinds reads them here)."""
 
     def kernel_name(self) -> str:
         """Which implementation runs (shown by ``attncompose show``)."""

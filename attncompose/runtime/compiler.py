@@ -37,6 +37,10 @@ class Pipeline:
             if step.op not in PRIMITIVES:
                 raise RecipeError(f"no runtime registered for op {step.op!r}", loc=f"steps.{sid}")
             self.nodes[sid] = PRIMITIVES[step.op](step, backend=backend)
+        for sid, step in recipe.steps.items():
+            self.nodes[sid].connect(
+                {port: [self.nodes[n] for n in step.port_names(port)] for port in type(step).ports}
+            )
         self.fusions: dict[str, Fusion] = (
             find_fusions(recipe, self.graph, self.nodes) if fuse else {}
         )

@@ -92,6 +92,12 @@ def _triton_basic(problem: Problem, **inputs: Any) -> list[str]:
     return triton_reasons(problem)
 
 
+def _plan_reasons(problem: Problem, **inputs: Any) -> list[str]:
+    from attncompose.primitives.block.plan_triton import not_supported_reasons
+
+    return triton_reasons(problem) + not_supported_reasons(problem, **inputs)
+
+
 def _fused_reasons(problem: Problem, **inputs: Any) -> list[str]:
     from attncompose.primitives.block.fused import not_supported_reasons
 
@@ -114,6 +120,15 @@ OPS: dict[str, list[Implementation]] = {
             "torch:block-fused-cpu", f"{_P}.block.fused", "block_attention", _fused_reasons
         ),
         Implementation("torch:block", f"{_P}.block.naive", "block_attention"),
+    ],
+    "plan": [
+        Implementation(
+            "triton:block-sparse", f"{_P}.block.plan_triton", "plan_attention", _plan_reasons
+        ),
+        Implementation(
+            "torch:block-sparse-cpu", f"{_P}.block.fused", "plan_attention", _fused_reasons
+        ),
+        Implementation("torch:block-sparse", f"{_P}.block.plan_torch", "plan_attention"),
     ],
     "topk_scores": [
         Implementation(

@@ -1,4 +1,13 @@
-"""``block``: exact attention over the pairs its detectors selected, united without overlap."""
+"""``block``: exact attention over the pairs its detectors selected, united without overlap.
+
+Where every selection and exclusion has a block form (sinks, windows, top-k/top-p and power
+tables), the step builds one :class:`~attncompose.primitives.plan.BlockPlan` (the union of
+its selections minus its exclusions) and runs it in ONE pass of the ``plan`` kernel: one
+online softmax over all the key blocks a query block selects. Static plans (sinks, windows,
+static tables) are built once per (length, offsets, device) and reused. Other selections
+(sortLSH, whose tiles live in sorted order) run the tile kernel, one pass per selection
+with the earlier ones excluded, merged by lse.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from attncompose.primitives.base import (
     register,
 )
 from attncompose.primitives.merge.naive import merge_partials
+from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, static_plan
 from attncompose.runtime import dispatch
 
 
@@ -21,19 +31,48 @@ class Block(Primitive):
 
     def __call__(self, problem: Problem, select: list, exclude: list = ()) -> Partial:
         prior: list[Coverage] = [p.coverage for p in exclude]
-        parts, mine = [], []
-        for selection in select:
-            cov = selection.bind(self.knobs["block_size"])
-            tiles = cov.tiles(problem)
-            parts.append(
-                dispatch.call(
-                    "block", self.backend, problem, tiles, own=cov, exclude=tuple(prior + mine)
-                )
-            )
-            mine.append(cov)
-        result = parts[0] if len(parts) == 1 else merge_partials(parts)
+        mine = [selection.bind(self.knobs["block_size"]) for selection in select]
+        if all(cov.has_block_form for cov in (*mine, *prior)):
+            plan = self.plan(problem, mine, prior)
+            result = dispatch.call("plan", self.backend, problem, plan=plan)
+        else:
+            result = self._tiles(problem, mine, prior)
         result.coverage = mine[0] if len(mine) == 1 else UnionCoverage(mine)
         return result
 
+    def plan(self, problem: Problem, mine: list[Coverage], prior: list[Coverage]) -> BlockPlan:
+        """The block plan of this step on ``problem`` (static ones from the process cache)."""
+        size = plan_block_size(problem, [*mine, *prior], self.knobs["block_size"])
+        make = lambda: BlockPlan.build(problem, mine, prior, size, size)
+        keys = [cov.static_key() for cov in (*mine, *prior)]
+        if any(key is None for key in keys):
+            return make()
+        grid = BlockGrid.of(problem, size, size)
+        return static_plan((tuple(keys), len(mine), grid, problem.causal, problem.q.device), make)
+
+    def _tiles(self, problem: Problem, mine: list[Coverage], prior: list[Coverage]) -> Partial:
+        """One tile-kernel pass per selection, each excluding the ones before, merged."""
+        parts = [
+            dispatch.call(
+                "block",
+                self.backend,
+                problem,
+                cov.tiles(problem),
+                own=cov,
+                exclude=tuple(prior + mine[:i]),
+            )
+            for i, cov in enumerate(mine)
+        ]
+        return parts[0] if len(parts) == 1 else merge_partials(parts)
+
+    planned: bool | None = None  # set by connect(): do all inputs have block forms?
+
+    def connect(self, inputs: dict[str, list[Primitive]]) -> None:
+        selected = [type(node).block_form for node in inputs["select"]]
+        excluded = [node.planned for node in inputs["exclude"]]
+        self.planned = all(selected) and all(excluded)
+
     def kernel_name(self) -> str:
+        if self.planned:
+            return "block plan, one pass: " + dispatch.describe("plan", self.backend)
         return dispatch.describe("block", self.backend)

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
 from attncompose.primitives.block.naive import Scratch, any_key, run_tiles
+from attncompose.primitives.block.plan_torch import run_plan
+from attncompose.primitives.plan import BlockPlan
 
 
 def fused_op():
@@ -65,3 +67,9 @@ def _fused_chunk(
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse
+
+
+def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
+    """Same result as the reference plan walk, each group computed by the fused CPU kernel:
+    full blocks without a mask, partial blocks with the plan's pair rule."""
+    return run_plan(problem, plan, _fused_chunk)

@@ -33,8 +33,15 @@ from attncompose.primitives.exact.triton import (
 @triton.jit
 def _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
     """Bool [BQ, BK]: does predicate i_p let the pairs through (covered == want)?"""
-    mode = tl.load(meta + i_p * 6)
     want = tl.load(meta + i_p * 6 + 1)
+    hit = covered(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk)
+    return hit == (want != 0)
+
+
+@triton.jit
+def covered(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
+    """Bool [BQ, BK]: does predicate i_p cover the pairs (queries b_qi x keys b_kj)?"""
+    mode = tl.load(meta + i_p * 6)
     b_a = tl.load(pred_q + (i_p * N + i_n) * Lq + b_qi, mask=m_q, other=-1)  # [BQ]
     b_b = tl.load(pred_k + (i_p * N + i_n) * Lk + b_kj, mask=m_k, other=-2)  # [BK]
     m_t = m_q[:, None] & m_k[None, :]
@@ -49,8 +56,7 @@ def _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk
     b_t = tl.load(p_t, mask=m_t, other=0)  # [BQ, BK]
     b_gap = b_a[:, None] - b_b[None, :]  # [BQ, BK] band form: query minus key position
     m_band = (b_gap >= 0) & (b_gap < tl.load(meta + i_p * 6 + 5))
-    hit = tl.where(mode == 1, b_t != 0, tl.where(mode == 2, m_band, b_a[:, None] == b_b[None, :]))
-    return hit == (want != 0)
+    return tl.where(mode == 1, b_t != 0, tl.where(mode == 2, m_band, b_a[:, None] == b_b[None, :]))
 
 
 @triton.jit
@@ -150,7 +156,7 @@ _block_tuned = autotuned(
 
 
 @dataclass(frozen=True)
-class _Packed:
+class Packed:
     """Predicates stacked for the kernel: ids [P, N, Lq] / [P, N, Lk], flat int8 tables and
     meta [P, 6] = (mode: 0 bucket / 1 table / 2 band, want: keep iff covered, table offset,
     table stride per row n, table columns, band width)."""
@@ -162,11 +168,11 @@ class _Packed:
     count: int
 
 
-def _pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> _Packed:
+def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
     dev = problem.q.device
     if not rules:
         dummy = torch.zeros(1, dtype=torch.int32, device=dev)
-        return _Packed(dummy, dummy, dummy.long(), dummy.to(torch.int8), 0)
+        return Packed(dummy, dummy, dummy.long(), dummy.to(torch.int8), 0)
     n = problem.q.shape[0]
     meta, tables, offset = [], [], 0
     for pred, want in rules:
@@ -179,7 +185,7 @@ def _pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> _Packed:
         tables.append(pred.table.reshape(-1).to(torch.int8))
         offset += n * rows * cols
     table = torch.cat(tables) if tables else torch.zeros(1, dtype=torch.int8, device=dev)
-    return _Packed(
+    return Packed(
         torch.stack([p.q_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
         torch.stack([p.k_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
         torch.tensor(meta, dtype=torch.int64, device=dev),
@@ -213,7 +219,7 @@ def block_attention(
             raise TypeError("a union coverage can only be excluded, not selected, in a kernel")
         rules.append((mine[0], True))
     rules += [(p, False) for cov in exclude for p in predicates(cov, problem)]
-    packed = _pack(problem, rules)
+    packed = pack(problem, rules)
     q, k, v = problem.q, problem.k, problem.v
     n, t, tq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]

@@ -9,8 +9,12 @@ from attncompose.primitives.base import Partial
 
 def merge_partials(parts: list[Partial]) -> Partial:
     """o = sum_i e^{l_i} o_i / sum_i e^{l_i}, l = log sum_i e^{l_i}; rows all -inf stay empty.
-    A new Partial: the parts are folded into a copy of the first by :func:`merge_into`."""
-    result = Partial(parts[0].out.clone(), parts[0].lse.clone())
+    A new Partial (float32 where the first part's output is in a half dtype): the parts are
+    folded into a copy of the first by :func:`merge_into`."""
+    first = parts[0]
+    wide = first.out.dtype in (torch.float32, torch.float64)
+    out = first.out.clone() if wide else first.out.float()
+    result = Partial(out, first.lse.clone())
     for part in parts[1:]:
         merge_into(result, part)
     return result
@@ -18,9 +22,15 @@ def merge_partials(parts: list[Partial]) -> Partial:
 
 def merge_into(target: Partial, part: Partial) -> None:
     """Merge ``part`` into ``target`` in place (``target``'s tensors may be views of larger
-    buffers): lse = log(e^{l_t} + e^{l_p}), out = the two outputs weighted by e^{l - lse}."""
+    buffers): lse = log(e^{l_t} + e^{l_p}), out = the two outputs weighted by e^{l - lse}.
+    Outputs may be float32 or a half dtype (Triton kernels write their inputs' dtype); the
+    weighting is computed in float32."""
     lse = torch.logaddexp(target.lse, part.lse)  # -inf where both are
     base = lse.nan_to_num(neginf=0.0)
-    target.out.mul_(torch.exp(target.lse - base).unsqueeze(-1))
-    target.out.addcmul_(part.out, torch.exp(part.lse - base).unsqueeze(-1))
+    keep = torch.exp(target.lse - base).unsqueeze(-1)
+    add = torch.exp(part.lse - base).unsqueeze(-1)
+    if target.out.dtype in (torch.float32, torch.float64):
+        target.out.mul_(keep).addcmul_(part.out.to(target.out.dtype), add)
+    else:
+        target.out.copy_(target.out.float() * keep + part.out.float() * add)
     target.lse.copy_(lse)

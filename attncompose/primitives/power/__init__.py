@@ -30,7 +30,11 @@ def power_table(problem: Problem, size: int, max_distance: int) -> torch.Tensor:
 @register
 class Power(Primitive):
     op = "power"
+    block_form = True
 
     def __call__(self, problem: Problem) -> TopkCoverage:
-        size = self.knobs["block_size"]
-        return TopkCoverage(power_table(problem, size, self.knobs["max_distance"]), size)
+        size, reach = self.knobs["block_size"], self.knobs["max_distance"]
+        return TopkCoverage(power_table(problem, size, reach), size, key=("power", size, reach))
+
+    def kernel_name(self) -> str:
+        return "positions only (no kernel)"

@@ -20,6 +20,7 @@ from attncompose.primitives.base import (
     natural_tiles,
     register,
 )
+from attncompose.primitives.plan import BlockGrid, interval_states
 
 
 @dataclass
@@ -35,6 +36,16 @@ class SinkCoverage(Selection, Coverage):
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         return (kj + problem.k_offset < self.count) & (kj >= 0)
 
+    has_block_form = True
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
+        k_first, k_last = grid.k_span(problem.q.device)  # [nKB]
+        states = interval_states(k_last < self.count, k_first < self.count)
+        return states.expand(1, grid.nqb, -1)
+
+    def static_key(self) -> tuple:
+        return ("sink", self.count)
+
     def tiles(self, problem: Problem) -> Tiles:
         n, dev = problem.q.shape[0], problem.q.device
         width = max(0, min(problem.lk, self.count - problem.k_offset))
@@ -47,6 +58,7 @@ class SinkCoverage(Selection, Coverage):
 @register
 class Sink(Primitive):
     op = "sink"
+    block_form = True
 
     def __call__(self, problem: Problem) -> SinkCoverage:
         return SinkCoverage(self.knobs["count"])

@@ -17,6 +17,7 @@ from attncompose.primitives.base import (
     register,
     take,
 )
+from attncompose.primitives.plan import FULL, BlockGrid, table_fits
 from attncompose.primitives.topk.naive import select_blocks
 from attncompose.runtime import dispatch
 
@@ -25,6 +26,7 @@ from attncompose.runtime import dispatch
 class TopkCoverage(Selection, Coverage):
     table: Tensor  # [N, nQB, nKB] bool: key block j selected for query block i
     size: int
+    key: tuple | None = None  # set by static tables (power): knobs that define the table
 
     def bind(self, block_size: int) -> TopkCoverage:
         return self  # its own block size defines the geometry
@@ -33,12 +35,36 @@ class TopkCoverage(Selection, Coverage):
     def row_invariant(self) -> bool:
         return self.table.shape[0] == 1 or self.table.stride(0) == 0  # a static table (power)
 
+    def _rows(self, rows: int) -> Tensor:
+        """The table for index tensors of ``rows`` rows (1: shared by every row)."""
+        return self.table[:1] if rows == 1 and self.row_invariant else self.table
+
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        nkb = self.table.shape[-1]
-        flat = self.table.flatten(1)
+        table = self._rows(max(qi.shape[0], kj.shape[0]))
+        nkb = table.shape[-1]
         qb, kb = qi.clamp_min(0) // self.size, kj.clamp_min(0) // self.size
         shape = torch.broadcast_shapes(qb.shape, kb.shape)
-        return take(flat, (qb * nkb + kb).expand(shape))
+        return take(table.flatten(1), (qb * nkb + kb).expand(table.shape[0], *shape[1:]))
+
+    has_block_form = True
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
+        fits = table_fits(self.size, grid.block_q, grid.nqb) and table_fits(
+            self.size, grid.block_k, grid.nkb
+        )
+        if not fits:
+            raise ValueError(f"plan blocks {grid.block_q}x{grid.block_k} must divide {self.size}")
+        table = self._rows(1)
+        dev = table.device
+        qi = torch.arange(grid.nqb, device=dev) * grid.block_q // self.size
+        kj = torch.arange(grid.nkb, device=dev) * grid.block_k // self.size
+        return table[:, qi][:, :, kj].to(torch.uint8) * FULL
+
+    def block_grid(self) -> int:
+        return self.size
+
+    def static_key(self) -> tuple | None:
+        return self.key
 
     def tiles(self, problem: Problem) -> Tiles:
         n, _, nkb = self.table.shape
@@ -61,6 +87,7 @@ class TopkCoverage(Selection, Coverage):
 @register
 class Topk(Primitive):
     op = "topk"
+    block_form = True
     offset_free = True
 
     def __call__(self, problem: Problem) -> TopkCoverage:

@@ -21,6 +21,7 @@ from attncompose.primitives.base import (
     natural_tiles,
     register,
 )
+from attncompose.primitives.plan import BlockGrid, interval_states
 
 
 @dataclass
@@ -36,6 +37,19 @@ class WindowCoverage(Selection, Coverage):
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         q_pos, k_pos = qi + problem.q_offset, kj + problem.k_offset
         return (k_pos <= q_pos) & (k_pos > q_pos - self.width)
+
+    has_block_form = True
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
+        q_first, q_last = (x[:, None] for x in grid.q_span(problem.q.device))  # [nQB, 1]
+        k_first, k_last = (x[None, :] for x in grid.k_span(problem.q.device))  # [1, nKB]
+        w = self.width
+        full = (k_last <= q_first) & (k_first > q_last - w)  # every pair inside the band
+        some = (k_first <= q_last) & (k_last > q_first - w) & (w > 0)
+        return interval_states(full & (w > 0), some)[None]
+
+    def static_key(self) -> tuple:
+        return ("window", self.width)
 
     def tiles(self, problem: Problem) -> Tiles:
         n, dev = problem.q.shape[0], problem.q.device
@@ -53,6 +67,7 @@ class WindowCoverage(Selection, Coverage):
 @register
 class Window(Primitive):
     op = "window"
+    block_form = True
 
     def __call__(self, problem: Problem) -> WindowCoverage:
         return WindowCoverage(self.knobs["width"])

@@ -1,0 +1,288 @@
+"""Block plans in PyTorch: the reference walk and the CPU path through the fused kernel.
+
+Two passes over a :class:`~attncompose.primitives.plan.BlockPlan`, merged by lse:
+
+1. **full blocks**, with no pair mask: (row, query block)s are grouped by how many full key
+   blocks they have, and each group's key blocks are read as one key sequence per query
+   block: a strided view where they are consecutive ranges stepping evenly (a sliding
+   window's interior), else gathered block by block. A key-level mask hides padding keys
+   only where the counts within a group differ;
+2. **partial blocks**, with the plan's pair rule evaluated on them only (one mask for every
+   row when the plan is the same for all rows, kept with a static plan).
+
+Queries and outputs of consecutive query blocks are views, never gathered. ``chunk_fn(q, k,
+v, mask, bias, scale, scratch) -> (out, lse)`` computes one group: the reference
+(:func:`~attncompose.primitives.block.naive._softmax_chunk`) or PyTorch's fused CPU flash
+kernel (:func:`~attncompose.primitives.block.fused._fused_chunk`). The products recorded by
+:func:`~attncompose.primitives.base.count_products` are the plan's own count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import Partial, Problem, add_products, counting_products
+from attncompose.primitives.block.naive import SCORE_BUDGET, Scratch, _softmax_chunk, key_ranges
+from attncompose.primitives.merge.naive import merge_into
+from attncompose.primitives.plan import FULL, PARTIAL, BlockPlan, block_indices
+
+EXACT_GROUPS = 8  # at most this many distinct counts: one group each, no padding keys
+MASK_MEMO = 1 << 24  # a static plan keeps its partial-block masks up to this many elements
+
+
+def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
+    """The reference: (out [N, Lq, Dv], lse [N, Lq]) over the pairs the plan selects."""
+    return run_plan(problem, plan, _softmax_chunk)
+
+
+def run_plan(problem: Problem, plan: BlockPlan, chunk_fn) -> Partial:
+    """Drive ``chunk_fn`` over the plan's full, then partial blocks (see the module doc)."""
+    if counting_products():
+        add_products(plan.products(problem))
+    g = plan.grid
+    n, dv = problem.q.shape[0], problem.v.shape[-1]
+    out = problem.q.new_zeros(n, g.nqb, g.block_q, dv, dtype=torch.float32)
+    lse = problem.q.new_full((n, g.nqb, g.block_q), float("-inf"), dtype=torch.float32)
+    walk = _Walk(problem, plan, chunk_fn, out, lse)
+    state = plan.kernel_states()
+    if plan.rows == 1:
+        walk.full_shared(state[0] == FULL)
+    else:
+        walk.full_per_row(state == FULL)
+    walk.partial(state == PARTIAL)
+    return Partial(out.flatten(1, 2)[:, : g.lq], lse.flatten(1)[:, : g.lq])
+
+
+class _Walk:
+    """One call: inputs in blocks ([N, nQB, BQ, D], [N, nKB, BK, D], zero-padded), the
+    results being written ([N, nQB, BQ, Dv], [N, nQB, BQ]) and the buffers groups reuse."""
+
+    def __init__(self, problem: Problem, plan: BlockPlan, chunk_fn, out: Tensor, lse: Tensor):
+        g = plan.grid
+        self.problem, self.plan, self.chunk_fn = problem, plan, chunk_fn
+        self.q = _blocks(problem.q, g.nqb, g.block_q)
+        self.k = _blocks(problem.k, g.nkb, g.block_k)
+        self.v = _blocks(problem.v, g.nkb, g.block_k)
+        self.out, self.lse = out, lse
+        self.scratch = Scratch()
+        self.dev = problem.q.device
+
+    def _call(self, q, k, v, mask, bias):
+        if bias is not None:
+            finite = torch.isfinite(bias).unsqueeze(-2)
+            mask = finite if mask is None else mask & finite
+        return self.chunk_fn(q, k, v, mask, bias, self.problem.scale, self.scratch)
+
+    def _step(self, rows: int, width: int) -> int:
+        """Query blocks per call so that scores stay within the budget."""
+        g = self.plan.grid
+        return max(1, SCORE_BUDGET // max(1, rows * g.block_q * width * g.block_k))
+
+    # -- full blocks, the same plan for every row -------------------------------------------
+
+    def full_shared(self, selected: Tensor) -> None:
+        """Full blocks of a row-invariant plan: ``selected`` [nQB, nKB]."""
+        num = selected.sum(-1)  # [nQB]
+        if not bool(num.any()):
+            return
+        order = _selected_first(selected, int(num.max()))  # [nQB, W]
+        n = self.q.shape[0]
+        for width, members in _groups(num):
+            for i0, i1 in _runs(members.tolist()):
+                step = self._step(n, width)
+                for j0 in range(i0, i1, step):
+                    j1 = min(i1, j0 + step)
+                    self._full_range(j0, j1, order[j0:j1, :width], num[j0:j1])
+
+    def _full_range(self, i0: int, i1: int, blocks: Tensor, count: Tensor) -> None:
+        """Query blocks [i0, i1) of every row over their ``blocks`` [M, W] (``count`` [M]
+        of them valid), written into the results."""
+        width = blocks.shape[1]
+        nk = width * self.plan.grid.block_k
+        k, v = self._keys(blocks, nk)
+        valid = _valid(count, width)  # [M, W]
+        mask = None if bool(valid.all()) else self._key_mask(valid)[None]
+        bias = self._bias(blocks[None], valid[None])
+        o, s = self._call(self.q[:, i0:i1], k, v, mask, bias)
+        self.out[:, i0:i1] = o
+        self.lse[:, i0:i1] = s
+
+    def _keys(self, blocks: Tensor, nk: int) -> tuple[Tensor, Tensor]:
+        """K and V of ``blocks`` [M, W] for every row: [N, M, W*BK, D]. Consecutive ranges
+        stepping evenly are a view (nothing copied), the rest a gather into buffers."""
+        bk = self.plan.grid.block_k
+        m, width = blocks.shape
+        starts = blocks[:, 0].long()
+        step = int(starts[1] - starts[0]) if m > 1 else 0
+        ranges = blocks == starts[:, None] + torch.arange(width, device=self.dev)
+        even = starts == starts[0] + step * torch.arange(m, device=self.dev)
+        if bool(ranges.all()) and bool(even.all()):
+            return tuple(
+                key_ranges(x.flatten(1, 2), int(starts[0]) * bk, step * bk, m, nk)
+                for x in (self.k, self.v)
+            )
+        idx = blocks.reshape(-1).long()
+        return tuple(self._gather(name, x, 1, idx, (x.shape[0], m, nk)) for name, x in self._kv)
+
+    @property
+    def _kv(self):
+        return (("k", self.k), ("v", self.v))
+
+    def _gather(self, name: str, x: Tensor, dim: int, idx: Tensor, shape) -> Tensor:
+        """``x.index_select(dim, idx)`` into the walk's buffer ``name``, viewed as
+        ``shape + (D,)`` (fresh memory costs page faults on CPU: more than the copy)."""
+        size = list(x.shape)
+        size[dim] = len(idx)
+        buf = self.scratch.take(name, size, x.dtype, x.device)
+        return torch.index_select(x, dim, idx, out=buf).view(*shape, x.shape[-1])
+
+    def _key_mask(self, valid: Tensor) -> Tensor:
+        """[M, 1, W*BK] bool from valid blocks [M, W]: padding blocks' keys masked."""
+        return valid.repeat_interleave(self.plan.grid.block_k, -1)[:, None]
+
+    # -- full blocks, a plan per row --------------------------------------------------------
+
+    def full_per_row(self, selected: Tensor) -> None:
+        """Full blocks of a plan per row: ``selected`` [N, nQB, nKB]; the (row, query block)s
+        of a group are gathered as one batch."""
+        num = selected.sum(-1)  # [N, nQB]
+        if not bool(num.any()):
+            return
+        g = self.plan.grid
+        order = _selected_first(selected, int(num.max()))  # [N, nQB, W]
+        flat_q = self.q.flatten(0, 1)  # [N*nQB, BQ, D]
+        flat_k, flat_v = self.k.flatten(0, 1), self.v.flatten(0, 1)  # [N*nKB, BK, D]
+        out, lse = self.out.flatten(0, 1), self.lse.flatten(0, 1)
+        for width, members in _groups(num):
+            step = self._step(1, width)
+            for m0 in range(0, len(members), step):
+                r, i = members[m0 : m0 + step].unbind(-1)
+                blocks, valid = order[r, i, :width], _valid(num[r, i], width)  # [M, W]
+                keys = (r[:, None] * g.nkb + blocks.masked_fill(~valid, 0)).reshape(-1)
+                shape = (1, len(r), width * g.block_k)
+                k = self._gather("k", flat_k, 0, keys, shape)
+                v = self._gather("v", flat_v, 0, keys, shape)
+                rows = r * g.nqb + i
+                q = self._gather("q", flat_q, 0, rows, (1, len(r), g.block_q))
+                mask = None if bool(valid.all()) else self._key_mask(valid)[None]
+                bias = self._bias(blocks[None], valid[None], r)
+                o, s = self._call(q, k, v, mask, bias)
+                out.index_copy_(0, rows, o[0])
+                lse.index_copy_(0, rows, s[0])
+
+    # -- partial blocks ---------------------------------------------------------------------
+
+    def partial(self, selected: Tensor) -> None:
+        """Partial key blocks of each query block (every row at once, padded to the largest
+        count), with the pair rule, merged into the full pass's results in place."""
+        num = selected.sum(-1)  # [R, nQB]
+        busy = num.amax(0)  # [nQB]
+        if not bool(busy.any()):
+            return
+        order = _selected_first(selected, int(busy.max()))  # [R, nQB, W]
+        members = torch.nonzero(busy).flatten().tolist()
+        for i0, i1 in _runs(members):
+            width = int(busy[i0:i1].max())
+            step = self._step(self.q.shape[0], width)
+            for j0 in range(i0, i1, step):
+                j1 = min(i1, j0 + step)
+                self._partial_range(j0, j1, order[:, j0:j1, :width], num[:, j0:j1])
+
+    def _partial_range(self, i0: int, i1: int, blocks: Tensor, count: Tensor) -> None:
+        g, n = self.plan.grid, self.q.shape[0]
+        width = blocks.shape[-1]
+        nk = width * g.block_k
+        valid = _valid(count, width)  # [R, M, W]
+        mask = self._pair_mask(i0, i1, blocks, valid)  # [R, M, BQ, nk]
+        rows = torch.arange(n, device=self.dev)[:, None] * g.nkb
+        idx = (blocks.expand(n, -1, -1).flatten(1).long() + rows).flatten()
+        shape = (n, i1 - i0, nk)
+        k = self._gather("pk", self.k.flatten(0, 1), 0, idx, shape)
+        v = self._gather("pv", self.v.flatten(0, 1), 0, idx, shape)
+        o, s = self._call(self.q[:, i0:i1], k, v, mask, self._bias(blocks, valid))
+        merge_into(Partial(self.out[:, i0:i1], self.lse[:, i0:i1]), Partial(o, s))
+
+    def _pair_mask(self, i0: int, i1: int, blocks: Tensor, valid: Tensor) -> Tensor:
+        """The plan's pair rule on query blocks [i0, i1) x their ``blocks`` (kept with a
+        static plan when small)."""
+
+        def make() -> Tensor:
+            g = self.plan.grid
+            kj = block_indices(blocks, g.block_k, g.lk, valid).flatten(-2)  # [R, M, nk]
+            qi = block_indices(torch.arange(i0, i1, device=self.dev), g.block_q, g.lq)
+            return self.plan.pair_mask(self.problem, qi[None, :, :, None], kj[:, :, None, :])
+
+        g = self.plan.grid
+        size = blocks.shape[0] * (i1 - i0) * g.block_q * blocks.shape[-1] * g.block_k
+        if self.plan.row_invariant and size <= MASK_MEMO:
+            return self.plan.memo(("cpu-mask", i0, i1, blocks.shape[-1]), make)
+        return make()
+
+    # -- key bias -----------------------------------------------------------------------------
+
+    def _bias(self, blocks: Tensor, valid: Tensor, rows: Tensor | None = None) -> Tensor | None:
+        """Key bias [R', M, W*BK] of ``blocks`` [R', M, W] (``rows`` [M]: the row of each of
+        M members of one batch); None when the plan has none."""
+        bias = self.plan.key_bias
+        if bias is None:
+            return None
+        g = self.plan.grid
+        idx = block_indices(blocks, g.block_k, g.lk, valid).flatten(-2).clamp_min(0)
+        if rows is not None:
+            at = rows if bias.shape[0] > 1 else torch.zeros_like(rows)
+            return bias[at[:, None], idx[0]].unsqueeze(0)
+        count = max(bias.shape[0], idx.shape[0])
+        return (
+            bias.expand(count, -1)
+            .gather(1, idx.expand(count, -1, -1).flatten(1))
+            .view(count, *idx.shape[1:])
+        )
+
+
+def _blocks(x: Tensor, count: int, size: int) -> Tensor:
+    """x [N, L, D] as [N, count, size, D] (zero-padded to count*size rows when needed)."""
+    n, length, d = x.shape
+    if count * size != length:
+        padded = x.new_zeros(n, count * size, d)
+        padded[:, :length] = x
+        x = padded
+    return x.view(n, count, size, d)
+
+
+def _selected_first(selected: Tensor, width: int) -> Tensor:
+    """Indices [..., width] of the True blocks of ``selected`` [..., nKB], ascending first."""
+    order = torch.sort(selected.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return order[..., :width]
+
+
+def _valid(count: Tensor, width: int) -> Tensor:
+    """[..., width] bool: the first ``count`` of ``width`` block slots."""
+    return torch.arange(width, device=count.device) < count[..., None]
+
+
+def _groups(num: Tensor):
+    """(width, members) groups of the (row, query block)s with blocks to compute: one group
+    per distinct count when there are few, else counts rounded up to powers of two (the
+    padding keys masked). ``members``: query blocks [M] for ``num`` [nQB], (row, query
+    block) pairs [M, 2] for ``num`` [N, nQB]."""
+    exact = len(torch.unique(num[num > 0])) <= EXACT_GROUPS
+    width_of = num if exact else torch.minimum(_pow2(num), num.max())
+    for width in torch.unique(width_of[num > 0]).tolist():
+        members = torch.nonzero((width_of == width) & (num > 0))
+        yield int(width), members.flatten() if num.dim() == 1 else members
+
+
+def _pow2(x: Tensor) -> Tensor:
+    return torch.where(x > 0, 2 ** torch.ceil(torch.log2(x.clamp_min(1).float())), 0).long()
+
+
+def _runs(members: list[int]) -> list[tuple[int, int]]:
+    """Ascending indices as ranges [i0, i1) of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for i in members:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs

@@ -1,0 +1,239 @@
+"""Triton block-sparse attention that walks a :class:`~attncompose.primitives.plan.BlockPlan`.
+
+One launch for the whole plan. One program per (query sub-tile of a plan query block, row n)
+loads its queries once, then runs ONE online softmax over every key block the plan lists for
+its query block: first the full blocks, read as contiguous key ranges with no mask at all,
+then the partial blocks, where the pair rule is evaluated (bounds, causal on absolute
+positions, the plan's own coverages OR'ed, its exclusions subtracted, all as kernel data:
+:mod:`attncompose.primitives.coverage_args`). A per-key log-weight (``key_bias``) rides along
+in both. float16/bfloat16 inputs are read as they are and multiplied in their precision,
+accumulation is float32, ``out`` is written in the inputs' dtype and ``lse`` in float32.
+Tiles (BQ, BK dividing the plan's blocks), warps and stages are autotuned per device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attncompose.primitives.base import Partial, Problem
+from attncompose.primitives.block.triton import Packed, covered, pack
+from attncompose.primitives.coverage_args import predicates
+from attncompose.primitives.exact.triton import (
+    LOG2E,
+    autotuned,
+    dot_precision,
+    finish_rows,
+    launch,
+    online_softmax_step,
+)
+from attncompose.primitives.plan import BlockPlan
+
+
+@triton.jit
+def _plan_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    full_num,
+    full_idx,
+    part_num,
+    part_idx,
+    kbias,
+    pred_q,
+    pred_k,
+    meta,
+    table,
+    s_qn,
+    s_ql,
+    s_qd,
+    s_kn,
+    s_kl,
+    s_kd,
+    s_vn,
+    s_vl,
+    s_vd,
+    s_on,
+    s_ol,
+    s_od,
+    s_ln,
+    s_pr,  # plan row stride: 1 when every row has its own lists, 0 when they share one
+    s_br,  # key bias row stride (in elements; 0: shared)
+    N,
+    Lq,
+    Lk,
+    NQB,  # query blocks of the plan
+    W_FULL,  # width of the full-block index lists
+    W_PART,
+    delta,  # q_offset - k_offset: key j is visible to query i iff j <= i + delta
+    qk_scale,  # scale * log2(e)
+    ROWS_B,  # autotune key only: the plan's query block
+    KEYS_B,  # autotune key only: the plan's key block
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KBIAS: tl.constexpr,
+    N_OWN: tl.constexpr,  # predicates whose union a partial pair must be in (0: any pair)
+    N_PRED: tl.constexpr,  # own predicates first, then the excluded ones
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK_Q // BQ
+    i_p = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets i_n * s_qn may pass 2**31
+    i_qb = i_p // SUB
+    o_q = i_qb * BLOCK_Q + (i_p % SUB) * BQ + tl.arange(0, BQ)  # [BQ]
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    m_q = o_q < Lq
+    p_q = q + i_n * s_qn + o_q[:, None] * s_ql + o_d[None, :] * s_qd
+    b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    b_m = tl.full([BQ], float("-inf"), tl.float32)
+    b_l = tl.zeros([BQ], tl.float32)
+    b_acc = tl.zeros([BQ, BDV], tl.float32)
+    p_list = i_n * s_pr * NQB + i_qb
+    # full blocks: every pair takes part, contiguous keys, no mask (bounds: kernel_states)
+    n_full = tl.load(full_num + p_list)
+    for i_f in range(0, n_full):
+        i_kb = tl.load(full_idx + p_list * W_FULL + i_f).to(tl.int64)
+        for i_k in range(0, BLOCK_K, BK):
+            o_k = i_kb * BLOCK_K + i_k + tl.arange(0, BK)  # [BK]
+            b_k = tl.load(k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd)
+            b_v = tl.load(v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
+            if HAS_KBIAS:
+                b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, o_k < Lk)
+            b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
+    # partial blocks: the pair rule decides
+    n_part = tl.load(part_num + p_list)
+    for i_f in range(0, n_part):
+        i_kb = tl.load(part_idx + p_list * W_PART + i_f).to(tl.int64)
+        for i_k in range(0, BLOCK_K, BK):
+            o_k = i_kb * BLOCK_K + i_k + tl.arange(0, BK)  # [BK]
+            m_k = o_k < Lk
+            p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
+            p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
+            b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
+            b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
+            m_s = m_q[:, None] & m_k[None, :]
+            if CAUSAL:
+                m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
+            if N_PRED > 0:
+                m_own = tl.full([BQ, BK], N_OWN == 0, tl.int1)
+                for i_r in tl.static_range(N_PRED):
+                    hit = covered(
+                        pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k, N, Lq, Lk
+                    )
+                    if i_r < N_OWN:
+                        m_own = m_own | hit
+                    else:
+                        m_s = m_s & ~hit
+                m_s = m_s & m_own
+            if HAS_KBIAS:
+                b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, m_k)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+            b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
+    b_out, b_lse = finish_rows(b_m, b_l, b_acc)
+    p_o = o + i_n * s_on + o_q[:, None] * s_ol + o_dv[None, :] * s_od
+    tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_q[:, None])
+    tl.store(lse + i_n * s_ln + o_q, b_lse, mask=m_q)
+
+
+@triton.jit
+def _add_bias(b_s, kbias, row, o_k, m_k):
+    """Scores + the keys' natural-log weights (into the log2 domain); -inf drops a key."""
+    b_kb = tl.load(kbias + row + o_k, mask=m_k, other=float("-inf"))  # [BK]
+    b_kb = b_kb * 1.4426950408889634
+    return tl.where(b_kb[None, :] > float("-inf"), b_s + b_kb[None, :], float("-inf"))
+
+
+_plan_tuned = autotuned(
+    _plan_fwd_kernel,
+    ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "N_OWN", "N_PRED", "BD", "BDV", "DOT"],
+)
+
+
+def not_supported_reasons(problem: Problem, plan: BlockPlan | None = None) -> list[str]:
+    """Why this kernel cannot run ``plan`` (its blocks must be powers of two >= 16)."""
+    if plan is None:
+        return []
+    reasons = []
+    for name, size in (("query", plan.grid.block_q), ("key", plan.grid.block_k)):
+        if size < 16 or size & (size - 1):
+            reasons.append(f"plan {name} block {size} is not a power of two >= 16")
+    return reasons
+
+
+def _packed(problem: Problem, plan: BlockPlan) -> tuple[Packed, int]:
+    """The plan's pair rule as kernel data: own predicates first (OR), then exclusions."""
+    rules = [(p, True) for cov in plan.own for p in predicates(cov, problem)]
+    rules += [(p, False) for cov in plan.exclude for p in predicates(cov, problem)]
+    return pack(problem, rules), sum(want for _, want in rules)
+
+
+def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
+    """(out [N, Lq, Dv] in the inputs' dtype, lse [N, Lq] float32) over the plan's pairs,
+    in one kernel launch; rows that select no key get out 0 and lse -inf."""
+    q, k, v = problem.q, problem.k, problem.v
+    n, lq, d = q.shape
+    dv = v.shape[-1]
+    g = plan.grid
+    lists = plan.kernel_lists()
+    make = lambda: _packed(problem, plan)
+    # a static plan is reused across calls: its rules too (per row count and device)
+    packed, n_own = plan.memo(("rules", n, q.device), make) if plan.row_invariant else make()
+    out = Partial(q.new_empty(n, lq, dv), q.new_empty(n, lq, dtype=torch.float32))
+    bias = plan.key_bias
+    kbias = lists.full_num if bias is None else bias.float().contiguous()
+    launch(
+        _plan_fwd_kernel,
+        _plan_tuned,
+        lambda bq: (g.nqb * (g.block_q // bq), n),
+        g.block_q,
+        g.block_k,
+        q,
+        k,
+        v,
+        out.out,
+        out.lse,
+        lists.full_num,
+        lists.full_idx,
+        lists.part_num,
+        lists.part_idx,
+        kbias,
+        packed.q_ids,
+        packed.k_ids,
+        packed.meta,
+        packed.table,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.out.stride(),
+        out.lse.stride(0),
+        int(plan.rows > 1),
+        0 if bias is None or bias.shape[0] == 1 else kbias.stride(0),
+        n,
+        lq,
+        problem.lk,
+        g.nqb,
+        lists.full_idx.shape[-1],
+        lists.part_idx.shape[-1],
+        problem.q_offset - problem.k_offset,
+        problem.scale * LOG2E,
+        BLOCK_Q=g.block_q,
+        BLOCK_K=g.block_k,
+        CAUSAL=problem.causal,
+        HAS_KBIAS=bias is not None,
+        N_OWN=n_own,
+        N_PRED=packed.count,
+        BD=d,
+        BDV=dv,
+        DOT=dot_precision(q.dtype),
+    )
+    return out

@@ -1,0 +1,366 @@
+"""Block plans: the execution form of a block step's selections.
+
+A :class:`BlockPlan` cuts the (query, key) plane of a problem into blocks of
+``block_q x block_k`` and says, per row n and query block i, which key blocks j take part:
+
+- **full** (``FULL``): every in-range pair of the block takes part; a kernel computes the
+  block without evaluating any mask;
+- **partial** (``PARTIAL``): a pair takes part iff it is causally visible, some coverage of
+  ``own`` covers it (every pair when ``own`` is empty) and no coverage of ``exclude`` does;
+  a kernel evaluates that rule in these blocks only;
+- none (``NONE``): the block is skipped.
+
+The plan is a dense uint8 ``state`` [R, nQB, nKB] (R = 1 when every row has the same plan:
+sinks, windows, static tables; R = N for data-dependent detectors), so that the algebra is
+elementwise and runs where the tensors live, with no host synchronisation: a union of
+selections is the maximum of their states (a block full in any part stays full; partial
+rules OR), an exclusion subtracts (full in the excluded coverage -> none, partial -> partial
+with the excluded pairs masked), and causality caps every block at what is visible.
+:meth:`BlockPlan.lists` turns the states into per-query-block index lists of full and
+partial key blocks, the form kernels walk (FlexAttention's ``BlockMask.from_kv_blocks``
+takes the same lists). The plan counts the products it asks for (:meth:`products`), and
+shows itself (:meth:`to_dense`, :meth:`to_string`).
+
+Coverages give their block form through :meth:`Coverage.block_states`; one with none (e.g.
+sortLSH, whose tiles live in sorted order) keeps the tile path of the block kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import Coverage, Problem
+
+NONE, PARTIAL, FULL = 0, 1, 2
+STATIC_CACHE_SIZE = 64  # static plans kept per process (per length, offsets, device, knobs)
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """How a problem's (query, key) plane is cut: lengths, block sizes, absolute offsets."""
+
+    lq: int
+    lk: int
+    block_q: int
+    block_k: int
+    q_offset: int = 0
+    k_offset: int = 0
+
+    @staticmethod
+    def of(problem: Problem, block_q: int, block_k: int) -> BlockGrid:
+        return BlockGrid(
+            problem.lq, problem.lk, block_q, block_k, problem.q_offset, problem.k_offset
+        )
+
+    @property
+    def nqb(self) -> int:
+        return -(-self.lq // self.block_q)
+
+    @property
+    def nkb(self) -> int:
+        return -(-self.lk // self.block_k)
+
+    def q_span(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Absolute positions of the first and last (in-range) query of each block: [nQB]."""
+        return _span(self.nqb, self.block_q, self.lq, self.q_offset, device)
+
+    def k_span(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Absolute positions of the first and last (in-range) key of each block: [nKB]."""
+        return _span(self.nkb, self.block_k, self.lk, self.k_offset, device)
+
+    def rows_in(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """In-range queries per query block [nQB] and keys per key block [nKB]."""
+        q_first, q_last = self.q_span(device)
+        k_first, k_last = self.k_span(device)
+        return q_last - q_first + 1, k_last - k_first + 1
+
+
+def _span(count: int, size: int, length: int, offset: int, device) -> tuple[Tensor, Tensor]:
+    first = torch.arange(count, device=device) * size
+    last = (first + size - 1).clamp_max(length - 1)
+    return first + offset, last + offset
+
+
+def interval_states(full: Tensor, some: Tensor) -> Tensor:
+    """uint8 states from two bool tensors: FULL where ``full``, else PARTIAL where ``some``."""
+    return torch.where(full, FULL, torch.where(some, PARTIAL, NONE)).to(torch.uint8)
+
+
+def visible_states(grid: BlockGrid, causal: bool, device: torch.device) -> Tensor:
+    """[1, nQB, nKB]: which blocks a causal mask keeps whole (FULL), cuts (PARTIAL) or drops."""
+    if not causal:
+        return torch.full((1, grid.nqb, grid.nkb), FULL, dtype=torch.uint8, device=device)
+    q_first, q_last = grid.q_span(device)
+    k_first, k_last = grid.k_span(device)
+    full = k_last[None, :] <= q_first[:, None]  # the block's last key is visible to its first query
+    some = k_first[None, :] <= q_last[:, None]
+    return interval_states(full, some)[None]
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """Index lists of a plan, FlexAttention's ``BlockMask`` layout: per row and query block
+    the number of full (partial) key blocks and their indices, ascending, padded with the
+    other blocks: ``*_num`` int32 [R, nQB], ``*_idx`` int32 [R, nQB, W]."""
+
+    full_num: Tensor
+    full_idx: Tensor
+    part_num: Tensor
+    part_idx: Tensor
+
+
+@dataclass(eq=False)
+class BlockPlan:
+    """Which key blocks each query block attends to, and how (see the module doc).
+
+    ``state`` uint8 [R, nQB, nKB] (R = 1: the same for every row); ``own`` / ``exclude``:
+    the coverages whose pairs a partial block keeps / drops; ``key_bias`` [R, Lk] (optional):
+    a log-weight added to the scores of each key, ``-inf`` drops it (R may be 1).
+    """
+
+    grid: BlockGrid
+    causal: bool
+    state: Tensor
+    own: tuple[Coverage, ...] = ()
+    exclude: tuple[Coverage, ...] = ()
+    key_bias: Tensor | None = None
+    _lists: dict = field(default_factory=dict, repr=False)  # cached lists, masks of a plan
+
+    # ------------------------------------------------------------------ building
+
+    @staticmethod
+    def build(
+        problem: Problem,
+        select: list[Coverage],
+        exclude: list[Coverage] = (),
+        block_q: int = 128,
+        block_k: int = 128,
+    ) -> BlockPlan:
+        """The plan of the union of ``select`` minus the pairs of ``exclude`` on ``problem``
+        (each coverage must have a block form: :func:`has_block_form`)."""
+        grid = BlockGrid.of(problem, block_q, block_k)
+        device = problem.q.device
+        state = union_states([_states(cov, problem, grid) for cov in select])
+        state = torch.minimum(state, visible_states(grid, problem.causal, device))
+        for cov in exclude:
+            state = subtract_states(state, _states(cov, problem, grid))
+        return BlockPlan(grid, problem.causal, state, tuple(select), tuple(exclude))
+
+    @staticmethod
+    def dense(problem: Problem, block_q: int = 128, block_k: int = 128) -> BlockPlan:
+        """Every visible pair of ``problem`` (exact attention as a plan)."""
+        grid = BlockGrid.of(problem, block_q, block_k)
+        return BlockPlan(
+            grid, problem.causal, visible_states(grid, problem.causal, problem.q.device)
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.state.shape[0]
+
+    @property
+    def row_invariant(self) -> bool:
+        """Whether every row has the same plan (its lists and masks can be built once)."""
+        return self.rows == 1 and (self.key_bias is None or self.key_bias.shape[0] == 1)
+
+    def with_key_bias(self, bias: Tensor) -> BlockPlan:
+        """A copy whose keys carry ``bias`` [R or 1, Lk] (added to their scores)."""
+        return BlockPlan(self.grid, self.causal, self.state, self.own, self.exclude, bias)
+
+    # ------------------------------------------------------------------ lists and rules
+
+    def lists(self, trim: bool = False) -> BlockLists:
+        """Full and partial key-block lists (cached). ``trim``: cut the index width to the
+        largest count (a host synchronisation: for CPU kernels, whose shapes need it)."""
+        return self.memo(("lists", trim), lambda: _lists_of(self.state, trim))
+
+    def kernel_states(self) -> Tensor:
+        """The states a kernel walks: a last key block cut by Lk counts as partial, so full
+        blocks are read with no bound check (the rule masks the padding keys)."""
+        g = self.grid
+        if g.lk % g.block_k == 0:
+            return self.state
+        return self.memo("kernel_states", lambda: _edge_partial(self.state))
+
+    def kernel_lists(self) -> BlockLists:
+        """:meth:`lists` of :meth:`kernel_states` (cached; no host synchronisation)."""
+        return self.memo("kernel_lists", lambda: _lists_of(self.kernel_states(), False))
+
+    def memo(self, key, make):
+        """``make()`` computed once per plan (e.g. a kernel's packed rules or a static mask)."""
+        if key not in self._lists:
+            self._lists[key] = make()
+        return self._lists[key]
+
+    def pair_mask(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        """Bool mask of the pairs that take part in a partial block: ``qi`` [R', T, BQ, 1] and
+        ``kj`` [R', T, 1, nk] local indices (-1: out of range) with R' = 1 or the rows of the
+        coverages. In range, causally visible, covered by ``own`` (any; all if empty) and by
+        no ``exclude`` coverage."""
+        mask = (qi >= 0) & (kj >= 0)
+        if self.causal:
+            mask = mask & problem.visible(qi, kj)
+        if self.own:
+            mask = mask & reduce(torch.logical_or, (c.covers(problem, qi, kj) for c in self.own))
+        for cov in self.exclude:
+            mask = mask & ~cov.covers(problem, qi, kj)
+        return mask
+
+    # ------------------------------------------------------------------ views and counts
+
+    def to_dense(self, problem: Problem) -> Tensor:
+        """Bool [R, Lq, Lk] of the pairs that take part (small problems: it is Lq x Lk)."""
+        g, dev = self.grid, self.state.device
+        qi = torch.arange(g.lq, device=dev)
+        kj = torch.arange(g.lk, device=dev)
+        blocks = self.state[:, qi // g.block_q][:, :, kj // g.block_k]  # [R, Lq, Lk]
+        rule = self.pair_mask(problem, qi.view(1, 1, -1, 1), kj.view(1, 1, 1, -1))[:, 0]
+        return (blocks == FULL) | ((blocks == PARTIAL) & rule)
+
+    def products(self, problem: Problem) -> int:
+        """Query-key pairs that take part over every row of ``problem`` (the plan's own count
+        of what a kernel computes: full blocks by their area, partial ones by their rule)."""
+        q_rows, k_cols = self.grid.rows_in(self.state.device)
+        area = q_rows[:, None] * k_cols[None, :]  # [nQB, nKB] in-range pairs per block
+        full = int(((self.state == FULL) * area).sum())
+        total = full + count_partial_pairs(self, problem)
+        return total * (problem.q.shape[0] // self.rows)
+
+    def to_string(self, row: int = 0, limit: int = 64) -> str:
+        """The plan of one row as text, one line per query block: ``█`` full, ``░`` partial,
+        ``·`` skipped (FlexAttention's ``BlockMask.to_string`` in spirit); large plans are
+        cut at ``limit`` blocks each way."""
+        state = self.state[min(row, self.rows - 1)].cpu()
+        glyph = {FULL: "█", PARTIAL: "░", NONE: "·"}
+        g = self.grid
+        lines = [
+            f"block plan {g.lq}x{g.lk} in {g.block_q}x{g.block_k} blocks "
+            f"({'causal' if self.causal else 'non-causal'}, row {row} of {self.rows}): "
+            f"{int((state == FULL).sum())} full, {int((state == PARTIAL).sum())} partial"
+        ]
+        for i in range(min(g.nqb, limit)):
+            cells = "".join(glyph[int(s)] for s in state[i, :limit])
+            lines.append(cells + ("…" if g.nkb > limit else ""))
+        if g.nqb > limit:
+            lines.append("⋮")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+
+def count_partial_pairs(plan: BlockPlan, problem: Problem, budget: int = 1 << 24) -> int:
+    """Pairs that take part in the partial blocks of ``plan`` (rules evaluated in chunks of
+    about ``budget`` pairs; rows of a row-invariant plan counted once)."""
+    g = plan.grid
+    lists = plan.lists(trim=True)
+    num, idx = lists.part_num, lists.part_idx  # [R, nQB], [R, nQB, W]
+    width = idx.shape[-1]
+    if width == 0:
+        return 0
+    dev = plan.state.device
+    rows = plan.rows
+    step = max(1, budget // max(1, rows * width * g.block_q * g.block_k))
+    total = 0
+    for i0 in range(0, g.nqb, step):
+        sl = slice(i0, min(i0 + step, g.nqb))
+        qb = torch.arange(sl.start, sl.stop, device=dev)
+        qi = block_indices(qb, g.block_q, g.lq).view(1, -1, g.block_q, 1)
+        valid = torch.arange(width, device=dev) < num[:, sl, None]  # [R, T, W]
+        kj = block_indices(idx[:, sl], g.block_k, g.lk, valid).flatten(-2).unsqueeze(-2)
+        mask = plan.pair_mask(problem, qi.expand(rows, -1, -1, -1), kj)
+        total += int(mask.sum())
+    return total
+
+
+def block_indices(blocks: Tensor, size: int, length: int, valid: Tensor | None = None) -> Tensor:
+    """Element indices of blocks: [..., size] = block * size + 0..size-1, -1 where past
+    ``length`` or where ``valid`` [...] is False."""
+    idx = blocks[..., None].long() * size + torch.arange(size, device=blocks.device)
+    bad = idx >= length
+    if valid is not None:
+        bad = bad | ~valid[..., None]
+    return idx.masked_fill(bad, -1)
+
+
+def _edge_partial(state: Tensor) -> Tensor:
+    state = state.clone()
+    state[..., -1].clamp_(max=PARTIAL)
+    return state
+
+
+def _lists_of(state: Tensor, trim: bool) -> BlockLists:
+    full_num, full_idx = _block_list(state == FULL, trim)
+    part_num, part_idx = _block_list(state == PARTIAL, trim)
+    return BlockLists(full_num, full_idx, part_num, part_idx)
+
+
+def _block_list(selected: Tensor, trim: bool) -> tuple[Tensor, Tensor]:
+    """(count int32 [R, nQB], indices int32 [R, nQB, W]) of the True blocks, ascending first."""
+    num = selected.sum(-1, dtype=torch.int32)
+    order = torch.sort(selected.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    if trim:
+        width = int(num.max()) if num.numel() else 0
+        order = order[..., :width]
+    return num, order.to(torch.int32).contiguous()
+
+
+def union_states(states: list[Tensor]) -> Tensor:
+    """A block takes the strongest state any part gives it (rows broadcast)."""
+    return reduce(torch.maximum, states)
+
+
+def subtract_states(state: Tensor, excluded: Tensor) -> Tensor:
+    """Blocks the excluded coverage holds whole are dropped; blocks it holds in part become
+    partial (its pairs are masked there)."""
+    state = torch.where(excluded == FULL, NONE, state)
+    return torch.where(excluded == PARTIAL, torch.minimum(state, torch.ones_like(state)), state)
+
+
+def _states(cov: Coverage, problem: Problem, grid: BlockGrid) -> Tensor:
+    states = cov.block_states(problem, grid)
+    if states is None:
+        raise TypeError(f"{type(cov).__name__} has no block form")
+    return states
+
+
+def has_block_form(cov: Coverage) -> bool:
+    """Whether a coverage can take part in a plan (its ``block_states`` gives states)."""
+    return cov.has_block_form
+
+
+def plan_block_size(problem: Problem, coverages: list[Coverage], default: int) -> int:
+    """The plan's block size on ``problem``: the gcd of the table coverages' block sizes (each
+    plan block then lies in one table block), else ``default``; never above the power of
+    two that holds the longer sequence (a larger block only adds padding)."""
+    reach = 1 << max(0, max(problem.lq, problem.lk) - 1).bit_length()
+    sizes = [min(s, reach) for s in (c.block_grid() for c in coverages) if s is not None]
+    return math.gcd(*sizes) if sizes else min(default, reach)
+
+
+def table_fits(size: int, block: int, count: int) -> bool:
+    """Whether ``count`` plan blocks of ``block`` each lie in one table block of ``size``."""
+    return size % block == 0 or size >= count * block
+
+
+_STATIC: OrderedDict[tuple, BlockPlan] = OrderedDict()
+
+
+def static_plan(key: tuple, make) -> BlockPlan:
+    """The plan of ``key`` built once per process (LRU of :data:`STATIC_CACHE_SIZE`): static
+    patterns (sinks, windows, static tables, causality) depend only on lengths, offsets,
+    knobs and device, so their lists and masks are reused across calls."""
+    plan = _STATIC.get(key)
+    if plan is None:
+        plan = _STATIC[key] = make()
+        while len(_STATIC) > STATIC_CACHE_SIZE:
+            _STATIC.popitem(last=False)
+    else:
+        _STATIC.move_to_end(key)
+    return plan
