@@ -108,5 +108,8 @@ data_option = click.option(
     help="Captured Q/K/V (safetensors); default: the built-in data.",
 )
 backend_option = click.option(
-    "--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"])
+    "--backend",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "torch", "triton", "flex"]),
 )

@@ -420,3 +420,116 @@ def test_auto_uses_torch_on_cpu_and_triton_refuses_unknown_coverage():
 
     reasons = dispatch.OPS["block"][0].not_supported_reasons(problem, own=None, exclude=(Opaque(),))
     assert any("Opaque has no kernel form" in r for r in reasons)
+
+
+# ---------------------------------------------------------------- block plans
+
+
+def plan_cases(problem):
+    """(name, plan) of block plans of every kind of selection on ``problem``."""
+    from attncompose.primitives.plan import BlockPlan
+    from attncompose.primitives.power import Power
+    from attncompose.spec.steps import PowerStep
+
+    sink, window = SinkCoverage(3), WindowCoverage(17)
+    topp = Topk(TopkStep(block_size=16, p=0.8, max_k=3))(problem)
+    power = Power(PowerStep(block_size=32, max_distance=2))(problem)
+    return [
+        ("sink+window", BlockPlan.build(problem, [sink, window], [], 16, 16)),
+        ("topp+sink+window", BlockPlan.build(problem, [sink, window, topp], [], 16, 16)),
+        ("topp-minus-window", BlockPlan.build(problem, [topp], [window], 16, 16)),
+        ("power+sink", BlockPlan.build(problem, [power, sink], [], 32, 32)),
+    ]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), [(33, 33), (64, 64), (17, 64)], ids=IDS[1:])
+def test_plan_kernel_matches_reference(lq, lk, causal):
+    from attncompose.primitives.block import plan_torch, plan_triton
+
+    problem = make_problem(2, lq, lk, 16, causal=causal, seed=lq)
+    g = torch.Generator().manual_seed(lk)
+    bias = torch.randn(1, lk, generator=g).masked_fill(
+        torch.rand(1, lk, generator=g) < 0.2, -torch.inf
+    )
+    for name, plan in plan_cases(problem):
+        for each in (plan, plan.with_key_bias(bias.to(DEVICE))):
+            want = plan_torch.plan_attention(problem, each)
+            got = plan_triton.plan_attention(problem, each)
+            assert got.out.dtype == problem.q.dtype, name
+            assert_same(got, want)
+
+
+def test_plan_kernel_nan_poisoned_inputs_equal_clean_run():
+    from attncompose.primitives.block import plan_triton
+
+    problem = make_problem(2, 40, 40, 16, causal=True)
+    for name, plan in plan_cases(problem):
+        clean = plan_triton.plan_attention(problem, plan)
+        poisoned = plan_triton.plan_attention(padded_views(problem), plan)
+        assert torch.equal(poisoned.out, clean.out) and torch.equal(poisoned.lse, clean.lse), name
+
+
+def test_plan_kernel_fp16_within_twice_torch_fp16_error():
+    from attncompose.primitives.block import plan_torch, plan_triton
+
+    problem = make_problem(2, 64, 64, 16, causal=True)
+    half = replace(problem, q=problem.q.half(), k=problem.k.half(), v=problem.v.half())
+    for name, plan in plan_cases(problem):
+        truth = plan_torch.plan_attention(problem, plan).out
+        torch_err = (plan_torch.plan_attention(half, plan).out - truth).abs().max()
+        got = plan_triton.plan_attention(half, plan).out
+        assert got.dtype == torch.float16, name
+        assert (got.float() - truth).abs().max() <= 2 * torch_err + 1e-3, name
+
+
+def _small_recipe(name):
+    knobs = {"streaming": {"local.width": 24}, "power": {"pattern.block_size": 32}}
+    knobs |= {r: {"local.width": 24, "heavy.block_size": 16} for r in ("block-topk", "topp")}
+    return ac.load_recipe(name).with_knobs(knobs[name])
+
+
+@pytest.mark.parametrize("name", ["streaming", "topp", "block-topk", "power"])
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal"),
+    [(50, 50, False), (64, 64, True), (17, 64, True)],
+    ids=["T50-noncausal", "T64-causal", "decode17x64"],
+)
+def test_plan_recipes_triton_equal_torch_with_gqa(make_qkv, name, lq, lk, causal):
+    recipe = _small_recipe(name)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+    want, want_lse = ac.compile(recipe, backend="torch")(q, k, v, is_causal=causal, return_lse=True)
+    got, got_lse = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
+    assert ac.relative_error(got, want) < 1e-5
+    assert torch.allclose(got_lse, want_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["streaming", "topp"])
+def test_a_block_step_is_one_kernel_launch(make_qkv, name, monkeypatch):
+    """Sinks + window (+ top-p blocks) in ONE launch of the plan kernel: no tile kernel."""
+    from attncompose.primitives.block import plan_triton
+
+    launches = []
+    real = plan_triton.launch
+    monkeypatch.setattr(
+        plan_triton, "launch", lambda k, *a, **kw: launches.append(k) or real(k, *a, **kw)
+    )
+    monkeypatch.setattr(block_triton, "launch", lambda *a, **kw: pytest.fail("tile kernel ran"))
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=64, lk=64, d=16)
+    ac.compile(_small_recipe(name), backend="triton")(q, k, v, is_causal=True)
+    assert launches == [plan_triton._plan_fwd_kernel]
+
+
+def test_plan_autotuned_launch_matches_reference(monkeypatch):
+    """The GPU launch path of the plan kernel under the interpreter: 16x16 plan blocks leave
+    one config after pruning, so the autotuner takes it without benchmarking."""
+    from attncompose.primitives.block import plan_torch, plan_triton
+    from attncompose.primitives.plan import BlockPlan
+
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    plan_triton._plan_tuned.cache.clear()
+    problem = make_problem(2, 40, 40, 16, causal=True)
+    plan = BlockPlan.build(problem, [SinkCoverage(3), WindowCoverage(9)], [], 16, 16)
+    assert_same(plan_triton.plan_attention(problem, plan), plan_torch.plan_attention(problem, plan))
+    (config,) = plan_triton._plan_tuned.cache.values()
+    assert (config.kwargs["BQ"], config.kwargs["BK"]) == (16, 16)

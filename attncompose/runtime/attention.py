@@ -64,7 +64,7 @@ class Attention(nn.Module):
         group = hq // k.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         native = self.pipeline.backend == "triton" or (
-            self.pipeline.backend == "auto" and q.device.type == "cuda"
+            self.pipeline.backend in ("auto", "flex") and q.device.type == "cuda"
         )
         dtype = q.dtype if native else torch.float32
         problem = Problem(

@@ -19,7 +19,7 @@ from attncompose.primitives.base import PRIMITIVES, Partial, Primitive, Problem
 from attncompose.runtime.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flex")
 
 
 class Pipeline:

@@ -1,14 +1,19 @@
 """Which implementation runs a kernel-level op, xformers-style.
 
-Each op has implementations in preference order (Triton first, PyTorch last); each answers
-``not_supported_reasons(problem, **inputs)``. ``backend="torch"`` takes the PyTorch one;
-``"triton"`` takes Triton or raises one error listing every reason; ``"auto"`` takes Triton
-for CUDA tensors when it has no reason against, else PyTorch (per call: ``show`` can only
-say what CUDA inputs would get). Triton modules are imported
-only when an implementation is first called, so ``import attncompose`` never loads kernels.
+Each op has implementations in preference order (Triton first, then FlexAttention where an
+op has one, PyTorch last); each answers ``not_supported_reasons(problem, **inputs)``.
+``backend="torch"`` takes the first PyTorch one without reasons (its reference, last, has
+none); ``"triton"`` / ``"flex"`` take that implementation or raise one error listing every
+reason (ops without a FlexAttention form run as under ``"auto"``); ``"auto"`` takes, for
+CUDA tensors, the first Triton or FlexAttention implementation with no reason against, else
+PyTorch (per call: ``show`` can only say what CUDA inputs would get; :func:`explain` says
+why each one was passed over). Kernel modules are imported only when an implementation is
+first called, so ``import attncompose`` never loads kernels.
 
-Ops: ``exact`` (attention with lse), ``block`` (tile kernel, also the sampler's),
-``lsh_sort`` (hash, Gray rank, sort), ``topk_scores`` (block means and their scores).
+Ops: ``exact`` (attention with lse), ``plan`` (a block plan in one pass: block-sparse
+attention), ``block`` (tile kernel for selections without a block form, also the
+sampler's), ``lsh_sort`` (hash, Gray rank, sort), ``topk_scores`` (block means and their
+scores).
 """
 
 from __future__ import annotations
@@ -98,6 +103,12 @@ def _plan_reasons(problem: Problem, **inputs: Any) -> list[str]:
     return triton_reasons(problem) + not_supported_reasons(problem, **inputs)
 
 
+def _flex_reasons(problem: Problem, **inputs: Any) -> list[str]:
+    from attncompose.primitives.block.plan_flex import not_supported_reasons
+
+    return not_supported_reasons(problem, **inputs)
+
+
 def _fused_reasons(problem: Problem, **inputs: Any) -> list[str]:
     from attncompose.primitives.block.fused import not_supported_reasons
 
@@ -124,6 +135,9 @@ OPS: dict[str, list[Implementation]] = {
     "plan": [
         Implementation(
             "triton:block-sparse", f"{_P}.block.plan_triton", "plan_attention", _plan_reasons
+        ),
+        Implementation(
+            "flex:block-sparse", f"{_P}.block.plan_flex", "plan_attention", _flex_reasons
         ),
         Implementation(
             "torch:block-sparse-cpu", f"{_P}.block.fused", "plan_attention", _fused_reasons
@@ -160,13 +174,39 @@ def choose(op: str, backend: str, problem: Problem, **inputs: Any) -> Implementa
     """The implementation of ``op`` that ``backend`` runs on ``problem`` (see module doc)."""
     if backend == "torch":
         return _by_backend(op, "torch", problem, **inputs)
-    triton_impl = _by_backend(op, "triton")
-    reasons = triton_impl.not_supported_reasons(problem, **inputs)
-    if backend == "triton" and reasons:
-        raise BackendNotSupportedError(f"backend 'triton' cannot run {op!r}: " + "; ".join(reasons))
-    if backend == "triton" or (problem.q.device.type == "cuda" and not reasons):
-        return triton_impl
+    if backend in ("triton", "flex"):
+        impls = [impl for impl in OPS[op] if impl.backend == backend]
+        if not impls:  # no such form of this op: as auto would run it
+            return choose(op, "auto", problem, **inputs)
+        reasons = impls[0].not_supported_reasons(problem, **inputs)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"backend {backend!r} cannot run {op!r}: " + "; ".join(reasons)
+            )
+        return impls[0]
+    if problem.q.device.type == "cuda":
+        for impl in OPS[op]:
+            if impl.backend != "torch" and not impl.not_supported_reasons(problem, **inputs):
+                return impl
     return _by_backend(op, "torch", problem, **inputs)
+
+
+def explain(op: str, backend: str, problem: Problem, **inputs: Any) -> list[str]:
+    """Why ``backend`` runs what it runs: one line per implementation of ``op``, in
+    preference order, naming the chosen one and the reasons against the others."""
+    chosen = choose(op, backend, problem, **inputs)
+    lines = []
+    for impl in OPS[op]:
+        if impl is chosen:
+            lines.append(f"{impl.name}: chosen")
+            break
+        reasons = impl.not_supported_reasons(problem, **inputs)
+        if backend not in ("auto", impl.backend):
+            reasons = [f"backend {backend!r} asked"]
+        elif not reasons and problem.q.device.type != "cuda":
+            reasons = [f"device {problem.q.device} (auto takes kernels for CUDA tensors)"]
+        lines.append(f"{impl.name}: " + "; ".join(reasons))
+    return lines
 
 
 def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> Any:
@@ -176,10 +216,12 @@ def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> 
 
 def describe(op: str, backend: str) -> str:
     """What ``backend`` runs for ``op`` on this machine, as ``attncompose show`` prints it
-    (``auto``: Triton where CUDA and triton are present, else PyTorch). A backend with
-    several implementations is named in preference order, ``a else b``: which one runs is
-    chosen per call (the fused CPU block kernel takes CPU tensors only)."""
+    (``auto``: Triton and FlexAttention where CUDA and triton are present, else PyTorch). A
+    backend with several implementations is named in preference order, ``a else b``: which
+    one runs is chosen per call (e.g. the fused CPU kernels take CPU tensors only)."""
     if backend == "auto":
         cuda = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-        backend = "triton" if cuda else "torch"
-    return " else ".join(impl.name for impl in OPS[op] if impl.backend == backend)
+        names = [impl.name for impl in OPS[op] if (impl.backend != "torch") == cuda]
+        return " else ".join(names)
+    names = [impl.name for impl in OPS[op] if impl.backend == backend]
+    return " else ".join(names) if names else describe(op, "auto")

@@ -241,7 +241,9 @@ class _Walk:
 
 
 def _blocks(x: Tensor, count: int, size: int) -> Tensor:
-    """x [N, L, D] as [N, count, size, D] (zero-padded to count*size rows when needed)."""
+    """x [N, L, D] as float32 [N, count, size, D] (zero-padded to count*size rows when
+    needed; half inputs upcast: PyTorch kernels compute in float32)."""
+    x = x.float()
     n, length, d = x.shape
     if count * size != length:
         padded = x.new_zeros(n, count * size, d)
