@@ -91,6 +91,37 @@ def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing
     return Timing(statistics.median(samples), tuple(samples))
 
 
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def count_launches(fn: Callable[[], object], device: torch.device | str) -> int | None:
+    """GPU kernel launches of one ``fn()`` call (CUDA runtime and driver launch calls seen by
+    ``torch.profiler``; Triton launches through the driver). None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.key in LAUNCH_EVENTS)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak GPU memory one ``fn()`` call allocates beyond what was held before (MiB). None off
+    CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def device_name(device: torch.device | str) -> str:
     """A device as measurements name it (and tuned files key it): the CUDA device name, or
     its type (``cpu``)."""

@@ -1,118 +1,233 @@
-"""HyperAttention (paper defaults, Triton backend) against SDPA flash and cuDNN, one layer forward.
+"""Every built-in recipe on the GPU against dense attention and FlexAttention, one process.
 
-B=1, H=32, d in {64, 128}, bf16, n = 4k..128k, causal and non-causal. Per point: latency of
-every implementation (``attncompose.timing.measure``), relative error of hyperattention
-against exact float32 attention, and efficiency = measured speedup over SDPA flash / ideal
-speedup (exact FLOPs / FLOPs the pipeline computes, counted analytically from its knobs).
-Writes benchmarks/results/bench_gpu_<device>.json with device, versions, commit and date.
+B=1, H=32, bf16, d in {64, 128}, n = 4k..128k, causal, non-causal and decode (Lq=1, Lk=n),
+forward. Per point: cuDNN and flash SDPA (the exact baselines; decode runs them without a
+mask: its one query sees every key), then each recipe at its default knobs through
+attncompose's dispatch (``impl: attncompose``) and, where every block step is a block plan,
+the same plan through FlexAttention (``impl: flex``, compiled once with dynamic shapes).
+Each row: impl, recipe (null for dense), seq_len, q_len, causal, head_dim, median_ms
+(``attncompose.timing.measure``: do_bench on CUDA), frac (share of exact attention's
+products, counted by the plans or, for tile-path recipes, by the torch backend on the first
+two heads), speedup_vs_best_exact (faster of cuDNN/flash in the same run / this),
+efficiency (= speedup x frac: speed per product against the best dense kernel), launches
+(kernel launches per call, torch.profiler) and peak_mem_mb. Writes
+``benchmarks/results/bench_gpu_<device>.json`` (device, versions, commit, date) after every
+point, so a run stopped by a time limit keeps what it measured, and prints a table last.
 
-    python benchmarks/bench_gpu.py                     # the GPU grid (needs CUDA)
-    python benchmarks/bench_gpu.py --lengths 131072 --dims 128 --out F   # part of it
-    python benchmarks/bench_gpu.py --cpu-smoke         # torch backend, tiny n, on CPU
-
-The results file is rewritten after every point: a run stopped by a time limit keeps them.
+    python benchmarks/bench_gpu.py                         # the grid (needs CUDA)
+    python benchmarks/bench_gpu.py --dims 128 --lengths 32768,131072 --recipes streaming,topp
+    python benchmarks/bench_gpu.py --cpu-smoke             # tiny sizes on CPU (torch, flex)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+import time
+import warnings
 from pathlib import Path
 
 import torch
 
 import attncompose as ac
-from attncompose.bench import bench_length, random_qkv
-from attncompose.timing import device_name, write_results
+from attncompose.bench import random_qkv, sdpa_call
+from attncompose.evaluation import products_fraction
+from attncompose.runtime.compiler import Pipeline
+from attncompose.timing import count_launches, device_name, measure, peak_memory_mb, write_results
 
 RESULTS = Path(__file__).parent / "results"
-GPU_GRID = {"lengths": [4096, 8192, 16384, 32768, 65536, 131072], "dims": [64, 128], "heads": 32}
-SMOKE_GRID = {"lengths": [256, 512], "dims": [16], "heads": 2}
+GPU_GRID = {
+    "lengths": [4096, 8192, 16384, 32768, 65536, 131072],
+    "dims": [64, 128],
+    "heads": 32,
+    "modes": ["causal", "non-causal", "decode"],
+}
+SMOKE_GRID = {
+    "lengths": [256],
+    "dims": [16],
+    "heads": 2,
+    "modes": ["causal", "non-causal", "decode"],
+}
+FRAC_HEADS = 2  # heads a tile-path recipe's frac is counted on (torch backend)
 
 
-def hyper_flops(n: int, d: int, knobs: dict[str, int], causal: bool) -> float:
-    """Matmul FLOPs per head of the hyperattention pipeline at length n (Lq = Lk)."""
-    b, m, base = knobs["block_size"], knobs["sample_size"], knobs["min_seq_len"]
+def dense_backends(device: torch.device) -> dict[str, object]:
+    """The exact baselines: cuDNN and flash SDPA on CUDA; the CPU's flash kernel in a smoke."""
+    from torch.nn.attention import SDPBackend
 
-    def body(lq: int, lk: int) -> float:  # sortLSH blocks (<= 2 key blocks per tile) + samples
-        span = b if lq * b % lk == 0 or lq >= lk else 2 * b
-        return 4.0 * d * lq * (min(span, lk) + min(m, lk))
-
-    def square(size: int) -> float:  # the recursive causal splitter
-        if size <= base:
-            return 2.0 * d * size * size
-        h = size // 2
-        return square(h) + square(size - h) + body(size - h, h)
-
-    return square(n) if causal else body(n, n)
+    if device.type == "cuda":
+        return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    return {"flash": SDPBackend.FLASH_ATTENTION}
 
 
-def exact_flops(n: int, d: int, causal: bool) -> float:
-    return (2.0 if causal else 4.0) * d * n * n
+def planned(recipe) -> bool:
+    """Whether every block step of ``recipe`` runs as a block plan (FlexAttention can run it)."""
+    pipeline = Pipeline(recipe, backend="torch")
+    blocks = [node for node in pipeline.nodes.values() if node.op == "block"]
+    return bool(blocks) and all(node.planned for node in blocks)
 
 
-def run_grid(
-    grid: dict, backend: str, device: torch.device, dtype: torch.dtype, save
-) -> list[dict]:
-    """Every point of ``grid``; ``save(rows)`` after each one, so a killed run keeps them."""
-    attn = ac.compile("hyperattention", backend=backend)
-    knobs = {k: v for step in attn.recipe.steps.values() for k, v in step.knobs().items()}
-    rows = []
+def frac_of(attn, recipe, q, k, v, causal: bool, torch_backend) -> float:
+    """Share of exact attention's products: the plans count theirs on any backend; a recipe
+    with tile-path steps is counted by the torch backend on the first heads."""
+    if planned(recipe):
+        return products_fraction(attn, q, k, v, causal)
+    heads = slice(0, FRAC_HEADS)
+    return products_fraction(torch_backend, q[:, heads], k[:, heads], v[:, heads], causal)
+
+
+class Fracs:
+    """frac per (recipe, n, q_len, causal), counted once (on the first head dim measured:
+    which products a recipe computes does not depend on the head dim beyond the data)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple, tuple[float, int]] = {}
+
+    def __call__(self, attn, recipe, q, k, v, causal, torch_backend) -> tuple[float, int]:
+        key = (recipe.name, k.shape[2], q.shape[2], causal)
+        if key not in self.seen:
+            frac = frac_of(attn, recipe, q, k, v, causal, torch_backend)
+            self.seen[key] = (frac, q.shape[-1])
+        return self.seen[key]
+
+
+def run_grid(grid: dict, recipes: list[str], device, dtype, backends: tuple[str, str], save):
+    """Every point of ``grid``; ``save(rows)`` after each one."""
+    impl_backend, flex_backend = backends
+    compiled = {}
+    fracs = Fracs()
+    rows: list[dict] = []
     for d in grid["dims"]:
-        for causal in (False, True):
+        for mode in grid["modes"]:
+            causal = mode != "non-causal"
             for n in grid["lengths"]:
                 q, k, v = random_qkv(1, grid["heads"], n, d, dtype, device)
-                measured = bench_length(attn, q, k, v, causal, "hyperattention")
-                ideal = exact_flops(n, d, causal) / hyper_flops(n, d, knobs, causal)
-                flash = next((r for r in measured if r.name == "sdpa-flash_attention"), None)
-                for r in measured:
-                    row = {"head_dim": d, **asdict(r)}
-                    if r.error is not None and flash and flash.median_ms and r.median_ms:
-                        speedup = flash.median_ms / r.median_ms
-                        row |= {"speedup_vs_flash": speedup, "ideal_speedup": ideal,
-                                "efficiency": speedup / ideal}  # fmt: skip
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                if mode == "decode":
+                    q = q[:, :, -1:].contiguous()
+                point = {"seq_len": n, "q_len": q.shape[2], "causal": causal, "head_dim": d}
+                dense = _dense_rows(q, k, v, causal and mode != "decode", device, point)
+                best = min((r["median_ms"] for r in dense if r["median_ms"]), default=None)
+                rows += dense
+                for name in recipes:
+                    recipe = ac.load_recipe(name)
+                    impls = {"attncompose": impl_backend}
+                    if planned(recipe):
+                        impls["flex"] = flex_backend
+                    for impl, backend in impls.items():
+                        key = (name, backend)
+                        if key not in compiled:
+                            compiled[key] = ac.compile(recipe, backend=backend)
+                        if ("torch", name) not in compiled:
+                            compiled["torch", name] = ac.compile(recipe, backend="torch")
+                        row = _recipe_row(
+                            compiled[key], recipe, q, k, v, causal, device, best,
+                            lambda *a, ref=compiled["torch", name]: fracs(*a, ref),
+                            {**point, "impl": impl, "recipe": name},
+                        )  # fmt: skip
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
                 save(rows)
                 del q, k, v
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
+
+
+def _dense_rows(q, k, v, causal: bool, device, point: dict) -> list[dict]:
+    rows = []
+    for impl, backend in dense_backends(device).items():
+        row = {**point, "impl": impl, "recipe": None, "frac": 1.0}
+        try:
+            call = sdpa_call(q, k, v, causal, backend)
+            row["median_ms"] = measure(call, device).median_ms
+            row["launches"] = count_launches(call, device)
+            row["peak_mem_mb"] = peak_memory_mb(call, device)
+        except RuntimeError as err:  # backend not built / not for this shape
+            row |= {"median_ms": None, "note": str(err).strip().splitlines()[0][:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _recipe_row(attn, recipe, q, k, v, causal, device, best, frac, row: dict) -> dict:
+    call = lambda: attn(q, k, v, is_causal=causal)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager FlexAttention on CPU says it is unfused
+            started = time.perf_counter()
+            ms = measure(call, device).median_ms
+            row["first_call_s"] = time.perf_counter() - started  # includes compile/autotune
+            row["median_ms"] = ms
+            row["frac"], row["frac_head_dim"] = frac(attn, recipe, q, k, v, causal)
+            row["launches"] = count_launches(call, device)
+            row["peak_mem_mb"] = peak_memory_mb(call, device)
+    except (RuntimeError, ValueError) as err:  # e.g. out of memory at 128k: say so, go on
+        row |= {"median_ms": None, "note": str(err).strip().splitlines()[0][:200]}
+        return row
+    if best:
+        row["speedup_vs_best_exact"] = best / ms
+        row["efficiency"] = row["speedup_vs_best_exact"] * row["frac"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """A short text table: per point, the best dense time and each recipe's speedup/eff."""
+    lines = [f"{'d':>4} {'mode':>10} {'n':>7}  {'impl':<12}{'recipe':<24}{'ms':>9}  speedup  eff"]
+    for r in rows:
+        if r["recipe"] is None or r.get("median_ms") is None:
+            continue
+        mode = "decode" if r["q_len"] == 1 else ("causal" if r["causal"] else "non-causal")
+        lines.append(
+            f"{r['head_dim']:>4} {mode:>10} {r['seq_len']:>7}  {r['impl']:<12}{r['recipe']:<24}"
+            f"{r['median_ms']:>9.3f}  {r.get('speedup_vs_best_exact', 0):6.2f}x"
+            f"  {r.get('efficiency', 0):.2f}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-smoke", action="store_true", help="torch backend, tiny n, CPU")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU")
     parser.add_argument("--lengths", help="comma-separated n (default: the grid's)")
     parser.add_argument("--dims", help="comma-separated head dims (default: the grid's)")
+    parser.add_argument("--modes", help="causal,non-causal,decode (default: all)")
+    parser.add_argument("--recipes", help="comma-separated built-in recipes (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
-        device, backend, grid, dtype = torch.device("cpu"), "torch", SMOKE_GRID, torch.float32
+        device, dtype, grid = torch.device("cpu"), torch.float32, SMOKE_GRID
+        backends = ("torch", "flex")
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device; use --cpu-smoke to check the script on CPU")
-        device, backend, grid, dtype = torch.device("cuda"), "triton", GPU_GRID, torch.bfloat16
+        device, dtype, grid = torch.device("cuda"), torch.bfloat16, GPU_GRID
+        backends = ("auto", "flex")
     grid = dict(grid)
     for key, given in (("lengths", args.lengths), ("dims", args.dims)):
         if given:
             grid[key] = [int(x) for x in given.split(",")]
+    if args.modes:
+        grid["modes"] = args.modes.split(",")
+    recipes = args.recipes.split(",") if args.recipes else ac.builtin_recipes()
+    recipes = [r for r in recipes if r != "exact"]  # the dense rows are exact attention
     slug = "cpu-smoke" if args.cpu_smoke else device_name(device).replace(" ", "_")
     out = args.out or RESULTS / f"bench_gpu_{slug}.json"
 
     def save(rows: list[dict]) -> None:
-        result = {
+        record = {
             "benchmark": "bench_gpu",
-            "backend": backend,
             "dtype": str(dtype).removeprefix("torch."),
             "batch": 1,
             "heads": grid["heads"],
             "grid": grid,
-            "flops_note": "ideal speedup = exact matmul FLOPs / analytical FLOPs of the pipeline",
+            "recipes": recipes,
+            "backends": {"attncompose": backends[0], "flex": backends[1]},
             "rows": rows,
         }
-        write_results(out, result, device)
+        write_results(out, record, device)
 
-    run_grid(grid, backend, device, dtype, save)
+    rows = run_grid(grid, recipes, device, dtype, backends, save)
+    print(table(rows))
     print(f"wrote {out}")
 
 

@@ -226,11 +226,14 @@ class BlockPlan:
     def products(self, problem: Problem) -> int:
         """Query-key pairs that take part over every row of ``problem`` (the plan's own count
         of what a kernel computes: full blocks by their area, partial ones by their rule)."""
-        q_rows, k_cols = self.grid.rows_in(self.state.device)
-        area = q_rows[:, None] * k_cols[None, :]  # [nQB, nKB] in-range pairs per block
-        full = int(((self.state == FULL) * area).sum())
-        total = full + count_partial_pairs(self, problem)
-        return total * (problem.q.shape[0] // self.rows)
+
+        def count() -> int:
+            q_rows, k_cols = self.grid.rows_in(self.state.device)
+            area = q_rows[:, None] * k_cols[None, :]  # [nQB, nKB] in-range pairs per block
+            return int(((self.state == FULL) * area).sum()) + count_partial_pairs(self, problem)
+
+        per_row = self.memo("products", count) if self.row_invariant else count()
+        return per_row * (problem.q.shape[0] // self.rows)
 
     def to_string(self, row: int = 0, limit: int = 64) -> str:
         """The plan of one row as text, one line per query block: ``█`` full, ``░`` partial,

@@ -17,6 +17,8 @@ from attncompose.primitives.base import (
     Primitive,
     Problem,
     UnionCoverage,
+    add_products,
+    counting_products,
     register,
 )
 from attncompose.primitives.merge.naive import merge_partials
@@ -34,6 +36,8 @@ class Block(Primitive):
         mine = [selection.bind(self.knobs["block_size"]) for selection in select]
         if all(cov.has_block_form for cov in (*mine, *prior)):
             plan = self.plan(problem, mine, prior)
+            if counting_products():  # the plan counts its products, whatever kernel runs it
+                add_products(plan.products(problem))
             result = dispatch.call("plan", self.backend, problem, plan=plan)
         else:
             result = self._tiles(problem, mine, prior)

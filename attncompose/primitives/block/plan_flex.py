@@ -108,15 +108,15 @@ def mask_mod(problem: Problem, plan: BlockPlan) -> Callable:
     """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of the plan's pair rule; every
     number that differs between calls is a tensor (no recompilation per length)."""
     dev = problem.q.device
-    bounds = torch.tensor([problem.lq, problem.lk, problem.q_offset - problem.k_offset], device=dev)
+    delta = problem.q_offset - problem.k_offset
+    # causal as a number, not a branch: causal and non-causal calls share one compiled graph
+    bounds = torch.tensor([problem.lq, problem.lk, delta, int(plan.causal)], device=dev)
     own = [_pair_fn(p) for cov in plan.own for p in predicates(cov, problem)]
     excluded = [_pair_fn(p) for cov in plan.exclude for p in predicates(cov, problem)]
-    causal = plan.causal
 
     def rule(b, h, q_idx, kv_idx):
         keep = (q_idx < bounds[0]) & (kv_idx < bounds[1])
-        if causal:
-            keep = keep & (kv_idx <= q_idx + bounds[2])
+        keep = keep & ((kv_idx <= q_idx + bounds[2]) | (bounds[3] == 0))
         if own:
             hit = own[0](h, q_idx, kv_idx)
             for fn in own[1:]:

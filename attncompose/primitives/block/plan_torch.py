@@ -13,8 +13,7 @@ Two passes over a :class:`~attncompose.primitives.plan.BlockPlan`, merged by lse
 Queries and outputs of consecutive query blocks are views, never gathered. ``chunk_fn(q, k,
 v, mask, bias, scale, scratch) -> (out, lse)`` computes one group: the reference
 (:func:`~attncompose.primitives.block.naive._softmax_chunk`) or PyTorch's fused CPU flash
-kernel (:func:`~attncompose.primitives.block.fused._fused_chunk`). The products recorded by
-:func:`~attncompose.primitives.base.count_products` are the plan's own count.
+kernel (:func:`~attncompose.primitives.block.fused._fused_chunk`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial, Problem, add_products, counting_products
+from attncompose.primitives.base import Partial, Problem
 from attncompose.primitives.block.naive import SCORE_BUDGET, Scratch, _softmax_chunk, key_ranges
 from attncompose.primitives.merge.naive import merge_into
 from attncompose.primitives.plan import FULL, PARTIAL, BlockPlan, block_indices
@@ -38,8 +37,6 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
 
 def run_plan(problem: Problem, plan: BlockPlan, chunk_fn) -> Partial:
     """Drive ``chunk_fn`` over the plan's full, then partial blocks (see the module doc)."""
-    if counting_products():
-        add_products(plan.products(problem))
     g = plan.grid
     n, dv = problem.q.shape[0], problem.v.shape[-1]
     out = problem.q.new_zeros(n, g.nqb, g.block_q, dv, dtype=torch.float32)

@@ -153,9 +153,33 @@ def _add_bias(b_s, kbias, row, o_k, m_k):
     return tl.where(b_kb[None, :] > float("-inf"), b_s + b_kb[None, :], float("-inf"))
 
 
+# (BQ, BK, num_warps, num_stages): tiles that divide the plan's blocks; FlashAttention-2's
+# Hopper-friendly shapes first (128 x 64 with 8 warps for d=128, 4 for d=64)
+PLAN_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 3),
+    (32, 32, 4, 2),
+    (16, 16, 2, 1),
+)
+
+
+def prune_plan_configs(configs, named_args, **kwargs):
+    """Tiles that divide the plan's blocks and are at least half of them (up to 128): small
+    tiles in large blocks only repeat loads; fewer configs, less autotuning per variant."""
+    block_q, block_k = named_args["ROWS_B"], named_args["KEYS_B"]
+    fits = lambda tile, block: tile <= block and 2 * tile >= min(block, 128)
+    kept = [c for c in configs if fits(c.kwargs["BQ"], block_q) and fits(c.kwargs["BK"], block_k)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
+
+
 _plan_tuned = autotuned(
     _plan_fwd_kernel,
     ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "N_OWN", "N_PRED", "BD", "BDV", "DOT"],
+    PLAN_CONFIGS,
+    prune_plan_configs,
 )
 
 

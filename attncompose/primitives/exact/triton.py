@@ -154,8 +154,9 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
 
 
-def autotuned(kernel, key: list[str], configs=ATTENTION_CONFIGS):
-    """``kernel`` autotuned over ``configs`` per (ROWS_B, KEYS_B, *key) and input dtypes.
+def autotuned(kernel, key: list[str], configs=ATTENTION_CONFIGS, prune=prune_configs):
+    """``kernel`` autotuned over ``configs`` per (ROWS_B, KEYS_B, *key) and input dtypes,
+    ``prune`` dropping the configs that do not suit a launch.
 
     The kernels only store their results (nothing accumulates into ``out``), so the
     autotuner's repeated launches leave the same result."""
@@ -165,7 +166,7 @@ def autotuned(kernel, key: list[str], configs=ATTENTION_CONFIGS):
             for bq, bk, w, s in configs
         ],
         key=["ROWS_B", "KEYS_B", *key],
-        prune_configs_by={"early_config_prune": prune_configs},
+        prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
 
