@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call on a lent GPU (see ../shared/device/README.md): the compiled kernel tests,
-# then the block-plan benchmark alone on the GPU, each phase under its own timeout and writing its results as it goes (a cut run keeps what it measured).
+# then the block-plan benchmark alone on the GPU, each phase under its own timeout and
+# writing its results as it goes (a cut run keeps what it measured).
 #
 #   bash ../shared/device/wheels.sh        # here, once: .whl/ with pydantic, optuna, ...
 #   device run, carry [".whl"], timeout_s 600:
