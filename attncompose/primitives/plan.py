@@ -130,6 +130,9 @@ class BlockPlan:
     own: tuple[Coverage, ...] = ()
     exclude: tuple[Coverage, ...] = ()
     key_bias: Tensor | None = None
+    # block states of each own, then each excluded coverage: a rule is evaluated pair by pair
+    # only in the blocks a coverage cuts (a table's blocks are whole or absent)
+    parts: tuple[Tensor, ...] = ()
     _lists: dict = field(default_factory=dict, repr=False)  # cached lists, masks of a plan
 
     # ------------------------------------------------------------------ building
@@ -146,11 +149,14 @@ class BlockPlan:
         (each coverage must have a block form: :func:`has_block_form`)."""
         grid = BlockGrid.of(problem, block_q, block_k)
         device = problem.q.device
-        state = union_states([_states(cov, problem, grid) for cov in select])
-        state = torch.minimum(state, visible_states(grid, problem.causal, device))
-        for cov in exclude:
-            state = subtract_states(state, _states(cov, problem, grid))
-        return BlockPlan(grid, problem.causal, state, tuple(select), tuple(exclude))
+        own = [_states(cov, problem, grid) for cov in select]
+        excluded = [_states(cov, problem, grid) for cov in exclude]
+        state = torch.minimum(union_states(own), visible_states(grid, problem.causal, device))
+        for states in excluded:
+            state = subtract_states(state, states)
+        return BlockPlan(
+            grid, problem.causal, state, tuple(select), tuple(exclude), parts=(*own, *excluded)
+        )
 
     @staticmethod
     def dense(problem: Problem, block_q: int = 128, block_k: int = 128) -> BlockPlan:
@@ -171,7 +177,9 @@ class BlockPlan:
 
     def with_key_bias(self, bias: Tensor) -> BlockPlan:
         """A copy whose keys carry ``bias`` [R or 1, Lk] (added to their scores)."""
-        return BlockPlan(self.grid, self.causal, self.state, self.own, self.exclude, bias)
+        return BlockPlan(
+            self.grid, self.causal, self.state, self.own, self.exclude, bias, self.parts
+        )
 
     # ------------------------------------------------------------------ lists and rules
 
@@ -198,19 +206,38 @@ class BlockPlan:
             self._lists[key] = make()
         return self._lists[key]
 
-    def pair_mask(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+    def pair_mask(
+        self, problem: Problem, qi: Tensor, kj: Tensor, at: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Bool mask of the pairs that take part in a partial block: ``qi`` [R', T, BQ, 1] and
         ``kj`` [R', T, 1, nk] local indices (-1: out of range) with R' = 1 or the rows of the
         coverages. In range, causally visible, covered by ``own`` (any; all if empty) and by
-        no ``exclude`` coverage."""
+        no ``exclude`` coverage. ``at`` = (query block [T], key blocks [R', T, W]) of the
+        indices (``nk = W * block_k``): coverages are then asked pair by pair only where
+        they cut a block, elsewhere their block state answers."""
         mask = (qi >= 0) & (kj >= 0)
         if self.causal:
             mask = mask & problem.visible(qi, kj)
-        if self.own:
-            mask = mask & reduce(torch.logical_or, (c.covers(problem, qi, kj) for c in self.own))
-        for cov in self.exclude:
-            mask = mask & ~cov.covers(problem, qi, kj)
+        hits = [self._covered(i, c, problem, qi, kj, at) for i, c in enumerate(self.own)]
+        if hits:
+            mask = mask & reduce(torch.logical_or, hits)
+        for i, cov in enumerate(self.exclude, start=len(self.own)):
+            mask = mask & ~self._covered(i, cov, problem, qi, kj, at)
         return mask
+
+    def _covered(self, i: int, cov: Coverage, problem: Problem, qi, kj, at) -> Tensor:
+        if at is None or not self.parts:
+            return cov.covers(problem, qi, kj)
+        qb, kb = at
+        states = self.parts[i]  # [Rc, nQB, nKB]
+        rows = torch.arange(states.shape[0], device=states.device)[:, None, None]
+        st = states[rows, qb.view(1, -1, 1), kb.long()]  # [R'', T, W]
+        per_key = lambda x: x.repeat_interleave(self.grid.block_k, -1).unsqueeze(-2)
+        whole = per_key(st == FULL)  # [R'', T, 1, nk]
+        cut = st == PARTIAL
+        if not bool(cut.any()):
+            return whole
+        return whole | (per_key(cut) & cov.covers(problem, qi, kj))
 
     # ------------------------------------------------------------------ views and counts
 
@@ -277,7 +304,7 @@ def count_partial_pairs(plan: BlockPlan, problem: Problem, budget: int = 1 << 24
         qi = block_indices(qb, g.block_q, g.lq).view(1, -1, g.block_q, 1)
         valid = torch.arange(width, device=dev) < num[:, sl, None]  # [R, T, W]
         kj = block_indices(idx[:, sl], g.block_k, g.lk, valid).flatten(-2).unsqueeze(-2)
-        mask = plan.pair_mask(problem, qi.expand(rows, -1, -1, -1), kj)
+        mask = plan.pair_mask(problem, qi.expand(rows, -1, -1, -1), kj, at=(qb, idx[:, sl]))
         total += int(mask.sum())
     return total
 

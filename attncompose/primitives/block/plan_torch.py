@@ -142,7 +142,7 @@ class _Walk:
 
     def full_per_row(self, selected: Tensor) -> None:
         """Full blocks of a plan per row: ``selected`` [N, nQB, nKB]; the (row, query block)s
-        of a group are gathered as one batch."""
+        of a chunk (close counts) are gathered as one batch."""
         num = selected.sum(-1)  # [N, nQB]
         if not bool(num.any()):
             return
@@ -151,22 +151,20 @@ class _Walk:
         flat_q = self.q.flatten(0, 1)  # [N*nQB, BQ, D]
         flat_k, flat_v = self.k.flatten(0, 1), self.v.flatten(0, 1)  # [N*nKB, BK, D]
         out, lse = self.out.flatten(0, 1), self.lse.flatten(0, 1)
-        for width, members in _groups(num):
-            step = self._step(1, width)
-            for m0 in range(0, len(members), step):
-                r, i = members[m0 : m0 + step].unbind(-1)
-                blocks, valid = order[r, i, :width], _valid(num[r, i], width)  # [M, W]
-                keys = (r[:, None] * g.nkb + blocks.masked_fill(~valid, 0)).reshape(-1)
-                shape = (1, len(r), width * g.block_k)
-                k = self._gather("k", flat_k, 0, keys, shape)
-                v = self._gather("v", flat_v, 0, keys, shape)
-                rows = r * g.nqb + i
-                q = self._gather("q", flat_q, 0, rows, (1, len(r), g.block_q))
-                mask = None if bool(valid.all()) else self._key_mask(valid)[None]
-                bias = self._bias(blocks[None], valid[None], r)
-                o, s = self._call(q, k, v, mask, bias)
-                out.index_copy_(0, rows, o[0])
-                lse.index_copy_(0, rows, s[0])
+        for width, members in _sorted_chunks(num, lambda w: self._step(1, w)):
+            r, i = members.unbind(-1)
+            blocks, valid = order[r, i, :width], _valid(num[r, i], width)  # [M, W]
+            keys = (r[:, None] * g.nkb + blocks.masked_fill(~valid, 0)).reshape(-1)
+            shape = (1, len(r), width * g.block_k)
+            k = self._gather("k", flat_k, 0, keys, shape)
+            v = self._gather("v", flat_v, 0, keys, shape)
+            rows = r * g.nqb + i
+            q = self._gather("q", flat_q, 0, rows, (1, len(r), g.block_q))
+            mask = None if bool(valid.all()) else self._key_mask(valid)[None]
+            bias = self._bias(blocks[None], valid[None], r)
+            o, s = self._call(q, k, v, mask, bias)
+            out.index_copy_(0, rows, o[0])
+            lse.index_copy_(0, rows, s[0])
 
     # -- partial blocks ---------------------------------------------------------------------
 
@@ -207,8 +205,9 @@ class _Walk:
         def make() -> Tensor:
             g = self.plan.grid
             kj = block_indices(blocks, g.block_k, g.lk, valid).flatten(-2)  # [R, M, nk]
-            qi = block_indices(torch.arange(i0, i1, device=self.dev), g.block_q, g.lq)
-            return self.plan.pair_mask(self.problem, qi[None, :, :, None], kj[:, :, None, :])
+            qb = torch.arange(i0, i1, device=self.dev)
+            qi = block_indices(qb, g.block_q, g.lq)[None, :, :, None]  # [1, M, BQ, 1]
+            return self.plan.pair_mask(self.problem, qi, kj[:, :, None, :], at=(qb, blocks))
 
         g = self.plan.grid
         size = blocks.shape[0] * (i1 - i0) * g.block_q * blocks.shape[-1] * g.block_k
@@ -270,6 +269,24 @@ def _groups(num: Tensor):
     for width in torch.unique(width_of[num > 0]).tolist():
         members = torch.nonzero((width_of == width) & (num > 0))
         yield int(width), members.flatten() if num.dim() == 1 else members
+
+
+def _sorted_chunks(num: Tensor, step_of):
+    """(width, members [M, 2]) chunks of the (row, query block)s of ``num`` [N, nQB] with
+    blocks to compute, in order of their count: each chunk as wide as its largest count
+    (little padding, as neighbours in that order have close counts) and at most
+    ``step_of(width)`` members long."""
+    members = torch.nonzero(num > 0)  # [P, 2]
+    counts = num[members[:, 0], members[:, 1]]
+    order = torch.argsort(counts, stable=True)
+    members, counts = members[order], counts[order].tolist()
+    start = 0
+    while start < len(counts):
+        end = start + 1
+        while end < len(counts) and end - start < step_of(counts[end]):
+            end += 1
+        yield counts[end - 1], members[start:end]
+        start = end
 
 
 def _pow2(x: Tensor) -> Tensor:
