@@ -20,6 +20,7 @@ from attncompose.primitives.sink import SinkCoverage
 from attncompose.primitives.topk import Topk
 from attncompose.primitives.window import WindowCoverage
 from attncompose.runtime import dispatch
+from attncompose.runtime.compiler import Pipeline
 from attncompose.spec.steps import PowerStep, TopkStep
 
 # problems: (rows, Lq, Lk, causal); causal ones bottom-right aligned
@@ -338,3 +339,21 @@ def test_dispatch_explains_its_choice():
     odd = BlockPlan.build(p, [SinkCoverage(2)], [], 7, 7)
     with pytest.raises(dispatch.BackendNotSupportedError, match="7 is not a power of two"):
         dispatch.choose("plan", "triton", p, plan=odd)
+
+
+def test_flex_runs_sorted_tiles_as_one_contiguous_plan():
+    """backend="flex": sortLSH buckets with their sampled residual through FlexAttention's
+    eager path equal the torch steps one by one."""
+    recipe = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 64, "residual.sample_size": 64}
+    )
+    q, k, v = (
+        torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(9)) for _ in range(3)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ac.compile(recipe, backend="flex")(q, k, v, return_lse=True)
+    want = ac.compile(recipe, backend="torch", fuse=False)(q, k, v, return_lse=True)
+    assert "flex:contiguous-tiles" in Pipeline(recipe, backend="flex").kernels()["merged"]
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)

@@ -390,11 +390,12 @@ def test_block_topk_pipeline_triton_equals_torch(make_qkv, causal):
 
 def test_kernels_say_which_implementation_runs():
     recipe = ac.load_recipe({"name": "small", "steps": SMALL})
-    assert Pipeline(recipe, backend="triton").kernels()["diag"] == "triton:tile-attention"
+    tiles = "triton:contiguous-tiles else triton:tile-attention"
+    assert Pipeline(recipe, backend="triton").kernels()["diag"] == tiles
     assert Pipeline(recipe, backend="torch").kernels()["out"].endswith("torch:sdpa-with-lse")
     auto = Pipeline(recipe, backend="auto").kernels()["diag"]
     assert auto == (
-        "triton:tile-attention"
+        tiles + " else flex:contiguous-tiles"
         if torch.cuda.is_available()
         else "torch:block-fused-cpu else torch:block"
     )
@@ -418,7 +419,8 @@ def test_auto_uses_torch_on_cpu_and_triton_refuses_unknown_coverage():
     class Opaque(Coverage):
         pass
 
-    reasons = dispatch.OPS["block"][0].not_supported_reasons(problem, own=None, exclude=(Opaque(),))
+    (tile_kernel,) = [i for i in dispatch.OPS["block"] if i.name == "triton:tile-attention"]
+    reasons = tile_kernel.not_supported_reasons(problem, own=None, exclude=(Opaque(),))
     assert any("Opaque has no kernel form" in r for r in reasons)
 
 
@@ -533,3 +535,72 @@ def test_plan_autotuned_launch_matches_reference(monkeypatch):
     assert_same(plan_triton.plan_attention(problem, plan), plan_torch.plan_attention(problem, plan))
     (config,) = plan_triton._plan_tuned.cache.values()
     assert (config.kwargs["BQ"], config.kwargs["BK"]) == (16, 16)
+
+
+# ---------------------------------------------------------------- contiguous tiles
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "lq"),
+    [
+        ("hyperattention", {"diag.block_size": 64, "residual.sample_size": 64}, 128),
+        ("lsh-only", {"diag.block_size": 32}, 96),
+        ("sampling-only", {"sampled.sample_size": 32}, 70),
+    ],
+    ids=["hyper-fused", "lsh-only", "sampling-only"],
+)
+def test_exact_tiles_run_as_one_contiguous_plan(make_qkv, monkeypatch, name, knobs, lq):
+    """sortLSH's sorted copies (and each tile's sampled keys laid out after its bucket) run
+    as ONE block-sparse launch per tile pass, equal to the torch steps one by one."""
+    from attncompose.primitives.block import plan_triton
+
+    recipe = ac.load_recipe(name).with_knobs(knobs)
+    launches = []
+    real = plan_triton.launch
+    monkeypatch.setattr(
+        plan_triton, "launch", lambda k, *a, **kw: launches.append(k) or real(k, *a, **kw)
+    )
+    monkeypatch.setattr(block_triton, "launch", lambda *a, **kw: pytest.fail("tile kernel ran"))
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lq, d=16)
+    got = ac.compile(recipe, backend="triton")(q, k, v, return_lse=True)
+    want = ac.compile(recipe, backend="torch", fuse=False)(q, k, v, return_lse=True)
+    assert launches  # one per tile pass
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)
+
+
+def test_contiguous_tiles_count_the_products_the_tile_kernel_counts(make_qkv):
+    from attncompose.evaluation import products_fraction
+
+    recipe = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 64, "residual.sample_size": 64}
+    )
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=128, lk=128, d=16)
+    fracs = [
+        products_fraction(ac.compile(recipe, backend=b), q, k, v, False)
+        for b in ("torch", "triton")
+    ]
+    assert fracs[0] == fracs[1] < 1
+
+
+def test_contiguous_tiles_never_wait_for_the_device(monkeypatch):
+    """Copies, key bias, plan and the scatter back use tensor operations only."""
+    from attncompose.primitives.block import contiguous
+
+    problem = make_problem(2, 64, 64, 16)
+    tiles = lsh_coverage(problem, 16).tiles(problem)
+    calls = []
+
+    def fake_plan(op, backend, sub, plan):
+        calls.append(plan)
+        return Partial(torch.zeros_like(sub.q), torch.zeros(sub.q.shape[:2], device=sub.q.device))
+
+    monkeypatch.setattr(dispatch, "call", fake_plan)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    contiguous.run(problem, tiles, "triton")
+    assert len(calls) == 1

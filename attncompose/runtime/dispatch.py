@@ -60,7 +60,7 @@ def triton_reasons(problem: Problem) -> list[str]:
     return reasons
 
 
-def _block_reasons(problem: Problem, own=None, exclude=()) -> list[str]:
+def _block_reasons(problem: Problem, tiles=None, own=None, exclude=()) -> list[str]:
     from attncompose.primitives.base import UnionCoverage
     from attncompose.primitives.coverage_args import has_kernel_form
 
@@ -103,6 +103,18 @@ def _plan_reasons(problem: Problem, **inputs: Any) -> list[str]:
     return triton_reasons(problem) + not_supported_reasons(problem, **inputs)
 
 
+def _contiguous_reasons(backend: str) -> Callable[..., list[str]]:
+    """Reasons against running a tile pass as a contiguous block plan on ``backend``."""
+
+    def reasons(problem: Problem, tiles=None, **inputs: Any) -> list[str]:
+        from attncompose.primitives.block.contiguous import not_supported_reasons
+
+        first = triton_reasons(problem) if backend == "triton" else _flex_reasons(problem)
+        return first + not_supported_reasons(problem, tiles, **inputs)
+
+    return reasons
+
+
 def _flex_reasons(problem: Problem, **inputs: Any) -> list[str]:
     from attncompose.primitives.block.plan_flex import not_supported_reasons
 
@@ -125,7 +137,19 @@ OPS: dict[str, list[Implementation]] = {
     ],
     "block": [
         Implementation(
+            "triton:contiguous-tiles",
+            f"{_P}.block.contiguous",
+            "triton_block_attention",
+            _contiguous_reasons("triton"),
+        ),
+        Implementation(
             "triton:tile-attention", f"{_P}.block.triton", "block_attention", _block_reasons
+        ),
+        Implementation(
+            "flex:contiguous-tiles",
+            f"{_P}.block.contiguous",
+            "flex_block_attention",
+            _contiguous_reasons("flex"),
         ),
         Implementation(
             "torch:block-fused-cpu", f"{_P}.block.fused", "block_attention", _fused_reasons
@@ -178,12 +202,15 @@ def choose(op: str, backend: str, problem: Problem, **inputs: Any) -> Implementa
         impls = [impl for impl in OPS[op] if impl.backend == backend]
         if not impls:  # no such form of this op: as auto would run it
             return choose(op, "auto", problem, **inputs)
-        reasons = impls[0].not_supported_reasons(problem, **inputs)
-        if reasons:
-            raise BackendNotSupportedError(
-                f"backend {backend!r} cannot run {op!r}: " + "; ".join(reasons)
-            )
-        return impls[0]
+        reasons = {impl.name: impl.not_supported_reasons(problem, **inputs) for impl in impls}
+        for impl in impls:
+            if not reasons[impl.name]:
+                return impl
+        raise BackendNotSupportedError(
+            f"backend {backend!r} cannot run {op!r}: "
+            + "; ".join(f"{r} ({name})" if len(impls) > 1 else r
+                        for name, rs in reasons.items() for r in rs)
+        )  # fmt: skip
     if problem.q.device.type == "cuda":
         for impl in OPS[op]:
             if impl.backend != "torch" and not impl.not_supported_reasons(problem, **inputs):

@@ -61,7 +61,7 @@ class Block(Primitive):
                 "block",
                 self.backend,
                 problem,
-                cov.tiles(problem),
+                tiles=cov.tiles(problem),
                 own=cov,
                 exclude=tuple(prior + mine[:i]),
             )

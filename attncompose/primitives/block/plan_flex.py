@@ -26,7 +26,7 @@ from torch import Tensor
 
 from attncompose.primitives.base import Partial, Problem
 from attncompose.primitives.coverage_args import Predicate, predicates
-from attncompose.primitives.plan import BlockPlan
+from attncompose.primitives.plan import FULL, PARTIAL, BlockPlan
 
 COMPILE_BACKEND = "inductor"  # tests may use "eager" to check the compile policy quickly
 
@@ -105,18 +105,26 @@ def _block_mask(problem: Problem, plan: BlockPlan):
 
 
 def mask_mod(problem: Problem, plan: BlockPlan) -> Callable:
-    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of the plan's pair rule; every
-    number that differs between calls is a tensor (no recompilation per length)."""
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``: the pairs the plan takes, exactly
+    (a full block's pairs, a partial block's by the rule), so that it agrees with the block
+    lists wherever FlexAttention evaluates it; every number that differs between calls is a
+    tensor (no recompilation per length)."""
     dev = problem.q.device
+    g = plan.grid
     delta = problem.q_offset - problem.k_offset
     # causal as a number, not a branch: causal and non-causal calls share one compiled graph
-    bounds = torch.tensor([problem.lq, problem.lk, delta, int(plan.causal)], device=dev)
+    bounds = torch.tensor(
+        [problem.lq, problem.lk, delta, int(plan.causal), g.block_q, g.block_k], device=dev
+    )
+    states = plan.state  # [R, nQB, nKB]: which blocks take part at all
+    shared = states.shape[0] == 1
     own = [_pair_fn(p) for cov in plan.own for p in predicates(cov, problem)]
     excluded = [_pair_fn(p) for cov in plan.exclude for p in predicates(cov, problem)]
 
     def rule(b, h, q_idx, kv_idx):
-        keep = (q_idx < bounds[0]) & (kv_idx < bounds[1])
-        keep = keep & ((kv_idx <= q_idx + bounds[2]) | (bounds[3] == 0))
+        inside = (q_idx < bounds[0]) & (kv_idx < bounds[1])
+        state = states[0 if shared else h, q_idx // bounds[4], kv_idx // bounds[5]]
+        keep = (state == PARTIAL) & ((kv_idx <= q_idx + bounds[2]) | (bounds[3] == 0))
         if own:
             hit = own[0](h, q_idx, kv_idx)
             for fn in own[1:]:
@@ -124,7 +132,7 @@ def mask_mod(problem: Problem, plan: BlockPlan) -> Callable:
             keep = keep & hit
         for fn in excluded:
             keep = keep & ~fn(h, q_idx, kv_idx)
-        return keep
+        return inside & ((state == FULL) | keep)  # full blocks: every pair, no rule
 
     return rule
 

@@ -85,14 +85,26 @@ class LshCoverage(Coverage):
         n = self.sel.q_order.shape[0]
         slots = torch.arange(n_tiles * bq, device=problem.q.device).view(n_tiles, bq)
         first = self._slot_bucket(problem, slots[:, 0])  # [N or 1, T]
-        last = self._slot_bucket(problem, slots[:, -1].clamp_max(lq - 1))
-        span = int((last - first).max()) + 1
+        span = self._span(problem, bq, n_tiles)
         k_slots = first[..., None] * b + torch.arange(span * b, device=slots.device)
         q_idx = self._lookup(self.sel.q_order, slots.expand(n, -1, -1), lq)
         k_idx = self._lookup(self.sel.k_order, k_slots.expand(n, -1, -1), lk)
         # every query of tile t is paired with key block `first[t]` alone
         exact = span == 1 and (self.sel.q_rank is not None or lq % bq == 0)
         return Tiles(q_idx, k_idx, exact=exact)
+
+    def _span(self, problem: Problem, bq: int, n_tiles: int) -> int:
+        """Key blocks a tile of ``bq`` sorted queries spans: 1 with code pairing (a tile takes
+        its median's block); with rank pairing from the slots' quantiles, on the host (no
+        device synchronisation)."""
+        if self.sel.q_rank is not None:
+            return 1
+        lq, lk, b = problem.lq, problem.lk, self._block(problem)
+        last_block = -(-lk // b) - 1
+        bucket = lambda slot: min(slot * lk // (lq * b), last_block)
+        return 1 + max(
+            bucket(min(t * bq + bq - 1, lq - 1)) - bucket(t * bq) for t in range(n_tiles)
+        )
 
     @staticmethod
     def _lookup(order: Tensor, slots: Tensor, length: int) -> Tensor:

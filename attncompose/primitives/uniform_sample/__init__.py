@@ -18,7 +18,7 @@ class UniformSample(Primitive):
             return Partial.empty(problem)
         covered = tuple(p.coverage for p in exclude)
         tiles = residual_tiles(problem, m, self.knobs["seed"], covered)
-        return dispatch.call("block", self.backend, problem, tiles, exclude=covered)
+        return dispatch.call("block", self.backend, problem, tiles=tiles, exclude=covered)
 
     def kernel_name(self) -> str:
         return "torch:stratified-draws + " + dispatch.describe("block", self.backend)

@@ -47,7 +47,7 @@ class BlockWithResidual:
             key_bias=torch.cat([own_k.new_zeros(own_k.shape, dtype=weight.dtype), weight], -1),
             exact=True,
         )
-        return dispatch.call("block", self.block.backend, problem, joint)
+        return dispatch.call("block", self.block.backend, problem, tiles=joint)
 
     def kernel_name(self) -> str:
         return "one tile pass of block + residual: " + dispatch.describe(

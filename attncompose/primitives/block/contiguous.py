@@ -1,0 +1,131 @@
+"""Exact tiles run as a block plan over contiguous copies: the GPU form of a tile pass.
+
+A tile pass whose tiles are exact (all queries of a tile take every candidate key: sortLSH
+buckets, and the joint tiles of a detector with its sampled residual) and that tests no pair
+rule (no own coverage, no exclusion) is a block-diagonal plan once its inputs are laid out
+contiguous: the queries in tile order ([N, T*bq]: sortLSH's sorted copy), each tile's
+candidate keys after the previous tile's ([N, T*L]: the key block of its bucket, then its
+sampled keys). One gather each for q, k and v, then ONE launch of the plan kernel reads only
+contiguous blocks (no index gathers inside the attention loop), with the key bias carrying
+the sampler's log(R/m), the tile's lse shift, and -inf for padding and covered samples; the
+results are scattered back to query order once, with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import (
+    Coverage,
+    Partial,
+    Problem,
+    Tiles,
+    add_products,
+    counting_products,
+    gather_rows,
+)
+from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
+
+KEY_BLOCKS = (128, 64, 32, 16)  # key block sizes a tile's keys may be cut into
+
+
+def not_supported_reasons(
+    problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple = ()
+) -> list[str]:
+    """Why a tile pass cannot run as a contiguous block plan (empty when it can)."""
+    reasons = []
+    if own is not None and not tiles.exact:
+        reasons.append("tiles are not exact: their selection would be tested pair by pair")
+    if exclude:
+        reasons.append("exclusions are tested pair by pair")
+    bq = tiles.q_idx.shape[-1]
+    if bq < 16 or bq & (bq - 1):
+        reasons.append(f"tiles of {bq} queries: not a power of two >= 16")
+    if tiles.k_idx.shape[-1] == 0:
+        reasons.append("tiles without keys")
+    return reasons
+
+
+def key_block(width: int) -> int:
+    """The key block size that pads ``width`` candidate keys least (larger on ties)."""
+    return min(KEY_BLOCKS, key=lambda g: (-(-width // g) * g, -g))
+
+
+def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
+    """(out [N, Lq, Dv], lse [N, Lq]) of the tile pass, through the ``plan`` op of
+    ``backend`` ("triton" or "flex")."""
+    from attncompose.runtime import dispatch
+
+    n, t, bq = tiles.q_idx.shape
+    width = tiles.k_idx.shape[-1]
+    block = key_block(width)
+    span = -(-width // block) * block  # keys per tile, padded to whole blocks
+    q_idx = tiles.q_idx.expand(n, t, bq)
+    k_idx = tiles.k_idx.expand(n, t, width)
+    if span > width:
+        k_idx = torch.nn.functional.pad(k_idx, (0, span - width), value=-1)
+    bias = _key_bias(tiles, k_idx)  # [N, T, span] float32
+    if counting_products():  # valid queries x kept keys, per tile
+        add_products(((q_idx >= 0).sum(-1) * torch.isfinite(bias).sum(-1)).sum())
+    flat = lambda idx: idx.reshape(n, -1)
+    sub = Problem(
+        q=gather_rows(problem.q, flat(q_idx)),  # [N, T*bq, D]: e.g. sortLSH's sorted copy
+        k=gather_rows(problem.k, flat(k_idx)),  # [N, T*span, D]: each tile's keys in a row
+        v=gather_rows(problem.v, flat(k_idx)),
+        scale=problem.scale,
+        causal=False,
+        heads=problem.heads,
+        kv_group=problem.kv_group,
+    )
+    grid = BlockGrid(t * bq, t * span, bq, block)
+    plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
+    part = dispatch.call("plan", backend, sub, plan=plan.with_key_bias(flat(bias)))
+    return _scatter(problem, q_idx, part)
+
+
+def _key_bias(tiles: Tiles, k_idx: Tensor) -> Tensor:
+    """[N, T, span]: the tiles' key bias plus their lse shift; -inf on padding keys."""
+    n, t = k_idx.shape[:2]
+    bias = k_idx.new_zeros(k_idx.shape, dtype=torch.float32)
+    if tiles.key_bias is not None:
+        bias[..., : tiles.key_bias.shape[-1]] = tiles.key_bias
+    if tiles.lse_shift is not None:  # a tile's lse shift is a log-weight on all its keys
+        bias += tiles.lse_shift.float().expand(n, t).unsqueeze(-1)
+    return bias.masked_fill(k_idx < 0, float("-inf"))
+
+
+def _diagonal(grid: BlockGrid, blocks_per_tile: int) -> BlockPlan:
+    """Query block t takes key blocks [t*w, (t+1)*w), all full (one plan for every row)."""
+    qb = torch.arange(grid.nqb)[:, None]
+    kb = torch.arange(grid.nkb)[None, :]
+    mine = (kb >= qb * blocks_per_tile) & (kb < (qb + 1) * blocks_per_tile)
+    return BlockPlan(grid, False, (mine.to(torch.uint8) * FULL)[None])
+
+
+def _scatter(problem: Problem, q_idx: Tensor, part: Partial) -> Partial:
+    """Rows of ``part`` (tile order) back to query order; padded rows (-1) land in a spare
+    row that is cut off, so nothing waits for the device."""
+    n, lq = problem.q.shape[:2]
+    dv = problem.v.shape[-1]
+    rows = q_idx.reshape(n, -1).masked_fill(q_idx.reshape(n, -1) < 0, lq)
+    flat = (rows + torch.arange(n, device=rows.device)[:, None] * (lq + 1)).reshape(-1)
+    out = part.out.new_zeros(n * (lq + 1), dv)
+    lse = part.lse.new_full((n * (lq + 1),), float("-inf"))
+    out.index_copy_(0, flat, part.out.reshape(-1, dv))
+    lse.index_copy_(0, flat, part.lse.reshape(-1))
+    return Partial(out.view(n, lq + 1, dv)[:, :lq], lse.view(n, lq + 1)[:, :lq])
+
+
+def triton_block_attention(
+    problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple = ()
+) -> Partial:
+    """The tile pass as one Triton block-sparse launch over contiguous copies."""
+    return run(problem, tiles, "triton")
+
+
+def flex_block_attention(
+    problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple = ()
+) -> Partial:
+    """The tile pass as one FlexAttention call over contiguous copies."""
+    return run(problem, tiles, "flex")
