@@ -10,7 +10,8 @@ Each row: impl, recipe (null for dense), seq_len, q_len, causal, head_dim, media
 products, counted by the plans or, for tile-path recipes, by the torch backend on the first
 two heads), speedup_vs_best_exact (faster of cuDNN/flash in the same run / this),
 efficiency (= speedup x frac: speed per product against the best dense kernel), launches
-(kernel launches per call, torch.profiler) and peak_mem_mb. Writes
+(kernel launches per call, torch.profiler), peak_mem_mb and ideal_speedup (1 / frac: the
+speedup were the recipe as fast per product as dense attention). Writes
 ``benchmarks/results/bench_gpu_<device>.json`` (device, versions, commit, date) after every
 point, so a run stopped by a time limit keeps what it measured, and prints a table last.
 
@@ -91,8 +92,11 @@ class Fracs:
         return self.seen[key]
 
 
-def run_grid(grid: dict, recipes: list[str], device, dtype, backends: tuple[str, str], save):
-    """Every point of ``grid``; ``save(rows)`` after each one."""
+def run_grid(
+    grid: dict, recipes: list[str], device, dtype, backends: tuple[str, str], save, graphs=False
+):
+    """Every point of ``grid``; ``save(rows)`` after each one (``graphs``: also each recipe
+    replayed from a CUDA graph, impl "attncompose-graphs")."""
     impl_backend, flex_backend = backends
     compiled = {}
     fracs = Fracs()
@@ -113,10 +117,14 @@ def run_grid(grid: dict, recipes: list[str], device, dtype, backends: tuple[str,
                     impls = {"attncompose": impl_backend}
                     if planned(recipe):
                         impls["flex"] = flex_backend
+                    if graphs:
+                        impls["attncompose-graphs"] = impl_backend
                     for impl, backend in impls.items():
-                        key = (name, backend)
+                        key = (name, impl)
                         if key not in compiled:
-                            compiled[key] = ac.compile(recipe, backend=backend)
+                            compiled[key] = ac.compile(
+                                recipe, backend=backend, cuda_graphs=impl.endswith("graphs")
+                            )
                         if ("torch", name) not in compiled:
                             compiled["torch", name] = ac.compile(recipe, backend="torch")
                         row = _recipe_row(
@@ -164,6 +172,7 @@ def _recipe_row(attn, recipe, q, k, v, causal, device, best, frac, row: dict) ->
     except (RuntimeError, ValueError) as err:  # e.g. out of memory at 128k: say so, go on
         row |= {"median_ms": None, "note": str(err).strip().splitlines()[0][:200]}
         return row
+    row["ideal_speedup"] = 1 / row["frac"]  # FLOP-ideal: exact's products / the recipe's
     if best:
         row["speedup_vs_best_exact"] = best / ms
         row["efficiency"] = row["speedup_vs_best_exact"] * row["frac"]
@@ -192,6 +201,7 @@ def main() -> None:
     parser.add_argument("--dims", help="comma-separated head dims (default: the grid's)")
     parser.add_argument("--modes", help="causal,non-causal,decode (default: all)")
     parser.add_argument("--recipes", help="comma-separated built-in recipes (default: all)")
+    parser.add_argument("--graphs", action="store_true", help="also time CUDA graph replays")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -226,7 +236,7 @@ def main() -> None:
         }
         write_results(out, record, device)
 
-    rows = run_grid(grid, recipes, device, dtype, backends, save)
+    rows = run_grid(grid, recipes, device, dtype, backends, save, graphs=args.graphs)
     print(table(rows))
     print(f"wrote {out}")
 

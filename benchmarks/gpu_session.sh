@@ -32,6 +32,6 @@ tail -n 5 "$OUT/tests_cuda.txt"
 
 # phase 2, alone on the GPU: the benchmark; d=128 first, the targets
 args=("$@")
-[ ${#args[@]} -eq 0 ] && args=(--dims 128)
+[ ${#args[@]} -eq 0 ] && args=(--dims 128 --graphs)
 timeout 380 python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" "${args[@]}" \
   2>&1 | tee "$OUT/bench_gpu.log" | tail -n 60

@@ -357,3 +357,25 @@ def test_flex_runs_sorted_tiles_as_one_contiguous_plan():
     assert "flex:contiguous-tiles" in Pipeline(recipe, backend="flex").kernels()["merged"]
     assert ac.relative_error(got[0], want[0]) < 1e-5
     assert torch.allclose(got[1], want[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["streaming", "topp", "hyperattention", "power"])
+def test_buffers_reused_across_calls_change_no_result(name):
+    """One module's workspace serves calls of several shapes in turn: results equal a module
+    that allocates afresh, and a repeated shape takes no new memory."""
+    recipe = (
+        _small(name)
+        if name != "hyperattention"
+        else ac.load_recipe(name).with_knobs(
+            {"diag.block_size": 64, "residual.sample_size": 32, "out.min_seq_len": 64}
+        )
+    )
+    reuse = ac.compile(recipe, backend="torch")
+    fresh = ac.compile(recipe, backend="torch", reuse_buffers=False)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+    for length, causal in ((256, True), (150, False), (256, True)):
+        q, k, v = (torch.randn(1, 2, length, 16, generator=g) for _ in range(3))
+        assert torch.equal(reuse(q, k, v, is_causal=causal), fresh(q, k, v, is_causal=causal))
+        sizes.append(reuse.workspace.nbytes())
+    assert sizes[0] > 0 and sizes[2] == sizes[1]

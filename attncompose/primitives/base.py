@@ -35,9 +35,31 @@ if TYPE_CHECKING:
     from attncompose.primitives.plan import BlockGrid
 
 
+class Workspace:
+    """Named buffers reused by the steps of a call and, kept by an attention module, across
+    its calls: on CPU, touching fresh memory (page faults) costs more than the copies written
+    into it; on a GPU, reuse keeps addresses stable. A buffer holds an intermediate only
+    until the same name is taken again (never an output); not for concurrent calls."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised [shape] tensor; ``name``'s buffer, grown when too small."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One (query range) x (key range) attention problem."""
+    """One (query range) x (key range) attention problem (``workspace``: the buffers its
+    kernels may reuse for intermediates)."""
 
     q: Tensor
     k: Tensor
@@ -48,6 +70,7 @@ class Problem:
     kv_group: int  # query heads per key/value head (GQA)
     q_offset: int = 0
     k_offset: int = 0
+    workspace: Workspace | None = None
 
     @property
     def lq(self) -> int:

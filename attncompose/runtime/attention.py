@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attncompose.primitives.base import Problem
+from attncompose.primitives.base import Problem, Workspace
 from attncompose.runtime.checks import check_inputs, check_sdpa_options
 from attncompose.runtime.compiler import Pipeline
+from attncompose.runtime.graphs import GraphCache
 
 
 class Attention(nn.Module):
@@ -28,15 +29,30 @@ class Attention(nn.Module):
     on CUDA), which read float16/bfloat16 as they are and accumulate in float32.
     ``fuse=False`` evaluates every step on its own instead of fusing step patterns
     (:mod:`attncompose.runtime.fusion`): same result, slower; for checking a fusion.
+    ``reuse_buffers`` keeps the kernels' intermediate buffers (gathers, copies, masks) from
+    call to call (a :class:`~attncompose.primitives.base.Workspace`): no fresh memory per
+    call, at the price of holding it between calls; a module so configured must not be
+    called from two threads at once. ``check_finite=False`` skips the NaN/Inf check of the
+    inputs (a host synchronisation). ``cuda_graphs=True`` captures one CUDA graph per call
+    shape on CUDA and replays it (:mod:`attncompose.runtime.graphs`; off by default until
+    measured to win).
     """
 
     def __init__(
-        self, recipe, backend: str = "torch", check_finite: bool = True, fuse: bool = True
+        self,
+        recipe,
+        backend: str = "torch",
+        check_finite: bool = True,
+        fuse: bool = True,
+        reuse_buffers: bool = True,
+        cuda_graphs: bool = False,
     ):
         super().__init__()
         self.recipe = recipe
         self.pipeline = Pipeline(recipe, backend=backend, fuse=fuse)
         self.check_finite = check_finite
+        self.workspace = Workspace() if reuse_buffers else None
+        self.graphs = GraphCache() if cuda_graphs else None
 
     def forward(
         self,
@@ -53,10 +69,15 @@ class Attention(nn.Module):
     ):
         check_sdpa_options(attn_mask, dropout_p)
         check_inputs(q, k, v, is_causal, self.check_finite)
+        run = lambda q, k, v: self._run(q, k, v, is_causal, scale)
+        if self.graphs is not None and q.device.type == "cuda":
+            key = (q.shape, k.shape, v.shape, q.dtype, q.device, bool(is_causal), scale)
+            graphed = run
+            run = lambda q, k, v: self.graphs(graphed, key, q, k, v)
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            out, lse = _ForwardOnly.apply(lambda: self._run(q, k, v, is_causal, scale), q, k, v)
+            out, lse = _ForwardOnly.apply(lambda: run(q, k, v), q, k, v)
         else:
-            out, lse = self._run(q, k, v, is_causal, scale)
+            out, lse = run(q, k, v)
         return (out, lse) if return_lse else out
 
     def _run(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None):
@@ -76,6 +97,7 @@ class Attention(nn.Module):
             heads=hq,
             kv_group=group,
             q_offset=k.shape[2] - lq,  # bottom-right: the last query sits at the last key
+            workspace=self.workspace,
         )
         with torch.no_grad():
             result = self.pipeline(problem)
@@ -113,9 +135,22 @@ def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def compile(
-    recipe, backend: str = "auto", check_finite: bool = True, fuse: bool = True
+    recipe,
+    backend: str = "auto",
+    check_finite: bool = True,
+    fuse: bool = True,
+    reuse_buffers: bool = True,
+    cuda_graphs: bool = False,
 ) -> Attention:
-    """Compile a recipe (name, path, mapping or Recipe) into an :class:`Attention` module."""
+    """Compile a recipe (name, path, mapping or Recipe) into an :class:`Attention` module
+    (the options: see :class:`Attention`)."""
     from attncompose.spec.recipe import load_recipe
 
-    return Attention(load_recipe(recipe), backend=backend, check_finite=check_finite, fuse=fuse)
+    return Attention(
+        load_recipe(recipe),
+        backend=backend,
+        check_finite=check_finite,
+        fuse=fuse,
+        reuse_buffers=reuse_buffers,
+        cuda_graphs=cuda_graphs,
+    )

@@ -69,19 +69,29 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     if counting_products():  # valid queries x kept keys, per tile
         add_products(((q_idx >= 0).sum(-1) * torch.isfinite(bias).sum(-1)).sum())
     flat = lambda idx: idx.reshape(n, -1)
+    copy = lambda name, x, idx: gather_rows(x, flat(idx), _buffer(problem, name, x, idx))
     sub = Problem(
-        q=gather_rows(problem.q, flat(q_idx)),  # [N, T*bq, D]: e.g. sortLSH's sorted copy
-        k=gather_rows(problem.k, flat(k_idx)),  # [N, T*span, D]: each tile's keys in a row
-        v=gather_rows(problem.v, flat(k_idx)),
+        q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's sorted copy
+        k=copy("k", problem.k, k_idx),  # [N, T*span, D]: each tile's keys in a row
+        v=copy("v", problem.v, k_idx),
         scale=problem.scale,
         causal=False,
         heads=problem.heads,
         kv_group=problem.kv_group,
+        workspace=problem.workspace,
     )
     grid = BlockGrid(t * bq, t * span, bq, block)
     plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
     part = dispatch.call("plan", backend, sub, plan=plan.with_key_bias(flat(bias)))
     return _scatter(problem, q_idx, part)
+
+
+def _buffer(problem: Problem, name: str, x: Tensor, idx: Tensor) -> Tensor | None:
+    """The workspace buffer a copy of ``x``'s rows ``idx`` goes into (None: fresh memory)."""
+    if problem.workspace is None:
+        return None
+    size = (idx.numel() * x.shape[-1],)
+    return problem.workspace.take(f"contiguous.{name}", size, x.dtype, x.device)
 
 
 def _key_bias(tiles: Tiles, k_idx: Tensor) -> Tensor:

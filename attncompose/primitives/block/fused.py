@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
-from attncompose.primitives.block.naive import Scratch, any_key, run_tiles
+from attncompose.primitives.base import Coverage, Partial, Problem, Tiles, Workspace
+from attncompose.primitives.block.naive import any_key, run_tiles
 from attncompose.primitives.block.plan_torch import run_plan
 from attncompose.primitives.plan import BlockPlan
 
@@ -49,7 +49,7 @@ def _fused_chunk(
     mask: Tensor | None,
     bias: Tensor | None,
     scale: float,
-    scratch: Scratch | None = None,
+    scratch: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     # tiles play the role of heads: q [N, T, bq, D], k/v [N, T, nk, D]; the additive mask
     # [N or 1, T, bq or 1, nk] is broadcast over rows and the tile's queries by stride

@@ -10,7 +10,6 @@ float32; memory is bounded by processing tiles in chunks.
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 from torch import Tensor
@@ -20,6 +19,7 @@ from attncompose.primitives.base import (
     Partial,
     Problem,
     Tiles,
+    Workspace,
     add_products,
     counting_products,
     gather_rows,
@@ -35,22 +35,6 @@ def block_attention(
     return run_tiles(problem, tiles, own, exclude, _softmax_chunk)
 
 
-class Scratch:
-    """Buffers reused by the chunks of one kernel call: on CPU, touching fresh memory (page
-    faults) costs more than the copies and masks written into it."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-
-    def take(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialised [shape] tensor; ``name``'s buffer, grown when too small."""
-        numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(shape)
-
-
 def run_tiles(
     problem: Problem, tiles: Tiles, own: Coverage | None, exclude: tuple[Coverage, ...], chunk_fn
 ) -> Partial:
@@ -58,7 +42,8 @@ def run_tiles(
     memory-bounded tile chunks: gather rows, build the pair mask, count products, apply lse
     shifts, scatter back. ``mask`` is None or bool [N or 1, T, bq or 1, nk] (1: the same for
     every row or query, by broadcast); ``bias`` None or the key bias [N, T, nk]; ``scratch``:
-    the call's :class:`Scratch` (its buffers live until the next chunk)."""
+    the :class:`Workspace` of the problem (or of this call) whose buffers live until the next
+    chunk."""
     result = Partial.empty(problem)
     n, _, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
@@ -67,7 +52,7 @@ def run_tiles(
     step = max(1, SCORE_BUDGET // max(1, n * bq * nk))
     to_test = None if tiles.exact else own
     alike = rows_alike(tiles, [c for c in (to_test, *exclude) if c is not None])
-    scratch = Scratch()
+    scratch = problem.workspace or Workspace()
     for sl, first, stride in _chunks(tiles, problem.lk, step):
         qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
         rows = slice(0, 1) if alike else slice(None)  # alike: one mask, broadcast over rows
@@ -158,7 +143,7 @@ def pair_mask(
     own: Coverage | None,
     exclude: tuple[Coverage, ...],
     shared: Coverage | None = None,
-    scratch: Scratch | None = None,
+    scratch: Workspace | None = None,
 ) -> Tensor | None:
     """Bool [N, T, bq or 1, nk] of the pairs that take part (None: all of them).
 
@@ -197,7 +182,7 @@ def _softmax_chunk(
     mask: Tensor | None,
     bias: Tensor | None,
     scale: float,
-    scratch: Scratch | None = None,
+    scratch: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The reference: scores (+ key bias), masked max-shifted softmax, weighted values."""
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [N, T, bq, nk]

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial, Problem
-from attncompose.primitives.block.naive import SCORE_BUDGET, Scratch, _softmax_chunk, key_ranges
+from attncompose.primitives.base import Partial, Problem, Workspace
+from attncompose.primitives.block.naive import SCORE_BUDGET, _softmax_chunk, key_ranges
 from attncompose.primitives.merge.naive import merge_into
 from attncompose.primitives.plan import FULL, PARTIAL, BlockPlan, block_indices
 
@@ -62,7 +62,7 @@ class _Walk:
         self.k = _blocks(problem.k, g.nkb, g.block_k)
         self.v = _blocks(problem.v, g.nkb, g.block_k)
         self.out, self.lse = out, lse
-        self.scratch = Scratch()
+        self.scratch = problem.workspace or Workspace()
         self.dev = problem.q.device
 
     def _call(self, q, k, v, mask, bias):
