@@ -97,48 +97,46 @@ def _plan_fwd_kernel(
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
     p_list = i_n * s_pr * NQB + i_qb
-    # full blocks: every pair takes part, contiguous keys, no mask (bounds: kernel_states)
+    SUBK: tl.constexpr = BLOCK_K // BK  # key tiles per plan key block
+    # full blocks: every pair takes part, contiguous keys, no mask (bounds: kernel_states);
+    # one flat loop over (block, key tile) so the pipeliner prefetches across blocks
     n_full = tl.load(full_num + p_list)
-    for i_f in range(0, n_full):
-        i_kb = tl.load(full_idx + p_list * W_FULL + i_f).to(tl.int64)
-        for i_k in range(0, BLOCK_K, BK):
-            o_k = i_kb * BLOCK_K + i_k + tl.arange(0, BK)  # [BK]
-            b_k = tl.load(k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd)
-            b_v = tl.load(v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
-            if HAS_KBIAS:
-                b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, o_k < Lk)
-            b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
+    for i_it in range(0, n_full * SUBK):
+        i_kb = tl.load(full_idx + p_list * W_FULL + i_it // SUBK).to(tl.int64)
+        o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
+        b_k = tl.load(k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd)
+        b_v = tl.load(v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
+        if HAS_KBIAS:
+            b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, o_k < Lk)
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
     # partial blocks: the pair rule decides
     n_part = tl.load(part_num + p_list)
-    for i_f in range(0, n_part):
-        i_kb = tl.load(part_idx + p_list * W_PART + i_f).to(tl.int64)
-        for i_k in range(0, BLOCK_K, BK):
-            o_k = i_kb * BLOCK_K + i_k + tl.arange(0, BK)  # [BK]
-            m_k = o_k < Lk
-            p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
-            p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
-            b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
-            b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
-            m_s = m_q[:, None] & m_k[None, :]
-            if CAUSAL:
-                m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
-            if N_PRED > 0:
-                m_own = tl.full([BQ, BK], N_OWN == 0, tl.int1)
-                for i_r in tl.static_range(N_PRED):
-                    hit = covered(
-                        pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k, N, Lq, Lk
-                    )
-                    if i_r < N_OWN:
-                        m_own = m_own | hit
-                    else:
-                        m_s = m_s & ~hit
-                m_s = m_s & m_own
-            if HAS_KBIAS:
-                b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, m_k)
-            b_s = tl.where(m_s, b_s, float("-inf"))
-            b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
+    for i_it in range(0, n_part * SUBK):
+        i_kb = tl.load(part_idx + p_list * W_PART + i_it // SUBK).to(tl.int64)
+        o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
+        m_k = o_k < Lk
+        p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
+        p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
+        b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
+        b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
+        m_s = m_q[:, None] & m_k[None, :]
+        if CAUSAL:
+            m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
+        if N_PRED > 0:
+            m_own = tl.full([BQ, BK], N_OWN == 0, tl.int1)
+            for i_r in tl.static_range(N_PRED):
+                hit = covered(pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k, N, Lq, Lk)
+                if i_r < N_OWN:
+                    m_own = m_own | hit
+                else:
+                    m_s = m_s & ~hit
+            m_s = m_s & m_own
+        if HAS_KBIAS:
+            b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, m_k)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)
     p_o = o + i_n * s_on + o_q[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_q[:, None])
