@@ -621,3 +621,27 @@ def test_cuda_graph_replay_equals_eager(make_qkv, name):
         other = [x * 0.5 for x in (q, k, v)]  # new values in the same static buffers
         assert torch.equal(graphed(*other, is_causal=True), eager(*other, is_causal=True))
     assert all(g is not None for g in graphed.graphs.graphs.values()), "capture fell back"
+
+
+def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypatch):
+    """hyperattention-sinks' block step: the sinks pass and the sortLSH pass (sinks excluded
+    as a -inf bias on their keys, not a pair rule) both run as contiguous plans; only the
+    sampler, whose exclusion is per pair, takes the tile kernel."""
+    recipe = ac.load_recipe("hyperattention-sinks").with_knobs(
+        {"diag.block_size": 64, "residual.sample_size": 64, "out.min_seq_len": 64}
+    )
+    chosen = []
+    real = dispatch.choose
+    monkeypatch.setattr(
+        dispatch,
+        "choose",
+        lambda op, *a, **kw: chosen.append((op, real(op, *a, **kw).name)) or real(op, *a, **kw),
+    )
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=128, lk=128, d=16)
+    got = ac.compile(recipe, backend="triton")(q, k, v, is_causal=True, return_lse=True)
+    monkeypatch.setattr(dispatch, "choose", real)
+    want = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True, return_lse=True)
+    blocks = [name for op, name in chosen if op == "block"]
+    assert blocks.count("triton:contiguous-tiles") == 2 and blocks[-1] == "triton:tile-attention"
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)

@@ -175,6 +175,12 @@ class Coverage:
         (1: the same indices for every row), may be -1."""
         raise NotImplementedError
 
+    @property
+    def key_only(self) -> bool:
+        """Whether ``covers`` depends on the key alone (sinks): excluding such a coverage is
+        a -inf bias on its keys, not a pair rule."""
+        return False
+
     # -- block form (see :mod:`attncompose.primitives.plan`) ---------------------------------
 
     @property
@@ -211,6 +217,10 @@ class UnionCoverage(Coverage):
     @property
     def has_block_form(self) -> bool:
         return all(part.has_block_form for part in self.parts)
+
+    @property
+    def key_only(self) -> bool:
+        return all(part.key_only for part in self.parts)
 
     def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor | None:
         states = [part.block_states(problem, grid) for part in self.parts]

@@ -11,11 +11,17 @@ with the earlier ones excluded, merged by lse.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
+
+import torch
+
 from attncompose.primitives.base import (
     Coverage,
     Partial,
     Primitive,
     Problem,
+    Tiles,
     UnionCoverage,
     add_products,
     counting_products,
@@ -24,6 +30,21 @@ from attncompose.primitives.base import (
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, static_plan
 from attncompose.runtime import dispatch
+
+
+def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> Tiles:
+    """``tiles`` with the keys of key-only ``coverages`` (sinks) dropped by a -inf key bias."""
+    if not coverages:
+        return tiles
+    kj = tiles.k_idx.unsqueeze(-2)  # [N, T, 1, nk]
+    anyq = kj.new_zeros(1, 1, 1, 1)
+    covered = functools.reduce(
+        torch.logical_or, (c.covers(problem, anyq, kj) for c in coverages)
+    ).squeeze(-2)  # [N, T, nk]
+    bias = tiles.key_bias
+    if bias is None:
+        bias = torch.zeros(covered.shape, dtype=torch.float32, device=covered.device)
+    return replace(tiles, key_bias=bias.masked_fill(covered, float("-inf")))
 
 
 @register
@@ -55,18 +76,17 @@ class Block(Primitive):
         return static_plan((tuple(keys), len(mine), grid, problem.causal, problem.q.device), make)
 
     def _tiles(self, problem: Problem, mine: list[Coverage], prior: list[Coverage]) -> Partial:
-        """One tile-kernel pass per selection, each excluding the ones before, merged."""
-        parts = [
-            dispatch.call(
-                "block",
-                self.backend,
-                problem,
-                tiles=cov.tiles(problem),
-                own=cov,
-                exclude=tuple(prior + mine[:i]),
+        """One tile-kernel pass per selection, each excluding the ones before, merged. An
+        exclusion that depends on the key alone (sinks) is a -inf bias on its keys."""
+        parts = []
+        for i, cov in enumerate(mine):
+            excluded = prior + mine[:i]
+            keyed = [c for c in excluded if c.key_only]
+            tiles = without_keys(problem, cov.tiles(problem), keyed)
+            rest = tuple(c for c in excluded if not c.key_only)
+            parts.append(
+                dispatch.call("block", self.backend, problem, tiles=tiles, own=cov, exclude=rest)
             )
-            for i, cov in enumerate(mine)
-        ]
         return parts[0] if len(parts) == 1 else merge_partials(parts)
 
     planned: bool | None = None  # set by connect(): do all inputs have block forms?

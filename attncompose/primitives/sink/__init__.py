@@ -37,6 +37,7 @@ class SinkCoverage(Selection, Coverage):
         return (kj + problem.k_offset < self.count) & (kj >= 0)
 
     has_block_form = True
+    key_only = True
 
     def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
         k_first, k_last = grid.k_span(problem.q.device)  # [nKB]
