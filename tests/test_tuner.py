@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
 from click.testing import CliRunner
+from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
 import attncompose as ac
@@ -216,6 +220,33 @@ def run_two_workers(recipe_path, tmp_path, storage: str, study: str, budget: int
     assert budget <= len(trials) <= budget + 1  # a worker may start one as the other ends
     for i in range(2):
         assert read_tuned(tmp_path / f"out{i}.yaml").table["cpu"][N].trials >= budget
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_two_workers_never_run_the_same_enqueued_trial(tmp_path, monkeypatch):
+    """The race behind 'Cannot tell a COMPLETE trial': Optuna moves an enqueued (WAITING) trial
+    to RUNNING by reading its row (SELECT ... FOR UPDATE) and then updating it. SQLite has no
+    row locks, so two workers that both read the row before either writes both got the trial,
+    ran it, and the second to finish died telling a trial the first had completed. Here the
+    two reads are forced to meet (as CPU load makes them do by chance): each worker must get a
+    trial of its own."""
+    stores = [open_storage(f"sqlite:///{tmp_path / 'shared.db'}") for _ in range(2)]
+    studies = [optuna.create_study(study_name="s", storage=s, load_if_exists=True) for s in stores]
+    studies[0].enqueue_trial({"x": 1})
+    both_read = threading.Barrier(2)
+    find = models.TrialModel.find_or_raise_by_id.__func__
+
+    def read_then_wait(cls, trial_id, session, for_update=False):
+        row = find(cls, trial_id, session, for_update)
+        if for_update:  # where a worker claims a trial: let the other read it too, if it can
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait(timeout=2)
+        return row
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", classmethod(read_then_wait))
+    with ThreadPoolExecutor(2) as pool:
+        numbers = list(pool.map(lambda study: study.ask().number, studies))
+    assert sorted(numbers) == [0, 1]
 
 
 @pytest.mark.postgres

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import (
     BaseStorage,
@@ -36,6 +37,7 @@ HEARTBEAT_S = 10
 GRACE_S = 30
 JOURNAL_PREFIX = "journal:"
 OPEN_ATTEMPTS = 5
+SQLITE_WAIT_S = 60  # how long a worker waits for another's SQLite transaction
 
 
 def default_storage_url(out: Path) -> str:
@@ -74,14 +76,34 @@ def open_storage(url: str) -> BaseStorage:
 
 
 def _rdb_storage(url: str) -> RDBStorage:
+    sqlite = url.startswith("sqlite")
+    # SQLite: no implicit transactions from Python's sqlite3 module; see _begin_immediate
+    engine_kwargs = {"connect_args": {"isolation_level": None, "timeout": SQLITE_WAIT_S}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(
+        storage = RDBStorage(
             url,
+            engine_kwargs=engine_kwargs if sqlite else None,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
+    if sqlite:
+        sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
+    return storage
+
+
+def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+    """Start every SQLite transaction holding the database's write lock.
+
+    Optuna claims an enqueued (WAITING) trial by reading its row with SELECT ... FOR UPDATE and
+    then setting it RUNNING. SQLite ignores FOR UPDATE and Python's sqlite3 module runs the
+    read outside any transaction, so two workers could both read WAITING, both claim the
+    trial and run it; the second to finish then died with "Cannot tell a COMPLETE trial".
+    (Enqueued trials: the recipe's defaults, and the heartbeat's retries of stale trials.)
+    Taking the lock at BEGIN makes read-then-write atomic, as the row lock does elsewhere.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _is_creation_race(err: Exception) -> bool:
