@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import Tensor, nn
 
 from attncompose.runtime.checks import check_sdpa_options
-from attncompose.spec.errors import RecipeError, format_loc
+from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
 from attncompose.timing import device_name  # the table key of a device
 
@@ -144,12 +144,8 @@ def read_tuned(path: str | Path) -> TunedFile:
     try:
         tuned = TunedFile.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        msg = {"extra_forbidden": "unknown field", "missing": "field required"}.get(
-            first["type"], msg
-        )
-        raise TunedFileError(msg, source=str(path), loc=format_loc(first["loc"]) or None) from None
+        loc, msg = plain_error(err)
+        raise TunedFileError(msg, source=str(path), loc=loc or None) from None
     _check_recipe(tuned, path)
     return tuned
 

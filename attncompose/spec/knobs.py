@@ -14,6 +14,7 @@ must respect; defaults, range ends and choices are all checked against those bou
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Union
 
 from pydantic import (
@@ -26,9 +27,11 @@ from pydantic import (
     model_validator,
 )
 
+from attncompose.spec.errors import plain_error
+
 
 class _Tunable(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def values_to_check(self) -> list[Any]:
         raise NotImplementedError
@@ -116,6 +119,8 @@ Tunable = Union[IntRange, FloatRange, IntChoices, FloatChoices]
 
 def _check_bounds(values: list[Any], ge: float | None, le: float | None) -> None:
     for x in values:
+        if not math.isfinite(x):  # NaN passes every comparison: it would slip through below
+            raise ValueError(f"expected a finite number, got {x}")
         if ge is not None and x < ge:
             raise ValueError(f"{x} is below the minimum {ge}")
         if le is not None and x > le:
@@ -152,9 +157,7 @@ def _parser(scalar: type, ranged: type[_Tunable], choices: type[_Tunable], ge, l
 
 
 def _first_message(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
+    loc, msg = plain_error(err)
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from attncompose.spec.errors import RecipeError, format_loc
+from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.knobs import is_tunable
 
 
@@ -107,22 +107,33 @@ def validate_recipe(data: Any, source: str | None = None) -> Recipe:
     """Validate a parsed recipe mapping; errors name the source and the field path."""
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}", source=source)
+    if str(data.get("format", "")).startswith("attncompose-tuned"):
+        raise RecipeError(
+            "this is a tuned file, not a recipe: load it with attncompose.load(PATH), or give "
+            "it to a command that takes RECIPE_OR_TUNED (bench, eval)",
+            source=source,
+        )
     try:
         return Recipe.model_validate(copy.deepcopy(data))
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = _strip_tags(first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown field"
-        if first["type"] == "missing":
-            msg = "field required"
-        extra = len(err.errors()) - 1
-        if extra:
-            msg += f" (and {extra} more error{'s' if extra > 1 else ''})"
-        raise RecipeError(msg, source=source, loc=format_loc(loc) or None) from None
+        errors = [_recipe_wording(dict(e, loc=_strip_tags(e["loc"]))) for e in err.errors()]
+        loc, msg = plain_error(errors)
+        raise RecipeError(msg, source=source, loc=loc or None) from None
     except RecipeError as err:
         raise RecipeError(err.reason, source=source, loc=err.loc) from None
+
+
+def _recipe_wording(error: dict) -> dict:
+    """Say what a step's ``op`` may be where pydantic speaks of discriminators and tags."""
+    from attncompose.spec.steps import STEP_TYPES
+
+    ops = ", ".join(STEP_TYPES)
+    if error["type"] == "union_tag_not_found":
+        return dict(error, type="step_op", msg=f"a step needs `op:`, one of {ops}")
+    if error["type"] == "union_tag_invalid":
+        tag = error.get("ctx", {}).get("tag")
+        return dict(error, type="step_op", msg=f"unknown op {tag!r}; known ops: {ops}")
+    return error
 
 
 def _strip_tags(loc: tuple) -> tuple:

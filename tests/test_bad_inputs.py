@@ -1,0 +1,303 @@
+"""Every kind of user mistake, in one table: a bad recipe, bad tensors, a bad tuned file, a
+bad storage URL, bad command-line arguments. Each must be refused with one clear line naming
+what is wrong: the library's error class, or exit status 2 and one ``error: ...`` line on the
+command line; never a traceback, an out-of-memory kill, a hang or a silently wrong result.
+
+A new mistake class lands here as one row: (what is given, a fragment of the expected line).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import attncompose as ac
+from attncompose import AttentionInputError
+from attncompose.cli import main
+from attncompose.spec import RecipeError
+from attncompose.spec.recipe import validate_recipe
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The CLI's answer to a user mistake: exit 2, one ``error:`` line, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line(err: BaseException, *fragments: str) -> None:
+    text = str(err)
+    assert "\n" not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+# --------------------------------------------------------------------------------- recipes
+
+
+def steps(**given) -> dict:
+    return {"name": "t", "steps": given}
+
+
+def with_block(detector: dict, **block) -> dict:
+    """A detector feeding a block step (the smallest recipe around one selection knob)."""
+    return steps(h=detector, out={"op": "block", "select": ["h"], **block})
+
+
+LSH = {"op": "lsh"}
+
+RECIPES = [
+    # what each step is
+    pytest.param(steps(a={"op": "nope"}), "steps.a: unknown op 'nope'; known ops: lsh", id="op"),
+    pytest.param(steps(a={"colour": 1}), "steps.a: a step needs `op:`, one of lsh", id="no-op"),
+    pytest.param(steps(a="exact"), "steps.a: expected a mapping, got 'exact'", id="step-text"),
+    pytest.param(steps(a={"op": "exact", "colour": 1}), "steps.a.colour: unknown field", id="x"),
+    pytest.param({"steps": {"a": {"op": "exact"}}}, "name: field required", id="no-name"),
+    pytest.param({"name": 5, "steps": {"a": {"op": "exact"}}}, "name: expected text", id="name"),
+    pytest.param({"name": "t", "steps": {}}, "steps: needs at least 1 item", id="no-steps"),
+    pytest.param({"name": "t", "steps": [1]}, "steps: expected a mapping", id="steps-list"),
+    pytest.param(
+        {"format": "attncompose-tuned/1", "causal": True, "recipe": {}, "table": {}},
+        "this is a tuned file, not a recipe: load it with attncompose.load",
+        id="tuned-file",
+    ),
+    # knob values
+    pytest.param(
+        with_block(LSH, block_size="big"), "steps.out.block_size: expected an integer", id="int"
+    ),
+    pytest.param(
+        with_block(LSH, block_size=2.5),
+        "steps.out.block_size: expected an integer, got 2.5",
+        id="int-float",
+    ),
+    pytest.param(
+        with_block({"op": "lsh", "num_projections": 40}),
+        "steps.h.num_projections: 40 is above the maximum 30",
+        id="above",
+    ),
+    pytest.param(
+        with_block(LSH, block_size={"default": 8, "low": 16, "high": 32}),
+        "steps.out.block_size: default 8 lies outside [16, 32]",
+        id="range-default",
+    ),
+    pytest.param(
+        with_block(LSH, block_size={"default": 8, "choices": [0, 8]}),
+        "steps.out.block_size: 0 is below the minimum 1",
+        id="choice-below",
+    ),
+    pytest.param(
+        with_block({"op": "lsh", "num_projections": {"default": 3, "lo": 1, "high": 4}}),
+        "steps.h.num_projections: low: field required",
+        id="range-field",
+    ),
+    pytest.param(
+        with_block({"op": "topk", "p": {"default": 0.5, "choices": ["a"]}}),
+        "steps.h.p: choices.0: expected a number, got 'a'",
+        id="choice-text",
+    ),
+    pytest.param(
+        with_block({"op": "lsh", "pairing": "x"}),
+        "steps.h.pairing: expected 'rank' or 'code', got 'x'",
+        id="literal",
+    ),
+    pytest.param(
+        with_block({"op": "lsh", "seed": "x"}), "steps.h.seed: expected an integer", id="seed"
+    ),
+    pytest.param(
+        with_block({"op": "topk", "p": float("nan")}),
+        "steps.h.p: expected a finite number, got nan",
+        id="nan",
+    ),
+    pytest.param(
+        with_block({"op": "topk", "p": float("-inf")}),
+        "steps.h.p: expected a finite number, got -inf",
+        id="inf",
+    ),
+    pytest.param(
+        with_block({"op": "topk", "p": {"default": 0.9, "choices": [0.9, float("nan")]}}),
+        "steps.h.p: choices.1: expected a finite number, got nan",
+        id="nan-choice",
+    ),
+    pytest.param(
+        with_block({"op": "topk", "p": {"default": float("nan"), "low": 0.5, "high": 0.9}}),
+        "steps.h.p: default: expected a finite number, got nan",
+        id="nan-default",
+    ),
+    pytest.param(
+        with_block({"op": "topk", "block_size": {"default": 8, "low": 1, "high": float("inf")}}),
+        "steps.h.block_size: high: expected a finite number, got inf",
+        id="inf-high",
+    ),
+    # the graph
+    pytest.param(
+        steps(a={"op": "block", "select": ["ghost"]}),
+        "steps.a.select: names unknown step 'ghost'",
+        id="dangling",
+    ),
+    pytest.param(
+        with_block(LSH, select="h"), "steps.out.select: expected a list, got 'h'", id="port"
+    ),
+    pytest.param(
+        steps(
+            a={"op": "merge", "inputs": ["b", "c"]},
+            b={"op": "merge", "inputs": ["a", "c"]},
+            c={"op": "exact"},
+        ),
+        "steps: the steps form a cycle",
+        id="cycle",
+    ),
+    pytest.param(
+        steps(a={"op": "exact"}, b={"op": "exact"}), "steps: the recipe has 2 outputs", id="2"
+    ),
+    pytest.param(steps(a=LSH), "steps: the output step 'a' produces a selection", id="out-kind"),
+    pytest.param(
+        steps(e={"op": "exact"}, a={"op": "block", "select": ["e"]}),
+        "steps.a.select: step 'e' (exact) produces a partial, but this port takes a selection",
+        id="port-kind",
+    ),
+    pytest.param(
+        steps(
+            h=LSH,
+            b={"op": "block", "select": ["h"]},
+            e={"op": "exact"},
+            s={"op": "uniform_sample", "exclude": ["e"]},
+            m={"op": "merge", "inputs": ["b", "s"]},
+        ),
+        "steps.s.exclude: step 'e' does not record the pairs it covered",
+        id="coverage",
+    ),
+    pytest.param(steps(a={"op": "merge", "inputs": ["a"]}), "steps.a.inputs", id="merge-one"),
+]
+
+
+@pytest.mark.parametrize(("given", "message"), RECIPES)
+def test_bad_recipe(given, message, tmp_path):
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(given, source="bad.yaml")
+    one_line(err.value, f"bad.yaml: {message}")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(given))
+    one_line_error(cli("validate", path), message)
+
+
+RECIPE_FILES = [
+    pytest.param(
+        "name: x\nsteps:\n  a: {op: exact\n", "bad.yaml:4:1: YAML syntax error", id="yaml"
+    ),
+    pytest.param("- 1\n- 2\n", "a recipe is a mapping, got list", id="list"),
+    pytest.param("", "a recipe is a mapping, got NoneType", id="empty"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), RECIPE_FILES)
+def test_bad_recipe_file(text, message, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        ac.load_recipe(path)
+    one_line(err.value, message.replace("bad.yaml", str(path)))
+    one_line_error(cli("validate", path), message.replace("bad.yaml", str(path)))
+
+
+def test_missing_recipe_file_and_unknown_name():
+    with pytest.raises(RecipeError, match="file not found"):
+        ac.load_recipe("does/not/exist.yaml")
+    with pytest.raises(RecipeError, match=r"built-in: .*hyperattention"):
+        ac.load_recipe("no-such-recipe")
+
+
+# --------------------------------------------------------------------------------- tensors
+
+
+def qkv(b=1, hq=4, hkv=2, lq=8, lk=8, d=16):
+    q = torch.randn(b, hq, lq, d)
+    k = torch.randn(b, hkv, lk, d)
+    return q, k, k.clone()
+
+
+def poisoned(name: str, bad: float):
+    q, k, v = qkv()
+    {"q": q, "k": k, "v": v}[name][0, 0, 3, 1] = bad
+    return (q, k, v), {}
+
+
+TENSORS = [
+    pytest.param(lambda: (qkv(hq=5, hkv=2), {}), r"query heads (5) must be a multiple", id="heads"),
+    pytest.param(
+        lambda: ((qkv()[0][0], *qkv()[1:]), {}),
+        "q must be 4-D [batch, heads, length, head_dim], got shape (4, 8, 16)",
+        id="rank",
+    ),
+    pytest.param(
+        lambda: ((qkv()[0][..., :8], *qkv()[1:]), {}),
+        "head_dim of q (8) and k (16) differ",
+        id="head-dim",
+    ),
+    pytest.param(
+        lambda: ((*qkv()[:2], qkv()[2][:, :, :5]), {}),
+        "must agree on heads and length",
+        id="kv-length",
+    ),
+    pytest.param(
+        lambda: ((qkv()[0].expand(2, -1, -1, -1), *qkv()[1:]), {}),
+        "batch sizes differ",
+        id="batch",
+    ),
+    pytest.param(lambda: ((qkv()[0].half(), *qkv()[1:]), {}), "dtypes differ", id="mixed-dtype"),
+    pytest.param(
+        lambda: (tuple(t.double() for t in qkv()), {}), "q has dtype torch.float64", id="dtype"
+    ),
+    pytest.param(
+        lambda: ((qkv()[0], qkv()[1].to("meta"), qkv()[2]), {}),
+        "different devices: cpu, meta",
+        id="mixed-device",
+    ),
+    pytest.param(
+        lambda: (qkv(lq=9, lk=8), {"is_causal": True}),
+        "causal attention needs Lq <= Lk",
+        id="causal-lq",
+    ),
+    pytest.param(
+        lambda: (qkv(), {"attn_mask": torch.ones(8, 8, dtype=torch.bool)}),
+        "attn_mask is not supported",
+        id="mask",
+    ),
+    pytest.param(lambda: (qkv(), {"dropout_p": 0.1}), "dropout_p must be 0", id="dropout"),
+    *(
+        pytest.param(
+            lambda name=name, bad=bad: poisoned(name, bad),
+            f"{name} contains NaN or Inf",
+            id=f"{name}-{bad}",
+        )
+        for name in "qkv"
+        for bad in (float("nan"), float("inf"))
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def attn():
+    return ac.compile("hyperattention")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ac.compile("exact", backend="cuda")
+
+
+@pytest.mark.parametrize(("make", "message"), TENSORS)
+def test_bad_tensors(attn, make, message):
+    args, kwargs = make()
+    with pytest.raises(AttentionInputError) as err:
+        attn(*args, **kwargs)
+    one_line(err.value, message)
