@@ -42,6 +42,7 @@ def check_structure(recipe: RecipeBase) -> None:
     if cycle:
         path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
         raise RecipeError(f"the steps form a cycle: {path}", loc="steps")
+    _check_disjoint(recipe)
     output_step(recipe, g)
 
 
@@ -74,6 +75,65 @@ def _check_ports(recipe: RecipeBase, sid: str, step) -> None:
                     f"step {src!r} does not record the pairs it covered; name a step of op {ops}",
                     loc=loc,
                 )
+
+
+def _check_disjoint(recipe: RecipeBase) -> None:
+    """Partials combined by a step (a merge's inputs) must attend to disjoint keys, or their
+    mass is counted twice. Provably disjoint: one excludes the other (a port that skips the
+    pairs another step covered), or, for a combination, each of its parts is."""
+    for sid, step in recipe.steps.items():
+        for port, spec in type(step).ports.items():
+            if not spec.disjoint:
+                continue
+            names = step.port_names(port)
+            for i, a in enumerate(names):
+                for b in names[i + 1 :]:
+                    clash = _overlap(recipe, a, b)
+                    if clash is not None:
+                        raise RecipeError(
+                            f"{clash[0]!r} and {clash[1]!r} may attend to the same keys, whose "
+                            f"mass would be counted twice; {_disjoint_hint(recipe, *clash)}",
+                            loc=f"steps.{sid}.{port}",
+                        )
+
+
+def _overlap(recipe: RecipeBase, a: str, b: str) -> tuple[str, str] | None:
+    """None if steps ``a`` and ``b`` provably attend to disjoint keys, else two steps that
+    may share keys (``a`` or one of its parts, ``b`` or one of its parts)."""
+    for part in _ports_where(recipe, a, "disjoint"):
+        clash = _overlap(recipe, part, b)
+        if clash is not None:
+            return clash
+    if _ports_where(recipe, a, "disjoint"):
+        return None
+    for part in _ports_where(recipe, b, "disjoint"):
+        clash = _overlap(recipe, a, part)
+        if clash is not None:
+            return clash
+    if _ports_where(recipe, b, "disjoint"):
+        return None
+    if b in _ports_where(recipe, a, "needs_coverage"):
+        return None
+    if a in _ports_where(recipe, b, "needs_coverage"):
+        return None
+    return (a, b)
+
+
+def _ports_where(recipe: RecipeBase, sid: str, flag: str) -> list[str]:
+    """Steps wired into the ports of step ``sid`` whose :class:`Port` has ``flag`` set."""
+    step = recipe.steps[sid]
+    ports = [port for port, spec in type(step).ports.items() if getattr(spec, flag)]
+    return [name for port in ports for name in step.port_names(port)]
+
+
+def _disjoint_hint(recipe: RecipeBase, a: str, b: str) -> str:
+    """How to make ``a`` and ``b`` disjoint: one skipping the pairs the other covered."""
+    for covered, skipper in ((a, b), (b, a)):
+        step = recipe.steps[skipper]
+        ports = [p for p, spec in type(step).ports.items() if spec.needs_coverage]
+        if type(recipe.steps[covered]).provides_coverage and ports:
+            return f"add `{ports[0]}: [{covered}]` to {skipper!r}"
+    return "merge only partials that skip each other's pairs (through an exclude port)"
 
 
 def output_step(recipe: RecipeBase, g: nx.DiGraph | None = None) -> str:

@@ -301,3 +301,67 @@ def test_bad_tensors(attn, make, message):
     with pytest.raises(AttentionInputError) as err:
         attn(*args, **kwargs)
     one_line(err.value, message)
+
+
+# ------------------------------------------------------------------- merges of disjoint keys
+
+SINK_BLOCK = {"op": "block", "select": ["s"]}
+MERGES = [
+    pytest.param(
+        steps(
+            s={"op": "sink"},
+            w={"op": "window"},
+            a=SINK_BLOCK,
+            b={"op": "block", "select": ["w"]},
+            m={"op": "merge", "inputs": ["a", "b"]},
+        ),
+        "steps.m.inputs: 'a' and 'b' may attend to the same keys, whose mass would be counted "
+        "twice; add `exclude: [a]` to 'b'",
+        id="sinks-and-window",
+    ),
+    pytest.param(
+        steps(a={"op": "exact"}, b={"op": "exact"}, m={"op": "merge", "inputs": ["a", "b"]}),
+        "steps.m.inputs: 'a' and 'b' may attend to the same keys, whose mass would be counted "
+        "twice; merge only partials that skip each other's pairs",
+        id="exact-twice",
+    ),
+    pytest.param(
+        steps(
+            s={"op": "sink"},
+            w={"op": "window"},
+            a=SINK_BLOCK,
+            b={"op": "block", "select": ["w"], "exclude": ["a"]},
+            r={"op": "uniform_sample", "exclude": ["b"]},  # also needs to exclude a
+            inner={"op": "merge", "inputs": ["b", "r"]},
+            m={"op": "merge", "inputs": ["a", "inner"]},
+        ),
+        "steps.m.inputs: 'a' and 'r' may attend to the same keys, whose mass would be counted "
+        "twice; add `exclude: [a]` to 'r'",
+        id="nested",
+    ),
+]
+
+
+@pytest.mark.parametrize(("given", "message"), MERGES)
+def test_merge_of_overlapping_keys(given, message, tmp_path):
+    """Merging partials whose keys may overlap counts their mass twice (sinks seen by both a
+    sink block and a window block; exact twice shifts lse by ln 2): refused by the graph."""
+    test_bad_recipe(given, message, tmp_path)
+
+
+def test_merges_of_disjoint_keys_run_exact_attention_when_nothing_is_left_out(make_qkv, reference):
+    """Each input excludes the ones before it: keys are disjoint, and with a residual that
+    samples every key, the merge is exact attention."""
+    recipe = steps(
+        s={"op": "sink", "count": 3},
+        w={"op": "window", "width": 5},
+        a=SINK_BLOCK,
+        b={"op": "block", "select": ["w"], "exclude": ["a"]},
+        r={"op": "uniform_sample", "exclude": ["a", "b"], "sample_size": 64},
+        inner={"op": "merge", "inputs": ["b", "r"]},
+        m={"op": "merge", "inputs": ["a", "inner"]},
+    )
+    q, k, v = make_qkv(lq=40)
+    for causal in (False, True):
+        got = ac.compile(recipe)(q, k, v, is_causal=causal)
+        assert ac.relative_error(got, reference(q, k, v, causal)[0].float()) < 1e-5

@@ -393,7 +393,8 @@ def test_no_fusion_when_another_step_reads_the_block():
     steps = {
         "hash": {"op": "lsh", "num_projections": 3},
         "diag": {"op": "block", "select": ["hash"], "block_size": 16},
-        "residual": {"op": "uniform_sample", "exclude": ["diag"], "sample_size": 16},
+        # the sampler skips both blocks: the merges' inputs attend to disjoint keys
+        "residual": {"op": "uniform_sample", "exclude": ["diag", "more"], "sample_size": 16},
         "merged": {"op": "merge", "inputs": ["diag", "residual"]},
         "sinks": {"op": "sink", "count": 4},
         "more": {"op": "block", "select": ["sinks"], "exclude": ["diag"], "block_size": 16},
@@ -401,6 +402,7 @@ def test_no_fusion_when_another_step_reads_the_block():
     }
     assert Pipeline(_recipe(steps)).fusions == {}
     del steps["more"], steps["sinks"]
+    steps["residual"]["exclude"] = ["diag"]
     steps["out"] = {"op": "causal_split", "body": "merged", "min_seq_len": 64}
     assert set(Pipeline(_recipe(steps)).fusions) == {"merged"}
 

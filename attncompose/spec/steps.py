@@ -31,6 +31,8 @@ class Port:
     max_count: int | None = None
     needs_coverage: bool = False  # only steps that record which pairs they covered
     lazy: bool = False  # re-evaluated on sub-problems (causal splitter body)
+    # the step combines these partials (its keys are their union): they must be disjoint
+    disjoint: bool = False
     doc: str = ""
 
 
@@ -82,6 +84,7 @@ def register_step(cls: type[StepSpec]) -> type[StepSpec]:
     return cls
 
 
+# the step skips the pairs these steps covered: its keys are disjoint from theirs
 _COVERAGE = Port(kinds=(PARTIAL,), needs_coverage=True, doc="block steps whose pairs to skip")
 
 
@@ -179,7 +182,9 @@ class MergeStep(StepSpec):
 
     op: Literal["merge"] = "merge"
     ports: ClassVar[dict[str, Port]] = {
-        "inputs": Port(kinds=(PARTIAL,), min_count=2, doc="partials over disjoint keys"),
+        "inputs": Port(
+            kinds=(PARTIAL,), min_count=2, disjoint=True, doc="partials over disjoint keys"
+        ),
     }
     inputs: list[str] = Field(min_length=2)
 
