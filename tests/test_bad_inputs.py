@@ -114,6 +114,11 @@ RECIPES = [
         with_block({"op": "lsh", "seed": "x"}), "steps.h.seed: expected an integer", id="seed"
     ),
     pytest.param(
+        with_block({"op": "lsh", "seed": 10**20}),
+        "steps.h.seed: must be at most 9223372036854775807, got 100000000000000000000",
+        id="seed-int64",
+    ),
+    pytest.param(
         with_block({"op": "topk", "p": float("nan")}),
         "steps.h.p: expected a finite number, got nan",
         id="nan",
@@ -365,3 +370,71 @@ def test_merges_of_disjoint_keys_run_exact_attention_when_nothing_is_left_out(ma
     for causal in (False, True):
         got = ac.compile(recipe)(q, k, v, is_causal=causal)
         assert ac.relative_error(got, reference(q, k, v, causal)[0].float()) < 1e-5
+
+
+# ------------------------------------------------------- knobs larger than the problem can use
+
+L = 100  # tokens of the calls below; odd block counts for every block size used
+
+
+def block_of(detector: dict, **block) -> dict:
+    return with_block(detector, block_size=block.pop("block_size", 16), **block)
+
+
+def split(body: dict, **knobs) -> dict:
+    """``body``'s steps inside a causal splitter (its output step renamed ``body``)."""
+    inner = dict(body["steps"])
+    inner["body"] = inner.pop("out")
+    return steps(**inner, out={"op": "causal_split", "body": "body", "min_seq_len": 16, **knobs})
+
+
+SIZE_KNOBS = [  # recipe at a knob value -> the value from which larger ones change nothing
+    pytest.param(lambda n: block_of({"op": "sink", "count": n}), id="sink.count"),
+    pytest.param(lambda n: block_of({"op": "window", "width": n}), id="window.width"),
+    pytest.param(lambda n: split(block_of({"op": "sink", "count": n})), id="sink.count-split"),
+    pytest.param(lambda n: split(block_of({"op": "window", "width": n})), id="window.width-split"),
+    pytest.param(lambda n: block_of({"op": "topk", "block_size": n}), id="topk.block_size"),
+    pytest.param(lambda n: block_of({"op": "topk", "block_size": 8, "k": n}), id="topk.k"),
+    pytest.param(
+        lambda n: block_of({"op": "topk", "block_size": 8, "p": 0.99, "max_k": n}),
+        id="topk.max_k",
+    ),
+    pytest.param(lambda n: block_of({"op": "power", "block_size": n}), id="power.block_size"),
+    pytest.param(
+        lambda n: split(block_of({"op": "power", "block_size": n})), id="power.block_size-split"
+    ),
+    pytest.param(
+        lambda n: block_of({"op": "power", "block_size": 8, "max_distance": n}),
+        id="power.max_distance",
+    ),
+    pytest.param(lambda n: block_of(LSH, block_size=n), id="block.block_size"),
+    pytest.param(
+        lambda n: block_of({"op": "window", "width": 8}, block_size=n), id="block.block_size-window"
+    ),
+    pytest.param(lambda n: steps(out={"op": "uniform_sample", "sample_size": n}), id="sample_size"),
+    pytest.param(
+        lambda n: steps(
+            h=LSH,
+            d={"op": "block", "select": ["h"], "block_size": 64},
+            r={"op": "uniform_sample", "exclude": ["d"], "sample_size": n},
+            out={"op": "merge", "inputs": ["d", "r"]},
+        ),
+        id="sample_size-fused",
+    ),
+    pytest.param(
+        lambda n: split(steps(out={"op": "exact"}), min_seq_len=n), id="causal_split.min_seq_len"
+    ),
+]
+
+
+@pytest.mark.parametrize("huge", [10**12, 10**30])
+@pytest.mark.parametrize("recipe", SIZE_KNOBS)
+def test_knob_larger_than_the_problem_acts_as_its_largest_useful_value(recipe, huge, make_qkv):
+    """Sizes allocated memory by the knob, not the sequence: a window of 10^7 at 512 tokens
+    had the process killed for memory, 10^12 failed to allocate, 10^30 overflowed. Any value
+    from the sequence length up gives the same attention."""
+    q, k, v = make_qkv(b=1, lq=L)
+    for causal in (False, True):
+        want = ac.compile(recipe(L))(q, k, v, is_causal=causal)
+        got = ac.compile(recipe(huge))(q, k, v, is_causal=causal)
+        assert ac.relative_error(got, want) < 1e-6

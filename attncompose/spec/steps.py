@@ -85,6 +85,7 @@ def register_step(cls: type[StepSpec]) -> type[StepSpec]:
 
 
 # the step skips the pairs these steps covered: its keys are disjoint from theirs
+SEED = Field(0, ge=-(2**63), le=2**63 - 1, description="seed of the step's random draws")
 _COVERAGE = Port(kinds=(PARTIAL,), needs_coverage=True, doc="block steps whose pairs to skip")
 
 
@@ -95,7 +96,7 @@ class LshStep(StepSpec):
     op: Literal["lsh"] = "lsh"
     produces: ClassVar[str] = SELECTION
     num_projections: int_knob(ge=1, le=30) = 7
-    seed: int = 0
+    seed: int = SEED
     pairing: Literal["rank", "code"] = Field(
         "rank",
         description="rank: sorted query block i with sorted key block i (the paper); code: "
@@ -173,7 +174,7 @@ class UniformSampleStep(StepSpec):
     ports: ClassVar[dict[str, Port]] = {"exclude": _COVERAGE}
     exclude: list[str] = []
     sample_size: int_knob(ge=0) = 256
-    seed: int = 0
+    seed: int = SEED
 
 
 @register_step

@@ -33,7 +33,10 @@ class Power(Primitive):
     block_form = True
 
     def __call__(self, problem: Problem) -> TopkCoverage:
-        size, reach = self.knobs["block_size"], self.knobs["max_distance"]
+        # blocks are absolute: from the sequence's end up, one block holds every position
+        end = max(problem.q_offset + problem.lq, problem.k_offset + problem.lk)
+        size = min(self.knobs["block_size"], 1 << max(0, end - 1).bit_length())
+        reach = min(self.knobs["max_distance"], -(-end // size))
         return TopkCoverage(power_table(problem, size, reach), size, key=("power", size, reach))
 
     def kernel_name(self) -> str:

@@ -62,7 +62,8 @@ class Sink(Primitive):
     block_form = True
 
     def __call__(self, problem: Problem) -> SinkCoverage:
-        return SinkCoverage(self.knobs["count"])
+        # more sinks than keys: every key (the knob never sizes memory beyond the sequence)
+        return SinkCoverage(min(self.knobs["count"], problem.k_offset + problem.lk))
 
     def kernel_name(self) -> str:
         return "positions only (no kernel)"

@@ -91,9 +91,14 @@ class Topk(Primitive):
     offset_free = True
 
     def __call__(self, problem: Problem) -> TopkCoverage:
-        size = self.knobs["block_size"]
+        # sizes beyond the problem act as their largest useful value (one block, every block)
+        size = min(
+            self.knobs["block_size"], 1 << max(0, max(problem.lq, problem.lk) - 1).bit_length()
+        )
+        blocks = -(-problem.lk // size)
+        k, max_k = (min(self.knobs[name], blocks) for name in ("k", "max_k"))
         est = dispatch.call("topk_scores", self.backend, problem, size)
-        table = select_blocks(est, self.knobs["k"], self.knobs.get("p"), self.knobs["max_k"])
+        table = select_blocks(est, k, self.knobs.get("p"), max_k)
         return TopkCoverage(table, size)
 
     def kernel_name(self) -> str:

@@ -57,10 +57,11 @@ def draws_in(problem: Problem, m: int, seed: int, tiles: Tiles, cov: Coverage) -
 
 
 def draw_uniforms(problem: Problem, m: int, seed: int, n_tiles: int | None = None) -> Tensor:
-    """The sampler's randomness: U [N, T, m] in [0, 1), seeded by seed and the ranges
+    """The sampler's randomness: U [N, T, min(m, Lk)] in [0, 1), seeded by seed and the ranges
     (T: ``n_tiles``, by default the number of natural 128-query tiles)."""
     if n_tiles is None:
         n_tiles = -(-problem.lq // TILE)
+    m = min(m, problem.lk)  # m >= R takes every key once: no draw is needed beyond Lk
     g = problem.generator(seed, "uniform_sample")
     return torch.rand(problem.q.shape[0], n_tiles, m, generator=g, device=problem.q.device)
 

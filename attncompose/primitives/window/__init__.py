@@ -70,7 +70,10 @@ class Window(Primitive):
     block_form = True
 
     def __call__(self, problem: Problem) -> WindowCoverage:
-        return WindowCoverage(self.knobs["width"])
+        # wider than the last query's distance to the first key: the same keys as that width
+        # (tiles hold width + tile keys: the knob must not size memory beyond the sequence)
+        reach = max(0, problem.q_offset + problem.lq - problem.k_offset)
+        return WindowCoverage(min(self.knobs["width"], reach))
 
     def kernel_name(self) -> str:
         return "positions only (no kernel)"
