@@ -36,6 +36,24 @@ class _LazyGroup(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def main(self, *args, **kwargs):
+        """Usage errors (bad option values, missing arguments, unknown commands) are one
+        ``error:`` line with exit status 2, as every other user mistake."""
+        if not kwargs.pop("standalone_mode", True):
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+            click.echo(f"error: {err.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+
 
 @click.group(cls=_LazyGroup)
 @click.version_option(package_name="attncompose")
@@ -174,14 +192,16 @@ def capture(
     """Run a model on a text and store post-RoPE Q, K, V per layer (safetensors)."""
     import torch
 
-    from attncompose.models import load_model
-    from attncompose.models.capture import capture_qkv
-    from attncompose.models.capture_file import save_capture, select_kv_heads
+    from attncompose.models import load_model, model_card
     from attncompose.models.text import load_text, text_sha256, token_ids
 
     chosen, heads = _int_list(layers), _int_list(kv_heads)  # bad arguments fail before loading
-    model, tokenizer = load_model(model_name)
+    model_card(model_name).check(seq_len, "all" if chosen is None else chosen, heads)
     body = load_text(text)
+    model, tokenizer = load_model(model_name)
+    from attncompose.models.capture import capture_qkv  # imports transformers: after the checks
+    from attncompose.models.capture_file import save_capture, select_kv_heads
+
     ids = token_ids(tokenizer, seq_len, body)
     qkv = capture_qkv(model, ids, "all" if chosen is None else chosen)
     if heads is not None:

@@ -30,14 +30,16 @@ def evaluate_recipe(
     """Run the model with exact attention and with the recipe on ``layers``."""
     from attncompose.integrations.hf import select_layers
     from attncompose.loading import load_attention
-    from attncompose.models import load_model
+    from attncompose.models import load_model, model_card
     from attncompose.models.capture import capture_qkv
     from attncompose.models.evaluate import attention_time_share, perplexity
     from attncompose.models.text import load_text, token_ids
 
     attn = load_attention(recipe)
+    model_card(model_name).check(seq_len, layers)  # at once: loading the model takes a while
+    body = load_text(text)
     model, tokenizer = load_model(model_name)
-    ids = token_ids(tokenizer, seq_len, load_text(text))
+    ids = token_ids(tokenizer, seq_len, body)
     chosen = sorted(select_layers(layers, model.config.num_hidden_layers))
     exact_ppl = perplexity(model, ids)
     ppl = perplexity(model, ids, attn, chosen)

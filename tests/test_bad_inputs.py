@@ -438,3 +438,143 @@ def test_knob_larger_than_the_problem_acts_as_its_largest_useful_value(recipe, h
         want = ac.compile(recipe(L))(q, k, v, is_causal=causal)
         got = ac.compile(recipe(huge))(q, k, v, is_causal=causal)
         assert ac.relative_error(got, want) < 1e-6
+
+
+# ------------------------------------------------------------------ command-line arguments
+
+TINY = """\
+name: tiny
+steps:
+  hash: {op: lsh, num_projections: {default: 3, low: 1, high: 4}}
+  diag: {op: block, select: [hash], block_size: {default: 16, choices: [8, 16]}}
+  residual: {op: uniform_sample, exclude: [diag], sample_size: {default: 8, choices: [0, 8]}}
+  merged: {op: merge, inputs: [diag, residual]}
+  out: {op: causal_split, body: merged, min_seq_len: {default: 32, choices: [32, 64]}}
+"""
+TUNE = ["tune", "{tiny}", "--target-err", "0.5", "--seq-lens", "64", "--out", "{tmp}/t.yaml"]
+CAPTURE = ["capture", "--seq-len", "16", "--out", "{tmp}/qkv.safetensors"]
+DEVICES = [("banana", "not a torch device: 'banana'")] + (
+    [] if torch.cuda.is_available() else [("cuda", "CUDA is not available here")]
+)
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, str]:
+    """Placeholders of the argument lists: {tmp} and files of every kind."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "not-a-journal.log").write_text("hello\n")
+    tuned = {"format": "attncompose-tuned/1", "causal": True, "recipe": {}, "table": {}}
+    (tmp_path / "some.tuned.yaml").write_text(yaml.safe_dump(tuned))
+    return {
+        "tmp": str(tmp_path),
+        "tiny": str(tmp_path / "tiny.yaml"),
+        "binary": str(tmp_path / "binary.txt"),
+        "empty": str(tmp_path / "empty.txt"),
+        "folder": str(tmp_path / "folder"),
+        "not_journal": str(tmp_path / "not-a-journal.log"),
+        "tuned": str(tmp_path / "some.tuned.yaml"),
+    }
+
+
+CLI_ARGS = [
+    # recipes and tuned files where the other is expected
+    pytest.param(["show", "nope"], "no recipe file or built-in recipe named 'nope'", id="show"),
+    pytest.param(["eval", "nope", "--seq-len", "8"], "no recipe file or built-in", id="eval"),
+    pytest.param(["show", "{tuned}"], "this is a tuned file, not a recipe", id="show-tuned"),
+    pytest.param(
+        ["run", "{tuned}", "--seq-len", "16"], "this is a tuned file, not a recipe", id="run-tuned"
+    ),
+    # usage errors (click) are one line too
+    pytest.param(["run", "exact", "--seq-len", "0"], "--seq-len", id="run-length"),
+    pytest.param(["run", "exact"], "Missing option '--seq-len'", id="run-missing"),
+    pytest.param(["nope"], "No such command 'nope'", id="command"),
+    pytest.param(
+        ["run", "exact", "--seq-len", "16", "--data", "{tmp}/no.st"], "no.st", id="run-data"
+    ),
+    *(
+        pytest.param([*args, "--device", device], message, id=f"{args[0]}-{device}")
+        for args in (["bench", "exact"], TUNE)
+        for device, message in DEVICES
+    ),
+    # tune
+    pytest.param([*TUNE, "--target-err", "0"], "--target-err", id="target"),
+    pytest.param([*TUNE, "--seq-lens", "12x"], "comma-separated integers", id="lengths"),
+    pytest.param([*TUNE, "--study", "s"], "give --storage too", id="study"),
+    pytest.param([*TUNE, "--data", "missing.safetensors"], "missing.safetensors", id="tune-data"),
+    # models: checked before the model loads (that takes a minute on a busy CPU)
+    pytest.param([*CAPTURE, "--model", "nope"], "unknown model 'nope'", id="model"),
+    pytest.param([*CAPTURE, "--layers", "a,b"], "comma-separated integers", id="layers-text"),
+    pytest.param(
+        [*CAPTURE, "--layers", "99"], "layers [99] are outside 0..29 (smollm2)", id="layers"
+    ),
+    pytest.param(
+        ["eval", "exact", "--seq-len", "16", "--layers", "40"],
+        "layers [40] are outside 0..29 (smollm2)",
+        id="eval-layers",
+    ),
+    pytest.param(
+        [*CAPTURE, "--kv-heads", "3"], "no key/value heads [3]: smollm2 has 3", id="kv-heads"
+    ),
+    pytest.param(
+        [*CAPTURE, "--seq-len", "9000"],
+        "--seq-len 9000 exceeds the 8192 positions of smollm2",
+        id="positions",
+    ),
+    pytest.param(
+        ["eval", "exact", "--seq-len", "8193"],
+        "--seq-len 8193 exceeds the 8192 positions of smollm2",
+        id="eval-positions",
+    ),
+    pytest.param([*CAPTURE, "--text", "{binary}"], "binary.txt: not UTF-8 text", id="binary"),
+    pytest.param([*CAPTURE, "--text", "{empty}"], "empty.txt: the file is empty", id="empty"),
+    pytest.param(["eval", "exact", "--seq-len", "8", "--text", "{empty}"], "empty", id="eval-text"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CLI_ARGS)
+def test_bad_arguments(args, message, files):
+    one_line_error(cli(*(a.format(**files) for a in args)), message)
+
+
+def test_out_of_memory_is_one_line():
+    """An allocation failure (asking for a length the machine cannot hold) is a user error."""
+    import click
+
+    from attncompose.commands import user_errors
+
+    @click.command()
+    @user_errors
+    def greedy():
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 1e11 bytes")
+
+    @click.command()
+    @user_errors
+    def buggy():
+        raise RuntimeError("shape mismatch")
+
+    runner = CliRunner()
+    one_line_error(runner.invoke(greedy, []), "out of memory", "can't allocate memory")
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # bugs still surface
+        runner.invoke(buggy, [], catch_exceptions=False)
+
+
+STORAGES = [
+    pytest.param("nonsense", "expected an SQLAlchemy URL", id="not-a-url"),
+    pytest.param("postgresql://nobody@127.0.0.1:1/none", "cannot open", id="refused"),
+    pytest.param("journal:{folder}", "is a folder", id="journal-folder"),
+    pytest.param("journal:{not_journal}", "not an Optuna journal", id="journal-other"),
+    pytest.param("journal:{tmp}/missing/j.log", "does not exist", id="journal-no-folder"),
+    pytest.param("sqlite://", "in-memory", id="sqlite-memory"),
+    pytest.param("sqlite:///:memory:", "in-memory", id="sqlite-memory-2"),
+    pytest.param("sqlite:///{folder}", "cannot open", id="sqlite-folder"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), STORAGES)
+def test_bad_storage(url, message, files):
+    one_line_error(
+        cli(*(a.format(**files) for a in TUNE), "--storage", url.format(**files)), message
+    )

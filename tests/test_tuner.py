@@ -256,29 +256,6 @@ def test_two_workers_share_one_postgres_study(recipe_path, tmp_path):
     run_two_workers(recipe_path, tmp_path, url, study=f"pg-{uuid.uuid4().hex[:8]}")
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (("--target-err", "0"), "--target-err"),
-        (("--seq-lens", "12x"), "comma-separated integers"),
-        (("--study", "s"), "give --storage too"),
-        (("--storage", "nonsense"), "expected an SQLAlchemy URL"),
-        (("--storage", "postgresql://nobody@127.0.0.1:1/none"), "cannot open"),
-        (("--data", "missing.safetensors"), "missing.safetensors"),
-    ],
-)
-def test_bad_arguments_are_one_clear_error(recipe_path, tmp_path, change, message):
-    args = cli_args(recipe_path, tmp_path / "t.yaml", "--trials", "1")
-    if change[0] in args:
-        args[args.index(change[0]) + 1] = change[1]
-    else:
-        args += list(change)
-    done = CliRunner().invoke(tune_command, args)
-    assert done.exit_code == 2
-    assert message in done.output
-    assert "Traceback" not in done.output
-
-
 def test_out_file_of_another_recipe_is_refused(recipe_path, tmp_path):
     out = tmp_path / "t.yaml"
     assert (

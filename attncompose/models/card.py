@@ -1,0 +1,46 @@
+"""What a model takes, known before loading it, and the error for inputs it cannot take.
+
+Loading a model takes up to a minute on a busy CPU, so a command checks its arguments (layers,
+key/value heads, sequence length) against the model's card first and fails at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attncompose.data import DataError
+
+
+class ModelInputError(DataError):
+    """Input a model cannot take: layers or heads it lacks, more tokens than its positions or
+    than the text holds, a text that is empty or not UTF-8."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model's shape: ``layers`` decoder layers, ``kv_heads`` key/value heads per layer,
+    ``positions`` the longest sequence it was trained for."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    positions: int
+
+    def check(
+        self, seq_len: int, layers: str | list[int] = "all", kv_heads: list[int] | None = None
+    ) -> None:
+        """Raise :class:`ModelInputError` for a length, layers or heads the model lacks."""
+        from attncompose.integrations.hf import select_layers
+
+        if seq_len > self.positions:
+            raise ModelInputError(
+                f"--seq-len {seq_len} exceeds the {self.positions} positions of {self.name} "
+                "(beyond them its attention is untrained)"
+            )
+        try:
+            select_layers(layers, self.layers)
+        except ValueError as err:
+            raise ModelInputError(f"{err} ({self.name})") from None
+        bad = sorted(h for h in kv_heads or () if not 0 <= h < self.kv_heads)
+        if bad:
+            raise ModelInputError(f"no key/value heads {bad}: {self.name} has {self.kv_heads}")
