@@ -201,6 +201,7 @@ RECIPE_FILES = [
     ),
     pytest.param("- 1\n- 2\n", "a recipe is a mapping, got list", id="list"),
     pytest.param("", "a recipe is a mapping, got NoneType", id="empty"),
+    pytest.param("name: " + "[" * 5000 + "]" * 5000, "bad.yaml: YAML nested too deeply", id="deep"),
 ]
 
 
@@ -278,6 +279,14 @@ TENSORS = [
         id="mask",
     ),
     pytest.param(lambda: (qkv(), {"dropout_p": 0.1}), "dropout_p must be 0", id="dropout"),
+    pytest.param(lambda: (qkv(b=0), {}), "empty batch: q has shape (0, 4, 8, 16)", id="batch-0"),
+    pytest.param(lambda: (qkv(hq=0), {}), "no query heads: q has shape (1, 0, 8, 16)", id="hq-0"),
+    pytest.param(lambda: (qkv(d=0), {}), "head_dim is 0: q has shape (1, 4, 8, 0)", id="d-0"),
+    pytest.param(
+        lambda: (tuple(t.to("meta") for t in qkv()), {}),
+        "q, k, v are meta tensors (shapes without values)",
+        id="meta",
+    ),
     *(
         pytest.param(
             lambda name=name, bad=bad: poisoned(name, bad),

@@ -42,11 +42,22 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, check_finite:
         raise AttentionInputError(
             f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}"
         )
+    if q.device.type == "meta":
+        raise AttentionInputError(
+            "q, k, v are meta tensors (shapes without values); attention needs their values"
+        )
     (b, hq, lq, d), (bk, hkv, lk, dk) = q.shape, k.shape
     if bk != b or v.shape[0] != b:
         raise AttentionInputError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}")
+    if b == 0:
+        raise AttentionInputError(f"empty batch: q has shape {tuple(q.shape)}")
+    if hq == 0:
+        raise AttentionInputError(f"no query heads: q has shape {tuple(q.shape)}")
     if dk != d:
         raise AttentionInputError(f"head_dim of q ({d}) and k ({dk}) differ")
+    for name, t in (("q", q), ("v", v)):
+        if t.shape[3] == 0:
+            raise AttentionInputError(f"head_dim is 0: {name} has shape {tuple(t.shape)}")
     if v.shape[1] != hkv or v.shape[2] != lk:
         raise AttentionInputError(
             f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length"

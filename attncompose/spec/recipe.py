@@ -172,6 +172,8 @@ def read_yaml(path: Path) -> Any:
         raise RecipeError(f"cannot read: {err}", source=str(path)) from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply to read", source=str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
