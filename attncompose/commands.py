@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def user_errors(fn):
@@ -38,6 +39,9 @@ def user_errors(fn):
         except errors as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt as err:  # Ctrl-C: what was kept, if anything, not a traceback
+            click.echo(f"interrupted{': ' + str(err) if str(err) else ''}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except (MemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise

@@ -172,7 +172,10 @@ def test_latency_budget_falls_back_to_exact(recipe_path, tmp_path):
     assert "exceeds the budget" in entry.fallback or "no trial met" in entry.fallback
 
 
-def test_rerun_resumes_and_sigkill_loses_no_finished_trial(recipe_path, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_rerun_resumes_and_a_stopped_run_loses_no_finished_trial(recipe_path, tmp_path, sig):
+    """Killed or interrupted (Ctrl-C: one line, no traceback, exit 130), a run keeps every
+    finished trial, and the same command resumes it."""
     out = tmp_path / "tuned.yaml"
     url = f"sqlite:///{tmp_path / 'tuned.optuna.db'}"  # the default storage beside --out
     proc = worker(recipe_path, out, "--trials", "1000")
@@ -181,8 +184,12 @@ def test_rerun_resumes_and_sigkill_loses_no_finished_trial(recipe_path, tmp_path
     while len(before) < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
         before = finished(url) if (tmp_path / "tuned.optuna.db").exists() else []
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    said = proc.communicate(timeout=60)[0]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Traceback" not in said, said
+        assert said.strip().splitlines()[-1].startswith("interrupted: "), said
+        assert "run the same command again to resume" in said
     before = finished(url)
     assert len(before) >= 3 and not out.exists()
     goal = len(before) + 2

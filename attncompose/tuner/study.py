@@ -30,6 +30,7 @@ from optuna.storages import (
     RetryHeartbeatStaleTrialCallback,
 )
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.objective import FINISHED
@@ -195,6 +196,14 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 
 
+class TuningInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the trials; every finished one is kept in the study."""
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C inside a trial, carried past Optuna's handler (which logs it with a traceback)."""
+
+
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float],
@@ -203,10 +212,30 @@ def run_trials(
     on_trial: Callable[[optuna.Study], None] = lambda study: None,
 ) -> None:
     """Run trials until the study holds ``n_trials`` finished ones (counting every worker's),
-    or ``timeout_s`` passes. A trial that raises an unexpected error stops the run."""
+    or ``timeout_s`` passes. A trial that raises an unexpected error stops the run; Ctrl-C
+    fails the trial it interrupts (as Optuna would) and raises :class:`TuningInterrupted`."""
     start = time.monotonic()
+    running: list[optuna.Trial] = []
+
+    def interruptible(trial: optuna.Trial) -> float:
+        running[:] = [trial]
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
+
     while len(finished_trials(study)) < n_trials:
         if timeout_s is not None and time.monotonic() - start >= timeout_s:
             return
-        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        try:
+            study.optimize(interruptible, n_trials=1, catch=(), gc_after_trial=False)
+        except (KeyboardInterrupt, _Interrupted):
+            if running:  # told FAIL unless Optuna had told it already: not finished, not lost
+                study.tell(running[0], state=TrialState.FAIL, skip_if_finished=True)
+            done = len(finished_trials(study))
+            raise TuningInterrupted(
+                f"{done} finished trial{'s' * (done != 1)} kept in the study; run the same "
+                "command again to resume"
+            ) from None
+        running.clear()
         on_trial(study)
