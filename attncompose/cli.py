@@ -122,6 +122,7 @@ def run(
     from rich.console import Console
     from rich.table import Table
 
+    from attncompose.data import SYNTHETIC, SYNTHETIC_NOTE
     from attncompose.evaluation import compare_to_exact
     from attncompose.runtime.attention import compile as compile_recipe
 
@@ -138,6 +139,8 @@ def run(
             f"{row.exact_ms / row.latency_ms:.2f}x",
         )
     Console().print(table)
+    if data is not None and str(data) == SYNTHETIC:
+        click.echo(SYNTHETIC_NOTE)
 
 
 def _int_list(value: str | None) -> list[int] | None:

@@ -109,7 +109,9 @@ data_option = click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Captured Q/K/V (safetensors); default: the built-in data.",
+    help="Captured Q/K/V (safetensors, from `attncompose capture`), or 'synthetic' for "
+    "structured random tensors (not real attention); default: the built-in capture (4096 "
+    "tokens of SmolLM2).",
 )
 backend_option = click.option(
     "--backend",

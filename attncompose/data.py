@@ -1,9 +1,10 @@
 """The project's one data loader: Q/K/V for running, tuning and benchmarking.
 
 ``load_qkv`` reads a capture file (``attncompose capture``: post-RoPE Q, K, V per layer of a
-real model) or, without a file, the built-in capture shipped with the package; where no
-capture is available or the length asked exceeds it, it falls back to the synthetic
-generator (structured: a sink token, local clusters), and says which it used.
+real model) or, without a file, the built-in capture shipped with the package (4096 tokens).
+The synthetic generator (structured: a sink token, local clusters) runs only when asked for
+by name (``--data synthetic``): knobs tuned on random tensors say little about real
+attention, so a length beyond the built-in capture is refused, saying how to capture one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor
 
 BUILTIN_CAPTURE = "smollm2-pydoc.safetensors"
+SYNTHETIC = "synthetic"  # the data name that asks for the synthetic generator
+SYNTHETIC_NOTE = "data: synthetic, structured random tensors (not real attention)"
 
 
 class DataError(ValueError):
@@ -54,21 +57,38 @@ def load_qkv(
     head_dim: int = 64,
     seed: int = 0,
 ) -> list[QKV]:
-    """Q/K/V of length ``seq_len`` from a capture file, the built-in capture, or synthetic.
+    """Q/K/V of length ``seq_len`` from a capture file, the built-in capture (``path``
+    None), or the synthetic generator (``path`` "synthetic").
 
     From a capture, each selected layer gives one item (first ``seq_len`` positions).
     """
     if seq_len < 1:
         raise DataError(f"seq_len must be positive, got {seq_len}")
+    if path is not None and str(path) == SYNTHETIC:
+        return [synthetic_qkv(seq_len, heads=synthetic_heads, head_dim=head_dim, seed=seed)]
     source = Path(path) if path is not None else builtin_capture_path()
-    if source is not None:
-        items = _from_capture(source, seq_len, layers, explicit=path is not None)
-        if items:
-            return items
-    return [synthetic_qkv(seq_len, heads=synthetic_heads, head_dim=head_dim, seed=seed)]
+    if source is None:
+        raise DataError(f"the built-in capture is missing from this install; {_how(seq_len)}")
+    return _from_capture(source, seq_len, layers, builtin=path is None)
 
 
-def _from_capture(path: Path, seq_len: int, layers: list[int] | None, explicit: bool) -> list[QKV]:
+def _how(seq_len: int) -> str:
+    """How to get data of ``seq_len`` tokens."""
+    from attncompose.models.smollm2 import SMOLLM2
+
+    synthetic = f"or --data {SYNTHETIC} for structured random tensors (not real attention)"
+    if seq_len > SMOLLM2.positions:
+        return (
+            f"SmolLM2 reaches {SMOLLM2.positions} tokens: pass --data with a capture of a "
+            f"longer-context model, {synthetic}"
+        )
+    return (
+        f"capture real attention with `attncompose capture --seq-len {seq_len} --layers "
+        f"2,11,20,29 --out qkv.safetensors` and pass --data qkv.safetensors, {synthetic}"
+    )
+
+
+def _from_capture(path: Path, seq_len: int, layers: list[int] | None, builtin: bool) -> list[QKV]:
     from attncompose.models.capture_file import CaptureError, load_capture
 
     try:
@@ -77,9 +97,12 @@ def _from_capture(path: Path, seq_len: int, layers: list[int] | None, explicit: 
         raise DataError(str(err)) from None
     length = int(meta["length"])
     if seq_len > length:
-        if explicit:
-            raise DataError(f"{path}: holds {length} positions, fewer than the {seq_len} asked")
-        return []
+        if builtin:
+            raise DataError(
+                f"the built-in capture holds {length} tokens, fewer than the {seq_len} asked: "
+                + _how(seq_len)
+            )
+        raise DataError(f"{path}: holds {length} positions, fewer than the {seq_len} asked")
     chosen = sorted(captured) if layers is None else layers
     missing = [i for i in chosen if i not in captured]
     if missing:

@@ -112,12 +112,15 @@ def tune(
     import optuna
     from rich.console import Console
 
+    from attncompose.data import SYNTHETIC, SYNTHETIC_NOTE
     from attncompose.spec.recipe import load_recipe
     from attncompose.tuner.job import TuneConfig
     from attncompose.tuner.job import tune as run_tune
     from attncompose.tuner.report import RichReporter, plot_pareto, summary_table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if data is not None and str(data) == SYNTHETIC:
+        click.echo(f"{SYNTHETIC_NOTE}: knobs tuned on them say little about a model", err=True)
     recipe_model = load_recipe(recipe)
     config = TuneConfig(
         target_err=target_err,
