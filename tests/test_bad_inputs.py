@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from test_tuned import entry
 
 import attncompose as ac
 from attncompose import AttentionInputError
@@ -315,6 +316,55 @@ def test_bad_tensors(attn, make, message):
     with pytest.raises(AttentionInputError) as err:
         attn(*args, **kwargs)
     one_line(err.value, message)
+
+
+# ------------------------------------------------------------------------------ tuned files
+
+
+@pytest.fixture
+def tuned_path(tmp_path):
+    from attncompose.tuned import TunedFile, write_tuned
+
+    recipe = ac.load_recipe("hyperattention").model_dump(mode="json", exclude_none=True)
+    path = tmp_path / "tuned.yaml"
+    write_tuned(path, TunedFile(causal=True, recipe=recipe, table={"cpu": {128: entry()}}))
+    return path
+
+
+def set_knob(value):
+    return lambda d: d["table"]["cpu"][128]["knobs"].update({"diag.block_size": value})
+
+
+TUNED = [
+    pytest.param(
+        set_knob("big"),
+        "table.cpu.128.knobs[diag.block_size]: expected an integer or a number, got 'big'",
+        id="knob-text",
+    ),
+    pytest.param(
+        set_knob(2.5), "table.cpu.128.knobs: expected an integer, got 2.5", id="knob-float"
+    ),
+    pytest.param(
+        set_knob(float("nan")), "table.cpu.128.knobs: expected an integer, got nan", id="nan"
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), TUNED)
+def test_bad_tuned_file(tuned_path, edit, message):
+    data = yaml.safe_load(tuned_path.read_text())
+    edit(data)
+    tuned_path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as err:
+        ac.load(tuned_path)
+    one_line(err.value, f"{tuned_path}: {message}")
+    one_line_error(cli("bench", tuned_path, "--seq-lens", "16"), message)
+
+
+def test_tuned_file_given_as_a_recipe_says_to_load_it(tuned_path):
+    with pytest.raises(RecipeError) as err:
+        ac.compile(tuned_path)
+    one_line(err.value, "this is a tuned file, not a recipe: load it with attncompose.load(PATH)")
 
 
 # ------------------------------------------------------------------- merges of disjoint keys
