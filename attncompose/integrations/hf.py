@@ -21,39 +21,23 @@ first Lq positions, as transformers' SDPA path does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from attncompose.models.card import LayerSelection, select_layers
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 AttentionFn = Callable[..., torch.Tensor]
-LayerSelection = Union[str, int, Sequence[int]]
 
 _OWN_NAMES: set[str] = set()
-
-
-def select_layers(layers: LayerSelection, num_layers: int) -> frozenset[int]:
-    """Layer indices chosen by ``layers``: "all", k >= 0 (first k), -k (last k) or a list."""
-    if layers == "all":
-        return frozenset(range(num_layers))
-    if isinstance(layers, (bool, str)):
-        raise ValueError(f"layers must be 'all', an int or a list of ints, not {layers!r}")
-    if isinstance(layers, int):
-        if abs(layers) > num_layers:
-            raise ValueError(f"layers={layers} but the model has {num_layers} layers")
-        return frozenset(range(layers) if layers >= 0 else range(num_layers + layers, num_layers))
-    chosen = frozenset(int(i) for i in layers)
-    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
-    if outside:
-        raise ValueError(f"layers {outside} are outside 0..{num_layers - 1}")
-    return chosen
 
 
 def _is_bottom_right_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:

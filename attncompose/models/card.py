@@ -6,14 +6,35 @@ key/value heads, sequence length) against the model's card first and fails at on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 from attncompose.data import DataError
+
+LayerSelection = Union[str, int, Sequence[int]]
 
 
 class ModelInputError(DataError):
     """Input a model cannot take: layers or heads it lacks, more tokens than its positions or
     than the text holds, a text that is empty or not UTF-8."""
+
+
+def select_layers(layers: LayerSelection, num_layers: int) -> frozenset[int]:
+    """Layer indices chosen by ``layers``: "all", k >= 0 (first k), -k (last k) or a list."""
+    if layers == "all":
+        return frozenset(range(num_layers))
+    if isinstance(layers, (bool, str)):
+        raise ValueError(f"layers must be 'all', an int or a list of ints, not {layers!r}")
+    if isinstance(layers, int):
+        if abs(layers) > num_layers:
+            raise ValueError(f"layers={layers} but the model has {num_layers} layers")
+        return frozenset(range(layers) if layers >= 0 else range(num_layers + layers, num_layers))
+    chosen = frozenset(int(i) for i in layers)
+    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
+    if outside:
+        raise ValueError(f"layers {outside} are outside 0..{num_layers - 1}")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -30,8 +51,6 @@ class ModelCard:
         self, seq_len: int, layers: str | list[int] = "all", kv_heads: list[int] | None = None
     ) -> None:
         """Raise :class:`ModelInputError` for a length, layers or heads the model lacks."""
-        from attncompose.integrations.hf import select_layers
-
         if seq_len > self.positions:
             raise ModelInputError(
                 f"--seq-len {seq_len} exceeds the {self.positions} positions of {self.name} "
