@@ -379,3 +379,26 @@ def test_buffers_reused_across_calls_change_no_result(name):
         assert torch.equal(reuse(q, k, v, is_causal=causal), fresh(q, k, v, is_causal=causal))
         sizes.append(reuse.workspace.nbytes())
     assert sizes[0] > 0 and sizes[2] == sizes[1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_a_cached_static_plan_serves_calls_of_more_rows(backend):
+    """A static plan (power's table) built for one batch size serves a later call with more
+    rows: its table is one for every row, never the first call's rows."""
+    recipe = _small("power")
+    attn = ac.compile(recipe, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in (1, 3):
+            q, k, v = (torch.randn(batch, 2, 160, 16, generator=g) for _ in range(3))
+            fresh = ac.compile(recipe, backend="torch", reuse_buffers=False)
+            want = masked_reference(fresh, q, k, v)
+            assert ac.relative_error(attn(q, k, v, is_causal=True), want) < 1e-5
+
+
+def masked_reference(attn, q, k, v):
+    from attncompose.primitives import plan
+
+    plan._STATIC.clear()  # a plan built for this call alone
+    return attn(q, k, v, is_causal=True)

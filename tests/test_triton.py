@@ -645,3 +645,18 @@ def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypa
     assert blocks.count("triton:contiguous-tiles") == 2 and blocks[-1] == "triton:tile-attention"
     assert ac.relative_error(got[0], want[0]) < 1e-5
     assert torch.allclose(got[1], want[1], atol=1e-5)
+
+
+def test_a_cached_static_plan_serves_calls_of_more_rows(make_qkv):
+    """power's static table, cached with the plan of a 1-row call, in a 3-row call: one table
+    for every row (the packed rules once read rows past the first call's)."""
+    from attncompose.primitives import plan
+
+    recipe = _small_recipe("power")
+    attn = ac.compile(recipe, backend="triton")
+    for batch in (1, 3):
+        q, k, v = make_qkv(b=batch, hq=2, hkv=2, lq=64, lk=64, d=16, seed=batch)
+        got = attn(q, k, v, is_causal=True)
+        plan._STATIC.clear()
+        want = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True)
+        assert ac.relative_error(got, want) < 1e-5

@@ -28,7 +28,8 @@ from attncompose.primitives.window import WindowCoverage
 
 @dataclass(frozen=True)
 class Predicate:
-    """``q_ids`` [N, Lq] and ``k_ids`` [N, Lk] int32; ``table`` [N, A, B] bool or None."""
+    """``q_ids`` [N or 1, Lq] and ``k_ids`` [N or 1, Lk] int32; ``table`` [N or 1, A, B] bool
+    (1: the same for every row) or None."""
 
     q_ids: Tensor
     k_ids: Tensor
@@ -78,11 +79,12 @@ def _lsh(cov: LshCoverage, problem: Problem) -> list[Predicate]:
 
 @kernel_form(TopkCoverage)
 def _topk(cov: TopkCoverage, problem: Problem) -> list[Predicate]:
-    n = cov.table.shape[0]
     dev = cov.table.device
-    q_block = (torch.arange(problem.lq, device=dev, dtype=torch.int32) // cov.size).expand(n, -1)
-    k_block = (torch.arange(problem.lk, device=dev, dtype=torch.int32) // cov.size).expand(n, -1)
-    return [Predicate(q_block, k_block, cov.table)]
+    q_block = (torch.arange(problem.lq, device=dev, dtype=torch.int32) // cov.size)[None]
+    k_block = (torch.arange(problem.lk, device=dev, dtype=torch.int32) // cov.size)[None]
+    # a static table (power) is one table for every row, whatever the rows of the call
+    table = cov.table[:1] if cov.row_invariant else cov.table
+    return [Predicate(q_block, k_block, table)]
 
 
 def _positions(problem: Problem, length: int, offset: int) -> Tensor:

@@ -138,17 +138,19 @@ def mask_mod(problem: Problem, plan: BlockPlan) -> Callable:
 
 
 def _pair_fn(pred: Predicate) -> Callable:
-    """``covered(h, q_idx, kv_idx)`` of one kernel-form predicate (bucket, table or band)."""
+    """``covered(h, q_idx, kv_idx)`` of one kernel-form predicate (bucket, table or band);
+    ids and tables of one row serve every row."""
     q_ids, k_ids = pred.q_ids.long(), pred.k_ids.long()
+    row = (lambda h: 0) if q_ids.shape[0] == 1 else (lambda h: h)
     if pred.table is not None:
         table = pred.table
-        return lambda h, qi, kj: table[h, q_ids[h, qi], k_ids[h, kj]]
+        at = (lambda h: 0) if table.shape[0] == 1 else (lambda h: h)
+        return lambda h, qi, kj: table[at(h), q_ids[row(h), qi], k_ids[row(h), kj]]
+    gap = lambda h, qi, kj: q_ids[row(h), qi] - k_ids[row(h), kj]
     if pred.band is not None:
         band = torch.tensor(pred.band, device=q_ids.device)
-        return lambda h, qi, kj: (
-            (q_ids[h, qi] - k_ids[h, kj] >= 0) & (q_ids[h, qi] - k_ids[h, kj] < band)
-        )
-    return lambda h, qi, kj: q_ids[h, qi] == k_ids[h, kj]
+        return lambda h, qi, kj: (gap(h, qi, kj) >= 0) & (gap(h, qi, kj) < band)
+    return lambda h, qi, kj: gap(h, qi, kj) == 0
 
 
 def _score_mod(bias: Tensor) -> Callable:

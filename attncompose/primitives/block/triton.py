@@ -159,7 +159,7 @@ _block_tuned = autotuned(
 class Packed:
     """Predicates stacked for the kernel: ids [P, N, Lq] / [P, N, Lk], flat int8 tables and
     meta [P, 6] = (mode: 0 bucket / 1 table / 2 band, want: keep iff covered, table offset,
-    table stride per row n, table columns, band width)."""
+    table stride per row n (0: one table for every row), table columns, band width)."""
 
     q_ids: Tensor
     k_ids: Tensor
@@ -180,10 +180,10 @@ def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
             band = pred.band is not None
             meta.append([2 if band else 0, int(want), 0, 0, 0, pred.band if band else 0])
             continue
-        _, rows, cols = pred.table.shape
-        meta.append([1, int(want), offset, rows * cols, cols, 0])
+        count, rows, cols = pred.table.shape  # count 1: one table for every row
+        meta.append([1, int(want), offset, rows * cols if count > 1 else 0, cols, 0])
         tables.append(pred.table.reshape(-1).to(torch.int8))
-        offset += n * rows * cols
+        offset += pred.table.numel()
     table = torch.cat(tables) if tables else torch.zeros(1, dtype=torch.int8, device=dev)
     return Packed(
         torch.stack([p.q_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
