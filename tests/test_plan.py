@@ -402,3 +402,20 @@ def masked_reference(attn, q, k, v):
 
     plan._STATIC.clear()  # a plan built for this call alone
     return attn(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("name", ["streaming", "topp", "hyperattention"])
+def test_a_module_serves_calls_in_and_out_of_inference_mode(name):
+    """Buffers kept from a call under torch.inference_mode are not written outside it (such
+    tensors cannot be): eval ran a model under inference_mode, then the recipe again."""
+    attn = ac.compile(name, backend="torch")
+    q, k, v = (
+        torch.randn(1, 2, 256, 16, generator=torch.Generator().manual_seed(1)) for _ in range(3)
+    )
+    with torch.inference_mode():
+        inside = attn(q, k, v, is_causal=True)
+    with torch.no_grad():
+        outside = attn(q, k, v, is_causal=True)
+    with torch.inference_mode():
+        inside_again = attn(q, k, v, is_causal=True)
+    assert torch.equal(inside, outside) and torch.equal(outside, inside_again)

@@ -48,7 +48,14 @@ class Workspace:
         """An uninitialised [shape] tensor; ``name``'s buffer, grown when too small."""
         numel = math.prod(shape)
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != dtype
+            or buf.device != device
+            # made under torch.inference_mode: outside it, such a tensor cannot be written
+            or (buf.is_inference() and not torch.is_inference_mode_enabled())
+        ):
             buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
