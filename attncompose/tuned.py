@@ -1,32 +1,48 @@
 """Tuned recipe files and the attention module that dispatches on them.
 
-A tuned file holds the recipe it came from and a table keyed by device name
-(``torch.cuda.get_device_name()`` or ``cpu``) and sequence length. Each entry gives the knobs
-chosen for that length (or none: exact attention, with the reason), the measured error (mean
-and max over seeds), latency and exact latency, trials, target, library versions and date::
+A tuned file holds the recipes it came from (one or several, compared by one tuning run) and
+a table keyed by device name (``torch.cuda.get_device_name()`` or ``cpu``) and sequence
+length. Each entry names the recipe and knobs chosen for that length (or none: exact
+attention, with the reason), the measured error (mean and max over seeds), latency, frac and
+exact latency, and what every recipe reached there (its cheapest feasible point, its least
+error, why it was not chosen), with trials, target, library versions and date::
 
-    format: attncompose-tuned/1
+    format: attncompose-tuned/2
     causal: true
-    recipe: {name: hyperattention, steps: {...}}
+    recipes: {topp: {name: topp, steps: {...}}, streaming: {...}}
     table:
       cpu:
-        4096: {knobs: {diag.block_size: 128, ...}, error_mean: 0.031, error_max: 0.04, ...}
+        4096:
+          recipe: streaming
+          knobs: {sinks.count: 4, local.width: 1024}
+          error_mean: 0.031, ..., latency_ms: 30.2, frac: 0.44, exact_latency_ms: 51.5
+          recipes:
+            streaming: {best: {...}, least_error: 0.02, trials: 8}
+            topp: {best: {...}, least_error: 0.01, trials: 8, lost: slower than exact ...}
+
+Files of the first format (``attncompose-tuned/1``: one ``recipe``, each entry with its
+``best``) are read as a one-recipe file of this format.
 
 Dispatch policy of :class:`TunedAttention` for a call with key length ``Lk`` on a device:
 1. entries of this device; with none, those of another device in the file (said once);
 2. the entry of length ``Lk``; else the nearest tuned length above ``Lk`` (at fixed knobs an
    approximation's error grows with length, so a longer length's choice stays safe); else,
-   above every tuned length, exact attention (said once);
+   above every tuned length, exact attention;
 3. a call in the other masking mode than the one tuned (causal vs non-causal) runs exact
-   attention (said once).
+   attention.
+Each kind of note is said once (a warning at the caller's line, and logging): once per
+entry used for untuned lengths, not once per length (a decode loop changes length at every
+step).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +55,8 @@ from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
 from attncompose.timing import device_name  # the table key of a device
 
-FORMAT = "attncompose-tuned/1"
+FORMAT = "attncompose-tuned/2"
+FORMAT_V1 = "attncompose-tuned/1"
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +65,7 @@ class TunedFileError(RecipeError):
 
 
 class Candidate(BaseModel):
-    """An approximation measured by the tuner: knobs, error over seeds, latency."""
+    """An approximation measured by the tuner: knobs, error over seeds, latency, frac."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,23 +76,45 @@ class Candidate(BaseModel):
     frac: float | None = Field(None, ge=0, description="share of exact attention's products")
 
 
-class TunedEntry(BaseModel):
-    """The choice for one (device, length): ``knobs`` to apply, or None for exact attention.
+class RecipeOutcome(BaseModel):
+    """What one recipe reached at one (device, length).
 
-    ``error_*`` and ``latency_ms`` describe what is chosen (0 error for exact attention);
-    ``best`` is the best feasible approximation found, kept even when it is not used.
+    ``best``: its cheapest point that meets the target (and the latency budget) while
+    computing fewer products than exact attention, or None; ``least_error``: the least mean
+    error any of its trials reached; ``lost``: why it was not chosen (None: it was).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    best: Candidate | None = None
+    least_error: float | None = Field(None, ge=0)
+    trials: int = Field(ge=0)
+    seeds: int = Field(1, ge=1)
+    lost: str | None = None
+
+
+class TunedEntry(BaseModel):
+    """The choice for one (device, length): ``recipe`` and ``knobs`` to apply, or None for
+    exact attention (``fallback`` says why).
+
+    ``error_*``, ``latency_ms`` and ``frac`` describe what is chosen (0 error and frac 1 for
+    exact attention); ``note`` says what a user of the choice should know (e.g. chosen for
+    its products but slower than exact attention on this device); ``recipes`` holds what
+    each recipe of the run reached, kept whether or not it was chosen.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recipe: str | None = None
     knobs: dict[str, int | float] | None = None
     fallback: str | None = Field(None, description="why exact attention is used")
+    note: str | None = None
     error_mean: float = Field(ge=0)
     error_max: float = Field(ge=0)
     latency_ms: float = Field(ge=0)
     frac: float | None = Field(None, ge=0, description="share of exact attention's products")
     exact_latency_ms: float = Field(ge=0)
-    best: Candidate | None = None
+    recipes: dict[str, RecipeOutcome] = {}
     trials: int = Field(ge=0)
     target_err: float = Field(gt=0)
     latency_budget_ms: float | None = Field(None, gt=0)
@@ -89,27 +128,44 @@ class TunedEntry(BaseModel):
     def _knobs_or_reason(self) -> TunedEntry:
         if (self.knobs is None) != (self.fallback is not None):
             raise ValueError("give either knobs or a fallback reason (exact attention), not both")
+        if (self.knobs is None) != (self.recipe is None):
+            raise ValueError("knobs need the recipe they apply to (and exact attention none)")
         return self
 
     @property
     def is_exact(self) -> bool:
         return self.knobs is None
 
+    @property
+    def slower_than_exact(self) -> bool:
+        """Whether the chosen approximation measured slower than exact attention."""
+        return not self.is_exact and self.latency_ms > self.exact_latency_ms
+
 
 class TunedFile(BaseModel):
-    """A tuned recipe: the recipe, the masking mode tuned, and the (device, length) table."""
+    """Tuned recipes: the recipes by name, the masking mode tuned, the (device, length)
+    table, and how each recipe was named when tuned (``sources``: built-in name or path)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["attncompose-tuned/1"] = FORMAT
+    format: Literal["attncompose-tuned/2"] = FORMAT
     causal: bool
-    recipe: dict[str, Any]
-    source: str | None = None
+    recipes: dict[str, dict[str, Any]]
+    sources: dict[str, str] = {}
     table: dict[str, dict[int, TunedEntry]] = {}
 
-    def recipe_model(self):
-        """The validated recipe (errors name the ``recipe`` field)."""
-        return validate_recipe(self.recipe, source="recipe")
+    def recipe_model(self, name: str | None = None):
+        """The validated recipe ``name`` (default: the only one; errors name the field)."""
+        if name is None:
+            if len(self.recipes) != 1:
+                raise TunedFileError(f"holds {len(self.recipes)} recipes; name one")
+            name = next(iter(self.recipes))
+        return validate_recipe(self.recipes[name], source=f"recipes.{name}")
+
+    @property
+    def name(self) -> str:
+        """The recipes' names joined by '+' (one recipe: its name)."""
+        return "+".join(self.recipes)
 
     def with_entry(self, device: str, seq_len: int, entry: TunedEntry) -> TunedFile:
         """A copy with ``entry`` set for (device, seq_len)."""
@@ -127,7 +183,7 @@ class TunedFile(BaseModel):
 
 
 def read_tuned(path: str | Path) -> TunedFile:
-    """Parse and check a tuned file; every problem is a :class:`TunedFileError`."""
+    """Parse and check a tuned file (either format); every problem is a :class:`TunedFileError`."""
     path = Path(path)
     try:
         data = read_yaml(path)
@@ -141,48 +197,119 @@ def read_tuned(path: str | Path) -> TunedFile:
         raise TunedFileError(
             "this is a recipe, not a tuned file (run `attncompose tune`)", source=str(path)
         )
+    fmt = data.get("format", FORMAT)
+    if fmt == FORMAT_V1:
+        data = migrate_v1(data)
+    elif fmt != FORMAT:
+        raise TunedFileError(
+            f"unknown tuned-file format {fmt!r}: this attncompose reads {FORMAT} and {FORMAT_V1}",
+            source=str(path),
+            loc="format",
+        )
     try:
         tuned = TunedFile.model_validate(data)
     except ValidationError as err:
         loc, msg = plain_error(err)
         raise TunedFileError(msg, source=str(path), loc=loc or None) from None
-    _check_recipe(tuned, path)
+    _check_recipes(tuned, path)
     return tuned
 
 
-def _check_recipe(tuned: TunedFile, path: Path) -> None:
-    try:
-        recipe = tuned.recipe_model()
-    except RecipeError as err:
-        raise TunedFileError(
-            err.reason, source=str(path), loc=f"recipe.{err.loc or ''}".rstrip(".")
-        ) from None
+def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A parsed ``attncompose-tuned/1`` mapping as the current format: its one recipe, each
+    entry's ``best`` as that recipe's outcome. Malformed parts are left for validation."""
+    recipe = data.get("recipe")
+    name = recipe.get("name") if isinstance(recipe, dict) else None
+    if not isinstance(name, str):
+        raise TunedFileError(f"field required (a {FORMAT_V1} file names its recipe)", loc="recipe")
+    out = {k: v for k, v in data.items() if k not in ("recipe", "source", "format")}
+    out.update(format=FORMAT, recipes={name: recipe})
+    if isinstance(data.get("source"), str):
+        out["sources"] = {name: data["source"]}
+    table = data.get("table")
+    if isinstance(table, dict):
+        out["table"] = {
+            device: {n: _migrate_entry(e, name) for n, e in rows.items()}
+            if isinstance(rows, dict)
+            else rows
+            for device, rows in table.items()
+        }
+    return out
+
+
+def _migrate_entry(entry: Any, name: str) -> Any:
+    if not isinstance(entry, dict):
+        return entry
+    entry = dict(entry)
+    best = entry.pop("best", None)
+    outcome = {"best": best, "trials": entry.get("trials", 0), "lost": entry.get("fallback")}
+    entry["recipes"] = {name: {k: v for k, v in outcome.items() if v is not None}}
+    if entry.get("knobs") is not None:
+        entry["recipe"] = name
+    return entry
+
+
+def _check_recipes(tuned: TunedFile, path: Path) -> None:
+    recipes = {}
+    for name in tuned.recipes:
+        try:
+            recipes[name] = tuned.recipe_model(name)
+        except RecipeError as err:
+            raise TunedFileError(
+                err.reason, source=str(path), loc=f"{err.source}.{err.loc or ''}".rstrip(".")
+            ) from None
     for device, rows in tuned.table.items():
         for n, entry in rows.items():
+            where = f"table.{device}.{n}"
             if entry.knobs is None:
                 continue
-            try:
-                recipe.with_knobs(entry.knobs)
-            except RecipeError as err:
+            if entry.recipe not in recipes:
                 raise TunedFileError(
-                    err.reason, source=str(path), loc=f"table.{device}.{n}.knobs"
-                ) from None
+                    f"names recipe {entry.recipe!r}; the file holds {sorted(recipes)}",
+                    source=str(path),
+                    loc=f"{where}.recipe",
+                )
+            try:
+                recipes[entry.recipe].with_knobs(entry.knobs)
+            except RecipeError as err:
+                raise TunedFileError(err.reason, source=str(path), loc=f"{where}.knobs") from None
 
 
 def write_tuned(path: str | Path, tuned: TunedFile) -> None:
-    """Write atomically (a killed run never leaves half a file)."""
+    """Write atomically (a killed run never leaves half a file), with the permissions of any
+    new file (the umask's), not the private ones of a temporary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     with os.fdopen(fd, "w") as f:
         f.write(tuned.dump_yaml())
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a call runs: ``recipe`` and ``knobs`` (None: exact attention), the entry's
+    (device, length) if one was used, and notes to say once each, keyed by kind."""
+
+    recipe: str | None
+    knobs: dict | None
+    entry: tuple[str, int] | None = None
+    notes: tuple[tuple[tuple, str], ...] = ()
 
 
 class TunedAttention(nn.Module):
     """SDPA-compatible attention that runs, per call, the entry tuned for its device and length.
 
-    Called like :class:`attncompose.Attention` (SDPA's signature, plus ``return_lse``); the
-    dispatch policy is in this module's docstring.
+    Called like :class:`attncompose.Attention` (SDPA's signature, plus ``return_lse``):
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D]; the dispatch policy is in this
+    module's docstring.
     """
 
     def __init__(self, tuned: TunedFile, backend: str = "auto", source: str | None = None):
@@ -190,9 +317,14 @@ class TunedAttention(nn.Module):
         self.tuned = tuned
         self.backend = backend
         self.source = source or "<tuned>"
-        self.recipe = tuned.recipe_model()
+        self.recipes = {name: tuned.recipe_model(name) for name in tuned.recipes}
         self._modules_by_key: dict[tuple, nn.Module] = {}
-        self._said: set[str] = set()
+        self._said: set[tuple] = set()
+
+    @property
+    def recipe(self):
+        """The recipe of a one-recipe file (several: the first; see ``recipes``)."""
+        return next(iter(self.recipes.values()))
 
     def forward(
         self,
@@ -211,61 +343,94 @@ class TunedAttention(nn.Module):
         attn = self.select(device_name(q.device), k.shape[2], bool(is_causal))
         return attn(q, k, v, is_causal=is_causal, scale=scale, return_lse=return_lse)
 
-    def choose(self, device: str, seq_len: int, causal: bool) -> tuple[dict | None, str | None]:
-        """(knobs or None for exact, note to say once or None) for a call's device and Lk."""
+    def choose(self, device: str, seq_len: int, causal: bool) -> Choice:
+        """The recipe and knobs (None: exact) for a call's device and key length, with notes."""
         if causal != self.tuned.causal:
             mode = "causal" if self.tuned.causal else "non-causal"
-            return None, f"tuned for {mode} attention only; other calls run exact attention"
-        rows, note = self._rows(device)
+            note = f"tuned for {mode} attention only; other calls run exact attention"
+            return Choice(None, None, notes=((("mode",), note),))
+        rows, notes = self._rows(device)
         if not rows:
-            return None, "no tuned entries; running exact attention"
+            note = "no tuned entries; running exact attention"
+            return Choice(None, None, notes=(*notes, (("empty",), note)))
         if seq_len in rows:
-            return rows[seq_len].knobs, note
-        above = [n for n in rows if n >= seq_len]
-        if not above:
-            return None, _join(
-                note,
-                f"length {seq_len} is above every tuned length "
-                f"({max(rows)}); running exact attention",
+            n = seq_len
+        else:
+            above = [n for n in rows if n >= seq_len]
+            if not above:
+                note = (
+                    f"length {seq_len} is above every tuned length ({max(rows)}); running "
+                    "exact attention for such lengths"
+                )
+                return Choice(None, None, notes=(*notes, (("above", device), note)))
+            n = min(above)
+            note = (
+                f"length {seq_len} is not tuned; using the entry of {n} "
+                f"(for every untuned length it covers, said once)"
             )
-        n = min(above)
-        return rows[n].knobs, _join(note, f"length {seq_len} not tuned; using the entry of {n}")
+            notes = (*notes, (("nearest", device, n), note))
+        entry = rows[n]
+        if entry.slower_than_exact:
+            frac = "" if entry.frac is None else f", frac {entry.frac:.3g}"
+            note = (
+                f"the entry of {n} ({entry.recipe}) measured slower than exact attention "
+                f"({entry.latency_ms:.3g} ms vs {entry.exact_latency_ms:.3g} ms): it was tuned "
+                f"to minimise {entry.cost}{frac}"
+            )
+            notes = (*notes, (("slower", device, n), note))
+        return Choice(entry.recipe, entry.knobs, (device, n), notes)
 
-    def _rows(self, device: str) -> tuple[dict[int, TunedEntry], str | None]:
+    def _rows(self, device: str) -> tuple[dict[int, TunedEntry], tuple]:
         if device in self.tuned.table:
-            return self.tuned.table[device], None
+            return self.tuned.table[device], ()
         if not self.tuned.table:
-            return {}, None
+            return {}, ()
         other = next(iter(self.tuned.table))
-        return self.tuned.table[other], f"not tuned on {device}; using the entries of {other}"
+        note = f"not tuned on {device}; using the entries of {other}"
+        return self.tuned.table[other], ((("device", device), note),)
 
     def select(self, device: str, seq_len: int, causal: bool) -> nn.Module:
-        """The compiled attention for a call (cached), saying once how it was chosen."""
-        knobs, note = self.choose(device, seq_len, causal)
-        if note:
-            self._say(note)
-        key = tuple(sorted(knobs.items())) if knobs is not None else None
+        """The compiled attention for a call (cached), saying once each note on its choice."""
+        choice = self.choose(device, seq_len, causal)
+        for key, note in choice.notes:
+            self._say(key, note)
+        key = (choice.recipe, tuple(sorted((choice.knobs or {}).items())))
         if key not in self._modules_by_key:
             from attncompose.runtime.attention import compile as compile_recipe
 
-            recipe = "exact" if knobs is None else self.recipe.with_knobs(knobs)
+            recipe = (
+                "exact"
+                if choice.knobs is None
+                else self.recipes[choice.recipe].with_knobs(choice.knobs)
+            )
             self._modules_by_key[key] = compile_recipe(recipe, backend=self.backend)
         return self._modules_by_key[key]
 
-    def _say(self, note: str) -> None:
+    def _say(self, key: tuple, note: str) -> None:
+        if key in self._said:
+            return
+        self._said.add(key)
         message = f"{self.source}: {note}"
-        if message not in self._said:
-            self._said.add(message)
-            log.info(message)
-            warnings.warn(message, stacklevel=4)
+        log.info(message)
+        warnings.warn(message, stacklevel=caller_stacklevel())
 
     def extra_repr(self) -> str:
         lengths = {d: sorted(rows) for d, rows in self.tuned.table.items()}
-        return f"recipe={self.recipe.name!r}, causal={self.tuned.causal}, tuned={lengths}"
+        return f"recipes={list(self.recipes)}, causal={self.tuned.causal}, tuned={lengths}"
 
 
-def _join(*notes: str | None) -> str:
-    return "; ".join(n for n in notes if n)
+def caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by the caller that points at the first frame outside
+    torch, transformers and attncompose: the user's line, not ``torch/nn/modules/module.py``."""
+    skip = tuple(
+        os.path.dirname(sys.modules[name].__file__) + os.sep
+        for name in ("torch", "transformers", "attncompose")
+        if getattr(sys.modules.get(name), "__file__", None)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def load(path: str | Path, backend: str = "auto") -> TunedAttention:

@@ -149,7 +149,7 @@ def chosen_attention(path: Path, row: dict[str, Any]) -> tuple[Any | None, str]:
         return load_attention(path), "tuned"
     if row["best_feasible"] is None:
         return None, "exact: no trial met the target"
-    recipe = read_tuned(path).recipe_model().with_knobs(row["best_feasible"]["knobs"])
+    recipe = read_tuned(path).recipe_model(row["recipe"]).with_knobs(row["best_feasible"]["knobs"])
     return compile_recipe(recipe), "best feasible (tuned file falls back to exact)"
 
 
@@ -157,8 +157,8 @@ def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
-def tuned_summary(path: Path, n: int) -> dict[str, Any]:
-    """What the tuner chose for length n on this device."""
+def tuned_summary(path: Path, n: int, recipe: str) -> dict[str, Any]:
+    """What the tuner chose for length n on this device, and ``recipe``'s best point."""
     entry = read_tuned(path).table[device_name("cpu")][n]
     return {
         "knobs": entry.knobs,
@@ -167,7 +167,7 @@ def tuned_summary(path: Path, n: int) -> dict[str, Any]:
         "tuned_error_max": entry.error_max,
         "tuned_frac": entry.frac,
         "cost": entry.cost,
-        "best_feasible": entry.best.model_dump() if entry.best else None,
+        "best_feasible": best.model_dump() if (best := entry.recipes[recipe].best) else None,
         "tuned_latency_ms": entry.latency_ms,
         "exact_latency_ms": entry.exact_latency_ms,
         "trials": entry.trials,
@@ -179,7 +179,7 @@ def table_row(model, ids, n: int, recipe: str, target: float, args, capture: Pat
     out = args.tuned / f"{recipe}-t{target:g}-n{n}.tuned.yaml"
     command = tune_command(recipe, target, n, capture, args, out)
     tune_s = run_tune(command)
-    row = {"seq_len": n, "recipe": recipe, "target_err": target, **tuned_summary(out, n)}
+    row = {"seq_len": n, "recipe": recipe, "target_err": target, **tuned_summary(out, n, recipe)}
     attn, row["evaluated"] = chosen_attention(out, row)
     if attn is None:
         row.update(perplexity=None, frac=None, eval_s=None)

@@ -41,7 +41,7 @@ def main() -> None:
         result = tune(args.recipe, config)
         seconds = time.perf_counter() - start
     entry = result.tuned.table["cpu"][args.seq_len]
-    trials = result.trials[args.seq_len]
+    trials = result.trials[result.recipes[0]][args.seq_len]
     record = {
         "benchmark": "tune_time",
         "recipe": args.recipe,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +16,11 @@ import attncompose as ac
 from attncompose.tuned import TunedAttention, TunedEntry, TunedFile, load, read_tuned, write_tuned
 
 KNOBS = {"diag.block_size": 16, "residual.sample_size": 8, "out.min_seq_len": 32}
+STREAMING = {"sinks.count": 1, "local.width": 128}
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "tuned"
 
 
-def entry(knobs: dict | None = KNOBS) -> TunedEntry:
+def entry(knobs: dict | None = KNOBS, recipe: str = "hyperattention", **extra) -> TunedEntry:
     common = dict(
         exact_latency_ms=2.0,
         trials=5,
@@ -32,13 +38,18 @@ def entry(knobs: dict | None = KNOBS) -> TunedEntry:
             latency_ms=2.0,
             **common,
         )
-    return TunedEntry(knobs=knobs, error_mean=0.05, error_max=0.08, latency_ms=1.0, **common)
+    values = dict(error_mean=0.05, error_max=0.08, latency_ms=1.0, **common) | extra
+    return TunedEntry(recipe=recipe, knobs=knobs, **values)
+
+
+def recipes(*names: str) -> dict:
+    return {n: ac.load_recipe(n).model_dump(mode="json", exclude_none=True) for n in names}
 
 
 @pytest.fixture
 def tuned_path(tmp_path):
-    recipe = ac.load_recipe("hyperattention").model_dump(mode="json", exclude_none=True)
-    tuned = TunedFile(causal=True, recipe=recipe, table={"cpu": {128: entry(), 512: entry(None)}})
+    table = {"cpu": {128: entry(), 512: entry(None)}}
+    tuned = TunedFile(causal=True, recipes=recipes("hyperattention"), table=table)
     path = tmp_path / "tuned.yaml"
     write_tuned(path, tuned)
     return path
@@ -61,16 +72,87 @@ def test_dispatch_by_length_with_the_stated_policy(tuned_path, make_qkv):
         out = attn(q, k, v, is_causal=True)
     expected = ac.compile(recipe.with_knobs(KNOBS), backend="torch")(q, k, v, is_causal=True)
     assert torch.equal(out, expected)
-    with pytest.warns(UserWarning, match="length 100 not tuned; using the entry of 128"):
+    with pytest.warns(UserWarning, match="length 100 is not tuned; using the entry of 128"):
         attn(q[:, :, :100], k[:, :, :100], v[:, :, :100], is_causal=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         attn(q[:, :, :100], k[:, :, :100], v[:, :, :100], is_causal=True)
-    assert attn.choose("cpu", 300, True)[0] is None  # the 512 entry is exact attention
-    knobs, note = attn.choose("cpu", 600, True)
-    assert knobs is None and "above every tuned length" in note
-    knobs, note = attn.choose("cpu", 128, False)
-    assert knobs is None and "causal attention only" in note
+    assert attn.choose("cpu", 300, True).knobs is None  # the 512 entry is exact attention
+    choice = attn.choose("cpu", 600, True)
+    assert choice.knobs is None and "above every tuned length" in choice.notes[0][1]
+    choice = attn.choose("cpu", 128, False)
+    assert choice.knobs is None and "causal attention only" in choice.notes[0][1]
+
+
+def test_a_decode_loop_hears_each_note_once_at_its_own_line(tuned_path, make_qkv):
+    """Lk grows by one per decode step: the untuned lengths below 128 share one note, and the
+    lengths above every tuned one another, each pointing at the caller's line."""
+    attn = load(tuned_path, backend="torch")
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=1, lk=700, d=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for lk in [*range(100, 128), *range(600, 640)]:
+            attn(q, k[:, :, :lk], v[:, :, :lk], is_causal=True)
+    assert len(caught) == 2, [str(w.message) for w in caught]
+    assert "entry of 128" in str(caught[0].message)
+    assert "above every tuned length" in str(caught[1].message)
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]
+
+
+def test_several_recipes_dispatch_to_the_winner_of_each_length(tmp_path, make_qkv):
+    table = {"cpu": {128: entry(), 256: entry(STREAMING, recipe="streaming")}}
+    tuned = TunedFile(causal=True, recipes=recipes("hyperattention", "streaming"), table=table)
+    path = tmp_path / "two.yaml"
+    write_tuned(path, tuned)
+    attn = load(path, backend="torch")
+    assert read_tuned(path) == tuned
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=256, d=16)
+    out = attn(q, k, v, is_causal=True)
+    streaming = ac.compile(ac.load_recipe("streaming").with_knobs(STREAMING), backend="torch")
+    assert torch.equal(out, streaming(q, k, v, is_causal=True))
+    assert attn.choose("cpu", 128, True).recipe == "hyperattention"
+    assert attn.choose("cpu", 200, True).recipe == "streaming"
+
+
+def test_an_entry_slower_than_exact_says_so_once(tmp_path, make_qkv):
+    slow = entry(STREAMING, recipe="streaming", latency_ms=30.0, frac=0.4, cost="products")
+    tuned = TunedFile(causal=True, recipes=recipes("streaming"), table={"cpu": {64: slow}})
+    path = tmp_path / "slow.yaml"
+    write_tuned(path, tuned)
+    attn = load(path, backend="torch")
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=64, d=16)
+    with pytest.warns(UserWarning, match=r"slower than exact attention \(30 ms vs 2 ms\)"):
+        attn(q, k, v, is_causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn(q, k, v, is_causal=True)
+
+
+def test_first_format_files_still_load(tmp_path, make_qkv):
+    """Files of attncompose-tuned/1 (one recipe, each entry with its best) load as a
+    one-recipe file; the project's own results hold such files."""
+    old = RESULTS / "topp-t0.05-n8192.tuned.yaml"
+    assert "attncompose-tuned/1" in old.read_text()
+    tuned = read_tuned(old)
+    entry_ = tuned.table["cpu"][8192]
+    assert list(tuned.recipes) == ["topp"] and entry_.recipe == "topp"
+    assert entry_.recipes["topp"].best is not None
+    assert entry_.slower_than_exact  # chosen by products, 8x slower than exact on that CPU
+    copy = tmp_path / "old.yaml"
+    shutil.copyfile(old, copy)
+    attn = load(copy, backend="torch")
+    assert attn.choose("cpu", 8192, True).knobs == entry_.knobs
+    write_tuned(copy, tuned)  # written back in the current format
+    assert "attncompose-tuned/2" in copy.read_text() and read_tuned(copy) == tuned
+
+
+def test_tuned_files_get_the_permissions_of_any_new_file(tuned_path):
+    old = os.umask(0o022)
+    try:
+        write_tuned(tuned_path, read_tuned(tuned_path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(tuned_path.stat().st_mode) == 0o644
 
 
 def test_exact_fallback_and_lse_match_exact(tuned_path, make_qkv, reference):
@@ -87,8 +169,9 @@ def test_other_device_uses_its_entries_and_says_so(tuned_path):
     tuned = read_tuned(tuned_path)
     moved = tuned.model_copy(update={"table": {"NVIDIA H100 80GB HBM3": tuned.table["cpu"]}})
     attn = TunedAttention(moved, backend="torch")
-    knobs, note = attn.choose("cpu", 128, True)
-    assert knobs == KNOBS and "not tuned on cpu; using the entries of NVIDIA H100" in note
+    choice = attn.choose("cpu", 128, True)
+    assert choice.knobs == KNOBS
+    assert "not tuned on cpu; using the entries of NVIDIA H100" in choice.notes[0][1]
 
 
 @pytest.mark.parametrize(
@@ -102,10 +185,11 @@ def test_other_device_uses_its_entries_and_says_so(tuned_path):
         ),
         (lambda d: d["table"]["cpu"][128].update(fallback="why"), "table.cpu.128: Value error"),
         (
-            lambda d: d["recipe"]["steps"]["diag"].update(block_size=0),
-            "recipe.steps.diag.block_size",
+            lambda d: d["recipes"]["hyperattention"]["steps"]["diag"].update(block_size=0),
+            "recipes.hyperattention.steps.diag.block_size",
         ),
-        (lambda d: d.update(format="other/9"), "format"),
+        (lambda d: d["table"]["cpu"][128].update(recipe="ghost"), "table.cpu.128.recipe"),
+        (lambda d: d.update(format="other/9"), "format: unknown tuned-file format 'other/9'"),
         (lambda d: d.update(extra=1), "extra: unknown field"),
     ],
 )

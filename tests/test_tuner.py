@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -17,13 +18,15 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from optuna.storages._rdb import models
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import attncompose as ac
 from attncompose.tuned import read_tuned
 from attncompose.tuner import TuneConfig, TunerError, search_space, seed_variants, tune
+from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.command import tune as tune_command
 from attncompose.tuner.objective import Evaluator, build_calibration
+from attncompose.tuner.report import LineReporter
 from attncompose.tuner.study import open_storage
 
 N = 128
@@ -39,6 +42,15 @@ TINY = textwrap.dedent(
       out: {op: causal_split, body: merged, min_seq_len: {default: 32, choices: [32, 64]}}
     """
 )
+TINY_STREAM = textwrap.dedent(
+    """\
+    name: tiny-stream
+    steps:
+      sinks: {op: sink, count: {default: 1, choices: [0, 1, 4]}}
+      local: {op: window, width: {default: 32, choices: [8, 16, 32, 64]}}
+      out: {op: block, select: [sinks, local], block_size: 16}
+    """
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -46,6 +58,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def recipe_path(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
+    return path
+
+
+@pytest.fixture
+def stream_path(tmp_path):
+    path = tmp_path / "tiny-stream.yaml"
+    path.write_text(TINY_STREAM)
     return path
 
 
@@ -105,15 +124,14 @@ def test_tuned_result_meets_the_target_on_its_calibration_data(recipe_path, tmp_
     result = tune(recipe_path, config)
     entry = read_tuned(out).table["cpu"][N]
     assert entry.trials == 6 and entry.seeds == 3 and entry.target_err == TARGET
-    assert entry.best is not None and entry.best.error_mean <= TARGET
-    assert entry.best.error_max >= entry.best.error_mean
-    assert entry.knobs in (None, entry.best.knobs)
+    best = entry.recipes["tiny-hyper"].best
+    assert best is not None and best.error_mean <= TARGET and 0 < best.frac < 1
+    assert best.error_max >= best.error_mean
+    assert entry.knobs in (None, best.knobs)
     calib = build_calibration(None, N, True, "cpu", "torch")
-    again = Evaluator(ac.load_recipe(recipe_path), calib, TARGET, "torch").evaluate(
-        entry.best.knobs
-    )
-    assert again.error_mean == pytest.approx(entry.best.error_mean, rel=1e-6)
-    assert len(result.trials[N]) == 6
+    again = Evaluator(ac.load_recipe(recipe_path), calib, TARGET, "torch").evaluate(best.knobs)
+    assert again.error_mean == pytest.approx(best.error_mean, rel=1e-6)
+    assert len(result.trials["tiny-hyper"][N]) == 6
 
 
 def test_cost_products_minimises_frac_not_latency(recipe_path, tmp_path):
@@ -123,16 +141,17 @@ def test_cost_products_minimises_frac_not_latency(recipe_path, tmp_path):
     )
     result = tune(recipe_path, config)
     entry = read_tuned(out).table["cpu"][N]
-    assert entry.cost == "products" and entry.best is not None
+    best = entry.recipes["tiny-hyper"].best
+    assert entry.cost == "products" and best is not None
     fracs = [
         t.user_attrs["frac"]
-        for t in result.trials[N]
+        for t in result.trials["tiny-hyper"][N]
         if t.state.name == "COMPLETE" and t.user_attrs["error_mean"] <= TARGET
     ]
-    assert entry.best.frac == pytest.approx(min(fracs))
-    assert 0 < entry.best.frac <= 1
-    if entry.best.frac < 1:  # cheaper in products than exact: used whatever the latency says
-        assert entry.knobs == entry.best.knobs and entry.frac == entry.best.frac
+    assert best.frac == pytest.approx(min(f for f in fracs if f < 1))
+    # cheaper in products than exact: used whatever the latency says, and said if slower
+    assert entry.knobs == best.knobs and entry.frac == best.frac
+    assert (entry.note is not None) == (best.latency_ms > entry.exact_latency_ms)
 
 
 def test_knobs_that_compute_exact_attention_never_beat_it_by_timing_noise(tmp_path):
@@ -145,8 +164,10 @@ def test_knobs_that_compute_exact_attention_never_beat_it_by_timing_noise(tmp_pa
     out = tmp_path / "tuned.yaml"
     tune(path, TuneConfig(target_err=TARGET, seq_lens=(N,), trials=3, backend="torch", out=out))
     entry = read_tuned(out).table["cpu"][N]
-    assert entry.best is not None and entry.best.error_mean == 0 and entry.best.frac == 1
+    outcome = entry.recipes["tiny-hyper"]
+    assert outcome.best is None and outcome.least_error is None  # no frac-1 point shown
     assert entry.knobs is None and "as many products as exact attention" in entry.fallback
+    assert outcome.lost == entry.fallback
 
 
 def test_impossible_target_falls_back_to_exact_and_says_so(recipe_path, tmp_path):
@@ -155,9 +176,11 @@ def test_impossible_target_falls_back_to_exact_and_says_so(recipe_path, tmp_path
     args[args.index("--target-err") + 1] = "1e-9"
     done = CliRunner().invoke(tune_command, args)
     assert done.exit_code == 0, done.output
-    assert "exact attention, no trial met the error target 1e-09" in done.output
+    assert "lost: no trial met the error target 1e-09" in done.output
+    assert "exact attention" in done.output and "is the choice on cpu" in done.output
     entry = read_tuned(out).table["cpu"][N]
-    assert entry.knobs is None and entry.best is None and entry.error_mean == 0
+    assert entry.knobs is None and entry.recipes["tiny-hyper"].best is None
+    assert entry.error_mean == 0
     assert entry.latency_ms == entry.exact_latency_ms
 
 
@@ -272,4 +295,117 @@ def test_out_file_of_another_recipe_is_refused(recipe_path, tmp_path):
     other.write_text(TINY.replace("tiny-hyper", "other"))
     done = CliRunner().invoke(tune_command, cli_args(other, out, "--trials", "1"))
     assert done.exit_code == 2
-    assert "another recipe" in done.output
+    assert "holds a tuning of another recipe set (tiny-hyper)" in done.output
+
+
+def test_several_recipes_compete_per_length_and_the_file_names_the_winner(
+    recipe_path, stream_path, tmp_path
+):
+    out = tmp_path / "tuned.yaml"
+    args = [str(recipe_path), *cli_args(stream_path, out, "--trials", "4", "--cost", "products")]
+    done = CliRunner().invoke(tune_command, args)
+    assert done.exit_code == 0, done.output
+    entry = read_tuned(out).table["cpu"][N]
+    assert list(entry.recipes) == ["tiny-hyper", "tiny-stream"]
+    assert entry.trials == 8 and all(o.trials == 4 for o in entry.recipes.values())
+    open_ = {n: o for n, o in entry.recipes.items() if o.best is not None and o.best.frac < 1}
+    assert open_, "at this target both recipes have knobs that meet it"
+    winner = min(open_, key=lambda n: open_[n].best.frac)
+    assert entry.recipe == winner and entry.knobs == open_[winner].best.knobs
+    assert entry.recipes[winner].lost is None
+    assert all(o.lost for n, o in entry.recipes.items() if n != winner)
+    for name in ("tiny-hyper", "tiny-stream", "least err", "vs exact", "verdict"):
+        assert name in done.output
+    assert f"n={N}: {winner} (" in done.output  # the conclusion names the choice and knobs
+    attn = ac.load(out, backend="torch")
+    assert attn.choose("cpu", N, True).recipe == winner
+
+
+def test_one_file_one_recipe_set(recipe_path, stream_path, tmp_path):
+    out = tmp_path / "tuned.yaml"
+    two = [str(recipe_path), *cli_args(stream_path, out, "--trials", "1")]
+    assert CliRunner().invoke(tune_command, two).exit_code == 0
+    done = CliRunner().invoke(tune_command, cli_args(stream_path, out, "--trials", "1"))
+    assert done.exit_code == 2 and "another recipe set (tiny-hyper, tiny-stream)" in done.output
+    twice = CliRunner().invoke(tune_command, [str(stream_path), *two[1:]])
+    assert twice.exit_code == 2 and "two recipes are named 'tiny-stream'" in twice.output
+
+
+def frozen(value: float, error: float, ms: float, frac: float, **params) -> FrozenTrial:
+    """A finished trial as the objective leaves it (value: latency, or frac by products)."""
+    return optuna.trial.create_trial(
+        params=params,
+        distributions={k: optuna.distributions.IntDistribution(0, 99) for k in params},
+        value=value,
+        user_attrs={"error_mean": error, "error_max": error, "latency_ms": ms, "frac": frac},
+    )
+
+
+def test_products_choice_slower_than_exact_says_so_and_the_budget_bounds_it():
+    """--cost products: a choice slower than exact attention is kept and said so (entry note);
+    --latency-budget-ms rules out points over it, also when their products are fewer."""
+    trials = [
+        frozen(0.3, 0.04, ms=30.0, frac=0.3, a=1),  # fewest products, 3x slower than exact
+        frozen(0.6, 0.04, ms=8.0, frac=0.6, a=2),  # more products, faster than exact
+        frozen(0.1, 0.20, ms=1.0, frac=0.1, a=3),  # misses the target
+        frozen(1.0, 0.00, ms=5.0, frac=1.0, a=4),  # computes everything: never a best
+    ]
+    run = RecipeRun("r", trials)
+    data, versions = "built-in", {"torch": "x"}
+    entry = make_entry([run], 10.0, Rules(0.05, cost="products"), data, versions)
+    assert entry.knobs == {"a": 1} and entry.latency_ms == 30.0
+    assert "slower than exact attention where tuned (30 ms vs 10 ms" in entry.note
+    assert entry.slower_than_exact and entry.recipes["r"].least_error == 0.04
+    bounded = make_entry([run], 10.0, Rules(0.05, 20.0, "products"), data, versions)
+    assert bounded.knobs == {"a": 2} and bounded.note is None
+    none_fits = make_entry([run], 10.0, Rules(0.05, 2.0, "products"), data, versions)
+    assert none_fits.is_exact and "exceeds the budget 2 ms" in none_fits.fallback
+
+
+def test_latency_choice_across_recipes_says_why_each_lost():
+    fast = RecipeRun("fast", [frozen(4.0, 0.03, ms=4.0, frac=0.5, a=1)])
+    slow = RecipeRun("slow", [frozen(6.0, 0.01, ms=6.0, frac=0.2, a=1)])
+    exact_only = RecipeRun("same", [frozen(1.0, 0.0, ms=1.0, frac=1.0, a=1)])
+    missing = RecipeRun("miss", [frozen(2.0, 0.09, ms=2.0, frac=0.1, a=1)])
+    runs = [fast, slow, exact_only, missing]
+    entry = make_entry(runs, 10.0, Rules(0.05), "built-in", {})
+    assert entry.recipe == "fast" and entry.recipes["fast"].lost is None
+    assert entry.recipes["slow"].lost == "fast is faster (4 ms vs 6 ms)"
+    assert "(frac 1)" in entry.recipes["same"].lost and entry.recipes["same"].best is None
+    assert entry.recipes["miss"].lost == "no trial met the error target 0.05 (least error 0.09)"
+    slower = make_entry(runs, 3.0, Rules(0.05), "built-in", {})
+    assert slower.is_exact and "exact attention is faster (3 ms vs 4 ms)" in slower.fallback
+
+
+def test_plot_without_matplotlib_fails_before_tuning(recipe_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "t.yaml"
+    done = CliRunner().invoke(
+        tune_command, cli_args(recipe_path, out, "--plot", str(tmp_path / "p.png"))
+    )
+    assert done.exit_code == 2 and "--plot needs matplotlib" in done.output
+    assert not out.exists() and not (tmp_path / "t.optuna.db").exists()
+
+
+def test_plot_shows_every_recipe(recipe_path, stream_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "p.png"
+    args = [str(recipe_path), *cli_args(stream_path, tmp_path / "t.yaml", "--trials", "2")]
+    done = CliRunner().invoke(tune_command, [*args, "--plot", str(png)])
+    assert done.exit_code == 0, done.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_is_plain_lines_outside_a_terminal(recipe_path, tmp_path):
+    """No live bar in a log: a line when a study starts, as trials finish (at most every
+    ``every_s``), and the choice."""
+    stream = io.StringIO()
+    config = TuneConfig(
+        target_err=TARGET, seq_lens=(N,), trials=3, backend="torch", out=tmp_path / "t.yaml"
+    )
+    tune(recipe_path, config, LineReporter(stream, every_s=0))
+    lines = stream.getvalue().splitlines()
+    assert "tiny-hyper n=128: tuning, 3 trials" in lines[0]
+    assert sum("/3 trials" in line for line in lines) == 3
+    assert "n=128: chose" in lines[-1]
+    assert "\x1b[" not in stream.getvalue()  # no terminal control codes

@@ -11,7 +11,7 @@ from attncompose.commands import user_errors as _user_errors
 
 
 @click.command("tune")
-@click.argument("recipe")
+@click.argument("recipes", nargs=-1, required=True)
 @click.option(
     "--target-err",
     type=click.FloatRange(min=0, min_open=True),
@@ -39,7 +39,12 @@ from attncompose.commands import user_errors as _user_errors
     help="Minimise measured latency, or the share of exact attention's query-key products "
     "(device-independent; for comparing recipes where timings say little, e.g. on CPU).",
 )
-@click.option("--causal/--no-causal", default=True, show_default=True)
+@click.option(
+    "--causal/--no-causal",
+    default=True,
+    show_default=True,
+    help="Tune for causal attention (language models) or non-causal.",
+)
 @data_option
 @click.option(
     "--trials",
@@ -74,19 +79,20 @@ from attncompose.commands import user_errors as _user_errors
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Tuned recipe file [default: RECIPE-NAME.tuned.yaml].",
+    help="Tuned recipe file [default: NAME.tuned.yaml for one recipe, tuned.yaml for several].",
 )
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write a PNG of error vs latency per length (Pareto front, target line).",
+    help="Write a PNG of error vs cost per length (each recipe's trials and front, target, "
+    "exact attention); needs matplotlib.",
 )
 @backend_option
 @device_option("Device to tune on [default: cuda if available].")
 @_user_errors
 def tune(
-    recipe: str,
+    recipes: tuple[str, ...],
     target_err: float,
     seq_lens: tuple[int, ...],
     latency_budget_ms,
@@ -104,24 +110,34 @@ def tune(
     backend,
     device,
 ) -> None:
-    """Tune RECIPE's knobs per sequence length: least latency with error <= --target-err.
+    """Tune each of RECIPES per sequence length and keep, per length, the cheapest one that
+    meets --target-err (least latency, or least products with --cost products), or exact
+    attention where none beats it; prints how the recipes compare and why each lost.
 
     Rerunning the same command resumes; workers given the same --storage and --study share
-    the trials. Writes the tuned recipe (load it with attncompose.load).
+    the trials. Writes the tuned file (load it with attncompose.load).
     """
     import optuna
     from rich.console import Console
 
     from attncompose.data import SYNTHETIC, SYNTHETIC_NOTE
-    from attncompose.spec.recipe import load_recipe
-    from attncompose.tuner.job import TuneConfig
+    from attncompose.tuner.job import TuneConfig, load_recipes
     from attncompose.tuner.job import tune as run_tune
-    from attncompose.tuner.report import RichReporter, plot_pareto, summary_table
+    from attncompose.tuner.report import (
+        comparison_table,
+        conclusions,
+        plot_tuning,
+        reporter_for,
+        require_plotting,
+    )
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if plot is not None:
+        require_plotting()  # before any trial runs, not after the file is written
     if data is not None and str(data) == SYNTHETIC:
         click.echo(f"{SYNTHETIC_NOTE}: knobs tuned on them say little about a model", err=True)
-    recipe_model = load_recipe(recipe)
+    loaded = load_recipes(list(recipes))
+    default_out = f"{loaded[0][0].name}.tuned.yaml" if len(loaded) == 1 else "tuned.yaml"
     config = TuneConfig(
         target_err=target_err,
         seq_lens=seq_lens,
@@ -137,14 +153,17 @@ def tune(
         device=device,
         storage=storage,
         study=study,
-        out=out or Path(f"{recipe_model.name}.tuned.yaml"),
+        out=out or Path(default_out),
     )
-    with RichReporter() as reporter:
-        result = run_tune(recipe, config, reporter)
+    config.check()
+    with reporter_for(Console(stderr=True)) as reporter:
+        result = run_tune(list(recipes), config, reporter)
     console = Console()
     if not console.is_terminal:  # a log file: no terminal width to respect, keep rows whole
         console = Console(width=160)
-    console.print(summary_table(result))
+    console.print(comparison_table(result))
+    for line in conclusions(result):
+        console.print(line, highlight=False)
     if plot is not None:
-        plot_pareto(result, target_err, plot)
+        plot_tuning(result, plot)
     click.echo(f"wrote {config.out}" + (f" and {plot}" if plot else ""))

@@ -1,28 +1,26 @@
-"""A tuning job: every requested length, one study each, results merged into the tuned file."""
+"""A tuning job: every requested length and recipe, one study each; per length the best
+across recipes (:mod:`.choice`) goes into the tuned file."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import hashlib
 import json
 import os
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import torch
 
-from attncompose.spec.recipe import load_recipe
-from attncompose.tuned import Candidate, TunedEntry, TunedFile, device_name, read_tuned, write_tuned
+from attncompose.spec.recipe import RecipeBase, load_recipe
+from attncompose.tuned import TunedEntry, TunedFile, device_name, read_tuned, write_tuned
+from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.objective import (
     Calibration,
     Evaluator,
     Objective,
-    best_feasible,
     build_calibration,
     time_exact,
 )
@@ -81,57 +79,94 @@ class TuneConfig:
 class Reporter:
     """Hooks a tuning job calls as it goes; this base says nothing (library use)."""
 
-    def start_length(self, seq_len: int, trials: int, calibration: Calibration) -> None:
-        """A length begins: its calibration is loaded and exact attention timed."""
+    def start_length(
+        self, seq_len: int, trials: int, calibration: Calibration, recipe: str = ""
+    ) -> None:
+        """A recipe's study of a length begins (its calibration loaded, exact attention timed)."""
 
-    def trial_done(self, seq_len: int, study: optuna.Study, target_err: float) -> None:
-        """A trial of this length finished (in this worker)."""
+    def trial_done(
+        self, seq_len: int, study: optuna.Study, target_err: float, recipe: str = ""
+    ) -> None:
+        """A trial of this recipe and length finished (in this worker)."""
 
     def end_length(self, seq_len: int, entry: TunedEntry) -> None:
-        """A length is done and its entry written."""
+        """A length is done (every recipe) and its entry written."""
 
 
 @dataclass
 class TuneResult:
-    """The tuned file written, and every length's finished trials (for plots and summaries)."""
+    """The tuned file written, every recipe's finished trials per length (for plots and
+    summaries), and exact attention's latency per length."""
 
     tuned: TunedFile
     device: str
-    trials: dict[int, list[optuna.trial.FrozenTrial]] = field(default_factory=dict)
+    trials: dict[str, dict[int, list[optuna.trial.FrozenTrial]]] = field(default_factory=dict)
     exact_ms: dict[int, float] = field(default_factory=dict)
 
+    @property
+    def recipes(self) -> list[str]:
+        """The recipes of this run, in the order given."""
+        return list(self.trials)
 
-def tune(recipe, config: TuneConfig, reporter: Reporter | None = None) -> TuneResult:
-    """Tune ``recipe`` (name, path or Recipe) per length; writes ``config.out`` after each."""
+
+def tune(recipes, config: TuneConfig, reporter: Reporter | None = None) -> TuneResult:
+    """Tune one recipe or several (names, paths or Recipes) per length, choosing per length
+    the best across recipes; writes ``config.out`` after each length."""
     config.check()
     reporter = reporter or Reporter()
-    source = None if hasattr(recipe, "steps") else str(recipe)
-    recipe = load_recipe(recipe)
-    search_space(recipe)  # fail early on a recipe with nothing to tune
+    loaded = load_recipes(recipes)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dname = device_name(device)
-    tuned = _start_file(config.out, recipe, config.causal, source)
+    tuned = _start_file(config.out, loaded, config.causal)
     storage = open_storage(config.storage or default_storage_url(config.out))
-    base = config.study or _default_study(recipe, config)
-    result = TuneResult(tuned, dname)
+    result = TuneResult(tuned, dname, trials={recipe.name: {} for recipe, _ in loaded})
     for n in config.seq_lens:
         calib = build_calibration(config.data, n, config.causal, device, config.backend)
-        reporter.start_length(n, config.trials, calib)
-        study, entry = _tune_length(
-            recipe, config, calib, storage, study_name(base, dname, n), reporter
-        )
+        runs = []
+        for recipe, _ in loaded:
+            reporter.start_length(n, config.trials, calib, recipe.name)
+            name = study_name(_study_base(recipe, config), dname, n)
+            run = _run_study(recipe, config, calib, storage, name, reporter)
+            result.trials[recipe.name][n] = run.trials
+            runs.append(run)
+        # timed again after the trials: the first timing of a process can carry warm-up costs
+        again = time_exact(calib.items, calib.causal, calib.device, config.backend)
+        exact_ms = min(calib.exact_latency_ms, again)
+        rules = Rules(config.target_err, config.latency_budget_ms, config.cost)
+        entry = make_entry(runs, exact_ms, rules, _data_text(config, calib), versions())
         result.tuned = result.tuned.with_entry(dname, n, entry)
         write_tuned(config.out, result.tuned)
-        result.trials[n] = finished_trials(study)
-        result.exact_ms[n] = entry.exact_latency_ms
+        result.exact_ms[n] = exact_ms
         reporter.end_length(n, entry)
     return result
 
 
-def _tune_length(
+def load_recipes(recipes) -> list[tuple[RecipeBase, str | None]]:
+    """(recipe, how it was named) for one recipe or a list; names must differ, and each
+    recipe must have something to tune."""
+    if isinstance(recipes, (str, Path, dict)) or hasattr(recipes, "steps"):
+        recipes = [recipes]
+    loaded = []
+    for given in recipes:
+        source = None if isinstance(given, dict) or hasattr(given, "steps") else str(given)
+        recipe = load_recipe(given)
+        search_space(recipe)  # fail early on a recipe with nothing to tune
+        loaded.append((recipe, source))
+    if not loaded:
+        raise TunerError("give at least one recipe to tune")
+    names = [recipe.name for recipe, _ in loaded]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise TunerError(
+            f"two recipes are named {twice[0]!r}: a tuned file tells recipes apart by name"
+        )
+    return loaded
+
+
+def _run_study(
     recipe, config: TuneConfig, calib: Calibration, storage, name: str, reporter: Reporter
-) -> tuple[optuna.Study, TunedEntry]:
-    """Run (or resume, or join) the study of one length and make its entry."""
+) -> RecipeRun:
+    """Run (or resume, or join) the study of one recipe and length."""
     evaluator = Evaluator(
         recipe,
         calib,
@@ -142,8 +177,7 @@ def _tune_length(
         cost=config.cost,
     )
     objective = Objective(evaluator, space=search_space(recipe))
-    meta = _meta(recipe, config, calib)
-    study = open_study(storage, name, _sampler(config, 0), meta)
+    study = open_study(storage, name, _sampler(config, 0), _meta(recipe, config, calib))
     study.sampler = _sampler(config, len(study.trials))
     if not study.trials:
         study.enqueue_trial(defaults(recipe), skip_if_exists=True)
@@ -153,32 +187,49 @@ def _tune_length(
         objective,
         config.trials,
         config.timeout_s,
-        lambda s: reporter.trial_done(n, s, config.target_err),
+        lambda s: reporter.trial_done(n, s, config.target_err, recipe.name),
     )
     seeds = len(seed_variants(recipe, config.n_seeds))
-    # timed again after the trials: the first timing of a process can carry warm-up costs
-    again = time_exact(calib.items, calib.causal, calib.device, config.backend)
-    calib = dataclasses.replace(calib, exact_latency_ms=min(calib.exact_latency_ms, again))
-    entry = make_entry(
-        finished_trials(study), calib, config, seeds, meta["data"], frac_of=evaluator.frac_of
-    )
-    return study, entry
+    return RecipeRun(recipe.name, finished_trials(study), seeds, frac_of=evaluator.frac_of)
 
 
-def _start_file(out: Path, recipe, causal: bool, source: str | None) -> TunedFile:
-    """The tuned file to add entries to: the existing one if it holds this recipe and mode."""
+def _start_file(out: Path, recipes: list[tuple[RecipeBase, str | None]], causal: bool) -> TunedFile:
+    """The tuned file to add entries to: the existing one if it holds these recipes (the
+    same set, unchanged) and this masking mode."""
     fresh = TunedFile(
-        causal=causal, recipe=recipe.model_dump(mode="json", exclude_none=True), source=source
+        causal=causal,
+        recipes={r.name: r.model_dump(mode="json", exclude_none=True) for r, _ in recipes},
+        sources={r.name: source for r, source in recipes if source is not None},
     )
     if not out.exists():
         return fresh
     old = read_tuned(out)
-    if old.recipe != fresh.recipe or old.causal != causal:
+    changed = [n for n in fresh.recipes if n in old.recipes and old.recipes[n] != fresh.recipes[n]]
+    if changed:
         raise TunerError(
-            f"--out {out} holds a tuning of another recipe or masking mode; "
+            f"--out {out} holds a tuning of recipe {changed[0]!r} as it was before it changed; "
             "choose another --out or remove the file"
         )
+    if old.recipes != fresh.recipes:
+        held = ", ".join(old.recipes)
+        raise TunerError(
+            f"--out {out} holds a tuning of another recipe set ({held}); tune the same recipes "
+            "to add to it, or choose another --out or remove the file"
+        )
+    if old.causal != causal:
+        raise TunerError(
+            f"--out {out} holds a {'causal' if old.causal else 'non-causal'} tuning; choose "
+            "another --out or remove the file"
+        )
     return old
+
+
+def _study_base(recipe, config: TuneConfig) -> str:
+    """The name the studies of one recipe start with: ``--study`` and the recipe's name, or a
+    digest of what the run is for (rerunning the same command resumes)."""
+    if config.study is not None:
+        return f"{config.study}:{recipe.name}"
+    return _default_study(recipe, config)
 
 
 def _default_study(recipe, config: TuneConfig) -> str:
@@ -198,15 +249,19 @@ def _default_study(recipe, config: TuneConfig) -> str:
     return f"{recipe.name}-{digest[:10]}"
 
 
+def _data_text(config: TuneConfig, calib: Calibration) -> str:
+    """The calibration data, as tuned files and studies name it."""
+    origin = calib.items[0].name.split(":")[0]
+    return f"{config.data or 'built-in'} ({origin}, {len(calib.items)} items)"
+
+
 def _meta(recipe, config: TuneConfig, calib: Calibration) -> dict:
     """What a study is for; workers joining it must agree."""
-    origin = calib.items[0].name.split(":")[0]
-    data = f"{config.data or 'built-in'} ({origin}, {len(calib.items)} items)"
     return {
         "recipe_sha256": hashlib.sha256(recipe.dump_yaml().encode()).hexdigest(),
         "target_err": config.target_err,
         "causal": config.causal,
-        "data": data,
+        "data": _data_text(config, calib),
         "seeds": config.n_seeds,
         "backend": config.backend,
         "cost": config.cost,
@@ -222,79 +277,6 @@ def _sampler(config: TuneConfig, done: int) -> optuna.samplers.TPESampler:
         seed=hash((config.seed, done, salt)) % 2**31,
         n_startup_trials=min(10, max(2, config.trials // 4)),
     )
-
-
-def make_entry(
-    trials: list[optuna.trial.FrozenTrial],
-    calib: Calibration,
-    config: TuneConfig,
-    seeds: int,
-    data: str,
-    frac_of: Callable[[dict], float] | None = None,
-) -> TunedEntry:
-    """The (device, length) entry: the fastest feasible knobs, or exact attention and why.
-
-    ``frac_of(knobs)`` counts the products of the chosen knobs when the trials did not (cost
-    "latency"): knobs that compute every product exact attention computes (e.g. a splitter
-    whose ``min_seq_len`` covers the length) are never chosen over exact attention, whatever
-    timing noise says.
-    """
-    best = best_feasible(trials, config.target_err)
-    candidate = (
-        None
-        if best is None
-        else Candidate(
-            knobs=best.params,
-            error_mean=best.user_attrs["error_mean"],
-            error_max=best.user_attrs["error_max"],
-            latency_ms=best.user_attrs["latency_ms"],
-            frac=best.user_attrs.get("frac"),
-        )
-    )
-    if candidate is not None and candidate.frac is None and frac_of is not None:
-        candidate = candidate.model_copy(update={"frac": frac_of(best.params)})
-    fallback = _fallback(candidate, calib.exact_latency_ms, config)
-    if fallback is None:
-        chosen = candidate.model_dump()
-    else:
-        exact = calib.exact_latency_ms
-        chosen = {
-            "knobs": None,
-            "error_mean": 0.0,
-            "error_max": 0.0,
-            "latency_ms": exact,
-            "frac": 1.0,
-        }
-    return TunedEntry(
-        **chosen,
-        fallback=fallback,
-        exact_latency_ms=calib.exact_latency_ms,
-        best=candidate,
-        trials=len(trials),
-        target_err=config.target_err,
-        latency_budget_ms=config.latency_budget_ms,
-        cost=config.cost,
-        seeds=seeds,
-        data=data,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        versions=versions(),
-    )
-
-
-def _fallback(best: Candidate | None, exact_ms: float, config: TuneConfig) -> str | None:
-    """Why exact attention is used instead of ``best`` (None: use ``best``)."""
-    budget = config.latency_budget_ms
-    if best is None:
-        return f"no trial met the error target {config.target_err:g}"
-    if budget is not None and best.latency_ms > budget:
-        return f"best feasible latency {best.latency_ms:.3g} ms exceeds the budget {budget:g} ms"
-    if best.frac is not None and best.frac >= 1.0:
-        return f"computes as many products as exact attention (frac {best.frac:.3g})"
-    if config.cost == "products":
-        return None
-    if best.latency_ms >= exact_ms:
-        return f"exact attention is faster ({exact_ms:.3g} ms vs {best.latency_ms:.3g} ms)"
-    return None
 
 
 def versions() -> dict[str, str]:

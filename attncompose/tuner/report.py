@@ -1,38 +1,61 @@
-"""What a tuning run shows: rich progress per length, a summary table, a Pareto plot."""
+"""What a tuning run shows: progress per recipe and length (a rich live bar on a terminal,
+plain periodic lines in a log), a comparison of the recipes with the verdict per length, and
+a plot of error against cost."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 import optuna
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attncompose.tuned import TunedEntry
+from attncompose.tuned import RecipeOutcome, TunedEntry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.job import Reporter, TuneResult
 from attncompose.tuner.objective import Calibration, best_feasible
 from attncompose.tuner.study import finished_trials
 
 ERROR_FLOOR = 1e-6  # errors of 0 (exact-equivalent knobs) drawn here on the log axis
+LOG_EVERY_S = 10.0  # a progress line at most this often when stderr is not a terminal
+
+
+def best_so_far(study: optuna.Study, target_err: float) -> str:
+    """The best feasible trial of a study so far, in words."""
+    best = best_feasible(finished_trials(study), target_err)
+    if best is None:
+        return "no feasible trial yet"
+    attrs = best.user_attrs
+    frac = f", frac {attrs['frac']:.3g}" if "frac" in attrs else ""
+    return f"best {attrs['latency_ms']:.3g} ms{frac} at err {attrs['error_mean']:.3g}"
+
+
+def choice_text(entry: TunedEntry) -> str:
+    """An entry's choice, in a few words."""
+    if entry.is_exact:
+        return "chose exact attention"
+    return f"chose {entry.recipe}: {entry.latency_ms:.3g} ms at err {entry.error_mean:.3g}"
 
 
 class RichReporter(Reporter):
-    """A progress bar per length (trials done, best feasible latency and its error); says
-    which lengths fall back to exact attention and why."""
+    """A live progress bar per recipe and length (trials done, best feasible latency and its
+    error); each ends on its verdict."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.progress = Progress(
-            TextColumn("n={task.fields[n]:>6}"),
+            TextColumn("{task.fields[label]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[best]}"),
             TimeElapsedColumn(),
             console=self.console,
         )
-        self.tasks: dict[int, int] = {}
+        self.tasks: dict[tuple[str, int], int] = {}
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -41,97 +64,236 @@ class RichReporter(Reporter):
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def start_length(self, seq_len: int, trials: int, calibration: Calibration) -> None:
+    def start_length(
+        self, seq_len: int, trials: int, calibration: Calibration, recipe: str = ""
+    ) -> None:
+        label = f"{recipe} n={seq_len}".strip()
         best = f"exact {calibration.exact_latency_ms:.3g} ms"
-        self.tasks[seq_len] = self.progress.add_task("", total=trials, n=seq_len, best=best)
+        self.tasks[recipe, seq_len] = self.progress.add_task(
+            "", total=trials, label=label, best=best
+        )
 
-    def trial_done(self, seq_len: int, study: optuna.Study, target_err: float) -> None:
-        trials = finished_trials(study)
-        best = best_feasible(trials, target_err)
-        text = "no feasible trial yet"
-        if best is not None:
-            attrs = best.user_attrs
-            frac = f", frac {attrs['frac']:.3g}" if "frac" in attrs else ""
-            text = f"best {attrs['latency_ms']:.3g} ms{frac} at err {attrs['error_mean']:.3g}"
-        self.progress.update(self.tasks[seq_len], completed=len(trials), best=text)
+    def trial_done(
+        self, seq_len: int, study: optuna.Study, target_err: float, recipe: str = ""
+    ) -> None:
+        done = len(finished_trials(study))
+        text = best_so_far(study, target_err)
+        self.progress.update(self.tasks[recipe, seq_len], completed=done, best=text)
 
     def end_length(self, seq_len: int, entry: TunedEntry) -> None:
-        """The length's row ends on its choice (the summary table says why, if exact)."""
-        text = (
-            "chose exact attention"
-            if entry.fallback
-            else f"chose {entry.latency_ms:.3g} ms at err {entry.error_mean:.3g}"
-        )
-        self.progress.update(self.tasks[seq_len], best=text)
+        for (recipe, n), task in self.tasks.items():
+            if n == seq_len:
+                outcome = entry.recipes.get(recipe)
+                won = outcome is not None and outcome.lost is None
+                self.progress.update(task, best="chosen" if won else "not chosen")
 
 
-def summary_table(result: TuneResult) -> Table:
-    """One row per tuned length of this run's device: choice, error, frac, latency, speedup.
-    Why a length fell back to exact attention is a caption line under the table."""
-    table = Table(title=f"tuned {result.tuned.recipe['name']} on {result.device}")
-    cols = ("n", "choice", "err mean", "err max", "frac", "ms", "exact ms", "speedup", "trials")
+class LineReporter(Reporter):
+    """Progress as plain lines (for logs: nohup, CI): when a study starts, at most every
+    ``every_s`` seconds while it runs and on its last trial, and each length's choice."""
+
+    def __init__(self, stream: TextIO | None = None, every_s: float = LOG_EVERY_S):
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self.last = -float("inf")
+        self.totals: dict[tuple[str, int], int] = {}
+
+    def __enter__(self) -> LineReporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def _line(self, text: str) -> None:
+        self.last = time.monotonic()
+        print(f"[{self.last - self.start:5.0f} s] {text}", file=self.stream, flush=True)
+
+    def start_length(
+        self, seq_len: int, trials: int, calibration: Calibration, recipe: str = ""
+    ) -> None:
+        self.totals[recipe, seq_len] = trials
+        exact = calibration.exact_latency_ms
+        self._line(f"{recipe} n={seq_len}: tuning, {trials} trials (exact {exact:.3g} ms)")
+
+    def trial_done(
+        self, seq_len: int, study: optuna.Study, target_err: float, recipe: str = ""
+    ) -> None:
+        done, total = len(finished_trials(study)), self.totals[recipe, seq_len]
+        if done >= total or time.monotonic() - self.last >= self.every_s:
+            text = best_so_far(study, target_err)
+            self._line(f"{recipe} n={seq_len}: {done}/{total} trials, {text}")
+
+    def end_length(self, seq_len: int, entry: TunedEntry) -> None:
+        self._line(f"n={seq_len}: {choice_text(entry)}")
+
+
+def reporter_for(console: Console) -> Reporter:
+    """A live bar where ``console`` is a terminal, plain lines elsewhere."""
+    return RichReporter(console) if console.is_terminal else LineReporter(console.file)
+
+
+def comparison_table(result: TuneResult) -> Table:
+    """Per length of this run (device of the run): exact attention, then each recipe's least
+    error, its cheapest feasible point (frac, error, latency, speed against exact) and its
+    verdict: chosen, or why it lost."""
+    tuned = result.tuned
+    entries = result.tuned.table.get(result.device, {})
+    first = next(iter(entries[n] for n in result.exact_ms))
+    mode = "causal" if tuned.causal else "non-causal"
+    title = (
+        f"{', '.join(result.recipes)} on {result.device}: {mode}, target error "
+        f"{first.target_err:g}, cost {first.cost}"
+    )
+    table = Table(title=title, title_justify="left")
+    cols = ("n", "recipe", "trials", "least err", "frac", "err", "ms", "vs exact", "verdict")
     for col in cols:
-        table.add_column(col, justify="left" if col == "choice" else "right", no_wrap=True)
-    table.columns[1].no_wrap = False  # the knobs, one per line
-    reasons = []
-    for n, e in sorted(result.tuned.table.get(result.device, {}).items()):
-        if n not in result.trials:
-            continue
-        if e.is_exact:
-            reasons.append(f"n={n}: exact attention, {e.fallback}")
-        table.add_row(
-            str(n),
-            "exact" if e.is_exact else _knobs(e.knobs),
-            f"{e.error_mean:.4f}",
-            f"{e.error_max:.4f}",
-            "" if e.frac is None else f"{e.frac:.3f}",
-            f"{e.latency_ms:.3g}",
-            f"{e.exact_latency_ms:.3g}",
-            f"{e.exact_latency_ms / e.latency_ms:.2f}x",
-            str(e.trials),
-        )
-    table.caption = "\n".join(reasons) or None
-    table.caption_justify = "left"
+        left = col in ("recipe", "verdict")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col != "verdict")
+    for n in sorted(result.exact_ms):
+        entry = entries[n]
+        exact_ms = entry.exact_latency_ms
+        verdict = "chosen" if entry.is_exact else ""
+        table.add_row(str(n), "exact", "", "0", "1", "0", f"{exact_ms:.3g}", "1.00x", verdict)
+        names = [r for r in result.recipes if r in entry.recipes]
+        for i, name in enumerate(names):
+            table.add_row(
+                "",
+                name,
+                *_outcome_cells(entry.recipes[name], exact_ms, entry),
+                end_section=i == len(names) - 1,
+            )
     return table
 
 
-def _knobs(knobs: dict) -> str:
-    return "\n".join(f"{k}={v}" for k, v in knobs.items())
+def _outcome_cells(o: RecipeOutcome, exact_ms: float, entry: TunedEntry) -> list[str]:
+    least = "" if o.least_error is None else f"{o.least_error:.3g}"
+    if o.lost is None:
+        verdict = "chosen" + (" (slower than exact here)" if entry.slower_than_exact else "")
+    else:
+        verdict = f"lost: {o.lost}"
+    if o.best is None:
+        return [str(o.trials), least, "—", "—", "—", "—", verdict]
+    b = o.best
+    return [
+        str(o.trials),
+        least,
+        "" if b.frac is None else f"{b.frac:.3f}",
+        f"{b.error_mean:.3g}",
+        f"{b.latency_ms:.3g}",
+        f"{exact_ms / b.latency_ms:.2f}x",
+        verdict,
+    ]
 
 
-def plot_pareto(result: TuneResult, target_err: float, path: Path) -> None:
-    """PNG of error vs latency of every finished trial per length, its Pareto front (least
-    latency for each error level), the target line and exact attention's latency."""
+def conclusions(result: TuneResult) -> list[str]:
+    """One line per length: what was chosen and what it gains, or why exact attention, with
+    what would have to change for the closest recipe to win."""
+    entries = result.tuned.table.get(result.device, {})
+    return [_conclusion(n, entries[n], result.device) for n in sorted(result.exact_ms)]
+
+
+def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
+    exact_ms = entry.exact_latency_ms
+    if not entry.is_exact:
+        knobs = ", ".join(f"{k}={_num(v)}" for k, v in entry.knobs.items())
+        speed = exact_ms / entry.latency_ms
+        frac = "" if entry.frac is None else f" at frac {entry.frac:.3g}"
+        line = (
+            f"n={n}: {entry.recipe} ({knobs}): error {entry.error_mean:.3g}{frac}, "
+            f"{entry.latency_ms:.3g} ms vs exact {exact_ms:.3g} ms ({speed:.2f}x)"
+        )
+        return line + (f"; {entry.note}" if entry.note else "")
+    line = f"n={n}: exact attention ({exact_ms:.3g} ms) is the choice on {device}"
+    close = [
+        (name, o.best)
+        for name, o in entry.recipes.items()
+        if o.best is not None and o.best.frac is not None and o.best.frac < 1
+    ]
+    if not close:
+        least = [f"{k} {o.least_error:.3g}" for k, o in entry.recipes.items() if o.least_error]
+        reached = f" (least error: {', '.join(least)})" if least else ""
+        return f"{line}: no recipe met the target cheaper than exact attention{reached}"
+    name, best = min(close, key=lambda c: c[1].frac)
+    per_product = exact_ms / best.latency_ms * best.frac
+    return (
+        f"{line}: {name} meets the target at frac {best.frac:.3g} ({1 / best.frac:.1f}x fewer "
+        f"products) but runs {best.latency_ms:.3g} ms, {per_product:.0%} of exact attention's "
+        f"speed per product here; it wins where its kernels reach {best.frac:.0%} of it "
+        "(longer sequences lower frac; GPU kernels raise the speed)"
+    )
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def require_plotting() -> None:
+    """Raise :class:`TunerError` unless matplotlib can be imported (check before tuning)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise TunerError("--plot needs matplotlib (pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n, trials in sorted(result.trials.items()):
-        points = sorted(
-            (max(t.user_attrs["error_mean"], ERROR_FLOOR), t.user_attrs["latency_ms"])
-            for t in trials
-            if "error_mean" in t.user_attrs
+
+
+def plot_tuning(result: TuneResult, path: Path) -> None:
+    """PNG of error against cost, one panel per length: every finished trial of each recipe,
+    its front (least cost for each error level), the target line and exact attention; cost
+    is latency (ms), or frac for the cost "products"."""
+    require_plotting()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(result.exact_ms)
+    entries = result.tuned.table[result.device]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], lengths, strict=True):
+        entry = entries[n]
+        by_products = entry.cost == "products"
+        key = "frac" if by_products else "latency_ms"
+        for name in result.recipes:
+            trials = result.trials[name].get(n, [])
+            points = sorted(
+                (max(t.user_attrs["error_mean"], ERROR_FLOOR), t.user_attrs[key])
+                for t in trials
+                if "error_mean" in t.user_attrs and key in t.user_attrs
+            )
+            if not points:
+                continue
+            (line,) = ax.plot(*zip(*_front(points), strict=True), "-", label=name)
+            ax.scatter(*zip(*points, strict=True), s=12, alpha=0.4, color=line.get_color())
+            if entry.recipe == name:
+                chosen = entry.frac if by_products else entry.latency_ms
+                ax.scatter(
+                    [max(entry.error_mean, ERROR_FLOOR)],
+                    [chosen],
+                    marker="*",
+                    s=160,
+                    color=line.get_color(),
+                    edgecolor="black",
+                    zorder=3,
+                    label="chosen",
+                )
+        exact = 1.0 if by_products else entry.exact_latency_ms
+        ax.axhline(exact, color="black", ls=":", lw=1, label="exact attention")
+        ax.axvline(
+            entry.target_err, color="red", ls="--", lw=1, label=f"target {entry.target_err:g}"
         )
-        (line,) = ax.plot(*zip(*_front(points), strict=True), "-", label=f"n={n}")
-        ax.scatter(*zip(*points, strict=True), s=12, alpha=0.4, color=line.get_color())
-        ax.axhline(result.exact_ms[n], color=line.get_color(), ls=":", lw=1)
-    ax.axvline(target_err, color="red", ls="--", lw=1, label=f"target {target_err:g}")
-    ax.set(xscale="log", yscale="log", xlabel="relative error (mean over seeds)")
-    ax.set(ylabel="latency (ms)", title=f"{result.tuned.recipe['name']} on {result.device}")
-    ax.legend(fontsize="small")
+        ax.set(xscale="log", yscale="log", xlabel="relative error (mean over seeds)")
+        ax.set(ylabel="frac (share of exact products)" if by_products else "latency (ms)")
+        ax.set_title(f"n={n} on {result.device}")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Pareto front of (error, latency) points sorted by error: each faster than all before."""
+    """Pareto front of (error, cost) points sorted by error: each cheaper than all before."""
     front: list[tuple[float, float]] = []
-    for err, ms in points:
-        if not front or ms < front[-1][1]:
-            front.append((err, ms))
+    for err, cost in points:
+        if not front or cost < front[-1][1]:
+            front.append((err, cost))
     return front
