@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncompose.commands import backend_option, device_option, parse_lengths
+from attncompose.commands import backend_option, causal_option, device_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
 from attncompose.loading import load_attention
 from attncompose.metrics import relative_error
@@ -183,7 +183,7 @@ def show_row(console, row: BenchRow) -> None:
     callback=lambda ctx, param, value: None if value is None else parse_lengths(ctx, param, value),
     help="[default: 4096,8192 on CUDA, 1024,4096 on CPU]",
 )
-@click.option("--causal/--no-causal", default=False, show_default=True)
+@causal_option
 @backend_option
 @click.option("--heads", type=click.IntRange(min=1), help="[default: 32 on CUDA, 4 on CPU]")
 @click.option("--head-dim", type=click.IntRange(min=1), help="[default: 128 on CUDA, 64 on CPU]")

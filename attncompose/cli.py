@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import click
 
-from attncompose.commands import EXIT_USER_ERROR, backend_option, data_option
+from attncompose.commands import EXIT_USER_ERROR, backend_option, causal_option, data_option
 from attncompose.commands import user_errors as _user_errors
 
 
@@ -110,7 +110,7 @@ def schema() -> None:
 @main.command()
 @click.argument("recipe")
 @click.option("--seq-len", type=click.IntRange(min=1), required=True)
-@click.option("--causal/--no-causal", default=False, show_default=True)
+@causal_option
 @data_option
 @backend_option
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
@@ -127,12 +127,15 @@ def run(
     from attncompose.runtime.attention import compile as compile_recipe
 
     attn = compile_recipe(recipe, backend=backend)
-    table = Table(title=f"{attn.recipe.name}, n={seq_len}, {'causal' if causal else 'non-causal'}")
+    rows = compare_to_exact(attn, data, seq_len, causal, repeats=repeats)
+    source = rows[0].name.partition(":")[0]  # items are FILE:layerN, or synthetic
+    mode = "causal" if causal else "non-causal"
+    table = Table(title=f"{attn.recipe.name}, n={seq_len}, {mode}, data: {source}")
     for col in ("data", "rel. error", "latency ms", "exact ms", "speedup"):
-        table.add_column(col, justify="right" if col != "data" else "left")
-    for row in compare_to_exact(attn, data, seq_len, causal, repeats=repeats):
+        table.add_column(col, justify="right" if col != "data" else "left", no_wrap=True)
+    for row in rows:
         table.add_row(
-            row.name,
+            row.name.partition(":")[2] or row.name,
             f"{row.error:.4f}",
             f"{row.latency_ms:.1f}",
             f"{row.exact_ms:.1f}",

@@ -119,3 +119,9 @@ backend_option = click.option(
     show_default=True,
     type=click.Choice(["auto", "torch", "triton", "flex"]),
 )
+causal_option = click.option(
+    "--causal/--no-causal",
+    default=True,
+    show_default=True,
+    help="Causal attention (as language models attend; bottom-right aligned) or non-causal.",
+)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from attncompose.files import write_text_atomic
 from attncompose.runtime.checks import check_sdpa_options
 from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
@@ -277,20 +277,8 @@ def _check_recipes(tuned: TunedFile, path: Path) -> None:
 
 def write_tuned(path: str | Path, tuned: TunedFile) -> None:
     """Write atomically (a killed run never leaves half a file), with the permissions of any
-    new file (the umask's), not the private ones of a temporary file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(tuned.dump_yaml())
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
-
-
-def current_umask() -> int:
-    """The process's umask (read by setting it and back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    new file."""
+    write_text_atomic(path, tuned.dump_yaml())
 
 
 @dataclass(frozen=True)

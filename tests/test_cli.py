@@ -89,3 +89,39 @@ def test_capture_and_eval_on_smollm2(run, tmp_path):
     done = run("eval", "exact", "--seq-len", "48", "--layers", "0,29")
     assert done.exit_code == 0, done.output
     assert "+0.0%" in done.output and "1.000" in done.output
+
+
+def test_every_command_defaults_to_causal_and_says_so(run):
+    """tune, run and bench agree (causal, as language models attend) and their help says it."""
+    from attncompose.bench import bench
+    from attncompose.tuner.command import tune
+
+    for command in (main.get_command(None, "run"), bench, tune):
+        causal = next(p for p in command.params if p.name == "causal")
+        assert causal.default is True, command.name
+    assert "[default: causal]" in " ".join(run("run", "--help").output.split())
+    done = run("run", "exact", "--seq-len", "64", "--repeats", "1")
+    assert done.exit_code == 0 and "causal" in done.output and "non-causal" not in done.output
+
+
+def test_run_table_keeps_the_data_names_whole(run):
+    done = run("run", "exact", "--seq-len", "64", "--repeats", "1")
+    assert done.exit_code == 0, done.output
+    assert "…" not in done.output
+    assert all(f"layer{i}" in done.output for i in (2, 14, 25)), done.output
+    assert "smollm2-pydoc.safetensors" in done.output
+
+
+def test_capture_files_get_the_permissions_of_any_new_file(tmp_path):
+    import os
+    import stat
+
+    from attncompose.models.capture_file import save_capture
+
+    old = os.umask(0o022)
+    try:
+        triple = tuple(torch.zeros(1, 1, 4, 2) for _ in range(3))
+        save_capture(tmp_path / "c.safetensors", {0: triple}, model="m", text_sha256="0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o644

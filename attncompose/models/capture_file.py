@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from attncompose.files import default_permissions
+
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 FORMAT = "attncompose.capture/1"
 _INT_FIELDS = ("length", "num_q_heads", "num_kv_heads", "head_dim")
@@ -58,6 +60,7 @@ def save_capture(
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=text)
+        default_permissions(path)  # safetensors writes 0600
     except (SafetensorError, OSError) as error:
         raise CaptureError(f"cannot write {path}: {error}") from None
     return metadata

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from attncompose.commands import backend_option, data_option, device_option, parse_lengths
+from attncompose.commands import (
+    backend_option,
+    causal_option,
+    data_option,
+    device_option,
+    parse_lengths,
+)
 from attncompose.commands import user_errors as _user_errors
 
 
@@ -39,12 +45,7 @@ from attncompose.commands import user_errors as _user_errors
     help="Minimise measured latency, or the share of exact attention's query-key products "
     "(device-independent; for comparing recipes where timings say little, e.g. on CPU).",
 )
-@click.option(
-    "--causal/--no-causal",
-    default=True,
-    show_default=True,
-    help="Tune for causal attention (language models) or non-causal.",
-)
+@causal_option
 @data_option
 @click.option(
     "--trials",
