@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,3 +91,13 @@ def test_load_capture_errors(model, input_ids, tmp_path):
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(CaptureError, match="not an attncompose capture"):
         load_capture(path)
+
+
+def test_capture_files_get_the_permissions_of_any_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        triple = tuple(torch.zeros(1, 1, 4, 2) for _ in range(3))
+        save_capture(tmp_path / "c.safetensors", {0: triple}, model="m", text_sha256="0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o644

@@ -110,18 +110,3 @@ def test_run_table_keeps_the_data_names_whole(run):
     assert "…" not in done.output
     assert all(f"layer{i}" in done.output for i in (2, 14, 25)), done.output
     assert "smollm2-pydoc.safetensors" in done.output
-
-
-def test_capture_files_get_the_permissions_of_any_new_file(tmp_path):
-    import os
-    import stat
-
-    from attncompose.models.capture_file import save_capture
-
-    old = os.umask(0o022)
-    try:
-        triple = tuple(torch.zeros(1, 1, 4, 2) for _ in range(3))
-        save_capture(tmp_path / "c.safetensors", {0: triple}, model="m", text_sha256="0")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o644
