@@ -236,13 +236,19 @@ def capture(
 @_user_errors
 def evaluate(recipe: str, model_name: str, text: Path | None, seq_len: int, layers: str) -> None:
     """Perplexity with exact attention and with RECIPE; per-layer error and frac."""
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
     from attncompose.model_eval import evaluate_recipe
 
     chosen = _int_list(layers)
-    report = evaluate_recipe(recipe, model_name, text, seq_len, "all" if chosen is None else chosen)
+    start = time.monotonic()
+    say = lambda stage: click.echo(f"[{time.monotonic() - start:5.0f} s] eval: {stage}", err=True)
+    report = evaluate_recipe(
+        recipe, model_name, text, seq_len, "all" if chosen is None else chosen, progress=say
+    )
     console = Console()
     summary = Table(title=f"{report.recipe} on {model_name}, n={seq_len}")
     for col in ("attention", "perplexity", "vs exact", "frac", "attention share of time"):

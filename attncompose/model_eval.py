@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,15 @@ class ModelReport:
 
 
 def evaluate_recipe(
-    recipe: str, model_name: str, text: Path | None, seq_len: int, layers: str | list[int] = "all"
+    recipe: str,
+    model_name: str,
+    text: Path | None,
+    seq_len: int,
+    layers: str | list[int] = "all",
+    progress: Callable[[str], None] = lambda stage: None,
 ) -> ModelReport:
-    """Run the model with exact attention and with the recipe on ``layers``."""
+    """Run the model with exact attention and with the recipe on ``layers``; ``progress``
+    hears each stage as it begins (each can take minutes on CPU)."""
     from attncompose.integrations.hf import select_layers
     from attncompose.loading import load_attention
     from attncompose.models import load_model, model_card
@@ -38,17 +45,22 @@ def evaluate_recipe(
     attn = load_attention(recipe)
     model_card(model_name).check(seq_len, layers)  # at once: loading the model takes a while
     body = load_text(text)
+    progress(f"loading {model_name}")
     model, tokenizer = load_model(model_name)
     ids = token_ids(tokenizer, seq_len, body)
     chosen = sorted(select_layers(layers, model.config.num_hidden_layers))
+    progress(f"perplexity with exact attention ({seq_len} tokens)")
     exact_ppl = perplexity(model, ids)
+    progress(f"perplexity with {attn.recipe.name} on {len(chosen)} layers")
     ppl = perplexity(model, ids, attn, chosen)
+    progress("per-layer error and frac on the model's own Q/K/V")
     per_layer = {}
     for layer, (q, k, v) in capture_qkv(model, ids, chosen).items():
         with torch.no_grad():
             err = relative_error(attn(q, k, v, is_causal=True), exact_sdpa(q, k, v, True))
         per_layer[layer] = (err, products_fraction(attn, q, k, v, True))
     frac = sum(f for _, f in per_layer.values()) / len(per_layer)
+    progress("attention's share of the forward time (exact, then the recipe)")
     return ModelReport(
         recipe=attn.recipe.name,
         exact_ppl=exact_ppl,

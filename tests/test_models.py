@@ -168,3 +168,24 @@ def test_smollm2_capture_and_perplexity(smollm2_model):
     exact = perplexity(model, ids)
     assert 5 < exact < 60
     assert perplexity(model, ids, exact_attention) == pytest.approx(exact, rel=1e-5)
+
+
+def test_eval_says_what_it_is_doing(model, monkeypatch):
+    """`attncompose eval` runs for minutes on CPU: each stage is a progress line on stderr."""
+    from click.testing import CliRunner
+
+    import attncompose.models
+    from attncompose.cli import main
+
+    class ByteTokenizer:
+        def __call__(self, text: str) -> dict[str, list[int]]:
+            return {"input_ids": [b % 128 for b in text.encode()]}
+
+    monkeypatch.setattr(attncompose.models, "load_model", lambda name: (model, ByteTokenizer()))
+    done = CliRunner().invoke(main, ["eval", "streaming", "--seq-len", "24", "--layers", "0,1"])
+    assert done.exit_code == 0, done.output
+    stages = [line for line in done.stderr.splitlines() if "eval:" in line]
+    wanted = ["loading smollm2", "exact attention", "streaming on 2 layers", "per-layer", "time"]
+    assert len(stages) == len(wanted), stages
+    for line, fragment in zip(stages, wanted, strict=True):
+        assert fragment in line
