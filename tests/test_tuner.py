@@ -409,3 +409,27 @@ def test_progress_is_plain_lines_outside_a_terminal(recipe_path, tmp_path):
     assert sum("/3 trials" in line for line in lines) == 3
     assert "n=128: chose" in lines[-1]
     assert "\x1b[" not in stream.getvalue()  # no terminal control codes
+
+
+def test_points_far_slower_than_exact_are_not_timed_further(recipe_path):
+    """Under the cost "latency", a trial whose first call takes over SLOW_FACTOR x exact
+    attention's time cannot win: its errors are measured, its latency is not refined."""
+    import dataclasses
+
+    recipe = ac.load_recipe(recipe_path)
+    calib = build_calibration(None, N, True, "cpu", "torch")
+    knobs = {"hash.num_projections": 3, "diag.block_size": 16}
+    knobs |= {"residual.sample_size": 8, "out.min_seq_len": 32}
+    for exact_ms, topped_up in ((1e-9, False), (1e9, True)):
+        fake = dataclasses.replace(calib, exact_latency_ms=exact_ms)
+        ev = Evaluator(recipe, fake, target_err=10.0, backend="torch", repeats=5).evaluate(knobs)
+        assert len(ev.errors) == 3  # every seed measured either way
+        assert len(ev.samples_ms) == (5 if topped_up else 2)
+        assert ("timing" in ev.attrs()) != topped_up
+
+
+def test_each_recipes_best_point_is_timed_again_at_the_end():
+    run = RecipeRun("r", [frozen(4.0, 0.03, ms=4.0, frac=0.5, a=1)], time_of=lambda knobs: 12.0)
+    entry = make_entry([run], 10.0, Rules(0.05), "built-in", {})
+    assert entry.recipes["r"].best.latency_ms == 12.0
+    assert entry.is_exact and "exact attention is faster (10 ms vs 12 ms)" in entry.fallback

@@ -35,13 +35,17 @@ class Rules:
 
 @dataclass(frozen=True)
 class RecipeRun:
-    """One recipe's finished trials at one length; ``frac_of(knobs)`` counts the products of
-    knobs whose trials did not (cost "latency"); ``seeds``: seed settings averaged over."""
+    """One recipe's finished trials at one length; ``seeds``: seed settings averaged over.
+
+    ``frac_of(knobs)`` counts the products of knobs whose trials did not (cost "latency");
+    ``time_of(knobs)`` times the best point again, beside exact attention's second timing
+    (the search timed some points by one call only)."""
 
     name: str
     trials: list[FrozenTrial]
     seeds: int = 1
     frac_of: Callable[[dict], float] | None = None
+    time_of: Callable[[dict], float] | None = None
 
 
 def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
@@ -64,6 +68,8 @@ def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
     if useful is None:
         return RecipeOutcome(lost=_why_none(feasible, fitting, least, rules), **common)
     best = _candidate(useful, fracs.of(useful))
+    if run.time_of is not None:
+        best = best.model_copy(update={"latency_ms": run.time_of(best.knobs)})
     lost = None
     if rules.cost == "latency" and best.latency_ms >= exact_ms:
         lost = f"exact attention is faster ({exact_ms:.3g} ms vs {best.latency_ms:.3g} ms)"

@@ -52,7 +52,7 @@ from attncompose.commands import user_errors as _user_errors
     type=click.IntRange(min=1),
     default=40,
     show_default=True,
-    help="Finished trials per length (all workers together).",
+    help="Finished trials per recipe and length (all workers together).",
 )
 @click.option(
     "--timeout",
@@ -164,7 +164,7 @@ def tune(
         console = Console(width=160)
     console.print(comparison_table(result))
     for line in conclusions(result):
-        console.print(line, highlight=False)
+        click.echo(line)  # whole lines (a terminal wraps them; a log keeps them greppable)
     if plot is not None:
         plot_tuning(result, plot)
     click.echo(f"wrote {config.out}" + (f" and {plot}" if plot else ""))

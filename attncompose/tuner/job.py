@@ -190,7 +190,13 @@ def _run_study(
         lambda s: reporter.trial_done(n, s, config.target_err, recipe.name),
     )
     seeds = len(seed_variants(recipe, config.n_seeds))
-    return RecipeRun(recipe.name, finished_trials(study), seeds, frac_of=evaluator.frac_of)
+    return RecipeRun(
+        recipe.name,
+        finished_trials(study),
+        seeds,
+        frac_of=evaluator.frac_of,
+        time_of=evaluator.latency_of,
+    )
 
 
 def _start_file(out: Path, recipes: list[tuple[RecipeBase, str | None]], causal: bool) -> TunedFile:

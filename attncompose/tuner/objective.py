@@ -4,7 +4,10 @@ Error is ``relative_error`` against exact attention on the calibration data, for
 settings of the recipe's seed knobs (mean and max recorded); the exact outputs are computed
 once per length and reused by every trial. Latency is measured with :func:`measure`: the
 first call of a trial is its warm-up, the following calls (one per further seed, topped up
-to ``repeats`` for feasible trials) are the samples whose median is the latency.
+to ``repeats`` for feasible trials) are the samples whose median is the latency. Under the
+cost "latency" a feasible trial whose first call took over ``SLOW_FACTOR`` times exact
+attention's time is not topped up (it cannot win; the tuner times each recipe's best point
+again at the end).
 
 A trial is pruned when it cannot be feasible any more (the errors seen so far already push
 the mean over the target, whatever the remaining seeds give), or when its first call is far
@@ -32,7 +35,8 @@ from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.timing import measure
 from attncompose.tuner.space import seed_variants, suggest
 
-SLOW_FACTOR = 2.0  # a first call this many times slower than the best feasible is hopeless
+SLOW_FACTOR = 2.0  # a first call this many times slower than the best feasible (or, for its
+# timing, than exact attention) is hopeless
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONSTRAINT = "error"  # error_mean - target_err; <= 0 is feasible
 
@@ -86,6 +90,7 @@ class Evaluation:
     samples_ms: list[float] = field(default_factory=list)
     frac: float | None = None  # share of exact attention's products (cost "products")
     pruned: str | None = None
+    timing: str | None = None  # why the latency was not refined, if it was not
 
     @property
     def error_mean(self) -> float:
@@ -112,6 +117,8 @@ class Evaluation:
             attrs["frac"] = self.frac
         if self.pruned:
             attrs["pruned"] = self.pruned
+        if self.timing:
+            attrs["timing"] = self.timing
         return attrs
 
 
@@ -157,8 +164,13 @@ class Evaluator:
             ev.pruned = self._hopeless(ev, len(variants), best_ms)
             if ev.pruned:
                 return ev
-        if ev.error_mean <= self.target_err and len(ev.samples_ms) < self.repeats:
-            ev.samples_ms.extend(self._samples(attn, self.repeats - len(ev.samples_ms)))
+        if ev.error_mean > self.target_err or len(ev.samples_ms) >= self.repeats:
+            return ev
+        exact_ms = self.calibration.exact_latency_ms
+        if self.cost == "latency" and ev.first_ms > SLOW_FACTOR * exact_ms:
+            ev.timing = f"not refined: first call over {SLOW_FACTOR:g}x exact attention's time"
+            return ev
+        ev.samples_ms.extend(self._samples(attn, self.repeats - len(ev.samples_ms)))
         return ev
 
     def _hopeless(self, ev: Evaluation, n_variants: int, best_ms: float | None) -> str | None:
@@ -178,6 +190,15 @@ class Evaluator:
         fn = lambda: held.append(_run(attn, items, causal))
         timing = measure(fn, self.calibration.device, warmup=0, repeats=1)
         return held[-1], timing.median_ms / len(items)
+
+    def latency_of(self, knobs: dict) -> float:
+        """Latency (ms per item) of the recipe with ``knobs``: one warm-up call, then the
+        median of ``repeats`` timed calls."""
+        attn = compile_recipe(self.recipe.with_knobs(knobs), self.backend)
+        items, causal = self.calibration.items, self.calibration.causal
+        fn = lambda: _run(attn, items, causal)
+        timing = measure(fn, self.calibration.device, warmup=1, repeats=self.repeats)
+        return timing.median_ms / len(items)
 
     def frac_of(self, knobs: dict) -> float:
         """Share of exact attention's products the recipe with ``knobs`` computes."""
