@@ -131,7 +131,9 @@ def test_tuned_result_meets_the_target_on_its_calibration_data(recipe_path, tmp_
     calib = build_calibration(None, N, True, "cpu", "torch")
     again = Evaluator(ac.load_recipe(recipe_path), calib, TARGET, "torch").evaluate(best.knobs)
     assert again.error_mean == pytest.approx(best.error_mean, rel=1e-6)
-    assert len(result.trials["tiny-hyper"][N]) == 6
+    trials = result.trials["tiny-hyper"][N]
+    assert len(trials) == 6
+    assert all(0 < t.user_attrs["frac"] <= 1 for t in trials)  # counted in each first call
 
 
 def test_cost_products_minimises_frac_not_latency(recipe_path, tmp_path):
@@ -428,8 +430,10 @@ def test_points_far_slower_than_exact_are_not_timed_further(recipe_path):
         assert ("timing" in ev.attrs()) != topped_up
 
 
-def test_each_recipes_best_point_is_timed_again_at_the_end():
+def test_each_recipes_best_point_is_timed_again_at_the_end_where_it_could_win():
     run = RecipeRun("r", [frozen(4.0, 0.03, ms=4.0, frac=0.5, a=1)], time_of=lambda knobs: 12.0)
     entry = make_entry([run], 10.0, Rules(0.05), "built-in", {})
     assert entry.recipes["r"].best.latency_ms == 12.0
     assert entry.is_exact and "exact attention is faster (10 ms vs 12 ms)" in entry.fallback
+    hopeless = make_entry([run], 1.0, Rules(0.05), "built-in", {})  # 4 ms > 2x exact's 1 ms
+    assert hopeless.recipes["r"].best.latency_ms == 4.0

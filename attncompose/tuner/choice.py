@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial
 
 from attncompose.tuned import Candidate, RecipeOutcome, TunedEntry
-from attncompose.tuner.objective import is_feasible
+from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class RecipeRun:
     """One recipe's finished trials at one length; ``seeds``: seed settings averaged over.
 
     ``frac_of(knobs)`` counts the products of knobs whose trials did not (cost "latency");
-    ``time_of(knobs)`` times the best point again, beside exact attention's second timing
-    (the search timed some points by one call only)."""
+    ``time_of(knobs)`` times the best point again, beside exact attention's second timing,
+    where it could win (within ``SLOW_FACTOR`` of exact attention's time)."""
 
     name: str
     trials: list[FrozenTrial]
@@ -68,7 +68,7 @@ def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
     if useful is None:
         return RecipeOutcome(lost=_why_none(feasible, fitting, least, rules), **common)
     best = _candidate(useful, fracs.of(useful))
-    if run.time_of is not None:
+    if run.time_of is not None and best.latency_ms <= SLOW_FACTOR * exact_ms:  # could win
         best = best.model_copy(update={"latency_ms": run.time_of(best.knobs)})
     lost = None
     if rules.cost == "latency" and best.latency_ms >= exact_ms:

@@ -3,11 +3,11 @@
 Error is ``relative_error`` against exact attention on the calibration data, for several
 settings of the recipe's seed knobs (mean and max recorded); the exact outputs are computed
 once per length and reused by every trial. Latency is measured with :func:`measure`: the
-first call of a trial is its warm-up, the following calls (one per further seed, topped up
-to ``repeats`` for feasible trials) are the samples whose median is the latency. Under the
-cost "latency" a feasible trial whose first call took over ``SLOW_FACTOR`` times exact
-attention's time is not topped up (it cannot win; the tuner times each recipe's best point
-again at the end).
+first call of a trial is its warm-up, and counts the products it computes (frac); the
+following calls (one per further seed, topped up to ``repeats`` for feasible trials) are
+the samples whose median is the latency. Under the cost "latency" a feasible trial whose
+first call took over ``SLOW_FACTOR`` times exact attention's time is not topped up (it
+cannot win; the tuner times each recipe's best point again at the end).
 
 A trial is pruned when it cannot be feasible any more (the errors seen so far already push
 the mean over the target, whatever the remaining seeds give), or when its first call is far
@@ -31,6 +31,7 @@ from torch import Tensor
 from attncompose.data import QKV, load_qkv
 from attncompose.evaluation import exact_products, exact_sdpa
 from attncompose.metrics import relative_error
+from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.timing import measure
 from attncompose.tuner.space import seed_variants, suggest
@@ -88,7 +89,7 @@ class Evaluation:
     errors: list[list[float]] = field(default_factory=list)
     first_ms: float = math.nan
     samples_ms: list[float] = field(default_factory=list)
-    frac: float | None = None  # share of exact attention's products (cost "products")
+    frac: float | None = None  # share of exact attention's products (counted in the first call)
     pruned: str | None = None
     timing: str | None = None  # why the latency was not refined, if it was not
 
@@ -151,16 +152,16 @@ class Evaluator:
         attn = None
         for i, seeds in enumerate(variants):
             attn = compile_recipe(fixed.with_knobs(seeds) if seeds else fixed, self.backend)
-            outs, ms = self._timed(attn)
+            if i == 0:  # the warm-up call: it also counts the products
+                with count_products() as computed:
+                    outs, ev.first_ms = self._timed(attn)
+                ev.frac = computed[0] / self._exact_products
+            else:
+                outs, ms = self._timed(attn)
+                ev.samples_ms.append(ms)
             ev.errors.append(
                 [relative_error(o, e) for o, e in zip(outs, self.calibration.exact, strict=True)]
             )
-            if i == 0:
-                ev.first_ms = ms
-                if self.cost == "products":
-                    ev.frac = self._frac(attn)
-            else:
-                ev.samples_ms.append(ms)
             ev.pruned = self._hopeless(ev, len(variants), best_ms)
             if ev.pruned:
                 return ev
@@ -206,12 +207,14 @@ class Evaluator:
 
     def _frac(self, attn) -> float:
         """Share of exact attention's query-key products ``attn`` computes on the items."""
-        from attncompose.primitives.base import count_products
-
-        items, causal = self.calibration.items, self.calibration.causal
         with count_products() as computed:
-            _run(attn, items, causal)
-        return computed[0] / sum(exact_products(x.q, x.k, causal) for x in items)
+            _run(attn, self.calibration.items, self.calibration.causal)
+        return computed[0] / self._exact_products
+
+    @property
+    def _exact_products(self) -> int:
+        items, causal = self.calibration.items, self.calibration.causal
+        return sum(exact_products(x.q, x.k, causal) for x in items)
 
     def _samples(self, attn, repeats: int) -> list[float]:
         items, causal = self.calibration.items, self.calibration.causal
