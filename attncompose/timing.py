@@ -122,6 +122,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def format_ms(ms: float) -> str:
+    """Milliseconds as people read them: 3 significant digits ('51.5', '0.312'), whole
+    numbers from 1000 up ('1310', not '1.31e+03')."""
+    return f"{ms:.0f}" if abs(ms) >= 1000 else f"{ms:.3g}"
+
+
 def device_name(device: torch.device | str) -> str:
     """A device as measurements name it (and tuned files key it): the CUDA device name, or
     its type (``cpu``)."""

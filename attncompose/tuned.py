@@ -53,7 +53,7 @@ from attncompose.files import write_text_atomic
 from attncompose.runtime.checks import check_sdpa_options
 from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
-from attncompose.timing import device_name  # the table key of a device
+from attncompose.timing import device_name, format_ms  # device_name: the table key
 
 FORMAT = "attncompose-tuned/2"
 FORMAT_V1 = "attncompose-tuned/1"
@@ -362,8 +362,8 @@ class TunedAttention(nn.Module):
             frac = "" if entry.frac is None else f", frac {entry.frac:.3g}"
             note = (
                 f"the entry of {n} ({entry.recipe}) measured slower than exact attention "
-                f"({entry.latency_ms:.3g} ms vs {entry.exact_latency_ms:.3g} ms): it was tuned "
-                f"to minimise {entry.cost}{frac}"
+                f"({format_ms(entry.latency_ms)} ms vs {format_ms(entry.exact_latency_ms)} ms): "
+                f"it was tuned to minimise {entry.cost}{frac}"
             )
             notes = (*notes, (("slower", device, n), note))
         return Choice(entry.recipe, entry.knobs, (device, n), notes)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 
+from attncompose.timing import format_ms
 from attncompose.tuned import Candidate, RecipeOutcome, TunedEntry
 from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
 
@@ -72,7 +73,8 @@ def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
         best = best.model_copy(update={"latency_ms": run.time_of(best.knobs)})
     lost = None
     if rules.cost == "latency" and best.latency_ms >= exact_ms:
-        lost = f"exact attention is faster ({exact_ms:.3g} ms vs {best.latency_ms:.3g} ms)"
+        times = f"{format_ms(exact_ms)} ms vs {format_ms(best.latency_ms)} ms"
+        lost = f"exact attention is faster ({times})"
     return RecipeOutcome(best=best, lost=lost, **common)
 
 
@@ -86,7 +88,7 @@ def _why_none(
     if not fitting:
         fastest = min(t.user_attrs["latency_ms"] for t in feasible)
         return (
-            f"the best feasible latency {fastest:.3g} ms exceeds the budget "
+            f"the best feasible latency {format_ms(fastest)} ms exceeds the budget "
             f"{rules.latency_budget_ms:g} ms"
         )
     return "only knobs that compute as many products as exact attention (frac 1) met the target"
@@ -162,7 +164,7 @@ def _beaten(winner: str, won: Candidate, lost: Candidate, rules: Rules) -> str:
             f"{winner} computes fewer products "
             f"(frac {_frac_text(won.frac)} vs {_frac_text(lost.frac)})"
         )
-    return f"{winner} is faster ({won.latency_ms:.3g} ms vs {lost.latency_ms:.3g} ms)"
+    return f"{winner} is faster ({format_ms(won.latency_ms)} ms vs {format_ms(lost.latency_ms)} ms)"
 
 
 def make_entry(
@@ -206,7 +208,7 @@ def _slower_note(best: Candidate, exact_ms: float) -> str | None:
     if best.latency_ms <= exact_ms:
         return None
     return (
-        f"slower than exact attention where tuned ({best.latency_ms:.3g} ms vs "
-        f"{exact_ms:.3g} ms, {exact_ms / best.latency_ms:.2f}x): chosen for the least products "
-        f"(frac {_frac_text(best.frac)}); --latency-budget-ms bounds the latency"
+        f"slower than exact attention where tuned ({format_ms(best.latency_ms)} ms vs "
+        f"{format_ms(exact_ms)} ms, {exact_ms / best.latency_ms:.2f}x): chosen for the least "
+        f"products (frac {_frac_text(best.frac)}); --latency-budget-ms bounds the latency"
     )

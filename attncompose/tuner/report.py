@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from attncompose.timing import format_ms
 from attncompose.tuned import RecipeOutcome, TunedEntry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.job import Reporter, TuneResult
-from attncompose.tuner.objective import Calibration, best_feasible
+from attncompose.tuner.objective import SLOW_FACTOR, Calibration, best_feasible
 from attncompose.tuner.study import finished_trials
 
 ERROR_FLOOR = 1e-6  # errors of 0 (exact-equivalent knobs) drawn here on the log axis
@@ -31,14 +32,14 @@ def best_so_far(study: optuna.Study, target_err: float) -> str:
         return "no feasible trial yet"
     attrs = best.user_attrs
     frac = f", frac {attrs['frac']:.3g}" if "frac" in attrs else ""
-    return f"best {attrs['latency_ms']:.3g} ms{frac} at err {attrs['error_mean']:.3g}"
+    return f"best {format_ms(attrs['latency_ms'])} ms{frac} at err {attrs['error_mean']:.3g}"
 
 
 def choice_text(entry: TunedEntry) -> str:
     """An entry's choice, in a few words."""
     if entry.is_exact:
         return "chose exact attention"
-    return f"chose {entry.recipe}: {entry.latency_ms:.3g} ms at err {entry.error_mean:.3g}"
+    return f"chose {entry.recipe}: {format_ms(entry.latency_ms)} ms at err {entry.error_mean:.3g}"
 
 
 class RichReporter(Reporter):
@@ -68,7 +69,7 @@ class RichReporter(Reporter):
         self, seq_len: int, trials: int, calibration: Calibration, recipe: str = ""
     ) -> None:
         label = f"{recipe} n={seq_len}".strip()
-        best = f"exact {calibration.exact_latency_ms:.3g} ms"
+        best = f"exact {format_ms(calibration.exact_latency_ms)} ms"
         self.tasks[recipe, seq_len] = self.progress.add_task(
             "", total=trials, label=label, best=best
         )
@@ -114,7 +115,7 @@ class LineReporter(Reporter):
     ) -> None:
         self.totals[recipe, seq_len] = trials
         exact = calibration.exact_latency_ms
-        self._line(f"{recipe} n={seq_len}: tuning, {trials} trials (exact {exact:.3g} ms)")
+        self._line(f"{recipe} n={seq_len}: tuning, {trials} trials (exact {format_ms(exact)} ms)")
 
     def trial_done(
         self, seq_len: int, study: optuna.Study, target_err: float, recipe: str = ""
@@ -154,7 +155,7 @@ def comparison_table(result: TuneResult) -> Table:
         entry = entries[n]
         exact_ms = entry.exact_latency_ms
         verdict = "chosen" if entry.is_exact else ""
-        table.add_row(str(n), "exact", "", "0", "1", "0", f"{exact_ms:.3g}", "1.00x", verdict)
+        table.add_row(str(n), "exact", "", "0", "1", "0", format_ms(exact_ms), "1.00x", verdict)
         names = [r for r in result.recipes if r in entry.recipes]
         for i, name in enumerate(names):
             table.add_row(
@@ -163,6 +164,16 @@ def comparison_table(result: TuneResult) -> Table:
                 *_outcome_cells(entry.recipes[name], exact_ms, entry),
                 end_section=i == len(names) - 1,
             )
+    rough = any(
+        o.best is not None and o.best.latency_ms > SLOW_FACTOR * entries[n].exact_latency_ms
+        for n in result.exact_ms
+        for o in entries[n].recipes.values()
+    )
+    if rough:
+        table.caption = (
+            f"* over {SLOW_FACTOR:g}x exact attention's time: measured by its first calls only"
+        )
+        table.caption_justify = "left"
     return table
 
 
@@ -180,7 +191,7 @@ def _outcome_cells(o: RecipeOutcome, exact_ms: float, entry: TunedEntry) -> list
         least,
         "" if b.frac is None else f"{b.frac:.3f}",
         f"{b.error_mean:.3g}",
-        f"{b.latency_ms:.3g}",
+        format_ms(b.latency_ms) + ("*" if b.latency_ms > SLOW_FACTOR * exact_ms else ""),
         f"{exact_ms / b.latency_ms:.2f}x",
         verdict,
     ]
@@ -201,10 +212,10 @@ def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
         frac = "" if entry.frac is None else f" at frac {entry.frac:.3g}"
         line = (
             f"n={n}: {entry.recipe} ({knobs}): error {entry.error_mean:.3g}{frac}, "
-            f"{entry.latency_ms:.3g} ms vs exact {exact_ms:.3g} ms ({speed:.2f}x)"
+            f"{format_ms(entry.latency_ms)} ms vs exact {format_ms(exact_ms)} ms ({speed:.2f}x)"
         )
         return line + (f"; {entry.note}" if entry.note else "")
-    line = f"n={n}: exact attention ({exact_ms:.3g} ms) is the choice on {device}"
+    line = f"n={n}: exact attention ({format_ms(exact_ms)} ms) is the choice on {device}"
     close = [
         (name, o.best)
         for name, o in entry.recipes.items()
@@ -218,9 +229,9 @@ def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
     per_product = exact_ms / best.latency_ms * best.frac
     return (
         f"{line}: {name} meets the target at frac {best.frac:.3g} ({1 / best.frac:.1f}x fewer "
-        f"products) but runs {best.latency_ms:.3g} ms, {per_product:.0%} of exact attention's "
-        f"speed per product here; it wins where its kernels reach {best.frac:.0%} of it "
-        "(longer sequences lower frac; GPU kernels raise the speed)"
+        f"products) but runs {format_ms(best.latency_ms)} ms, at {per_product:.0%} of exact "
+        f"attention's speed per product here; it would win where its kernels run at over "
+        f"{best.frac:.0%} of it (frac falls at longer lengths; GPU kernels run faster)"
     )
 
 
