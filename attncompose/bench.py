@@ -24,10 +24,9 @@ from torch import Tensor
 
 from attncompose.commands import backend_option, causal_option, device_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
-from attncompose.loading import load_attention
+from attncompose.loading import attention_name, load_attention
 from attncompose.metrics import relative_error
 from attncompose.timing import measure
-from attncompose.tuned import TunedAttention
 
 HEAD_CHUNK = 4  # heads per exact float32 reference call (bounds its memory)
 MEMORY_SHARE = 4  # a dense score matrix may take 1/MEMORY_SHARE of the device's memory
@@ -212,7 +211,7 @@ def bench(
     seq_lens = seq_lens or shape.seq_lens
     heads, head_dim, dtype = heads or shape.heads, head_dim or shape.head_dim, dtype or shape.dtype
     attn = load_attention(recipe_or_tuned, backend)
-    name = attn.recipe.name + (" (tuned)" if isinstance(attn, TunedAttention) else "")
+    name = attention_name(attn)
     console = Console()
     console.print(f"{name} on {dev}, B=1 H={heads} d={head_dim} {dtype}, causal={causal}")
     console.print(COLUMNS.format("seq_len", "implementation", "median ms", "rel. error", "note"))

@@ -24,3 +24,13 @@ def load_attention(spec: str | Path, backend: str = "auto") -> nn.Module:
 
             return load(path, backend=backend)
     return compile_recipe(spec, backend=backend)
+
+
+def attention_name(attn: nn.Module) -> str:
+    """How commands name what :func:`load_attention` returned: the recipe's name, or a tuned
+    file's recipes joined by '+' and marked "(tuned)"."""
+    from attncompose.tuned import TunedAttention
+
+    if isinstance(attn, TunedAttention):
+        return f"{attn.tuned.name} (tuned)"
+    return attn.recipe.name

@@ -36,7 +36,7 @@ def evaluate_recipe(
     """Run the model with exact attention and with the recipe on ``layers``; ``progress``
     hears each stage as it begins (each can take minutes on CPU)."""
     from attncompose.integrations.hf import select_layers
-    from attncompose.loading import load_attention
+    from attncompose.loading import attention_name, load_attention
     from attncompose.models import load_model, model_card
     from attncompose.models.capture import capture_qkv
     from attncompose.models.evaluate import attention_time_share, perplexity
@@ -51,7 +51,7 @@ def evaluate_recipe(
     chosen = sorted(select_layers(layers, model.config.num_hidden_layers))
     progress(f"perplexity with exact attention ({seq_len} tokens)")
     exact_ppl = perplexity(model, ids)
-    progress(f"perplexity with {attn.recipe.name} on {len(chosen)} layers")
+    progress(f"perplexity with {attention_name(attn)} on {len(chosen)} layers")
     ppl = perplexity(model, ids, attn, chosen)
     progress("per-layer error and frac on the model's own Q/K/V")
     per_layer = {}
@@ -62,7 +62,7 @@ def evaluate_recipe(
     frac = sum(f for _, f in per_layer.values()) / len(per_layer)
     progress("attention's share of the forward time (exact, then the recipe)")
     return ModelReport(
-        recipe=attn.recipe.name,
+        recipe=attention_name(attn),
         exact_ppl=exact_ppl,
         ppl=ppl,
         frac=frac,

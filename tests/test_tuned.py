@@ -218,3 +218,13 @@ def test_unreadable_tuned_file(tmp_path, text, message):
         load(path)
     with pytest.raises(ac.RecipeError, match="file not found"):
         load(tmp_path / "missing.yaml")
+
+
+def test_commands_name_a_tuned_file_by_all_its_recipes(tmp_path):
+    from attncompose.loading import attention_name, load_attention
+
+    tuned = TunedFile(causal=True, recipes=recipes("hyperattention", "streaming"))
+    path = tmp_path / "two.yaml"
+    write_tuned(path, tuned)
+    assert attention_name(load_attention(path)) == "hyperattention+streaming (tuned)"
+    assert attention_name(load_attention("streaming")) == "streaming"
