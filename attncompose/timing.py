@@ -139,7 +139,9 @@ def device_name(device: torch.device | str) -> str:
 
 def run_info(device: torch.device | str | None = None) -> dict[str, str]:
     """Where a measurement was taken: device (``device``, by default CUDA where present),
-    library versions, git commit, date (UTC). The commit is the HEAD of the checkout holding
+    library versions, git commit, date (UTC), and how busy the machine was as it began
+    (``load_1min``: the 1-minute load average, against ``cpus``; timings on a shared machine
+    vary with it). The commit is the HEAD of the checkout holding
     this package, else ``$ATTNCOMPOSE_COMMIT`` (a copy of the tree without .git), else
     "unknown"."""
     import datetime
@@ -170,6 +172,8 @@ def run_info(device: torch.device | str | None = None) -> dict[str, str]:
         "device": device_name(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": str(torch.get_num_threads()),
+        "cpus": str(os.cpu_count()),
+        "load_1min": f"{os.getloadavg()[0]:.2f}",
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_INFO = {"device", "torch", "triton", "python", "commit", "date"}
+RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min", "cpus"}
 
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
     "bench_gpu": ["--cpu-smoke"],
     "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
     "profile_cpu": ["--seq-len", "1024", "--repeats", "1"],
-    "tune_time": ["--seq-len", "512", "--trials", "3"],
+    "tune_time": ["--", "--seq-lens", "512", "--trials", "2"],
 }
 
 
@@ -43,7 +43,8 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
     assert set(result) >= RUN_INFO, RUN_INFO - set(result)
     assert result["device"] == "cpu" and result["commit"]
     if script == "tune_time":
-        assert result["seconds"] > 0 and result["entry"]
+        assert result["seconds"] > 0 and result["entry"] and result["conclusion"].startswith("n=")
+        assert result["command"].startswith("attncompose tune ")
     elif script == "detector_quality":
         assert result["settings"] and "commit" in (tmp_path / "doc.md").read_text()
     else:

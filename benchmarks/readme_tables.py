@@ -1,0 +1,325 @@
+"""Render README.md's result tables and figures from benchmarks/results/*.json.
+
+Each generated part sits between marker comments in README.md (a table on its own lines, or
+a figure inside a sentence)::
+
+    <!-- results:NAME -->
+    | ... generated ... |
+    <!-- /results:NAME -->
+
+``python benchmarks/readme_tables.py`` rewrites them from the results files;
+``--check`` exits 1 and names the parts that differ (tests/test_readme.py runs it), so no
+figure in those parts is typed by hand. Timings are shown with their spread: the median over
+every timed round of every run of a benchmark (``results/NAME.json`` and any further runs in
+``results/runs/NAME-*.json``), and the least and greatest round, with the runs listed under
+the table (commit, date, machine load where recorded). Runs that began with more runnable
+work than the machine has CPUs are listed apart with their speedups, not pooled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(
+    r"<!-- results:(?P<name>[\w-]+) -->(?P<body>.*?)<!-- /results:(?P=name) -->", re.S
+)
+DETECTORS = {  # results name -> README label, in the README's order
+    "oracle top-B": "oracle: each query's {b} heaviest keys",
+    "random B keys": "{b} random keys",
+    "lsh rank (paper)": "sortLSH, rank pairing (the paper)",
+    "lsh code": "sortLSH, code pairing",
+    "lsh code + mips": "sortLSH, code pairing + MIPS augmentation",
+    "topk block means (16)": "top-k key blocks by block means (16-key blocks)",
+    "window": "window",
+    "sink 4 + window": "4 sinks + window",
+}
+DETECTOR_BUDGET = "128"
+RECIPE_NOTES = {"streaming": " (window + 4 sinks)", "hyperattention": " (paper)"}
+BENCH_NOTES = {"streaming": " (4 sinks + 1024 window)"}  # bench_cpu runs default knobs
+
+
+def runs(stem: str, results: Path = RESULTS) -> list[dict]:
+    """Every run of a benchmark: ``results/STEM.json`` first, then ``results/runs/STEM-*.json``."""
+    paths = [results / f"{stem}.json", *sorted((results / "runs").glob(f"{stem}-*.json"))]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def ratios(row: dict) -> list[float]:
+    """Per-round SDPA / recipe time ratios of one bench_cpu row."""
+    return [s / r for s, r in zip(row["sdpa_samples_ms"], row["recipe_samples_ms"], strict=True)]
+
+
+def spread(values: list[float], unit: str = "x", digits: int = 1) -> str:
+    """'median (least-greatest)', or just the value when there is one."""
+    mid = f"{statistics.median(values):.{digits}f}{unit}"
+    if len(values) == 1 or min(values) == max(values):
+        return mid
+    return f"{mid} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def rows_by_key(all_runs: list[dict]) -> dict[tuple[int, bool], list[dict]]:
+    """bench_cpu rows of every run, grouped by (n, causal)."""
+    grouped: dict[tuple[int, bool], list[dict]] = {}
+    for run in all_runs:
+        for row in run["rows"]:
+            grouped.setdefault((row["n"], row["causal"]), []).append(row)
+    return grouped
+
+
+def runs_line(all_runs: list[dict]) -> str:
+    """Which runs a table pools (commit, date, load where recorded), and, apart, the runs
+    taken while the machine was busier than it has CPUs, with their speedups."""
+    quiet = [run for run in all_runs if not is_busy(run)]
+    parts = dict.fromkeys(
+        f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}" for run in quiet
+    )
+    line = (
+        f"Runs: {'; '.join(parts)}. Speedup: median over the timed rounds (of every run where "
+        "a row has several), with the least and greatest round."
+    )
+    for run in all_runs:
+        if is_busy(run):
+            speedups = ", ".join(
+                f"{row['n']} {'causal' if row['causal'] else 'non-causal'} "
+                f"{statistics.median(ratios(row)):.1f}x"
+                for row in run["rows"]
+            )
+            line += (
+                f" Not pooled, a run on a busy machine ({run['commit'][:7]} on "
+                f"{run['date'][:10]}{load_text(run)}): {speedups}."
+            )
+    return line
+
+
+def is_busy(run: dict) -> bool:
+    """Whether a run began with more runnable work than the machine has CPUs (load recorded)."""
+    return "load_1min" in run and float(run["load_1min"]) > float(run["cpus"])
+
+
+def load_text(run: dict) -> str:
+    """', load L on C CPUs' where the run recorded its machine's load, else ''."""
+    return f", load {run['load_1min']} on {run['cpus']} CPUs" if "load_1min" in run else ""
+
+
+def bench_cpu(results: Path) -> str:
+    """HyperAttention at its paper defaults against SDPA, per length, both masking modes."""
+    all_runs = runs("bench_cpu", results)
+    grouped = rows_by_key([run for run in all_runs if not is_busy(run)])
+    lines = [
+        "| n | non-causal ms (SDPA) | speedup | frac | causal ms (SDPA) | speedup | frac "
+        "| leaves alone: bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({n for n, _ in grouped}):
+        cells = [str(n)]
+        for causal in (False, True):
+            rows = grouped.get((n, causal), [])
+            if not rows:
+                cells += ["", "", ""]
+                continue
+            recipe = statistics.median(s for r in rows for s in r["recipe_samples_ms"])
+            sdpa = statistics.median(s for r in rows for s in r["sdpa_samples_ms"])
+            cells += [
+                f"{recipe:.0f} ({sdpa:.0f})",
+                spread([x for r in rows for x in ratios(r)]),
+                f"{rows[0]['frac']:.3f}",
+            ]
+        bounds = [r["bound_speedup"] for r in grouped.get((n, True), []) if "bound_speedup" in r]
+        cells.append(spread(bounds) if bounds else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + runs_line(all_runs)
+
+
+def bench_cpu_recipes(results: Path) -> str:
+    """The block recipes against SDPA: a column per (length, masking mode)."""
+    names = ("streaming", "block-topk", "topp")
+    grouped = {
+        name: rows_by_key([r for r in runs(f"bench_cpu_{name}", results) if not is_busy(r)])
+        for name in names
+    }
+    lengths = sorted({n for g in grouped.values() for n, _ in g})
+    head = [f"{n} non-causal | causal, frac" for n in lengths]
+    lines = ["| recipe | " + " | ".join(head) + " |", "|---|" + "---|---|" * len(lengths)]
+    for name in names:
+        cells = []
+        for n, causal in ((n, c) for n in lengths for c in (False, True)):
+            rows = grouped[name].get((n, causal), [])
+            text = spread([x for r in rows for x in ratios(r)]) if rows else ""
+            cells.append(f"{text}, frac {rows[0]['frac']:.3f}" if rows and causal else text)
+        lines.append(f"| `{name}`{BENCH_NOTES.get(name, '')} | " + " | ".join(cells) + " |")
+    all_runs = [run for name in names for run in runs(f"bench_cpu_{name}", results)]
+    return "\n".join(lines) + "\n\n" + runs_line(all_runs)
+
+
+def profile_cpu(results: Path) -> str:
+    """Where a call's time goes: inside SDPA's fused kernel, and everything else."""
+    (run,) = runs("profile_cpu", results)[:1]
+    lines = [
+        "| n | mode | recipe ms (SDPA) | speedup | in SDPA's kernel ms | everything else ms "
+        "| speedup were the rest free |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in run["rows"]:
+        mode = "causal" if row["causal"] else "non-causal"
+        lines.append(
+            f"| {row['n']} | {mode} | {row['recipe_ms']:.0f} ({row['sdpa_ms']:.0f}) "
+            f"| {row['speedup']:.2f}x | {row['attention_kernel_ms']:.0f} of "
+            f"{row['profiled_ms']:.0f} | {row['other_ms']:.0f} "
+            f"| {row['bound_free_overhead']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def tune_time(results: Path) -> str:
+    """The README's first command, timed: seconds (a figure inside a sentence)."""
+    (run,) = runs("tune_time_cpu", results)[:1]
+    when = f"{run['commit'][:7]}, {run['date'][:10]}{load_text(run)}"
+    return f"{run['seconds']:.0f} s ({run['cpu_seconds']:.0f} s of CPU time; {when})"
+
+
+def tune_time_result(results: Path) -> str:
+    """What the README's first command chose when it was timed (a sentence)."""
+    (run,) = runs("tune_time_cpu", results)[:1]
+    return run["conclusion"]
+
+
+def detectors(results: Path) -> str:
+    """Attention mass a detector's pairs hold, off the diagonal and in full causal attention."""
+    (run,) = runs("detector_quality", results)[:1]
+    means = {s: run["settings"][s][DETECTOR_BUDGET]["mean"] for s in ("rectangle", "causal")}
+    best = {
+        s: max(v for k, v in m.items() if k in DETECTORS and k != "oracle top-B")
+        for s, m in means.items()
+    }
+    lines = [
+        "| detector | off-diagonal rectangle (splitter body) | full causal |",
+        "|---|---|---|",
+    ]
+    for key, label in DETECTORS.items():
+        cells = []
+        for setting in ("rectangle", "causal"):
+            value = means[setting].get(key)
+            text = "—" if value is None else f"{value:.3f}"
+            cells.append(f"**{text}**" if value == best[setting] else text)
+        lines.append(f"| {label.format(b=DETECTOR_BUDGET)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curves(seq_len: int) -> Callable[[Path], str]:
+    """Each recipe's least error under a frac budget, and perplexity there where measured."""
+
+    def render(results: Path) -> str:
+        (run,) = runs(f"curves-n{seq_len}", results)[:1]
+        best, ppl = run["best_under"], run["perplexity"]
+        budgets = sorted({k.split("@")[1] for k in best}, key=float)
+        recipes = list(dict.fromkeys(k.split("@")[0] for k in best))
+        head = " | ".join(f"error @ frac<={b} | ppl" for b in budgets)
+        lines = [f"| n={seq_len} | {head} |", "|---|" + "---|---|" * len(budgets)]
+        columns = {}  # (budget, what) -> {recipe: value}, for the bold least value
+        for b in budgets:
+            columns[b, "error"] = {r: best[f"{r}@{b}"]["error"] for r in recipes}
+            columns[b, "ppl"] = {
+                r: ppl[f"{r}@{b}"]["perplexity"] for r in recipes if f"{r}@{b}" in ppl
+            }
+        for r in recipes:
+            cells = [_least_bold(columns[b, what], r) for b in budgets for what in ("error", "ppl")]
+            lines.append(f"| `{r}`{RECIPE_NOTES.get(r, '')} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    return render
+
+
+def _least_bold(column: dict[str, float], recipe: str) -> str:
+    """A recipe's value in a column, bold where it is the column's least; '' where absent."""
+    if recipe not in column:
+        return ""
+    text = f"{column[recipe]:.3f}"
+    return f"**{text}**" if column[recipe] == min(column.values()) else text
+
+
+def exact_ppl(seq_len: int) -> Callable[[Path], str]:
+    """Exact perplexity of a curves run (a figure inside a sentence)."""
+    return lambda results: f"{runs(f'curves-n{seq_len}', results)[0]['perplexity']['exact']:.3f}"
+
+
+def smollm2(results: Path) -> str:
+    """Tuned recipes on SmolLM2, all 30 layers: perplexity (vs exact) and frac per target."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from smollm2_table import pivot  # this folder's
+
+    return pivot(json.loads((results / "smollm2_table.json").read_text()))
+
+
+TABLES: dict[str, Callable[[Path], str]] = {
+    "bench_cpu": bench_cpu,
+    "bench_cpu_recipes": bench_cpu_recipes,
+    "profile_cpu": profile_cpu,
+    "tune_time": tune_time,
+    "tune_time_result": tune_time_result,
+    "detectors": detectors,
+    "curves-n4096": curves(4096),
+    "curves-n8192": curves(8192),
+    "exact-ppl-n4096": exact_ppl(4096),
+    "exact-ppl-n8192": exact_ppl(8192),
+    "smollm2": smollm2,
+}
+
+
+def render(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every marked part replaced by what the results say; an unknown name is
+    an error. Block parts (a newline after the opening marker) keep their own lines."""
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise KeyError(
+                f"README marks an unknown results part {name!r}; known: {sorted(TABLES)}"
+            )
+        body = TABLES[name](results)
+        if match["body"].startswith("\n"):
+            body = f"\n{body}\n"
+        return f"<!-- results:{name} -->{body}<!-- /results:{name} -->"
+
+    return MARKER.sub(fill, text)
+
+
+def differing(text: str, rendered: str) -> list[str]:
+    """Names of the marked parts whose text differs."""
+    old = {m["name"]: m["body"] for m in MARKER.finditer(text)}
+    new = {m["name"]: m["body"] for m in MARKER.finditer(rendered)}
+    return [name for name in new if old.get(name) != new[name]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--check", action="store_true", help="Exit 1 if README.md is stale.")
+    args = parser.parse_args()
+    text = args.readme.read_text()
+    rendered = render(text, args.results)
+    if args.check:
+        stale = differing(text, rendered)
+        if stale:
+            print(
+                f"{args.readme}: out of date with {args.results} in {', '.join(stale)}; "
+                "run python benchmarks/readme_tables.py",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        print(f"{args.readme}: {len(MARKER.findall(text))} results parts up to date")
+        return
+    args.readme.write_text(rendered)
+    print(f"wrote {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
