@@ -21,7 +21,7 @@ from attncompose.tuner.job import Reporter, TuneResult
 from attncompose.tuner.objective import SLOW_FACTOR, Calibration, best_feasible
 from attncompose.tuner.study import finished_trials
 
-ERROR_FLOOR = 1e-6  # errors of 0 (exact-equivalent knobs) drawn here on the log axis
+ERROR_FLOOR = 1e-6  # errors of 0 are drawn here on the log axis when no error is positive
 LOG_EVERY_S = 10.0  # a progress line at most this often when stderr is not a terminal
 
 
@@ -247,58 +247,86 @@ def require_plotting() -> None:
         raise TunerError("--plot needs matplotlib (pip install matplotlib)") from None
 
 
+COSTS = {"latency_ms": "latency (ms)", "frac": "frac (share of exact attention's products)"}
+
+
 def plot_tuning(result: TuneResult, path: Path) -> None:
-    """PNG of error against cost, one panel per length: every finished trial of each recipe,
-    its front (least cost for each error level), the target line and exact attention; cost
-    is latency (ms), or frac for the cost "products"."""
+    """PNG of error against cost: a row per length, a panel per cost (latency, frac). Each
+    recipe's finished trials (knobs of frac 1, exact attention by another road, as crosses;
+    errors of 0 at half the least positive error), its front (least cost for each error level)
+    over the others, the choice as a star, the target and exact attention as lines."""
     require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     lengths = sorted(result.exact_ms)
-    entries = result.tuned.table[result.device]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.5), squeeze=False)
-    for ax, n in zip(axes[0], lengths, strict=True):
-        entry = entries[n]
-        by_products = entry.cost == "products"
-        key = "frac" if by_products else "latency_ms"
-        for name in result.recipes:
-            trials = result.trials[name].get(n, [])
-            points = sorted(
-                (max(t.user_attrs["error_mean"], ERROR_FLOOR), t.user_attrs[key])
-                for t in trials
-                if "error_mean" in t.user_attrs and key in t.user_attrs
-            )
-            if not points:
-                continue
-            (line,) = ax.plot(*zip(*_front(points), strict=True), "-", label=name)
-            ax.scatter(*zip(*points, strict=True), s=12, alpha=0.4, color=line.get_color())
-            if entry.recipe == name:
-                chosen = entry.frac if by_products else entry.latency_ms
-                ax.scatter(
-                    [max(entry.error_mean, ERROR_FLOOR)],
-                    [chosen],
-                    marker="*",
-                    s=160,
-                    color=line.get_color(),
-                    edgecolor="black",
-                    zorder=3,
-                    label="chosen",
-                )
-        exact = 1.0 if by_products else entry.exact_latency_ms
-        ax.axhline(exact, color="black", ls=":", lw=1, label="exact attention")
-        ax.axvline(
-            entry.target_err, color="red", ls="--", lw=1, label=f"target {entry.target_err:g}"
-        )
-        ax.set(xscale="log", yscale="log", xlabel="relative error (mean over seeds)")
-        ax.set(ylabel="frac (share of exact products)" if by_products else "latency (ms)")
-        ax.set_title(f"n={n} on {result.device}")
-        ax.legend(fontsize="small")
+    fig, axes = plt.subplots(len(lengths), 2, figsize=(12, 4.5 * len(lengths)), squeeze=False)
+    for row, n in zip(axes, lengths, strict=True):
+        entry = result.tuned.table[result.device][n]
+        for ax, key in zip(row, COSTS, strict=True):
+            _plot_panel(ax, result, n, key)
+            exact = 1.0 if key == "frac" else entry.exact_latency_ms
+            ax.axhline(exact, color="black", ls=":", lw=1, label="exact attention")
+            target = entry.target_err
+            ax.axvline(target, color="red", ls="--", lw=1, label=f"target {target:g}")
+            ax.set(xscale="log", yscale="log", xlabel="relative error (mean over seeds)")
+            ax.set(ylabel=COSTS[key], title=f"n={n} on {result.device}")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short axes
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_panel(ax, result: TuneResult, n: int, key: str) -> None:
+    """One length and cost: every recipe's trials and front, and the choice."""
+    entry = result.tuned.table[result.device][n]
+    floor = _error_floor(result, n)
+    for name in result.recipes:
+        measured = [
+            (max(t.user_attrs["error_mean"], floor), t.user_attrs[key], t.user_attrs["frac"])
+            for t in result.trials[name].get(n, [])
+            if {"error_mean", key, "frac"} <= set(t.user_attrs)
+        ]
+        points = sorted((err, cost) for err, cost, frac in measured if frac < 1)
+        whole = [(err, cost) for err, cost, frac in measured if frac >= 1]
+        if not points and not whole:
+            continue
+        color = ax.plot([], [], "-", label=name)[0].get_color()
+        if points:
+            ax.plot(*zip(*_front(points), strict=True), "-", color=color)
+            ax.scatter(*zip(*points, strict=True), s=12, alpha=0.4, color=color)
+        if whole:
+            ax.scatter(*zip(*whole, strict=True), s=30, marker="x", color=color, alpha=0.6)
+        if entry.recipe == name:
+            chosen = entry.frac if key == "frac" else entry.latency_ms
+            err = max(entry.error_mean, floor)
+            ax.scatter(
+                [err],
+                [chosen],
+                marker="*",
+                s=160,
+                color=color,
+                edgecolor="black",
+                zorder=3,
+                label="chosen",
+            )
+    ax.scatter([], [], marker="x", color="gray", label="frac 1 (computes every product)")
+
+
+def _error_floor(result: TuneResult, n: int) -> float:
+    """Where errors of 0 (exact-equivalent knobs) are drawn on the log axis: half the least
+    positive error of the length's trials."""
+    errors = [
+        t.user_attrs["error_mean"]
+        for trials in result.trials.values()
+        for t in trials.get(n, [])
+        if t.user_attrs.get("error_mean", 0) > 0
+    ]
+    return min(errors, default=2 * ERROR_FLOOR) / 2
 
 
 def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
