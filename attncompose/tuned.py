@@ -56,6 +56,7 @@ from attncompose.spec.recipe import read_yaml, validate_recipe
 from attncompose.timing import device_name, format_ms  # device_name: the table key
 
 FORMAT = "attncompose-tuned/2"
+LossKind = Literal["target", "budget", "frac 1", "exact faster", "beaten"]
 FORMAT_V1 = "attncompose-tuned/1"
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class RecipeOutcome(BaseModel):
 
     ``best``: its cheapest point that meets the target (and the latency budget) while
     computing fewer products than exact attention, or None; ``least_error``: the least mean
-    error any of its trials reached; ``lost``: why it was not chosen (None: it was).
+    error its trials computing fewer products reached; ``lost``: why it was not chosen (None:
+    it was), ``lost_as`` the kind: error target not met, over the latency budget, only
+    frac-1 knobs met it, exact attention faster, beaten by another recipe.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -91,6 +94,7 @@ class RecipeOutcome(BaseModel):
     trials: int = Field(ge=0)
     seeds: int = Field(1, ge=1)
     lost: str | None = None
+    lost_as: LossKind | None = Field(None, description="the kind of ``lost``, for tables")
 
 
 class TunedEntry(BaseModel):

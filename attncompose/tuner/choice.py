@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial
 
 from attncompose.timing import format_ms
-from attncompose.tuned import Candidate, RecipeOutcome, TunedEntry
+from attncompose.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry
 from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
 
 
@@ -67,31 +67,34 @@ def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
     cheapest = sorted(fitting, key=lambda t: t.value)
     useful = next((t for t in cheapest if fracs.below_exact(t)), None)  # counts lazily
     if useful is None:
-        return RecipeOutcome(lost=_why_none(feasible, fitting, least, rules), **common)
+        kind, why = _why_none(feasible, fitting, least, rules)
+        return RecipeOutcome(lost=why, lost_as=kind, **common)
     best = _candidate(useful, fracs.of(useful))
     if run.time_of is not None and best.latency_ms <= SLOW_FACTOR * exact_ms:  # could win
         best = best.model_copy(update={"latency_ms": run.time_of(best.knobs)})
-    lost = None
     if rules.cost == "latency" and best.latency_ms >= exact_ms:
         times = f"{format_ms(exact_ms)} ms vs {format_ms(best.latency_ms)} ms"
-        lost = f"exact attention is faster ({times})"
-    return RecipeOutcome(best=best, lost=lost, **common)
+        why = f"exact attention is faster ({times})"
+        return RecipeOutcome(best=best, lost=why, lost_as="exact faster", **common)
+    return RecipeOutcome(best=best, **common)
 
 
 def _why_none(
     feasible: list[FrozenTrial], fitting: list[FrozenTrial], least: float | None, rules: Rules
-) -> str:
-    """Why a recipe has no best point."""
+) -> tuple[LossKind, str]:
+    """Why a recipe has no best point: (kind, words)."""
     if not feasible:
         reached = "" if least is None else f" (least error {least:.3g})"
-        return f"no trial met the error target {rules.target_err:g}{reached}"
+        return "target", f"no trial met the error target {rules.target_err:g}{reached}"
     if not fitting:
         fastest = min(t.user_attrs["latency_ms"] for t in feasible)
-        return (
+        return "budget", (
             f"the best feasible latency {format_ms(fastest)} ms exceeds the budget "
             f"{rules.latency_budget_ms:g} ms"
         )
-    return "only knobs that compute as many products as exact attention (frac 1) met the target"
+    return "frac 1", (
+        "only knobs that compute as many products as exact attention (frac 1) met the target"
+    )
 
 
 class _Fracs:
@@ -154,7 +157,8 @@ def choose(
     won = open_[winner].best
     for name, o in open_.items():
         if name != winner:
-            outcomes[name] = o.model_copy(update={"lost": _beaten(winner, won, o.best, rules)})
+            why = _beaten(winner, won, o.best, rules)
+            outcomes[name] = o.model_copy(update={"lost": why, "lost_as": "beaten"})
     return winner, outcomes, None
 
 

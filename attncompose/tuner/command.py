@@ -125,9 +125,8 @@ def tune(
     from attncompose.tuner.job import TuneConfig, load_recipes
     from attncompose.tuner.job import tune as run_tune
     from attncompose.tuner.report import (
-        comparison_table,
-        conclusions,
         plot_tuning,
+        print_comparison,
         reporter_for,
         require_plotting,
     )
@@ -159,12 +158,7 @@ def tune(
     config.check()
     with reporter_for(Console(stderr=True)) as reporter:
         result = run_tune(list(recipes), config, reporter)
-    console = Console()
-    if not console.is_terminal:  # a log file: no terminal width to respect, keep rows whole
-        console = Console(width=160)
-    console.print(comparison_table(result))
-    for line in conclusions(result):
-        click.echo(line)  # whole lines (a terminal wraps them; a log keeps them greppable)
+    print_comparison(result, Console(highlight=False))
     if plot is not None:
         plot_tuning(result, plot)
     click.echo(f"wrote {config.out}" + (f" and {plot}" if plot else ""))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -134,45 +135,54 @@ def reporter_for(console: Console) -> Reporter:
     return RichReporter(console) if console.is_terminal else LineReporter(console.file)
 
 
-def comparison_table(result: TuneResult) -> Table:
-    """Per length of this run (device of the run): exact attention, then each recipe's least
-    error, its cheapest feasible point (frac, error, latency, speed against exact) and its
-    verdict: chosen, or why it lost."""
-    tuned = result.tuned
-    entries = result.tuned.table.get(result.device, {})
-    first = next(iter(entries[n] for n in result.exact_ms))
-    mode = "causal" if tuned.causal else "non-causal"
+SHORT = {  # a loss kind as the table says it
+    "target": "target not met",
+    "budget": "over budget",
+    "frac 1": "frac 1 only",
+    "exact faster": "exact is faster",
+    "beaten": "another is cheaper",
+}
+
+
+def print_comparison(result: TuneResult, console: Console) -> None:
+    """Per length of this run: a table of exact attention and each recipe, why each recipe
+    lost (one line each), and the conclusion line."""
+    for i, n in enumerate(sorted(result.exact_ms)):
+        entry = result.tuned.table[result.device][n]
+        if i:
+            console.print()
+        console.print(comparison_table(result, n))
+        for name in result.recipes:
+            outcome = entry.recipes.get(name)
+            if outcome is not None and outcome.lost:
+                console.print(f"  {name}: {outcome.lost}", highlight=False, soft_wrap=True)
+        console.print(_conclusion(n, entry, result.device), highlight=False, soft_wrap=True)
+
+
+def comparison_table(result: TuneResult, n: int) -> Table:
+    """One length: exact attention, then each recipe's least error, its best point (frac,
+    error, latency, speed against exact) and a short verdict; fits 80 columns."""
+    entry = result.tuned.table[result.device][n]
+    mode = "causal" if result.tuned.causal else "non-causal"
     title = (
-        f"{', '.join(result.recipes)} on {result.device}: {mode}, target error "
-        f"{first.target_err:g}, cost {first.cost}"
+        f"n={n} {mode} on {result.device}: target error {entry.target_err:g}, cost "
+        f"{entry.cost}, {entry.trials} trials"
     )
-    table = Table(title=title, title_justify="left")
-    cols = ("n", "recipe", "trials", "least err", "frac", "err", "ms", "vs exact", "verdict")
-    for col in cols:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("recipe", "least err", "frac", "err", "ms", "vs exact", "verdict"):
         left = col in ("recipe", "verdict")
         table.add_column(col, justify="left" if left else "right", no_wrap=col != "verdict")
-    for n in sorted(result.exact_ms):
-        entry = entries[n]
-        exact_ms = entry.exact_latency_ms
-        verdict = "chosen" if entry.is_exact else ""
-        table.add_row(str(n), "exact", "", "0", "1", "0", format_ms(exact_ms), "1.00x", verdict)
-        names = [r for r in result.recipes if r in entry.recipes]
-        for i, name in enumerate(names):
-            table.add_row(
-                "",
-                name,
-                *_outcome_cells(entry.recipes[name], exact_ms, entry),
-                end_section=i == len(names) - 1,
-            )
-    rough = any(
-        o.best is not None and o.best.latency_ms > SLOW_FACTOR * entries[n].exact_latency_ms
-        for n in result.exact_ms
-        for o in entries[n].recipes.values()
-    )
+    exact_ms = entry.exact_latency_ms
+    verdict = "chosen" if entry.is_exact else ""
+    table.add_row("exact", "0", "1", "0", format_ms(exact_ms), "1.00x", verdict)
+    rough = False
+    for name in result.recipes:
+        if name in entry.recipes:
+            cells = _outcome_cells(entry.recipes[name], exact_ms, entry)
+            rough = rough or cells[3].endswith("*")
+            table.add_row(name, *cells)
     if rough:
-        table.caption = (
-            f"* over {SLOW_FACTOR:g}x exact attention's time: measured by its first calls only"
-        )
+        table.caption = f"* over {SLOW_FACTOR:g}x exact attention's time: first calls only"
         table.caption_justify = "left"
     return table
 
@@ -180,18 +190,18 @@ def comparison_table(result: TuneResult) -> Table:
 def _outcome_cells(o: RecipeOutcome, exact_ms: float, entry: TunedEntry) -> list[str]:
     least = "" if o.least_error is None else f"{o.least_error:.3g}"
     if o.lost is None:
-        verdict = "chosen" + (" (slower than exact here)" if entry.slower_than_exact else "")
+        verdict = "chosen" + (", slower than exact" if entry.slower_than_exact else "")
     else:
-        verdict = f"lost: {o.lost}"
+        verdict = SHORT.get(o.lost_as, "lost")
     if o.best is None:
-        return [str(o.trials), least, "—", "—", "—", "—", verdict]
+        return [least, "—", "—", "—", "—", verdict]
     b = o.best
+    rough = b.latency_ms > SLOW_FACTOR * exact_ms
     return [
-        str(o.trials),
         least,
         "" if b.frac is None else f"{b.frac:.3f}",
         f"{b.error_mean:.3g}",
-        format_ms(b.latency_ms) + ("*" if b.latency_ms > SLOW_FACTOR * exact_ms else ""),
+        format_ms(b.latency_ms) + ("*" if rough else ""),
         f"{exact_ms / b.latency_ms:.2f}x",
         verdict,
     ]
