@@ -207,13 +207,6 @@ def _outcome_cells(o: RecipeOutcome, exact_ms: float, entry: TunedEntry) -> list
     ]
 
 
-def conclusions(result: TuneResult) -> list[str]:
-    """One line per length: what was chosen and what it gains, or why exact attention, with
-    what would have to change for the closest recipe to win."""
-    entries = result.tuned.table.get(result.device, {})
-    return [_conclusion(n, entries[n], result.device) for n in sorted(result.exact_ms)]
-
-
 def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
     exact_ms = entry.exact_latency_ms
     if not entry.is_exact:
@@ -234,7 +227,10 @@ def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
     if not close:
         least = [f"{k} {o.least_error:.3g}" for k, o in entry.recipes.items() if o.least_error]
         reached = f" (least error: {', '.join(least)})" if least else ""
-        return f"{line}: no recipe met the target cheaper than exact attention{reached}"
+        return (
+            f"{line}: no recipe met the target cheaper than exact attention{reached}; more "
+            "--trials or a looser --target-err may find one"
+        )
     name, best = min(close, key=lambda c: c[1].frac)
     per_product = exact_ms / best.latency_ms * best.frac
     return (
