@@ -35,7 +35,8 @@ from attncompose.commands import user_errors as _user_errors
     "--latency-budget-ms",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Use exact attention where the best feasible latency exceeds this.",
+    help="Largest latency (ms) a choice may have: points over it are ruled out, also under "
+    "--cost products; where none is left, exact attention.",
 )
 @click.option(
     "--cost",
