@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -135,12 +134,12 @@ def reporter_for(console: Console) -> Reporter:
     return RichReporter(console) if console.is_terminal else LineReporter(console.file)
 
 
-SHORT = {  # a loss kind as the table says it
-    "target": "target not met",
+SHORT = {  # a loss kind as the table says it (the reasons in words follow the table)
+    "target": "target missed",
     "budget": "over budget",
     "frac 1": "frac 1 only",
-    "exact faster": "exact is faster",
-    "beaten": "another is cheaper",
+    "exact faster": "exact faster",
+    "beaten": "beaten",
 }
 
 
@@ -160,16 +159,16 @@ def print_comparison(result: TuneResult, console: Console) -> None:
 
 
 def comparison_table(result: TuneResult, n: int) -> Table:
-    """One length: exact attention, then each recipe's least error, its best point (frac,
-    error, latency, speed against exact) and a short verdict; fits 80 columns."""
+    """One length: exact attention, then each recipe's least error ("min err"), its best point
+    (frac, error, latency, speedup against exact) and a short verdict; fits 80 columns."""
     entry = result.tuned.table[result.device][n]
     mode = "causal" if result.tuned.causal else "non-causal"
     title = (
         f"n={n} {mode} on {result.device}: target error {entry.target_err:g}, cost "
         f"{entry.cost}, {entry.trials} trials"
     )
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("recipe", "least err", "frac", "err", "ms", "vs exact", "verdict"):
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False)
+    for col in ("recipe", "min err", "frac", "err", "ms", "speedup", "verdict"):
         left = col in ("recipe", "verdict")
         table.add_column(col, justify="left" if left else "right", no_wrap=col != "verdict")
     exact_ms = entry.exact_latency_ms
@@ -190,7 +189,7 @@ def comparison_table(result: TuneResult, n: int) -> Table:
 def _outcome_cells(o: RecipeOutcome, exact_ms: float, entry: TunedEntry) -> list[str]:
     least = "" if o.least_error is None else f"{o.least_error:.3g}"
     if o.lost is None:
-        verdict = "chosen" + (", slower than exact" if entry.slower_than_exact else "")
+        verdict = "chosen" + (" (slower)" if entry.slower_than_exact else "")
     else:
         verdict = SHORT.get(o.lost_as, "lost")
     if o.best is None:
