@@ -325,9 +325,9 @@ def test_bad_tensors(attn, make, message):
 def tuned_path(tmp_path):
     from attncompose.tuned import TunedFile, write_tuned
 
-    recipe = ac.load_recipe("hyperattention").model_dump(mode="json", exclude_none=True)
+    recipes = {"hyperattention": ac.load_recipe("hyperattention").model_dump(mode="json")}
     path = tmp_path / "tuned.yaml"
-    write_tuned(path, TunedFile(causal=True, recipe=recipe, table={"cpu": {128: entry()}}))
+    write_tuned(path, TunedFile(causal=True, recipes=recipes, table={"cpu": {128: entry()}}))
     return path
 
 
