@@ -61,6 +61,16 @@ FORMAT_V1 = "attncompose-tuned/1"
 log = logging.getLogger(__name__)
 
 
+BACKEND_KNOB = "backend"  # tune --backends: the trial parameter naming the implementation
+
+
+def split_backend(params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(the recipe's knobs, the backend or None) of a trial's parameters: with ``tune
+    --backends`` the implementation is a tunable choice beside the recipe's knobs."""
+    rest = {k: v for k, v in params.items() if k != BACKEND_KNOB}
+    return rest, params.get(BACKEND_KNOB)
+
+
 class TunedFileError(RecipeError):
     """A tuned file that cannot be used: names the file, the field and the problem."""
 
@@ -71,10 +81,16 @@ class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     knobs: dict[str, int | float]
+    backend: str | None = Field(None, description="the implementation tuned with tune --backends")
     error_mean: float = Field(ge=0)
     error_max: float = Field(ge=0)
     latency_ms: float = Field(ge=0)
     frac: float | None = Field(None, ge=0, description="share of exact attention's products")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The trial parameters of this point: its knobs, and its backend if one was tuned."""
+        return self.knobs if self.backend is None else {**self.knobs, BACKEND_KNOB: self.backend}
 
 
 class RecipeOutcome(BaseModel):
@@ -111,6 +127,7 @@ class TunedEntry(BaseModel):
 
     recipe: str | None = None
     knobs: dict[str, int | float] | None = None
+    backend: str | None = Field(None, description="the implementation tuned with tune --backends")
     fallback: str | None = Field(None, description="why exact attention is used")
     note: str | None = None
     error_mean: float = Field(ge=0)
@@ -294,6 +311,7 @@ class Choice:
     knobs: dict | None
     entry: tuple[str, int] | None = None
     notes: tuple[tuple[tuple, str], ...] = ()
+    backend: str | None = None  # the implementation the tuner chose (tune --backends)
 
 
 class TunedAttention(nn.Module):
@@ -370,7 +388,7 @@ class TunedAttention(nn.Module):
                 f"it was tuned to minimise {entry.cost}{frac}"
             )
             notes = (*notes, (("slower", device, n), note))
-        return Choice(entry.recipe, entry.knobs, (device, n), notes)
+        return Choice(entry.recipe, entry.knobs, (device, n), notes, entry.backend)
 
     def _rows(self, device: str) -> tuple[dict[int, TunedEntry], tuple]:
         if device in self.tuned.table:
@@ -386,7 +404,7 @@ class TunedAttention(nn.Module):
         choice = self.choose(device, seq_len, causal)
         for key, note in choice.notes:
             self._say(key, note)
-        key = (choice.recipe, tuple(sorted((choice.knobs or {}).items())))
+        key = (choice.recipe, tuple(sorted((choice.knobs or {}).items())), choice.backend)
         if key not in self._modules_by_key:
             from attncompose.runtime.attention import compile as compile_recipe
 
@@ -395,7 +413,8 @@ class TunedAttention(nn.Module):
                 if choice.knobs is None
                 else self.recipes[choice.recipe].with_knobs(choice.knobs)
             )
-            self._modules_by_key[key] = compile_recipe(recipe, backend=self.backend)
+            backend = choice.backend or self.backend
+            self._modules_by_key[key] = compile_recipe(recipe, backend=backend)
         return self._modules_by_key[key]
 
     def _say(self, key: tuple, note: str) -> None:

@@ -12,10 +12,12 @@ import textwrap
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
@@ -441,3 +443,32 @@ def test_each_recipes_best_point_is_timed_again_at_the_end_where_it_could_win():
     assert entry.is_exact and "exact attention is faster (10 ms vs 12 ms)" in entry.fallback
     hopeless = make_entry([run], 1.0, Rules(0.05), "built-in", {})  # 4 ms > 2x exact's 1 ms
     assert hopeless.recipes["r"].best.latency_ms == 4.0
+
+
+def test_the_implementation_is_a_tunable_choice(stream_path, tmp_path):
+    """--backends torch,flex: trials run on either implementation, the file records which
+    won beside the knobs, and the loaded attention runs on it."""
+    out = tmp_path / "tuned.yaml"
+    config = TuneConfig(
+        target_err=0.5, seq_lens=(N,), trials=6, backends=("torch", "flex"), out=out,
+        cost="products", n_seeds=1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FlexAttention eager on CPU says it is unfused
+        result = tune(stream_path, config)
+        tried = {t.params["backend"] for t in result.trials["tiny-stream"][N]}
+        entry = read_tuned(out).table["cpu"][N]
+        backend = entry.backend
+        assert tried == {"torch", "flex"} and backend in tried and "backend" not in entry.knobs
+        attn = ac.load(out)
+        q, k, v = (torch.randn(1, 2, N, 16) for _ in range(3))
+        attn(q, k, v, is_causal=True)
+    (module,) = attn._modules_by_key.values()
+    assert module.pipeline.backend == backend
+
+
+def test_unknown_backends_are_refused(recipe_path, tmp_path):
+    done = CliRunner().invoke(
+        tune_command, cli_args(recipe_path, tmp_path / "t.yaml", "--backends", "triton,cuda")
+    )
+    assert done.exit_code == 2 and "unknown backend 'cuda'" in done.output

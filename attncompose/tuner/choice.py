@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial
 
 from attncompose.timing import format_ms
-from attncompose.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry
+from attncompose.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry, split_backend
 from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
 
 
@@ -71,7 +71,7 @@ def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
         return RecipeOutcome(lost=why, lost_as=kind, **common)
     best = _candidate(useful, fracs.of(useful))
     if run.time_of is not None and best.latency_ms <= SLOW_FACTOR * exact_ms:  # could win
-        best = best.model_copy(update={"latency_ms": run.time_of(best.knobs)})
+        best = best.model_copy(update={"latency_ms": run.time_of(best.params)})
     if rules.cost == "latency" and best.latency_ms >= exact_ms:
         times = f"{format_ms(exact_ms)} ms vs {format_ms(best.latency_ms)} ms"
         why = f"exact attention is faster ({times})"
@@ -122,8 +122,10 @@ class _Fracs:
 
 def _candidate(trial: FrozenTrial, frac: float | None) -> Candidate:
     attrs = trial.user_attrs
+    knobs, backend = split_backend(trial.params)
     return Candidate(
-        knobs=trial.params,
+        knobs=knobs,
+        backend=backend,
         error_mean=attrs["error_mean"],
         error_max=attrs["error_max"],
         latency_ms=attrs["latency_ms"],

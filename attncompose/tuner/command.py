@@ -91,6 +91,12 @@ from attncompose.commands import user_errors as _user_errors
     "exact attention); needs matplotlib.",
 )
 @backend_option
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated implementations to time as a tunable choice (e.g. triton,flex): "
+    "each trial runs on one of them and the tuned file records which won.",
+)
 @device_option("Device to tune on [default: cuda if available].")
 @_user_errors
 def tune(
@@ -110,6 +116,7 @@ def tune(
     out,
     plot,
     backend,
+    backends,
     device,
 ) -> None:
     """Tune each of RECIPES per sequence length and keep, per length, the cheapest one that
@@ -151,6 +158,7 @@ def tune(
         latency_budget_ms=latency_budget_ms,
         cost=cost,
         backend=backend,
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()) if backends else (),
         device=device,
         storage=storage,
         study=study,

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.distributions import CategoricalDistribution
 
+from attncompose.runtime.compiler import BACKENDS
 from attncompose.spec.recipe import RecipeBase, load_recipe
-from attncompose.tuned import TunedEntry, TunedFile, device_name, read_tuned, write_tuned
+from attncompose.tuned import (
+    BACKEND_KNOB,
+    TunedEntry,
+    TunedFile,
+    device_name,
+    read_tuned,
+    write_tuned,
+)
 from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.objective import (
@@ -53,6 +62,7 @@ class TuneConfig:
     latency_budget_ms: float | None = None
     cost: str = "latency"  # what to minimise: "latency" (measured) or "products" (frac)
     backend: str = "auto"
+    backends: tuple[str, ...] = ()  # two or more: the implementation is a tunable choice
     device: str | None = None
     storage: str | None = None
     study: str | None = None
@@ -70,6 +80,11 @@ class TuneConfig:
             raise TunerError(f"--latency-budget-ms must be positive, got {self.latency_budget_ms}")
         if self.cost not in COSTS:
             raise TunerError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise TunerError(
+                f"--backends: unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}"
+            )
         if self.study is not None and self.storage is None:
             raise TunerError("--study names a study in a shared --storage; give --storage too")
         if not self.out.parent.is_dir():
@@ -176,11 +191,15 @@ def _run_study(
         config.repeats,
         cost=config.cost,
     )
-    objective = Objective(evaluator, space=search_space(recipe))
+    space, start = search_space(recipe), defaults(recipe)
+    if len(config.backends) > 1:  # the implementation as a tunable choice
+        space[BACKEND_KNOB] = CategoricalDistribution(config.backends)
+        start[BACKEND_KNOB] = config.backends[0]
+    objective = Objective(evaluator, space=space)
     study = open_study(storage, name, _sampler(config, 0), _meta(recipe, config, calib))
     study.sampler = _sampler(config, len(study.trials))
     if not study.trials:
-        study.enqueue_trial(defaults(recipe), skip_if_exists=True)
+        study.enqueue_trial(start, skip_if_exists=True)
     n = calib.seq_len
     run_trials(
         study,
@@ -249,6 +268,7 @@ def _default_study(recipe, config: TuneConfig) -> str:
                 config.n_seeds,
                 config.backend,
                 config.cost,
+                *config.backends,
             ]
         ).encode()
     ).hexdigest()
@@ -270,6 +290,7 @@ def _meta(recipe, config: TuneConfig, calib: Calibration) -> dict:
         "data": _data_text(config, calib),
         "seeds": config.n_seeds,
         "backend": config.backend,
+        "backends": ",".join(config.backends),
         "cost": config.cost,
     }
 

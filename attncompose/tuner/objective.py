@@ -34,6 +34,7 @@ from attncompose.metrics import relative_error
 from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.timing import measure
+from attncompose.tuned import split_backend
 from attncompose.tuner.space import seed_variants, suggest
 
 SLOW_FACTOR = 2.0  # a first call this many times slower than the best feasible (or, for its
@@ -144,14 +145,21 @@ class Evaluator:
         self.repeats = repeats
         self.cost = cost
 
+    def compiled(self, knobs: dict[str, Any], seeds: dict[str, int] | None = None):
+        """The recipe with ``knobs`` (and ``seeds``) compiled, on the backend the knobs name
+        (``tune --backends``: the implementation is a tunable choice) or the run's."""
+        knobs, backend = split_backend(knobs)
+        return compile_recipe(
+            self.recipe.with_knobs({**knobs, **(seeds or {})}), backend or self.backend
+        )
+
     def evaluate(self, knobs: dict[str, Any], best_ms: float | None = None) -> Evaluation:
         """Run the recipe with ``knobs`` for each seed setting, pruning when hopeless."""
-        fixed = self.recipe.with_knobs(knobs)
-        variants = seed_variants(fixed, self.n_seeds)
+        variants = seed_variants(self.recipe.with_knobs(split_backend(knobs)[0]), self.n_seeds)
         ev = Evaluation()
         attn = None
         for i, seeds in enumerate(variants):
-            attn = compile_recipe(fixed.with_knobs(seeds) if seeds else fixed, self.backend)
+            attn = self.compiled(knobs, seeds)
             if i == 0:  # the warm-up call: it also counts the products
                 with count_products() as computed:
                     outs, ev.first_ms = self._timed(attn)
@@ -195,7 +203,7 @@ class Evaluator:
     def latency_of(self, knobs: dict) -> float:
         """Latency (ms per item) of the recipe with ``knobs``: one warm-up call, then the
         median of ``repeats`` timed calls."""
-        attn = compile_recipe(self.recipe.with_knobs(knobs), self.backend)
+        attn = self.compiled(knobs)
         items, causal = self.calibration.items, self.calibration.causal
         fn = lambda: _run(attn, items, causal)
         timing = measure(fn, self.calibration.device, warmup=1, repeats=self.repeats)
@@ -203,7 +211,7 @@ class Evaluator:
 
     def frac_of(self, knobs: dict) -> float:
         """Share of exact attention's products the recipe with ``knobs`` computes."""
-        return self._frac(compile_recipe(self.recipe.with_knobs(knobs), self.backend))
+        return self._frac(self.compiled(knobs))
 
     def _frac(self, attn) -> float:
         """Share of exact attention's query-key products ``attn`` computes on the items."""

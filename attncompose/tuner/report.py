@@ -210,6 +210,8 @@ def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
     exact_ms = entry.exact_latency_ms
     if not entry.is_exact:
         knobs = ", ".join(f"{k}={_num(v)}" for k, v in entry.knobs.items())
+        if entry.backend is not None:
+            knobs += f", on {entry.backend}"
         speed = exact_ms / entry.latency_ms
         frac = "" if entry.frac is None else f" at frac {entry.frac:.3g}"
         line = (
