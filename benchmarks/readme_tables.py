@@ -258,7 +258,45 @@ def smollm2(results: Path) -> str:
     return pivot(json.loads((results / "smollm2_table.json").read_text()))
 
 
+GPU_LENGTHS = (8192, 32768, 131072)  # the columns of the GPU table (causal, d=128)
+
+
+def bench_gpu(results: Path) -> str:
+    """Per GPU measured (``bench_gpu_<device>.json``): each recipe's and FlexAttention's
+    causal speedup over the faster of cuDNN/flash at d=128, with its efficiency."""
+    files = sorted(p for p in results.glob("bench_gpu_*.json") if "cpu-smoke" not in p.name)
+    if not files:
+        return (
+            "No GPU has been measured since the block plans landed: `bash "
+            "benchmarks/gpu_session.sh` on a GPU runs the compiled kernel tests and "
+            "`benchmarks/bench_gpu.py`, whose `benchmarks/results/bench_gpu_<device>.json` "
+            "this table is rendered from."
+        )
+    parts = []
+    for path in files:
+        run = json.loads(path.read_text())
+        rows = [r for r in run["rows"] if r["causal"] and r["head_dim"] == 128 and r["q_len"] > 1]
+        cells: dict[tuple[str, str], dict[int, str]] = {}
+        for r in rows:
+            if r["recipe"] is None or r.get("speedup_vs_best_exact") is None:
+                continue
+            cell = f"{r['speedup_vs_best_exact']:.2f}x ({r['efficiency']:.2f})"
+            cells.setdefault((r["recipe"], r["impl"]), {})[r["seq_len"]] = cell
+        head = " | ".join(f"{n // 1024}k" for n in GPU_LENGTHS)
+        lines = [f"| recipe | implementation | {head} |", "|---|---|" + "---|" * len(GPU_LENGTHS)]
+        for (recipe, impl), by_n in sorted(cells.items()):
+            values = " | ".join(by_n.get(n, "") for n in GPU_LENGTHS)
+            lines.append(f"| `{recipe}` | {impl} | {values} |")
+        parts.append(
+            "\n".join(lines)
+            + f"\n\n{run['device']}, torch {run['torch']}, triton {run['triton']}, bf16, B=1, "
+            f"H={run['heads']}; {run['commit'][:7]} on {run['date'][:10]}."
+        )
+    return "\n\n".join(parts)
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
+    "bench_gpu": bench_gpu,
     "bench_cpu": bench_cpu,
     "bench_cpu_recipes": bench_cpu_recipes,
     "profile_cpu": profile_cpu,

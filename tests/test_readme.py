@@ -60,3 +60,28 @@ def test_readme_first_command_is_the_main_job():
     assert len(recipes) >= 2 and any(r.startswith("hyperattention") for r in recipes)
     assert "--plot" in tune and "--target-err" in tune
     assert blocks[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_gpu_table_renders_a_bench_gpu_results_file(tmp_path):
+    """Once a GPU run's bench_gpu_<device>.json is in benchmarks/results, README's GPU table
+    shows its causal d=128 speedups per recipe and implementation (until then it says how
+    to make one)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from readme_tables import bench_gpu
+
+    assert "gpu_session.sh" in bench_gpu(tmp_path)
+    row = dict(causal=True, head_dim=128, q_len=32768, seq_len=32768, frac=0.05)
+    rows = [
+        {**row, "impl": "cudnn", "recipe": None, "median_ms": 14.8},
+        {**row, "impl": "attncompose", "recipe": "streaming", "median_ms": 1.5,
+         "speedup_vs_best_exact": 9.87, "efficiency": 0.49},
+        {**row, "impl": "flex", "recipe": "streaming", "median_ms": 1.9,
+         "speedup_vs_best_exact": 7.79, "efficiency": 0.39},
+    ]  # fmt: skip
+    run = dict(device="NVIDIA H200", torch="2.11", triton="3.6", heads=32, commit="abc1234567")
+    path = tmp_path / "bench_gpu_NVIDIA_H200.json"
+    path.write_text(json.dumps({**run, "date": "2026-12-01T00:00:00", "rows": rows}))
+    table = bench_gpu(tmp_path)
+    assert "| `streaming` | attncompose |  | 9.87x (0.49) |  |" in table
+    assert "| `streaming` | flex |  | 7.79x (0.39) |  |" in table
+    assert "NVIDIA H200" in table and "abc1234" in table
