@@ -419,3 +419,16 @@ def test_a_module_serves_calls_in_and_out_of_inference_mode(name):
     with torch.inference_mode():
         inside_again = attn(q, k, v, is_causal=True)
     assert torch.equal(inside, outside) and torch.equal(outside, inside_again)
+
+
+def test_plan_counts_no_products_for_keys_weighted_out():
+    """Keys with a -inf weight take no part: the plan's count drops them, full and partial
+    blocks alike, whatever the rows of the weights."""
+    p = make_problem(3, 100, 100, causal=True, seed=11)
+    plan = _plan("sink+window", p)[0]
+    bias = torch.zeros(3, 100).masked_fill(torch.rand(3, 100) < 0.3, -torch.inf)
+    dense = plan.to_dense(p).expand(3, -1, -1) & bias.isfinite()[:, None, :]
+    assert plan.with_key_bias(bias).products(p) == int(dense.sum())
+    one = bias[:1]
+    dense_one = plan.to_dense(p).expand(3, -1, -1) & one.isfinite()[:, None, :]
+    assert plan.with_key_bias(one).products(p) == int(dense_one.sum())

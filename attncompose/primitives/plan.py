@@ -146,7 +146,7 @@ class BlockPlan:
         block_k: int = 128,
     ) -> BlockPlan:
         """The plan of the union of ``select`` minus the pairs of ``exclude`` on ``problem``
-        (each coverage must have a block form: :func:`has_block_form`)."""
+        (each coverage must have a block form: ``Coverage.has_block_form``)."""
         grid = BlockGrid.of(problem, block_q, block_k)
         device = problem.q.device
         own = [_states(cov, problem, grid) for cov in select]
@@ -156,14 +156,6 @@ class BlockPlan:
             state = subtract_states(state, states)
         return BlockPlan(
             grid, problem.causal, state, tuple(select), tuple(exclude), parts=(*own, *excluded)
-        )
-
-    @staticmethod
-    def dense(problem: Problem, block_q: int = 128, block_k: int = 128) -> BlockPlan:
-        """Every visible pair of ``problem`` (exact attention as a plan)."""
-        grid = BlockGrid.of(problem, block_q, block_k)
-        return BlockPlan(
-            grid, problem.causal, visible_states(grid, problem.causal, problem.q.device)
         )
 
     @property
@@ -252,15 +244,25 @@ class BlockPlan:
 
     def products(self, problem: Problem) -> int:
         """Query-key pairs that take part over every row of ``problem`` (the plan's own count
-        of what a kernel computes: full blocks by their area, partial ones by their rule)."""
+        of what a kernel computes: full blocks by their area, partial ones by their rule;
+        keys with a -inf weight take no part)."""
 
         def count() -> int:
             q_rows, k_cols = self.grid.rows_in(self.state.device)
-            area = q_rows[:, None] * k_cols[None, :]  # [nQB, nKB] in-range pairs per block
+            if self.key_bias is not None:
+                kept = _kept_keys(self)  # [Rb, nKB, BK]
+                k_cols = kept.sum(-1)[:, None, :]  # [Rb, 1, nKB]
+            area = q_rows[:, None] * k_cols  # [.., nQB, nKB] pairs per block that take part
             return int(((self.state == FULL) * area).sum()) + count_partial_pairs(self, problem)
 
         per_row = self.memo("products", count) if self.row_invariant else count()
-        return per_row * (problem.q.shape[0] // self.rows)
+        return per_row * (problem.q.shape[0] // self.counted_rows)
+
+    @property
+    def counted_rows(self) -> int:
+        """Rows a count covers: the plan's, or its key bias's where that has more."""
+        bias_rows = 1 if self.key_bias is None else self.key_bias.shape[0]
+        return max(self.rows, bias_rows)
 
     def to_string(self, row: int = 0, limit: int = 64) -> str:
         """The plan of one row as text, one line per query block: ``█`` full, ``░`` partial,
@@ -295,7 +297,7 @@ def count_partial_pairs(plan: BlockPlan, problem: Problem, budget: int = 1 << 24
     if width == 0:
         return 0
     dev = plan.state.device
-    rows = plan.rows
+    rows = plan.counted_rows
     step = max(1, budget // max(1, rows * width * g.block_q * g.block_k))
     total = 0
     for i0 in range(0, g.nqb, step):
@@ -304,9 +306,22 @@ def count_partial_pairs(plan: BlockPlan, problem: Problem, budget: int = 1 << 24
         qi = block_indices(qb, g.block_q, g.lq).view(1, -1, g.block_q, 1)
         valid = torch.arange(width, device=dev) < num[:, sl, None]  # [R, T, W]
         kj = block_indices(idx[:, sl], g.block_k, g.lk, valid).flatten(-2).unsqueeze(-2)
-        mask = plan.pair_mask(problem, qi.expand(rows, -1, -1, -1), kj, at=(qb, idx[:, sl]))
+        mask = plan.pair_mask(problem, qi, kj, at=(qb, idx[:, sl])).expand(rows, -1, -1, -1)
+        if plan.key_bias is not None:  # keys with a finite weight: [Rb, T, 1, nk]
+            flat = kj.clamp_min(0).expand(plan.key_bias.shape[0], -1, -1, -1).flatten(1)
+            mask = mask & torch.isfinite(plan.key_bias).gather(-1, flat).view(
+                *flat.shape[:1], *kj.shape[1:]
+            )
         total += int(mask.sum())
     return total
+
+
+def _kept_keys(plan: BlockPlan) -> Tensor:
+    """[Rb, nKB, BK]: whether each key (padded to whole blocks) has a finite weight."""
+    g = plan.grid
+    kept = torch.isfinite(plan.key_bias)
+    kept = torch.nn.functional.pad(kept, (0, g.nkb * g.block_k - g.lk))
+    return kept.view(kept.shape[0], g.nkb, g.block_k)
 
 
 def block_indices(blocks: Tensor, size: int, length: int, valid: Tensor | None = None) -> Tensor:
@@ -358,11 +373,6 @@ def _states(cov: Coverage, problem: Problem, grid: BlockGrid) -> Tensor:
     if states is None:
         raise TypeError(f"{type(cov).__name__} has no block form")
     return states
-
-
-def has_block_form(cov: Coverage) -> bool:
-    """Whether a coverage can take part in a plan (its ``block_states`` gives states)."""
-    return cov.has_block_form
 
 
 def plan_block_size(problem: Problem, coverages: list[Coverage], default: int) -> int:
