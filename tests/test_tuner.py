@@ -29,7 +29,7 @@ from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.command import tune as tune_command
 from attncompose.tuner.objective import Evaluator, build_calibration
 from attncompose.tuner.report import LineReporter
-from attncompose.tuner.study import open_storage
+from attncompose.tuner.study import interrupts_outside_storage, open_storage
 
 N = 128
 TARGET = 0.65  # some knobs of TINY meet it at N=128 on the built-in data, others do not
@@ -228,6 +228,29 @@ def test_rerun_resumes_and_a_stopped_run_loses_no_finished_trial(recipe_path, tm
         assert (after[t.number].params, after[t.number].value) == (t.params, t.value)
     assert len(after) == goal
     assert read_tuned(out).table["cpu"][N].trials == goal
+
+
+def test_ctrl_c_inside_storage_code_lands_after_it():
+    """Ctrl-C inside SQLAlchemy left an SQLite write lock that nothing released; failing the
+    interrupted trial then died with "database is locked" (a traceback, exit 1). The interrupt
+    now waits until storage code has returned."""
+    storage_code: dict = {"__name__": "sqlalchemy.engine.stand_in"}
+    exec(
+        "import _thread, time\n"
+        "def commit(log):\n"
+        "    _thread.interrupt_main()\n"
+        "    time.sleep(0.3)\n"
+        "    log.append('committed')\n",
+        storage_code,
+    )
+    log: list[str] = []
+    with pytest.raises(KeyboardInterrupt), interrupts_outside_storage():
+        storage_code["commit"](log)
+        log.append("returned")
+        time.sleep(5)
+        log.append("not interrupted")
+    assert log == ["committed", "returned"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])

@@ -13,10 +13,14 @@ was started for (recipe, target, mode, data, seeds); joining it with other setti
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,9 @@ GRACE_S = 30
 JOURNAL_PREFIX = "journal:"
 OPEN_ATTEMPTS = 5
 SQLITE_WAIT_S = 60  # how long a worker waits for another's SQLite transaction
+# Modules whose code must not be cut short by Ctrl-C: it can leave a transaction open.
+STORAGE_MODULES = ("sqlalchemy", "sqlite3", "optuna.storages", "optuna.study._tell")
+INTERRUPT_RETRY_S = 0.02
 
 
 def default_storage_url(out: Path) -> str:
@@ -224,18 +231,69 @@ def run_trials(
         except KeyboardInterrupt:
             raise _Interrupted from None
 
-    while len(finished_trials(study)) < n_trials:
-        if timeout_s is not None and time.monotonic() - start >= timeout_s:
+    try:
+        with interrupts_outside_storage():
+            while len(finished_trials(study)) < n_trials:
+                if timeout_s is not None and time.monotonic() - start >= timeout_s:
+                    return
+                study.optimize(interruptible, n_trials=1, catch=(), gc_after_trial=False)
+                running.clear()
+                on_trial(study)
+    except (KeyboardInterrupt, _Interrupted):
+        if running:  # told FAIL unless Optuna had told it already: not finished, not lost
+            study.tell(running[0], state=TrialState.FAIL, skip_if_finished=True)
+        done = len(finished_trials(study))
+        raise TuningInterrupted(
+            f"{done} finished trial{'s' * (done != 1)} kept in the study; run the same "
+            "command again to resume"
+        ) from None
+
+
+def _in_storage(frame: Any) -> bool:
+    """Whether ``frame`` or a caller of it runs storage code (SQLAlchemy, sqlite3, Optuna's)."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(STORAGE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def interrupts_outside_storage() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt only outside storage code.
+
+    A KeyboardInterrupt raised inside SQLAlchemy can leave an SQLite connection holding the
+    write lock (BEGIN IMMEDIATE, see :func:`_begin_immediate`) where nothing rolls it back,
+    so failing the interrupted trial then waited for that lock and died with "database is
+    locked". A Ctrl-C that lands in storage code is retried a moment later, until it lands
+    outside; one still pending when the block ends is raised there. Outside the main thread
+    (where Python cannot install signal handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    state = {"active": True, "pending": False}
+    lock = threading.Lock()  # no retry trips once the previous handler is back
+
+    def retry() -> None:
+        with lock:
+            if state["active"]:
+                _thread.interrupt_main(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if _in_storage(frame):
+            state["pending"] = True
+            threading.Timer(INTERRUPT_RETRY_S, retry).start()
             return
-        try:
-            study.optimize(interruptible, n_trials=1, catch=(), gc_after_trial=False)
-        except (KeyboardInterrupt, _Interrupted):
-            if running:  # told FAIL unless Optuna had told it already: not finished, not lost
-                study.tell(running[0], state=TrialState.FAIL, skip_if_finished=True)
-            done = len(finished_trials(study))
-            raise TuningInterrupted(
-                f"{done} finished trial{'s' * (done != 1)} kept in the study; run the same "
-                "command again to resume"
-            ) from None
-        running.clear()
-        on_trial(study)
+        state["pending"] = False
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        with lock:
+            state["active"] = False
+        signal.signal(signal.SIGINT, previous)
+    if state["pending"]:
+        raise KeyboardInterrupt
