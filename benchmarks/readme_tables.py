@@ -140,7 +140,7 @@ def bench_cpu(results: Path) -> str:
 
 def bench_cpu_recipes(results: Path) -> str:
     """The block recipes against SDPA: a column per (length, masking mode)."""
-    names = ("streaming", "block-topk", "topp")
+    names = ("streaming", "power", "block-topk", "topp")
     grouped = {
         name: rows_by_key([r for r in runs(f"bench_cpu_{name}", results) if not is_busy(r)])
         for name in names
@@ -157,6 +157,28 @@ def bench_cpu_recipes(results: Path) -> str:
         lines.append(f"| `{name}`{BENCH_NOTES.get(name, '')} | " + " | ".join(cells) + " |")
     all_runs = [run for name in names for run in runs(f"bench_cpu_{name}", results)]
     return "\n".join(lines) + "\n\n" + runs_line(all_runs)
+
+
+def bench_cpu_before_plans(results: Path) -> str:
+    """Each block recipe now and at the commit before block plans, same script and machine:
+    the speedups over SDPA measured in each run (``results/before-plans/`` holds the old)."""
+    names = ("streaming", "power", "block-topk", "topp")
+    before_runs = {name: runs(f"bench_cpu_{name}", results / "before-plans") for name in names}
+    lines = ["| recipe | n | mode | before plans | now |", "|---|---|---|---|---|"]
+    for name in names:
+        old = rows_by_key(before_runs[name])
+        new = rows_by_key(runs(f"bench_cpu_{name}", results)[:1])
+        for (n, causal), rows in sorted(old.items()):
+            mode = "causal" if causal else "non-causal"
+            now = new.get((n, causal), [])
+            cells = [spread([x for r in rows_ for x in ratios(r)]) for rows_ in (rows, now)]
+            lines.append(f"| `{name}` | {n} | {mode} | {cells[0]} | {cells[1] if now else ''} |")
+    quoted = dict.fromkeys(
+        f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
+        for name in names
+        for run in before_runs[name] + runs(f"bench_cpu_{name}", results)[:1]
+    )
+    return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
 
 
 def profile_cpu(results: Path) -> str:
@@ -299,6 +321,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "bench_gpu": bench_gpu,
     "bench_cpu": bench_cpu,
     "bench_cpu_recipes": bench_cpu_recipes,
+    "bench_cpu_before_plans": bench_cpu_before_plans,
     "profile_cpu": profile_cpu,
     "tune_time": tune_time,
     "tune_time_result": tune_time_result,
