@@ -88,8 +88,8 @@ def validate(recipes: tuple[str, ...]) -> None:
 @_user_errors
 def show(recipe: str, dot: bool, backend: str) -> None:
     """Print the compiled graph: steps, edges, knobs and the kernels chosen."""
-    from attncompose.graph import describe, to_dot
     from attncompose.runtime.compiler import Pipeline
+    from attncompose.spec.graph import describe, to_dot
     from attncompose.spec.recipe import load_recipe
 
     r = load_recipe(recipe)

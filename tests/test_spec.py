@@ -7,8 +7,8 @@ import json
 import pytest
 
 import attncompose as ac
-from attncompose.graph import build_graph, describe, to_dot
 from attncompose.spec import RecipeError
+from attncompose.spec.graph import build_graph, describe, to_dot
 
 BUILTIN = ["exact", "hyperattention", "hyperattention-topk", "lsh-only", "sampling-only"]
 

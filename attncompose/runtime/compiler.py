@@ -14,7 +14,6 @@ from typing import Any
 
 import networkx as nx
 
-from attncompose.graph import build_graph
 from attncompose.primitives.base import PRIMITIVES, Partial, Primitive, Problem
 from attncompose.runtime.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
@@ -30,7 +29,7 @@ class Pipeline:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.recipe = recipe
         self.backend = backend
-        self.graph = build_graph(recipe)
+        self.graph = recipe.graph
         self.output = recipe.output_id
         self.nodes: dict[str, Primitive] = {}
         for sid, step in recipe.steps.items():

@@ -13,6 +13,7 @@ def __getattr__(name: str):
     # Recipe is rebuilt whenever a step type is registered; always hand out the current one.
     if name in (
         "Recipe",
+        "recipe_model",
         "load_recipe",
         "validate_recipe",
         "builtin_recipes",

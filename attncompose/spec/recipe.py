@@ -11,21 +11,29 @@ A recipe is a named DAG of steps (a mapping ``id -> step``) with one output::
       out: {op: causal_split, body: merged, min_seq_len: 4096}
 
 The structure (dangling names, cycles, kinds of inputs, one output) is checked by
-:mod:`attncompose.graph` when the model is validated, so a ``Recipe`` that exists is usable.
+:mod:`attncompose.spec.graph` when the model is validated, so a ``Recipe`` that exists is
+usable; the recipe keeps the graph it built (:attr:`RecipeBase.graph`).
+
+``Recipe`` is the model whose ``steps`` accept every step type registered so far
+(:func:`recipe_model`): the set of ops is open, filled by ``attncompose.primitives``.
 """
 
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import networkx as nx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from attncompose.spec.errors import RecipeError, plain_error
+from attncompose.spec.graph import check_structure
 from attncompose.spec.knobs import is_tunable
+from attncompose.spec.steps import STEP_TYPES, StepSpec
 
 
 class RecipeBase(BaseModel):
@@ -39,17 +47,19 @@ class RecipeBase(BaseModel):
 
     @model_validator(mode="after")
     def _check_graph(self) -> RecipeBase:
-        from attncompose.graph import check_structure
-
-        check_structure(self)
+        _ = self.graph  # built and checked now, once: RecipeError if the steps do not fit
         return self
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The steps as a checked networkx DAG (:mod:`attncompose.spec.graph`), built when the
+        recipe is validated and kept (not a field: recipes compare and dump without it)."""
+        return check_structure(self)
 
     @property
     def output_id(self) -> str:
         """The id of the step whose result is the attention output."""
-        from attncompose.graph import output_step
-
-        return output_step(self)
+        return self.graph.graph["output"]
 
     def knob_values(self) -> dict[str, Any]:
         """'step.knob' -> value in effect, for every knob of every step."""
@@ -59,7 +69,7 @@ class RecipeBase(BaseModel):
         """'step.knob' -> tunable declaration, for every knob the recipe lets the tuner search."""
         return {f"{sid}.{k}": v for sid, st in self.steps.items() for k, v in st.tunables().items()}
 
-    def with_knobs(self, values: dict[str, Any]) -> Recipe:
+    def with_knobs(self, values: dict[str, Any]) -> RecipeBase:
         """A copy with the given 'step.knob' values fixed (tunable declarations replaced)."""
         data = self.model_dump(mode="python", exclude_none=True)
         for dotted, value in values.items():
@@ -74,23 +84,32 @@ class RecipeBase(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-Recipe: type[RecipeBase] = RecipeBase  # replaced by rebuild_recipe_model()
+_MODELS: dict[tuple[type[StepSpec], ...], type[RecipeBase]] = {}
 
 
-def rebuild_recipe_model() -> None:
-    """Rebuild ``Recipe`` so its ``steps`` accept every registered step type."""
-    from attncompose.spec.steps import STEP_TYPES
-
-    global Recipe
+def recipe_model() -> type[RecipeBase]:
+    """The ``Recipe`` model: its ``steps`` accept every registered step type (built again
+    when a step type has been registered since)."""
     types = tuple(STEP_TYPES.values())
-    union = Union[types]  # built from the registry at runtime
-    step = types[0] if len(types) == 1 else Annotated[union, Field(discriminator="op")]
-    Recipe = create_model(
-        "Recipe",
-        __base__=RecipeBase,
-        __module__=__name__,
-        steps=(dict[str, step], Field(min_length=1)),
-    )
+    if types not in _MODELS:
+        if not types:
+            raise RecipeError("no step types are registered (import attncompose.primitives)")
+        union = Union[types]  # built from the registry at runtime
+        step = types[0] if len(types) == 1 else Annotated[union, Field(discriminator="op")]
+        _MODELS.clear()
+        _MODELS[types] = create_model(
+            "Recipe",
+            __base__=RecipeBase,
+            __module__=__name__,
+            steps=(dict[str, step], Field(min_length=1)),
+        )
+    return _MODELS[types]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Recipe":  # the current model, as the registry stands
+        return recipe_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def builtin_recipe_dir() -> Path:
@@ -103,7 +122,7 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in builtin_recipe_dir().glob("*.yaml"))
 
 
-def validate_recipe(data: Any, source: str | None = None) -> Recipe:
+def validate_recipe(data: Any, source: str | None = None) -> RecipeBase:
     """Validate a parsed recipe mapping; errors name the source and the field path."""
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}", source=source)
@@ -114,7 +133,7 @@ def validate_recipe(data: Any, source: str | None = None) -> Recipe:
             source=source,
         )
     try:
-        return Recipe.model_validate(copy.deepcopy(data))
+        return recipe_model().model_validate(copy.deepcopy(data))
     except ValidationError as err:
         errors = [_recipe_wording(dict(e, loc=_strip_tags(e["loc"]))) for e in err.errors()]
         loc, msg = plain_error(errors)
@@ -125,8 +144,6 @@ def validate_recipe(data: Any, source: str | None = None) -> Recipe:
 
 def _recipe_wording(error: dict) -> dict:
     """Say what a step's ``op`` may be where pydantic speaks of discriminators and tags."""
-    from attncompose.spec.steps import STEP_TYPES
-
     ops = ", ".join(STEP_TYPES)
     if error["type"] == "union_tag_not_found":
         return dict(error, type="step_op", msg=f"a step needs `op:`, one of {ops}")
@@ -138,14 +155,12 @@ def _recipe_wording(error: dict) -> dict:
 
 def _strip_tags(loc: tuple) -> tuple:
     """Drop the discriminator tag pydantic inserts after a step id."""
-    from attncompose.spec.steps import STEP_TYPES
-
     if len(loc) >= 3 and loc[0] == "steps" and loc[2] in STEP_TYPES:
         return (*loc[:2], *loc[3:])
     return tuple(loc)
 
 
-def load_recipe(recipe: str | Path | dict | RecipeBase) -> Recipe:
+def load_recipe(recipe: str | Path | dict | RecipeBase) -> RecipeBase:
     """A validated recipe from a built-in name, a YAML path, a mapping or a Recipe."""
     if isinstance(recipe, RecipeBase):
         return recipe
@@ -183,16 +198,16 @@ def read_yaml(path: Path) -> Any:
 
 def recipe_json_schema() -> dict:
     """JSON Schema of recipe files (for editor completion)."""
-    return Recipe.model_json_schema()
+    return recipe_model().model_json_schema()
 
 
 __all__ = [
-    "Recipe",
     "RecipeBase",
     "builtin_recipes",
     "is_tunable",
     "load_recipe",
     "read_yaml",
     "recipe_json_schema",
+    "recipe_model",
     "validate_recipe",
 ]

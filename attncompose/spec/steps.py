@@ -77,10 +77,7 @@ def register_step(cls: type[StepSpec]) -> type[StepSpec]:
         raise TypeError(f"{cls.__name__}.op needs a default: its Literal op name")
     if op in STEP_TYPES and STEP_TYPES[op] is not cls:
         raise ValueError(f"a step named {op!r} is already registered")
-    STEP_TYPES[op] = cls
-    from attncompose.spec import recipe  # the recipe model embeds the union of all steps
-
-    recipe.rebuild_recipe_model()
+    STEP_TYPES[op] = cls  # the Recipe model takes it up (spec.recipe.recipe_model)
     return cls
 
 

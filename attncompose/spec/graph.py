@@ -1,7 +1,9 @@
-"""Recipe -> networkx DiGraph of primitive instances, with the structural checks.
+"""Recipe -> networkx DiGraph of its steps, with the structural checks.
 
 Nodes are step ids (attributes: ``op``, ``step`` model, ``produces``); an edge ``a -> b``
-with attribute ``port`` says step ``b`` reads ``a`` through that port. Imports no torch.
+with attribute ``port`` says step ``b`` reads ``a`` through that port; ``graph["output"]``
+names the output step. A recipe builds its graph once, when it is validated
+(:attr:`~attncompose.spec.recipe.RecipeBase.graph`). Imports no torch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 
 from attncompose.spec.errors import RecipeError
+from attncompose.spec.knobs import is_tunable
 from attncompose.spec.steps import STEP_TYPES
 
 if TYPE_CHECKING:
@@ -30,8 +33,9 @@ def build_graph(recipe: RecipeBase) -> nx.DiGraph:
     return g
 
 
-def check_structure(recipe: RecipeBase) -> None:
-    """Raise RecipeError for dangling names, wrong input kinds, cycles or several outputs."""
+def check_structure(recipe: RecipeBase) -> nx.DiGraph:
+    """The recipe's graph, with its output step in ``graph["output"]``; RecipeError for
+    dangling names, wrong input kinds, cycles or several outputs."""
     for sid, step in recipe.steps.items():
         _check_ports(recipe, sid, step)
     g = build_graph(recipe)
@@ -43,7 +47,8 @@ def check_structure(recipe: RecipeBase) -> None:
         path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
         raise RecipeError(f"the steps form a cycle: {path}", loc="steps")
     _check_disjoint(recipe)
-    output_step(recipe, g)
+    g.graph["output"] = output_step(recipe, g)
+    return g
 
 
 def _check_ports(recipe: RecipeBase, sid: str, step) -> None:
@@ -136,9 +141,8 @@ def _disjoint_hint(recipe: RecipeBase, a: str, b: str) -> str:
     return "merge only partials that skip each other's pairs (through an exclude port)"
 
 
-def output_step(recipe: RecipeBase, g: nx.DiGraph | None = None) -> str:
+def output_step(recipe: RecipeBase, g: nx.DiGraph) -> str:
     """The single step whose result is the output; RecipeError if there is not exactly one."""
-    g = build_graph(recipe) if g is None else g
     sinks = [n for n in g.nodes if g.out_degree(n) == 0]
     if recipe.output is not None:
         if recipe.output not in recipe.steps:
@@ -169,7 +173,7 @@ def output_step(recipe: RecipeBase, g: nx.DiGraph | None = None) -> str:
 
 def describe(recipe: RecipeBase, kernels: dict[str, str] | None = None) -> str:
     """Human-readable listing: nodes in execution order with knobs, inputs and kernels."""
-    g = build_graph(recipe)
+    g = recipe.graph
     lines = [f"recipe {recipe.name}: {g.number_of_nodes()} steps, output {recipe.output_id}"]
     for sid in nx.topological_sort(g):
         step = recipe.steps[sid]
@@ -187,7 +191,7 @@ def describe(recipe: RecipeBase, kernels: dict[str, str] | None = None) -> str:
 
 def to_dot(recipe: RecipeBase) -> str:
     """Graphviz DOT text of the recipe graph."""
-    g = build_graph(recipe)
+    g = recipe.graph
     out = [f'digraph "{recipe.name}" {{', "  rankdir=LR;"]
     for sid in g.nodes:
         step = recipe.steps[sid]
@@ -202,8 +206,6 @@ def to_dot(recipe: RecipeBase) -> str:
 
 
 def _fmt(value) -> str:
-    from attncompose.spec.knobs import is_tunable
-
     if not is_tunable(value):
         return str(value)
     if hasattr(value, "choices"):
