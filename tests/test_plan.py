@@ -16,12 +16,13 @@ from attncompose.primitives.block.fused import plan_attention as fused_plan_atte
 from attncompose.primitives.block.plan_torch import plan_attention as naive_plan_attention
 from attncompose.primitives.plan import FULL, NONE, PARTIAL, BlockPlan, plan_block_size
 from attncompose.primitives.power import Power
+from attncompose.primitives.power.schema import PowerStep
 from attncompose.primitives.sink import SinkCoverage
 from attncompose.primitives.topk import Topk
+from attncompose.primitives.topk.schema import TopkStep
 from attncompose.primitives.window import WindowCoverage
 from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
-from attncompose.spec.steps import PowerStep, TopkStep
 
 # problems: (rows, Lq, Lk, causal); causal ones bottom-right aligned
 PROBLEMS = {

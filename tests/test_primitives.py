@@ -17,13 +17,15 @@ from attncompose.primitives.block.naive import block_attention as naive_block_at
 from attncompose.primitives.exact.naive import exact_attention
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh.naive import gray_code, gray_rank
+from attncompose.primitives.lsh.schema import LshStep
 from attncompose.primitives.merge.naive import merge_into, merge_partials
 from attncompose.primitives.topk import Topk
+from attncompose.primitives.topk.schema import TopkStep
 from attncompose.primitives.uniform_sample import UniformSample
 from attncompose.primitives.uniform_sample.naive import MIN_GROUP, query_groups, sample_tiles
+from attncompose.primitives.uniform_sample.schema import UniformSampleStep
 from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
-from attncompose.spec.steps import LshStep, TopkStep, UniformSampleStep
 
 TIGHT = 1e-5  # relative error of float32 against the float64 reference
 
@@ -528,8 +530,9 @@ class TestZeroSwitchesPartsOff(ReducesToExact):
 @pytest.mark.parametrize("width", [0, 1, 5, 40])
 def test_window_and_sink_kernels_match_dense_mask(block_attention, causal, lq, lk, width):
     from attncompose.primitives.sink import Sink
+    from attncompose.primitives.sink.schema import SinkStep
     from attncompose.primitives.window import Window
-    from attncompose.spec.steps import SinkStep, WindowStep
+    from attncompose.primitives.window.schema import WindowStep
 
     p = make_problem(2, lq, lk, causal=causal)
     win = Window(WindowStep(width=width))(p).bind(16)
@@ -574,9 +577,11 @@ def test_key_ranges_read_as_views_equal_gathers(block_attention, causal, lq, lk,
 def test_union_of_detectors_counts_no_key_twice(causal):
     """block(select=[sink, window, lsh, topk]) equals attention over the union of their pairs."""
     from attncompose.primitives.block import Block
+    from attncompose.primitives.block.schema import BlockStep
     from attncompose.primitives.sink import Sink
+    from attncompose.primitives.sink.schema import SinkStep
     from attncompose.primitives.window import Window
-    from attncompose.spec.steps import BlockStep, SinkStep, WindowStep
+    from attncompose.primitives.window.schema import WindowStep
 
     p = make_problem(2, 120, 120, causal=causal, seed=8)
     sels = [

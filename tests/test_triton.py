@@ -32,15 +32,16 @@ from attncompose.primitives.exact import triton as exact_triton
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh import naive as lsh_naive
 from attncompose.primitives.lsh import triton as lsh_triton
+from attncompose.primitives.lsh.schema import LshStep
 from attncompose.primitives.sink import SinkCoverage
 from attncompose.primitives.topk import Topk
 from attncompose.primitives.topk import naive as topk_naive
 from attncompose.primitives.topk import triton as topk_triton
+from attncompose.primitives.topk.schema import TopkStep
 from attncompose.primitives.uniform_sample.naive import draw_uniforms, sample_tiles
 from attncompose.primitives.window import WindowCoverage
 from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
-from attncompose.spec.steps import LshStep, TopkStep
 
 pytestmark = pytest.mark.triton
 
@@ -431,7 +432,7 @@ def plan_cases(problem):
     """(name, plan) of block plans of every kind of selection on ``problem``."""
     from attncompose.primitives.plan import BlockPlan
     from attncompose.primitives.power import Power
-    from attncompose.spec.steps import PowerStep
+    from attncompose.primitives.power.schema import PowerStep
 
     sink, window = SinkCoverage(3), WindowCoverage(17)
     topp = Topk(TopkStep(block_size=16, p=0.8, max_k=3))(problem)

@@ -1,31 +1,67 @@
-"""Primitives: each a folder with its PyTorch reference (``naive.py``) and its runtime."""
+"""Primitives: one folder per op, and the op list that registers them.
+
+Each folder ``attncompose/primitives/<op>/`` holds all of one primitive: its step model
+(``schema.py``, pydantic, no torch), its runtime (the :class:`Primitive` subclass in
+``__init__.py``, with its selection and coverage), its PyTorch reference (``naive.py``) and
+its kernels. :func:`register` takes a primitive in: its step model into the recipe's
+vocabulary (:func:`attncompose.spec.register_step`) and its runtime under its op name.
+:data:`OPS`, the op list, registers the built-in ones in the order recipes' messages name
+them; adding a primitive is one folder and one entry there.
+"""
 
 from __future__ import annotations
 
-from attncompose.primitives import (
-    block,
-    causal_split,
-    exact,
-    lsh,
-    merge,
-    power,
-    sink,
-    topk,
-    uniform_sample,
-    window,
-)
 from attncompose.primitives.base import (
-    PRIMITIVES,
     Coverage,
     Partial,
     Primitive,
     Problem,
     Selection,
     Tiles,
-    register,
 )
+from attncompose.primitives.block import Block
+from attncompose.primitives.causal_split import CausalSplit
+from attncompose.primitives.exact import Exact
+from attncompose.primitives.lsh import Lsh
+from attncompose.primitives.merge import Merge
+from attncompose.primitives.power import Power
+from attncompose.primitives.sink import Sink
+from attncompose.primitives.topk import Topk
+from attncompose.primitives.uniform_sample import UniformSample
+from attncompose.primitives.window import Window
+from attncompose.spec.steps import register_step
+
+PRIMITIVES: dict[str, type[Primitive]] = {}
+
+
+def register(primitive: type[Primitive]) -> type[Primitive]:
+    """Take a primitive in: its step model and its runtime, under its op name."""
+    op = primitive.op
+    if PRIMITIVES.get(op, primitive) is not primitive:
+        raise ValueError(f"a primitive named {op!r} is already registered")
+    register_step(primitive.schema)
+    PRIMITIVES[op] = primitive
+    return primitive
+
+
+# the op list
+OPS: tuple[type[Primitive], ...] = (
+    Lsh,
+    Topk,
+    Sink,
+    Window,
+    Power,
+    Block,
+    UniformSample,
+    Merge,
+    Exact,
+    CausalSplit,
+)
+for _primitive in OPS:
+    register(_primitive)
 
 __all__ = [
+    "OPS",
     "PRIMITIVES",
     "Coverage",
     "Partial",
@@ -35,4 +71,3 @@ __all__ = [
     "Tiles",
     "register",
 ]
-del block, causal_split, exact, lsh, merge, power, sink, topk, uniform_sample, window

@@ -1,4 +1,4 @@
-"""What primitives exchange, and the registry that maps a step's ``op`` to its runtime.
+"""What primitives exchange, and the base class of their runtimes.
 
 Shapes: the runtime flattens batch and query heads into one leading dimension ``N = B*Hq``
 (keys and values are expanded from ``Hkv`` to ``Hq`` heads beforehand), so
@@ -258,26 +258,32 @@ class Selection:
 
 
 class Primitive:
-    """Runtime of one step. Subclasses set ``op`` and implement ``__call__``.
+    """Runtime of one step, and what its op folder declares: ``schema``, the step model (its
+    ``op`` literal names the primitive). Subclasses implement ``__call__``.
 
     ``__call__(problem, **ports)`` receives the values of the step's input ports (lists of
     values; a lazy port receives a function ``Problem -> value``) and returns a Selection or
     a Partial.
     """
 
-    op: ClassVar[str]
+    schema: ClassVar[type[StepSpec]]
+    op: ClassVar[str]  # the schema's op name
     # On a non-causal problem, the result does not depend on where the problem sits in the
     # sequence (its offsets), random draws apart: independent problems of equal shape may be
     # stacked as rows of one problem (the causal splitter does so per level)
     offset_free: ClassVar[bool] = False
+    # A selection step whose Selection has a block form (it can take part in a block plan)
+    block_form: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "schema" in vars(cls):
+            cls.op = cls.schema.op_name()
 
     def __init__(self, step: StepSpec, backend: str = "torch"):
         self.step = step
         self.knobs = step.knobs()
         self.backend = backend
-
-    # A selection step whose Selection has a block form (it can take part in a block plan)
-    block_form: ClassVar[bool] = False
 
     def connect(self, inputs: dict[str, list[Primitive]]) -> None:
         """Called once at compile time with the runtimes wired into each port (a primitive
@@ -289,17 +295,6 @@ class Primitive:
 
     def __call__(self, problem: Problem, **ports: Any) -> Any:
         raise NotImplementedError
-
-
-PRIMITIVES: dict[str, type[Primitive]] = {}
-
-
-def register(cls: type[Primitive]) -> type[Primitive]:
-    """Register a primitive's runtime under its op name."""
-    if cls.op in PRIMITIVES and PRIMITIVES[cls.op] is not cls:
-        raise ValueError(f"a primitive named {cls.op!r} is already registered")
-    PRIMITIVES[cls.op] = cls
-    return cls
 
 
 def gather_rows(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:

@@ -14,7 +14,8 @@ from typing import Any
 
 import networkx as nx
 
-from attncompose.primitives.base import PRIMITIVES, Partial, Primitive, Problem
+from attncompose.primitives import PRIMITIVES
+from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.runtime.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
 

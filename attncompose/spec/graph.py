@@ -70,7 +70,7 @@ def _check_ports(recipe: RecipeBase, sid: str, step) -> None:
             src_type = type(recipe.steps[src])
             if src_type.produces not in spec.kinds:
                 raise RecipeError(
-                    f"step {src!r} ({src_type.model_fields['op'].default}) produces a "
+                    f"step {src!r} ({src_type.op_name()}) produces a "
                     f"{src_type.produces}, but this port takes a {' or '.join(spec.kinds)}",
                     loc=loc,
                 )

@@ -25,8 +25,8 @@ from attncompose.primitives.base import (
     UnionCoverage,
     add_products,
     counting_products,
-    register,
 )
+from attncompose.primitives.block.schema import BlockStep
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, static_plan
 from attncompose.runtime import dispatch
@@ -47,9 +47,8 @@ def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> T
     return replace(tiles, key_bias=bias.masked_fill(covered, float("-inf")))
 
 
-@register
 class Block(Primitive):
-    op = "block"
+    schema = BlockStep
     offset_free = True
 
     def __call__(self, problem: Problem, select: list, exclude: list = ()) -> Partial:

@@ -18,7 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from attncompose.primitives.base import Partial, Primitive, Problem, register
+from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.causal_split.schema import CausalSplitStep
 from attncompose.primitives.exact.fast import fused_exact_attention
 from attncompose.primitives.merge.naive import merge_into, merge_partials
 from attncompose.runtime import dispatch
@@ -126,9 +127,8 @@ def _halve(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Parti
     return Partial(torch.cat([top.out, bottom.out], dim=1), torch.cat([top.lse, bottom.lse], 1))
 
 
-@register
 class CausalSplit(Primitive):
-    op = "causal_split"
+    schema = CausalSplitStep
 
     def __call__(self, problem: Problem, body: Body) -> Partial:
         exact = dispatch.choose("exact", self.backend, problem).load()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from attncompose.primitives.base import Partial, Primitive, Problem, register
+from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.exact.schema import ExactStep
 from attncompose.runtime import dispatch
 
 
-@register
 class Exact(Primitive):
-    op = "exact"
+    schema = ExactStep
     offset_free = True
 
     def __call__(self, problem: Problem) -> Partial:

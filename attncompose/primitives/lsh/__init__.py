@@ -24,10 +24,10 @@ from attncompose.primitives.base import (
     Problem,
     Selection,
     Tiles,
-    register,
     take,
 )
 from attncompose.primitives.lsh.naive import gray_rank, hash_codes, mips_augment, projections
+from attncompose.primitives.lsh.schema import LshStep
 from attncompose.runtime import dispatch
 
 
@@ -112,9 +112,8 @@ class LshCoverage(Coverage):
         return idx.masked_fill(slots >= length, -1)
 
 
-@register
 class Lsh(Primitive):
-    op = "lsh"
+    schema = LshStep
     offset_free = True
 
     def __call__(self, problem: Problem) -> LshSelection:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from attncompose.primitives.base import Partial, Primitive, Problem, register
+from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.primitives.merge.naive import merge_partials
+from attncompose.primitives.merge.schema import MergeStep
 
 
-@register
 class Merge(Primitive):
-    op = "merge"
+    schema = MergeStep
     offset_free = True
 
     def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from attncompose.primitives.base import Primitive, Problem, register
+from attncompose.primitives.base import Primitive, Problem
+from attncompose.primitives.power.schema import PowerStep
 from attncompose.primitives.topk import TopkCoverage
 
 
@@ -27,9 +28,8 @@ def power_table(problem: Problem, size: int, max_distance: int) -> torch.Tensor:
     return table.expand(problem.q.shape[0], -1, -1)
 
 
-@register
 class Power(Primitive):
-    op = "power"
+    schema = PowerStep
     block_form = True
 
     def __call__(self, problem: Problem) -> TopkCoverage:

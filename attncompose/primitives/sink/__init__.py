@@ -18,9 +18,9 @@ from attncompose.primitives.base import (
     Selection,
     Tiles,
     natural_tiles,
-    register,
 )
 from attncompose.primitives.plan import BlockGrid, interval_states
+from attncompose.primitives.sink.schema import SinkStep
 
 
 @dataclass
@@ -56,9 +56,8 @@ class SinkCoverage(Selection, Coverage):
         return Tiles(q_idx, k_idx, exact=True, k_start=start)
 
 
-@register
 class Sink(Primitive):
-    op = "sink"
+    schema = SinkStep
     block_form = True
 
     def __call__(self, problem: Problem) -> SinkCoverage:

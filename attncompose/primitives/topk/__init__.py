@@ -14,11 +14,11 @@ from attncompose.primitives.base import (
     Selection,
     Tiles,
     natural_tiles,
-    register,
     take,
 )
 from attncompose.primitives.plan import FULL, BlockGrid, table_fits
 from attncompose.primitives.topk.naive import select_blocks
+from attncompose.primitives.topk.schema import TopkStep
 from attncompose.runtime import dispatch
 
 
@@ -84,9 +84,8 @@ class TopkCoverage(Selection, Coverage):
         return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=True)
 
 
-@register
 class Topk(Primitive):
-    op = "topk"
+    schema = TopkStep
     block_form = True
     offset_free = True
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from attncompose.primitives.base import Partial, Primitive, Problem, register
+from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.primitives.uniform_sample.naive import residual_tiles
+from attncompose.primitives.uniform_sample.schema import UniformSampleStep
 from attncompose.runtime import dispatch
 
 
-@register
 class UniformSample(Primitive):
-    op = "uniform_sample"
+    schema = UniformSampleStep
     offset_free = True
 
     def __call__(self, problem: Problem, exclude: list = ()) -> Partial:

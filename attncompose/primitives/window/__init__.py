@@ -19,9 +19,9 @@ from attncompose.primitives.base import (
     Selection,
     Tiles,
     natural_tiles,
-    register,
 )
 from attncompose.primitives.plan import BlockGrid, interval_states
+from attncompose.primitives.window.schema import WindowStep
 
 
 @dataclass
@@ -64,9 +64,8 @@ class WindowCoverage(Selection, Coverage):
         return Tiles(q_idx, k_idx.expand(n, -1, -1), k_start=start)
 
 
-@register
 class Window(Primitive):
-    op = "window"
+    schema = WindowStep
     block_form = True
 
     def __call__(self, problem: Problem) -> WindowCoverage:

@@ -1,0 +1,23 @@
+"""The ``topk`` step: its knobs and what it produces (pydantic, imports no torch)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from attncompose.spec.knobs import float_knob, int_knob
+from attncompose.spec.steps import SELECTION, StepSpec
+
+
+class TopkStep(StepSpec):
+    """Block top-k detector: key blocks of largest block-mean score, by count k or coverage p."""
+
+    op: Literal["topk"] = "topk"
+    produces: ClassVar[str] = SELECTION
+    block_size: int_knob(ge=1) = 64
+    k: int_knob(ge=0) = 8
+    p: float_knob(ge=0.0, le=1.0) | None = Field(
+        None, description="coverage mode: smallest set of blocks whose estimated mass reaches p"
+    )
+    max_k: int_knob(ge=1) = 64
