@@ -627,12 +627,12 @@ def test_power_pattern_picks_power_of_two_distances():
 def test_static_table_tiles_share_one_mask_across_rows(block_attention, causal):
     """A static block table (power) is the same for every head: its tiles stay expanded along
     rows, so the kernel builds one pair mask for all of them; same pairs as the dense mask."""
+    from attncompose.primitives.coverages import BlockTable
     from attncompose.primitives.power import power_table
-    from attncompose.primitives.topk import TopkCoverage
     from attncompose.primitives.window import WindowCoverage
 
     p = make_problem(3, 90, 90, causal=causal, seed=6)
-    cov = TopkCoverage(power_table(p, 8, max_distance=32), 8)
+    cov = BlockTable(power_table(p, 8, max_distance=32), 8)
     tiles = cov.tiles(p)
     assert cov.row_invariant and tiles.k_idx.stride(0) == 0
     window = WindowCoverage(5).bind(16)

@@ -164,6 +164,22 @@ class Tiles:
     k_start: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Predicate:
+    """A coverage as kernel data, so a Triton kernel or a FlexAttention ``mask_mod`` can test
+    "is (i, j) covered?": each query gets a group id ``q_ids[n, i]`` and each key a group id
+    ``k_ids[n, j]`` (int32, [N or 1, Lq] and [N or 1, Lk]; 1: the same for every row). The
+    pair is covered iff ``q_ids == k_ids`` (bucket form: sortLSH), iff ``table[n, a, b]``
+    when ``table`` [N or 1, A, B] bool is set (table form: block tables), or iff
+    ``0 <= q_ids - k_ids < band`` when ``band`` is set (band form on positions: windows,
+    sinks)."""
+
+    q_ids: Tensor
+    k_ids: Tensor
+    table: Tensor | None = None
+    band: int | None = None
+
+
 class Coverage:
     """The (query, key) pairs one kernel input computes exactly."""
 
@@ -187,6 +203,18 @@ class Coverage:
         """Whether ``covers`` depends on the key alone (sinks): excluding such a coverage is
         a -inf bias on its keys, not a pair rule."""
         return False
+
+    # -- kernel form (:class:`Predicate`) --------------------------------------------------
+
+    @property
+    def has_kernel_form(self) -> bool:
+        """Whether :meth:`predicates` gives this coverage as kernel data."""
+        return False
+
+    def predicates(self, problem: Problem) -> list[Predicate]:
+        """Predicates whose union is this coverage on ``problem`` (several only for a union,
+        which kernels can then only exclude)."""
+        raise TypeError(f"{type(self).__name__} has no kernel form")
 
     # -- block form (see :mod:`attncompose.primitives.plan`) ---------------------------------
 
@@ -224,6 +252,13 @@ class UnionCoverage(Coverage):
     @property
     def has_block_form(self) -> bool:
         return all(part.has_block_form for part in self.parts)
+
+    @property
+    def has_kernel_form(self) -> bool:
+        return all(part.has_kernel_form for part in self.parts)
+
+    def predicates(self, problem: Problem) -> list[Predicate]:
+        return [p for part in self.parts for p in part.predicates(problem)]
 
     @property
     def key_only(self) -> bool:

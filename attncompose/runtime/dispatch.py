@@ -62,14 +62,13 @@ def triton_reasons(problem: Problem) -> list[str]:
 
 def _block_reasons(problem: Problem, tiles=None, own=None, exclude=()) -> list[str]:
     from attncompose.primitives.base import UnionCoverage
-    from attncompose.primitives.coverage_args import has_kernel_form
 
     reasons = triton_reasons(problem)
     if isinstance(own, UnionCoverage):
         reasons.append("a union coverage cannot be a tile kernel's own selection")
     for cov in (own, *exclude):
-        if cov is not None and not has_kernel_form(cov):
-            reasons.append(f"coverage {type(cov).__name__} has no kernel form (coverage_args)")
+        if cov is not None and not cov.has_kernel_form:
+            reasons.append(f"coverage {type(cov).__name__} has no kernel form (predicates)")
     return reasons
 
 

@@ -24,8 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial, Problem
-from attncompose.primitives.coverage_args import Predicate, predicates
+from attncompose.primitives.base import Partial, Predicate, Problem
 from attncompose.primitives.plan import FULL, PARTIAL, BlockPlan
 
 COMPILE_BACKEND = "inductor"  # tests may use "eager" to check the compile policy quickly
@@ -118,8 +117,8 @@ def mask_mod(problem: Problem, plan: BlockPlan) -> Callable:
     )
     states = plan.state  # [R, nQB, nKB]: which blocks take part at all
     shared = states.shape[0] == 1
-    own = [_pair_fn(p) for cov in plan.own for p in predicates(cov, problem)]
-    excluded = [_pair_fn(p) for cov in plan.exclude for p in predicates(cov, problem)]
+    own = [_pair_fn(p) for cov in plan.own for p in cov.predicates(problem)]
+    excluded = [_pair_fn(p) for cov in plan.exclude for p in cov.predicates(problem)]
 
     def rule(b, h, q_idx, kv_idx):
         inside = (q_idx < bounds[0]) & (kv_idx < bounds[1])

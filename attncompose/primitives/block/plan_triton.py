@@ -5,10 +5,11 @@ loads its queries once, then runs ONE online softmax over every key block the pl
 its query block: first the full blocks, read as contiguous key ranges with no mask at all,
 then the partial blocks, where the pair rule is evaluated (bounds, causal on absolute
 positions, the plan's own coverages OR'ed, its exclusions subtracted, all as kernel data:
-:mod:`attncompose.primitives.coverage_args`). A per-key log-weight (``key_bias``) rides along
-in both. float16/bfloat16 inputs are read as they are and multiplied in their precision,
-accumulation is float32, ``out`` is written in the inputs' dtype and ``lse`` in float32.
-Tiles (BQ, BK dividing the plan's blocks), warps and stages are autotuned per device.
+:meth:`~attncompose.primitives.base.Coverage.predicates`). A per-key log-weight
+(``key_bias``) rides along in both. float16/bfloat16 inputs are read as they are and
+multiplied in their precision, accumulation is float32, ``out`` is written in the inputs'
+dtype and ``lse`` in float32. Tiles (BQ, BK dividing the plan's blocks), warps and stages
+are autotuned per device.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import triton.language as tl
 
 from attncompose.primitives.base import Partial, Problem
 from attncompose.primitives.block.triton import Packed, covered, pack
-from attncompose.primitives.coverage_args import predicates
 from attncompose.primitives.exact.triton import (
     LOG2E,
     autotuned,
@@ -194,8 +194,8 @@ def not_supported_reasons(problem: Problem, plan: BlockPlan | None = None) -> li
 
 def _packed(problem: Problem, plan: BlockPlan) -> tuple[Packed, int]:
     """The plan's pair rule as kernel data: own predicates first (OR), then exclusions."""
-    rules = [(p, True) for cov in plan.own for p in predicates(cov, problem)]
-    rules += [(p, False) for cov in plan.exclude for p in predicates(cov, problem)]
+    rules = [(p, True) for cov in plan.own for p in cov.predicates(problem)]
+    rules += [(p, False) for cov in plan.exclude for p in cov.predicates(problem)]
     return pack(problem, rules), sum(want for _, want in rules)
 
 

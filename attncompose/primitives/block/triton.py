@@ -4,7 +4,7 @@ Same contract as the reference ``block_attention``. One program per (query sub-t
 row n) gathers its queries by ``q_idx``, streams the tile's candidate keys (``k_idx``) in
 chunks with an online softmax and applies, per pair: padding (-1), the causal mask on
 absolute positions, the selection's own coverage (unless ``tiles.exact``) and every
-``exclude`` coverage, all as kernel data (:mod:`attncompose.primitives.coverage_args`).
+``exclude`` coverage, all as kernel data (:meth:`Coverage.predicates`).
 The tile's ``lse_shift`` is added to its rows' lse and its ``key_bias`` to the scores of each
 candidate key (a key with bias ``-inf`` takes no part).
 """
@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Partial, Problem, Tiles
-from attncompose.primitives.coverage_args import Predicate, predicates
+from attncompose.primitives.base import Coverage, Partial, Predicate, Problem, Tiles
 from attncompose.primitives.exact.triton import (
     LOG2E,
     autotuned,
@@ -214,11 +213,11 @@ def block_attention(
         )
     rules: list[tuple[Predicate, bool]] = []
     if own is not None and not tiles.exact:
-        mine = predicates(own, problem)
+        mine = own.predicates(problem)
         if len(mine) != 1:
             raise TypeError("a union coverage can only be excluded, not selected, in a kernel")
         rules.append((mine[0], True))
-    rules += [(p, False) for cov in exclude for p in predicates(cov, problem)]
+    rules += [(p, False) for cov in exclude for p in cov.predicates(problem)]
     packed = pack(problem, rules)
     q, k, v = problem.q, problem.k, problem.v
     n, t, tq = tiles.q_idx.shape

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from attncompose.primitives.base import (
     Coverage,
+    Predicate,
     Primitive,
     Problem,
     Selection,
@@ -70,6 +71,17 @@ class LshCoverage(Coverage):
         median = ((slots // bq) * bq + bq // 2).clamp_max(problem.lq - 1)
         where = torch.searchsorted(self.sel.k_rank, self.sel.q_rank[:, median])  # [N, S]
         return (where // b).clamp_max(n_blocks - 1)
+
+    has_kernel_form = True
+
+    def predicates(self, problem: Problem) -> list[Predicate]:
+        """Bucket form: each query's paired key block against each key's block."""
+        n = self.sel.q_pos.shape[0]
+        slots = torch.arange(problem.lq, device=self.sel.q_pos.device)
+        slot_bucket = self._slot_bucket(problem, slots).expand(n, -1)  # [N, Lq] by sorted slot
+        q_bucket = slot_bucket.gather(1, self.sel.q_pos)  # [N, Lq] by query index
+        k_bucket = self.sel.k_pos // self._block(problem)  # [N, Lk]
+        return [Predicate(q_bucket.int(), k_bucket.int())]
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         slot_bucket = self._slot_bucket(problem, torch.arange(problem.lq, device=qi.device))

@@ -3,8 +3,9 @@
 Query block i attends to the key blocks at block distance 0, 1, 2, 4, 8, ... (up to
 ``max_distance``; 0 switches the pattern off), so information reaches any earlier position in
 a logarithmic number of layers. Distances are in absolute positions, so the pattern is the
-same inside a causal splitter's rectangles. The result is a block table, the same coverage
-the ``topk`` detector produces.
+same inside a causal splitter's rectangles. The result is a static
+:class:`~attncompose.primitives.coverages.BlockTable` (one table for every row), the kind
+of coverage the ``topk`` detector computes from the data.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from attncompose.primitives.base import Primitive, Problem
+from attncompose.primitives.coverages import BlockTable
 from attncompose.primitives.power.schema import PowerStep
-from attncompose.primitives.topk import TopkCoverage
 
 
 def power_table(problem: Problem, size: int, max_distance: int) -> torch.Tensor:
@@ -32,12 +33,12 @@ class Power(Primitive):
     schema = PowerStep
     block_form = True
 
-    def __call__(self, problem: Problem) -> TopkCoverage:
+    def __call__(self, problem: Problem) -> BlockTable:
         # blocks are absolute: from the sequence's end up, one block holds every position
         end = max(problem.q_offset + problem.lq, problem.k_offset + problem.lk)
         size = min(self.knobs["block_size"], 1 << max(0, end - 1).bit_length())
         reach = min(self.knobs["max_distance"], -(-end // size))
-        return TopkCoverage(power_table(problem, size, reach), size, key=("power", size, reach))
+        return BlockTable(power_table(problem, size, reach), size, key=("power", size, reach))
 
     def kernel_name(self) -> str:
         return "positions only (no kernel)"

@@ -1,7 +1,8 @@
 """``sink``: exact attention to the first ``count`` keys (attention sinks, StreamingLLM).
 
 Positions are absolute, so inside a causal splitter only rectangles that hold the first keys
-see them. ``count = 0`` selects nothing.
+see them. ``count = 0`` selects nothing. The coverage is a :class:`KeyBand` whose band ends
+at the fixed position ``count - 1``, the same keys for every query.
 """
 
 from __future__ import annotations
@@ -11,49 +12,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import (
-    Coverage,
-    Primitive,
-    Problem,
-    Selection,
-    Tiles,
-    natural_tiles,
-)
-from attncompose.primitives.plan import BlockGrid, interval_states
+from attncompose.primitives.base import Primitive, Problem
+from attncompose.primitives.coverages import KeyBand
 from attncompose.primitives.sink.schema import SinkStep
 
 
 @dataclass
-class SinkCoverage(Selection, Coverage):
+class SinkCoverage(KeyBand):
+    """The keys at absolute positions [0, count)."""
+
     count: int
-    tile: int = 128
 
-    row_invariant = True  # positions only
+    key_only = True  # which keys, whatever the query
 
-    def bind(self, block_size: int) -> SinkCoverage:
-        return SinkCoverage(self.count, tile=block_size)
+    @property
+    def extent(self) -> int:
+        return self.count
 
-    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        return (kj + problem.k_offset < self.count) & (kj >= 0)
+    def anchor(self, q_pos: Tensor) -> int:
+        return self.count - 1
 
-    has_block_form = True
-    key_only = True
-
-    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
-        k_first, k_last = grid.k_span(problem.q.device)  # [nKB]
-        states = interval_states(k_last < self.count, k_first < self.count)
-        return states.expand(1, grid.nqb, -1)
-
-    def static_key(self) -> tuple:
-        return ("sink", self.count)
-
-    def tiles(self, problem: Problem) -> Tiles:
-        n, dev = problem.q.shape[0], problem.q.device
-        width = max(0, min(problem.lk, self.count - problem.k_offset))
-        q_idx = natural_tiles(n, problem.lq, min(self.tile, problem.lq), dev)
-        k_idx = torch.arange(width, device=dev).expand(n, q_idx.shape[1], width)
-        start = torch.zeros(q_idx.shape[1], dtype=torch.long, device=dev)
-        return Tiles(q_idx, k_idx, exact=True, k_start=start)
+    def key_range(self, problem: Problem, first_q: Tensor, bq: int) -> tuple[Tensor, int]:
+        width = max(0, min(problem.lk, self.count - problem.k_offset))  # in range: no padding
+        return torch.zeros_like(first_q), width
 
 
 class Sink(Primitive):

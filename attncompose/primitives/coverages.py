@@ -1,0 +1,185 @@
+"""Coverages that several ops produce: a table of key blocks, a band of key positions.
+
+- :class:`BlockTable`: per (row, query block), which key blocks are selected; every pair of a
+  selected block is covered. The ``topk`` detector computes one per row from the data, the
+  ``power`` pattern one for every row from positions alone.
+- :class:`KeyBand`: each query covers the keys whose absolute positions lie in a band of
+  fixed width ending at an anchor, ``(anchor - width, anchor]``; the anchor is the query's own
+  position (``window``) or a fixed position (``sink``: the first ``count`` keys end at
+  ``count - 1``). Positions only: the same for every row, with a block form (static plans),
+  key ranges as tiles and the band form as kernel data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import (
+    Coverage,
+    Predicate,
+    Problem,
+    Selection,
+    Tiles,
+    natural_tiles,
+    take,
+)
+from attncompose.primitives.plan import FULL, BlockGrid, interval_states, table_fits
+
+
+@dataclass
+class BlockTable(Selection, Coverage):
+    """Key blocks selected per query block: ``table`` [N or 1, nQB, nKB] bool (key block j
+    selected for query block i; one row, or rows expanded by stride 0, for a table shared
+    by every row) on blocks of ``size`` positions. ``key``: set by static tables (built from
+    knobs and positions alone), so that their plans are built once."""
+
+    table: Tensor
+    size: int
+    key: tuple | None = None
+
+    def bind(self, block_size: int) -> BlockTable:
+        return self  # its own block size defines the geometry
+
+    @property
+    def row_invariant(self) -> bool:
+        return self.table.shape[0] == 1 or self.table.stride(0) == 0  # a static table (power)
+
+    def _rows(self, rows: int) -> Tensor:
+        """The table for index tensors of ``rows`` rows (1: shared by every row)."""
+        return self.table[:1] if rows == 1 and self.row_invariant else self.table
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        table = self._rows(max(qi.shape[0], kj.shape[0]))
+        nkb = table.shape[-1]
+        qb, kb = qi.clamp_min(0) // self.size, kj.clamp_min(0) // self.size
+        shape = torch.broadcast_shapes(qb.shape, kb.shape)
+        return take(table.flatten(1), (qb * nkb + kb).expand(table.shape[0], *shape[1:]))
+
+    has_kernel_form = True
+
+    def predicates(self, problem: Problem) -> list[Predicate]:
+        dev = self.table.device
+        q_block = (torch.arange(problem.lq, device=dev, dtype=torch.int32) // self.size)[None]
+        k_block = (torch.arange(problem.lk, device=dev, dtype=torch.int32) // self.size)[None]
+        # a static table (power) is one table for every row, whatever the rows of the call
+        return [Predicate(q_block, k_block, self._rows(1))]
+
+    has_block_form = True
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
+        fits = table_fits(self.size, grid.block_q, grid.nqb) and table_fits(
+            self.size, grid.block_k, grid.nkb
+        )
+        if not fits:
+            raise ValueError(f"plan blocks {grid.block_q}x{grid.block_k} must divide {self.size}")
+        table = self._rows(1)
+        dev = table.device
+        qi = torch.arange(grid.nqb, device=dev) * grid.block_q // self.size
+        kj = torch.arange(grid.nkb, device=dev) * grid.block_k // self.size
+        return table[:, qi][:, :, kj].to(torch.uint8) * FULL
+
+    def block_grid(self) -> int:
+        return self.size
+
+    def static_key(self) -> tuple | None:
+        return self.key
+
+    def tiles(self, problem: Problem) -> Tiles:
+        n, _, nkb = self.table.shape
+        dev = self.table.device
+        # a static table (the same for every row) gives tiles expanded along rows
+        table = self._rows(1)
+        count = int(table.sum(-1).max()) if table.numel() else 0
+        # selected block ids first (ascending), then unselected ones marked -1
+        key = torch.where(table, torch.arange(nkb, device=dev), nkb + 1)
+        blocks = torch.sort(key, dim=-1).values[..., : max(count, 1)]  # [N, nQB, K]
+        k_idx = blocks[..., None] * self.size + torch.arange(self.size, device=dev)
+        k_idx = k_idx.flatten(-2)  # [N, nQB, K*size]
+        k_idx = k_idx.masked_fill(
+            (blocks.repeat_interleave(self.size, -1) > nkb) | (k_idx >= problem.lk), -1
+        )
+        q_idx = natural_tiles(n, problem.lq, self.size, dev)
+        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=True)
+
+
+@dataclass
+class KeyBand(Selection, Coverage):
+    """Keys at absolute positions ``(anchor - extent, anchor]`` for every query (see the module
+    doc); subclasses give :attr:`extent`, :meth:`anchor` and :meth:`key_range`. ``tile``:
+    queries per tile."""
+
+    tile: int = field(default=128, kw_only=True)
+
+    row_invariant = True  # positions only
+    has_block_form = True
+    has_kernel_form = True
+
+    @property
+    def extent(self) -> int:
+        """How many key positions the band holds (0: none)."""
+        raise NotImplementedError
+
+    def anchor(self, q_pos: Tensor) -> Tensor | int:
+        """The last key position covered by queries at absolute positions ``q_pos``."""
+        raise NotImplementedError
+
+    def key_range(self, problem: Problem, first_q: Tensor, bq: int) -> tuple[Tensor, int]:
+        """(first candidate key [T], local index, and keys per tile) of tiles of ``bq``
+        queries starting at local query indices ``first_q`` [T]."""
+        raise NotImplementedError
+
+    def bind(self, block_size: int) -> KeyBand:
+        return replace(self, tile=block_size)
+
+    def static_key(self) -> tuple:
+        return (
+            type(self).__name__,
+            *(getattr(self, f.name) for f in fields(self) if not f.kw_only),
+        )
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        # in local key indices: last covered key, and the one before the first (-1 at least,
+        # so that padding keys (-1) are never covered)
+        last = self.anchor(qi + problem.q_offset) - problem.k_offset
+        before = last - self.extent
+        before = max(before, -1) if isinstance(before, int) else before.clamp_min(-1)
+        return (kj <= last) & (kj > before)
+
+    def predicates(self, problem: Problem) -> list[Predicate]:
+        q_pos = _positions(problem, problem.lq, problem.q_offset)
+        anchor = self.anchor(q_pos)
+        if isinstance(anchor, int):
+            anchor = torch.full_like(q_pos, anchor)
+        return [
+            Predicate(anchor, _positions(problem, problem.lk, problem.k_offset), band=self.extent)
+        ]
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
+        q_first, q_last = (x[:, None] for x in grid.q_span(problem.q.device))  # [nQB, 1]
+        k_first, k_last = (x[None, :] for x in grid.k_span(problem.q.device))  # [1, nKB]
+        w = self.extent
+        end_first, end_last = self.anchor(q_first), self.anchor(q_last)
+        full = (k_last <= end_first) & (k_first > end_last - w)  # every pair inside the band
+        some = (k_first <= end_last) & (k_last > end_first - w) & (w > 0)
+        states = interval_states(full & (w > 0), some)
+        return states.expand(grid.nqb, grid.nkb)[None]
+
+    def tiles(self, problem: Problem) -> Tiles:
+        n, dev = problem.q.shape[0], problem.q.device
+        bq = min(self.tile, problem.lq)
+        q_idx = natural_tiles(n, problem.lq, bq, dev)
+        first_q = torch.arange(q_idx.shape[1], device=dev) * bq  # [T]
+        start, span = self.key_range(problem, first_q, bq)
+        k_idx = start[:, None] + torch.arange(span, device=dev)  # [T, nk]
+        k_idx = k_idx.masked_fill((k_idx < 0) | (k_idx >= problem.lk), -1)
+        # a band with a fixed anchor holds the same keys for every query: tiles are exact
+        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=self.key_only, k_start=start)
+
+
+def _positions(problem: Problem, length: int, offset: int) -> Tensor:
+    """Absolute positions [N, length] (int32) of a range starting at ``offset``."""
+    n = problem.q.shape[0]
+    return (torch.arange(length, device=problem.q.device, dtype=torch.int32) + offset).expand(n, -1)
