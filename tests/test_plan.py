@@ -10,6 +10,7 @@ import torch
 from oracle import dense_mask, make_problem, masked_attention
 
 import attncompose as ac
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import UnionCoverage
 from attncompose.primitives.block import plan_flex
 from attncompose.primitives.block.fused import plan_attention as fused_plan_attention
@@ -21,7 +22,6 @@ from attncompose.primitives.sink import SinkCoverage
 from attncompose.primitives.topk import Topk
 from attncompose.primitives.topk.schema import TopkStep
 from attncompose.primitives.window import WindowCoverage
-from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
 
 # problems: (rows, Lq, Lk, causal); causal ones bottom-right aligned

@@ -11,6 +11,7 @@ import torch
 from oracle import dense_mask, make_problem, masked_attention
 
 import attncompose as ac
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Tiles, count_products, natural_tiles
 from attncompose.primitives.block.fused import block_attention as fused_block_attention
 from attncompose.primitives.block.naive import block_attention as naive_block_attention
@@ -24,7 +25,6 @@ from attncompose.primitives.topk.schema import TopkStep
 from attncompose.primitives.uniform_sample import UniformSample
 from attncompose.primitives.uniform_sample.naive import MIN_GROUP, query_groups, sample_tiles
 from attncompose.primitives.uniform_sample.schema import UniformSampleStep
-from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
 
 TIGHT = 1e-5  # relative error of float32 against the float64 reference

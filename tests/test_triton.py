@@ -24,6 +24,7 @@ import triton
 import triton.runtime.interpreter
 
 import attncompose as ac
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Coverage, Partial, Tiles, UnionCoverage, natural_tiles
 from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import triton as block_triton
@@ -40,7 +41,6 @@ from attncompose.primitives.topk import triton as topk_triton
 from attncompose.primitives.topk.schema import TopkStep
 from attncompose.primitives.uniform_sample.naive import draw_uniforms, sample_tiles
 from attncompose.primitives.window import WindowCoverage
-from attncompose.runtime import dispatch
 from attncompose.runtime.compiler import Pipeline
 
 pytestmark = pytest.mark.triton
@@ -420,7 +420,7 @@ def test_auto_uses_torch_on_cpu_and_triton_refuses_unknown_coverage():
     class Opaque(Coverage):
         pass
 
-    (tile_kernel,) = [i for i in dispatch.OPS["block"] if i.name == "triton:tile-attention"]
+    (tile_kernel,) = [i for i in dispatch.KERNELS["block"] if i.name == "triton:tile-attention"]
     reasons = tile_kernel.not_supported_reasons(problem, own=None, exclude=(Opaque(),))
     assert any("Opaque has no kernel form" in r for r in reasons)
 

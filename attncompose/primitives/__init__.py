@@ -3,14 +3,17 @@
 Each folder ``attncompose/primitives/<op>/`` holds all of one primitive: its step model
 (``schema.py``, pydantic, no torch), its runtime (the :class:`Primitive` subclass in
 ``__init__.py``, with its selection and coverage), its PyTorch reference (``naive.py``) and
-its kernels. :func:`register` takes a primitive in: its step model into the recipe's
-vocabulary (:func:`attncompose.spec.register_step`) and its runtime under its op name.
+its kernels (``kernels.py``: each implementation with what it cannot run). :func:`register`
+takes a primitive in: its step model into the recipe's vocabulary
+(:func:`attncompose.spec.register_step`), its runtime under its op name, its kernels into
+:mod:`~attncompose.primitives.dispatch`.
 :data:`OPS`, the op list, registers the built-in ones in the order recipes' messages name
 them; adding a primitive is one folder and one entry there.
 """
 
 from __future__ import annotations
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import (
     Coverage,
     Partial,
@@ -35,12 +38,14 @@ PRIMITIVES: dict[str, type[Primitive]] = {}
 
 
 def register(primitive: type[Primitive]) -> type[Primitive]:
-    """Take a primitive in: its step model and its runtime, under its op name."""
+    """Take a primitive in: its step model, its runtime under its op name, its kernels."""
     op = primitive.op
     if PRIMITIVES.get(op, primitive) is not primitive:
         raise ValueError(f"a primitive named {op!r} is already registered")
     register_step(primitive.schema)
     PRIMITIVES[op] = primitive
+    for kernel in primitive.kernels:
+        dispatch.add(kernel)
     return primitive
 
 

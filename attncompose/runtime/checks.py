@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attncompose.errors import AttentionInputError
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class AttentionInputError(ValueError):
-    """Inputs that the attention call cannot take, with what is wrong."""
 
 
 def check_sdpa_options(attn_mask: object, dropout_p: float) -> None:

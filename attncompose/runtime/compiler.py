@@ -16,10 +16,9 @@ import networkx as nx
 
 from attncompose.primitives import PRIMITIVES
 from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.dispatch import BACKENDS
 from attncompose.runtime.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
-
-BACKENDS = ("auto", "torch", "triton", "flex")
 
 
 class Pipeline:

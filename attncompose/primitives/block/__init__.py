@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import (
     Coverage,
     Partial,
@@ -26,10 +27,20 @@ from attncompose.primitives.base import (
     add_products,
     counting_products,
 )
+from attncompose.primitives.block.kernels import (
+    FlexBlockSparse,
+    FlexContiguousTiles,
+    FusedCpuBlockSparse,
+    FusedCpuTiles,
+    TorchBlockSparse,
+    TorchTiles,
+    TritonBlockSparse,
+    TritonContiguousTiles,
+    TritonTileAttention,
+)
 from attncompose.primitives.block.schema import BlockStep
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, static_plan
-from attncompose.runtime import dispatch
 
 
 def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> Tiles:
@@ -49,6 +60,17 @@ def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> T
 
 class Block(Primitive):
     schema = BlockStep
+    kernels = (  # kernel ops "plan" (a block plan in one pass) and "block" (a tile pass)
+        TritonBlockSparse,
+        FlexBlockSparse,
+        FusedCpuBlockSparse,
+        TorchBlockSparse,
+        TritonContiguousTiles,
+        TritonTileAttention,
+        FlexContiguousTiles,
+        FusedCpuTiles,
+        TorchTiles,
+    )
     offset_free = True
 
     def __call__(self, problem: Problem, select: list, exclude: list = ()) -> Partial:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import (
     Coverage,
     Partial,
@@ -30,23 +31,6 @@ from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
 KEY_BLOCKS = (128, 64, 32, 16)  # key block sizes a tile's keys may be cut into
 
 
-def not_supported_reasons(
-    problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple = ()
-) -> list[str]:
-    """Why a tile pass cannot run as a contiguous block plan (empty when it can)."""
-    reasons = []
-    if own is not None and not tiles.exact:
-        reasons.append("tiles are not exact: their selection would be tested pair by pair")
-    if exclude:
-        reasons.append("exclusions are tested pair by pair")
-    bq = tiles.q_idx.shape[-1]
-    if bq < 16 or bq & (bq - 1):
-        reasons.append(f"tiles of {bq} queries: not a power of two >= 16")
-    if tiles.k_idx.shape[-1] == 0:
-        reasons.append("tiles without keys")
-    return reasons
-
-
 def key_block(width: int) -> int:
     """The key block size that pads ``width`` candidate keys least (larger on ties)."""
     return min(KEY_BLOCKS, key=lambda g: (-(-width // g) * g, -g))
@@ -55,8 +39,6 @@ def key_block(width: int) -> int:
 def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     """(out [N, Lq, Dv], lse [N, Lq]) of the tile pass, through the ``plan`` op of
     ``backend`` ("triton" or "flex")."""
-    from attncompose.runtime import dispatch
-
     n, t, bq = tiles.q_idx.shape
     width = tiles.k_idx.shape[-1]
     block = key_block(width)

@@ -23,18 +23,6 @@ def fused_op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def not_supported_reasons(problem: Problem, **inputs) -> list[str]:
-    """Why the fused CPU path cannot run ``problem`` (empty when it can)."""
-    reasons = []
-    if problem.q.device.type != "cpu":
-        reasons.append(f"device {problem.q.device} is not the CPU")
-    if fused_op() is None:
-        reasons.append("this torch has no aten._scaled_dot_product_flash_attention_for_cpu")
-    if problem.q.shape[-1] != problem.v.shape[-1]:
-        reasons.append("query and value head dims differ")
-    return reasons
-
-
 def block_attention(
     problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple[Coverage, ...] = ()
 ) -> Partial:

@@ -43,20 +43,6 @@ def available() -> bool:
     return True
 
 
-def not_supported_reasons(problem: Problem, plan: BlockPlan | None = None) -> list[str]:
-    """Why FlexAttention cannot run ``plan`` on ``problem`` here (empty when it can)."""
-    reasons = []
-    if not available():
-        reasons.append("this torch has no torch.nn.attention.flex_attention")
-    if problem.q.shape[-1] != problem.v.shape[-1]:
-        reasons.append("query and value head dims differ")
-    if plan is not None and problem.q.device.type == "cuda":
-        for name, size in (("query", plan.grid.block_q), ("key", plan.grid.block_k)):
-            if size < 16 or size & (size - 1):
-                reasons.append(f"plan {name} block {size} is not a power of two >= 16")
-    return reasons
-
-
 @functools.cache
 def _compiled(backend: str) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention

@@ -181,17 +181,6 @@ _plan_tuned = autotuned(
 )
 
 
-def not_supported_reasons(problem: Problem, plan: BlockPlan | None = None) -> list[str]:
-    """Why this kernel cannot run ``plan`` (its blocks must be powers of two >= 16)."""
-    if plan is None:
-        return []
-    reasons = []
-    for name, size in (("query", plan.grid.block_q), ("key", plan.grid.block_k)):
-        if size < 16 or size & (size - 1):
-            reasons.append(f"plan {name} block {size} is not a power of two >= 16")
-    return reasons
-
-
 def _packed(problem: Problem, plan: BlockPlan) -> tuple[Packed, int]:
     """The plan's pair rule as kernel data: own predicates first (OR), then exclusions."""
     rules = [(p, True) for cov in plan.own for p in cov.predicates(problem)]

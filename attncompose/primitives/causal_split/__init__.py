@@ -18,11 +18,11 @@ from dataclasses import replace
 
 import torch
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.primitives.causal_split.schema import CausalSplitStep
 from attncompose.primitives.exact.fast import fused_exact_attention
 from attncompose.primitives.merge.naive import merge_into, merge_partials
-from attncompose.runtime import dispatch
 
 Body = Callable[[Problem], Partial]
 

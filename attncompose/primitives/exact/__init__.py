@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.exact.kernels import SdpaWithLse, TritonFlash
 from attncompose.primitives.exact.schema import ExactStep
-from attncompose.runtime import dispatch
 
 
 class Exact(Primitive):
     schema = ExactStep
+    kernels = (TritonFlash, SdpaWithLse)
     offset_free = True
 
     def __call__(self, problem: Problem) -> Partial:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Problem
 
 LOG2E = math.log2(math.e)
@@ -174,10 +175,8 @@ def launch(kernel, tuned, grid, rows: int, keys: int, *args, **meta) -> None:
     """Run an attention kernel: ``grid(BQ)`` programs; ``rows``/``keys``: queries and
     candidate keys a program row sees. Under the interpreter with one config (the fixed
     :func:`tile_sizes`), on a GPU through ``tuned``, its autotuned wrapper."""
-    from attncompose.runtime.dispatch import interpreting
-
     rows_b, keys_b = bucket(rows), bucket(keys)
-    if interpreting():
+    if dispatch.interpreting():
         bq, bk = tile_sizes(rows, keys)
         kernel[grid(bq)](*args, rows_b, keys_b, BQ=bq, BK=bk, **meta)
     else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import (
     Coverage,
     Predicate,
@@ -27,9 +28,9 @@ from attncompose.primitives.base import (
     Tiles,
     take,
 )
+from attncompose.primitives.lsh.kernels import TorchGrayRankSort, TritonGrayRankSort
 from attncompose.primitives.lsh.naive import gray_rank, hash_codes, mips_augment, projections
 from attncompose.primitives.lsh.schema import LshStep
-from attncompose.runtime import dispatch
 
 
 @dataclass
@@ -126,6 +127,7 @@ class LshCoverage(Coverage):
 
 class Lsh(Primitive):
     schema = LshStep
+    kernels = (TritonGrayRankSort, TorchGrayRankSort)
     offset_free = True
 
     def __call__(self, problem: Problem) -> LshSelection:

@@ -6,15 +6,17 @@ Per query block, the key blocks of largest estimated mass (block means, :mod:`.n
 
 from __future__ import annotations
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Primitive, Problem
 from attncompose.primitives.coverages import BlockTable
+from attncompose.primitives.topk.kernels import TorchBlockMeanScores, TritonBlockMeanScores
 from attncompose.primitives.topk.naive import select_blocks
 from attncompose.primitives.topk.schema import TopkStep
-from attncompose.runtime import dispatch
 
 
 class Topk(Primitive):
     schema = TopkStep
+    kernels = (TritonBlockMeanScores, TorchBlockMeanScores)
     block_form = True
     offset_free = True
 

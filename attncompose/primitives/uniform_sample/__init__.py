@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.primitives.uniform_sample.naive import residual_tiles
 from attncompose.primitives.uniform_sample.schema import UniformSampleStep
-from attncompose.runtime import dispatch
 
 
 class UniformSample(Primitive):

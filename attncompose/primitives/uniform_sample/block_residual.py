@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem, Selection, Tiles
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.uniform_sample.naive import draws_follow, draws_in
-from attncompose.runtime import dispatch
 
 
 class BlockWithResidual:

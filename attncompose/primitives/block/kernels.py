@@ -1,0 +1,181 @@
+"""Implementations of the block step's kernel ops, per backend in preference order.
+
+``plan``: a :class:`~attncompose.primitives.plan.BlockPlan` in one pass (block-sparse
+attention). ``block``: a tile pass (the tile kernel, for selections without a block form and
+for the sampler), or exact tiles laid out contiguously and run as a block-diagonal plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attncompose.primitives.base import Coverage, Problem, Tiles, UnionCoverage
+from attncompose.primitives.block import contiguous, fused, naive, plan_flex, plan_torch
+from attncompose.primitives.dispatch import Kernel, TritonKernel
+from attncompose.primitives.plan import BlockPlan
+
+
+def plan_block_reasons(plan: BlockPlan | None) -> list[str]:
+    """Why a compiled kernel cannot walk ``plan``: its blocks must be powers of two >= 16."""
+    if plan is None:
+        return []
+    return [
+        f"plan {name} block {size} is not a power of two >= 16"
+        for name, size in (("query", plan.grid.block_q), ("key", plan.grid.block_k))
+        if size < 16 or size & (size - 1)
+    ]
+
+
+def contiguous_reasons(
+    tiles: Tiles, own: Coverage | None = None, exclude: tuple = (), **inputs: Any
+) -> list[str]:
+    """Why a tile pass cannot run as a contiguous block plan (:mod:`.contiguous`)."""
+    reasons = []
+    if own is not None and not tiles.exact:
+        reasons.append("tiles are not exact: their selection would be tested pair by pair")
+    if exclude:
+        reasons.append("exclusions are tested pair by pair")
+    bq = tiles.q_idx.shape[-1]
+    if bq < 16 or bq & (bq - 1):
+        reasons.append(f"tiles of {bq} queries: not a power of two >= 16")
+    if tiles.k_idx.shape[-1] == 0:
+        reasons.append("tiles without keys")
+    return reasons
+
+
+class FlexKernel(Kernel):
+    """A FlexAttention implementation: this torch must have it, and equal head dims."""
+
+    @classmethod
+    def not_supported_reasons(
+        cls, problem: Problem, plan: BlockPlan | None = None, **inputs: Any
+    ) -> list[str]:
+        reasons = []
+        if not plan_flex.available():
+            reasons.append("this torch has no torch.nn.attention.flex_attention")
+        if problem.q.shape[-1] != problem.v.shape[-1]:
+            reasons.append("query and value head dims differ")
+        if problem.q.device.type == "cuda":
+            reasons += plan_block_reasons(plan)
+        return reasons
+
+
+class FusedCpuKernel(Kernel):
+    """A path through PyTorch's fused CPU flash kernel (:mod:`.fused`)."""
+
+    @classmethod
+    def not_supported_reasons(cls, problem: Problem, **inputs: Any) -> list[str]:
+        reasons = []
+        if problem.q.device.type != "cpu":
+            reasons.append(f"device {problem.q.device} is not the CPU")
+        if fused.fused_op() is None:
+            reasons.append("this torch has no aten._scaled_dot_product_flash_attention_for_cpu")
+        if problem.q.shape[-1] != problem.v.shape[-1]:
+            reasons.append("query and value head dims differ")
+        return reasons
+
+
+# -- plan: a block plan in one pass ------------------------------------------------------
+
+
+class TritonBlockSparse(TritonKernel):
+    """One launch walking the plan: full blocks unmasked, partial ones by the pair rule."""
+
+    op = "plan"
+    name = "triton:block-sparse"
+
+    @classmethod
+    def not_supported_reasons(
+        cls, problem: Problem, plan: BlockPlan | None = None, **inputs: Any
+    ) -> list[str]:
+        return super().not_supported_reasons(problem) + plan_block_reasons(plan)
+
+    lazy = "plan_triton.plan_attention"
+
+
+class FlexBlockSparse(FlexKernel):
+    """The plan as a FlexAttention BlockMask, its pair rule the mask_mod."""
+
+    op = "plan"
+    name = "flex:block-sparse"
+    function = staticmethod(plan_flex.plan_attention)
+
+
+class FusedCpuBlockSparse(FusedCpuKernel):
+    """The plan's groups through the fused CPU kernel."""
+
+    op = "plan"
+    name = "torch:block-sparse-cpu"
+    function = staticmethod(fused.plan_attention)
+
+
+class TorchBlockSparse(Kernel):
+    """The reference walk of the plan."""
+
+    op = "plan"
+    name = "torch:block-sparse"
+    function = staticmethod(plan_torch.plan_attention)
+
+
+# -- block: a tile pass ------------------------------------------------------------------
+
+
+class TritonContiguousTiles(TritonKernel):
+    """Exact tiles copied contiguous, then one launch of the Triton plan kernel."""
+
+    op = "block"
+    name = "triton:contiguous-tiles"
+    function = staticmethod(contiguous.triton_block_attention)
+
+    @classmethod
+    def not_supported_reasons(cls, problem: Problem, tiles=None, **inputs: Any) -> list[str]:
+        return super().not_supported_reasons(problem) + contiguous_reasons(tiles, **inputs)
+
+
+class TritonTileAttention(TritonKernel):
+    """The index-gathered tile kernel: pair rules of any coverage with a kernel form."""
+
+    op = "block"
+    name = "triton:tile-attention"
+
+    @classmethod
+    def not_supported_reasons(
+        cls, problem: Problem, tiles=None, own=None, exclude=(), **inputs: Any
+    ) -> list[str]:
+        reasons = super().not_supported_reasons(problem)
+        if isinstance(own, UnionCoverage):
+            reasons.append("a union coverage cannot be a tile kernel's own selection")
+        for cov in (own, *exclude):
+            if cov is not None and not cov.has_kernel_form:
+                reasons.append(f"coverage {type(cov).__name__} has no kernel form (predicates)")
+        return reasons
+
+    lazy = "triton.block_attention"
+
+
+class FlexContiguousTiles(FlexKernel):
+    """Exact tiles copied contiguous, then one FlexAttention call."""
+
+    op = "block"
+    name = "flex:contiguous-tiles"
+    function = staticmethod(contiguous.flex_block_attention)
+
+    @classmethod
+    def not_supported_reasons(cls, problem: Problem, tiles=None, **inputs: Any) -> list[str]:
+        return super().not_supported_reasons(problem) + contiguous_reasons(tiles, **inputs)
+
+
+class FusedCpuTiles(FusedCpuKernel):
+    """Tile chunks through the fused CPU kernel, the pair mask as its additive mask."""
+
+    op = "block"
+    name = "torch:block-fused-cpu"
+    function = staticmethod(fused.block_attention)
+
+
+class TorchTiles(Kernel):
+    """The reference tile kernel."""
+
+    op = "block"
+    name = "torch:block"
+    function = staticmethod(naive.block_attention)
