@@ -6,14 +6,15 @@ Each folder ``attncompose/primitives/<op>/`` holds all of one primitive: its ste
 its kernels (``kernels.py``: each implementation with what it cannot run). :func:`register`
 takes a primitive in: its step model into the recipe's vocabulary
 (:func:`attncompose.spec.register_step`), its runtime under its op name, its kernels into
-:mod:`~attncompose.primitives.dispatch`.
+:mod:`~attncompose.primitives.dispatch` and its fusion patterns into
+:mod:`~attncompose.primitives.fusion`.
 :data:`OPS`, the op list, registers the built-in ones in the order recipes' messages name
 them; adding a primitive is one folder and one entry there.
 """
 
 from __future__ import annotations
 
-from attncompose.primitives import dispatch
+from attncompose.primitives import dispatch, fusion
 from attncompose.primitives.base import (
     Coverage,
     Partial,
@@ -38,7 +39,8 @@ PRIMITIVES: dict[str, type[Primitive]] = {}
 
 
 def register(primitive: type[Primitive]) -> type[Primitive]:
-    """Take a primitive in: its step model, its runtime under its op name, its kernels."""
+    """Take a primitive in: its step model, its runtime under its op name, its kernels and
+    its fusion patterns."""
     op = primitive.op
     if PRIMITIVES.get(op, primitive) is not primitive:
         raise ValueError(f"a primitive named {op!r} is already registered")
@@ -46,6 +48,8 @@ def register(primitive: type[Primitive]) -> type[Primitive]:
     PRIMITIVES[op] = primitive
     for kernel in primitive.kernels:
         dispatch.add(kernel)
+    for pattern in primitive.fusions:
+        fusion.add(pattern)
     return primitive
 
 

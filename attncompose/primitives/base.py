@@ -33,6 +33,7 @@ from attncompose.spec.steps import StepSpec
 
 if TYPE_CHECKING:
     from attncompose.primitives.dispatch import Kernel
+    from attncompose.primitives.fusion import Pattern
     from attncompose.primitives.plan import BlockGrid
 
 
@@ -295,8 +296,9 @@ class Selection:
 
 class Primitive:
     """Runtime of one step, and what its op folder declares: ``schema``, the step model (its
-    ``op`` literal names the primitive), and ``kernels``, the implementations of kernel-level
-    ops it brings (:mod:`attncompose.primitives.dispatch`; per backend in preference order).
+    ``op`` literal names the primitive), ``kernels``, the implementations of kernel-level ops
+    it brings (:mod:`attncompose.primitives.dispatch`; per backend in preference order), and
+    ``fusions``, the step patterns it runs fused (:mod:`attncompose.primitives.fusion`).
     Subclasses implement ``__call__``.
 
     ``__call__(problem, **ports)`` receives the values of the step's input ports (lists of
@@ -307,6 +309,7 @@ class Primitive:
     schema: ClassVar[type[StepSpec]]
     op: ClassVar[str]  # the schema's op name
     kernels: ClassVar[tuple[type[Kernel], ...]] = ()
+    fusions: ClassVar[tuple[Pattern, ...]] = ()
     # On a non-causal problem, the result does not depend on where the problem sits in the
     # sequence (its offsets), random draws apart: independent problems of equal shape may be
     # stacked as rows of one problem (the causal splitter does so per level)

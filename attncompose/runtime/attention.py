@@ -28,7 +28,7 @@ class Attention(nn.Module):
     inputs are cast, except where the Triton kernels run (``backend="triton"``, or ``"auto"``
     on CUDA), which read float16/bfloat16 as they are and accumulate in float32.
     ``fuse=False`` evaluates every step on its own instead of fusing step patterns
-    (:mod:`attncompose.runtime.fusion`): same result, slower; for checking a fusion.
+    (:mod:`attncompose.primitives.fusion`): same result, slower; for checking a fusion.
     ``reuse_buffers`` keeps the kernels' intermediate buffers (gathers, copies, masks) from
     call to call (a :class:`~attncompose.primitives.base.Workspace`): no fresh memory per
     call, at the price of holding it between calls; a module so configured must not be

@@ -3,7 +3,7 @@
 The pipeline evaluates steps in dependency order on a :class:`Problem`. A lazy port (the
 causal splitter's body) receives a function that evaluates the body's sub-graph on a
 sub-problem, so the splitter can run it on each off-diagonal rectangle. Patterns of steps
-that run better together (:mod:`attncompose.runtime.fusion`) are evaluated as one; pass
+that run better together (:mod:`attncompose.primitives.fusion`) are evaluated as one; pass
 ``fuse=False`` to evaluate every step on its own (the reference the fusions are tested
 against).
 """
@@ -17,7 +17,7 @@ import networkx as nx
 from attncompose.primitives import PRIMITIVES
 from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.primitives.dispatch import BACKENDS
-from attncompose.runtime.fusion import Fusion, find_fusions
+from attncompose.primitives.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
 
 
@@ -40,9 +40,7 @@ class Pipeline:
             self.nodes[sid].connect(
                 {port: [self.nodes[n] for n in step.port_names(port)] for port in type(step).ports}
             )
-        self.fusions: dict[str, Fusion] = (
-            find_fusions(recipe, self.graph, self.nodes) if fuse else {}
-        )
+        self.fusions: dict[str, Fusion] = find_fusions(recipe, self.nodes) if fuse else {}
         # per step: does every step its value depends on have Primitive.offset_free?
         self.offset_free = {
             sid: all(type(self.nodes[s]).offset_free for s in nx.ancestors(self.graph, sid) | {sid})

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.uniform_sample.block_residual import block_residual
 from attncompose.primitives.uniform_sample.naive import residual_tiles
 from attncompose.primitives.uniform_sample.schema import UniformSampleStep
 
 
 class UniformSample(Primitive):
     schema = UniformSampleStep
+    fusions = (block_residual,)
     offset_free = True
 
     def __call__(self, problem: Problem, exclude: list = ()) -> Partial:

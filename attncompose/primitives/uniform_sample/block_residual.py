@@ -1,7 +1,8 @@
 """A detector's block step and the residual sampler that excludes it, in one tile pass.
 
 The recipe pattern ``merge(block(select: [detector]), uniform_sample(exclude: [block]))`` is
-HyperAttention's non-causal core. Where the sampler's draws follow the detector's tiles
+HyperAttention's non-causal core (:func:`block_residual` finds it, a fusion pattern of
+:mod:`attncompose.primitives.fusion`). Where the sampler's draws follow the detector's tiles
 (:func:`~attncompose.primitives.uniform_sample.naive.draws_follow`), each tile's sampled keys
 are appended to its detector keys with a key bias: 0 for detector keys, the sampler's
 log(R/m) reweighting for sampled keys, ``-inf`` for sampled keys the detector covered. One
@@ -16,8 +17,30 @@ import torch
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem, Selection, Tiles
+from attncompose.primitives.block.schema import BlockStep
+from attncompose.primitives.fusion import Match
 from attncompose.primitives.merge.naive import merge_partials
+from attncompose.primitives.merge.schema import MergeStep
 from attncompose.primitives.uniform_sample.naive import draws_follow, draws_in
+from attncompose.primitives.uniform_sample.schema import UniformSampleStep
+
+
+def block_residual(recipe, sid: str) -> Match | None:
+    """``merge(inputs: [B, S])`` at ``sid``, where ``B`` is a block step with one detector and
+    no exclusions and ``S`` a uniform_sample excluding exactly ``B``: one
+    :class:`BlockWithResidual` that reads ``B``'s detector."""
+    step = recipe.steps[sid]
+    if not isinstance(step, MergeStep) or len(step.inputs) != 2:
+        return None
+    by_type = {type(recipe.steps[name]): name for name in step.inputs}
+    block, sample = by_type.get(BlockStep), by_type.get(UniformSampleStep)
+    if block is None or sample is None:
+        return None
+    b, s = recipe.steps[block], recipe.steps[sample]
+    if len(b.select) != 1 or b.exclude or list(s.exclude) != [block]:
+        return None
+    make = lambda nodes: BlockWithResidual(nodes[block], nodes[sample])
+    return Match((block, sample), {"select": list(b.select)}, make)
 
 
 class BlockWithResidual:
