@@ -11,6 +11,7 @@ from attncompose.primitives.base import Problem, Workspace
 from attncompose.runtime.checks import check_inputs, check_sdpa_options
 from attncompose.runtime.compiler import Pipeline
 from attncompose.runtime.graphs import GraphCache
+from attncompose.spec.recipe import load_recipe
 
 
 class Attention(nn.Module):
@@ -144,8 +145,6 @@ def compile(
 ) -> Attention:
     """Compile a recipe (name, path, mapping or Recipe) into an :class:`Attention` module
     (the options: see :class:`Attention`)."""
-    from attncompose.spec.recipe import load_recipe
-
     return Attention(
         load_recipe(recipe),
         backend=backend,
