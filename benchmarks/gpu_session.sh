@@ -25,7 +25,7 @@ export ATTNCOMPOSE_COMMIT=${ATTNCOMPOSE_COMMIT:-$(git rev-parse HEAD 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # phase 1: every kernel test compiled on CUDA (compilation runs on the CPU cores)
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_plan.py \
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m triton tests/primitives tests/test_triton.py \
   -n 6 >"$OUT/tests_cuda.txt" 2>&1
 echo "exit $?" >>"$OUT/tests_cuda.txt"
 tail -n 5 "$OUT/tests_cuda.txt"

@@ -1,0 +1,66 @@
+"""The primitive contract every primitive's tests subclass, and the checks they share.
+
+:class:`ReducesToExact`: a recipe whose knobs make it exact (one bucket covering everything,
+a sample of every key, ...) must equal exact attention everywhere: odd lengths, causal and
+not, decode, grouped-query attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncompose as ac
+from attncompose.primitives.base import Partial
+
+TIGHT = 1e-5  # relative error of float32 against the float64 reference
+
+
+def recipe(steps, **extra):
+    return ac.load_recipe({"name": "case", "steps": steps, **extra})
+
+
+class ReducesToExact:
+    """A recipe whose knobs make it exact: it must equal exact attention everywhere."""
+
+    steps: dict
+
+    def attn(self):
+        return ac.compile(recipe(self.steps))
+
+    @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+    @pytest.mark.parametrize(
+        ("lq", "lk"),
+        [(63, 63), (130, 130), (1, 97), (17, 130)],
+        ids=["T63", "T130", "decode1", "decode17"],
+    )
+    def test_equals_exact(self, make_qkv, reference, causal, lq, lk):
+        if not causal and lq != lk and lq == 1:
+            pytest.skip("covered by the causal case")
+        q, k, v = make_qkv(b=2, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+        out, lse = self.attn()(q, k, v, is_causal=causal, return_lse=True)
+        ref, ref_lse = reference(q, k, v, is_causal=causal)
+        assert ac.relative_error(out, ref) < TIGHT
+        assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+
+    def test_gqa_equals_repeated_kv(self, make_qkv):
+        q, k, v = make_qkv(b=1, hq=6, hkv=2, lq=70, d=16)
+        attn = self.attn()
+        grouped = attn(q, k, v, is_causal=True)
+        repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+        assert torch.equal(grouped, repeated)
+
+    def test_decode_equals_last_rows_of_full_causal(self, make_qkv):
+        q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=90, d=16)
+        attn = self.attn()
+        full = attn(q, k, v, is_causal=True)
+        last = attn(q[:, :, -5:], k, v, is_causal=True)
+        assert ac.relative_error(last, full[:, :, -5:]) < TIGHT
+
+
+def assert_partial_equal(got: Partial, want: Partial) -> None:
+    """A kernel's (out, lse) against the float64 dense oracle's, on the rows that see keys."""
+    finite = torch.isfinite(want.lse)
+    assert torch.equal(torch.isfinite(got.lse), finite)
+    assert torch.allclose(got.out.double()[finite], want.out[finite], atol=1e-5)
+    assert torch.allclose(got.lse.double()[finite], want.lse[finite], atol=1e-5)

@@ -1,0 +1,503 @@
+"""``block``: its tile kernels and plan kernels (PyTorch walks, FlexAttention lowering,
+Triton) against the dense oracle and the references, the union of its selections, and the
+step through recipes: one kernel pass, static plans built once, products counted by the
+plan."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from contract import assert_partial_equal
+from on_device import (
+    DEVICE,
+    IDS,
+    SHAPES,
+    assert_same,
+    lsh_coverage,
+    nan_partial,
+    padded_views,
+    triton_module,
+)
+from on_device import make_problem as device_problem
+from oracle import dense_mask, make_problem, masked_attention
+from plan_cases import CASES, PROBLEMS, plan_of, problem_named, small_recipe
+
+import attncompose as ac
+from attncompose.primitives import dispatch
+from attncompose.primitives.base import Partial, Tiles, UnionCoverage, natural_tiles
+from attncompose.primitives.block import naive as block_naive
+from attncompose.primitives.block import plan_flex
+from attncompose.primitives.block.fused import plan_attention as fused_plan_attention
+from attncompose.primitives.block.plan_torch import plan_attention as naive_plan_attention
+from attncompose.primitives.lsh import Lsh
+from attncompose.primitives.lsh.schema import LshStep
+from attncompose.primitives.plan import BlockPlan
+from attncompose.primitives.sink import SinkCoverage
+from attncompose.primitives.topk import Topk
+from attncompose.primitives.topk.schema import TopkStep
+from attncompose.primitives.uniform_sample.naive import (
+    draw_uniforms,
+    sample_tiles,
+)
+from attncompose.primitives.window import WindowCoverage
+from attncompose.runtime.compiler import Pipeline
+
+block_triton = triton_module("block.triton")  # None where Triton cannot run
+plan_triton = triton_module("block.plan_triton")
+
+
+@pytest.fixture(params=sorted(PROBLEMS), ids=sorted(PROBLEMS))
+def problem(request):
+    return problem_named(request.param)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunks_reusing_scratch_buffers_match_dense_mask(block_attention, causal, monkeypatch):
+    """Many chunks of unequal sizes through one call's reused buffers (gathers, pair mask,
+    additive mask): every chunk sees its own data, none of the previous chunk's."""
+    from attncompose.primitives.block import naive
+
+    monkeypatch.setattr(naive, "SCORE_BUDGET", 2 * 7 * 28 * 2 + 1)  # 2 tiles a chunk, 15 tiles
+    p = make_problem(2, 101, 101, causal=causal, seed=4)
+    lsh = Lsh(LshStep(num_projections=3))(p).bind(16)
+    topk = Topk(TopkStep(block_size=7, k=3, max_k=4))(p)
+    tiles = topk.tiles(p)
+    assert tiles.q_idx.shape[1] == 15 and tiles.k_idx.shape[-1] == 21
+    got = block_attention(p, tiles, own=topk, exclude=(lsh,))
+    assert_partial_equal(got, masked_attention(p, dense_mask(p, topk, exclude=(lsh,))))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_bias_is_a_log_weight_per_key(block_attention, causal):
+    """``Tiles.key_bias`` adds a log-weight to each candidate key's scores; -inf drops it."""
+    p = make_problem(2, 70, 90, causal=causal, seed=4)
+    g = torch.Generator().manual_seed(5)
+    n, bq, nk = 2, 16, 24
+    q_idx = natural_tiles(n, p.lq, bq, p.q.device).contiguous()
+    t = q_idx.shape[1]
+    k_idx = torch.stack([torch.randperm(p.lk, generator=g)[:nk] for _ in range(n * t)])
+    k_idx = k_idx.view(n, t, nk).masked_fill(torch.rand(n, t, nk, generator=g) < 0.1, -1)
+    bias = torch.randn(n, t, nk, generator=g)
+    bias = bias.masked_fill(torch.rand(n, t, nk, generator=g) < 0.2, float("-inf"))
+    got = block_attention(p, Tiles(q_idx, k_idx, key_bias=bias, exact=True))
+    mask = torch.zeros(n, p.lq, p.lk, dtype=torch.bool)
+    dense = torch.zeros(n, p.lq, p.lk)
+    for r in range(n):
+        for i in range(t):
+            qs, ks = q_idx[r, i][q_idx[r, i] >= 0], k_idx[r, i]
+            keep = (ks >= 0) & bias[r, i].isfinite()
+            mask[r, qs[:, None], ks[keep][None, :]] = True
+            dense[r, qs[:, None], ks[keep][None, :]] = bias[r, i][keep]
+    mask &= dense_mask(p)  # causal visibility
+    assert_partial_equal(got, masked_attention(p, mask, dense))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_union_of_detectors_counts_no_key_twice(causal):
+    """block(select=[sink, window, lsh, topk]) equals attention over the union of their pairs."""
+    from attncompose.primitives.block import Block
+    from attncompose.primitives.block.schema import BlockStep
+    from attncompose.primitives.sink import Sink
+    from attncompose.primitives.sink.schema import SinkStep
+    from attncompose.primitives.window import Window
+    from attncompose.primitives.window.schema import WindowStep
+
+    p = make_problem(2, 120, 120, causal=causal, seed=8)
+    sels = [
+        Sink(SinkStep(count=5))(p),
+        Window(WindowStep(width=20))(p),
+        Lsh(LshStep(num_projections=3))(p),
+        Topk(TopkStep(block_size=8, k=3))(p),
+    ]
+    got = Block(BlockStep(select=["a"], block_size=16))(p, select=sels)
+    union = torch.zeros(2, 120, 120, dtype=torch.bool)
+    for sel in sels:
+        union |= dense_mask(p, sel.bind(16))
+    assert_partial_equal(got, masked_attention(p, union))
+
+
+WALKS = {"reference": naive_plan_attention, "fused-cpu": fused_plan_attention}
+
+
+@pytest.mark.parametrize("walk", sorted(WALKS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_walks_match_the_dense_oracle(problem, case, walk):
+    plan = plan_of(case, problem)[0]
+    want = masked_attention(problem, plan.to_dense(problem).expand(problem.q.shape[0], -1, -1))
+    assert_walk_equal(WALKS[walk](problem, plan), want)
+
+
+@pytest.mark.parametrize("walk", sorted(WALKS))
+def test_walks_add_the_key_bias(walk):
+    p = make_problem(2, 90, 90, causal=True, seed=5)
+    plan, _, _ = plan_of("topp+sink+window", p)
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(2, 90, generator=g).masked_fill(
+        torch.rand(2, 90, generator=g) < 0.2, -torch.inf
+    )
+    biased = plan.with_key_bias(bias)
+    dense = plan.to_dense(p).expand(2, -1, -1)
+    want = masked_attention(
+        p, dense & bias.isfinite()[:, None, :], bias[:, None, :].expand(2, 90, 90)
+    )
+    assert_walk_equal(WALKS[walk](p, biased), want)
+
+
+def test_many_groups_and_chunks_read_their_own_blocks(monkeypatch):
+    """Small score budget: many chunks through the walk's reused buffers, views and gathers."""
+    from attncompose.primitives.block import plan_torch
+
+    monkeypatch.setattr(plan_torch, "SCORE_BUDGET", 3 * 16 * 48)
+    p = make_problem(3, 150, 150, causal=True, seed=6)
+    plan, _, _ = plan_of("topp+sink+window", p)
+    want = masked_attention(p, plan.to_dense(p).expand(3, -1, -1))
+    assert_walk_equal(fused_plan_attention(p, plan), want)
+
+
+def assert_walk_equal(got, want, tol: float = 1e-5) -> None:
+    finite = want.lse.isfinite()
+    assert torch.equal(got.lse.isinf(), ~finite)
+    assert torch.allclose(got.lse[finite], want.lse[finite].float(), atol=tol)
+    assert torch.allclose(got.out.float(), want.out.float(), atol=tol)
+
+
+RECIPES = ["streaming", "block-topk", "topp", "power"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_block_step_is_one_kernel_pass(name, monkeypatch):
+    """Sinks + window + top-k (or power) run as ONE plan pass: no tile kernel, no merge."""
+    calls = []
+    real = dispatch.call
+    monkeypatch.setattr(
+        dispatch, "call", lambda op, *a, **kw: calls.append(op) or real(op, *a, **kw)
+    )
+    q, k, v = (torch.randn(1, 2, 150, 16) for _ in range(3))
+    ac.compile(small_recipe(name), backend="torch")(q, k, v, is_causal=True)
+    assert calls.count("plan") == 1 and "block" not in calls
+
+
+def test_recipes_count_the_plans_products():
+    """frac comes from the plan: sinks + a window of 40 on 150 causal tokens (2 heads)."""
+    from attncompose.evaluation import products_fraction
+
+    attn = ac.compile(small_recipe("streaming"), backend="torch")
+    q, k, v = (torch.randn(1, 2, 150, 16) for _ in range(3))
+    window = sum(min(i + 1, 40) for i in range(150))
+    sinks = sum(min(4, i + 1 - 40) for i in range(150) if i + 1 > 40)  # not in the window
+    assert products_fraction(attn, q, k, v, True) == (window + sinks) / (150 * 151 / 2)
+
+
+def test_static_plans_are_built_once_per_length(monkeypatch):
+    built = []
+    real = BlockPlan.build
+    monkeypatch.setattr(
+        BlockPlan, "build", lambda *a, **kw: built.append(a[0].lq) or real(*a, **kw)
+    )
+    attn = ac.compile(small_recipe("streaming"), backend="torch")
+    for length in (100, 100, 130, 100):
+        q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
+        attn(q, k, v, is_causal=True)
+    assert built == [100, 130]
+
+
+def test_show_names_the_block_plan():
+    from click.testing import CliRunner
+
+    from attncompose.cli import main
+
+    done = CliRunner().invoke(main, ["show", "topp", "--backend", "torch"])
+    assert done.exit_code == 0
+    assert "block plan, one pass: torch:block-sparse-cpu" in done.output
+
+
+FLEX_CASES = ["sink+window", "topp+sink+window", "topk-minus-window"]
+
+
+@pytest.mark.parametrize("case", FLEX_CASES)
+@pytest.mark.parametrize("shape", ["T130-causal", "decode10x300", "rect200x77"])
+def test_flex_lowering_matches_the_reference(case, shape):
+    """FlexAttention's eager path (CPU) on the plan's BlockMask, mask_mod and score_mod."""
+    n, lq, lk, causal = PROBLEMS[shape]
+    p = make_problem(n, lq, lk, causal=causal, seed=7)
+    plan, _, _ = plan_of(case, p)
+    bias = torch.randn(1, lk).masked_fill(torch.rand(1, lk) < 0.1, -torch.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        for each in (plan, plan.with_key_bias(bias)):
+            assert_walk_equal(plan_flex.plan_attention(p, each), naive_plan_attention(p, each))
+
+
+def test_flex_block_mask_lists_the_plans_blocks():
+    p = make_problem(2, 130, 130, causal=True, seed=8)
+    plan, _, _ = plan_of("topp+sink+window", p)
+    mask = plan_flex.block_mask(p, plan)
+    lists = plan.kernel_lists()
+    assert torch.equal(mask.full_kv_num_blocks[0], lists.full_num)
+    assert torch.equal(mask.kv_num_blocks[0], lists.part_num)
+    assert mask.BLOCK_SIZE == (plan.grid.block_q, plan.grid.block_k) == (32, 32)
+
+
+def test_flex_compiles_once_for_every_length(monkeypatch):
+    """Compiled (dynamo with its eager backend, to stay fast on CPU): new lengths reuse the
+    compiled graph instead of recompiling, so the recompile limit is never reached."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    plan_flex._compiled.cache_clear()
+    monkeypatch.setattr(plan_flex, "COMPILE_BACKEND", "eager")
+    attn = ac.compile(small_recipe("streaming"), backend="flex")
+    graphs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for length in (96, 130, 200, 257, 300, 411):
+            q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
+            want = ac.compile(small_recipe("streaming"), backend="torch")(q, k, v, is_causal=True)
+            assert ac.relative_error(attn(q, k, v, is_causal=True), want) < 1e-5
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[1] <= 2  # one dynamic graph after the first specialisation
+
+
+def test_flex_says_so_instead_of_falling_back_to_eager(monkeypatch):
+    """Past dynamo's recompile limit FlexAttention would silently run its unfused eager path:
+    here it is an error naming the cause."""
+    torch._dynamo.reset()
+    plan_flex._compiled.cache_clear()
+    monkeypatch.setattr(plan_flex, "COMPILE_BACKEND", "eager")
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("ignore")
+        ac.compile(small_recipe("streaming"), backend="flex")(q, k, v, is_causal=True)
+        with pytest.raises(plan_flex.FlexFallbackError, match="recompile limit"):
+            for name in ("topp", "power", "block-topk"):  # other rules: other graphs
+                ac.compile(small_recipe(name), backend="flex")(q, k, v, is_causal=True)
+    torch._dynamo.reset()
+
+
+def test_flex_runs_sorted_tiles_as_one_contiguous_plan():
+    """backend="flex": sortLSH buckets with their sampled residual through FlexAttention's
+    eager path equal the torch steps one by one."""
+    recipe = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 64, "residual.sample_size": 64}
+    )
+    q, k, v = (
+        torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(9)) for _ in range(3)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ac.compile(recipe, backend="flex")(q, k, v, return_lse=True)
+    want = ac.compile(recipe, backend="torch", fuse=False)(q, k, v, return_lse=True)
+    assert "flex:contiguous-tiles" in Pipeline(recipe, backend="flex").kernels()["merged"]
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_a_cached_static_plan_serves_calls_of_more_rows(backend):
+    """A static plan (power's table) built for one batch size serves a later call with more
+    rows: its table is one for every row, never the first call's rows."""
+    recipe = small_recipe("power")
+    attn = ac.compile(recipe, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in (1, 3):
+            q, k, v = (torch.randn(batch, 2, 160, 16, generator=g) for _ in range(3))
+            fresh = ac.compile(recipe, backend="torch", reuse_buffers=False)
+            want = masked_reference(fresh, q, k, v)
+            assert ac.relative_error(attn(q, k, v, is_causal=True), want) < 1e-5
+
+
+def masked_reference(attn, q, k, v):
+    from attncompose.primitives import plan
+
+    plan._STATIC.clear()  # a plan built for this call alone
+    return attn(q, k, v, is_causal=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), SHAPES, ids=IDS)
+def test_block_lsh_tiles_match_reference(lq, lk, causal):
+    problem = device_problem(2, lq, lk, 16, causal=causal)
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)
+    assert_same(
+        block_triton.block_attention(problem, tiles, own=cov),
+        block_naive.block_attention(problem, tiles, own=cov),
+    )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_block_topk_table_excluding_lsh_matches_reference(causal):
+    problem = device_problem(2, 33, 64, 16, causal=causal)
+    top = Topk(TopkStep(op="topk", block_size=16, k=2))(problem)
+    lsh = lsh_coverage(problem, 16)
+    tiles = top.tiles(problem)
+    assert_same(
+        block_triton.block_attention(problem, tiles, own=top, exclude=(lsh,)),
+        block_naive.block_attention(problem, tiles, own=top, exclude=(lsh,)),
+    )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), [(33, 33), (17, 64)], ids=["T33", "decode17x64"])
+def test_sample_tiles_with_shift_and_union_exclude_match_reference(lq, lk, causal):
+    problem = device_problem(2, lq, lk, 16, causal=causal)
+    top = Topk(TopkStep(op="topk", block_size=16, k=1))(problem)
+    union = UnionCoverage([lsh_coverage(problem, 16), top])
+    tiles = sample_tiles(problem, draw_uniforms(problem, 16, seed=3))
+    assert_same(
+        block_triton.block_attention(problem, tiles, exclude=(union,)),
+        block_naive.block_attention(problem, tiles, exclude=(union,)),
+    )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_key_bias_matches_reference(causal):
+    """The fused block + residual tile: detector keys, then sampled keys with log-weights and
+    -inf for the ones to drop (:class:`BlockWithResidual`'s joint tiles)."""
+    problem = device_problem(2, 33, 40, 16, causal=causal)
+    g = torch.Generator().manual_seed(1)
+    q_idx = natural_tiles(2, 33, 16, problem.q.device).contiguous()
+    k_idx = torch.stack([torch.randperm(40, generator=g)[:20] for _ in range(2 * 3)]).view(2, 3, 20)
+    k_idx = k_idx.masked_fill(torch.rand(2, 3, 20, generator=g) < 0.1, -1)
+    bias = torch.randn(2, 3, 20, generator=g)
+    bias = bias.masked_fill(torch.rand(2, 3, 20, generator=g) < 0.2, float("-inf"))
+    tiles = Tiles(q_idx, k_idx.to(DEVICE), key_bias=bias.to(DEVICE), exact=True)
+    assert_same(
+        block_triton.block_attention(problem, tiles),
+        block_naive.block_attention(problem, tiles),
+    )
+
+
+@pytest.mark.triton
+def test_block_nan_poisoned_buffers_and_inputs_equal_clean_run():
+    problem = device_problem(2, 33, 33, 16, causal=True)
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)  # every query sits in one tile: the kernel writes every row
+    clean = block_triton.block_attention(problem, tiles, own=cov)
+    poisoned = block_triton.block_attention(
+        padded_views(problem), tiles, own=cov, out=nan_partial(problem)
+    )
+    assert torch.equal(poisoned.out, clean.out) and torch.equal(poisoned.lse, clean.lse)
+
+
+@pytest.mark.triton
+def test_block_fp16_within_twice_torch_fp16_error():
+    problem = device_problem(2, 64, 64, 16)
+    cov = lsh_coverage(problem, 16)
+    tiles = cov.tiles(problem)
+    truth = block_naive.block_attention(problem, tiles, own=cov).out
+    half = replace(problem, q=problem.q.half(), k=problem.k.half(), v=problem.v.half())
+    torch_err = (block_naive.block_attention(half, tiles, own=cov).out.float() - truth).abs().max()
+    kernel_err = (block_triton.block_attention(half, tiles, own=cov).out - truth).abs().max()
+    assert kernel_err <= 2 * torch_err + 1e-5
+
+
+def plan_cases(problem):
+    """(name, plan) of block plans of every kind of selection on ``problem``."""
+    from attncompose.primitives.plan import BlockPlan
+    from attncompose.primitives.power import Power
+    from attncompose.primitives.power.schema import PowerStep
+
+    sink, window = SinkCoverage(3), WindowCoverage(17)
+    topp = Topk(TopkStep(block_size=16, p=0.8, max_k=3))(problem)
+    power = Power(PowerStep(block_size=32, max_distance=2))(problem)
+    return [
+        ("sink+window", BlockPlan.build(problem, [sink, window], [], 16, 16)),
+        ("topp+sink+window", BlockPlan.build(problem, [sink, window, topp], [], 16, 16)),
+        ("topp-minus-window", BlockPlan.build(problem, [topp], [window], 16, 16)),
+        ("power+sink", BlockPlan.build(problem, [power, sink], [], 32, 32)),
+    ]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk"), [(33, 33), (64, 64), (17, 64)], ids=IDS[1:])
+def test_plan_kernel_matches_reference(lq, lk, causal):
+    from attncompose.primitives.block import plan_torch, plan_triton
+
+    problem = device_problem(2, lq, lk, 16, causal=causal, seed=lq)
+    g = torch.Generator().manual_seed(lk)
+    bias = torch.randn(1, lk, generator=g).masked_fill(
+        torch.rand(1, lk, generator=g) < 0.2, -torch.inf
+    )
+    for name, plan in plan_cases(problem):
+        for each in (plan, plan.with_key_bias(bias.to(DEVICE))):
+            want = plan_torch.plan_attention(problem, each)
+            got = plan_triton.plan_attention(problem, each)
+            assert got.out.dtype == problem.q.dtype, name
+            assert_same(got, want)
+
+
+@pytest.mark.triton
+def test_plan_kernel_nan_poisoned_inputs_equal_clean_run():
+    from attncompose.primitives.block import plan_triton
+
+    problem = device_problem(2, 40, 40, 16, causal=True)
+    for name, plan in plan_cases(problem):
+        clean = plan_triton.plan_attention(problem, plan)
+        poisoned = plan_triton.plan_attention(padded_views(problem), plan)
+        assert torch.equal(poisoned.out, clean.out) and torch.equal(poisoned.lse, clean.lse), name
+
+
+@pytest.mark.triton
+def test_plan_kernel_fp16_within_twice_torch_fp16_error():
+    from attncompose.primitives.block import plan_torch, plan_triton
+
+    problem = device_problem(2, 64, 64, 16, causal=True)
+    half = replace(problem, q=problem.q.half(), k=problem.k.half(), v=problem.v.half())
+    for name, plan in plan_cases(problem):
+        truth = plan_torch.plan_attention(problem, plan).out
+        torch_err = (plan_torch.plan_attention(half, plan).out - truth).abs().max()
+        got = plan_triton.plan_attention(half, plan).out
+        assert got.dtype == torch.float16, name
+        assert (got.float() - truth).abs().max() <= 2 * torch_err + 1e-3, name
+
+
+@pytest.mark.triton
+def test_plan_autotuned_launch_matches_reference(monkeypatch):
+    """The GPU launch path of the plan kernel under the interpreter: 16x16 plan blocks leave
+    one config after pruning, so the autotuner takes it without benchmarking."""
+    from attncompose.primitives.block import plan_torch, plan_triton
+    from attncompose.primitives.plan import BlockPlan
+
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    plan_triton._plan_tuned.cache.clear()
+    problem = device_problem(2, 40, 40, 16, causal=True)
+    plan = BlockPlan.build(problem, [SinkCoverage(3), WindowCoverage(9)], [], 16, 16)
+    assert_same(plan_triton.plan_attention(problem, plan), plan_torch.plan_attention(problem, plan))
+    (config,) = plan_triton._plan_tuned.cache.values()
+    assert (config.kwargs["BQ"], config.kwargs["BK"]) == (16, 16)
+
+
+@pytest.mark.triton
+def test_contiguous_tiles_never_wait_for_the_device(monkeypatch):
+    """Copies, key bias, plan and the scatter back use tensor operations only."""
+    from attncompose.primitives.block import contiguous
+
+    problem = device_problem(2, 64, 64, 16)
+    tiles = lsh_coverage(problem, 16).tiles(problem)
+    calls = []
+
+    def fake_plan(op, backend, sub, plan):
+        calls.append(plan)
+        return Partial(torch.zeros_like(sub.q), torch.zeros(sub.q.shape[:2], device=sub.q.device))
+
+    monkeypatch.setattr(dispatch, "call", fake_plan)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    contiguous.run(problem, tiles, "triton")
+    assert len(calls) == 1

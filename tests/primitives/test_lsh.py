@@ -1,0 +1,112 @@
+"""``lsh``: Gray order, sorting, pairing, the tile kernels on its tiles, its Triton hashing
+kernel, and recipes whose knobs make it exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from contract import ReducesToExact, assert_partial_equal
+from on_device import (
+    DEVICE,
+    triton_module,
+)
+from oracle import dense_mask, make_problem, masked_attention
+
+from attncompose.primitives.lsh import Lsh
+from attncompose.primitives.lsh import naive as lsh_naive
+from attncompose.primitives.lsh.naive import gray_code, gray_rank
+from attncompose.primitives.lsh.schema import LshStep
+
+lsh_triton = triton_module("lsh.triton")  # None where Triton cannot run
+
+
+class TestOneBlockCoversAllKeys(ReducesToExact):
+    steps = {
+        "hash": {"op": "lsh", "num_projections": 5},
+        "diag": {"op": "block", "select": ["hash"], "block_size": 4096},
+        "residual": {"op": "uniform_sample", "exclude": ["diag"], "sample_size": 16},
+        "merged": {"op": "merge", "inputs": ["diag", "residual"]},
+        "out": {"op": "causal_split", "body": "merged", "min_seq_len": 8},
+    }
+
+
+class TestLshThenSampleEverything(ReducesToExact):
+    """Block-diagonal part plus a sampler that takes every other key: exact, no overlap."""
+
+    steps = {
+        "hash": {"op": "lsh", "num_projections": 4},
+        "diag": {"op": "block", "select": ["hash"], "block_size": 16},
+        "residual": {"op": "uniform_sample", "exclude": ["diag"], "sample_size": 4096},
+        "merged": {"op": "merge", "inputs": ["diag", "residual"]},
+        "out": {"op": "causal_split", "body": "merged", "min_seq_len": 32},
+    }
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("lq", "lk"), [(63, 63), (200, 200), (10, 300), (1, 129), (300, 77)])
+@pytest.mark.parametrize("block", [8, 32, 1000])
+@pytest.mark.parametrize(
+    ("pairing", "align"), [("rank", "none"), ("code", "none"), ("code", "mips")]
+)
+def test_lsh_block_kernel_matches_dense_mask(
+    block_attention, causal, lq, lk, block, pairing, align
+):
+    if causal and lq > lk:
+        pytest.skip("causal needs Lq <= Lk")
+    p = make_problem(3, lq, lk, causal=causal)
+    cov = Lsh(LshStep(num_projections=3, pairing=pairing, align=align))(p).bind(block)
+    got = block_attention(p, cov.tiles(p), own=cov)
+    want = masked_attention(p, dense_mask(p, cov))
+    assert_partial_equal(got, want)
+
+
+@pytest.mark.parametrize("bits", range(1, 13))
+def test_neighbouring_buckets_differ_in_exactly_one_bit(bits):
+    codes = torch.arange(1 << bits)
+    ranks = gray_rank(codes, bits)
+    assert torch.equal(torch.sort(ranks).values, codes)  # a bijection on r-bit codes
+    ordered = codes[torch.argsort(ranks)]
+    flips = ordered[1:] ^ ordered[:-1]
+    assert ((flips & (flips - 1)) == 0).all() and (flips > 0).all()
+    assert torch.equal(gray_code(ranks), codes)
+
+
+def test_sort_puts_equal_codes_together_in_gray_order():
+    p = make_problem(2, 300, 300, seed=5)
+    sel = Lsh(LshStep(num_projections=6))(p)
+    from attncompose.primitives.lsh.naive import hash_codes
+
+    dirs = Lsh(LshStep(num_projections=6)).directions(p)
+    ranks = gray_rank(hash_codes(p.k, dirs), 6)
+    sorted_ranks = ranks.gather(1, sel.k_order)
+    assert (sorted_ranks[:, 1:] >= sorted_ranks[:, :-1]).all()
+
+
+def test_code_pairing_meets_the_keys_of_the_same_code():
+    """Queries far from the keys (a shifted distribution): rank pairing sends them to key
+    blocks by quantile, code pairing to the keys sharing their bucket."""
+    from attncompose.primitives.lsh.naive import gray_rank, hash_codes
+
+    p = make_problem(1, 256, 256, d=16, seed=9)
+    step = LshStep(num_projections=4, pairing="code")
+    lsh = Lsh(step)
+    cov = lsh(p).bind(32)
+    dirs = lsh.directions(p)
+    q_rank = gray_rank(hash_codes(p.q, dirs), 4)[0]
+    k_rank = gray_rank(hash_codes(p.k, dirs), 4)[0]
+    mask = dense_mask(p, cov)[0]
+    same = q_rank[:, None] == k_rank[None, :]
+    assert (mask & same).sum() > 0.5 * (mask.sum() * same.float().mean())  # far above chance
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bits", [1, 7, 12])
+def test_lsh_ranks_and_sort_match_reference(bits):
+    x = torch.randn(2, 33, 16, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
+    dirs = lsh_naive.projections(2, 16, bits, seed=5).to(DEVICE)
+    want = lsh_naive.gray_rank(lsh_naive.hash_codes(x, dirs), bits)
+    assert torch.equal(lsh_triton.gray_ranks(x, dirs).long(), want)
+    for got, ref in zip(
+        lsh_triton.sort_positions(x, dirs), lsh_naive.sort_positions(x, dirs), strict=True
+    ):
+        assert torch.equal(got, ref)

@@ -1,0 +1,71 @@
+"""The attention call across recipes: determinism, the inputs' dtype kept, memory that never
+holds an n x n matrix, the fraction of products computed. Each primitive's own tests, on the
+shared contract (tests/contract.py), are in tests/primitives/test_<op>.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncompose as ac
+
+# -- the kernels against the dense specification ---------------------------------------------
+
+
+# -- merge, Gray order, sampler ---------------------------------------------------------------
+
+
+# -- fused step patterns against the steps one by one -----------------------------------------
+
+
+# -- the attention call ------------------------------------------------------------------------
+
+
+def test_same_seed_same_output_and_seed_matters(make_qkv):
+    q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=300, d=16)
+    recipe = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 32, "residual.sample_size": 32, "out.min_seq_len": 64}
+    )
+    a, b = ac.compile(recipe), ac.compile(recipe)
+    assert torch.equal(a(q, k, v, is_causal=True), b(q, k, v, is_causal=True))
+    other = ac.compile(recipe.with_knobs({"residual.seed": 1}))
+    assert not torch.equal(a(q, k, v, is_causal=True), other(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_keep_their_dtype(make_qkv, reference, dtype):
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=77, d=16, dtype=dtype)
+    for name in ("exact", "hyperattention"):
+        out = ac.compile(name)(q, k, v, is_causal=True)
+        assert out.dtype == dtype
+        ref, _ = reference(q.float(), k.float(), v.float(), is_causal=True)
+        assert ac.relative_error(out, ref) < 1e-2  # n=77 < min_seq_len: exact path
+
+
+def test_approximate_path_never_builds_an_n_by_n_matrix():
+    """n = 2^17: an n x n float32 matrix per head would need 64 GiB; this machine has 24."""
+    n = 1 << 17
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=g) for _ in range(3))
+    out = ac.compile("hyperattention")(q, k, v)
+    assert out.shape == (1, 1, n, 16) and torch.isfinite(out).all()
+
+
+# -- sinks and windows ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_products_fraction(make_qkv, causal):
+    from attncompose.evaluation import products_fraction
+
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=256, d=16)
+    assert products_fraction(ac.compile("exact"), q, k, v, causal) == 1.0
+    window = ac.load_recipe("streaming").with_knobs({"sinks.count": 0, "local.width": 16})
+    frac = products_fraction(ac.compile(window), q, k, v, True)
+    expected = (16 * 17 / 2 + (256 - 16) * 16) / (256 * 257 / 2)  # a 16-key band
+    assert frac == pytest.approx(expected)
+    hyper = ac.load_recipe("hyperattention").with_knobs(
+        {"diag.block_size": 32, "residual.sample_size": 0, "out.min_seq_len": 64}
+    )
+    frac = products_fraction(ac.compile(hyper), q, k, v, causal)
+    assert 0.0 < frac < 1.0
