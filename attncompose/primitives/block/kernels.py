@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attncompose.primitives.base import Coverage, Problem, Tiles, UnionCoverage
+from attncompose.primitives.base import Problem, UnionCoverage
 from attncompose.primitives.block import contiguous, fused, naive, plan_flex, plan_torch
 from attncompose.primitives.dispatch import Kernel, TritonKernel
 from attncompose.primitives.plan import BlockPlan
@@ -24,23 +24,6 @@ def plan_block_reasons(plan: BlockPlan | None) -> list[str]:
         for name, size in (("query", plan.grid.block_q), ("key", plan.grid.block_k))
         if size < 16 or size & (size - 1)
     ]
-
-
-def contiguous_reasons(
-    tiles: Tiles, own: Coverage | None = None, exclude: tuple = (), **inputs: Any
-) -> list[str]:
-    """Why a tile pass cannot run as a contiguous block plan (:mod:`.contiguous`)."""
-    reasons = []
-    if own is not None and not tiles.exact:
-        reasons.append("tiles are not exact: their selection would be tested pair by pair")
-    if exclude:
-        reasons.append("exclusions are tested pair by pair")
-    bq = tiles.q_idx.shape[-1]
-    if bq < 16 or bq & (bq - 1):
-        reasons.append(f"tiles of {bq} queries: not a power of two >= 16")
-    if tiles.k_idx.shape[-1] == 0:
-        reasons.append("tiles without keys")
-    return reasons
 
 
 class FlexKernel(Kernel):
@@ -83,14 +66,13 @@ class TritonBlockSparse(TritonKernel):
 
     op = "plan"
     name = "triton:block-sparse"
+    lazy = "plan_triton.plan_attention"
 
     @classmethod
     def not_supported_reasons(
         cls, problem: Problem, plan: BlockPlan | None = None, **inputs: Any
     ) -> list[str]:
         return super().not_supported_reasons(problem) + plan_block_reasons(plan)
-
-    lazy = "plan_triton.plan_attention"
 
 
 class FlexBlockSparse(FlexKernel):
@@ -120,16 +102,33 @@ class TorchBlockSparse(Kernel):
 # -- block: a tile pass ------------------------------------------------------------------
 
 
-class TritonContiguousTiles(TritonKernel):
+class ContiguousTiles:
+    """Exact tiles laid out contiguous and run as a block-diagonal plan (:mod:`.contiguous`),
+    beside another backend's reasons."""
+
+    @classmethod
+    def not_supported_reasons(
+        cls, problem: Problem, tiles=None, own=None, exclude=(), **inputs: Any
+    ) -> list[str]:
+        reasons = super().not_supported_reasons(problem)
+        if own is not None and not tiles.exact:
+            reasons.append("tiles are not exact: their selection would be tested pair by pair")
+        if exclude:
+            reasons.append("exclusions are tested pair by pair")
+        bq = tiles.q_idx.shape[-1]
+        if bq < 16 or bq & (bq - 1):
+            reasons.append(f"tiles of {bq} queries: not a power of two >= 16")
+        if tiles.k_idx.shape[-1] == 0:
+            reasons.append("tiles without keys")
+        return reasons
+
+
+class TritonContiguousTiles(ContiguousTiles, TritonKernel):
     """Exact tiles copied contiguous, then one launch of the Triton plan kernel."""
 
     op = "block"
     name = "triton:contiguous-tiles"
     function = staticmethod(contiguous.triton_block_attention)
-
-    @classmethod
-    def not_supported_reasons(cls, problem: Problem, tiles=None, **inputs: Any) -> list[str]:
-        return super().not_supported_reasons(problem) + contiguous_reasons(tiles, **inputs)
 
 
 class TritonTileAttention(TritonKernel):
@@ -137,6 +136,7 @@ class TritonTileAttention(TritonKernel):
 
     op = "block"
     name = "triton:tile-attention"
+    lazy = "triton.block_attention"
 
     @classmethod
     def not_supported_reasons(
@@ -150,19 +150,13 @@ class TritonTileAttention(TritonKernel):
                 reasons.append(f"coverage {type(cov).__name__} has no kernel form (predicates)")
         return reasons
 
-    lazy = "triton.block_attention"
 
-
-class FlexContiguousTiles(FlexKernel):
+class FlexContiguousTiles(ContiguousTiles, FlexKernel):
     """Exact tiles copied contiguous, then one FlexAttention call."""
 
     op = "block"
     name = "flex:contiguous-tiles"
     function = staticmethod(contiguous.flex_block_attention)
-
-    @classmethod
-    def not_supported_reasons(cls, problem: Problem, tiles=None, **inputs: Any) -> list[str]:
-        return super().not_supported_reasons(problem) + contiguous_reasons(tiles, **inputs)
 
 
 class FusedCpuTiles(FusedCpuKernel):
