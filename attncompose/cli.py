@@ -22,6 +22,7 @@ class _LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, str]] = {
         "tune": "attncompose.tuner.command:tune",
+        "tune-model": "attncompose.tuner.model_command:tune_model",
         "bench": "attncompose.bench:bench",
     }
 
