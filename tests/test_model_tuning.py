@@ -116,6 +116,21 @@ def test_per_head_choices_cover_every_group(tiny_model, tmp_path):
         assert [c.kv_heads for c in layer.choices] == [[0], [1]]
 
 
+def test_cost_latency_chooses_by_milliseconds_and_records_frac(tiny_model, tmp_path):
+    write_recipes(tmp_path)
+    cfg = config(tmp_path / "l.yaml", tmp_path / "cache", cost="latency", trials=2, segments=1)
+    result = tune_model(tiny_model, "tiny", text_ids(1), cfg)
+    entry = read_model_tuned(cfg.out).lengths[SEQ_LEN]
+    assert entry.cost == "latency"
+    for unit, point in result.chosen.items():
+        assert point.cost == point.latency_ms
+        front = pareto(result.points[unit])
+        best = min((p for p in front if p.error <= 0.5), key=lambda p: p.cost)
+        assert (point.recipe, point.knobs) == (best.recipe, best.knobs)
+        choice = entry.layers[unit.layer].choices[0]
+        assert 0 < choice.frac <= 1 and choice.latency_ms == point.latency_ms
+
+
 def finished_studies(url: str, trials: int) -> dict[str, list[tuple]]:
     """Studies with at least ``trials`` finished trials: name -> (number, params, values)."""
     storage = open_storage(url)

@@ -23,12 +23,15 @@ The job, given a causal LM and the token ids of a calibration text:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +40,7 @@ import optuna
 import torch
 
 from attncompose.data import QKV
-from attncompose.evaluation import exact_sdpa
+from attncompose.evaluation import exact_sdpa, run_counted
 from attncompose.metrics import relative_error
 from attncompose.model_tuned import (
     ROLES,
@@ -254,6 +257,16 @@ class UnitData:
                 self._exact_ms = timing.median_ms / len(items)
         return self._exact[role]
 
+    def frac(self, point: Point) -> float:
+        """The point's frac on the fit segment (measured by the trials with cost products)."""
+        if point.is_exact:
+            return 1.0
+        if not math.isnan(point.frac):
+            return point.frac
+        attn = self.job.tuning_module(point)
+        fracs = [run_counted(attn, x.q, x.k, x.v, True)[1] for x in self.items("fit")]
+        return sum(fracs) / len(fracs)
+
     def exact_sq(self, role: str) -> float:
         """Squared norm of the exact output (the unit's weight in its layer's error)."""
         return sum(float(o.double().square().sum()) for o in self.exact(role))
@@ -370,19 +383,26 @@ class ModelTuneJob:
 
     def _tune_units(self, storage, base: str) -> dict[Unit, list[Point]]:
         self.reporter.start_units([self.label(u) for u in self.units], self.config.trials)
-        points: dict[Unit, list[Point]] = {}
+        exact: dict[Unit, Point] = {}
+        studies: dict[Unit, dict[str, optuna.Study]] = {}
         previous: list[Point] = []
         for unit in self.units:
-            data = UnitData(self, unit)
-            calib = data.calibration()
-            found = [self._exact_point(calib)]
-            for name in self.recipes:
-                study = self._run_study(storage, base, unit, name, calib, previous)
-                found += trial_points(name, finished_trials(study))
-            points[unit] = found
-            previous = found
-            self.reporter.unit_done(self.label(unit), pareto(found))
-        return points
+            calib = UnitData(self, unit).calibration()
+            exact[unit] = self._exact_point(calib)
+            studies[unit] = {
+                name: self._run_study(storage, base, unit, name, calib, previous)
+                for name in self.recipes
+            }
+            previous = self._points(exact[unit], studies[unit])
+            self.reporter.unit_done(self.label(unit), pareto(previous))
+        # read again at the end: other workers may have finished trials since
+        return {unit: self._points(exact[unit], studies[unit]) for unit in self.units}
+
+    def _points(self, exact: Point, studies: dict[str, optuna.Study]) -> list[Point]:
+        found = [exact]
+        for name, study in studies.items():
+            found += trial_points(name, finished_trials(study))
+        return found
 
     def _exact_point(self, calib: Calibration) -> Point:
         ms = calib.exact_latency_ms
@@ -488,11 +508,19 @@ class ModelTuneJob:
         """Allocate by measured sensitivity, verify with forward passes, tighten until it holds.
 
         Returns the choices, the sensitivity curves and the verified (ppl, frac) per role."""
-        from attncompose.models.replay import LayerReplay, supports_replay
-
-        start = time.perf_counter()
         budget = math.log1p(self.config.ppl_budget)
         fronts = self._layer_fronts(points)
+        with self._phase("sensitivity"):
+            curves = self._sensitivities(fronts, budget)
+        with self._phase("verify"):
+            chosen, forwards = self._verify(fronts, curves, budget)
+        return chosen, curves, forwards
+
+    def _sensitivities(self, fronts: dict[int, list[Combo]], budget: float) -> dict[int, Curve]:
+        """Each layer's curve: first measured near ``sensitivity_error``, then again wherever
+        the allocation to ``budget`` takes a layer past 1.25x what was measured."""
+        from attncompose.models.replay import LayerReplay, supports_replay
+
         fit = self.captures["fit"]
         replay = LayerReplay(self.model, fit.segment.ids) if supports_replay(self.model) else None
         curves = {layer: Curve() for layer in fronts}
@@ -524,11 +552,17 @@ class ModelTuneJob:
             for layer, combo in far.items():
                 self.reporter.phase(f"sensitivity of layer {layer} at error {combo.error:.3g}")
                 measure_layer(layer, combo)
-        self.seconds["sensitivity_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = self._verify(fronts, curves, budget)
-        self.seconds["verify_s"] = time.perf_counter() - start
-        return (*result[:1], curves, result[1])
+        return curves
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Record the wall and CPU seconds (all threads) of a phase of the run."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[f"{name}_s"] = time.perf_counter() - wall
+            self.seconds[f"{name}_cpu_s"] = time.process_time() - cpu
 
     def _verify(
         self, fronts: dict[int, list[Combo]], curves: dict[int, Curve], budget: float
@@ -688,27 +722,25 @@ class ModelTuneJob:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> ModelTuneResult:
-        started = time.perf_counter()
-        if self.device.type != "cpu":
-            self.model.to(self.device)
-        self._capture()
-        self.seconds["capture_s"] = time.perf_counter() - started
-        storage = open_storage(self.config.storage or default_storage_url(self.config.out))
-        start = time.perf_counter()
-        points = self._tune_units(storage, self._base_name())
-        self.seconds["studies_s"] = time.perf_counter() - start
-        curves: dict[int, Curve] = {}
-        if self.config.target_err is not None:
-            chosen = self._choose_target(points)
-            forwards: dict[str, tuple[float, float]] = {}
-        else:
-            chosen, curves, forwards = self._choose_budget(points)
-        start = time.perf_counter()
-        errors = self._final_errors(chosen)
-        missing = [r for r in self.captures if r not in forwards]
-        forwards.update(self._forwards(chosen, missing))
-        self.seconds["final_s"] = time.perf_counter() - start
-        self.seconds["total_s"] = time.perf_counter() - started
+        with self._phase("total"):
+            if self.device.type != "cpu":
+                self.model.to(self.device)
+            with self._phase("capture"):
+                self._capture()
+            storage = open_storage(self.config.storage or default_storage_url(self.config.out))
+            with self._phase("studies"):
+                points = self._tune_units(storage, self._base_name())
+            curves: dict[int, Curve] = {}
+            if self.config.target_err is not None:
+                with self._phase("choose"):
+                    chosen = self._choose_target(points)
+                forwards: dict[str, tuple[float, float]] = {}
+            else:
+                chosen, curves, forwards = self._choose_budget(points)
+            with self._phase("final"):
+                errors = self._final_errors(chosen)
+                missing = [r for r in self.captures if r not in forwards]
+                forwards.update(self._forwards(chosen, missing))
         self._note_target(chosen, errors)
         entry = self._entry(chosen, errors, forwards, curves)
         tuned = self.base_file.with_length(self.config.seq_len, entry, self._used_recipes(chosen))
@@ -716,10 +748,13 @@ class ModelTuneJob:
         return ModelTuneResult(tuned, self.config.seq_len, points, chosen)
 
     def _final_errors(self, chosen: dict[Unit, Point]) -> dict[tuple[Unit, str], float]:
+        """Each choice's error on every segment (and its frac where the trials did not count
+        it, cost latency: ``chosen`` is updated)."""
         self.reporter.phase("measuring the choices on every segment")
         errors = {}
-        for unit, point in chosen.items():
+        for unit, point in list(chosen.items()):
             data = UnitData(self, unit)
+            chosen[unit] = dataclasses.replace(point, frac=data.frac(point))
             for role in self.captures:
                 errors[(unit, role)] = self.unit_error(data, point, role)
         return errors

@@ -19,7 +19,11 @@ class RichModelReporter(ModelReporter):
     recipe); phases (capture, sensitivities, verification rounds) as log lines."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+        if console is None:
+            console = Console(stderr=True)
+            if not console.is_terminal:  # a log file: no width to respect
+                console = Console(stderr=True, width=160)
+        self.console = console
         self.progress = Progress(
             TextColumn("{task.fields[label]:>8}"),
             BarColumn(),
@@ -113,7 +117,16 @@ def _caption(entry: LengthTuning) -> str:
         if seg.role in entry.error_mean:
             line += f", mean layer error {entry.error_mean[seg.role]:.4f}"
         lines.append(line)
-    times = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in entry.seconds.items())
+    times = ", ".join(
+        f"{k.removesuffix('_s')} {v:.0f} s"
+        + (
+            f" (CPU {entry.seconds[k[:-2] + '_cpu_s']:.0f} s)"
+            if k[:-2] + "_cpu_s" in entry.seconds
+            else ""
+        )
+        for k, v in entry.seconds.items()
+        if not k.endswith("_cpu_s")
+    )
     return "\n".join([*lines, *entry.notes, times])
 
 
