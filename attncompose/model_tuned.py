@@ -74,6 +74,18 @@ class ModelShape(BaseModel):
     num_kv_heads: int = Field(ge=1)
     head_dim: int = Field(ge=1)
 
+    @classmethod
+    def of(cls, config: Any, name: str) -> ModelShape:
+        """The shape of a transformers model's ``config``, named ``name``."""
+        heads = config.num_attention_heads
+        return cls(
+            name=name,
+            num_layers=config.num_hidden_layers,
+            num_q_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        )
+
     def describe(self) -> str:
         return (
             f"{self.num_layers} layers, {self.num_q_heads} query / {self.num_kv_heads} "
@@ -327,14 +339,7 @@ class ModelTuning:
         if id(config) in self._checked:
             return
         shape = self.tuned.model
-        have = ModelShape(
-            name=getattr(config, "model_type", "?"),
-            num_layers=config.num_hidden_layers,
-            num_q_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=getattr(config, "head_dim", None)
-            or config.hidden_size // config.num_attention_heads,
-        )
+        have = ModelShape.of(config, getattr(config, "model_type", "?"))
         if have.model_dump(exclude={"name"}) != shape.model_dump(exclude={"name"}):
             raise ModelTuningError(
                 f"tuned for {shape.name} ({shape.describe()}); this model has {have.describe()}",

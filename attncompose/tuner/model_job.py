@@ -195,19 +195,6 @@ class ModelTuneResult:
         return self.tuned.lengths[self.seq_len]
 
 
-def model_shape(model: PreTrainedModel, name: str) -> ModelShape:
-    """Layers and heads of a transformers model."""
-    config = model.config
-    heads = config.num_attention_heads
-    return ModelShape(
-        name=name,
-        num_layers=config.num_hidden_layers,
-        num_q_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-    )
-
-
 def tune_model(
     model: PreTrainedModel,
     model_name: str,
@@ -309,7 +296,7 @@ class ModelTuneJob:
         self.config = config
         self.reporter = reporter
         self.recipes = load_recipes(config.recipes)
-        self.shape = model_shape(model, model_name)
+        self.shape = ModelShape.of(model.config, model_name)
         self.device = torch.device(
             config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -318,6 +305,7 @@ class ModelTuneJob:
         self.units = self._units()
         self._modules: dict[tuple, torch.nn.Module] = {}
         self._errors: dict[tuple, float] = {}
+        self._exact_sq: dict[tuple[Unit, str], float] = {}
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
 
@@ -493,8 +481,7 @@ class ModelTuneJob:
         fronts = {}
         for layer in range(self.shape.num_layers):
             units = [u for u in self.units if u.layer == layer]
-            sq = [UnitData(self, u).exact_sq("fit") for u in units]
-            weights = [s / sum(sq) for s in sq]
+            weights = self._weights(units, "fit")
             fronts[layer] = layer_front([pareto(points[u]) for u in units], weights)
         return fronts
 
@@ -706,16 +693,25 @@ class ModelTuneJob:
             trial=point.trial,
         )
 
+    def _weights(self, units: list[Unit], role: str) -> list[float]:
+        """Each unit's share of its layer's exact output squared norm on a segment (cached)."""
+        if len(units) == 1:
+            return [1.0]
+        for u in units:
+            if (u, role) not in self._exact_sq:
+                self._exact_sq[(u, role)] = UnitData(self, u).exact_sq(role)
+        total = sum(self._exact_sq[(u, role)] for u in units)
+        return [self._exact_sq[(u, role)] / total for u in units]
+
     def _layer_errors(
         self, units: list[Unit], errors: dict[tuple[Unit, str], float], roles: list[str]
     ) -> dict[str, float]:
         """Each segment's error over the layer's heads: sqrt(sum of w_g e_g^2)."""
         out = {}
         for role in roles:
-            sq = [UnitData(self, u).exact_sq(role) for u in units] if len(units) > 1 else [1.0]
-            total = sum(sq)
+            weights = self._weights(units, role)
             out[role] = math.sqrt(
-                sum(s / total * errors[(u, role)] ** 2 for s, u in zip(sq, units, strict=True))
+                sum(w * errors[(u, role)] ** 2 for w, u in zip(weights, units, strict=True))
             )
         return out
 
