@@ -86,7 +86,7 @@ if TYPE_CHECKING:
 TRANSFER = 4  # points of the previous unit's front a fresh study starts from
 GOOD_ENOUGH = 0.85  # a verified allocation using this share of the budget is kept
 SENSITIVITY_ERROR = 0.05  # a layer's sensitivity is first measured at about this error
-REFINE_ROUNDS = 3  # rounds of sensitivity measurements where the allocation extrapolates
+REFINE_ROUNDS = 6  # rounds of sensitivity measurements where the allocation extrapolates
 
 
 @dataclass(frozen=True)
