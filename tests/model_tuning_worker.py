@@ -74,11 +74,12 @@ def config(out: Path, cache: Path, **changes) -> ModelTuneConfig:
 
 def main() -> None:
     out, storage, study, trials, cache = sys.argv[1:6]
+    layers = int(sys.argv[6]) if len(sys.argv) > 6 else LAYERS
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = config(Path(out), Path(cache), storage=storage, study=study, trials=int(trials))
-    tune_model(tiny_llama(LAYERS), "tiny", text_ids(), cfg)
+    tune_model(tiny_llama(layers), "tiny", text_ids(), cfg)
 
 
 if __name__ == "__main__":

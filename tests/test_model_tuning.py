@@ -147,8 +147,10 @@ def finished_studies(url: str, trials: int) -> dict[str, list[tuple]]:
     return done
 
 
-def worker(tmp_path, out: str, storage: str, study: str, trials: int) -> subprocess.Popen:
-    args = [out, storage, study, str(trials), str(tmp_path / "cache")]
+def worker(
+    tmp_path, out: str, storage: str, study: str, trials: int, layers: int = LAYERS
+) -> subprocess.Popen:
+    args = [out, storage, study, str(trials), str(tmp_path / "cache"), str(layers)]
     return subprocess.Popen(
         [sys.executable, WORKER, *args],
         env=ENV,
@@ -161,24 +163,25 @@ def worker(tmp_path, out: str, storage: str, study: str, trials: int) -> subproc
 def test_resume_after_sigkill_loses_no_finished_layer(tmp_path):
     write_recipes(tmp_path)
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    trials = 6
-    proc = worker(tmp_path, str(tmp_path / "r.yaml"), url, "resume", trials)
+    trials, layers = 6, 3  # 6 studies: killed after 2, most are left to do
+    run = lambda: worker(tmp_path, str(tmp_path / "r.yaml"), url, "resume", trials, layers)
+    proc = run()
     deadline = time.monotonic() + 120
     before: dict = {}
     while len(before) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.3)
+        time.sleep(0.1)
         before = finished_studies(url, trials) if (tmp_path / "studies.db").exists() else {}
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = finished_studies(url, trials)
-    assert 2 <= len(before) < 2 * LAYERS and not (tmp_path / "r.yaml").exists()
-    proc = worker(tmp_path, str(tmp_path / "r.yaml"), url, "resume", trials)
+    assert 2 <= len(before) < 2 * layers and not (tmp_path / "r.yaml").exists()
+    proc = run()
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
     after = finished_studies(url, trials)
-    assert len(after) == 2 * LAYERS  # layers x recipes
+    assert len(after) == 2 * layers  # layers x recipes
     for name, rows in before.items():
         assert after[name] == rows  # nothing redone, nothing lost
-    assert set(read_model_tuned(tmp_path / "r.yaml").lengths[SEQ_LEN].layers) == {0, 1}
+    assert set(read_model_tuned(tmp_path / "r.yaml").lengths[SEQ_LEN].layers) == {0, 1, 2}
 
 
 def run_two_workers(tmp_path, storage: str, study: str, trials: int = 4) -> None:

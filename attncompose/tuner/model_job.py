@@ -405,7 +405,10 @@ class ModelTuneJob:
         study = open_study(storage, study_name, self._sampler(0), self._meta(name), DIRECTIONS)
         study.sampler = self._sampler(len(study.trials))
         if not study.trials:
-            for knobs in [defaults(recipe), *_transfer([p for p in previous if p.recipe == name])]:
+            # at most half the budget: two workers seeding a fresh study at once still leave
+            # no enqueued trial unrun
+            design = [defaults(recipe), *_transfer([p for p in previous if p.recipe == name])]
+            for knobs in design[: max(1, self.config.trials // 2)]:
                 study.enqueue_trial(knobs, skip_if_exists=True)
         products = self.config.cost == "products"
         evaluator = Evaluator(
