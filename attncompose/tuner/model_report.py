@@ -137,6 +137,7 @@ def plot_layers(result: ModelTuneResult, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         raise TunerError("--plot needs matplotlib (pip install matplotlib)") from None
     entry = result.entry
@@ -150,12 +151,11 @@ def plot_layers(result: ModelTuneResult, path: Path) -> None:
         for j, c in enumerate(choices):
             x = layer - 0.4 + width * (j + 0.5)
             ax.bar(x, c.frac, width=width, color=colors[c.recipe or "exact"])
-    for r in recipes:
-        ax.bar([], [], color=colors[r], label=r)
+    handles = [Patch(color=colors[r], label=r) for r in recipes]
     ax.set(
         ylabel="frac (share of products)", title=f"{result.tuned.model.name}, n={result.seq_len}"
     )
-    ax.legend(fontsize="small", ncol=len(recipes))
+    ax.legend(handles=handles, fontsize="small", ncol=len(recipes))
     for role in dict.fromkeys(r for lt in entry.layers.values() for r in lt.errors):
         ax_err.plot(layers, [entry.layers[i].errors[role] for i in layers], "o-", ms=3, label=role)
     if entry.target_err is not None:
