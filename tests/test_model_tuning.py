@@ -231,6 +231,8 @@ def test_two_workers_on_one_postgres_storage_duplicate_no_layer(tmp_path):
         (["--target-err", "0.05", "--study", "s"], "give --storage too"),
         (["--target-err", "0.05", "--segments", "5"], "--segments"),
         (["--target-err", "0.05", "--text", "no-such-text"], "no such file, nor a built-in"),
+        (["--target-err", "0.05", "--seq-len", "9000"], "exceeds the 8192 positions"),
+        (["--target-err", "0.05", "--model", "gpt5"], "unknown model 'gpt5'"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(tmp_path, args, message):
@@ -240,6 +242,21 @@ def test_bad_arguments_are_one_clear_error(tmp_path, args, message):
     assert done.exit_code == 2, done.output
     assert message in done.output
     assert "Traceback" not in done.output
+
+
+def test_an_out_file_for_another_model_is_refused_before_loading(tmp_path):
+    out = tmp_path / "o.yaml"
+    write_model_tuned(
+        out,
+        ModelTunedFile(
+            model=ModelShape(name="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16)
+        ),
+    )
+    done = CliRunner().invoke(
+        cli, ["tune-model", "--seq-len", "64", "--target-err", "0.05", "--out", str(out)]
+    )
+    assert done.exit_code == 2
+    assert "holds a tuning of tiny (2 layers" in done.output and "not of smollm2" in done.output
 
 
 def test_an_out_file_for_another_model_is_refused(tiny_model, tmp_path):

@@ -125,9 +125,14 @@ def tune_model(
     import optuna
     from rich.console import Console
 
-    from attncompose.models import load_model
+    from attncompose.models import load_model, model_card
     from attncompose.models.text import all_token_ids, load_text, text_name, text_sha256
-    from attncompose.tuner.model_job import ModelTuneConfig, TextInfo, load_recipes
+    from attncompose.tuner.model_job import (
+        ModelTuneConfig,
+        TextInfo,
+        check_out_file,
+        load_recipes,
+    )
     from attncompose.tuner.model_job import tune_model as run
     from attncompose.tuner.model_report import RichModelReporter, plot_layers, summary_table
 
@@ -149,8 +154,11 @@ def tune_model(
         cache=cache,
         out=out,
     )
-    config.check()  # bad arguments fail before the model loads
+    config.check()  # bad arguments fail before the model loads (a minute on a busy CPU)
     load_recipes(recipes)
+    card = model_card(model_name)
+    card.check(seq_len)
+    check_out_file(out, card)
     body = load_text(text)
     model, tokenizer = load_model(model_name)
     info = TextInfo(text_name(text), text_sha256(body), all_token_ids(tokenizer, body))

@@ -807,6 +807,23 @@ def load_recipes(names: tuple[str, ...]) -> dict[str, Any]:
     return recipes
 
 
+def check_out_file(out: Path, card: Any) -> None:
+    """Refuse at once, from the model's card, an --out file tuned for a model with other layer
+    or key/value head counts (the full shape is checked once the model is loaded)."""
+    if not out.exists():
+        return
+    try:
+        old = read_model_tuned(out)
+    except ModelTuningError as err:
+        raise TunerError(f"--out {out}: {err.reason}; choose another --out") from None
+    if (old.model.num_layers, old.model.num_kv_heads) != (card.layers, card.kv_heads):
+        raise TunerError(
+            f"--out {out} holds a tuning of {old.model.name} ({old.model.describe()}), not of "
+            f"{card.name} ({card.layers} layers, {card.kv_heads} key-value heads); choose "
+            "another --out"
+        )
+
+
 def _start_file(out: Path, shape: ModelShape) -> ModelTunedFile:
     """The file to add a length to: the existing one if it is for this model, else a new one."""
     fresh = ModelTunedFile(model=shape)
