@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from attncompose.loading import load
 from attncompose.metrics import relative_error
+from attncompose.model_tuned import ModelTuning
 from attncompose.runtime.attention import Attention, compile
 from attncompose.runtime.checks import AttentionInputError
 from attncompose.spec import RecipeError
 from attncompose.spec.recipe import builtin_recipes, load_recipe
-from attncompose.tuned import TunedAttention, load
+from attncompose.tuned import TunedAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attention",
     "AttentionInputError",
+    "ModelTuning",
     "RecipeError",
     "TunedAttention",
     "__version__",

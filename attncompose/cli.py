@@ -22,6 +22,7 @@ class _LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, str]] = {
         "tune": "attncompose.tuner.command:tune",
+        "tune-model": "attncompose.tuner.model_command:tune_model",
         "bench": "attncompose.bench:bench",
     }
 
@@ -160,9 +161,9 @@ def _int_list(value: str | None) -> list[int] | None:
 _model_option = click.option("--model", "model_name", default="smollm2", show_default=True)
 _text_option = click.option(
     "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Text file; default: Python's pydoc_data topics.",
+    help="Text file, or a built-in text: pydoc-topics (Python's pydoc_data topics, the "
+    "default) or stdlib-docs (standard-library docstrings).",
 )
 
 
@@ -188,7 +189,7 @@ _text_option = click.option(
 @_user_errors
 def capture(
     model_name: str,
-    text: Path | None,
+    text: str | None,
     seq_len: int,
     layers: str,
     kv_heads: str,
@@ -234,7 +235,7 @@ def capture(
     help="Layers that use the recipe: 'all', e.g. 0,12,29.",
 )
 @_user_errors
-def evaluate(recipe: str, model_name: str, text: Path | None, seq_len: int, layers: str) -> None:
+def evaluate(recipe: str, model_name: str, text: str | None, seq_len: int, layers: str) -> None:
     """Perplexity with exact attention and with RECIPE; per-layer error and frac."""
     import time
 

@@ -28,27 +28,38 @@ class ModelReport:
 def evaluate_recipe(
     recipe: str,
     model_name: str,
-    text: Path | None,
+    text: str | Path | None,
     seq_len: int,
     layers: str | list[int] = "all",
     progress: Callable[[str], None] = lambda stage: None,
 ) -> ModelReport:
     """Run the model with exact attention and with the recipe on ``layers``; ``progress``
-    hears each stage as it begins (each can take minutes on CPU)."""
-    from attncompose.integrations.hf import select_layers
+    hears each stage as it begins (each can take minutes on CPU).
+
+    ``recipe`` is a recipe, a tuned recipe, or a model-level tuned file (each layer its own
+    choice; a file made for another model is refused before anything runs).
+    """
+    from attncompose.integrations.hf import LayerwiseAttention, select_layers
     from attncompose.loading import attention_name, load_attention
+    from attncompose.model_tuned import ModelTuning
     from attncompose.models import load_model, model_card
     from attncompose.models.capture import capture_qkv
     from attncompose.models.evaluate import attention_time_share, perplexity
     from attncompose.models.text import load_text, token_ids
 
     attn = load_attention(recipe)
-    model_card(model_name).check(seq_len, layers)  # at once: loading the model takes a while
+    layerwise = isinstance(attn, LayerwiseAttention)
+    card = model_card(model_name)
+    card.check(seq_len, layers)  # at once: loading the model takes a while
+    if isinstance(attn, ModelTuning):
+        attn.check_card(card)
     body = load_text(text)
     progress(f"loading {model_name}")
     model, tokenizer = load_model(model_name)
     ids = token_ids(tokenizer, seq_len, body)
     chosen = sorted(select_layers(layers, model.config.num_hidden_layers))
+    if layerwise:
+        attn.check_model(model.config)
     progress(f"perplexity with exact attention ({seq_len} tokens)")
     exact_ppl = perplexity(model, ids)
     progress(f"perplexity with {attention_name(attn)} on {len(chosen)} layers")
@@ -56,9 +67,10 @@ def evaluate_recipe(
     progress("per-layer error and frac on the model's own Q/K/V")
     per_layer = {}
     for layer, (q, k, v) in capture_qkv(model, ids, chosen).items():
+        fn = attn.layer(layer) if layerwise else attn
         with torch.no_grad():
-            err = relative_error(attn(q, k, v, is_causal=True), exact_sdpa(q, k, v, True))
-        per_layer[layer] = (err, products_fraction(attn, q, k, v, True))
+            err = relative_error(fn(q, k, v, is_causal=True), exact_sdpa(q, k, v, True))
+        per_layer[layer] = (err, products_fraction(fn, q, k, v, True))
     frac = sum(f for _, f in per_layer.values()) / len(per_layer)
     progress("attention's share of the forward time (exact, then the recipe)")
     return ModelReport(

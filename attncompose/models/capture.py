@@ -19,16 +19,24 @@ from attncompose.integrations.hf import (
     select_layers,
 )
 from attncompose.models.capture_file import QKV
+from attncompose.models.evaluate import perplexity_from_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-@torch.inference_mode()
 def capture_qkv(
     model: PreTrainedModel, input_ids: torch.Tensor, layers: LayerSelection = "all"
 ) -> dict[int, QKV]:
     """Run ``model`` on input_ids [1, L]: {layer: (q [1, Hq, L, D], k, v [1, Hkv, L, D])}."""
+    return capture_qkv_and_perplexity(model, input_ids, layers)[0]
+
+
+@torch.inference_mode()
+def capture_qkv_and_perplexity(
+    model: PreTrainedModel, input_ids: torch.Tensor, layers: LayerSelection = "all"
+) -> tuple[dict[int, QKV], float]:
+    """:func:`capture_qkv`, and the exact perplexity of the same forward pass."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"capture takes one sequence, got a batch of {input_ids.shape[0]}")
     chosen = select_layers(layers, model.config.num_hidden_layers)
@@ -51,5 +59,5 @@ def capture_qkv(
         return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
 
     with attention_implementation(model, register_function("attncompose-capture", record)):
-        model(input_ids.to(model.device), use_cache=False)
-    return records
+        logits = model(input_ids.to(model.device), use_cache=False).logits
+    return records, perplexity_from_logits(logits, input_ids)

@@ -27,12 +27,17 @@ class CaptureError(ValueError):
 
 
 def save_capture(
-    path: str | Path, qkv: dict[int, QKV], *, model: str, text_sha256: str
+    path: str | Path,
+    qkv: dict[int, QKV],
+    *,
+    model: str,
+    text_sha256: str,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write captured tensors and their metadata to a safetensors file; returns the metadata.
 
     Metadata: format, model, text_sha256, length, layers, num_q_heads, num_kv_heads, head_dim,
-    dtype.
+    dtype, and the string fields of ``extra`` (e.g. where in the text, exact perplexity).
     """
     if not qkv:
         raise ValueError("nothing to save: no layers were captured")
@@ -47,6 +52,7 @@ def save_capture(
         "num_kv_heads": k.shape[1],
         "head_dim": q.shape[3],
         "dtype": str(q.dtype).removeprefix("torch."),
+        **(extra or {}),
     }
     tensors = {
         f"layer.{i}.{name}": t.cpu()

@@ -11,14 +11,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from attncompose.evaluation import exact_products
 from attncompose.integrations.hf import (
     AttentionFn,
     LayerSelection,
+    LayerwiseAttention,
     attention_implementation,
     register,
     register_function,
 )
 from attncompose.metrics import relative_error
+from attncompose.primitives.base import count_products
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -60,6 +63,47 @@ def perplexity(
     with _maybe_attention(model, attn, layers):
         logits = model(input_ids.to(model.device), use_cache=False).logits
     return perplexity_from_logits(logits, input_ids)
+
+
+class _ProductCounter:
+    """Per-layer view of an attention (one callable, or one per layer) that adds up exact
+    attention's query-key products over the calls it serves."""
+
+    def __init__(self, attn: AttentionFn | LayerwiseAttention):
+        self.attn = attn
+        self.exact = 0
+        self.calls = 0
+
+    def check_model(self, config: Any) -> None:
+        if isinstance(self.attn, LayerwiseAttention):
+            self.attn.check_model(config)
+
+    def layer(self, index: int) -> AttentionFn:
+        inner = self.attn.layer(index) if isinstance(self.attn, LayerwiseAttention) else self.attn
+
+        def counted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any):
+            self.calls += 1
+            self.exact += exact_products(q, k, kwargs.get("is_causal", False))
+            return inner(q, k, v, **kwargs)
+
+        return counted
+
+
+@torch.inference_mode()
+def perplexity_and_frac(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attn: AttentionFn | LayerwiseAttention,
+    layers: LayerSelection = "all",
+) -> tuple[float, float]:
+    """Perplexity with ``attn`` on ``layers``, and frac: the query-key products its torch
+    kernels computed in that forward pass over exact attention's for the same calls."""
+    counter = _ProductCounter(attn)
+    with count_products() as computed:
+        ppl = perplexity(model, input_ids, counter, layers)
+    if counter.calls == 0:
+        raise ValueError("no attention call reached the approximation (layers, masks?)")
+    return ppl, computed[0] / counter.exact
 
 
 @torch.inference_mode()

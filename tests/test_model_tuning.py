@@ -1,0 +1,329 @@
+"""Tuning a whole model (tune-model) and model-level tuned files, on the tiny Llama."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+transformers = pytest.importorskip("transformers")
+
+from model_tuning_worker import (  # noqa: E402
+    LAYERS,
+    SEQ_LEN,
+    config,
+    text_ids,
+    write_recipes,
+)
+from tiny_models import tiny_llama  # noqa: E402
+
+import attncompose as ac  # noqa: E402
+from attncompose.cli import main as cli  # noqa: E402
+from attncompose.model_tuned import (  # noqa: E402
+    ModelShape,
+    ModelTunedFile,
+    read_model_tuned,
+    write_model_tuned,
+)
+from attncompose.models.evaluate import perplexity, perplexity_and_frac  # noqa: E402
+from attncompose.models.replay import LayerReplay  # noqa: E402
+from attncompose.tuner.allocate import Curve, allocate, cheapest_within, layer_front  # noqa: E402
+from attncompose.tuner.front import Point, pareto  # noqa: E402
+from attncompose.tuner.model_job import tune_model  # noqa: E402
+from attncompose.tuner.study import open_storage  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+WORKER = str(Path(__file__).parent / "model_tuning_worker.py")
+STREAM = {
+    "name": "s",
+    "steps": {
+        "sinks": {"op": "sink", "count": 2},
+        "local": {"op": "window", "width": {"default": 8, "choices": [8, 16]}},
+        "out": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
+    },
+}
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return tiny_llama(LAYERS)
+
+
+def test_target_err_choices_hold_on_fit_and_check(tiny_model, tmp_path):
+    write_recipes(tmp_path)
+    cfg = config(tmp_path / "t.yaml", tmp_path / "cache", target_err=0.5, segments=3)
+    result = tune_model(tiny_model, "tiny", text_ids(), cfg)
+    tuned = read_model_tuned(cfg.out)
+    assert tuned.model == ModelShape(
+        name="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16
+    )
+    entry = tuned.lengths[SEQ_LEN]
+    assert [s.role for s in entry.segments] == ["fit", "check", "test"]
+    assert [s.offset for s in entry.segments] == [0, SEQ_LEN, 2 * SEQ_LEN]
+    for layer in entry.layers.values():
+        for choice in layer.choices:
+            assert choice.errors["fit"] <= 0.5 and choice.errors["check"] <= 0.5
+    assert any(c.recipe for lt in entry.layers.values() for c in lt.choices)
+    for unit, point in result.chosen.items():  # the cheapest of the front within the target
+        cheaper = [p for p in pareto(result.points[unit]) if p.cost < point.cost]
+        assert all(p.error > 0.5 or p.trial is not None for p in cheaper)
+    for seg in entry.segments:
+        assert seg.ppl is not None and 0 < seg.frac < 1
+    assert set(entry.error_mean) == {"fit", "check", "test"}
+
+
+def test_ppl_budget_is_met_on_the_calibration_text_by_the_final_forward(tiny_model, tmp_path):
+    write_recipes(tmp_path)
+    budget = 0.01
+    cfg = config(
+        tmp_path / "p.yaml", tmp_path / "cache", target_err=None, ppl_budget=budget, segments=2
+    )
+    tune_model(tiny_model, "tiny", text_ids(2), cfg)
+    entry = read_model_tuned(cfg.out).lengths[SEQ_LEN]
+    for seg in entry.segments:
+        assert seg.ppl / seg.exact_ppl - 1 <= budget
+    assert entry.frac < 1  # some layer is approximated
+    assert all(lt.sensitivity for lt in entry.layers.values())
+    fit = entry.segment("fit")
+    ids = text_ids(2).ids[:, :SEQ_LEN]
+    ppl, frac = perplexity_and_frac(tiny_model, ids, ac.load(cfg.out, backend="torch"))
+    assert ppl == pytest.approx(fit.ppl, rel=1e-6) and frac == pytest.approx(fit.frac)
+    assert perplexity(tiny_model, ids) == pytest.approx(fit.exact_ppl, rel=1e-5)
+
+
+def test_per_head_choices_cover_every_group(tiny_model, tmp_path):
+    write_recipes(tmp_path)
+    cfg = config(tmp_path / "h.yaml", tmp_path / "cache", per_head=True, trials=2, segments=1)
+    tune_model(tiny_model, "tiny", text_ids(1), cfg)
+    entry = read_model_tuned(cfg.out).lengths[SEQ_LEN]
+    assert entry.per_head
+    for layer in entry.layers.values():
+        assert [c.kv_heads for c in layer.choices] == [[0], [1]]
+
+
+def test_cost_latency_chooses_by_milliseconds_and_records_frac(tiny_model, tmp_path):
+    write_recipes(tmp_path)
+    cfg = config(tmp_path / "l.yaml", tmp_path / "cache", cost="latency", trials=2, segments=1)
+    result = tune_model(tiny_model, "tiny", text_ids(1), cfg)
+    entry = read_model_tuned(cfg.out).lengths[SEQ_LEN]
+    assert entry.cost == "latency"
+    for unit, point in result.chosen.items():
+        assert point.cost == point.latency_ms
+        front = pareto(result.points[unit])
+        best = min((p for p in front if p.error <= 0.5), key=lambda p: p.cost)
+        assert (point.recipe, point.knobs) == (best.recipe, best.knobs)
+        choice = entry.layers[unit.layer].choices[0]
+        assert 0 < choice.frac <= 1 and choice.latency_ms == point.latency_ms
+
+
+def finished_studies(url: str, trials: int) -> dict[str, list[tuple]]:
+    """Studies with at least ``trials`` finished trials: name -> (number, params, values)."""
+    storage = open_storage(url)
+    done = {}
+    for name in optuna.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        rows = [
+            (t.number, t.params, t.values)
+            for t in study.trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        ]
+        if len(rows) >= trials:
+            done[name] = rows
+    return done
+
+
+def worker(
+    tmp_path, out: str, storage: str, study: str, trials: int, layers: int = LAYERS
+) -> subprocess.Popen:
+    args = [out, storage, study, str(trials), str(tmp_path / "cache"), str(layers)]
+    return subprocess.Popen(
+        [sys.executable, WORKER, *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_resume_after_sigkill_loses_no_finished_layer(tmp_path):
+    write_recipes(tmp_path)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    trials, layers = 6, 3  # 6 studies: killed after 2, most are left to do
+    run = lambda: worker(tmp_path, str(tmp_path / "r.yaml"), url, "resume", trials, layers)
+    proc = run()
+    deadline = time.monotonic() + 120
+    before: dict = {}
+    while len(before) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        before = finished_studies(url, trials) if (tmp_path / "studies.db").exists() else {}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = finished_studies(url, trials)
+    assert 2 <= len(before) < 2 * layers and not (tmp_path / "r.yaml").exists()
+    proc = run()
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    after = finished_studies(url, trials)
+    assert len(after) == 2 * layers  # layers x recipes
+    for name, rows in before.items():
+        assert after[name] == rows  # nothing redone, nothing lost
+    assert set(read_model_tuned(tmp_path / "r.yaml").lengths[SEQ_LEN].layers) == {0, 1, 2}
+
+
+def run_two_workers(tmp_path, storage: str, study: str, trials: int = 4) -> None:
+    """Two processes, one storage: every study once, trial numbers contiguous, no layer's
+    budget spent twice (at most one extra trial where both workers were at a study's end)."""
+    write_recipes(tmp_path)
+    procs = [worker(tmp_path, str(tmp_path / f"w{i}.yaml"), storage, study, trials) for i in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stdout.read()
+    loaded = open_storage(storage)
+    names = [s for s in optuna.get_all_study_names(loaded) if s.startswith(f"{study}:")]
+    assert len(names) == 2 * LAYERS
+    for name in names:
+        all_trials = optuna.load_study(study_name=name, storage=loaded).trials
+        assert [t.number for t in all_trials] == list(range(len(all_trials)))
+        assert all(t.state == TrialState.COMPLETE for t in all_trials)
+        assert trials <= len(all_trials) <= trials + 1
+    for i in (0, 1):
+        assert set(read_model_tuned(tmp_path / f"w{i}.yaml").lengths[SEQ_LEN].layers) == {0, 1}
+
+
+def test_two_workers_on_one_sqlite_storage_duplicate_no_layer(tmp_path):
+    run_two_workers(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}", "two")
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("ATTNCOMPOSE_TEST_PG_URL"), reason="no PostgreSQL")
+def test_two_workers_on_one_postgres_storage_duplicate_no_layer(tmp_path):
+    url = os.environ["ATTNCOMPOSE_TEST_PG_URL"]
+    run_two_workers(tmp_path, url, f"pg-model-{uuid.uuid4().hex[:8]}")
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ppl-budget", "0"], "--ppl-budget is a relative growth"),
+        (["--ppl-budget", "-0.02"], "must be positive"),
+        (["--target-err", "0.05", "--ppl-budget", "0.02"], "one of --target-err or --ppl-budget"),
+        ([], "one of --target-err or --ppl-budget"),
+        (["--target-err", "0", "--recipes", "topp"], "--target-err must be positive"),
+        (["--target-err", "0.05", "--recipes", "topp,nosuch"], "nosuch"),
+        (["--target-err", "0.05", "--recipes", ","], "at least one recipe"),
+        (["--target-err", "0.05", "--recipes", "exact"], "no tunable knob"),
+        (["--target-err", "0.05", "--study", "s"], "give --storage too"),
+        (["--target-err", "0.05", "--segments", "5"], "--segments"),
+        (["--target-err", "0.05", "--text", "no-such-text"], "no such file, nor a built-in"),
+        (["--target-err", "0.05", "--seq-len", "9000"], "exceeds the 8192 positions"),
+        (["--target-err", "0.05", "--model", "gpt5"], "unknown model 'gpt5'"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tmp_path, args, message):
+    done = CliRunner().invoke(
+        cli, ["tune-model", "--seq-len", "64", "--out", str(tmp_path / "o.yaml"), *args]
+    )
+    assert done.exit_code == 2, done.output
+    assert message in done.output
+    assert "Traceback" not in done.output
+
+
+def test_an_out_file_for_another_model_is_refused_before_loading(tmp_path):
+    out = tmp_path / "o.yaml"
+    write_model_tuned(
+        out,
+        ModelTunedFile(
+            model=ModelShape(name="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16)
+        ),
+    )
+    done = CliRunner().invoke(
+        cli, ["tune-model", "--seq-len", "64", "--target-err", "0.05", "--out", str(out)]
+    )
+    assert done.exit_code == 2
+    assert "holds a tuning of tiny (2 layers" in done.output and "not of smollm2" in done.output
+
+
+def test_an_out_file_for_another_model_is_refused(tiny_model, tmp_path):
+    write_recipes(tmp_path)
+    other = ModelShape(name="big", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
+    out = tmp_path / "o.yaml"
+    write_model_tuned(out, ModelTunedFile(model=other))
+    from attncompose.tuner.errors import TunerError
+
+    with pytest.raises(TunerError, match="holds a tuning of big"):
+        tune_model(tiny_model, "tiny", text_ids(), config(out, tmp_path / "cache"))
+
+
+# -- pieces -----------------------------------------------------------------------------------
+
+
+def point(error: float, cost: float, recipe: str | None = "r") -> Point:
+    return Point(recipe, {} if recipe else None, error, cost, frac=cost, latency_ms=0.0, trial=0)
+
+
+def test_pareto_and_cheapest_within():
+    exact = point(0.0, 1.0, None)
+    pts = [point(0.3, 0.1), point(0.2, 0.3), point(0.25, 0.4), point(0.05, 0.5), exact]
+    front = pareto(pts)
+    assert [(p.error, p.cost) for p in front] == [(0.3, 0.1), (0.2, 0.3), (0.05, 0.5), (0, 1)]
+    assert cheapest_within(front, 0.2).cost == 0.3
+    assert cheapest_within(front, 0.2, check=lambda p: 0.5 if p.cost == 0.3 else 0).cost == 0.5
+    assert cheapest_within(front, 0.01) is exact
+
+
+def test_layer_front_combines_head_groups():
+    a = [point(0.4, 0.2), point(0.0, 1.0, None)]
+    b = [point(0.1, 0.3), point(0.0, 1.0, None)]
+    front = layer_front([a, b], [0.5, 0.5])
+    assert front[0].cost == pytest.approx(0.25)
+    assert front[0].error == pytest.approx(math.sqrt(0.5 * 0.16 + 0.5 * 0.01))
+    assert front[-1].error == 0 and front[-1].cost == 1
+    assert all(x.cost < y.cost and x.error > y.error for x, y in itertools.pairwise(front))
+
+
+def test_curve_and_allocation():
+    curve = Curve()
+    curve.add(0.1, 0.01)
+    assert curve.predict(0.05) == pytest.approx(0.005) and curve.predict(0.25) == math.inf
+    curve.add(0.2, -0.5)  # a negative growth is none; the curve never decreases
+    assert curve.predict(0.2) == pytest.approx(0.01) and curve.reach == pytest.approx(0.4)
+    front = layer_front([[point(0.2, 0.1), point(0.1, 0.3), point(0.0, 1.0, None)]], [1.0])
+    sensitive, robust = Curve([(0.1, 0.02), (0.2, 0.08)]), Curve([(0.1, 0.001), (0.2, 0.002)])
+    alloc = allocate({0: front, 1: front}, {0: sensitive, 1: robust}, budget=0.025)
+    assert alloc[1].error == 0.2  # the robust layer takes the cheapest point
+    assert alloc[0].error == 0.1  # the sensitive one what the rest of the budget allows
+    assert allocate({0: front}, {0: Curve()}, 1.0)[0].error == 0  # nothing measured: exact
+
+
+@torch.inference_mode()
+def test_layer_replay_equals_whole_forward_passes(tiny_model):
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(4))
+    replay = LayerReplay(tiny_model, ids)
+    assert replay.exact_ppl == pytest.approx(perplexity(tiny_model, ids), rel=1e-5)
+    attn = ac.compile(ac.load_recipe(STREAM), backend="torch")
+    for layer in range(LAYERS):
+        whole = perplexity(tiny_model, ids, attn, [layer])
+        assert replay.perplexity(layer, attn) == pytest.approx(whole, rel=1e-5)
+        assert whole != pytest.approx(replay.exact_ppl, rel=1e-4)
+
+
+def test_perplexity_and_frac_of_exact_attention(tiny_model):
+    ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(5))
+    ppl, frac = perplexity_and_frac(tiny_model, ids, ac.compile("exact", backend="torch"))
+    assert ppl == pytest.approx(perplexity(tiny_model, ids), rel=1e-5) and frac == 1.0
