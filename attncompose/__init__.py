@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attncompose.errors import AttncomposeError
 from attncompose.loading import load
 from attncompose.metrics import relative_error
 from attncompose.model_tuned import ModelTuning
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attention",
     "AttentionInputError",
+    "AttncomposeError",
     "ModelTuning",
     "RecipeError",
     "TunedAttention",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from attncompose.errors import AttncomposeError
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
@@ -18,25 +20,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from attncompose.data import DataError
-        from attncompose.models.capture_file import CaptureError
-        from attncompose.models.smollm2 import ModelNotAvailableError
-        from attncompose.runtime.checks import AttentionInputError
-        from attncompose.spec.errors import RecipeError
-        from attncompose.tuner.errors import TunerError
-
-        errors = (
-            RecipeError,
-            AttentionInputError,
-            DataError,
-            CaptureError,
-            ModelNotAvailableError,
-            TunerError,
-            FileNotFoundError,
-        )
         try:
             return fn(*args, **kwargs)
-        except errors as err:
+        except (AttncomposeError, FileNotFoundError) as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt as err:  # Ctrl-C: what was kept, if anything, not a traceback

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attncompose.errors import AttncomposeError
+
 BUILTIN_CAPTURE = "smollm2-pydoc.safetensors"
 SYNTHETIC = "synthetic"  # the data name that asks for the synthetic generator
 SYNTHETIC_NOTE = "data: synthetic, structured random tensors (not real attention)"
 
 
-class DataError(ValueError):
+class DataError(AttncomposeError, ValueError):
     """Calibration data that cannot be used, naming the file and the problem."""
 
 

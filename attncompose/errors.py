@@ -3,5 +3,10 @@
 from __future__ import annotations
 
 
-class AttentionInputError(ValueError):
+class AttncomposeError(Exception):
+    """The base of every error the library raises for a user's mistake or a missing piece:
+    ``except AttncomposeError`` catches them all (the CLI prints each as one line)."""
+
+
+class AttentionInputError(AttncomposeError, ValueError):
     """Inputs that the attention call cannot take, with what is wrong."""

@@ -9,6 +9,7 @@ once, with its own test file; the machinery (compiler, dispatch, fusion) names n
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ import networkx as nx
 import pytest
 from on_device import triton_unusable
 
+import attncompose as ac
+from attncompose.errors import AttncomposeError
 from attncompose.primitives import OPS
 from attncompose.primitives.dispatch import KERNELS
 
@@ -47,8 +50,6 @@ FUNCTION_IMPORTS = {
     "transformers and Optuna when it runs (the CLI stays fast)",
     "attncompose.model_eval": "models (transformers) only when a model is evaluated",
     "attncompose.data": "the models package only where a capture is read or its hint names SmolLM2",
-    "attncompose.commands": "phase 2: one AttncomposeError base replaces the list of error "
-    "classes it imports",
     "attncompose.evaluation": "phase 2: one home for measuring (eval/)",
     "attncompose.loading": "phase 2: tuned files move into the runtime",
     "attncompose.tuned": "phase 2: tuned files move into the runtime",
@@ -203,3 +204,21 @@ def test_import_attncompose_loads_no_kernel_module():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_error_derives_from_one_base():
+    """``except AttncomposeError`` catches every error the package defines (the CLI's one
+    user-error class)."""
+    defined = [
+        (module, node.name)
+        for module, tree in TREES.items()
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and node.name.endswith(("Error", "Exception"))
+    ]
+    assert len(defined) >= 10 and ac.AttncomposeError is AttncomposeError
+    wrong = [
+        f"{module}.{name}"
+        for module, name in defined
+        if not issubclass(getattr(importlib.import_module(module), name), AttncomposeError)
+    ]
+    assert not wrong, wrong

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from attncompose.errors import AttncomposeError
 from attncompose.files import default_permissions
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -22,7 +23,7 @@ FORMAT = "attncompose.capture/1"
 _INT_FIELDS = ("length", "num_q_heads", "num_kv_heads", "head_dim")
 
 
-class CaptureError(ValueError):
+class CaptureError(AttncomposeError, ValueError):
     """A capture file is missing, unreadable, or lacks tensors its metadata promises."""
 
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attncompose.errors import AttncomposeError
 from attncompose.models.card import ModelCard
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ INSTALL_HINT = (
 )
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(AttncomposeError, RuntimeError):
     """The model file or the packages that load it are not installed."""
 
 

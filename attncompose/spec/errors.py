@@ -11,8 +11,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from attncompose.errors import AttncomposeError
 
-class RecipeError(ValueError):
+
+class RecipeError(AttncomposeError, ValueError):
     """A recipe that cannot be used, with where (file, field path) and why."""
 
     def __init__(self, message: str, *, source: str | None = None, loc: str | None = None):

@@ -24,13 +24,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from attncompose.errors import AttncomposeError
 from attncompose.primitives.base import Partial, Predicate, Problem
 from attncompose.primitives.plan import FULL, PARTIAL, BlockPlan
 
 COMPILE_BACKEND = "inductor"  # tests may use "eager" to check the compile policy quickly
 
 
-class FlexFallbackError(RuntimeError):
+class FlexFallbackError(AttncomposeError, RuntimeError):
     """FlexAttention would have left its compiled path (recompile limit): never silently."""
 
 
