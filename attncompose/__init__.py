@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from attncompose.errors import AttncomposeError
+from attncompose.eval.metrics import relative_error
 from attncompose.loading import load
-from attncompose.metrics import relative_error
 from attncompose.model_tuned import ModelTuning
 from attncompose.runtime.attention import Attention, compile
 from attncompose.runtime.checks import AttentionInputError

@@ -3,7 +3,7 @@
 ``attncompose bench RECIPE_OR_TUNED --seq-lens 4096,8192 [--causal] [--backend auto]`` times
 one forward of the compiled attention and of ``scaled_dot_product_attention`` under each SDPA
 backend that runs on the device (flash, cuDNN, memory-efficient on CUDA; flash and math on
-CPU), with :func:`attncompose.timing.measure`, and reports its relative error against exact
+CPU), with :func:`attncompose.eval.timing.measure`, and reports its relative error against exact
 float32 attention. ``benchmarks/bench_gpu.py`` reuses these functions for its grid.
 
 Sizes not given suit the device (:func:`default_shape`: a GPU's model-sized heads, a CPU's
@@ -24,11 +24,11 @@ from torch import Tensor
 
 from attncompose.commands import backend_option, causal_option, device_option, parse_lengths
 from attncompose.commands import user_errors as _user_errors
+from attncompose.eval.metrics import relative_error
+from attncompose.eval.reference import exact_attention_float32
+from attncompose.eval.timing import measure
 from attncompose.loading import attention_name, load_attention
-from attncompose.metrics import relative_error
-from attncompose.timing import measure
 
-HEAD_CHUNK = 4  # heads per exact float32 reference call (bounds its memory)
 MEMORY_SHARE = 4  # a dense score matrix may take 1/MEMORY_SHARE of the device's memory
 
 
@@ -94,23 +94,6 @@ def sdpa_call(q: Tensor, k: Tensor, v: Tensor, causal: bool, backend) -> Callabl
     return call
 
 
-def exact_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """Exact attention in float32, a few heads at a time (linear-memory SDPA kernels)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    group = q.shape[1] // k.shape[1]
-    kernels = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(kernels), torch.no_grad():
-        for h0 in range(0, q.shape[1], HEAD_CHUNK):
-            heads = torch.arange(h0, min(h0 + HEAD_CHUNK, q.shape[1]), device=q.device)
-            kv = heads // group  # the key/value head of each query head (GQA)
-            out[:, heads] = F.scaled_dot_product_attention(
-                q[:, heads].float(), k[:, kv].float(), v[:, kv].float(), is_causal=causal
-            )
-    return out
-
-
 def random_qkv(
     b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,7 +117,7 @@ def iter_bench_length(
     n, device = q.shape[2], q.device
     with torch.no_grad():
         out = attn(q, k, v, is_causal=causal)
-    error = relative_error(out.float(), exact_reference(q, k, v, causal))
+    error = relative_error(out.float(), exact_attention_float32(q, k, v, causal))
     del out
     t = measure(lambda: attn(q, k, v, is_causal=causal), device)
     yield BenchRow(name, n, causal, t.median_ms, error)
@@ -227,7 +210,6 @@ __all__ = [
     "bench",
     "bench_length",
     "default_shape",
-    "exact_reference",
     "iter_bench_length",
     "sdpa_backends",
 ]

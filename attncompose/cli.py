@@ -123,8 +123,8 @@ def run(
     from rich.console import Console
     from rich.table import Table
 
-    from attncompose.data import SYNTHETIC, SYNTHETIC_NOTE
-    from attncompose.evaluation import compare_to_exact
+    from attncompose.eval.compare import compare_to_exact
+    from attncompose.eval.data import SYNTHETIC, SYNTHETIC_NOTE
     from attncompose.runtime.attention import compile as compile_recipe
 
     attn = compile_recipe(recipe, backend=backend)
@@ -242,7 +242,7 @@ def evaluate(recipe: str, model_name: str, text: str | None, seq_len: int, layer
     from rich.console import Console
     from rich.table import Table
 
-    from attncompose.model_eval import evaluate_recipe
+    from attncompose.eval.model import evaluate_recipe
 
     chosen = _int_list(layers)
     start = time.monotonic()

@@ -49,11 +49,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from attncompose.eval.timing import device_name, format_ms  # device_name: the table key
 from attncompose.files import write_text_atomic
 from attncompose.runtime.checks import check_sdpa_options
 from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
-from attncompose.timing import device_name, format_ms  # device_name: the table key
 
 FORMAT = "attncompose-tuned/2"
 LossKind = Literal["target", "budget", "frac 1", "exact faster", "beaten"]

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import attncompose as ac
-from attncompose.evaluation import products_fraction
+from attncompose.eval.products import products_fraction
+from attncompose.eval.timing import measure_rounds, median_ratio, write_results
 from attncompose.primitives.causal_split import leaf_length
-from attncompose.timing import measure_rounds, median_ratio, write_results
 
 RESULTS = Path(__file__).parent / "results"
 

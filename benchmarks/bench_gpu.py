@@ -6,7 +6,7 @@ mask: its one query sees every key), then each recipe at its default knobs throu
 attncompose's dispatch (``impl: attncompose``) and, where every block step is a block plan,
 the same plan through FlexAttention (``impl: flex``, compiled once with dynamic shapes).
 Each row: impl, recipe (null for dense), seq_len, q_len, causal, head_dim, median_ms
-(``attncompose.timing.measure``: do_bench on CUDA), frac (share of exact attention's
+(``attncompose.eval.timing.measure``: do_bench on CUDA), frac (share of exact attention's
 products, counted by the plans or, for tile-path recipes, by the torch backend on the first
 two heads), speedup_vs_best_exact (faster of cuDNN/flash in the same run / this),
 efficiency (= speedup x frac: speed per product against the best dense kernel), launches
@@ -32,9 +32,15 @@ import torch
 
 import attncompose as ac
 from attncompose.bench import random_qkv, sdpa_call
-from attncompose.evaluation import products_fraction
+from attncompose.eval.products import products_fraction
+from attncompose.eval.timing import (
+    count_launches,
+    device_name,
+    measure,
+    peak_memory_mb,
+    write_results,
+)
 from attncompose.runtime.compiler import Pipeline
-from attncompose.timing import count_launches, device_name, measure, peak_memory_mb, write_results
 
 RESULTS = Path(__file__).parent / "results"
 GPU_GRID = {

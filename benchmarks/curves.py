@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import attncompose as ac
-from attncompose.data import load_qkv
-from attncompose.evaluation import exact_sdpa, run_counted
-from attncompose.metrics import relative_error
-from attncompose.timing import write_results
+from attncompose.eval.data import load_qkv
+from attncompose.eval.metrics import relative_error
+from attncompose.eval.products import run_counted
+from attncompose.eval.reference import exact_attention
+from attncompose.eval.timing import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = (0.25, 0.5)
@@ -83,7 +84,7 @@ SWEEPS: dict[str, list[dict]] = {
 
 
 def sweep(items, recipes: list[str]) -> list[dict]:
-    exact = {it.name: exact_sdpa(it.q, it.k, it.v, True) for it in items}
+    exact = {it.name: exact_attention(it.q, it.k, it.v, True) for it in items}
     points = []
     for name in recipes:
         base = ac.load_recipe(name)

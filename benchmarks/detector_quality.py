@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from attncompose.analysis import attention_probs, captured_mass, coverage_mask, oracle_mass
-from attncompose.data import load_qkv
+from attncompose.eval.analysis import attention_probs, captured_mass, coverage_mask, oracle_mass
+from attncompose.eval.data import load_qkv
+from attncompose.eval.timing import write_results
 from attncompose.primitives import PRIMITIVES, Problem
 from attncompose.primitives.base import UnionCoverage
 from attncompose.spec import STEP_TYPES
-from attncompose.timing import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 

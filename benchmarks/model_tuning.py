@@ -16,7 +16,7 @@ For one length N, all on SmolLM2-135M with every one of its 30 layers approximat
   that forward pass, and the mean per-layer output error on that text's own Q/K/V.
 
 Results merge into ``benchmarks/results/model_tuning.json`` (one entry per length; written
-through ``attncompose.timing.write_results``); tuned files are copied to
+through ``attncompose.eval.timing.write_results``); tuned files are copied to
 ``benchmarks/results/tuned/``. ``--table-only`` prints the README's table from that file.
 
     python benchmarks/model_tuning.py --seq-len 4096 --ppl-budget 0.02 --target-err 0.05
@@ -38,9 +38,8 @@ from typing import Any
 import torch
 
 import attncompose as ac
-from attncompose.evaluation import exact_sdpa
-from attncompose.metrics import relative_error
-from attncompose.timing import write_results
+from attncompose.eval import metrics
+from attncompose.eval.timing import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -127,15 +126,9 @@ def measure(model, texts: Texts, attn, exact: dict[str, float], layer_errors: bo
 
 def eval_layer_errors(model, ids: torch.Tensor, attn) -> list[float]:
     """Each layer's relative output error on ``ids``' own captured Q/K/V (all heads)."""
-    from attncompose.integrations.hf import LayerwiseAttention
     from attncompose.models.capture import capture_qkv
 
-    errors = []
-    for layer, (q, k, v) in sorted(capture_qkv(model, ids).items()):
-        fn = attn.layer(layer) if isinstance(attn, LayerwiseAttention) else attn
-        with torch.no_grad():
-            errors.append(relative_error(fn(q, k, v, is_causal=True), exact_sdpa(q, k, v, True)))
-    return errors
+    return list(metrics.layer_errors(capture_qkv(model, ids), attn).values())
 
 
 def uniform_candidates(path: Path, recipes: list[str]) -> dict[str, list[dict]]:

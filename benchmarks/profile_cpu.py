@@ -30,7 +30,7 @@ from bench_cpu import RESULTS, cpu_arguments, write_cpu_results  # this folder's
 from torch.profiler import ProfilerActivity, profile
 
 import attncompose as ac
-from attncompose.timing import measure_rounds, median_ratio
+from attncompose.eval.timing import measure_rounds, median_ratio
 
 ATTENTION_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
 

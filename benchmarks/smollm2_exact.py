@@ -18,12 +18,12 @@ from typing import Any
 
 import transformers
 
+from attncompose.eval.timing import write_results
 from attncompose.models import load_model
 from attncompose.models.capture import capture_qkv
 from attncompose.models.capture_file import save_capture
 from attncompose.models.evaluate import attention_time_share, perplexity
 from attncompose.models.text import builtin_text, text_sha256, token_ids
-from attncompose.timing import write_results
 
 RESULTS = Path(__file__).parent / "results"
 

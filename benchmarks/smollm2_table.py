@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from attncompose.evaluation import exact_products
+from attncompose.eval.products import exact_products
+from attncompose.eval.timing import run_info
 from attncompose.loading import load_attention
 from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.timing import run_info
 from attncompose.tuned import device_name, read_tuned
 
 RESULTS = Path(__file__).parent / "results"

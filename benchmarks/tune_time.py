@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from attncompose.timing import write_results
+from attncompose.eval.timing import write_results
 from attncompose.tuned import read_tuned
 
 ROOT = Path(__file__).resolve().parent.parent

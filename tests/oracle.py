@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.analysis import coverage_mask
+from attncompose.eval.analysis import coverage_mask
 from attncompose.primitives.base import Coverage, Partial, Problem
 
 

@@ -48,9 +48,9 @@ FUNCTION_IMPORTS = {
     "stays fast)",
     "attncompose.tuner.model_command": "the tune-model command imports the model job, "
     "transformers and Optuna when it runs (the CLI stays fast)",
-    "attncompose.model_eval": "models (transformers) only when a model is evaluated",
-    "attncompose.data": "the models package only where a capture is read or its hint names SmolLM2",
-    "attncompose.evaluation": "phase 2: one home for measuring (eval/)",
+    "attncompose.eval.model": "models (transformers) only when a model is evaluated",
+    "attncompose.eval.data": "the models package only where a capture is read or its hint "
+    "names SmolLM2",
     "attncompose.loading": "phase 2: tuned files move into the runtime",
     "attncompose.tuned": "phase 2: tuned files move into the runtime",
     "attncompose.tuner.job": "phase 2: the library version from one place",

@@ -56,7 +56,7 @@ def test_approximate_path_never_builds_an_n_by_n_matrix():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_products_fraction(make_qkv, causal):
-    from attncompose.evaluation import products_fraction
+    from attncompose.eval.products import products_fraction
 
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=256, d=16)
     assert products_fraction(ac.compile("exact"), q, k, v, causal) == 1.0

@@ -15,7 +15,7 @@ from tiny_models import tiny_llama  # noqa: E402
 
 import attncompose as ac  # noqa: E402
 from attncompose.cli import main as cli  # noqa: E402
-from attncompose.evaluation import exact_sdpa  # noqa: E402
+from attncompose.eval.reference import exact_attention  # noqa: E402
 from attncompose.integrations.hf import attention_implementation, register  # noqa: E402
 from attncompose.loading import load_attention  # noqa: E402
 from attncompose.model_tuned import (  # noqa: E402
@@ -116,10 +116,10 @@ def test_layer_dispatch_equals_the_recipes_called_directly(tuned_path):
         assert torch.equal(tuning.layer(0)(q, k, v, is_causal=True), s(q, k, v, is_causal=True))
         out, lse = tuning.layer(1)(q, k, v, is_causal=True, return_lse=True)
         head0, lse0 = topk(q[:, :2], k[:, :1], v[:, :1], is_causal=True, return_lse=True)
-        exact1 = exact_sdpa(q[:, 2:], k[:, 1:], v[:, 1:], True)
+        exact1 = exact_attention(q[:, 2:], k[:, 1:], v[:, 1:], True)
     assert torch.equal(out[:, :2], head0) and torch.equal(lse[:, :2], lse0)
     torch.testing.assert_close(out[:, 2:], exact1, rtol=1e-5, atol=1e-6)
-    assert (out[:, :2] - exact_sdpa(q[:, :2], k[:, :1], v[:, :1], True)).abs().max() > 1e-3
+    assert (out[:, :2] - exact_attention(q[:, :2], k[:, :1], v[:, :1], True)).abs().max() > 1e-3
 
 
 @torch.inference_mode()
@@ -138,7 +138,7 @@ def test_hf_register_dispatches_by_layer_index(tuned_path):
         if layer == 0:
             return s(q, k, v, is_causal=is_causal, scale=scale)
         head0 = topk(q[:, :2], k[:, :1], v[:, :1], is_causal=is_causal, scale=scale)
-        rest = exact_sdpa(q[:, 2:], k[:, 1:], v[:, 1:], is_causal, scale)
+        rest = exact_attention(q[:, 2:], k[:, 1:], v[:, 1:], is_causal, scale)
         return torch.cat([head0, rest], dim=1)
 
     x = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1))
@@ -159,13 +159,13 @@ def test_lengths_dispatch_nearest_above_else_exact(tmp_path):
     q, k, v = qkv(length=96)
     with pytest.warns(UserWarning, match="above every tuned length"):
         out = tuning.layer(0)(q, k, v, is_causal=True)
-    torch.testing.assert_close(out, exact_sdpa(q, k, v, True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, exact_attention(q, k, v, True), rtol=1e-5, atol=1e-6)
     q, k, v = qkv(length=48)
     with pytest.warns(UserWarning, match="not tuned; using the choices of 64"):
         tuning.layer(0)(q, k, v, is_causal=True)
     with pytest.warns(UserWarning, match="non-causal"):
         out = tuning.layer(0)(q, k, v, is_causal=False)
-    torch.testing.assert_close(out, exact_sdpa(q, k, v, False), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, exact_attention(q, k, v, False), rtol=1e-5, atol=1e-6)
 
 
 def test_a_file_for_another_model_is_a_clear_error(tmp_path):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_models import exact_attention, tiny_llama  # noqa: E402
 
+from attncompose.eval.metrics import layer_errors  # noqa: E402
 from attncompose.models import (  # noqa: E402
     ModelInputError,
     ModelNotAvailableError,
@@ -22,7 +23,6 @@ from attncompose.models import (  # noqa: E402
 from attncompose.models.capture import capture_qkv  # noqa: E402
 from attncompose.models.evaluate import (  # noqa: E402
     attention_time_share,
-    layer_errors,
     perplexity,
     perplexity_from_logits,
 )

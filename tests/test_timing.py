@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attncompose.timing import Timing, measure_rounds, median_ratio
+from attncompose.eval.timing import Timing, measure_rounds, median_ratio
 
 
 def test_rounds_interleave_the_callables_and_keep_round_order():

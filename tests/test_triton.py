@@ -274,7 +274,7 @@ def test_exact_tiles_run_as_one_contiguous_plan(make_qkv, monkeypatch, name, kno
 
 
 def test_contiguous_tiles_count_the_products_the_tile_kernel_counts(make_qkv):
-    from attncompose.evaluation import products_fraction
+    from attncompose.eval.products import products_fraction
 
     recipe = ac.load_recipe("hyperattention").with_knobs(
         {"diag.block_size": 64, "residual.sample_size": 64}

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
-from attncompose.data import DataError
+from attncompose.eval.data import DataError
 
 LayerSelection = Union[str, int, Sequence[int]]
 

@@ -1,4 +1,4 @@
-"""Model-level measures of an attention callable: perplexity, layer error, attention time share."""
+"""Model-level measures of an attention callable: perplexity, frac, attention time share."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from attncompose.evaluation import exact_products
+from attncompose.eval.products import exact_products
 from attncompose.integrations.hf import (
     AttentionFn,
     LayerSelection,
@@ -20,13 +20,10 @@ from attncompose.integrations.hf import (
     register,
     register_function,
 )
-from attncompose.metrics import relative_error
 from attncompose.primitives.base import count_products
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-    from attncompose.models.capture_file import QKV
 
 
 def perplexity_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
@@ -104,21 +101,6 @@ def perplexity_and_frac(
     if counter.calls == 0:
         raise ValueError("no attention call reached the approximation (layers, masks?)")
     return ppl, computed[0] / counter.exact
-
-
-@torch.inference_mode()
-def layer_errors(
-    captured: dict[int, QKV], attn: AttentionFn, causal: bool = True
-) -> dict[int, float]:
-    """Relative error of ``attn`` vs exact SDPA per captured layer.
-
-    captured: {layer: (q [1, Hq, L, D], k [1, Hkv, L, D], v [1, Hkv, L, D])}.
-    """
-    errors = {}
-    for layer, (q, k, v) in sorted(captured.items()):
-        exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-        errors[layer] = relative_error(attn(q, k, v, is_causal=causal), exact)
-    return errors
 
 
 def _synchronize(device: torch.device) -> None:

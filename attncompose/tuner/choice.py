@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 
-from attncompose.timing import format_ms
+from attncompose.eval.timing import format_ms
 from attncompose.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry, split_backend
 from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
 

@@ -129,7 +129,7 @@ def tune(
     import optuna
     from rich.console import Console
 
-    from attncompose.data import SYNTHETIC, SYNTHETIC_NOTE
+    from attncompose.eval.data import SYNTHETIC, SYNTHETIC_NOTE
     from attncompose.tuner.job import TuneConfig, load_recipes
     from attncompose.tuner.job import tune as run_tune
     from attncompose.tuner.report import (

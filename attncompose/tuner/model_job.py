@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import torch
 
-from attncompose.data import QKV
-from attncompose.evaluation import exact_sdpa, run_counted
-from attncompose.metrics import relative_error
+from attncompose.eval.data import QKV
+from attncompose.eval.metrics import relative_error
+from attncompose.eval.products import run_counted
+from attncompose.eval.reference import exact_attention
+from attncompose.eval.timing import device_name, measure
 from attncompose.model_tuned import (
     ROLES,
     Choice,
@@ -60,7 +62,6 @@ from attncompose.models.replay import LayerReplay, supports_replay
 from attncompose.models.segments import capture_segment, default_cache_dir, split_segments
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.spec.recipe import load_recipe
-from attncompose.timing import device_name, measure
 from attncompose.tuner.allocate import (
     Combo,
     Curve,
@@ -238,7 +239,7 @@ class UnitData:
             held: list[list[torch.Tensor]] = []
             with torch.no_grad():
                 timing = measure(
-                    lambda: held.append([exact_sdpa(x.q, x.k, x.v, True) for x in items]),
+                    lambda: held.append([exact_attention(x.q, x.k, x.v, True) for x in items]),
                     self.job.device,
                     warmup=int(role == "fit"),  # the fit segment's call times exact attention
                     repeats=1,

@@ -28,12 +28,13 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
-from attncompose.data import QKV, load_qkv
-from attncompose.evaluation import exact_products, exact_sdpa
-from attncompose.metrics import relative_error
+from attncompose.eval.data import QKV, load_qkv
+from attncompose.eval.metrics import relative_error
+from attncompose.eval.products import exact_products
+from attncompose.eval.reference import exact_attention
+from attncompose.eval.timing import measure
 from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.timing import measure
 from attncompose.tuned import split_backend
 from attncompose.tuner.space import seed_variants, suggest
 
@@ -65,7 +66,7 @@ def build_calibration(
     dev = torch.device(device)
     items = [item.to(dev) for item in load_qkv(data, seq_len)]
     with torch.no_grad():
-        exact = [exact_sdpa(x.q, x.k, x.v, causal) for x in items]
+        exact = [exact_attention(x.q, x.k, x.v, causal) for x in items]
     return Calibration(items, exact, causal, dev, time_exact(items, causal, dev, backend))
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attncompose.timing import format_ms
+from attncompose.eval.timing import format_ms
 from attncompose.tuned import RecipeOutcome, TunedEntry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.job import Reporter, TuneResult

@@ -182,7 +182,7 @@ def test_a_block_step_is_one_kernel_pass(name, monkeypatch):
 
 def test_recipes_count_the_plans_products():
     """frac comes from the plan: sinks + a window of 40 on 150 causal tokens (2 heads)."""
-    from attncompose.evaluation import products_fraction
+    from attncompose.eval.products import products_fraction
 
     attn = ac.compile(small_recipe("streaming"), backend="torch")
     q, k, v = (torch.randn(1, 2, 150, 16) for _ in range(3))

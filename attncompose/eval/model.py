@@ -6,10 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from attncompose.evaluation import exact_sdpa, products_fraction
-from attncompose.metrics import relative_error
+from attncompose.eval.metrics import layer_errors
+from attncompose.eval.products import products_fraction
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,12 @@ def evaluate_recipe(
     progress(f"perplexity with {attention_name(attn)} on {len(chosen)} layers")
     ppl = perplexity(model, ids, attn, chosen)
     progress("per-layer error and frac on the model's own Q/K/V")
+    captured = capture_qkv(model, ids, chosen)
+    errors = layer_errors(captured, attn)
     per_layer = {}
-    for layer, (q, k, v) in capture_qkv(model, ids, chosen).items():
+    for layer, (q, k, v) in sorted(captured.items()):
         fn = attn.layer(layer) if layerwise else attn
-        with torch.no_grad():
-            err = relative_error(fn(q, k, v, is_causal=True), exact_sdpa(q, k, v, True))
-        per_layer[layer] = (err, products_fraction(fn, q, k, v, True))
+        per_layer[layer] = (errors[layer], products_fraction(fn, q, k, v, True))
     frac = sum(f for _, f in per_layer.values()) / len(per_layer)
     progress("attention's share of the forward time (exact, then the recipe)")
     return ModelReport(
