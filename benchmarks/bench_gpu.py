@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import attncompose as ac
-from attncompose.bench import random_qkv, sdpa_call
+from attncompose.eval.bench import random_qkv, sdpa_call
 from attncompose.eval.products import products_fraction
 from attncompose.eval.timing import (
     count_launches,

@@ -602,7 +602,7 @@ def test_out_of_memory_is_one_line():
     """An allocation failure (asking for a length the machine cannot hold) is a user error."""
     import click
 
-    from attncompose.commands import user_errors
+    from attncompose.cli.options import user_errors
 
     @click.command()
     @user_errors

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from click.testing import CliRunner
 
-import attncompose.bench as bench
+from attncompose.cli import bench as bench_command
 from attncompose.cli import main
+from attncompose.eval import bench
 
 
 def test_defaults_suit_the_device():
@@ -26,9 +27,9 @@ def test_rows_are_shown_as_they_are_measured(monkeypatch):
         events.append("measure")
         return measure(*args, **kwargs)
 
-    show = bench.show_row
+    show = bench_command.show_row
     monkeypatch.setattr(bench, "measure", timed)
-    monkeypatch.setattr(bench, "show_row", lambda *a: (events.append("row"), show(*a)))
+    monkeypatch.setattr(bench_command, "show_row", lambda *a: (events.append("row"), show(*a)))
     done = CliRunner().invoke(main, ["bench", "exact", "--seq-lens", "32,64", "--device", "cpu"])
     assert done.exit_code == 0, done.output
     assert "exact on cpu, B=1 H=4 d=64 float32" in done.output  # the CPU defaults

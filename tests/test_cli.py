@@ -93,8 +93,8 @@ def test_capture_and_eval_on_smollm2(run, tmp_path):
 
 def test_every_command_defaults_to_causal_and_says_so(run):
     """tune, run and bench agree (causal, as language models attend) and their help says it."""
-    from attncompose.bench import bench
-    from attncompose.tuner.command import tune
+    from attncompose.cli.bench import bench
+    from attncompose.cli.tune import tune
 
     for command in (main.get_command(None, "run"), bench, tune):
         causal = next(p for p in command.params if p.name == "causal")

@@ -23,10 +23,10 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 import attncompose as ac
+from attncompose.cli.tune import tune as tune_command
 from attncompose.tuned import read_tuned
 from attncompose.tuner import TuneConfig, TunerError, search_space, seed_variants, tune
 from attncompose.tuner.choice import RecipeRun, Rules, make_entry
-from attncompose.tuner.command import tune as tune_command
 from attncompose.tuner.objective import Evaluator, build_calibration
 from attncompose.tuner.report import LineReporter
 from attncompose.tuner.study import interrupts_outside_storage, open_storage
@@ -98,7 +98,7 @@ def cli_args(recipe_path, out, *extra: str) -> list[str]:
 
 def worker(recipe_path, out, *extra: str) -> subprocess.Popen:
     """``attncompose tune`` in its own process."""
-    code = "from attncompose.tuner.command import tune; tune()"
+    code = "from attncompose.cli.tune import tune; tune()"
     return subprocess.Popen(
         [sys.executable, "-c", code, *cli_args(recipe_path, out, *extra)],
         env=ENV,

@@ -1,14 +1,10 @@
-"""Speed of a recipe (or tuned file) against the exact SDPA backends available on the device.
+"""Speed of an attention against the exact SDPA backends available on the device, and its
+relative error against exact float32 attention (``attncompose bench``, ``benchmarks/bench_gpu.py``).
 
-``attncompose bench RECIPE_OR_TUNED --seq-lens 4096,8192 [--causal] [--backend auto]`` times
-one forward of the compiled attention and of ``scaled_dot_product_attention`` under each SDPA
-backend that runs on the device (flash, cuDNN, memory-efficient on CUDA; flash and math on
-CPU), with :func:`attncompose.eval.timing.measure`, and reports its relative error against exact
-float32 attention. ``benchmarks/bench_gpu.py`` reuses these functions for its grid.
-
-Sizes not given suit the device (:func:`default_shape`: a GPU's model-sized heads, a CPU's
-smaller ones), each row is shown as soon as it is measured, and a dense (math) SDPA backend
-whose score matrix would not fit in memory is skipped with a note.
+Each SDPA backend that runs on the device (flash, cuDNN, memory-efficient on CUDA; flash and
+math on CPU) is timed with :func:`attncompose.eval.timing.measure`; a dense (math) backend
+whose score matrix would not fit in memory is skipped with a note. Sizes not given suit the
+device (:func:`default_shape`: a GPU's model-sized heads, a CPU's smaller ones).
 """
 
 from __future__ import annotations
@@ -17,17 +13,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import click
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncompose.commands import backend_option, causal_option, device_option, parse_lengths
-from attncompose.commands import user_errors as _user_errors
 from attncompose.eval.metrics import relative_error
 from attncompose.eval.reference import exact_attention_float32
 from attncompose.eval.timing import measure
-from attncompose.loading import attention_name, load_attention
 
 MEMORY_SHARE = 4  # a dense score matrix may take 1/MEMORY_SHARE of the device's memory
 
@@ -139,77 +131,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-COLUMNS = "{:>8}  {:<24} {:>10} {:>10}  {}"
-
-
-def show_row(console, row: BenchRow) -> None:
-    """One measured row, printed at once (long runs show progress row by row)."""
-    console.print(
-        COLUMNS.format(
-            row.seq_len,
-            row.name,
-            "-" if row.median_ms is None else f"{row.median_ms:.2f}",
-            "" if row.error is None else f"{row.error:.4f}",
-            row.note or "",
-        ),
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-@click.command("bench")
-@click.argument("recipe_or_tuned")
-@click.option(
-    "--seq-lens",
-    default=None,
-    callback=lambda ctx, param, value: None if value is None else parse_lengths(ctx, param, value),
-    help="[default: 4096,8192 on CUDA, 1024,4096 on CPU]",
-)
-@causal_option
-@backend_option
-@click.option("--heads", type=click.IntRange(min=1), help="[default: 32 on CUDA, 4 on CPU]")
-@click.option("--head-dim", type=click.IntRange(min=1), help="[default: 128 on CUDA, 64 on CPU]")
-@click.option(
-    "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
-    help="[default: bfloat16 on CUDA, float32 on CPU]",
-)
-@device_option("Default: cuda if available, else cpu.")
-@_user_errors
-def bench(
-    recipe_or_tuned: str,
-    seq_lens: tuple[int, ...] | None,
-    causal: bool,
-    backend: str,
-    heads: int | None,
-    head_dim: int | None,
-    dtype: str | None,
-    device: str | None,
-) -> None:
-    """Latency of RECIPE_OR_TUNED vs exact SDPA backends, and its relative error."""
-    from rich.console import Console
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shape = default_shape(dev)
-    seq_lens = seq_lens or shape.seq_lens
-    heads, head_dim, dtype = heads or shape.heads, head_dim or shape.head_dim, dtype or shape.dtype
-    attn = load_attention(recipe_or_tuned, backend)
-    name = attention_name(attn)
-    console = Console()
-    console.print(f"{name} on {dev}, B=1 H={heads} d={head_dim} {dtype}, causal={causal}")
-    console.print(COLUMNS.format("seq_len", "implementation", "median ms", "rel. error", "note"))
-    for n in seq_lens:
-        q, k, v = random_qkv(1, heads, n, head_dim, getattr(torch, dtype), dev)
-        for row in iter_bench_length(attn, q, k, v, causal, name):
-            show_row(console, row)
-
-
 __all__ = [
     "BenchRow",
     "BenchShape",
-    "bench",
     "bench_length",
     "default_shape",
     "iter_bench_length",
+    "memory_budget",
+    "random_qkv",
     "sdpa_backends",
+    "sdpa_call",
 ]

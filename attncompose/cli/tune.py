@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from attncompose.commands import (
+from attncompose.cli.options import (
     backend_option,
     causal_option,
     data_option,
     device_option,
     parse_lengths,
 )
-from attncompose.commands import user_errors as _user_errors
+from attncompose.cli.options import user_errors as _user_errors
 
 
 @click.command("tune")

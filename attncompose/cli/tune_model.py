@@ -1,4 +1,5 @@
-"""``attncompose tune-model``: the click command (thin; the work is in :mod:`.model_job`)."""
+"""``attncompose tune-model``: the click command (thin; the work is in
+:mod:`attncompose.tuner.model_job`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from attncompose.commands import backend_option, device_option
-from attncompose.commands import user_errors as _user_errors
+from attncompose.cli.options import backend_option, device_option
+from attncompose.cli.options import user_errors as _user_errors
 
 DEFAULT_RECIPES = "topp,block-topk,streaming"
 

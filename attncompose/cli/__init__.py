@@ -1,5 +1,9 @@
 """The ``attncompose`` command line (click). Thin: every command calls the library.
 
+This package holds every command: validate, show, schema, run, capture and eval here; tune,
+tune-model and bench in their own modules, imported only when run (``--help`` stays fast);
+the options several share and the user-error wrapper in :mod:`attncompose.cli.options`.
+
 User mistakes (bad recipe, bad arguments, bad data) print one line on stderr and exit 2;
 no traceback.
 """
@@ -13,17 +17,17 @@ from typing import ClassVar
 
 import click
 
-from attncompose.commands import EXIT_USER_ERROR, backend_option, causal_option, data_option
-from attncompose.commands import user_errors as _user_errors
+from attncompose.cli.options import EXIT_USER_ERROR, backend_option, causal_option, data_option
+from attncompose.cli.options import user_errors as _user_errors
 
 
 class _LazyGroup(click.Group):
     """Commands with heavy imports (optuna, triton) load only when they are run."""
 
     lazy: ClassVar[dict[str, str]] = {
-        "tune": "attncompose.tuner.command:tune",
-        "tune-model": "attncompose.tuner.model_command:tune_model",
-        "bench": "attncompose.bench:bench",
+        "tune": "attncompose.cli.tune:tune",
+        "tune-model": "attncompose.cli.tune_model:tune_model",
+        "bench": "attncompose.cli.bench:bench",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -269,7 +273,3 @@ def evaluate(recipe: str, model_name: str, text: str | None, seq_len: int, layer
     for layer, (err, frac) in report.layers.items():
         layers_table.add_row(str(layer), f"{err:.4f}", f"{frac:.3f}")
     console.print(layers_table)
-
-
-if __name__ == "__main__":
-    main()
