@@ -35,12 +35,12 @@ from attncompose.eval.bench import random_qkv, sdpa_call
 from attncompose.eval.products import products_fraction
 from attncompose.eval.timing import (
     count_launches,
-    device_name,
     measure,
     peak_memory_mb,
     write_results,
 )
 from attncompose.runtime.compiler import Pipeline
+from attncompose.runtime.naming import device_name
 
 RESULTS = Path(__file__).parent / "results"
 GPU_GRID = {

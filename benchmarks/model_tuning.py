@@ -182,7 +182,7 @@ def best_uniform(model, texts: Texts, exact: dict[str, float], args) -> dict[str
 
 def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str]) -> dict:
     """Tune per layer to ``goal``, then measure the file like the uniform choice."""
-    from attncompose.model_tuned import read_model_tuned
+    from attncompose.runtime.model_tuned import read_model_tuned
 
     name = f"smollm2-n{args.seq_len}-{goal[0].strip('-')}{goal[1]}.model-tuned.yaml"
     out = args.work / name
@@ -208,7 +208,7 @@ def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str
 
 def _tuned_for(path: Path, args: argparse.Namespace, goal: list[str]) -> bool:
     """Whether ``path`` already holds this length tuned to ``goal`` with these settings."""
-    from attncompose.model_tuned import read_model_tuned
+    from attncompose.runtime.model_tuned import read_model_tuned
 
     if not path.is_file():
         return False

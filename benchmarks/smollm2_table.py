@@ -32,10 +32,11 @@ import torch
 
 from attncompose.eval.products import exact_products
 from attncompose.eval.timing import run_info
-from attncompose.loading import load_attention
 from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.tuned import device_name, read_tuned
+from attncompose.runtime.loading import load_attention
+from attncompose.runtime.naming import device_name
+from attncompose.runtime.tuned import read_tuned
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = "streaming,block-topk,topp,hyperattention,hyperattention-sinks"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from attncompose.eval.timing import write_results
-from attncompose.tuned import read_tuned
+from attncompose.runtime.tuned import read_tuned
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

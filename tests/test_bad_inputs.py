@@ -323,7 +323,7 @@ def test_bad_tensors(attn, make, message):
 
 @pytest.fixture
 def tuned_path(tmp_path):
-    from attncompose.tuned import TunedFile, write_tuned
+    from attncompose.runtime.tuned import TunedFile, write_tuned
 
     recipes = {"hyperattention": ac.load_recipe("hyperattention").model_dump(mode="json")}
     path = tmp_path / "tuned.yaml"

@@ -17,8 +17,8 @@ import attncompose as ac  # noqa: E402
 from attncompose.cli import main as cli  # noqa: E402
 from attncompose.eval.reference import exact_attention  # noqa: E402
 from attncompose.integrations.hf import attention_implementation, register  # noqa: E402
-from attncompose.loading import load_attention  # noqa: E402
-from attncompose.model_tuned import (  # noqa: E402
+from attncompose.runtime.loading import load_attention  # noqa: E402
+from attncompose.runtime.model_tuned import (  # noqa: E402
     Choice,
     LayerTuning,
     LengthTuning,

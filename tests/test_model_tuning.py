@@ -31,14 +31,14 @@ from tiny_models import tiny_llama  # noqa: E402
 
 import attncompose as ac  # noqa: E402
 from attncompose.cli import main as cli  # noqa: E402
-from attncompose.model_tuned import (  # noqa: E402
+from attncompose.models.evaluate import perplexity, perplexity_and_frac  # noqa: E402
+from attncompose.models.replay import LayerReplay  # noqa: E402
+from attncompose.runtime.model_tuned import (  # noqa: E402
     ModelShape,
     ModelTunedFile,
     read_model_tuned,
     write_model_tuned,
 )
-from attncompose.models.evaluate import perplexity, perplexity_and_frac  # noqa: E402
-from attncompose.models.replay import LayerReplay  # noqa: E402
 from attncompose.tuner.allocate import Curve, allocate, cheapest_within, layer_front  # noqa: E402
 from attncompose.tuner.front import Point, pareto  # noqa: E402
 from attncompose.tuner.model_job import tune_model  # noqa: E402

@@ -13,7 +13,14 @@ import torch
 import yaml
 
 import attncompose as ac
-from attncompose.tuned import TunedAttention, TunedEntry, TunedFile, load, read_tuned, write_tuned
+from attncompose.runtime.tuned import (
+    TunedAttention,
+    TunedEntry,
+    TunedFile,
+    load,
+    read_tuned,
+    write_tuned,
+)
 
 KNOBS = {"diag.block_size": 16, "residual.sample_size": 8, "out.min_seq_len": 32}
 STREAMING = {"sinks.count": 1, "local.width": 128}
@@ -221,7 +228,7 @@ def test_unreadable_tuned_file(tmp_path, text, message):
 
 
 def test_commands_name_a_tuned_file_by_all_its_recipes(tmp_path):
-    from attncompose.loading import attention_name, load_attention
+    from attncompose.runtime.loading import attention_name, load_attention
 
     tuned = TunedFile(causal=True, recipes=recipes("hyperattention", "streaming"))
     path = tmp_path / "two.yaml"

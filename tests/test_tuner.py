@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import attncompose as ac
 from attncompose.cli.tune import tune as tune_command
-from attncompose.tuned import read_tuned
+from attncompose.runtime.tuned import read_tuned
 from attncompose.tuner import TuneConfig, TunerError, search_space, seed_variants, tune
 from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.objective import Evaluator, build_calibration

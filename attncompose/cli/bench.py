@@ -13,7 +13,7 @@ import torch
 from attncompose.cli.options import backend_option, causal_option, device_option, parse_lengths
 from attncompose.cli.options import user_errors as _user_errors
 from attncompose.eval.bench import BenchRow, default_shape, iter_bench_length, random_qkv
-from attncompose.loading import attention_name, load_attention
+from attncompose.runtime.loading import attention_name, load_attention
 
 COLUMNS = "{:>8}  {:<24} {:>10} {:>10}  {}"
 

@@ -38,12 +38,12 @@ def evaluate_recipe(
     choice; a file made for another model is refused before anything runs).
     """
     from attncompose.integrations.hf import LayerwiseAttention, select_layers
-    from attncompose.loading import attention_name, load_attention
-    from attncompose.model_tuned import ModelTuning
     from attncompose.models import load_model, model_card
     from attncompose.models.capture import capture_qkv
     from attncompose.models.evaluate import attention_time_share, perplexity
     from attncompose.models.text import load_text, token_ids
+    from attncompose.runtime.loading import attention_name, load_attention
+    from attncompose.runtime.model_tuned import ModelTuning
 
     attn = load_attention(recipe)
     layerwise = isinstance(attn, LayerwiseAttention)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attncompose.runtime.naming import device_name
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -120,21 +122,6 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
-def format_ms(ms: float) -> str:
-    """Milliseconds as people read them: 3 significant digits ('51.5', '0.312'), whole
-    numbers from 1000 up ('1310', not '1.31e+03')."""
-    return f"{ms:.0f}" if abs(ms) >= 1000 else f"{ms:.3g}"
-
-
-def device_name(device: torch.device | str) -> str:
-    """A device as measurements name it (and tuned files key it): the CUDA device name, or
-    its type (``cpu``)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 def run_info(device: torch.device | str | None = None) -> dict[str, str]:

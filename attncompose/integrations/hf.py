@@ -19,7 +19,7 @@ A static cache's prefill (no mask, Lq < Lk, keys past Lq not yet written) crops 
 first Lq positions, as transformers' SDPA path does.
 
 ``attn`` may also be per layer (a :class:`LayerwiseAttention`, e.g. the
-:class:`~attncompose.model_tuned.ModelTuning` of a model-level tuned file): each call then
+:class:`~attncompose.runtime.model_tuned.ModelTuning` of a model-level tuned file): each call then
 goes to ``attn.layer(module.layer_idx)``, after ``attn.check_model(module.config)`` has
 accepted the model's shape.
 """
@@ -128,8 +128,8 @@ def register(
     """Register ``attn`` on ``layers`` as ``attn_implementation=name``; returns ``name``.
 
     ``attn`` is one attention callable for every chosen layer, or a per-layer attention such
-    as the :class:`~attncompose.model_tuned.ModelTuning` that ``attncompose.load`` returns for
-    a model-level tuned file (each layer dispatched by ``module.layer_idx``).
+    as the :class:`~attncompose.runtime.model_tuned.ModelTuning` that ``attncompose.load``
+    returns for a model-level tuned file (each layer dispatched by ``module.layer_idx``).
 
     Use it with ``AutoModelForCausalLM.from_pretrained(..., attn_implementation=name)`` or
     ``model.set_attn_implementation(name)``. Registering the same name again replaces it;

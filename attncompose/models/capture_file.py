@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from attncompose.errors import AttncomposeError
-from attncompose.files import default_permissions
+from attncompose.runtime.files import default_permissions
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 FORMAT = "attncompose.capture/1"

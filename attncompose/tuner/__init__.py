@@ -3,7 +3,7 @@
 The search space is the recipe's own tunable knobs (:mod:`.space`); each length is one study
 (:mod:`.study`) whose objective (:mod:`.objective`) measures latency and, over several seeds,
 the error against exact attention on calibration data. The result is a tuned recipe file
-(:mod:`attncompose.tuned`). ``attncompose tune`` is :data:`attncompose.cli.tune.tune`.
+(:mod:`attncompose.runtime.tuned`). ``attncompose tune`` is :data:`attncompose.cli.tune.tune`.
 """
 
 from __future__ import annotations

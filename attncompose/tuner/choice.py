@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial
 
-from attncompose.eval.timing import format_ms
-from attncompose.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry, split_backend
+from attncompose.runtime.naming import format_ms
+from attncompose.runtime.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry, split_backend
 from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
 
 

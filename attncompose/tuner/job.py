@@ -15,8 +15,7 @@ import torch
 from optuna.distributions import CategoricalDistribution
 
 from attncompose.runtime.compiler import BACKENDS
-from attncompose.spec.recipe import RecipeBase, load_recipe
-from attncompose.tuned import (
+from attncompose.runtime.tuned import (
     BACKEND_KNOB,
     TunedEntry,
     TunedFile,
@@ -24,6 +23,7 @@ from attncompose.tuned import (
     read_tuned,
     write_tuned,
 )
+from attncompose.spec.recipe import RecipeBase, load_recipe
 from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.objective import (

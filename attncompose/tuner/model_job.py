@@ -18,7 +18,7 @@ The job, given a causal LM and the token ids of a calibration text:
    both stay within the budget.
 4. **Record.** Every choice's error on each segment, each segment's perplexity and frac in a
    forward pass with the choices, timings: the model-level tuned file
-   (:mod:`attncompose.model_tuned`), written atomically.
+   (:mod:`attncompose.runtime.model_tuned`), written atomically.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ from attncompose.eval.data import QKV
 from attncompose.eval.metrics import relative_error
 from attncompose.eval.products import run_counted
 from attncompose.eval.reference import exact_attention
-from attncompose.eval.timing import device_name, measure
-from attncompose.model_tuned import (
+from attncompose.eval.timing import measure
+from attncompose.models.evaluate import perplexity, perplexity_and_frac
+from attncompose.models.replay import LayerReplay, supports_replay
+from attncompose.models.segments import capture_segment, default_cache_dir, split_segments
+from attncompose.runtime.attention import compile as compile_recipe
+from attncompose.runtime.model_tuned import (
     ROLES,
     Choice,
     LayerTuning,
@@ -57,10 +61,7 @@ from attncompose.model_tuned import (
     read_model_tuned,
     write_model_tuned,
 )
-from attncompose.models.evaluate import perplexity, perplexity_and_frac
-from attncompose.models.replay import LayerReplay, supports_replay
-from attncompose.models.segments import capture_segment, default_cache_dir, split_segments
-from attncompose.runtime.attention import compile as compile_recipe
+from attncompose.runtime.naming import device_name
 from attncompose.spec.recipe import load_recipe
 from attncompose.tuner.allocate import (
     Combo,

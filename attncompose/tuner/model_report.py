@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attncompose.model_tuned import LengthTuning
+from attncompose.runtime.model_tuned import LengthTuning
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.front import Point
 from attncompose.tuner.model_job import ModelReporter, ModelTuneResult

@@ -35,7 +35,7 @@ from attncompose.eval.reference import exact_attention
 from attncompose.eval.timing import measure
 from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.tuned import split_backend
+from attncompose.runtime.tuned import split_backend
 from attncompose.tuner.space import seed_variants, suggest
 
 SLOW_FACTOR = 2.0  # a first call this many times slower than the best feasible (or, for its

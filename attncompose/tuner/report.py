@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attncompose.eval.timing import format_ms
-from attncompose.tuned import RecipeOutcome, TunedEntry
+from attncompose.runtime.naming import format_ms
+from attncompose.runtime.tuned import RecipeOutcome, TunedEntry
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.job import Reporter, TuneResult
 from attncompose.tuner.objective import SLOW_FACTOR, Calibration, best_feasible

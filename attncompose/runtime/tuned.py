@@ -49,9 +49,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from attncompose.eval.timing import device_name, format_ms  # device_name: the table key
-from attncompose.files import write_text_atomic
+from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
+from attncompose.runtime.files import write_text_atomic
+from attncompose.runtime.naming import device_name, format_ms  # device_name: the table key
 from attncompose.spec.errors import RecipeError, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
@@ -406,8 +407,6 @@ class TunedAttention(nn.Module):
             self._say(key, note)
         key = (choice.recipe, tuple(sorted((choice.knobs or {}).items())), choice.backend)
         if key not in self._modules_by_key:
-            from attncompose.runtime.attention import compile as compile_recipe
-
             recipe = (
                 "exact"
                 if choice.knobs is None

@@ -3,47 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from attncompose.model_tuned import ModelTuning
+from attncompose.runtime.attention import compile as compile_recipe
+from attncompose.runtime.model_tuned import ModelTuning, is_model_tuned, load_model_tuning
+from attncompose.runtime.tuned import TunedAttention
+from attncompose.runtime.tuned import load as load_tuned
+from attncompose.spec.errors import RecipeError
+from attncompose.spec.recipe import read_yaml
 
 
 def load(path: str | Path, backend: str = "auto") -> nn.Module | ModelTuning:
-    """A tuned file: a tuned recipe as an SDPA-compatible module (:func:`attncompose.tuned.load`),
-    or a model-level tuned file (``format: attncompose-model-tuned/...``) as a
-    :class:`~attncompose.model_tuned.ModelTuning` (``.layer(i)`` per layer)."""
+    """A tuned file: a tuned recipe as an SDPA-compatible module
+    (:func:`attncompose.runtime.tuned.load`), or a model-level tuned file
+    (``format: attncompose-model-tuned/...``) as a
+    :class:`~attncompose.runtime.model_tuned.ModelTuning` (``.layer(i)`` per layer)."""
     if _is_model_tuned(path):
-        from attncompose.model_tuned import load_model_tuning
-
         return load_model_tuning(path, backend=backend)
-    from attncompose.tuned import load as load_tuned
-
     return load_tuned(path, backend=backend)
 
 
 def load_attention(spec: str | Path, backend: str = "auto") -> nn.Module | ModelTuning:
     """An attention module from a tuned recipe file, a recipe file or a built-in recipe name,
-    or a :class:`~attncompose.model_tuned.ModelTuning` from a model-level tuned file.
+    or a :class:`~attncompose.runtime.model_tuned.ModelTuning` from a model-level tuned file.
 
     Tuned files (``format: attncompose-tuned/...``) dispatch by length and device
-    (:func:`attncompose.tuned.load`); recipes compile to one pipeline (:func:`compile`).
+    (:func:`attncompose.runtime.tuned.load`); recipes compile to one pipeline (:func:`compile`).
     """
-    from attncompose.runtime.attention import compile as compile_recipe
-    from attncompose.spec.recipe import read_yaml
-
     path = Path(spec)
     if path.is_file():
         data = read_yaml(path)
         if isinstance(data, dict) and str(data.get("format", "")).startswith("attncompose-tuned"):
-            from attncompose.tuned import load
-
-            return load(path, backend=backend)
+            return load_tuned(path, backend=backend)
         if _is_model_tuned(path, data):
-            from attncompose.model_tuned import load_model_tuning
-
             return load_model_tuning(path, backend=backend)
     return compile_recipe(spec, backend=backend)
 
@@ -51,9 +45,6 @@ def load_attention(spec: str | Path, backend: str = "auto") -> nn.Module | Model
 def attention_name(attn: nn.Module | ModelTuning) -> str:
     """How commands name what :func:`load_attention` returned: the recipe's name, a tuned
     file's recipes joined by '+' and marked "(tuned)", or a model-level tuning's name."""
-    from attncompose.model_tuned import ModelTuning
-    from attncompose.tuned import TunedAttention
-
     if isinstance(attn, TunedAttention):
         return f"{attn.tuned.name} (tuned)"
     if isinstance(attn, ModelTuning):
@@ -63,10 +54,6 @@ def attention_name(attn: nn.Module | ModelTuning) -> str:
 
 def _is_model_tuned(path: str | Path, data: Any = None) -> bool:
     """Whether ``path`` (parsed as ``data`` if given) is a model-level tuned file."""
-    from attncompose.model_tuned import is_model_tuned
-    from attncompose.spec.errors import RecipeError
-    from attncompose.spec.recipe import read_yaml
-
     if data is None:
         try:
             data = read_yaml(Path(path))

@@ -50,9 +50,9 @@ from torch import Tensor, nn
 
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
+from attncompose.runtime.tuned import TunedFileError
 from attncompose.spec.errors import RecipeError, format_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
-from attncompose.tuned import TunedFileError
 
 MODEL_FORMAT = "attncompose-model-tuned/1"
 FORMAT_PREFIX = "attncompose-model-tuned/"
