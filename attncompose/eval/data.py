@@ -28,7 +28,7 @@ class DataError(AttncomposeError, ValueError):
 
 
 @dataclass(frozen=True)
-class QKV:
+class QKVItem:
     """One attention input: q [1, Hq, L, D], k/v [1, Hkv, L, D] (float32), and its origin."""
 
     name: str
@@ -40,8 +40,10 @@ class QKV:
     def seq_len(self) -> int:
         return self.q.shape[2]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKV:
-        return QKV(self.name, *(t.to(device=device, dtype=dtype) for t in (self.q, self.k, self.v)))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKVItem:
+        return QKVItem(
+            self.name, *(t.to(device=device, dtype=dtype) for t in (self.q, self.k, self.v))
+        )
 
 
 def builtin_capture_path() -> Path | None:
@@ -58,7 +60,7 @@ def load_qkv(
     synthetic_heads: int = 4,
     head_dim: int = 64,
     seed: int = 0,
-) -> list[QKV]:
+) -> list[QKVItem]:
     """Q/K/V of length ``seq_len`` from a capture file, the built-in capture (``path``
     None), or the synthetic generator (``path`` "synthetic").
 
@@ -90,7 +92,9 @@ def _how(seq_len: int) -> str:
     )
 
 
-def _from_capture(path: Path, seq_len: int, layers: list[int] | None, builtin: bool) -> list[QKV]:
+def _from_capture(
+    path: Path, seq_len: int, layers: list[int] | None, builtin: bool
+) -> list[QKVItem]:
     from attncompose.models.capture_file import CaptureError, load_capture
 
     try:
@@ -112,11 +116,11 @@ def _from_capture(path: Path, seq_len: int, layers: list[int] | None, builtin: b
     out = []
     for i in chosen:
         q, k, v = (t[:, :, :seq_len].float() for t in captured[i])
-        out.append(QKV(f"{path.name}:layer{i}", q, k, v))
+        out.append(QKVItem(f"{path.name}:layer{i}", q, k, v))
     return out
 
 
-def synthetic_qkv(seq_len: int, heads: int = 4, head_dim: int = 64, seed: int = 0) -> QKV:
+def synthetic_qkv(seq_len: int, heads: int = 4, head_dim: int = 64, seed: int = 0) -> QKVItem:
     """Structured random attention inputs [1, heads, seq_len, head_dim].
 
     Positions run in segments that share a topic vector (queries align with the keys of their
@@ -138,4 +142,4 @@ def synthetic_qkv(seq_len: int, heads: int = 4, head_dim: int = 64, seed: int = 
     k[:, :1] = sink
     q = q + 0.5 * sink
     v = torch.randn(heads, seq_len, d, generator=g)
-    return QKV("synthetic", q[None] * 0.65, k[None] * 0.65, v[None])
+    return QKVItem("synthetic", q[None] * 0.65, k[None] * 0.65, v[None])

@@ -18,7 +18,7 @@ from attncompose.integrations.hf import (
     register_function,
     select_layers,
 )
-from attncompose.models.capture_file import QKV
+from attncompose.models.capture_file import QKVTensors
 from attncompose.models.evaluate import perplexity_from_logits
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def capture_qkv(
     model: PreTrainedModel, input_ids: torch.Tensor, layers: LayerSelection = "all"
-) -> dict[int, QKV]:
+) -> dict[int, QKVTensors]:
     """Run ``model`` on input_ids [1, L]: {layer: (q [1, Hq, L, D], k, v [1, Hkv, L, D])}."""
     return capture_qkv_and_perplexity(model, input_ids, layers)[0]
 
@@ -35,12 +35,12 @@ def capture_qkv(
 @torch.inference_mode()
 def capture_qkv_and_perplexity(
     model: PreTrainedModel, input_ids: torch.Tensor, layers: LayerSelection = "all"
-) -> tuple[dict[int, QKV], float]:
+) -> tuple[dict[int, QKVTensors], float]:
     """:func:`capture_qkv`, and the exact perplexity of the same forward pass."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"capture takes one sequence, got a batch of {input_ids.shape[0]}")
     chosen = select_layers(layers, model.config.num_hidden_layers)
-    records: dict[int, QKV] = {}
+    records: dict[int, QKVTensors] = {}
 
     def record(
         module: torch.nn.Module,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from attncompose.errors import AttncomposeError
 from attncompose.runtime.files import default_permissions
 
-QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+QKVTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one layer's q, k, v [1, H, L, D]
 FORMAT = "attncompose.capture/1"
 _INT_FIELDS = ("length", "num_q_heads", "num_kv_heads", "head_dim")
 
@@ -29,7 +29,7 @@ class CaptureError(AttncomposeError, ValueError):
 
 def save_capture(
     path: str | Path,
-    qkv: dict[int, QKV],
+    qkv: dict[int, QKVTensors],
     *,
     model: str,
     text_sha256: str,
@@ -87,7 +87,7 @@ def _parse_metadata(path: Path, raw: dict[str, str] | None) -> dict[str, Any]:
         raise CaptureError(f"{path} has incomplete metadata: {error}") from error
 
 
-def load_capture(path: str | Path) -> tuple[dict[int, QKV], dict[str, Any]]:
+def load_capture(path: str | Path) -> tuple[dict[int, QKVTensors], dict[str, Any]]:
     """Read a capture file: ({layer: (q [1, Hq, L, D], k [1, Hkv, L, D], v)}, metadata)."""
     path = Path(path)
     if not path.is_file():
@@ -111,7 +111,7 @@ def load_capture(path: str | Path) -> tuple[dict[int, QKV], dict[str, Any]]:
     }, metadata
 
 
-def select_kv_heads(qkv: dict[int, QKV], kv_heads: list[int]) -> dict[int, QKV]:
+def select_kv_heads(qkv: dict[int, QKVTensors], kv_heads: list[int]) -> dict[int, QKVTensors]:
     """Keep the given key/value heads and their groups of query heads (GQA order)."""
     out = {}
     for layer, (q, k, v) in qkv.items():

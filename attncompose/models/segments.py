@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from attncompose.models.capture import capture_qkv_and_perplexity
-from attncompose.models.capture_file import QKV, CaptureError, load_capture, save_capture
+from attncompose.models.capture_file import CaptureError, QKVTensors, load_capture, save_capture
 from attncompose.models.card import ModelInputError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class SegmentCapture:
     """A segment, its Q/K/V per layer (float16, CPU) and its exact perplexity."""
 
     segment: Segment
-    qkv: dict[int, QKV]
+    qkv: dict[int, QKVTensors]
     exact_ppl: float
 
 
@@ -92,7 +92,7 @@ def capture_segment(
 
 def _read_cached(
     path: Path, model_name: str, text_sha256: str, n: int, offset: int
-) -> tuple[dict[int, QKV], float] | None:
+) -> tuple[dict[int, QKVTensors], float] | None:
     """(qkv, exact perplexity) of a cache entry that matches, else None."""
     if not path.is_file():
         return None

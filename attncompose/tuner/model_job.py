@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import torch
 
-from attncompose.eval.data import QKV
+from attncompose.eval.data import QKVItem
 from attncompose.eval.metrics import relative_error
 from attncompose.eval.products import run_counted
 from attncompose.eval.reference import exact_attention
@@ -218,11 +218,11 @@ class UnitData:
     def __init__(self, job: ModelTuneJob, unit: Unit):
         self.job = job
         self.unit = unit
-        self._items: dict[str, list[QKV]] = {}
+        self._items: dict[str, list[QKVItem]] = {}
         self._exact: dict[str, list[torch.Tensor]] = {}
         self._exact_ms: float | None = None
 
-    def items(self, role: str) -> list[QKV]:
+    def items(self, role: str) -> list[QKVItem]:
         if role not in self._items:
             capture = self.job.captures[role]
             q, k, v = capture.qkv[self.unit.layer]
@@ -230,7 +230,7 @@ class UnitData:
             kv = list(self.unit.kv_heads)
             qh = [h * group + i for h in kv for i in range(group)]
             name = f"{self.job.model_name}:{role}@{capture.segment.offset}:layer{self.unit.layer}"
-            item = QKV(name, q[:, qh], k[:, kv], v[:, kv]).to(self.job.device, torch.float32)
+            item = QKVItem(name, q[:, qh], k[:, kv], v[:, kv]).to(self.job.device, torch.float32)
             self._items[role] = [item]
         return self._items[role]
 

@@ -28,7 +28,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor
 
-from attncompose.eval.data import QKV, load_qkv
+from attncompose.eval.data import QKVItem, load_qkv
 from attncompose.eval.metrics import relative_error
 from attncompose.eval.products import exact_products
 from attncompose.eval.reference import exact_attention
@@ -48,7 +48,7 @@ CONSTRAINT = "error"  # error_mean - target_err; <= 0 is feasible
 class Calibration:
     """Q/K/V items of one length on the tuning device, their exact outputs and exact latency."""
 
-    items: list[QKV]
+    items: list[QKVItem]
     exact: list[Tensor]
     causal: bool
     device: torch.device
@@ -71,7 +71,7 @@ def build_calibration(
 
 
 def time_exact(
-    items: list[QKV], causal: bool, device: torch.device, backend: str, repeats: int = 5
+    items: list[QKVItem], causal: bool, device: torch.device, backend: str, repeats: int = 5
 ) -> float:
     """Latency (ms per item) of exact attention, the fallback of a tuned recipe."""
     fallback = compile_recipe("exact", backend=backend)
@@ -79,7 +79,7 @@ def time_exact(
     return timing.median_ms / len(items)
 
 
-def _run(attn: Callable, items: list[QKV], causal: bool) -> list[Tensor]:
+def _run(attn: Callable, items: list[QKVItem], causal: bool) -> list[Tensor]:
     with torch.no_grad():
         return [attn(x.q, x.k, x.v, is_causal=causal) for x in items]
 
