@@ -11,8 +11,7 @@ from attncompose.runtime.model_tuned import ModelTuning
 from attncompose.runtime.tuned import TunedAttention
 from attncompose.spec import RecipeError
 from attncompose.spec.recipe import builtin_recipes, load_recipe
-
-__version__ = "0.1.0"
+from attncompose.version import __version__
 
 __all__ = [
     "Attention",

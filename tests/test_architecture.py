@@ -1,9 +1,11 @@
 """The floor plan (ARCHITECTURE.md), checked on the source with ``ast``.
 
 Layers import in one direction: errors <- spec (vocabulary, no torch) <- primitives <-
-runtime <- the rest. No module-level import circle. No import inside a function except
-where the allowlist below says why. Each op is one folder with its step model, registered
-once, with its own test file; the machinery (compiler, dispatch, fusion) names no op.
+runtime <- eval / tuner / models / integrations <- cli; every module sits in one. No
+module-level import circle. No import inside a function except where the allowlist below
+says why. Each op is one folder with its step model, registered once, with its own test
+file; the machinery (compiler, dispatch, fusion) names no op. Every error derives from
+AttncomposeError.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from attncompose.primitives.dispatch import KERNELS
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "attncompose"
 
-# what each layer may import from attncompose (a prefix of the imported module's name)
+# the layers, bottom up: a module imports from its own layer and those below (a prefix of
+# the imported module's name)
+ORDER = (
+    ("attncompose.errors", "attncompose.version"),
+    ("attncompose.spec",),
+    ("attncompose.primitives",),
+    ("attncompose.runtime",),
+    ("attncompose.eval", "attncompose.tuner", "attncompose.models", "attncompose.integrations"),
+    ("attncompose.cli",),
+)
 LAYERS = {
-    "attncompose.errors": (),
-    "attncompose.spec": ("attncompose.errors", "attncompose.spec"),
-    "attncompose.primitives": ("attncompose.errors", "attncompose.spec", "attncompose.primitives"),
-    "attncompose.runtime": (
-        "attncompose.errors",
-        "attncompose.spec",
-        "attncompose.primitives",
-        "attncompose.runtime",
-    ),
+    package: tuple(p for lower in ORDER[: i + 1] for p in lower)
+    for i, layer in enumerate(ORDER)
+    for package in layer
 }
 NO_TORCH = ("attncompose.errors", "attncompose.spec")  # and every op's schema.py
 
@@ -47,7 +52,6 @@ FUNCTION_IMPORTS = {
     "attncompose.eval.model": "models (transformers) only when a model is evaluated",
     "attncompose.eval.data": "the models package only where a capture is read or its hint "
     "names SmolLM2",
-    "attncompose.tuner.job": "phase 2: the library version from one place",
 }
 
 # the generic machinery, which must name no op (ops register themselves with it)
@@ -107,6 +111,11 @@ def test_layers_import_only_the_layers_below(layer):
         and not (isinstance(node, ast.ImportFrom) and _type_checking_only(tree, node))
     ]  # fmt: skip
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_module_has_a_layer():
+    homeless = [m for m in MODULES if m != "attncompose" and not _in(m, LAYERS)]
+    assert not homeless, homeless
 
 
 def _type_checking_only(tree: ast.Module, node: ast.AST) -> bool:

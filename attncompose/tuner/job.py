@@ -42,6 +42,7 @@ from attncompose.tuner.study import (
     run_trials,
     study_name,
 )
+from attncompose.version import __version__
 
 COSTS = ("latency", "products")
 
@@ -308,10 +309,8 @@ def _sampler(config: TuneConfig, done: int) -> optuna.samplers.TPESampler:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries a measurement depends on."""
-    import attncompose
-
     found = {
-        "attncompose": attncompose.__version__,
+        "attncompose": __version__,
         "torch": torch.__version__,
         "optuna": optuna.__version__,
         "python": platform.python_version(),
