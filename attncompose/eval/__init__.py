@@ -8,6 +8,7 @@
 - ``data``: the one Q/K/V loader (captures, the built-in capture, synthetic)
 - ``compare``: error and latency against exact on data (``attncompose run``)
 - ``model``: a recipe on a real model (``attncompose eval``)
+- ``bench``: an attention against the SDPA backends (``attncompose bench``)
 - ``analysis``: dense coverage views for detector quality (small n)
 
 Imports nothing here, so ``import attncompose`` loads only what it uses.
