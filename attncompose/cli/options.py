@@ -111,3 +111,29 @@ causal_option = click.option(
     show_default=True,
     help="Causal attention (as language models attend; bottom-right aligned) or non-causal.",
 )
+
+
+def cost_option(help: str):
+    """--cost: what a tuning run minimises."""
+    return click.option(
+        "--cost",
+        type=click.Choice(["latency", "products"]),
+        default="latency",
+        show_default=True,
+        help=help,
+    )
+
+
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+
+
+def storage_options(storage_help: str, study_help: str):
+    """--storage and --study: where a tuning run's trials live, shared by workers."""
+    storage = click.option(
+        "--storage",
+        default=None,
+        help=f"{storage_help}: sqlite:///FILE, postgresql://..., or journal:PATH "
+        "[default: a SQLite file beside --out].",
+    )
+    study = click.option("--study", default=None, help=study_help)
+    return lambda fn: storage(study(fn))

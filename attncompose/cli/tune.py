@@ -9,9 +9,12 @@ import click
 from attncompose.cli.options import (
     backend_option,
     causal_option,
+    cost_option,
     data_option,
     device_option,
     parse_lengths,
+    seed_option,
+    storage_options,
 )
 from attncompose.cli.options import user_errors as _user_errors
 
@@ -38,13 +41,9 @@ from attncompose.cli.options import user_errors as _user_errors
     help="Largest latency (ms) a choice may have: points over it are ruled out, also under "
     "--cost products; where none is left, exact attention.",
 )
-@click.option(
-    "--cost",
-    type=click.Choice(["latency", "products"]),
-    default="latency",
-    show_default=True,
-    help="Minimise measured latency, or the share of exact attention's query-key products "
-    "(device-independent; for comparing recipes where timings say little, e.g. on CPU).",
+@cost_option(
+    "Minimise measured latency, or the share of exact attention's query-key products "
+    "(device-independent; for comparing recipes where timings say little, e.g. on CPU)."
 )
 @causal_option
 @data_option
@@ -61,7 +60,7 @@ from attncompose.cli.options import user_errors as _user_errors
     default=None,
     help="Seconds per length for this worker.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@seed_option
 @click.option(
     "--seeds",
     "n_seeds",
@@ -70,13 +69,7 @@ from attncompose.cli.options import user_errors as _user_errors
     show_default=True,
     help="Settings of the recipe's seed knobs the error is averaged over.",
 )
-@click.option(
-    "--storage",
-    default=None,
-    help="Optuna storage: sqlite:///FILE, postgresql://..., or journal:PATH "
-    "[default: a SQLite file beside --out].",
-)
-@click.option("--study", default=None, help="Study name shared by workers (with --storage).")
+@storage_options("Optuna storage", "Study name shared by workers (with --storage).")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),

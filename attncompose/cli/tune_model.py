@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from attncompose.cli.options import backend_option, device_option
+from attncompose.cli.options import (
+    backend_option,
+    cost_option,
+    device_option,
+    seed_option,
+    storage_options,
+)
 from attncompose.cli.options import user_errors as _user_errors
 
 DEFAULT_RECIPES = "topp,block-topk,streaming"
@@ -65,21 +71,11 @@ def _recipe_list(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     show_default=True,
     help="Finished trials per study (layer x head group x recipe, all workers together).",
 )
-@click.option(
-    "--cost",
-    type=click.Choice(["latency", "products"]),
-    default="latency",
-    show_default=True,
-    help="Minimise measured latency, or frac (share of exact attention's query-key products).",
+@cost_option("Minimise measured latency, or frac (share of exact attention's query-key products).")
+@seed_option
+@storage_options(
+    "Optuna storage shared by workers", "Study name prefix shared by workers (with --storage)."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
-@click.option(
-    "--storage",
-    default=None,
-    help="Optuna storage shared by workers: sqlite:///FILE, postgresql://..., or journal:PATH "
-    "[default: a SQLite file beside --out].",
-)
-@click.option("--study", default=None, help="Study name prefix shared by workers (with --storage).")
 @click.option(
     "--cache",
     type=click.Path(file_okay=False, path_type=Path),
