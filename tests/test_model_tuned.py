@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import STREAM, tiny_llama  # noqa: E402
 
 import attncompose as ac  # noqa: E402
 from attncompose.cli import main as cli  # noqa: E402
@@ -32,14 +32,6 @@ from attncompose.runtime.model_tuned import (  # noqa: E402
 )
 
 TINY_SHAPE = ModelShape(name="tiny", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16)
-STREAM = {
-    "name": "s",
-    "steps": {
-        "sinks": {"op": "sink", "count": 2},
-        "local": {"op": "window", "width": {"default": 8, "choices": [8, 16]}},
-        "out": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
-    },
-}
 TOPK = {
     "name": "k",
     "steps": {

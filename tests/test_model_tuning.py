@@ -27,7 +27,7 @@ from model_tuning_worker import (  # noqa: E402
     text_ids,
     write_recipes,
 )
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import STREAM, tiny_llama  # noqa: E402
 
 import attncompose as ac  # noqa: E402
 from attncompose.cli import main as cli  # noqa: E402
@@ -46,14 +46,6 @@ from attncompose.tuner.study import open_storage  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORKER = str(Path(__file__).parent / "model_tuning_worker.py")
-STREAM = {
-    "name": "s",
-    "steps": {
-        "sinks": {"op": "sink", "count": 2},
-        "local": {"op": "window", "width": {"default": 8, "choices": [8, 16]}},
-        "out": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
-    },
-}
 
 
 # -- the job ----------------------------------------------------------------------------------

@@ -7,6 +7,16 @@ import transformers
 
 from attncompose.eval import reference
 
+# a tiny streaming recipe (2 sinks + a window of 8 or 16) for model-level tuning tests
+STREAM = {
+    "name": "s",
+    "steps": {
+        "sinks": {"op": "sink", "count": 2},
+        "local": {"op": "window", "width": {"default": 8, "choices": [8, 16]}},
+        "out": {"op": "block", "select": ["sinks", "local"], "block_size": 16},
+    },
+}
+
 
 def tiny_llama(num_layers: int = 2, max_positions: int = 256) -> transformers.LlamaForCausalLM:
     """A randomly initialised Llama (GQA: 4 query / 2 key-value heads, head dim 16)."""
