@@ -43,6 +43,8 @@ DETECTORS = {  # results name -> README label, in the README's order
 }
 DETECTOR_BUDGET = "128"
 RECIPE_NOTES = {"streaming": " (window + 4 sinks)", "hyperattention": " (paper)"}
+# the block recipes bench_cpu.py measures one by one (bench_cpu_<recipe>.json)
+BLOCK_RECIPES = ("streaming", "power", "block-topk", "topp")
 BENCH_NOTES = {"streaming": " (4 sinks + 1024 window)"}  # bench_cpu runs default knobs
 
 
@@ -140,32 +142,32 @@ def bench_cpu(results: Path) -> str:
 
 def bench_cpu_recipes(results: Path) -> str:
     """The block recipes against SDPA: a column per (length, masking mode)."""
-    names = ("streaming", "power", "block-topk", "topp")
     grouped = {
         name: rows_by_key([r for r in runs(f"bench_cpu_{name}", results) if not is_busy(r)])
-        for name in names
+        for name in BLOCK_RECIPES
     }
     lengths = sorted({n for g in grouped.values() for n, _ in g})
     head = [f"{n} non-causal | causal, frac" for n in lengths]
     lines = ["| recipe | " + " | ".join(head) + " |", "|---|" + "---|---|" * len(lengths)]
-    for name in names:
+    for name in BLOCK_RECIPES:
         cells = []
         for n, causal in ((n, c) for n in lengths for c in (False, True)):
             rows = grouped[name].get((n, causal), [])
             text = spread([x for r in rows for x in ratios(r)]) if rows else ""
             cells.append(f"{text}, frac {rows[0]['frac']:.3f}" if rows and causal else text)
         lines.append(f"| `{name}`{BENCH_NOTES.get(name, '')} | " + " | ".join(cells) + " |")
-    all_runs = [run for name in names for run in runs(f"bench_cpu_{name}", results)]
+    all_runs = [run for name in BLOCK_RECIPES for run in runs(f"bench_cpu_{name}", results)]
     return "\n".join(lines) + "\n\n" + runs_line(all_runs)
 
 
 def bench_cpu_before_plans(results: Path) -> str:
     """Each block recipe now and at the commit before block plans, same script and machine:
     the speedups over SDPA measured in each run (``results/before-plans/`` holds the old)."""
-    names = ("streaming", "power", "block-topk", "topp")
-    before_runs = {name: runs(f"bench_cpu_{name}", results / "before-plans") for name in names}
+    before_runs = {
+        name: runs(f"bench_cpu_{name}", results / "before-plans") for name in BLOCK_RECIPES
+    }
     lines = ["| recipe | n | mode | before plans | now |", "|---|---|---|---|---|"]
-    for name in names:
+    for name in BLOCK_RECIPES:
         old = rows_by_key(before_runs[name])
         new = rows_by_key(runs(f"bench_cpu_{name}", results)[:1])
         for (n, causal), rows in sorted(old.items()):
@@ -175,7 +177,7 @@ def bench_cpu_before_plans(results: Path) -> str:
             lines.append(f"| `{name}` | {n} | {mode} | {cells[0]} | {cells[1] if now else ''} |")
     quoted = dict.fromkeys(
         f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
-        for name in names
+        for name in BLOCK_RECIPES
         for run in before_runs[name] + runs(f"bench_cpu_{name}", results)[:1]
     )
     return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
