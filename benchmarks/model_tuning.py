@@ -56,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ppl-budget", type=float, default=0.02)
     parser.add_argument("--target-err", type=float, default=None)
     parser.add_argument("--recipes", default="topp,block-topk,streaming")
-    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--shared-trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--eval-text", default="stdlib-docs")
     parser.add_argument("--work", type=Path, default=Path("/work/model-tuning"))
     parser.add_argument("--cache", type=Path, default=None, help="tune-model's capture cache")
@@ -82,7 +83,8 @@ def tune(args: argparse.Namespace, goal: list[str], out: Path) -> dict[str, Any]
     command = [
         sys.executable, "-m", "attncompose.cli", "tune-model", "--model", MODEL,
         "--seq-len", str(args.seq_len), "--recipes", args.recipes, *goal,
-        "--trials", str(args.trials), "--cost", "products", "--text", CALIBRATION,
+        "--shared-trials", str(args.shared_trials), "--trials", str(args.trials),
+        "--cost", "products", "--text", CALIBRATION,
         "--storage", f"sqlite:///{args.work / f'n{args.seq_len}.optuna.db'}",
         "--out", str(out), "--plot", str(out.with_suffix(".png")),
     ]  # fmt: skip
@@ -221,6 +223,7 @@ def _tuned_for(path: Path, args: argparse.Namespace, goal: list[str]) -> bool:
         and getattr(entry, value) == float(goal[1])
         and entry.recipes_tried == args.recipes.split(",")
         and entry.trials == args.trials
+        and entry.shared_trials == args.shared_trials
         and entry.cost == "products"
         and entry.text == CALIBRATION
     )
@@ -249,6 +252,7 @@ def run_length(args: argparse.Namespace) -> dict[str, Any]:
         "eval_text": args.eval_text,
         "recipes": args.recipes,
         "trials": args.trials,
+        "shared_trials": args.shared_trials,
         "ppl_budget": args.ppl_budget,
         "exact": exact,
         "per_layer": {},

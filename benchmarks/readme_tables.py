@@ -222,8 +222,14 @@ def model_tuning(results: Path) -> str:
         for goal, p in r["per_layer"].items():
             phases = p["tune"]["phases_s"]
             cpu = f", CPU {phases['total_cpu_s'] / 60:.0f} min" if "total_cpu_s" in phases else ""
+            shared = r.get("shared_trials")
+            trials = (
+                f"{shared} model-wide + {r['trials']} per-layer trials per recipe"
+                if shared
+                else f"{r['trials']} trials per study"
+            )
             lines.append(
-                f"- {n} tokens, `{goal}`, {r['trials']} trials per study: tuning took "
+                f"- {n} tokens, `{goal}`, {trials}: tuning took "
                 f"{phases['total_s'] / 60:.0f} min{cpu} (`benchmarks/results/{p['tuned_file']}`)"
             )
     return "\n".join(lines) + (

@@ -19,6 +19,7 @@ from attncompose.tuner.model_job import ModelTuneConfig, TextInfo, tune_model
 
 SEQ_LEN = 64
 LAYERS = 2
+SHARED = 3  # model-wide trials per recipe
 TINY_RECIPES = {
     "tiny-topk": """\
         name: tiny-topk
@@ -64,6 +65,7 @@ def config(out: Path, cache: Path, **changes) -> ModelTuneConfig:
         "recipes": recipe_paths(out.parent),
         "target_err": 0.5,
         "trials": 4,
+        "shared_trials": SHARED,
         "cost": "products",
         "backend": "torch",
         "cache": cache,

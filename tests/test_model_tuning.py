@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 from model_tuning_worker import (  # noqa: E402
     LAYERS,
     SEQ_LEN,
+    SHARED,
     config,
     text_ids,
     write_recipes,
@@ -41,7 +43,7 @@ from attncompose.runtime.model_tuned import (  # noqa: E402
 )
 from attncompose.tuner.allocate import Curve, allocate, cheapest_within, layer_front  # noqa: E402
 from attncompose.tuner.front import Point, pareto  # noqa: E402
-from attncompose.tuner.model_job import tune_model  # noqa: E402
+from attncompose.tuner.model_job import ModelReporter, ModelTuneJob, tune_model  # noqa: E402
 from attncompose.tuner.study import open_storage  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -77,6 +79,33 @@ def test_target_err_choices_hold_on_fit_and_check(tiny_model, tmp_path):
     for seg in entry.segments:
         assert seg.ppl is not None and 0 < seg.frac < 1
     assert set(entry.error_mean) == {"fit", "check", "test"}
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_every_unit_holds_the_model_wide_trials_measured_on_it(tiny_model, tmp_path, per_head):
+    write_recipes(tmp_path)
+    cfg = config(tmp_path / "s.yaml", tmp_path / "cache", per_head=per_head, trials=1, segments=1)
+    job = ModelTuneJob(tiny_model, "tiny", text_ids(1), cfg, ModelReporter())
+    result = job.run()
+    storage = open_storage(f"sqlite:///{tmp_path / 's.optuna.db'}")
+    names = optuna.get_all_study_names(storage)
+    scope = "all-heads" if per_head else "all-layers"
+    shared = {n.rsplit(":", 1)[1].rsplit("-", 1)[0]: n for n in names if f":{scope}:" in n}
+    assert set(shared) == {"tiny-topk", "tiny-stream"}
+    for recipe, name in shared.items():
+        wide = optuna.load_study(study_name=name, storage=storage).trials
+        assert len(wide) == SHARED
+        for index, unit in enumerate(job.units):
+            copies = [p for p in result.points[unit] if p.recipe == recipe][: len(wide)]
+            assert [p.knobs for p in copies] == [t.params for t in wide]
+            for point, t in zip(copies, wide, strict=True):
+                ev = job._evaluator(recipe, job.data(unit).calibration()).evaluate(point.knobs)
+                assert point.error == pytest.approx(ev.error_mean, rel=1e-6)
+                assert point.error == t.user_attrs["unit_errors"][index]
+                assert point.cost == point.frac == pytest.approx(ev.frac)
+            assert len([p for p in result.points[unit] if p.recipe == recipe]) == SHARED + 1
+        means = [statistics.fmean(t.user_attrs["unit_errors"]) for t in wide]
+        assert [t.values[0] for t in wide] == pytest.approx(means)
 
 
 def test_ppl_budget_is_met_on_the_calibration_text_by_the_final_forward(tiny_model, tmp_path):
@@ -155,24 +184,31 @@ def worker(
 def test_resume_after_sigkill_loses_no_finished_layer(tmp_path):
     write_recipes(tmp_path)
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    trials, layers = 6, 3  # 6 studies: killed after 2, most are left to do
+    trials, layers = 6, 3  # 6 layer studies: killed after 2, most are left to do
     run = lambda: worker(tmp_path, str(tmp_path / "r.yaml"), url, "resume", trials, layers)
     proc = run()
     deadline = time.monotonic() + 120
     before: dict = {}
+    # a layer study is finished with the model-wide trials and its own
     while len(before) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
-        before = finished_studies(url, trials) if (tmp_path / "studies.db").exists() else {}
+        if (tmp_path / "studies.db").exists():
+            before = finished_studies(url, SHARED + trials)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = finished_studies(url, trials)
-    assert 2 <= len(before) < 2 * layers and not (tmp_path / "r.yaml").exists()
+    before = finished_studies(url, SHARED)  # the model-wide studies and begun layer studies
+    done = finished_studies(url, SHARED + trials)  # the finished layer studies
+    assert 2 <= len(done) < 2 * layers and not (tmp_path / "r.yaml").exists()
+    assert sum(":all-layers:" in name for name in before) == 2  # one per recipe
     proc = run()
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
-    after = finished_studies(url, trials)
-    assert len(after) == 2 * layers  # layers x recipes
+    after = finished_studies(url, SHARED)
+    assert len(after) == 2 + 2 * layers  # model-wide per recipe, layers x recipes
+    assert len(finished_studies(url, SHARED + trials)) == 2 * layers
     for name, rows in before.items():
-        assert after[name] == rows  # nothing redone, nothing lost
+        assert after[name][: len(rows)] == rows  # nothing redone, nothing lost
+    for name, rows in done.items():
+        assert after[name] == rows
     assert set(read_model_tuned(tmp_path / "r.yaml").lengths[SEQ_LEN].layers) == {0, 1, 2}
 
 
@@ -185,12 +221,19 @@ def run_two_workers(tmp_path, storage: str, study: str, trials: int = 4) -> None
         assert p.wait(timeout=300) == 0, p.stdout.read()
     loaded = open_storage(storage)
     names = [s for s in optuna.get_all_study_names(loaded) if s.startswith(f"{study}:")]
-    assert len(names) == 2 * LAYERS
+    assert len(names) == 2 + 2 * LAYERS  # model-wide per recipe, layers x recipes
     for name in names:
         all_trials = optuna.load_study(study_name=name, storage=loaded).trials
         assert [t.number for t in all_trials] == list(range(len(all_trials)))
         assert all(t.state == TrialState.COMPLETE for t in all_trials)
-        assert trials <= len(all_trials) <= trials + 1
+        if ":all-layers:" in name:
+            assert SHARED <= len(all_trials) <= SHARED + 1
+            continue
+        copies = [t.user_attrs.get("shared_trial") for t in all_trials]
+        copies = [c for c in copies if c is not None]
+        assert len(copies) == len(set(copies)) >= SHARED  # each model-wide trial copied once
+        own = len(all_trials) - len(copies)
+        assert trials <= own <= trials + 1
     for i in (0, 1):
         assert set(read_model_tuned(tmp_path / f"w{i}.yaml").lengths[SEQ_LEN].layers) == {0, 1}
 

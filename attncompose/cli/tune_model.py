@@ -65,11 +65,20 @@ def _recipe_list(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 )
 @click.option("--per-head", is_flag=True, help="A choice per key/value head group, not per layer.")
 @click.option(
-    "--trials",
-    type=click.IntRange(min=1),
-    default=12,
+    "--shared-trials",
+    type=click.IntRange(min=0),
+    default=16,
     show_default=True,
-    help="Finished trials per study (layer x head group x recipe, all workers together).",
+    help="Model-wide trials per recipe, each run on every layer (head group); every layer "
+    "chooses among them and its own trials.",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    help="Trials per layer (head group) and recipe on top of the model-wide ones, all workers "
+    "together.",
 )
 @cost_option("Minimise measured latency, or frac (share of exact attention's query-key products).")
 @seed_option
@@ -101,6 +110,7 @@ def tune_model(
     text: str | None,
     segments: int,
     per_head: bool,
+    shared_trials: int,
     trials: int,
     cost: str,
     seed: int,
@@ -114,8 +124,9 @@ def tune_model(
 ) -> None:
     """Tune every layer of a model: per layer (or KV-head group) a recipe and its knobs.
 
-    Captures the model's Q/K/V on the text once (cached), runs one resumable study per layer
-    x recipe (shared by workers given the same --storage and --study), then chooses to
+    Captures the model's Q/K/V on the text once (cached), runs per recipe one model-wide
+    study (each trial on every layer) and one study per layer x recipe seeded with it (all
+    resumable, shared by workers given the same --storage and --study), then chooses to
     --target-err or to --ppl-budget. Writes a model-level tuned file: load it with
     attncompose.load, evaluate it with `attncompose eval FILE --model ...`.
     """
@@ -141,6 +152,7 @@ def tune_model(
         ppl_budget=ppl_budget,
         per_head=per_head,
         trials=trials,
+        shared_trials=shared_trials,
         cost=cost,
         segments=segments,
         seed=seed,

@@ -158,7 +158,12 @@ class LengthTuning(BaseModel):
     target_err: float | None = Field(None, gt=0)
     ppl_budget: float | None = Field(None, gt=0)
     recipes_tried: list[str]
-    trials: int = Field(ge=1, description="trials per study (layer x head group x recipe)")
+    trials: int = Field(
+        ge=0, description="trials per layer (x head group) x recipe, besides the model-wide ones"
+    )
+    shared_trials: int = Field(
+        default=0, ge=0, description="model-wide trials per recipe, each run on every layer"
+    )
     text: str
     text_sha256: str
     segments: list[Segment] = Field(min_length=1)

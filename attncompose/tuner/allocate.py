@@ -84,12 +84,13 @@ class Curve:
         """The largest error it predicts for (``EXTRAPOLATE`` x the largest measured)."""
         return EXTRAPOLATE * max((e for e, _ in self.points), default=0.0)
 
-    def predict(self, error: float) -> float:
+    def predict(self, error: float, bounded: bool = True) -> float:
         """Growth at ``error``: piecewise linear through (0, 0) and the measurements, made
-        non-decreasing; inf beyond :attr:`reach`."""
+        non-decreasing; inf beyond :attr:`reach` if ``bounded`` (else extrapolated: where
+        to measure next)."""
         if error <= 0:
             return 0.0
-        if error > self.reach:
+        if error > self.reach and (bounded or not self.points):
             return math.inf
         xs, ys = [0.0], [0.0]
         for e, g in self.points:
@@ -105,22 +106,29 @@ class Curve:
 
 
 def allocate(
-    fronts: dict[int, list[Combo]], curves: dict[int, Curve], budget: float
+    fronts: dict[int, list[Combo]],
+    curves: dict[int, Curve],
+    budget: float,
+    bounded: bool = True,
 ) -> dict[int, Combo]:
     """Per layer the combo of least total cost whose predicted growths sum to <= ``budget``.
 
     Lagrangian: for multiplier ``lam`` each layer minimises cost + lam * growth; the least
     ``lam`` meeting the budget is found by bisection (costs are comparable across layers:
-    each layer's cost is a share of its exact cost, or milliseconds)."""
+    each layer's cost is a share of its exact cost, or milliseconds). ``bounded=False``
+    extrapolates the curves past their reach: the allocation that says where to measure."""
+
+    def predict(layer: int, error: float) -> float:
+        return curves[layer].predict(error, bounded)
 
     def pick(lam: float) -> dict[int, Combo]:
         return {
-            layer: min(front, key=lambda c: c.cost + lam * curves[layer].predict(c.error))
+            layer: min(front, key=lambda c: c.cost + lam * predict(layer, c.error))
             for layer, front in fronts.items()
         }
 
     def total(choice: dict[int, Combo]) -> float:
-        return sum(curves[layer].predict(c.error) for layer, c in choice.items())
+        return sum(predict(layer, c.error) for layer, c in choice.items())
 
     lo, hi = 0.0, 1.0
     while total(pick(hi)) > budget and hi < 1e12:

@@ -21,6 +21,7 @@ from attncompose.tuner.objective import FINISHED, Evaluator
 from attncompose.tuner.space import suggest
 
 DIRECTIONS = ("minimize", "minimize")  # error, cost
+SHARED_TRIAL = "shared_trial"  # user attribute: the model-wide trial a unit's trial copies
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,62 @@ class FrontObjective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         knobs = suggest(trial, self.space)
-        finished = trial.study.get_trials(deepcopy=False, states=FINISHED)
-        same = next((t for t in finished if t.params == knobs), None)
+        same = _same_knobs(trial, knobs)
         if same is not None:
-            for key, value in same.user_attrs.items():
-                trial.set_user_attr(key, value)
-            trial.set_user_attr("same_as", same.number)
-            return tuple(same.values)
+            return same
         ev = self.evaluator.evaluate(knobs)
         for key, value in ev.attrs().items():
             trial.set_user_attr(key, value)
         cost = ev.frac if self.evaluator.cost == "products" else ev.latency_ms
         return ev.error_mean, cost
+
+
+class SharedObjective:
+    """Optuna objective of one knob setting run on several units (every layer of a model):
+    returns the mean error and the mean cost over them; each unit's error, cost, frac and
+    latency are user attributes (``unit_errors``, ... in the order of ``evaluators``)."""
+
+    def __init__(self, evaluators: list[Evaluator], space: dict):
+        self.evaluators = evaluators
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        knobs = suggest(trial, self.space)
+        same = _same_knobs(trial, knobs)
+        if same is not None:
+            return same
+        units: dict[str, list[float]] = {
+            "unit_errors": [],
+            "unit_costs": [],
+            "unit_fracs": [],
+            "unit_latency_ms": [],
+        }
+        for evaluator in self.evaluators:
+            ev = evaluator.evaluate(knobs)
+            cost = ev.frac if evaluator.cost == "products" else ev.latency_ms
+            values = (ev.error_mean, cost, ev.frac, ev.latency_ms)
+            for key, value in zip(units, values, strict=True):
+                units[key].append(float(value))
+        for key, values in units.items():
+            trial.set_user_attr(key, values)
+        mean = {key: math.fsum(values) / len(values) for key, values in units.items()}
+        trial.set_user_attr("error_mean", mean["unit_errors"])
+        trial.set_user_attr("frac", mean["unit_fracs"])
+        trial.set_user_attr("latency_ms", mean["unit_latency_ms"])
+        return mean["unit_errors"], mean["unit_costs"]
+
+
+def _same_knobs(trial: optuna.Trial, knobs: dict) -> tuple[float, float] | None:
+    """The values of a finished trial with the same knobs (its attributes copied), or None."""
+    finished = trial.study.get_trials(deepcopy=False, states=FINISHED)
+    same = next((t for t in finished if t.params == knobs), None)
+    if same is None:
+        return None
+    for key, value in same.user_attrs.items():
+        if key != SHARED_TRIAL:
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("same_as", same.number)
+    return tuple(same.values)
 
 
 def trial_points(recipe: str, trials: list[FrozenTrial]) -> list[Point]:

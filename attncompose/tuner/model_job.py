@@ -6,10 +6,17 @@ The job, given a causal LM and the token ids of a calibration text:
    trials measure error and cost there), ``check`` (a choice must also hold there) and
    ``test`` (measured, never used to choose). Each is captured once (every layer and head;
    :mod:`attncompose.models.segments` caches it on disk) with its exact perplexity.
-2. **Studies.** Per unit (a layer, or with ``per_head`` a key/value head with its query heads)
-   and recipe, one two-objective study (error, cost) of the single-length tuner's measurements
-   (:mod:`attncompose.tuner.front`): resumable, and shared by workers through one storage. A
-   fresh study starts from the recipe's defaults and a few points of the previous unit's front.
+2. **Studies.** First, per recipe, one *model-wide* two-objective study (mean error over the
+   units, mean cost): each of its trials runs one knob setting on every unit (a layer, or with
+   ``per_head`` a key/value head with its query heads) and records each unit's error and cost.
+   Then per unit and recipe one two-objective study (error, cost) of the single-length tuner's
+   measurements (:mod:`attncompose.tuner.front`) that holds the model-wide trials as finished
+   trials of its own (its sampler starts from them) and adds ``trials`` of its own. Every layer
+   thus chooses among the knob settings the model-wide search found good, plus its own
+   refinements: a few trials per layer alone rarely find a recipe's good corner (issue 14,
+   topp's high coverage with many blocks). All studies are resumable and shared by workers
+   through one storage. A fresh unit study first tries the recipe's defaults and a few points
+   of the previous unit's front.
 3. **Choice.** ``target_err``: each unit takes its cheapest point within the target on the fit
    segment whose error on the check segment is within it too. ``ppl_budget``: each layer's
    sensitivity (growth of log perplexity with it alone approximated, on the fit segment) is
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from attncompose.eval.data import QKVItem
 from attncompose.eval.metrics import relative_error
@@ -72,10 +81,18 @@ from attncompose.tuner.allocate import (
     reference_combo,
 )
 from attncompose.tuner.errors import TunerError
-from attncompose.tuner.front import DIRECTIONS, FrontObjective, Point, pareto, trial_points
+from attncompose.tuner.front import (
+    DIRECTIONS,
+    SHARED_TRIAL,
+    FrontObjective,
+    Point,
+    SharedObjective,
+    pareto,
+    trial_points,
+)
 from attncompose.tuner.job import COSTS, versions
 from attncompose.tuner.objective import Calibration, Evaluator, time_exact
-from attncompose.tuner.space import defaults, search_space
+from attncompose.tuner.space import defaults, search_space, seed_knobs
 from attncompose.tuner.study import (
     default_storage_url,
     finished_trials,
@@ -91,8 +108,11 @@ if TYPE_CHECKING:
 
 TRANSFER = 4  # points of the previous unit's front a fresh study starts from
 GOOD_ENOUGH = 0.85  # a verified allocation using this share of the budget is kept
-SENSITIVITY_ERROR = 0.05  # a layer's sensitivity is first measured at about this error
-REFINE_ROUNDS = 6  # rounds of sensitivity measurements where the allocation extrapolates
+SENSITIVITY_ERROR = 0.1  # a layer's sensitivity is first measured at about this error
+REFINE_ROUNDS = 4  # rounds of sensitivity measurements where the allocation extrapolates
+REFINE_BEYOND = 1.5  # ... past this many times the largest error measured on the layer
+NUDGE = 1.25  # step of the predicted budget when an allocation repeats one measured already
+MAX_NUDGES = 24  # 1.25**24 ~ 200x: beyond, no other allocation is in reach
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,8 @@ class ModelTuneConfig:
     target_err: float | None = None
     ppl_budget: float | None = None
     per_head: bool = False
-    trials: int = 12
+    trials: int = 6
+    shared_trials: int = 16
     cost: str = "latency"
     segments: int = 3
     seed: int = 0
@@ -133,8 +154,12 @@ class ModelTuneConfig:
             raise TunerError(f"--seq-len must be at least 2, got {self.seq_len}")
         if not self.recipes:
             raise TunerError("--recipes names no recipe")
-        if self.trials < 1 or self.n_seeds < 1 or self.max_rounds < 1:
-            raise TunerError("--trials, seeds and rounds must be at least 1")
+        if self.trials < 0 or self.shared_trials < 0:
+            raise TunerError("--trials and --shared-trials cannot be negative")
+        if self.trials + self.shared_trials < 1:
+            raise TunerError("--trials and --shared-trials are both 0: nothing would be tried")
+        if self.n_seeds < 1 or self.max_rounds < 1:
+            raise TunerError("seeds and rounds must be at least 1")
         if not 1 <= self.segments <= len(ROLES):
             raise TunerError(f"--segments must be 1 to {len(ROLES)}, got {self.segments}")
         if self.cost not in COSTS:
@@ -183,6 +208,10 @@ class ModelReporter:
     def trial_done(self, label: str, recipe: str, done: int, best: str) -> None:
         """A trial of ``recipe`` on unit ``label`` finished (``done`` for that recipe)."""
 
+    def shared_trial_done(self, recipe: str, done: int, total: int, front: list[Point]) -> None:
+        """A model-wide trial of ``recipe`` finished (``done`` of ``total``); ``front``: the
+        Pareto front of its trials so far (mean error and cost over the units)."""
+
     def unit_done(self, label: str, front: list[Point]) -> None:
         """A unit's studies are done; ``front`` is its Pareto front over every recipe."""
 
@@ -221,6 +250,7 @@ class UnitData:
         self._items: dict[str, list[QKVItem]] = {}
         self._exact: dict[str, list[torch.Tensor]] = {}
         self._exact_ms: float | None = None
+        self._calibration: Calibration | None = None
 
     def items(self, role: str) -> list[QKVItem]:
         if role not in self._items:
@@ -265,11 +295,14 @@ class UnitData:
         return sum(float(o.double().square().sum()) for o in self.exact(role))
 
     def calibration(self) -> Calibration:
-        exact = self.exact("fit")
-        items = self.items("fit")
-        if self.job.config.cost == "latency":
-            self._exact_ms = time_exact(items, True, self.job.device, self.job.config.backend)
-        return Calibration(items, exact, True, self.job.device, self._exact_ms)
+        """The fit segment as the tuner's calibration (exact attention timed once)."""
+        if self._calibration is None:
+            exact = self.exact("fit")
+            items = self.items("fit")
+            if self.job.config.cost == "latency":
+                self._exact_ms = time_exact(items, True, self.job.device, self.job.config.backend)
+            self._calibration = Calibration(items, exact, True, self.job.device, self._exact_ms)
+        return self._calibration
 
     def error(self, point: Point, role: str) -> float:
         """The point's relative error on a segment (as it runs: the recipe's own seeds)."""
@@ -312,6 +345,7 @@ class ModelTuneJob:
         self._modules: dict[tuple, torch.nn.Module] = {}
         self._errors: dict[tuple, float] = {}
         self._exact_sq: dict[tuple[Unit, str], float] = {}
+        self._data: dict[Unit, UnitData] = {}
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
 
@@ -324,6 +358,12 @@ class ModelTuneJob:
 
     def label(self, unit: Unit) -> str:
         return unit.label(not self.config.per_head)
+
+    def data(self, unit: Unit) -> UnitData:
+        """The unit's Q/K/V and exact outputs per segment (kept for the run)."""
+        if unit not in self._data:
+            self._data[unit] = UnitData(self, unit)
+        return self._data[unit]
 
     def _capture(self) -> None:
         cache = self.config.cache or default_cache_dir()
@@ -353,12 +393,15 @@ class ModelTuneJob:
             f"{base}:{dname}:n{self.config.seq_len}:L{unit.layer}:h{heads}:{recipe_name}-{digest}"
         )
 
-    def _meta(self, recipe_name: str) -> dict[str, Any]:
+    def _sensitivity_name(self, base: str) -> str:
+        """The study whose attributes keep the measured sensitivities (no trials)."""
+        return f"{base}:{device_name(self.device)}:n{self.config.seq_len}:sensitivity"
+
+    def _meta(self, recipe_name: str | None) -> dict[str, Any]:
         fit = self.captures["fit"].segment.offset
+        recipe = "" if recipe_name is None else self.recipes[recipe_name].dump_yaml()
         return {
-            "recipe_sha256": hashlib.sha256(
-                self.recipes[recipe_name].dump_yaml().encode()
-            ).hexdigest(),
+            "recipe_sha256": hashlib.sha256(recipe.encode()).hexdigest(),
             "data": f"{self.model_name} on text {self.text.sha256[:16]} from token {fit}",
             "seq_len": self.config.seq_len,
             "seeds": self.config.n_seeds,
@@ -366,23 +409,89 @@ class ModelTuneJob:
             "cost": self.config.cost,
         }
 
-    def _sampler(self, done: int) -> optuna.samplers.TPESampler:
+    def _sampler(self, done: int, trials: int = 0) -> optuna.samplers.TPESampler:
+        """TPE (multivariate: a recipe's knobs act together) seeded per study state."""
         salt = os.getpid() if self.config.storage else 0
-        return optuna.samplers.TPESampler(
-            seed=hash((self.config.seed, done, salt)) % 2**31,
-            n_startup_trials=min(10, max(2, self.config.trials // 3)),
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=hash((self.config.seed, done, salt)) % 2**31,
+                n_startup_trials=min(10, max(2, trials // 3)),
+                multivariate=True,
+            )
+
+    def _evaluator(self, name: str, calib: Calibration) -> Evaluator:
+        return Evaluator(
+            self.recipes[name],
+            calib,
+            math.inf,  # no target: every point may be on the front
+            self.config.backend,
+            self.config.n_seeds,
+            repeats=0 if self.config.cost == "products" else 3,
+            cost=self.config.cost,
         )
 
-    def _tune_units(self, storage, base: str) -> dict[Unit, list[Point]]:
-        self.reporter.start_units([self.label(u) for u in self.units], self.config.trials)
+    def _shared_studies(self, storage, base: str) -> dict[str, optuna.Study]:
+        """Per recipe the model-wide study: each trial one knob setting on every unit."""
+        studies = {}
+        if not self.config.shared_trials:
+            return studies
+        calibs = [self.data(u).calibration() for u in self.units]
+        scope = "heads" if self.config.per_head else "layers"
+        for name, recipe in self.recipes.items():
+            digest = hashlib.sha256(recipe.dump_yaml().encode()).hexdigest()[:8]
+            study_name = (
+                f"{base}:{device_name(self.device)}:n{self.config.seq_len}:all-{scope}:"
+                f"{name}-{digest}"
+            )
+            meta = {**self._meta(name), "units": [self.label(u) for u in self.units]}
+            sampler = self._shared_sampler(recipe, 0)
+            study = open_study(storage, study_name, sampler, meta, DIRECTIONS)
+            study.sampler = self._shared_sampler(recipe, len(study.trials))
+            if not study.trials:
+                study.enqueue_trial(defaults(recipe), skip_if_exists=True)
+            objective = SharedObjective(
+                [self._evaluator(name, c) for c in calibs], search_space(recipe)
+            )
+
+            def on_trial(s: optuna.Study, name: str = name) -> None:
+                done = finished_trials(s)
+                front = pareto(trial_points(name, done))
+                self.reporter.shared_trial_done(name, len(done), self.config.shared_trials, front)
+
+            on_trial(study)
+            run_trials(study, objective, self.config.shared_trials, None, on_trial)
+            studies[name] = study
+        return studies
+
+    def _shared_sampler(self, recipe, done: int) -> optuna.samplers.BaseSampler:
+        """Gaussian-process Bayesian optimisation (expected hypervolume improvement) for the
+        model-wide studies: each trial runs every layer, so few trials must find the front
+        (TPE's 16 trials mostly sampled around it, missing e.g. topp's high-coverage corner)."""
+        salt = os.getpid() if self.config.storage else 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(
+                seed=hash((self.config.seed, done, salt, "shared")) % 2**31,
+                n_startup_trials=min(8, max(2, self.config.shared_trials // 3)),
+                deterministic_objective=not seed_knobs(recipe),
+            )
+
+    def _tune_units(
+        self, storage, base: str, shared: dict[str, optuna.Study]
+    ) -> dict[Unit, list[Point]]:
+        per_recipe = self.config.shared_trials * bool(shared) + self.config.trials
+        self.reporter.start_units([self.label(u) for u in self.units], per_recipe)
         exact: dict[Unit, Point] = {}
         studies: dict[Unit, dict[str, optuna.Study]] = {}
         previous: list[Point] = []
-        for unit in self.units:
-            calib = UnitData(self, unit).calibration()
+        for index, unit in enumerate(self.units):
+            calib = self.data(unit).calibration()
             exact[unit] = self._exact_point(calib)
             studies[unit] = {
-                name: self._run_study(storage, base, unit, name, calib, previous)
+                name: self._run_study(
+                    storage, base, (index, unit), name, calib, previous, shared.get(name)
+                )
                 for name in self.recipes
             }
             previous = self._points(exact[unit], studies[unit])
@@ -402,28 +511,28 @@ class ModelTuneJob:
         return Point(None, None, error=0.0, cost=cost, frac=1.0, latency_ms=ms)
 
     def _run_study(
-        self, storage, base: str, unit: Unit, name: str, calib: Calibration, previous: list[Point]
+        self,
+        storage,
+        base: str,
+        indexed: tuple[int, Unit],
+        name: str,
+        calib: Calibration,
+        previous: list[Point],
+        shared: optuna.Study | None,
     ) -> optuna.Study:
+        index, unit = indexed
         recipe = self.recipes[name]
         study_name = self._study_name(base, unit, name)
         study = open_study(storage, study_name, self._sampler(0), self._meta(name), DIRECTIONS)
-        study.sampler = self._sampler(len(study.trials))
-        if not study.trials:
+        held = 0 if shared is None else _add_shared(study, shared, index)
+        study.sampler = self._sampler(len(study.trials), self.config.trials)
+        own = [t for t in study.trials if SHARED_TRIAL not in t.user_attrs]
+        if not own and self.config.trials:
             # at most half the budget: two workers seeding a fresh study at once still leave
             # no enqueued trial unrun
             design = [defaults(recipe), *_transfer([p for p in previous if p.recipe == name])]
             for knobs in design[: max(1, self.config.trials // 2)]:
                 study.enqueue_trial(knobs, skip_if_exists=True)
-        products = self.config.cost == "products"
-        evaluator = Evaluator(
-            recipe,
-            calib,
-            math.inf,  # no target: every point may be on the front
-            self.config.backend,
-            self.config.n_seeds,
-            repeats=0 if products else 3,
-            cost=self.config.cost,
-        )
         label = self.label(unit)
 
         def on_trial(s: optuna.Study) -> None:
@@ -435,8 +544,8 @@ class ModelTuneJob:
         on_trial(study)
         run_trials(
             study,
-            FrontObjective(evaluator, search_space(recipe)),
-            self.config.trials,
+            FrontObjective(self._evaluator(name, calib), search_space(recipe)),
+            held + self.config.trials,
             None,
             on_trial,
         )
@@ -475,7 +584,7 @@ class ModelTuneJob:
         chosen = {}
         self.reporter.phase("choosing per unit: cheapest within the target on fit and check")
         for unit, found in points.items():
-            data = UnitData(self, unit)
+            data = self.data(unit)
             check = None
             if "check" in self.captures:
                 check = lambda p, data=data: self.unit_error(data, p, "check")
@@ -495,7 +604,7 @@ class ModelTuneJob:
         return dict(zip(units, combo.points, strict=True))
 
     def _choose_budget(
-        self, points: dict[Unit, list[Point]]
+        self, points: dict[Unit, list[Point]], store: optuna.Study
     ) -> tuple[dict[Unit, Point], dict[int, Curve], dict[str, tuple[float, float]]]:
         """Allocate by measured sensitivity, verify with forward passes, tighten until it holds.
 
@@ -503,37 +612,48 @@ class ModelTuneJob:
         budget = math.log1p(self.config.ppl_budget)
         fronts = self._layer_fronts(points)
         with self._phase("sensitivity"):
-            curves = self._sensitivities(fronts, budget)
+            curves = self._sensitivities(fronts, budget, store)
         with self._phase("verify"):
             chosen, forwards = self._verify(fronts, curves, budget)
         return chosen, curves, forwards
 
-    def _sensitivities(self, fronts: dict[int, list[Combo]], budget: float) -> dict[int, Curve]:
+    def _sensitivities(
+        self, fronts: dict[int, list[Combo]], budget: float, store: optuna.Study
+    ) -> dict[int, Curve]:
         """Each layer's curve: first measured near ``sensitivity_error``, then again wherever
-        the allocation to ``budget`` takes a layer past 1.25x what was measured."""
+        the allocation to ``budget`` takes a layer past :data:`REFINE_BEYOND` times what was
+        measured. Measurements are kept in ``store`` (a rerun, with any budget, reuses them)."""
         fit = self.captures["fit"]
-        replay = LayerReplay(self.model, fit.segment.ids) if supports_replay(self.model) else None
+        replay = None
         curves = {layer: Curve() for layer in fronts}
 
         def measure_layer(layer: int, combo: Combo) -> None:
+            nonlocal replay
             if combo.error <= 0:
                 return
-            attn = self.provisional(self._combo_choices(layer, combo)).layer(layer)
-            if replay is not None:
-                ppl = replay.perplexity(layer, attn)
-            else:
-                ppl = perplexity(self.model, fit.segment.ids, attn, [layer])
-            curves[layer].add(combo.error, math.log(ppl / fit.exact_ppl))
+            key = _sensitivity_key(layer, combo)
+            if key not in store.user_attrs:
+                if replay is None and supports_replay(self.model):
+                    replay = LayerReplay(self.model, fit.segment.ids)
+                attn = self.provisional(self._combo_choices(layer, combo)).layer(layer)
+                if replay is not None:
+                    ppl = replay.perplexity(layer, attn)
+                else:
+                    ppl = perplexity(self.model, fit.segment.ids, attn, [layer])
+                store.set_user_attr(key, math.log(ppl / fit.exact_ppl))
+            curves[layer].add(combo.error, store.user_attrs[key])
 
         for layer, front in fronts.items():
             self.reporter.phase(f"sensitivity of layer {layer} ({layer + 1}/{len(fronts)})")
             measure_layer(layer, reference_combo(front, self.config.sensitivity_error))
         for _ in range(REFINE_ROUNDS):
-            alloc = allocate(fronts, curves, budget)
+            # extrapolated past what was measured: a layer whose cheaper points lie beyond
+            # its curve's reach is measured there (else it could never be chosen there)
+            alloc = allocate(fronts, curves, budget, bounded=False)
             far = {
                 layer: c
                 for layer, c in alloc.items()
-                if c.error > 1.25 * max((e for e, _ in curves[layer].points), default=0.0)
+                if c.error > REFINE_BEYOND * max((e for e, _ in curves[layer].points), default=0.0)
             }
             if not far:
                 break
@@ -567,20 +687,37 @@ class ModelTuneJob:
         best_cost = math.inf
         lo = hi = None  # predicted budgets that held / did not
         predicted = budget
-        seen: list[dict[int, Combo]] = []
+        seen: list[tuple[dict[int, Combo], float]] = []  # allocations measured, their growth
         for round_ in range(self.config.max_rounds):
             alloc = allocate(fronts, curves, predicted)
-            if alloc in seen:
+            nudges = 0
+            while (growth := next((g for a, g in seen if a == alloc), None)) is not None:
+                nudges += 1
+                if nudges > MAX_NUDGES:  # every allocation within reach is measured
+                    predicted = None
+                    break
+                # measured already: move the predicted budget past it (the allocation is
+                # discrete, so a small step can give the same one again)
+                if growth <= budget:
+                    lo = predicted if lo is None else max(lo, predicted)
+                else:
+                    hi = predicted if hi is None else min(hi, predicted)
+                predicted = _next_budget(lo, hi, predicted)
+                if predicted is None:
+                    break
+                alloc = allocate(fronts, curves, predicted)
+            if predicted is None:
                 break
-            seen.append(alloc)
             chosen = {u: p for i, c in alloc.items() for u, p in self._combo_choices(i, c).items()}
             measured = self._forwards(chosen, roles)
             growth = max(
                 math.log(ppl / self.captures[r].exact_ppl) for r, (ppl, _) in measured.items()
             )
+            seen.append((alloc, growth))
             self.reporter.phase(
                 f"round {round_ + 1}: perplexity {math.expm1(growth):+.2%} "
-                f"(budget {self.config.ppl_budget:+.2%}), predicted {math.expm1(predicted):+.2%}"
+                f"(budget {self.config.ppl_budget:+.2%}) at frac {measured['fit'][1]:.3f}, "
+                f"predicted {math.expm1(predicted):+.2%}"
             )
             if growth <= budget:
                 cost = sum(c.cost for c in alloc.values())
@@ -656,6 +793,7 @@ class ModelTuneJob:
             ppl_budget=self.config.ppl_budget,
             recipes_tried=list(self.recipes),
             trials=self.config.trials,
+            shared_trials=self.config.shared_trials,
             text=self.text.name,
             text_sha256=self.text.sha256,
             segments=segments,
@@ -698,7 +836,7 @@ class ModelTuneJob:
             return [1.0]
         for u in units:
             if (u, role) not in self._exact_sq:
-                self._exact_sq[(u, role)] = UnitData(self, u).exact_sq(role)
+                self._exact_sq[(u, role)] = self.data(u).exact_sq(role)
         total = sum(self._exact_sq[(u, role)] for u in units)
         return [self._exact_sq[(u, role)] / total for u in units]
 
@@ -723,15 +861,21 @@ class ModelTuneJob:
             with self._phase("capture"):
                 self._capture()
             storage = open_storage(self.config.storage or default_storage_url(self.config.out))
+            base = self._base_name()
+            with self._phase("shared"):
+                shared = self._shared_studies(storage, base)
             with self._phase("studies"):
-                points = self._tune_units(storage, self._base_name())
+                points = self._tune_units(storage, base, shared)
             curves: dict[int, Curve] = {}
             if self.config.target_err is not None:
                 with self._phase("choose"):
                     chosen = self._choose_target(points)
                 forwards: dict[str, tuple[float, float]] = {}
             else:
-                chosen, curves, forwards = self._choose_budget(points)
+                store = open_study(
+                    storage, self._sensitivity_name(base), self._sampler(0), self._meta(None)
+                )
+                chosen, curves, forwards = self._choose_budget(points, store)
             with self._phase("final"):
                 errors = self._final_errors(chosen)
                 missing = [r for r in self.captures if r not in forwards]
@@ -748,7 +892,7 @@ class ModelTuneJob:
         self.reporter.phase("measuring the choices on every segment")
         errors = {}
         for unit, point in list(chosen.items()):
-            data = UnitData(self, unit)
+            data = self.data(unit)
             chosen[unit] = dataclasses.replace(point, frac=data.frac(point))
             for role in self.captures:
                 errors[(unit, role)] = self.unit_error(data, point, role)
@@ -776,6 +920,51 @@ class ModelTuneJob:
     def _used_recipes(self, chosen: dict[Unit, Point]) -> dict[str, dict]:
         used = {p.recipe for p in chosen.values() if not p.is_exact}
         return {n: d for n, d in self._recipe_dumps().items() if n in used}
+
+
+def _add_shared(study: optuna.Study, shared: optuna.Study, index: int) -> int:
+    """Copy into a unit's study, as finished trials of its own, the model-wide trials it does
+    not hold yet (unit ``index``'s error and cost in each); how many it holds now."""
+    held = {
+        t.user_attrs[SHARED_TRIAL]
+        for t in study.get_trials(deepcopy=False)
+        if SHARED_TRIAL in t.user_attrs
+    }
+    new = []
+    for t in shared.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number in held or "unit_errors" not in t.user_attrs:
+            continue
+        attrs = t.user_attrs
+        new.append(
+            optuna.trial.create_trial(
+                params=t.params,
+                distributions=t.distributions,
+                values=[attrs["unit_errors"][index], attrs["unit_costs"][index]],
+                user_attrs={
+                    "error_mean": attrs["unit_errors"][index],
+                    "frac": attrs["unit_fracs"][index],
+                    "latency_ms": attrs["unit_latency_ms"][index],
+                    SHARED_TRIAL: t.number,
+                },
+            )
+        )
+    study.add_trials(new)
+    return len(held) + len(new)
+
+
+def _next_budget(lo: float | None, hi: float | None, predicted: float) -> float | None:
+    """A predicted budget between those that held (``lo``) and failed (``hi``), a step of
+    :data:`NUDGE` beyond the only bound known, or None once the bounds meet."""
+    if lo is not None and hi is not None:
+        return math.sqrt(lo * hi) if hi > 1.01 * lo else None
+    return predicted * NUDGE if hi is None else predicted / NUDGE
+
+
+def _sensitivity_key(layer: int, combo: Combo) -> str:
+    """Names a layer's choice (every unit's recipe and knobs) among stored sensitivities."""
+    choice = [[p.recipe, sorted((p.knobs or {}).items())] for p in combo.points]
+    digest = hashlib.sha256(json.dumps(choice).encode()).hexdigest()[:24]
+    return f"growth:L{layer}:{digest}"
 
 
 def _knob_key(knobs: dict | None) -> tuple | None:

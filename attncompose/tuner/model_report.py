@@ -60,6 +60,16 @@ class RichModelReporter(ModelReporter):
         self.progress.update(self.tasks[label], completed=sum(self.done[label].values()))
         self.progress.update(self.tasks[label], info=counts)
 
+    def shared_trial_done(self, recipe: str, done: int, total: int, front: list[Point]) -> None:
+        key = f"all:{recipe}"
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task("", total=total, label="all", info="")
+        info = f"{recipe}, model-wide: {len(front)} on the front"
+        self.progress.update(self.tasks[key], completed=min(done, total), info=info)
+        if done >= total:
+            self.progress.remove_task(self.tasks.pop(key))
+            self.progress.console.log(f"{recipe}: {done} model-wide trials, {info}")
+
     def unit_done(self, label: str, front: list[Point]) -> None:
         if label in self.tasks:
             self.progress.remove_task(self.tasks.pop(label))
