@@ -43,7 +43,13 @@ from attncompose.runtime.model_tuned import (  # noqa: E402
 )
 from attncompose.tuner.allocate import Curve, allocate, cheapest_within, layer_front  # noqa: E402
 from attncompose.tuner.front import Point, pareto  # noqa: E402
-from attncompose.tuner.model_job import ModelReporter, ModelTuneJob, tune_model  # noqa: E402
+from attncompose.tuner.model_job import (  # noqa: E402
+    NUDGE,
+    ModelReporter,
+    ModelTuneJob,
+    _next_budget,
+    tune_model,
+)
 from attncompose.tuner.study import open_storage  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -362,3 +368,40 @@ def test_perplexity_and_frac_of_exact_attention(tiny_model):
     ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(5))
     ppl, frac = perplexity_and_frac(tiny_model, ids, ac.compile("exact", backend="torch"))
     assert ppl == pytest.approx(perplexity(tiny_model, ids), rel=1e-5) and frac == 1.0
+
+
+def test_unbounded_allocation_says_where_to_measure_next():
+    # measured only at a small error, where it costs nothing: the bounded allocation cannot
+    # leave the measured range, the unbounded one goes to the cheap point beyond it
+    front = layer_front([[point(0.6, 0.1), point(0.02, 0.9), point(0.0, 1.0, None)]], [1.0])
+    flat = Curve([(0.02, 0.0)])
+    assert flat.predict(0.6) == math.inf and flat.predict(0.6, bounded=False) == 0.0
+    assert allocate({0: front}, {0: flat}, budget=0.01)[0].error == 0.02
+    assert allocate({0: front}, {0: flat}, budget=0.01, bounded=False)[0].error == 0.6
+    assert Curve().predict(0.1, bounded=False) == math.inf  # nothing measured: nothing known
+
+
+def test_next_budget_moves_past_a_repeated_allocation():
+    assert _next_budget(None, 0.02, 0.02) == pytest.approx(0.02 / NUDGE)  # it failed: tighter
+    assert _next_budget(0.02, None, 0.02) == pytest.approx(0.02 * NUDGE)  # it held: looser
+    assert _next_budget(0.01, 0.04, 0.03) == pytest.approx(0.02)  # between the bounds
+    assert _next_budget(0.02, 0.0201, 0.02) is None  # the bounds met
+
+
+def test_a_rerun_reuses_the_measured_sensitivities(tiny_model, tmp_path, monkeypatch):
+    write_recipes(tmp_path)
+    cfg = config(tmp_path / "p.yaml", tmp_path / "cache", target_err=None, ppl_budget=0.01)
+    tune_model(tiny_model, "tiny", text_ids(), cfg)
+    first = read_model_tuned(cfg.out).lengths[SEQ_LEN]
+    calls = []
+    original = LayerReplay.perplexity
+    monkeypatch.setattr(
+        LayerReplay, "perplexity", lambda self, *a: calls.append(a) or original(self, *a)
+    )
+    tune_model(tiny_model, "tiny", text_ids(), cfg)
+    again = read_model_tuned(cfg.out).lengths[SEQ_LEN]
+    assert calls == []  # every sensitivity came from the storage
+    assert [lt.sensitivity for lt in again.layers.values()] == [
+        lt.sensitivity for lt in first.layers.values()
+    ]
+    assert all(lt.sensitivity for lt in again.layers.values())

@@ -342,7 +342,6 @@ class ModelTuneJob:
         self.base_file = _start_file(config.out, self.shape)
         self.captures: dict[str, SegmentCapture] = {}
         self.units = self._units()
-        self._modules: dict[tuple, torch.nn.Module] = {}
         self._errors: dict[tuple, float] = {}
         self._exact_sq: dict[tuple[Unit, str], float] = {}
         self._data: dict[Unit, UnitData] = {}
@@ -554,12 +553,11 @@ class ModelTuneJob:
     # -- the runtime of choices ----------------------------------------------------------------
 
     def tuning_module(self, point: Point) -> torch.nn.Module:
-        """The compiled attention of a point (cached)."""
-        key = None if point.is_exact else (point.recipe, tuple(sorted(point.knobs.items())))
-        if key not in self._modules:
-            recipe = "exact" if key is None else self.recipes[point.recipe].with_knobs(point.knobs)
-            self._modules[key] = compile_recipe(recipe, backend=self.config.backend)
-        return self._modules[key]
+        """The compiled attention of a point. Not kept: each module keeps its workspace
+        (buffers as large as a call's intermediates), and a run measures hundreds of points;
+        what is measured with it is kept instead (:meth:`unit_error`)."""
+        recipe = "exact" if point.is_exact else self.recipes[point.recipe].with_knobs(point.knobs)
+        return compile_recipe(recipe, backend=self.config.backend)
 
     def unit_error(self, data: UnitData, point: Point, role: str) -> float:
         """``data.error`` cached per (unit, point, role)."""
