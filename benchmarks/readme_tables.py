@@ -219,8 +219,11 @@ def model_tuning(results: Path) -> str:
     (run,) = runs("model_tuning", results)[:1]
     lines = [model_tuning_table(run), ""]
     for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
+        first: dict = {}  # the phases of the run that ran the studies (later goals reuse them)
         for goal, p in r["per_layer"].items():
             phases = p["tune"]["phases_s"]
+            if not first:
+                first = phases
             cpu = f", CPU {phases['total_cpu_s'] / 60:.0f} min" if "total_cpu_s" in phases else ""
             shared = r.get("shared_trials")
             trials = (
@@ -232,9 +235,22 @@ def model_tuning(results: Path) -> str:
                 f"- {n} tokens, `{goal}`, {trials}: tuning took "
                 f"{phases['total_s'] / 60:.0f} min{cpu} (`benchmarks/results/{p['tuned_file']}`)"
             )
-    return "\n".join(lines) + (
-        f"\n\n{run['model']}; {run['commit'][:7]} on {run['date'][:10]}{load_text(run)}."
-    )
+            if phases is not first and "shared_s" in first and "sensitivity_s" in phases:
+                studies = first["shared_s"] + first["studies_s"]
+                rest = phases["total_s"] - phases["shared_s"] - phases["studies_s"]
+                lines.append(
+                    f"  (it reused the studies of the run above; from scratch: their "
+                    f"{studies / 60:.1f} min + its {rest / 60:.1f} min of sensitivities, "
+                    f"verification and final passes = {(studies + rest) / 60:.0f} min)"
+                )
+    where = [
+        f"{n} tokens: {r['run']['commit'][:7]} on {r['run']['date'][:10]}{load_text(r['run'])}"
+        for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0]))
+        if "run" in r
+    ]
+    if not where:  # older files: one run for every length
+        where = [f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"]
+    return "\n".join(lines) + f"\n\n{run['model']}; {'; '.join(where)}."
 
 
 def profile_cpu(results: Path) -> str:

@@ -270,6 +270,7 @@ def test_two_workers_on_one_postgres_storage_duplicate_no_layer(tmp_path):
         (["--target-err", "0.05", "--recipes", ","], "at least one recipe"),
         (["--target-err", "0.05", "--recipes", "exact"], "no tunable knob"),
         (["--target-err", "0.05", "--study", "s"], "give --storage too"),
+        (["--target-err", "0.05", "--trials", "0", "--shared-trials", "0"], "both 0"),
         (["--target-err", "0.05", "--segments", "5"], "--segments"),
         (["--target-err", "0.05", "--text", "no-such-text"], "no such file, nor a built-in"),
         (["--target-err", "0.05", "--seq-len", "9000"], "exceeds the 8192 positions"),
