@@ -41,21 +41,30 @@ class Point:
         return self.recipe is None
 
 
-class FrontObjective:
-    """Optuna objective returning (error_mean, cost) for the knobs a trial suggests.
+class _KnobsObjective:
+    """Optuna objective returning (error, cost) for the knobs a trial suggests; a trial whose
+    knobs repeat a finished trial reuses its measurements instead of running."""
 
-    A trial whose knobs repeat a finished trial reuses its measurements instead of running.
-    """
-
-    def __init__(self, evaluator: Evaluator, space: dict):
-        self.evaluator = evaluator
+    def __init__(self, space: dict):
         self.space = space
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         knobs = suggest(trial, self.space)
         same = _same_knobs(trial, knobs)
-        if same is not None:
-            return same
+        return same if same is not None else self.measure(trial, knobs)
+
+    def measure(self, trial: optuna.Trial, knobs: dict[str, Any]) -> tuple[float, float]:
+        raise NotImplementedError
+
+
+class FrontObjective(_KnobsObjective):
+    """(error_mean, cost) of the knobs on one unit."""
+
+    def __init__(self, evaluator: Evaluator, space: dict):
+        super().__init__(space)
+        self.evaluator = evaluator
+
+    def measure(self, trial: optuna.Trial, knobs: dict[str, Any]) -> tuple[float, float]:
         ev = self.evaluator.evaluate(knobs)
         for key, value in ev.attrs().items():
             trial.set_user_attr(key, value)
@@ -63,20 +72,16 @@ class FrontObjective:
         return ev.error_mean, cost
 
 
-class SharedObjective:
-    """Optuna objective of one knob setting run on several units (every layer of a model):
-    returns the mean error and the mean cost over them; each unit's error, cost, frac and
-    latency are user attributes (``unit_errors``, ... in the order of ``evaluators``)."""
+class SharedObjective(_KnobsObjective):
+    """One knob setting run on several units (every layer of a model): the mean error and the
+    mean cost over them; each unit's error, cost, frac and latency are user attributes
+    (``unit_errors``, ... in the order of ``evaluators``)."""
 
     def __init__(self, evaluators: list[Evaluator], space: dict):
+        super().__init__(space)
         self.evaluators = evaluators
-        self.space = space
 
-    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        knobs = suggest(trial, self.space)
-        same = _same_knobs(trial, knobs)
-        if same is not None:
-            return same
+    def measure(self, trial: optuna.Trial, knobs: dict[str, Any]) -> tuple[float, float]:
         units: dict[str, list[float]] = {
             "unit_errors": [],
             "unit_costs": [],
