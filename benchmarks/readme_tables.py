@@ -243,13 +243,10 @@ def model_tuning(results: Path) -> str:
                     f"{studies / 60:.1f} min + its {rest / 60:.1f} min of sensitivities, "
                     f"verification and final passes = {(studies + rest) / 60:.0f} min)"
                 )
-    where = [
-        f"{n} tokens: {r['run']['commit'][:7]} on {r['run']['date'][:10]}{load_text(r['run'])}"
-        for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0]))
-        if "run" in r
-    ]
-    if not where:  # older files: one run for every length
-        where = [f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"]
+    where = []
+    for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
+        info = r.get("run", run)  # a length without its own record: the file's
+        where.append(f"{n} tokens: {info['commit'][:7]} on {info['date'][:10]}{load_text(info)}")
     return "\n".join(lines) + f"\n\n{run['model']}; {'; '.join(where)}."
 
 

@@ -922,7 +922,7 @@ class ModelTuneJob:
 
 def _add_shared(study: optuna.Study, shared: optuna.Study, index: int) -> int:
     """Copy into a unit's study, as finished trials of its own, the model-wide trials it does
-    not hold yet (unit ``index``'s error and cost in each); how many it holds now."""
+    not hold yet (unit ``index``'s error and cost in each); how many copies it holds now."""
     held = {
         t.user_attrs[SHARED_TRIAL]
         for t in study.get_trials(deepcopy=False)
@@ -947,7 +947,9 @@ def _add_shared(study: optuna.Study, shared: optuna.Study, index: int) -> int:
             )
         )
     study.add_trials(new)
-    return len(held) + len(new)
+    # counted again: two workers copying at once each add the copies (harmless: the same
+    # values twice); the larger count then keeps their own trials at the number asked
+    return sum(SHARED_TRIAL in t.user_attrs for t in study.get_trials(deepcopy=False))
 
 
 def _next_budget(lo: float | None, hi: float | None, predicted: float) -> float | None:
