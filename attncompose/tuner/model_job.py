@@ -383,18 +383,18 @@ class ModelTuneJob:
         digest = hashlib.sha256(json.dumps([*key, self.config.n_seeds]).encode()).hexdigest()
         return f"{self.model_name}-{digest[:10]}"
 
-    def _study_name(self, base: str, unit: Unit, recipe_name: str) -> str:
-        recipe = self.recipes[recipe_name]
-        digest = hashlib.sha256(recipe.dump_yaml().encode()).hexdigest()[:8]
-        heads = "-".join(map(str, unit.kv_heads))
-        dname = device_name(self.device)
-        return (
-            f"{base}:{dname}:n{self.config.seq_len}:L{unit.layer}:h{heads}:{recipe_name}-{digest}"
-        )
+    def _study_name(self, base: str, scope: str, recipe_name: str | None = None) -> str:
+        """``base:device:nN:scope``, then ``:recipe-digest`` for a recipe's study. Scopes: a
+        unit (``L3:h0-1-2``), the model-wide studies (``all-layers``, ``all-heads``) and
+        ``sensitivity`` (its attributes keep the measured sensitivities; no trials)."""
+        name = f"{base}:{device_name(self.device)}:n{self.config.seq_len}:{scope}"
+        if recipe_name is None:
+            return name
+        digest = hashlib.sha256(self.recipes[recipe_name].dump_yaml().encode()).hexdigest()
+        return f"{name}:{recipe_name}-{digest[:8]}"
 
-    def _sensitivity_name(self, base: str) -> str:
-        """The study whose attributes keep the measured sensitivities (no trials)."""
-        return f"{base}:{device_name(self.device)}:n{self.config.seq_len}:sensitivity"
+    def _unit_scope(self, unit: Unit) -> str:
+        return f"L{unit.layer}:h{'-'.join(map(str, unit.kv_heads))}"
 
     def _meta(self, recipe_name: str | None) -> dict[str, Any]:
         fit = self.captures["fit"].segment.offset
@@ -436,13 +436,9 @@ class ModelTuneJob:
         if not self.config.shared_trials:
             return studies
         calibs = [self.data(u).calibration() for u in self.units]
-        scope = "heads" if self.config.per_head else "layers"
+        scope = "all-heads" if self.config.per_head else "all-layers"
         for name, recipe in self.recipes.items():
-            digest = hashlib.sha256(recipe.dump_yaml().encode()).hexdigest()[:8]
-            study_name = (
-                f"{base}:{device_name(self.device)}:n{self.config.seq_len}:all-{scope}:"
-                f"{name}-{digest}"
-            )
+            study_name = self._study_name(base, scope, name)
             meta = {**self._meta(name), "units": [self.label(u) for u in self.units]}
             sampler = self._shared_sampler(recipe, 0)
             study = open_study(storage, study_name, sampler, meta, DIRECTIONS)
@@ -521,7 +517,7 @@ class ModelTuneJob:
     ) -> optuna.Study:
         index, unit = indexed
         recipe = self.recipes[name]
-        study_name = self._study_name(base, unit, name)
+        study_name = self._study_name(base, self._unit_scope(unit), name)
         study = open_study(storage, study_name, self._sampler(0), self._meta(name), DIRECTIONS)
         held = 0 if shared is None else _add_shared(study, shared, index)
         study.sampler = self._sampler(len(study.trials), self.config.trials)
@@ -630,7 +626,8 @@ class ModelTuneJob:
             if combo.error <= 0:
                 return
             key = _sensitivity_key(layer, combo)
-            if key not in store.user_attrs:
+            growth = store.user_attrs.get(key)  # one storage read
+            if growth is None:
                 if replay is None and supports_replay(self.model):
                     replay = LayerReplay(self.model, fit.segment.ids)
                 attn = self.provisional(self._combo_choices(layer, combo)).layer(layer)
@@ -638,8 +635,9 @@ class ModelTuneJob:
                     ppl = replay.perplexity(layer, attn)
                 else:
                     ppl = perplexity(self.model, fit.segment.ids, attn, [layer])
-                store.set_user_attr(key, math.log(ppl / fit.exact_ppl))
-            curves[layer].add(combo.error, store.user_attrs[key])
+                growth = math.log(ppl / fit.exact_ppl)
+                store.set_user_attr(key, growth)
+            curves[layer].add(combo.error, growth)
 
         for layer, front in fronts.items():
             self.reporter.phase(f"sensitivity of layer {layer} ({layer + 1}/{len(fronts)})")
@@ -870,9 +868,8 @@ class ModelTuneJob:
                     chosen = self._choose_target(points)
                 forwards: dict[str, tuple[float, float]] = {}
             else:
-                store = open_study(
-                    storage, self._sensitivity_name(base), self._sampler(0), self._meta(None)
-                )
+                name = self._study_name(base, "sensitivity")
+                store = open_study(storage, name, self._sampler(0), self._meta(None))
                 chosen, curves, forwards = self._choose_budget(points, store)
             with self._phase("final"):
                 errors = self._final_errors(chosen)
