@@ -114,6 +114,20 @@ def test_layer_dispatch_equals_the_recipes_called_directly(tuned_path):
     assert (out[:, :2] - exact_attention(q[:, :2], k[:, :1], v[:, :1], True)).abs().max() > 1e-3
 
 
+def test_layers_share_one_workspace_and_results_stay_theirs(tuned_path):
+    """Buffers are held once per tuning, not once per distinct choice: every compiled module
+    uses the tuning's workspace, and a layer called again after another gives its result."""
+    tuning = ac.load(tuned_path, backend="torch")
+    q, k, v = qkv()
+    with torch.no_grad():
+        first = [tuning.layer(i)(q, k, v, is_causal=True) for i in (0, 1)]
+        again = [tuning.layer(i)(q, k, v, is_causal=True) for i in (1, 0)][::-1]
+    spaces = {id(m.workspace) for m in tuning._modules.values()}
+    assert len(tuning._modules) >= 3 and spaces == {id(tuning.workspace)}
+    assert tuning.workspace.nbytes() > 0
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 @torch.inference_mode()
 def test_hf_register_dispatches_by_layer_index(tuned_path):
     """The model with the tuning registered equals the model with each layer's choice run by
