@@ -57,6 +57,43 @@ def test_plan_counts_its_products(problem, case):
     assert plan.products(problem) == int(dense.sum())
 
 
+DATA_DEPENDENT = {"topk", "topp+sink+window", "topk-minus-window", "odd-table-7"}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_DEPENDENT))
+def test_rule_tiles_give_the_pairs_of_every_partial_block(problem, case):
+    """A data-dependent plan's partial blocks read their pair rule from tiles built once per
+    static pattern: every partial block of every row equals the dense oracle there."""
+    plan, select, exclude = plan_of(case, problem)
+    dense = dense_mask(problem, UnionCoverage(select), tuple(exclude))  # [N, Lq, Lk]
+    tiles, whole = plan.rule_tiles(problem)
+    g = plan.grid
+    state = plan.kernel_states().expand(dense.shape[0], -1, -1)
+    lists = plan.lists(trim=True)
+    for r in range(dense.shape[0]):
+        part = torch.nonzero(state[r] == PARTIAL)  # [P, 2] (query block, key block)
+        if not len(part):
+            continue
+        qb, kb = part.unbind(-1)
+        mask = tiles.mask(
+            qb,
+            kb.view(1, -1, 1),
+            torch.ones(1, len(qb), 1, dtype=torch.bool),
+            whole[min(r, whole.shape[0] - 1)][None],
+        )
+        assert mask is not None, (case, lists.part_num)
+        padded = torch.nn.functional.pad(
+            dense[r], (0, g.nkb * g.block_k - g.lk, 0, g.nqb * g.block_q - g.lq)
+        ).view(g.nqb, g.block_q, g.nkb, g.block_k)
+        assert torch.equal(mask[0], padded[qb, :, kb]), (r, case)
+
+
+def test_rule_tiles_serve_data_dependent_plans_only():
+    problem = problem_named("T130-causal")
+    assert plan_of("sink+window", problem)[0].rule_tiles(problem) is None  # static: memo masks
+    assert plan_of("topp+sink+window", problem)[0].rule_tiles(problem) is not None
+
+
 def test_union_keeps_full_and_exclusion_subtracts():
     """States of a union are the strongest part's; an exclusion drops what it holds whole and
     makes what it holds in part partial."""

@@ -217,6 +217,41 @@ class BlockPlan:
             mask = mask & ~self._covered(i, cov, problem, qi, kj, at)
         return mask
 
+    def partial_mask(self, problem: Problem, qb: Tensor, blocks: Tensor, valid: Tensor) -> Tensor:
+        """Bool [R', M, BQ, W*BK]: the pairs that take part in query blocks ``qb`` [M] x their
+        partial key blocks ``blocks`` [R, M, W] (``valid`` [R, M, W]: the slots in use), read
+        from :meth:`rule_tiles` where the plan has them, else by :meth:`pair_mask`."""
+        tiles = None
+        if not self.row_invariant:
+            tiles = self.memo("rule-tiles", lambda: self.rule_tiles(problem))
+        if tiles is not None:
+            mask = tiles[0].mask(qb, blocks, valid, tiles[1])
+            if mask is not None:
+                return mask
+        g = self.grid
+        kj = block_indices(blocks, g.block_k, g.lk, valid).flatten(-2)  # [R, M, nk]
+        qi = block_indices(qb, g.block_q, g.lq)[None, :, :, None]  # [1, M, BQ, 1]
+        return self.pair_mask(problem, qi, kj[:, :, None, :], at=(qb, blocks))
+
+    def rule_tiles(self, problem: Problem) -> tuple[RuleTiles, Tensor] | None:
+        """The pair rule of this plan's partial blocks as :class:`RuleTiles` built once per
+        static pattern, with the blocks the data-dependent coverages hold whole (bool
+        [R, nQB, nKB]); None unless every coverage is static (knobs and positions only)
+        or data-dependent with whole blocks only (top-k/top-p tables), exclusions static."""
+        if not self.own or len(self.parts) != len(self.own) + len(self.exclude):
+            return None
+        static = [c for c in self.own if c.static_key() is not None]
+        own_parts = zip(self.own, self.parts[: len(self.own)], strict=True)
+        dynamic = [s for c, s in own_parts if c.static_key() is None]
+        if not dynamic or any(c.static_key() is None for c in self.exclude):
+            return None
+        if any(bool((s == PARTIAL).any()) for s in dynamic):
+            return None
+        whole = reduce(torch.logical_or, (s == FULL for s in dynamic))
+        keys = (tuple(c.static_key() for c in static), tuple(c.static_key() for c in self.exclude))
+        key = ("rule-tiles", keys, self.grid, self.causal, self.state.device)
+        return static_plan(key, lambda: _rule_tiles(problem, self, static)), whole
+
     def _covered(self, i: int, cov: Coverage, problem: Problem, qi, kj, at) -> Tensor:
         if at is None or not self.parts:
             return cov.covers(problem, qi, kj)
@@ -287,6 +322,66 @@ class BlockPlan:
         return self.to_string()
 
 
+@dataclass(frozen=True)
+class RuleTiles:
+    """A plan's pair rule in its partial blocks, one ``block_q x block_k`` tile per block,
+    for plans whose data-dependent coverages hold whole blocks only: a pair of a partial
+    block takes part iff it is in range, causally visible, in no excluded coverage, and
+    covered by a static coverage (tile *A*) or in a block a row's table holds whole (tile
+    *B*: every such pair). ``ids`` int64 [nQB, nKB]: 2t for the block of tiles t, -1 where
+    no partial block can lie; ``table`` bool [2T + 1, BQ, BK]: A_0, B_0, A_1, ..., and an
+    all-False tile last (padding slots)."""
+
+    ids: Tensor
+    table: Tensor
+
+    def mask(self, qb: Tensor, blocks: Tensor, valid: Tensor, whole: Tensor) -> Tensor | None:
+        """[R, M, BQ, W*BK] pair mask of query blocks ``qb`` [M] x their key blocks
+        ``blocks`` [R, M, W] (``valid`` [R, M, W]: the slots in use), ``whole`` [R or 1, nQB,
+        nKB] from :meth:`BlockPlan.rule_tiles`; None if a block has no tiles."""
+        kb = blocks.long()
+        ids = self.ids[qb[None, :, None], kb]  # [R, M, W]
+        if bool(((ids < 0) & valid).any()):
+            return None
+        rows = torch.arange(whole.shape[0], device=whole.device)[:, None, None]
+        use_b = whole[rows, qb[None, :, None], kb]
+        idx = torch.where(valid, ids + use_b, self.table.shape[0] - 1)
+        r, m, w = idx.shape
+        _, bq, bk = self.table.shape
+        return self.table[idx].permute(0, 1, 3, 2, 4).reshape(r, m, bq, w * bk)
+
+
+def _rule_tiles(problem: Problem, plan: BlockPlan, static: list[Coverage]) -> RuleTiles:
+    """:class:`RuleTiles` of ``plan``: tiles for every block where a row's partial block can
+    lie (cut by causality, a static coverage, an exclusion or the last key block's edge)."""
+    g, dev = plan.grid, plan.state.device
+    visible = visible_states(g, plan.causal, dev)
+    b_state = visible
+    for cov in plan.exclude:
+        b_state = subtract_states(b_state, _states(cov, problem, g))
+    a_state = torch.zeros_like(visible)
+    if static:
+        a_state = torch.minimum(union_states([_states(c, problem, g) for c in static]), visible)
+        for cov in plan.exclude:
+            a_state = subtract_states(a_state, _states(cov, problem, g))
+    edge = (lambda s: _edge_partial(s)) if g.lk % g.block_k else (lambda s: s)
+    cut = ((edge(a_state) == PARTIAL) | (edge(b_state) == PARTIAL))[0]  # [nQB, nKB]
+    qb, kb = torch.nonzero(cut).unbind(-1)  # [T]
+    qi = block_indices(qb, g.block_q, g.lq)[None, :, :, None]  # [1, T, BQ, 1]
+    kj = block_indices(kb, g.block_k, g.lk)[None, :, None, :]  # [1, T, 1, BK]
+    b = (qi >= 0) & (kj >= 0) & problem.visible(qi, kj)
+    for cov in plan.exclude:
+        b = b & ~cov.covers(problem, qi, kj)
+    a = torch.zeros_like(b)
+    if static:
+        a = b & reduce(torch.logical_or, (c.covers(problem, qi, kj) for c in static))
+    table = torch.stack([a[0], b[0]], 1).flatten(0, 1)  # [2T, BQ, BK]
+    table = torch.cat([table, table.new_zeros(1, *table.shape[1:])])
+    ids = torch.full((g.nqb, g.nkb), -1, dtype=torch.long, device=dev)
+    ids[qb, kb] = 2 * torch.arange(len(qb), device=dev)
+    return RuleTiles(ids, table)
+
+
 def count_partial_pairs(plan: BlockPlan, problem: Problem, budget: int = 1 << 24) -> int:
     """Pairs that take part in the partial blocks of ``plan`` (rules evaluated in chunks of
     about ``budget`` pairs; rows of a row-invariant plan counted once)."""
@@ -303,11 +398,10 @@ def count_partial_pairs(plan: BlockPlan, problem: Problem, budget: int = 1 << 24
     for i0 in range(0, g.nqb, step):
         sl = slice(i0, min(i0 + step, g.nqb))
         qb = torch.arange(sl.start, sl.stop, device=dev)
-        qi = block_indices(qb, g.block_q, g.lq).view(1, -1, g.block_q, 1)
         valid = torch.arange(width, device=dev) < num[:, sl, None]  # [R, T, W]
-        kj = block_indices(idx[:, sl], g.block_k, g.lk, valid).flatten(-2).unsqueeze(-2)
-        mask = plan.pair_mask(problem, qi, kj, at=(qb, idx[:, sl])).expand(rows, -1, -1, -1)
+        mask = plan.partial_mask(problem, qb, idx[:, sl], valid).expand(rows, -1, -1, -1)
         if plan.key_bias is not None:  # keys with a finite weight: [Rb, T, 1, nk]
+            kj = block_indices(idx[:, sl], g.block_k, g.lk, valid).flatten(-2).unsqueeze(-2)
             flat = kj.clamp_min(0).expand(plan.key_bias.shape[0], -1, -1, -1).flatten(1)
             mask = mask & torch.isfinite(plan.key_bias).gather(-1, flat).view(
                 *flat.shape[:1], *kj.shape[1:]

@@ -157,6 +157,30 @@ def test_many_groups_and_chunks_read_their_own_blocks(monkeypatch):
     assert_walk_equal(fused_plan_attention(p, plan), want)
 
 
+def test_full_blocks_of_a_plan_per_row_run_without_a_mask(monkeypatch):
+    """Top-p counts differ from query block to query block; full blocks are still computed
+    with no mask (chunks of equal counts: no padding keys), masks only in partial blocks."""
+    from attncompose.primitives.block import plan_torch
+
+    masks = []
+
+    def chunk(q, k, v, mask, bias, scale, scratch):
+        masks.append(mask)
+        return block_naive._softmax_chunk(q, k, v, mask, bias, scale, scratch)
+
+    p = make_problem(3, 150, 150, causal=True, seed=6)
+    plan, _, _ = plan_of("topp+sink+window", p)
+    full = plan.kernel_states() == plan_torch.FULL
+    assert len(torch.unique(full.sum(-1))) > 2  # counts that differ
+    g = plan.grid
+    pairs = full.repeat_interleave(g.block_q, 1).repeat_interleave(g.block_k, 2)
+    want = masked_attention(p, pairs[:, : p.lq, : p.lk])  # the full blocks' pairs alone
+    monkeypatch.setattr(plan_torch._Walk, "partial", lambda self, selected: None)
+    got = plan_torch.run_plan(p, plan, chunk)
+    assert masks and all(m is None for m in masks)
+    assert_walk_equal(got, want)
+
+
 def assert_walk_equal(got, want, tol: float = 1e-5) -> None:
     finite = want.lse.isfinite()
     assert torch.equal(got.lse.isinf(), ~finite)

@@ -8,7 +8,8 @@ Two passes over a :class:`~attncompose.primitives.plan.BlockPlan`, merged by lse
    window's interior), else gathered block by block. A key-level mask hides padding keys
    only where the counts within a group differ;
 2. **partial blocks**, with the plan's pair rule evaluated on them only (one mask for every
-   row when the plan is the same for all rows, kept with a static plan).
+   row when the plan is the same for all rows, kept with a static plan; a data-dependent
+   plan reads it from tiles built once per static pattern, :meth:`BlockPlan.partial_mask`).
 
 Queries and outputs of consecutive query blocks are views, never gathered. ``chunk_fn(q, k,
 v, mask, bias, scale, scratch) -> (out, lse)`` computes one group: the reference
@@ -142,7 +143,7 @@ class _Walk:
 
     def full_per_row(self, selected: Tensor) -> None:
         """Full blocks of a plan per row: ``selected`` [N, nQB, nKB]; the (row, query block)s
-        of a chunk (close counts) are gathered as one batch."""
+        of a chunk (equal counts) are gathered as one batch."""
         num = selected.sum(-1)  # [N, nQB]
         if not bool(num.any()):
             return
@@ -153,16 +154,14 @@ class _Walk:
         out, lse = self.out.flatten(0, 1), self.lse.flatten(0, 1)
         for width, members in _sorted_chunks(num, lambda w: self._step(1, w)):
             r, i = members.unbind(-1)
-            blocks, valid = order[r, i, :width], _valid(num[r, i], width)  # [M, W]
-            keys = (r[:, None] * g.nkb + blocks.masked_fill(~valid, 0)).reshape(-1)
+            blocks = order[r, i, :width]  # [M, W], all valid
+            keys = (r[:, None] * g.nkb + blocks).reshape(-1)
             shape = (1, len(r), width * g.block_k)
             k = self._gather("k", flat_k, 0, keys, shape)
             v = self._gather("v", flat_v, 0, keys, shape)
             rows = r * g.nqb + i
             q = self._gather("q", flat_q, 0, rows, (1, len(r), g.block_q))
-            mask = None if bool(valid.all()) else self._key_mask(valid)[None]
-            bias = self._bias(blocks[None], valid[None], r)
-            o, s = self._call(q, k, v, mask, bias)
+            o, s = self._call(q, k, v, None, self._bias(blocks[None], None, r))
             out.index_copy_(0, rows, o[0])
             lse.index_copy_(0, rows, s[0])
 
@@ -201,14 +200,8 @@ class _Walk:
     def _pair_mask(self, i0: int, i1: int, blocks: Tensor, valid: Tensor) -> Tensor:
         """The plan's pair rule on query blocks [i0, i1) x their ``blocks`` (kept with a
         static plan when small)."""
-
-        def make() -> Tensor:
-            g = self.plan.grid
-            kj = block_indices(blocks, g.block_k, g.lk, valid).flatten(-2)  # [R, M, nk]
-            qb = torch.arange(i0, i1, device=self.dev)
-            qi = block_indices(qb, g.block_q, g.lq)[None, :, :, None]  # [1, M, BQ, 1]
-            return self.plan.pair_mask(self.problem, qi, kj[:, :, None, :], at=(qb, blocks))
-
+        qb = torch.arange(i0, i1, device=self.dev)
+        make = lambda: self.plan.partial_mask(self.problem, qb, blocks, valid)
         g = self.plan.grid
         size = blocks.shape[0] * (i1 - i0) * g.block_q * blocks.shape[-1] * g.block_k
         if self.plan.row_invariant and size <= MASK_MEMO:
@@ -217,7 +210,9 @@ class _Walk:
 
     # -- key bias -----------------------------------------------------------------------------
 
-    def _bias(self, blocks: Tensor, valid: Tensor, rows: Tensor | None = None) -> Tensor | None:
+    def _bias(
+        self, blocks: Tensor, valid: Tensor | None, rows: Tensor | None = None
+    ) -> Tensor | None:
         """Key bias [R', M, W*BK] of ``blocks`` [R', M, W] (``rows`` [M]: the row of each of
         M members of one batch); None when the plan has none."""
         bias = self.plan.key_bias
@@ -273,20 +268,20 @@ def _groups(num: Tensor):
 
 def _sorted_chunks(num: Tensor, step_of):
     """(width, members [M, 2]) chunks of the (row, query block)s of ``num`` [N, nQB] with
-    blocks to compute, in order of their count: each chunk as wide as its largest count
-    (little padding, as neighbours in that order have close counts) and at most
-    ``step_of(width)`` members long."""
+    blocks to compute, grouped by their count: every member of a chunk has ``width`` blocks
+    (no padding keys, so no mask: the fused kernel runs a third faster without one), at most
+    ``step_of(width)`` members each."""
     members = torch.nonzero(num > 0)  # [P, 2]
     counts = num[members[:, 0], members[:, 1]]
-    order = torch.argsort(counts, stable=True)
-    members, counts = members[order], counts[order].tolist()
+    counts, order = torch.sort(counts, stable=True)
+    members = members[order]
+    widths, sizes = torch.unique_consecutive(counts, return_counts=True)
     start = 0
-    while start < len(counts):
-        end = start + 1
-        while end < len(counts) and end - start < step_of(counts[end]):
-            end += 1
-        yield counts[end - 1], members[start:end]
-        start = end
+    for width, size in zip(widths.tolist(), sizes.tolist(), strict=True):
+        step = max(1, step_of(width))
+        for j0 in range(start, start + size, step):
+            yield width, members[j0 : min(start + size, j0 + step)]
+        start += size
 
 
 def _pow2(x: Tensor) -> Tensor:
