@@ -90,12 +90,15 @@ def tune(args: argparse.Namespace, goal: list[str], out: Path) -> dict[str, Any]
     ]  # fmt: skip
     if args.cache:
         command += ["--cache", str(args.cache)]
+    # studies (and sensitivities) stored before: the run resumes or reuses them
+    resumed = (args.work / f"n{args.seq_len}.optuna.db").is_file()
     cpu, start = children_cpu_s(), time.perf_counter()
     subprocess.run(command, check=True, stdout=sys.stderr)
     return {
         "command": " ".join(["attncompose", *command[3:]]),
         "wall_s": time.perf_counter() - start,
         "cpu_s": children_cpu_s() - cpu,
+        "resumed": resumed,
     }
 
 

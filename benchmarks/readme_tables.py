@@ -220,10 +220,11 @@ def model_tuning(results: Path) -> str:
     lines = [model_tuning_table(run), ""]
     for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
         first: dict = {}  # the phases of the run that ran the studies (later goals reuse them)
+        resumed = False  # whether that run resumed studies stored before it
         for goal, p in r["per_layer"].items():
             phases = p["tune"]["phases_s"]
             if not first:
-                first = phases
+                first, resumed = phases, bool(p["tune"].get("resumed"))
             cpu = f", CPU {phases['total_cpu_s'] / 60:.0f} min" if "total_cpu_s" in phases else ""
             shared = r.get("shared_trials")
             trials = (
@@ -235,7 +236,14 @@ def model_tuning(results: Path) -> str:
                 f"- {n} tokens, `{goal}`, {trials}: tuning took "
                 f"{phases['total_s'] / 60:.0f} min{cpu} (`benchmarks/results/{p['tuned_file']}`)"
             )
-            if phases is not first and "shared_s" in first and "sensitivity_s" in phases:
+            if phases is first and resumed:
+                lines.append(
+                    "  (resumed from the studies and sensitivities that earlier, interrupted "
+                    "runs stored: not a time from scratch)"
+                )
+            elif resumed:
+                lines.append("  (it reused the studies of the run above)")
+            elif phases is not first and "shared_s" in first and "sensitivity_s" in phases:
                 studies = first["shared_s"] + first["studies_s"]
                 rest = phases["total_s"] - phases["shared_s"] - phases["studies_s"]
                 lines.append(
