@@ -258,23 +258,29 @@ def model_tuning(results: Path) -> str:
     return "\n".join(lines) + f"\n\n{run['model']}; {'; '.join(where)}."
 
 
-def profile_cpu(results: Path) -> str:
-    """Where a call's time goes: inside SDPA's fused kernel, and everything else."""
-    (run,) = runs("profile_cpu", results)[:1]
-    lines = [
-        "| n | mode | recipe ms (SDPA) | speedup | in SDPA's kernel ms | everything else ms "
-        "| speedup were the rest free |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in run["rows"]:
-        mode = "causal" if row["causal"] else "non-causal"
-        lines.append(
-            f"| {row['n']} | {mode} | {row['recipe_ms']:.0f} ({row['sdpa_ms']:.0f}) "
-            f"| {row['speedup']:.2f}x | {row['attention_kernel_ms']:.0f} of "
-            f"{row['profiled_ms']:.0f} | {row['other_ms']:.0f} "
-            f"| {row['bound_free_overhead']:.2f}x |"
-        )
-    return "\n".join(lines)
+def profile_cpu(stem: str) -> Callable[[Path], str]:
+    """Where a call's time goes (``results/STEM.json`` of profile_cpu.py): inside SDPA's fused
+    kernel, and everything else."""
+
+    def render(results: Path) -> str:
+        (run,) = runs(stem, results)[:1]
+        lines = [
+            "| n | mode | recipe ms (SDPA) | speedup | in SDPA's kernel ms | everything else ms "
+            "| speedup were the rest free |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in run["rows"]:
+            mode = "causal" if row["causal"] else "non-causal"
+            lines.append(
+                f"| {row['n']} | {mode} | {row['recipe_ms']:.0f} ({row['sdpa_ms']:.0f}) "
+                f"| {row['speedup']:.2f}x | {row['attention_kernel_ms']:.0f} of "
+                f"{row['profiled_ms']:.0f} | {row['other_ms']:.0f} "
+                f"| {row['bound_free_overhead']:.2f}x |"
+            )
+        when = f"{run['recipe']}, {run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
+        return "\n".join(lines) + f"\n\n({when})"
+
+    return render
 
 
 def tune_time(results: Path) -> str:
@@ -399,7 +405,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "bench_cpu": bench_cpu,
     "bench_cpu_recipes": bench_cpu_recipes,
     "bench_cpu_before_plans": bench_cpu_before_plans,
-    "profile_cpu": profile_cpu,
+    "profile_cpu": profile_cpu("profile_cpu"),
+    "profile_cpu_topp": profile_cpu("profile_cpu_topp"),
     "tune_time": tune_time,
     "tune_time_result": tune_time_result,
     "detectors": detectors,
