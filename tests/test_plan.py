@@ -88,6 +88,22 @@ def test_rule_tiles_give_the_pairs_of_every_partial_block(problem, case):
         assert torch.equal(mask[0], padded[qb, :, kb]), (r, case)
 
 
+@pytest.mark.parametrize("limit", [None, 0])
+def test_rule_tiles_are_built_once_per_static_pattern_unless_too_large(monkeypatch, limit):
+    from attncompose.primitives import plan as plan_module
+
+    built = []
+    real = plan_module._rule_tiles
+    monkeypatch.setattr(plan_module, "_rule_tiles", lambda *a: built.append(1) or real(*a))
+    plan_module._STATIC.clear()
+    if limit is not None:
+        monkeypatch.setattr(plan_module, "RULE_TILES_KEPT", limit)
+    for seed in (1, 2):  # two calls: other data, the same static pattern
+        problem = make_problem(2, 130, 130, causal=True, seed=seed)
+        assert plan_of("topp+sink+window", problem)[0].rule_tiles(problem) is not None
+    assert len(built) == (1 if limit is None else 2)
+
+
 def test_rule_tiles_serve_data_dependent_plans_only():
     problem = problem_named("T130-causal")
     assert plan_of("sink+window", problem)[0].rule_tiles(problem) is None  # static: memo masks

@@ -39,6 +39,7 @@ from attncompose.primitives.base import Coverage, Problem
 
 NONE, PARTIAL, FULL = 0, 1, 2
 STATIC_CACHE_SIZE = 64  # static plans kept per process (per length, offsets, device, knobs)
+RULE_TILES_KEPT = 1 << 26  # rule tiles (bool elements) kept per process and static pattern
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ class BlockPlan:
         whole = reduce(torch.logical_or, (s == FULL for s in dynamic))
         keys = (tuple(c.static_key() for c in static), tuple(c.static_key() for c in self.exclude))
         key = ("rule-tiles", keys, self.grid, self.causal, self.state.device)
-        return static_plan(key, lambda: _rule_tiles(problem, self, static)), whole
+        make = lambda: _rule_tiles(problem, self, static)
+        return static_plan(key, make, keep=lambda t: t.table.numel() <= RULE_TILES_KEPT), whole
 
     def _covered(self, i: int, cov: Coverage, problem: Problem, qi, kj, at) -> Tensor:
         if at is None or not self.parts:
@@ -486,13 +488,17 @@ def table_fits(size: int, block: int, count: int) -> bool:
 _STATIC: OrderedDict[tuple, BlockPlan] = OrderedDict()
 
 
-def static_plan(key: tuple, make) -> BlockPlan:
-    """The plan of ``key`` built once per process (LRU of :data:`STATIC_CACHE_SIZE`): static
-    patterns (sinks, windows, static tables, causality) depend only on lengths, offsets,
-    knobs and device, so their lists and masks are reused across calls."""
+def static_plan(key: tuple, make, keep=lambda value: True):
+    """The plan (or a plan's rule tiles) of ``key`` built once per process (LRU of
+    :data:`STATIC_CACHE_SIZE`): static patterns (sinks, windows, static tables, causality)
+    depend only on lengths, offsets, knobs and device, so their lists and masks are reused
+    across calls. A value ``keep`` refuses (too large) is returned, not kept."""
     plan = _STATIC.get(key)
     if plan is None:
-        plan = _STATIC[key] = make()
+        plan = make()
+        if not keep(plan):
+            return plan
+        _STATIC[key] = plan
         while len(_STATIC) > STATIC_CACHE_SIZE:
             _STATIC.popitem(last=False)
     else:
