@@ -6,7 +6,8 @@ Two passes over a :class:`~attncompose.primitives.plan.BlockPlan`, merged by lse
    blocks they have, and each group's key blocks are read as one key sequence per query
    block: a strided view where they are consecutive ranges stepping evenly (a sliding
    window's interior), else gathered block by block. A key-level mask hides padding keys
-   only where the counts within a group differ;
+   only where the counts within a group differ (a plan per row: chunks of equal counts, no
+   mask);
 2. **partial blocks**, with the plan's pair rule evaluated on them only (one mask for every
    row when the plan is the same for all rows, kept with a static plan; a data-dependent
    plan reads it from tiles built once per static pattern, :meth:`BlockPlan.partial_mask`).
@@ -271,8 +272,8 @@ def _groups(num: Tensor):
 def _sorted_chunks(num: Tensor, step_of):
     """(width, members [M, 2]) chunks of the (row, query block)s of ``num`` [N, nQB] with
     blocks to compute, grouped by their count: every member of a chunk has ``width`` blocks
-    (no padding keys, so no mask: the fused kernel runs a third faster without one), at most
-    ``step_of(width)`` members each."""
+    (no padding keys, so the fused kernel runs without a mask), at most ``step_of(width)``
+    members each."""
     members = torch.nonzero(num > 0)  # [P, 2]
     counts = num[members[:, 0], members[:, 1]]
     counts, order = torch.sort(counts, stable=True)
