@@ -42,6 +42,12 @@ def detectors(budget: int) -> dict[str, list[tuple[dict, int]]]:
         ],
         "topk block means (64)": [({"op": "topk", "block_size": 64, "k": budget // 64}, 64)],
         "topk block means (16)": [({"op": "topk", "block_size": 16, "k": budget // 16}, 16)],
+        "topk key scores (64)": [
+            ({"op": "topk", "block_size": 64, "k": budget // 64, "score": "keys"}, 64)
+        ],
+        "topk key scores (16)": [
+            ({"op": "topk", "block_size": 16, "k": budget // 16, "score": "keys"}, 16)
+        ],
         "window": [({"op": "window", "width": budget}, 128)],
         "sink 4 + window": [
             ({"op": "sink", "count": 4}, 128),

@@ -5,7 +5,9 @@ For one length N, all on SmolLM2-135M with every one of its 30 layers approximat
 - **per layer**: ``attncompose tune-model`` (a subprocess; reruns resume its studies) on the
   calibration text (``pydoc-topics``: fit segment = its first N tokens, check and test segments
   the next ones) to ``--ppl-budget P`` and, if given, to ``--target-err E``; both share one
-  study storage, so the second reuses the first's trials. Wall and CPU time of each run.
+  study storage, so the second reuses the first's trials. With ``--per-head`` also to
+  ``--ppl-budget P`` per key/value head group (``tune-model --per-head``: studies of its own,
+  in a storage of its own). Wall and CPU time of each run.
 - **best uniform recipe at the same budget**: one recipe and one set of knobs on every layer.
   Candidates are each recipe's Pareto front (error vs frac) of the knob sweeps in
   ``benchmarks/results/curves-n{N}.json``; for each recipe a bisection over its front by
@@ -58,6 +60,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recipes", default="topp,block-topk,streaming")
     parser.add_argument("--shared-trials", type=int, default=16)
     parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument(
+        "--per-head",
+        action="store_true",
+        help="also tune to --ppl-budget per key/value head group (its own studies)",
+    )
     parser.add_argument("--eval-text", default="stdlib-docs")
     parser.add_argument("--work", type=Path, default=Path("/work/model-tuning"))
     parser.add_argument("--cache", type=Path, default=None, help="tune-model's capture cache")
@@ -80,18 +87,21 @@ def children_cpu_s() -> float:
 
 def tune(args: argparse.Namespace, goal: list[str], out: Path) -> dict[str, Any]:
     """Run ``attncompose tune-model`` for one goal; its command, wall and CPU seconds."""
+    # per head group: studies of their own (another scope), so in a storage of their own
+    head = "-per-head" if "--per-head" in goal else ""
+    storage = args.work / f"n{args.seq_len}{head}.optuna.db"
     command = [
         sys.executable, "-m", "attncompose.cli", "tune-model", "--model", MODEL,
         "--seq-len", str(args.seq_len), "--recipes", args.recipes, *goal,
         "--shared-trials", str(args.shared_trials), "--trials", str(args.trials),
         "--cost", "products", "--text", CALIBRATION,
-        "--storage", f"sqlite:///{args.work / f'n{args.seq_len}.optuna.db'}",
+        "--storage", f"sqlite:///{storage}",
         "--out", str(out), "--plot", str(out.with_suffix(".png")),
     ]  # fmt: skip
     if args.cache:
         command += ["--cache", str(args.cache)]
     # studies (and sensitivities) stored before: the run resumes or reuses them
-    resumed = (args.work / f"n{args.seq_len}.optuna.db").is_file()
+    resumed = storage.is_file()
     cpu, start = children_cpu_s(), time.perf_counter()
     subprocess.run(command, check=True, stdout=sys.stderr)
     return {
@@ -191,7 +201,7 @@ def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str
     """Tune per layer to ``goal``, then measure the file like the uniform choice."""
     from attncompose.runtime.model_tuned import read_model_tuned
 
-    name = f"smollm2-n{args.seq_len}-{goal[0].strip('-')}{goal[1]}.model-tuned.yaml"
+    name = tuned_name(args.seq_len, goal)
     out = args.work / name
     if args.reuse and _tuned_for(out, args, goal):
         run = {"reused": str(out)}  # its phases' wall and CPU seconds are in the file
@@ -213,6 +223,12 @@ def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str
     }
 
 
+def tuned_name(seq_len: int, goal: list[str]) -> str:
+    """The tuned file of a goal: ``smollm2-n8192-ppl-budget0.01[-per-head].model-tuned.yaml``."""
+    head = "-per-head" if "--per-head" in goal else ""
+    return f"smollm2-n{seq_len}-{goal[0].strip('-')}{goal[1]}{head}.model-tuned.yaml"
+
+
 def _tuned_for(path: Path, args: argparse.Namespace, goal: list[str]) -> bool:
     """Whether ``path`` already holds this length tuned to ``goal`` with these settings."""
     from attncompose.runtime.model_tuned import read_model_tuned
@@ -229,6 +245,7 @@ def _tuned_for(path: Path, args: argparse.Namespace, goal: list[str]) -> bool:
         and entry.shared_trials == args.shared_trials
         and entry.cost == "products"
         and entry.text == CALIBRATION
+        and entry.per_head == ("--per-head" in goal)
     )
 
 
@@ -263,6 +280,8 @@ def run_length(args: argparse.Namespace) -> dict[str, Any]:
     goals = [["--ppl-budget", f"{args.ppl_budget:g}"]]
     if args.target_err is not None:
         goals.insert(0, ["--target-err", f"{args.target_err:g}"])
+    if args.per_head:
+        goals.append(["--ppl-budget", f"{args.ppl_budget:g}", "--per-head"])
     for goal in goals:
         result["per_layer"][" ".join(goal)] = per_layer(model, texts, exact, args, goal)
     result["uniform"] = best_uniform(model, texts, exact, args)

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from attncompose.spec.knobs import format_knob
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MARKER = re.compile(
@@ -38,6 +40,8 @@ DETECTORS = {  # results name -> README label, in the README's order
     "lsh code": "sortLSH, code pairing",
     "lsh code + mips": "sortLSH, code pairing + MIPS augmentation",
     "topk block means (16)": "top-k key blocks by block means (16-key blocks)",
+    "topk key scores (64)": "top-k key blocks by key scores (64-key blocks)",
+    "topk key scores (16)": "top-k key blocks by key scores (16-key blocks)",
     "window": "window",
     "sink 4 + window": "4 sinks + window",
 }
@@ -198,10 +202,11 @@ def model_tuning_table(results: dict) -> str:
         rows = []
         if r["uniform"].get("recipe"):
             u = r["uniform"]
-            knobs = ", ".join(f"{k}={v:g}" for k, v in u["knobs"].items())
+            knobs = ", ".join(f"{k}={format_knob(v)}" for k, v in u["knobs"].items())
             rows.append((f"uniform `{u['recipe']}` ({knobs})", u))
         for goal, p in r["per_layer"].items():
-            rows.append((f"per layer, {goal}", p))
+            scope = "per head group" if "--per-head" in goal else "per layer"
+            rows.append((f"{scope}, {goal.replace(' --per-head', '')}", p))
         for label, m in rows:
             lines.append(
                 f"| {n} | {label} | {m['fit']['perplexity']:.3f} ({m['fit']['change']:+.1%}) / "
@@ -219,12 +224,15 @@ def model_tuning(results: Path) -> str:
     (run,) = runs("model_tuning", results)[:1]
     lines = [model_tuning_table(run), ""]
     for n, r in sorted(run["lengths"].items(), key=lambda kv: int(kv[0])):
-        first: dict = {}  # the phases of the run that ran the studies (later goals reuse them)
-        resumed = False  # whether that run resumed studies stored before it
+        # per scope (per layer / per head group: their own studies), the phases of the run
+        # that ran the studies (later goals reuse them) and whether it resumed stored ones
+        firsts: dict[bool, tuple[dict, bool]] = {}
         for goal, p in r["per_layer"].items():
             phases = p["tune"]["phases_s"]
-            if not first:
-                first, resumed = phases, bool(p["tune"].get("resumed"))
+            scope = "--per-head" in goal
+            if scope not in firsts:
+                firsts[scope] = (phases, bool(p["tune"].get("resumed")))
+            first, resumed = firsts[scope]
             cpu = f", CPU {phases['total_cpu_s'] / 60:.0f} min" if "total_cpu_s" in phases else ""
             shared = r.get("shared_trials")
             trials = (

@@ -37,6 +37,7 @@ from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.loading import load_attention
 from attncompose.runtime.naming import device_name
 from attncompose.runtime.tuned import read_tuned
+from attncompose.spec.knobs import format_knob
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = "streaming,block-topk,topp,hyperattention,hyperattention-sinks"
@@ -233,7 +234,7 @@ def knob_text(row: dict[str, Any]) -> str:
     if row["frac"] >= 1.0:
         return "only exact-equivalent knobs met the target"
     knobs = row["knobs"] or row["best_feasible"]["knobs"]
-    text = ", ".join(f"{k}={v:g}" for k, v in knobs.items())
+    text = ", ".join(f"{k}={format_knob(v)}" for k, v in knobs.items())
     return text if row["fallback"] is None else f"{text} †"
 
 

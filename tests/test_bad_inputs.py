@@ -338,14 +338,19 @@ def set_knob(value):
 TUNED = [
     pytest.param(
         set_knob("big"),
-        "table.cpu.128.knobs[diag.block_size]: expected an integer or a number, got 'big'",
+        "table.cpu.128.knobs[diag.block_size]: expected an integer or a tunable mapping "
+        "({default, low, high} or {default, choices}), got 'big'",
         id="knob-text",
     ),
     pytest.param(
-        set_knob(2.5), "table.cpu.128.knobs: expected an integer, got 2.5", id="knob-float"
+        set_knob(2.5),
+        "table.cpu.128.knobs[diag.block_size]: expected an integer, got 2.5",
+        id="knob-float",
     ),
     pytest.param(
-        set_knob(float("nan")), "table.cpu.128.knobs: expected an integer, got nan", id="nan"
+        set_knob(float("nan")),
+        "table.cpu.128.knobs[diag.block_size]: expected an integer, got nan",
+        id="nan",
     ),
 ]
 

@@ -60,7 +60,7 @@ def test_with_knobs_rejects_unknown_and_out_of_range():
     recipe = ac.load_recipe("hyperattention")
     with pytest.raises(RecipeError, match=r"no knob 'diag\.nope'"):
         recipe.with_knobs({"diag.nope": 1})
-    with pytest.raises(RecipeError, match=r"steps\.diag\.block_size: 0 is below the minimum 1"):
+    with pytest.raises(RecipeError, match=r"knobs\[diag\.block_size\]: 0 is below the minimum 1"):
         recipe.with_knobs({"diag.block_size": 0})
 
 

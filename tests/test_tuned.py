@@ -70,6 +70,18 @@ def test_round_trip(tuned_path):
     assert read_tuned(tuned_path) == tuned
 
 
+def test_a_named_knob_round_trips_and_runs(tmp_path, make_qkv):
+    """Knobs naming a variant (topk's ``score``) are kept as names, not numbers."""
+    knobs = {"heavy.k": 2, "heavy.block_size": 32, "heavy.score": "keys"}
+    table = {"cpu": {128: entry(knobs, recipe="block-topk")}}
+    path = tmp_path / "tuned.yaml"
+    write_tuned(path, TunedFile(causal=True, recipes=recipes("block-topk"), table=table))
+    assert read_tuned(path).table["cpu"][128].knobs == knobs
+    q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=128, d=16)
+    direct = ac.compile(ac.load_recipe("block-topk").with_knobs(knobs), backend="torch")
+    assert torch.equal(ac.load(path)(q, k, v, is_causal=True), direct(q, k, v, is_causal=True))
+
+
 def test_dispatch_by_length_with_the_stated_policy(tuned_path, make_qkv):
     attn = load(tuned_path, backend="torch")
     recipe = ac.load_recipe("hyperattention")

@@ -118,6 +118,7 @@ def test_search_space_and_seeds_come_from_the_recipe(recipe_path):
     assert variants == [{"hash.seed": i, "residual.seed": i} for i in range(3)]
     with pytest.raises(TunerError, match="no tunable knob"):
         search_space(ac.load_recipe("exact"))
+    assert search_space(ac.load_recipe("topp"))["heavy.score"].choices == ("means", "keys")
 
 
 def test_tuned_result_meets_the_target_on_its_calibration_data(recipe_path, tmp_path):

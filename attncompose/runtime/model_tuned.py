@@ -52,7 +52,7 @@ from attncompose.primitives.base import Workspace
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
 from attncompose.runtime.tuned import TunedFileError
-from attncompose.spec.errors import RecipeError, format_loc
+from attncompose.spec.errors import RecipeError, format_loc, knobs_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
 MODEL_FORMAT = "attncompose-model-tuned/1"
@@ -103,7 +103,7 @@ class Choice(BaseModel):
 
     kv_heads: list[int] = Field(min_length=1)
     recipe: str | None = None
-    knobs: dict[str, int | float] | None = None
+    knobs: dict[str, int | float | str] | None = None
     errors: dict[str, float] = Field(default_factory=dict, description="error per segment role")
     frac: float = Field(ge=0, description="share of exact attention's products (fit segment)")
     latency_ms: float | None = Field(None, ge=0)
@@ -287,7 +287,7 @@ def _check_consistent(tuned: ModelTunedFile, source: str) -> None:
                     recipes[choice.recipe].with_knobs(choice.knobs)
                 except RecipeError as err:
                     raise ModelTuningError(
-                        err.reason, source=source, loc=f"{where}.choices.{j}.knobs"
+                        err.reason, source=source, loc=knobs_loc(f"{where}.choices.{j}", err)
                     ) from None
 
 

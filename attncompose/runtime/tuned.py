@@ -53,7 +53,7 @@ from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
 from attncompose.runtime.files import write_text_atomic
 from attncompose.runtime.naming import device_name, format_ms  # device_name: the table key
-from attncompose.spec.errors import RecipeError, plain_error
+from attncompose.spec.errors import RecipeError, knobs_loc, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
 FORMAT = "attncompose-tuned/2"
@@ -81,7 +81,7 @@ class Candidate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    knobs: dict[str, int | float]
+    knobs: dict[str, int | float | str]
     backend: str | None = Field(None, description="the implementation tuned with tune --backends")
     error_mean: float = Field(ge=0)
     error_max: float = Field(ge=0)
@@ -127,7 +127,7 @@ class TunedEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     recipe: str | None = None
-    knobs: dict[str, int | float] | None = None
+    knobs: dict[str, int | float | str] | None = None
     backend: str | None = Field(None, description="the implementation tuned with tune --backends")
     fallback: str | None = Field(None, description="why exact attention is used")
     note: str | None = None
@@ -294,7 +294,8 @@ def _check_recipes(tuned: TunedFile, path: Path) -> None:
             try:
                 recipes[entry.recipe].with_knobs(entry.knobs)
             except RecipeError as err:
-                raise TunedFileError(err.reason, source=str(path), loc=f"{where}.knobs") from None
+                loc = knobs_loc(where, err)
+                raise TunedFileError(err.reason, source=str(path), loc=loc) from None
 
 
 def write_tuned(path: str | Path, tuned: TunedFile) -> None:

@@ -25,6 +25,13 @@ class RecipeError(AttncomposeError, ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+def knobs_loc(where: str, err: RecipeError) -> str:
+    """Where in a tuned file a :meth:`with_knobs` error lies: ``WHERE.knobs[step.knob]`` when
+    it names the knob, else ``WHERE.knobs``."""
+    named = err.loc is not None and err.loc.startswith("knobs[")
+    return f"{where}.{err.loc}" if named else f"{where}.knobs"
+
+
 def format_loc(loc: tuple) -> str:
     """('steps', 'diag', 'block_size') -> 'steps.diag.block_size'; a key holding a dot is
     bracketed: ('knobs', 'heavy.p') -> 'knobs[heavy.p]'."""

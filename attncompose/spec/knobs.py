@@ -114,7 +114,23 @@ class FloatChoices(_Tunable):
         return [self.default, *self.choices]
 
 
-Tunable = Union[IntRange, FloatRange, IntChoices, FloatChoices]
+class StrChoices(_Tunable):
+    """A named-variant knob (e.g. a scoring method) searched over a list of names."""
+
+    default: str
+    choices: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _default_is_a_choice(self) -> StrChoices:
+        if self.default not in self.choices:
+            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return [self.default, *self.choices]
+
+
+Tunable = Union[IntRange, FloatRange, IntChoices, FloatChoices, StrChoices]
 
 
 def _check_bounds(values: list[Any], ge: float | None, le: float | None) -> None:
@@ -190,6 +206,42 @@ def float_knob(ge: float | None = None, le: float | None = None) -> Any:
         ),
         _SERIALIZER,
     ]
+
+
+def str_knob(*names: str) -> Any:
+    """Type of a knob naming one of ``names``: a plain name, or a tunable choice among them
+    (``{default: means, choices: [means, keys]}``)."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, StrChoices):
+            parsed = value
+        elif isinstance(value, dict):
+            try:
+                parsed = StrChoices.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(_first_message(err)) from None
+        elif isinstance(value, str):
+            parsed = value
+        else:
+            raise ValueError(
+                f"expected one of {list(names)} or a tunable mapping ({{default, choices}}), "
+                f"got {value!r}"
+            )
+        for name in parsed.values_to_check() if isinstance(parsed, StrChoices) else [parsed]:
+            if name not in names:
+                raise ValueError(f"{name!r} is not one of {list(names)}")
+        return parsed
+
+    return Annotated[
+        str | StrChoices,
+        PlainValidator(parse, json_schema_input_type=Union[str, StrChoices]),
+        _SERIALIZER,
+    ]
+
+
+def format_knob(value: Any) -> str:
+    """A knob's value as reports print it: numbers in ``g`` format, names as they are."""
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def knob_value(value: Any) -> Any:

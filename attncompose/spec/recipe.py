@@ -77,7 +77,12 @@ class RecipeBase(BaseModel):
             if sid not in data["steps"] or knob not in type(self.steps[sid]).model_fields:
                 raise RecipeError(f"no knob {dotted!r} in recipe {self.name!r}")
             data["steps"][sid][knob] = value
-        return validate_recipe(data, source=f"<{self.name} with knobs>")
+        try:
+            return validate_recipe(data, source=f"<{self.name} with knobs>")
+        except RecipeError as err:  # a value given: say which (knobs[step.knob])
+            given = {f"steps.{dotted}": dotted for dotted in values}
+            loc = f"knobs[{given[err.loc]}]" if err.loc in given else err.loc
+            raise RecipeError(err.reason, source=err.source, loc=loc) from None
 
     def dump_yaml(self) -> str:
         """The recipe as YAML text that :func:`load_recipe` reads back unchanged."""

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from attncompose.runtime.model_tuned import LengthTuning
+from attncompose.spec.knobs import format_knob
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.front import Point
 from attncompose.tuner.model_job import ModelReporter, ModelTuneResult
@@ -113,7 +114,7 @@ def summary_table(result: ModelTuneResult) -> Table:
 
 
 def _knobs(knobs: dict | None) -> str:
-    return "" if not knobs else " ".join(f"{k}={v:g}" for k, v in knobs.items())
+    return "" if not knobs else " ".join(f"{k}={format_knob(v)}" for k, v in knobs.items())
 
 
 def _caption(entry: LengthTuning) -> str:

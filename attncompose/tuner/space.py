@@ -16,7 +16,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from attncompose.spec.knobs import FloatChoices, FloatRange, IntChoices, IntRange
+from attncompose.spec.knobs import FloatChoices, FloatRange, IntChoices, IntRange, StrChoices
 from attncompose.tuner.errors import TunerError
 
 SEED_KNOB = "seed"
@@ -38,12 +38,12 @@ def search_space(recipe) -> dict[str, BaseDistribution]:
 
 
 def to_distribution(decl: Any) -> BaseDistribution:
-    """A tunable declaration (IntRange, FloatRange, IntChoices, FloatChoices) as a distribution."""
+    """A tunable declaration (a range, or choices of numbers or names) as a distribution."""
     if isinstance(decl, IntRange):
         return IntDistribution(decl.low, decl.high, log=decl.log, step=decl.step)
     if isinstance(decl, FloatRange):
         return FloatDistribution(decl.low, decl.high, log=decl.log)
-    if isinstance(decl, (IntChoices, FloatChoices)):
+    if isinstance(decl, (IntChoices, FloatChoices, StrChoices)):
         return CategoricalDistribution(tuple(dict.fromkeys(decl.choices)))
     raise TypeError(f"not a tunable declaration: {decl!r}")
 

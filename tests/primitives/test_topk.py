@@ -14,6 +14,7 @@ from on_device import (
 )
 from oracle import dense_mask, make_problem, masked_attention
 
+from attncompose.primitives.base import count_products
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh.schema import LshStep
 from attncompose.primitives.topk import Topk
@@ -29,6 +30,13 @@ class TestTopkEveryBlock(ReducesToExact):
         "blocks": {"op": "block", "select": ["heavy"]},
         "residual": {"op": "uniform_sample", "exclude": ["blocks"], "sample_size": 8},
         "out": {"op": "merge", "inputs": ["blocks", "residual"]},
+    }
+
+
+class TestTopkKeyScoresEveryBlock(ReducesToExact):
+    steps = {
+        "heavy": {"op": "topk", "block_size": 8, "k": 1000, "score": "keys"},
+        "blocks": {"op": "block", "select": ["heavy"]},
     }
 
 
@@ -65,17 +73,81 @@ def test_topk_never_selects_future_blocks():
     assert torch.equal(table, torch.ones(10, 10, dtype=torch.bool).tril().expand(2, -1, -1))
 
 
+def brute_key_scores(p, size):
+    """log sum over each key block of exp(scale * mean query . key), pair by pair; -inf for
+    blocks whose first key the query block's last query does not see."""
+    n, lq, _ = p.q.shape
+    nqb, nkb = -(-lq // size), -(-p.lk // size)
+    est = torch.full((n, nqb, nkb), float("-inf"))
+    for i in range(nqb):
+        qbar = p.q[:, i * size : (i + 1) * size].float().mean(1)  # [N, D]
+        last = min(lq, (i + 1) * size) - 1
+        for j in range(nkb):
+            if not p.visible(torch.tensor(last), torch.tensor(j * size)):
+                continue
+            keys = p.k[:, j * size : (j + 1) * size].float()  # [N, <=size, D]
+            s = torch.einsum("nd,nkd->nk", qbar, keys) * p.scale
+            est[:, i, j] = torch.logsumexp(s, -1)
+    return est
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize(("lq", "lk", "size"), [(33, 33, 16), (64, 64, 7), (17, 64, 16)])
+def test_key_scores_match_pair_by_pair(monkeypatch, causal, lq, lk, size):
+    monkeypatch.setattr(topk_naive, "SCORE_CHUNK", 2 * lk)  # several chunks of query blocks
+    p = make_problem(2, lq, lk, causal=causal, seed=4)
+    got = topk_naive.block_scores(p, size, "keys")
+    want = brute_key_scores(p, size)
+    assert torch.equal(got.isinf(), want.isinf())
+    assert torch.allclose(got[want.isfinite()], want[want.isfinite()], atol=1e-5)
+
+
+def test_key_scores_find_a_single_heavy_key_that_block_means_miss():
+    """One key that every query of block 0 attends to, in a block whose other keys point
+    away: its block mean hides it, scoring against each key does not."""
+    p = make_problem(1, 64, 64, d=16, seed=1)
+    target = torch.nn.functional.normalize(p.q[0, :8].mean(0), dim=0)
+    p.q[0, :8] += 3 * target
+    p.k[0, 42] = 6 * target  # the heavy key, in block 5
+    p.k[0, [40, 41, 43, 44, 45, 46, 47]] -= 2 * target  # its neighbours point away
+    means = Topk(TopkStep(block_size=8, k=1))(p).table
+    keys = Topk(TopkStep(block_size=8, k=1, score="keys"))(p).table
+    assert keys[0, 0].nonzero().flatten().tolist() == [5]
+    assert means[0, 0].nonzero().flatten().tolist() != [5]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_key_scores_count_their_products(causal):
+    p = make_problem(2, 40, 40, causal=causal, seed=5)
+    with count_products() as means:
+        Topk(TopkStep(block_size=8, k=2))(p)
+    with count_products() as keys:
+        Topk(TopkStep(block_size=8, k=2, score="keys"))(p)
+    # each row's 5 mean queries against the 40 keys, or (causal) the keys of the blocks
+    # each sees: 8, 16, ..., 40
+    assert means[0] == 0
+    assert keys[0] == 2 * (5 * 40 if not causal else 8 + 16 + 24 + 32 + 40)
+
+
+def test_unknown_score_is_a_clear_error():
+    with pytest.raises(ValueError, match="'mean' is not one of \\['means', 'keys'\\]"):
+        TopkStep(score="mean")
+    with pytest.raises(ValueError, match="'max' is not one of"):
+        TopkStep(score={"default": "means", "choices": ["means", "max"]})
+
+
 @pytest.mark.triton
+@pytest.mark.parametrize("score", ["means", "keys"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize(
     ("lq", "lk", "size"), [(33, 33, 16), (64, 64, 7), (17, 64, 16)], ids=["T33", "odd7", "decode"]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_topk_block_scores_match_reference(lq, lk, size, causal, dtype):
+def test_topk_block_scores_match_reference(lq, lk, size, causal, dtype, score):
     problem = device_problem(2, lq, lk, 16, causal=causal)
     half = replace(problem, q=problem.q.to(dtype), k=problem.k.to(dtype), v=problem.v.to(dtype))
-    got = topk_triton.block_scores(half, size)
-    want = topk_naive.block_scores(half, size)
+    got = topk_triton.block_scores(half, size, score)
+    want = topk_naive.block_scores(half, size, score)
     assert torch.equal(got.isinf(), want.isinf())
     finite = want.isfinite()
     assert torch.allclose(got[finite], want[finite], atol=1e-5)

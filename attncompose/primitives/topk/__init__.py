@@ -1,16 +1,17 @@
 """``topk``: block-level heavy-hitter detector (by count k or coverage p).
 
-Per query block, the key blocks of largest estimated mass (block means, :mod:`.naive`), as a
+Per query block, the key blocks of largest estimated mass (the query block's mean query
+against the key blocks' means or against each key, :mod:`.naive`), as a
 :class:`~attncompose.primitives.coverages.BlockTable` of one table per row.
 """
 
 from __future__ import annotations
 
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Primitive, Problem
+from attncompose.primitives.base import Primitive, Problem, add_products
 from attncompose.primitives.coverages import BlockTable
 from attncompose.primitives.topk.kernels import TorchBlockMeanScores, TritonBlockMeanScores
-from attncompose.primitives.topk.naive import select_blocks
+from attncompose.primitives.topk.naive import key_products, select_blocks
 from attncompose.primitives.topk.schema import TopkStep
 
 
@@ -27,7 +28,10 @@ class Topk(Primitive):
         )
         blocks = -(-problem.lk // size)
         k, max_k = (min(self.knobs[name], blocks) for name in ("k", "max_k"))
-        est = dispatch.call("topk_scores", self.backend, problem, size)
+        score = self.knobs["score"]
+        est = dispatch.call("topk_scores", self.backend, problem, size, score=score)
+        if score == "keys":
+            add_products(key_products(problem, size))
         table = select_blocks(est, k, self.knobs.get("p"), max_k)
         return BlockTable(table, size)
 

@@ -1,4 +1,5 @@
-"""Implementations of the ``topk_scores`` kernel op: block means and their scores."""
+"""Implementations of the ``topk_scores`` kernel op: a key block's estimated mass per query
+block, from block means or from every key (the ``score`` knob)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from attncompose.primitives.topk.naive import block_scores
 
 
 class TritonBlockMeanScores(TritonKernel):
-    """Block means and their scores in two Triton passes."""
+    """Block means and their scores in two Triton passes (``keys``: one pass over the keys)."""
 
     op = "topk_scores"
     name = "triton:block-mean-scores"
@@ -15,7 +16,8 @@ class TritonBlockMeanScores(TritonKernel):
 
 
 class TorchBlockMeanScores(Kernel):
-    """The reference: block means by a padded sum, one matmul."""
+    """The reference: block means by a padded sum, one matmul (``keys``: a matmul against
+    every key, a log-sum-exp per block)."""
 
     op = "topk_scores"
     name = "torch:block-mean-scores"

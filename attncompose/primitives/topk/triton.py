@@ -4,8 +4,11 @@
 block may be short). ``_block_scores_kernel``: one program per (query block, row n) averages
 its queries on the fly and scores them against a chunk of key-block means at a time:
 ``scale * qbar . kbar + log |key block|``, ``-inf`` where no query of the block sees the
-key block's first key (causal, absolute positions). Same contract as the reference
-:func:`~attncompose.primitives.topk.naive.block_scores`; the selection (a sort) stays torch.
+key block's first key (causal, absolute positions). ``_key_scores_kernel`` (``keys``
+scoring): one program per (query block, row n) scores its mean query against every key of
+each visible key block, a log-sum-exp per block (invisible blocks are skipped). Same contract
+as the reference :func:`~attncompose.primitives.topk.naive.block_scores`; the selection (a
+sort) stays torch.
 """
 
 from __future__ import annotations
@@ -61,13 +64,49 @@ def _block_scores_kernel(
         tl.store(est + (i_n * NQB + i_b) * NKB + o_j, b_s, mask=m_j)
 
 
-def block_scores(problem: Problem, size: int) -> Tensor:
+@triton.jit
+def _key_scores_kernel(
+    q, k, est, s_qn, s_ql, s_qd, s_kn, s_kl, s_kd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale,
+    CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    i_b = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    b_qbar = _mean_rows(q, i_n, i_b, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)  # [BD]
+    last_q = tl.minimum(i_b * SIZE + SIZE - 1, Lq - 1)
+    o_d = tl.arange(0, BD)
+    o_s = tl.arange(0, BS)
+    n_vis = NKB
+    if CAUSAL:  # key blocks whose first key the block's last query sees
+        reach = last_q + delta
+        n_vis = tl.where(reach >= 0, tl.minimum(NKB, reach // SIZE + 1), 0)
+    p_est = est + (i_n * NQB + i_b) * NKB
+    for j in range(0, n_vis):
+        o_k = j * SIZE + o_s
+        m_k = (o_s < SIZE) & (o_k < Lk)
+        p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
+        b_k = tl.load(p_k, mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+        b_s = tl.where(m_k, tl.sum(b_k * b_qbar[None, :], 1) * scale, float("-inf"))  # [BS]
+        b_m = tl.max(b_s, 0)
+        tl.store(p_est + j, b_m + tl.log(tl.sum(tl.exp(b_s - b_m), 0)))
+    for j in range(n_vis, NKB):
+        tl.store(p_est + j, float("-inf"))
+
+
+def block_scores(problem: Problem, size: int, score: str = "means") -> Tensor:
     """Estimated log-mass [N, nQB, nKB] (float32) of each key block per query block."""
     q, k = problem.q, problem.k
     n, lq, d = q.shape
     lk = k.shape[1]
     nqb, nkb = triton.cdiv(lq, size), triton.cdiv(lk, size)
     bs, bd = triton.next_power_of_2(size), triton.next_power_of_2(d)
+    if score == "keys":
+        est = torch.empty(n, nqb, nkb, dtype=torch.float32, device=q.device)
+        _key_scores_kernel[(nqb, n)](
+            q, k, est, *q.stride(), *k.stride(), lq, lk, d, nqb, nkb, size,
+            problem.q_offset - problem.k_offset, problem.scale,
+            CAUSAL=problem.causal, BS=bs, BD=bd,
+        )  # fmt: skip
+        return est
     kbar = torch.empty(n, nkb, d, dtype=torch.float32, device=q.device)
     _block_means_kernel[(nkb, n)](k, kbar, *k.stride(), lk, d, nkb, size, BS=bs, BD=bd)
     est = torch.empty(n, nqb, nkb, dtype=torch.float32, device=q.device)
