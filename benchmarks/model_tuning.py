@@ -163,38 +163,52 @@ def uniform_candidates(path: Path, recipes: list[str]) -> dict[str, list[dict]]:
 
 def best_uniform(model, texts: Texts, exact: dict[str, float], args) -> dict[str, Any]:
     """The cheapest uniform candidate within the budget on the fit segment, per recipe by
-    bisection over its front (perplexity assumed to fall as frac grows along the front)."""
+    bisection over its front (perplexity assumed to fall as frac grows along the front).
+    A recipe whose search space names variants of a knob the sweep left at its default
+    (topk's ``score``) is searched once per variant, over the same front."""
     from attncompose.models.evaluate import perplexity_and_frac
 
     fits = {}
     curves = args.curves or RESULTS / f"curves-n{args.seq_len}.json"
     for recipe, front in uniform_candidates(curves, args.recipes.split(",")).items():
-        lo, hi, probes, found = 0, len(front) - 1, [], None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            attn = ac.compile(ac.load_recipe(recipe).with_knobs(front[mid]["knobs"]))
-            ppl, frac = perplexity_and_frac(model, texts.ids["fit"], attn)
-            change = ppl / exact["fit"] - 1
-            probes.append({"knobs": front[mid]["knobs"], "change": change, "frac": frac})
-            print(
-                f"uniform {recipe} {front[mid]['knobs']}: {change:+.2%} frac {frac:.3f}", flush=True
-            )
-            if change <= args.ppl_budget:
-                found, hi = {"knobs": front[mid]["knobs"], "frac": frac}, mid - 1
-            else:
-                lo = mid + 1
-        fits[recipe] = {"choice": found, "probes": probes}
-    within = {r: f["choice"] for r, f in fits.items() if f["choice"] is not None}
+        for variant in variants(recipe, front):
+            label = recipe + "".join(f" {k}={v}" for k, v in variant.items())
+            knobs_at = lambda i, front=front, variant=variant: {**front[i]["knobs"], **variant}
+            lo, hi, probes, found = 0, len(front) - 1, [], None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                attn = ac.compile(ac.load_recipe(recipe).with_knobs(knobs_at(mid)))
+                ppl, frac = perplexity_and_frac(model, texts.ids["fit"], attn)
+                change = ppl / exact["fit"] - 1
+                probes.append({"knobs": knobs_at(mid), "change": change, "frac": frac})
+                print(f"uniform {knobs_at(mid)}: {change:+.2%} frac {frac:.3f}", flush=True)
+                if change <= args.ppl_budget:
+                    found, hi = {"recipe": recipe, "knobs": knobs_at(mid), "frac": frac}, mid - 1
+                else:
+                    lo = mid + 1
+            fits[label] = {"choice": found, "probes": probes}
+    within = [f["choice"] for f in fits.values() if f["choice"] is not None]
     if not within:
         return {"searched": fits, "recipe": None}
-    recipe = min(within, key=lambda r: within[r]["frac"])
-    attn = ac.compile(ac.load_recipe(recipe).with_knobs(within[recipe]["knobs"]))
+    best = min(within, key=lambda c: c["frac"])
+    attn = ac.compile(ac.load_recipe(best["recipe"]).with_knobs(best["knobs"]))
     return {
         "searched": fits,
-        "recipe": recipe,
-        "knobs": within[recipe]["knobs"],
+        "recipe": best["recipe"],
+        "knobs": best["knobs"],
         **measure(model, texts, attn, exact, layer_errors=True),
     }
+
+
+def variants(recipe: str, front: list[dict]) -> list[dict[str, str]]:
+    """Settings of the recipe's named-variant knobs that its sweep did not vary: ``{}`` (the
+    sweep as it is) and one per other choice (e.g. ``{"heavy.score": "keys"}``)."""
+    swept = {k for p in front for k in p["knobs"]}
+    out: list[dict[str, str]] = [{}]
+    for name, decl in ac.load_recipe(recipe).tunables().items():
+        if name not in swept and isinstance(decl.default, str):
+            out += [{name: c} for c in decl.choices if c != decl.default]
+    return out
 
 
 def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str]) -> dict:
