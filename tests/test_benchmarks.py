@@ -58,6 +58,7 @@ def test_model_tuning_script_writes_its_results(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "model_tuning.json"
     args = ["--seq-len", "256", "--recipes", "streaming", "--trials", "1", "--target-err", "0.3"]
+    args += ["--per-head"]
     args += ["--curves", str(ROOT / "benchmarks/results/curves-n4096.json")]
     args += ["--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache")]
     done = subprocess.run(
@@ -71,7 +72,21 @@ def test_model_tuning_script_writes_its_results(tmp_path):
     result = json.loads(out.read_text())
     assert set(result) >= RUN_INFO and result["device"] == "cpu"
     length = result["lengths"]["256"]
-    assert set(length["per_layer"]) == {"--target-err 0.3", "--ppl-budget 0.02"}
+    goals = {"--target-err 0.3", "--ppl-budget 0.02", "--ppl-budget 0.02 --per-head"}
+    assert set(length["per_layer"]) == goals
+    assert (tmp_path / "work" / "smollm2-n256-ppl-budget0.02-per-head.model-tuned.yaml").is_file()
     for row in length["per_layer"].values():
         assert row["eval"]["frac"] <= 1 and len(row["eval"]["layer_errors"]) == 30
     assert "| 256 | exact |" in done.stdout
+
+
+def test_uniform_baseline_searches_the_variants_a_sweep_left_at_their_default():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from model_tuning import variants
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    swept = [{"knobs": {"heavy.p": 0.9}}]
+    assert variants("topp", swept) == [{}, {"heavy.score": "keys"}]
+    assert variants("topp", [{"knobs": {"heavy.score": "keys"}}]) == [{}]
+    assert variants("streaming", [{"knobs": {"local.width": 64}}]) == [{}]
