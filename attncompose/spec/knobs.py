@@ -82,52 +82,38 @@ class FloatRange(_Tunable):
         return [self.default, self.low, self.high]
 
 
-class IntChoices(_Tunable):
-    """An integer knob searched over a list of values."""
-
-    default: int
-    choices: list[int] = Field(min_length=1)
+class _Choices(_Tunable):
+    """A knob searched over a list of values (subclasses type ``default`` and ``choices``)."""
 
     @model_validator(mode="after")
-    def _default_is_a_choice(self) -> IntChoices:
-        if self.default not in self.choices:
-            raise ValueError(f"default {self.default} is not one of the choices {self.choices}")
-        return self
-
-    def values_to_check(self) -> list[Any]:
-        return [self.default, *self.choices]
-
-
-class FloatChoices(_Tunable):
-    """A float knob searched over a list of values."""
-
-    default: float
-    choices: list[float] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _default_is_a_choice(self) -> FloatChoices:
-        if self.default not in self.choices:
-            raise ValueError(f"default {self.default} is not one of the choices {self.choices}")
-        return self
-
-    def values_to_check(self) -> list[Any]:
-        return [self.default, *self.choices]
-
-
-class StrChoices(_Tunable):
-    """A named-variant knob (e.g. a scoring method) searched over a list of names."""
-
-    default: str
-    choices: list[str] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _default_is_a_choice(self) -> StrChoices:
+    def _default_is_a_choice(self) -> _Choices:
         if self.default not in self.choices:
             raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")
         return self
 
     def values_to_check(self) -> list[Any]:
         return [self.default, *self.choices]
+
+
+class IntChoices(_Choices):
+    """An integer knob searched over a list of values."""
+
+    default: int
+    choices: list[int] = Field(min_length=1)
+
+
+class FloatChoices(_Choices):
+    """A float knob searched over a list of values."""
+
+    default: float
+    choices: list[float] = Field(min_length=1)
+
+
+class StrChoices(_Choices):
+    """A named-variant knob (e.g. a scoring method) searched over a list of names."""
+
+    default: str
+    choices: list[str] = Field(min_length=1)
 
 
 Tunable = Union[IntRange, FloatRange, IntChoices, FloatChoices, StrChoices]

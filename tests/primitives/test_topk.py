@@ -134,6 +134,8 @@ def test_unknown_score_is_a_clear_error():
         TopkStep(score="mean")
     with pytest.raises(ValueError, match="'max' is not one of"):
         TopkStep(score={"default": "means", "choices": ["means", "max"]})
+    with pytest.raises(ValueError, match="default 'keys' is not one of the choices"):
+        TopkStep(score={"default": "keys", "choices": ["means"]})
 
 
 @pytest.mark.triton
