@@ -88,8 +88,7 @@ def children_cpu_s() -> float:
 def tune(args: argparse.Namespace, goal: list[str], out: Path) -> dict[str, Any]:
     """Run ``attncompose tune-model`` for one goal; its command, wall and CPU seconds."""
     # per head group: studies of their own (another scope), so in a storage of their own
-    head = "-per-head" if "--per-head" in goal else ""
-    storage = args.work / f"n{args.seq_len}{head}.optuna.db"
+    storage = args.work / f"n{args.seq_len}{_scope(goal)}.optuna.db"
     command = [
         sys.executable, "-m", "attncompose.cli", "tune-model", "--model", MODEL,
         "--seq-len", str(args.seq_len), "--recipes", args.recipes, *goal,
@@ -239,8 +238,12 @@ def per_layer(model, texts: Texts, exact: dict[str, float], args, goal: list[str
 
 def tuned_name(seq_len: int, goal: list[str]) -> str:
     """The tuned file of a goal: ``smollm2-n8192-ppl-budget0.01[-per-head].model-tuned.yaml``."""
-    head = "-per-head" if "--per-head" in goal else ""
-    return f"smollm2-n{seq_len}-{goal[0].strip('-')}{goal[1]}{head}.model-tuned.yaml"
+    return f"smollm2-n{seq_len}-{goal[0].strip('-')}{goal[1]}{_scope(goal)}.model-tuned.yaml"
+
+
+def _scope(goal: list[str]) -> str:
+    """What names a goal's files apart by scope: ``-per-head`` for head groups, else nothing."""
+    return "-per-head" if "--per-head" in goal else ""
 
 
 def _tuned_for(path: Path, args: argparse.Namespace, goal: list[str]) -> bool:

@@ -8,7 +8,7 @@ against the key blocks' means or against each key, :mod:`.naive`), as a
 from __future__ import annotations
 
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Primitive, Problem, add_products
+from attncompose.primitives.base import Primitive, Problem, add_products, counting_products
 from attncompose.primitives.coverages import BlockTable
 from attncompose.primitives.topk.kernels import TorchBlockMeanScores, TritonBlockMeanScores
 from attncompose.primitives.topk.naive import key_products, select_blocks
@@ -30,7 +30,7 @@ class Topk(Primitive):
         k, max_k = (min(self.knobs[name], blocks) for name in ("k", "max_k"))
         score = self.knobs["score"]
         est = dispatch.call("topk_scores", self.backend, problem, size, score=score)
-        if score == "keys":
+        if score == "keys" and counting_products():  # its count syncs with the device
             add_products(key_products(problem, size))
         table = select_blocks(est, k, self.knobs.get("p"), max_k)
         return BlockTable(table, size)

@@ -42,14 +42,21 @@ def _block_means_kernel(x, out, s_n, s_l, s_d, L, D, NB, SIZE, BS: tl.constexpr,
 
 
 @triton.jit
+def _query_block(q, s_qn, s_ql, s_qd, Lq, D, SIZE, BS: tl.constexpr, BD: tl.constexpr):
+    """This program's query block and row (grid: (query block, row n)), the block's mean query
+    [BD] (float32) and its last query's index."""
+    i_b = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    b_qbar = _mean_rows(q, i_n, i_b, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)
+    return i_b, i_n, b_qbar, tl.minimum(i_b * SIZE + SIZE - 1, Lq - 1)
+
+
+@triton.jit
 def _block_scores_kernel(
     q, kbar, est, s_qn, s_ql, s_qd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale,
     CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BKB: tl.constexpr,
 ):  # fmt: skip
-    i_b = tl.program_id(0)
-    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
-    b_qbar = _mean_rows(q, i_n, i_b, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)  # [BD]
-    last_q = tl.minimum(i_b * SIZE + SIZE - 1, Lq - 1)
+    i_b, i_n, b_qbar, last_q = _query_block(q, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)
     o_d = tl.arange(0, BD)
     for j0 in range(0, NKB, BKB):
         o_j = j0 + tl.arange(0, BKB)
@@ -69,10 +76,7 @@ def _key_scores_kernel(
     q, k, est, s_qn, s_ql, s_qd, s_kn, s_kl, s_kd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale,
     CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    i_b = tl.program_id(0)
-    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
-    b_qbar = _mean_rows(q, i_n, i_b, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)  # [BD]
-    last_q = tl.minimum(i_b * SIZE + SIZE - 1, Lq - 1)
+    i_b, i_n, b_qbar, last_q = _query_block(q, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)
     o_d = tl.arange(0, BD)
     o_s = tl.arange(0, BS)
     n_vis = NKB
