@@ -157,6 +157,29 @@ def test_many_groups_and_chunks_read_their_own_blocks(monkeypatch):
     assert_walk_equal(fused_plan_attention(p, plan), want)
 
 
+@pytest.mark.parametrize("case", ["topp+sink+window", "sink+window"])
+def test_calls_read_at_most_the_key_budget(monkeypatch, case):
+    """Every call of the walk reads at most KEY_BUDGET key elements (the fused kernel then
+    finds them in cache), unless a single query block needs more; same result as one call."""
+    from attncompose.primitives.block import plan_torch
+
+    p = make_problem(3, 150, 150, causal=True, seed=6)
+    plan, _, _ = plan_of(case, p)
+    want = fused_plan_attention(p, plan)
+    budget = 3 * 3 * plan.grid.block_k * p.k.shape[-1]  # 3 rows x 3 key blocks
+    monkeypatch.setattr(plan_torch, "KEY_BUDGET", budget)
+    seen = []
+
+    def chunk(q, k, v, mask, bias, scale, scratch):
+        seen.append((q.shape[1], k[..., 0].numel() * k.shape[-1]))
+        return block_naive._softmax_chunk(q, k, v, mask, bias, scale, scratch)
+
+    got = plan_torch.run_plan(p, plan, chunk)
+    assert len(seen) > 3
+    assert all(keys <= budget or blocks == 1 for blocks, keys in seen)
+    assert_walk_equal(got, want)
+
+
 def test_full_blocks_of_a_plan_per_row_run_without_a_mask(monkeypatch):
     """Top-p counts differ from query block to query block; full blocks are still computed
     with no mask (chunks of equal counts: no padding keys), masks only in partial blocks."""
