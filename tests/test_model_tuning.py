@@ -41,7 +41,13 @@ from attncompose.runtime.model_tuned import (  # noqa: E402
     read_model_tuned,
     write_model_tuned,
 )
-from attncompose.tuner.allocate import Curve, allocate, cheapest_within, layer_front  # noqa: E402
+from attncompose.tuner.allocate import (  # noqa: E402
+    POWER,
+    Curve,
+    allocate,
+    cheapest_within,
+    layer_front,
+)
 from attncompose.tuner.front import Point, pareto  # noqa: E402
 from attncompose.tuner.model_job import (  # noqa: E402
     NUDGE,
@@ -343,9 +349,14 @@ def test_layer_front_combines_head_groups():
 def test_curve_and_allocation():
     curve = Curve()
     curve.add(0.1, 0.01)
-    assert curve.predict(0.05) == pytest.approx(0.005) and curve.predict(0.25) == math.inf
+    # below the first measurement the growth is convex (error ** POWER), beyond it linear
+    assert curve.predict(0.05) == pytest.approx(0.01 * 0.5**POWER)
+    assert curve.predict(0.05) < 0.005 and POWER > 1
+    assert curve.predict(0.25) == math.inf
     curve.add(0.2, -0.5)  # a negative growth is none; the curve never decreases
     assert curve.predict(0.2) == pytest.approx(0.01) and curve.reach == pytest.approx(0.4)
+    curve.add(0.04, 0.002)
+    assert curve.predict(0.07) == pytest.approx(0.006)  # linear between measurements
     front = layer_front([[point(0.2, 0.1), point(0.1, 0.3), point(0.0, 1.0, None)]], [1.0])
     sensitive, robust = Curve([(0.1, 0.02), (0.2, 0.08)]), Curve([(0.1, 0.001), (0.2, 0.002)])
     alloc = allocate({0: front, 1: front}, {0: sensitive, 1: robust}, budget=0.025)
@@ -381,6 +392,15 @@ def test_unbounded_allocation_says_where_to_measure_next():
     assert allocate({0: front}, {0: flat}, budget=0.01)[0].error == 0.02
     assert allocate({0: front}, {0: flat}, budget=0.01, bounded=False)[0].error == 0.6
     assert Curve().predict(0.1, bounded=False) == math.inf  # nothing measured: nothing known
+
+
+def test_a_curve_is_far_from_errors_well_beyond_or_below_its_measurements():
+    assert Curve().far(0.05) and not Curve().far(0.0)  # nothing measured: far from all
+    grew = Curve([(0.05, 0.001), (0.1, 0.004)])
+    assert not grew.far(0.04) and not grew.far(0.14)
+    assert grew.far(0.16) and grew.far(0.03)  # 1.6x beyond the largest, below the smallest
+    flat = Curve([(0.05, 0.0)])  # did not grow at 0.05: nothing below it can
+    assert not flat.far(0.001) and flat.far(0.08)
 
 
 def test_next_budget_moves_past_a_repeated_allocation():

@@ -9,9 +9,11 @@ Pure functions over measured points (no model, no torch): the job
   key/value head group); its error over all heads is ``sqrt(sum_g w_g e_g^2)`` (``w_g`` the
   group's share of the exact output's squared norm) and its cost the mean of the units' costs.
   Each layer has a measured **sensitivity curve**: the growth of log perplexity with that
-  layer alone approximated, measured at a few errors, linear between them and through zero,
-  extrapolated at the last slope up to :data:`EXTRAPOLATE` times the largest error measured
-  (never beyond: no layer is pushed where nothing was measured). For a multiplier ``lam``,
+  layer alone approximated, measured at a few errors, linear between them, rising as
+  ``error ** POWER`` from zero to the first, extrapolated at the last slope up to
+  :data:`EXTRAPOLATE` times the largest error measured (never beyond: no layer is pushed
+  where nothing was measured). The job measures again where an allocation takes a layer far
+  from its measurements (:meth:`Curve.far`). For a multiplier ``lam``,
   every layer takes the point minimising ``cost + lam * predicted growth``; ``lam`` is bisected
   so that the predicted total stays within a budget (the sum over layers: growths measured
   one layer at a time are taken as additive, which the job checks with a real forward pass).
@@ -28,6 +30,11 @@ from dataclasses import dataclass, field
 from attncompose.tuner.front import Point
 
 EXTRAPOLATE = 2.0  # a curve predicts up to this many times its largest measured error
+# below its first measurement a curve rises as error ** POWER (convex, not linear): SmolLM2's
+# layers measured at two growing errors rise as error^0.7-3.4, median 1.5 (the sensitivity
+# entries of benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
+POWER = 1.5
+FAR = 1.5  # a prediction this many times beyond (or below) the measurements is far from them
 BISECT_STEPS = 60
 
 
@@ -79,15 +86,26 @@ class Curve:
         """Add a measurement (negative growth counts as none)."""
         self.points = sorted({*self.points, (error, max(growth, 0.0))})
 
+    def far(self, error: float) -> bool:
+        """Whether a prediction at ``error`` (> 0) lies far from the measurements: past
+        :data:`FAR` times the largest error measured, or below the smallest by that factor
+        where that one grew (below a measurement that did not grow, nothing can)."""
+        if error <= 0:
+            return False
+        if not self.points:
+            return True
+        (low, growth), high = self.points[0], self.points[-1][0]
+        return error > FAR * high or (growth > 0 and error < low / FAR)
+
     @property
     def reach(self) -> float:
         """The largest error it predicts for (``EXTRAPOLATE`` x the largest measured)."""
         return EXTRAPOLATE * max((e for e, _ in self.points), default=0.0)
 
     def predict(self, error: float, bounded: bool = True) -> float:
-        """Growth at ``error``: piecewise linear through (0, 0) and the measurements, made
-        non-decreasing; inf beyond :attr:`reach` if ``bounded`` (else extrapolated: where
-        to measure next)."""
+        """Growth at ``error``: ``error ** POWER`` up to the first measurement, then piecewise
+        linear through the measurements, made non-decreasing; inf beyond :attr:`reach` if
+        ``bounded`` (else extrapolated: where to measure next)."""
         if error <= 0:
             return 0.0
         if error > self.reach and (bounded or not self.points):
@@ -98,6 +116,8 @@ class Curve:
                 xs.append(e)
                 ys.append(max(g, ys[-1]))
         i = bisect.bisect_left(xs, error)
+        if i == 1:  # below the first measurement: convex, through zero
+            return ys[1] * (error / xs[1]) ** POWER
         if i < len(xs):
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             return y0 + (y1 - y0) * (error - x0) / (x1 - x0)

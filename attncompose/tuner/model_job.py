@@ -109,8 +109,7 @@ if TYPE_CHECKING:
 TRANSFER = 4  # points of the previous unit's front a fresh study starts from
 GOOD_ENOUGH = 0.85  # a verified allocation using this share of the budget is kept
 SENSITIVITY_ERROR = 0.1  # a layer's sensitivity is first measured at about this error
-REFINE_ROUNDS = 4  # rounds of sensitivity measurements where the allocation extrapolates
-REFINE_BEYOND = 1.5  # ... past this many times the largest error measured on the layer
+REFINE_ROUNDS = 4  # rounds of sensitivity measurements where the allocation goes far from them
 NUDGE = 1.25  # step of the predicted budget when an allocation repeats one measured already
 MAX_NUDGES = 24  # 1.25**24 ~ 200x: beyond, no other allocation is in reach
 
@@ -615,8 +614,9 @@ class ModelTuneJob:
         self, fronts: dict[int, list[Combo]], budget: float, store: optuna.Study
     ) -> dict[int, Curve]:
         """Each layer's curve: first measured near ``sensitivity_error``, then again wherever
-        the allocation to ``budget`` takes a layer past :data:`REFINE_BEYOND` times what was
-        measured. Measurements are kept in ``store`` (a rerun, with any budget, reuses them)."""
+        the allocation to ``budget`` takes a layer far from what was measured on it
+        (:meth:`Curve.far`). Measurements are kept in ``store`` (a rerun, with any budget,
+        reuses them)."""
         fit = self.captures["fit"]
         replay = None
         curves = {layer: Curve() for layer in fronts}
@@ -643,14 +643,10 @@ class ModelTuneJob:
             self.reporter.phase(f"sensitivity of layer {layer} ({layer + 1}/{len(fronts)})")
             measure_layer(layer, reference_combo(front, self.config.sensitivity_error))
         for _ in range(REFINE_ROUNDS):
-            # extrapolated past what was measured: a layer whose cheaper points lie beyond
-            # its curve's reach is measured there (else it could never be chosen there)
+            # a layer the allocation takes far from what was measured on it is measured there:
+            # past its curve's reach (else it could never be chosen there) or far below it
             alloc = allocate(fronts, curves, budget, bounded=False)
-            far = {
-                layer: c
-                for layer, c in alloc.items()
-                if c.error > REFINE_BEYOND * max((e for e, _ in curves[layer].points), default=0.0)
-            }
+            far = {layer: c for layer, c in alloc.items() if curves[layer].far(c.error)}
             if not far:
                 break
             for layer, combo in far.items():
