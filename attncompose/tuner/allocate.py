@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from attncompose.tuner.front import Point
 
 EXTRAPOLATE = 2.0  # a curve predicts up to this many times its largest measured error
-# below its first measurement a curve rises as error ** POWER (convex, not linear): SmolLM2's
-# layers measured at two growing errors rise as error^0.7-3.4, median 1.5 (the sensitivity
-# entries of benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
+# below its first measurement a curve rises as error ** POWER (convex, not linear): the 13
+# SmolLM2 layers measured at two growing errors rise as error^0.2-6.6, median 1.5 (the
+# sensitivity entries of benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
 POWER = 1.5
 FAR = 1.5  # a prediction this many times beyond (or below) the measurements is far from them
 BISECT_STEPS = 60
