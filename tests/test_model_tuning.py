@@ -33,6 +33,7 @@ from tiny_models import STREAM, tiny_llama  # noqa: E402
 
 import attncompose as ac  # noqa: E402
 from attncompose.cli import main as cli  # noqa: E402
+from attncompose.models import replay as replay_module  # noqa: E402
 from attncompose.models.evaluate import perplexity, perplexity_and_frac  # noqa: E402
 from attncompose.models.replay import LayerReplay  # noqa: E402
 from attncompose.runtime.model_tuned import (  # noqa: E402
@@ -42,11 +43,13 @@ from attncompose.runtime.model_tuned import (  # noqa: E402
     write_model_tuned,
 )
 from attncompose.tuner.allocate import (  # noqa: E402
+    CONFIDENCE,
     POWER,
     Curve,
     allocate,
     cheapest_within,
     layer_front,
+    measure_next,
 )
 from attncompose.tuner.front import Point, pareto  # noqa: E402
 from attncompose.tuner.model_job import (  # noqa: E402
@@ -357,6 +360,12 @@ def test_curve_and_allocation():
     assert curve.predict(0.2) == pytest.approx(0.01) and curve.reach == pytest.approx(0.4)
     curve.add(0.04, 0.002)
     assert curve.predict(0.07) == pytest.approx(0.006)  # linear between measurements
+    # a growth counts with CONFIDENCE standard errors; a negative mean counts as none
+    noisy = Curve()
+    noisy.add(0.1, 0.002, se=0.001)
+    noisy.add(0.2, -0.004, se=0.003)
+    assert noisy.points == [(0.1, 0.002 + CONFIDENCE * 0.001), (0.2, CONFIDENCE * 0.003)]
+    assert noisy.measured == [(0.1, 0.002, 0.001), (0.2, -0.004, 0.003)] and CONFIDENCE > 0
     front = layer_front([[point(0.2, 0.1), point(0.1, 0.3), point(0.0, 1.0, None)]], [1.0])
     sensitive, robust = Curve([(0.1, 0.02), (0.2, 0.08)]), Curve([(0.1, 0.001), (0.2, 0.002)])
     alloc = allocate({0: front, 1: front}, {0: sensitive, 1: robust}, budget=0.025)
@@ -366,15 +375,28 @@ def test_curve_and_allocation():
 
 
 @torch.inference_mode()
-def test_layer_replay_equals_whole_forward_passes(tiny_model):
+def test_layer_replay_equals_whole_forward_passes(tiny_model, monkeypatch):
     ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(4))
     replay = LayerReplay(tiny_model, ids)
+    assert replay.partial
     assert replay.exact_ppl == pytest.approx(perplexity(tiny_model, ids), rel=1e-5)
     attn = ac.compile(ac.load_recipe(STREAM), backend="torch")
+    growths = []
     for layer in range(LAYERS):
         whole = perplexity(tiny_model, ids, attn, [layer])
         assert replay.perplexity(layer, attn) == pytest.approx(whole, rel=1e-5)
         assert whole != pytest.approx(replay.exact_ppl, rel=1e-4)
+        growths.append(replay.growth(layer, attn))
+        assert growths[-1].mean == pytest.approx(math.log(whole / replay.exact_ppl), abs=1e-5)
+        assert growths[-1].se > 0
+    # a model without the layout it re-runs: whole forward passes, the same growths
+    monkeypatch.setattr(replay_module, "supports_replay", lambda model: False)
+    whole_passes = LayerReplay(tiny_model, ids)
+    assert not whole_passes.partial and not whole_passes.inputs
+    for layer, growth in enumerate(growths):
+        again = whole_passes.growth(layer, attn)
+        assert again.mean == pytest.approx(growth.mean, abs=1e-5)
+        assert again.se == pytest.approx(growth.se, rel=1e-3, abs=1e-6)
 
 
 def test_perplexity_and_frac_of_exact_attention(tiny_model):
@@ -403,6 +425,20 @@ def test_a_curve_is_far_from_errors_well_beyond_or_below_its_measurements():
     assert not flat.far(0.001) and flat.far(0.08)
 
 
+def test_a_far_layer_is_measured_stepping_out_to_its_curves_reach():
+    errors = [0.02, 0.05, 0.09, 0.2, 0.5, 1.0]
+    front = layer_front([[point(e, 1 - e) for e in errors] + [point(0.0, 1.0, None)]], [1.0])
+    at = {round(c.error, 6): c for c in front}
+    flat = Curve([(0.05, 0.0)])  # did not grow: the unbounded allocation goes to error 1
+    assert allocate({0: front}, {0: flat}, 0.01, bounded=False)[0] == at[1.0]
+    assert measure_next(front, flat, at[1.0]) == at[0.09]  # the farthest within reach 0.1
+    # none within reach (0.18, 0.3): the nearest far beyond (0.2 is not far from 0.15)
+    assert measure_next(front, Curve([(0.09, 0.0)]), at[1.0]) == at[0.2]
+    assert measure_next(front, Curve([(0.15, 0.0)]), at[1.0]) == at[0.5]
+    assert measure_next(front, Curve([(0.5, 0.0)]), at[1.0]) == at[1.0]  # within reach
+    assert measure_next(front, flat, at[0.09]) == at[0.09]
+
+
 def test_next_budget_moves_past_a_repeated_allocation():
     assert _next_budget(None, 0.02, 0.02) == pytest.approx(0.02 / NUDGE)  # it failed: tighter
     assert _next_budget(0.02, None, 0.02) == pytest.approx(0.02 * NUDGE)  # it held: looser
@@ -416,9 +452,9 @@ def test_a_rerun_reuses_the_measured_sensitivities(tiny_model, tmp_path, monkeyp
     tune_model(tiny_model, "tiny", text_ids(), cfg)
     first = read_model_tuned(cfg.out).lengths[SEQ_LEN]
     calls = []
-    original = LayerReplay.perplexity
+    original = LayerReplay.losses
     monkeypatch.setattr(
-        LayerReplay, "perplexity", lambda self, *a: calls.append(a) or original(self, *a)
+        LayerReplay, "losses", lambda self, *a: calls.append(a) or original(self, *a)
     )
     tune_model(tiny_model, "tiny", text_ids(), cfg)
     again = read_model_tuned(cfg.out).lengths[SEQ_LEN]

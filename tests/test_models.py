@@ -22,7 +22,11 @@ from attncompose.models import (  # noqa: E402
 )
 from attncompose.models.capture import capture_qkv  # noqa: E402
 from attncompose.models.evaluate import (  # noqa: E402
+    GROWTH_BLOCK,
+    GROWTH_BLOCKS,
+    Growth,
     attention_time_share,
+    loss_growth,
     perplexity,
     perplexity_from_logits,
 )
@@ -62,6 +66,22 @@ def input_ids() -> torch.Tensor:
 def test_perplexity_of_uniform_logits_is_vocab_size():
     ids = torch.randint(0, 50, (2, 9))
     assert perplexity_from_logits(torch.zeros(2, 9, 50), ids) == pytest.approx(50.0)
+
+
+def test_loss_growth_is_the_mean_change_with_the_standard_error_of_its_blocks():
+    exact = torch.rand(10 * GROWTH_BLOCK, generator=torch.Generator().manual_seed(0))
+    block_means = torch.tensor([0.1, -0.1, 0.3, 0.1, 0.2, 0.0, 0.1, 0.1, 0.0, 0.2])
+    changed = exact + block_means.repeat_interleave(GROWTH_BLOCK)  # blocks of GROWTH_BLOCK
+    growth = loss_growth(changed, exact)
+    assert growth.mean == pytest.approx(0.1)
+    assert growth.se == pytest.approx(float(block_means.std()) / math.sqrt(10))
+    assert loss_growth(exact + 0.2, exact) == Growth(pytest.approx(0.2), pytest.approx(0, abs=1e-8))
+    # a short text still gets GROWTH_BLOCKS blocks: 64 tokens, blocks of 8 with means
+    # (0.8, 0 x 7): standard deviation sqrt(0.08), over sqrt(8)
+    short = torch.zeros(64)
+    short[:8] = 0.8
+    assert GROWTH_BLOCKS == 8
+    assert loss_growth(short, torch.zeros(64)).se == pytest.approx(0.1)
 
 
 def test_perplexity_of_known_probabilities():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +38,36 @@ def perplexity_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> flo
     return float(F.cross_entropy(predicted, targets).exp())
 
 
+GROWTH_BLOCK = 256  # tokens per block of a growth's standard error (neighbours' losses correlate)
+GROWTH_BLOCKS = 8  # at least this many blocks (shorter texts: shorter blocks)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Natural-log loss of each target [N] given its logits [N, V], in fp32."""
+    return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
+
+
+@dataclass(frozen=True)
+class Growth:
+    """Growth of log perplexity (mean per-token loss change against exact attention) on one
+    text, and its standard error: what another text of the same kind may show differently."""
+
+    mean: float
+    se: float
+
+
+def loss_growth(losses: torch.Tensor, exact: torch.Tensor) -> Growth:
+    """:class:`Growth` of per-token ``losses`` over ``exact`` ones (same tokens); the standard
+    error is that of the mean over blocks of :data:`GROWTH_BLOCK` tokens, or of
+    :data:`GROWTH_BLOCKS` blocks where that is more (0 under two tokens)."""
+    change = (losses.double() - exact.double()).flatten()
+    size = max(1, min(GROWTH_BLOCK, change.numel() // GROWTH_BLOCKS))
+    means = change[: change.numel() // size * size].view(-1, size).mean(dim=1)
+    if means.numel() < 2:
+        return Growth(float(change.mean()), 0.0)
+    return Growth(float(change.mean()), float(means.std()) / math.sqrt(means.numel()))
+
+
 @contextmanager
 def _maybe_attention(
     model: PreTrainedModel, attn: AttentionFn | None, layers: LayerSelection
@@ -60,6 +92,19 @@ def perplexity(
     with _maybe_attention(model, attn, layers):
         logits = model(input_ids.to(model.device), use_cache=False).logits
     return perplexity_from_logits(logits, input_ids)
+
+
+@torch.inference_mode()
+def losses(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attn: AttentionFn | None = None,
+    layers: LayerSelection = "all",
+) -> torch.Tensor:
+    """Each next token's loss [L-1] on input_ids [1, L], as :func:`perplexity` runs it."""
+    with _maybe_attention(model, attn, layers):
+        logits = model(input_ids.to(model.device), use_cache=False).logits
+    return token_losses(logits[0, :-1], input_ids[0, 1:])
 
 
 class _ProductCounter:

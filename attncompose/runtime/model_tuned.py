@@ -129,10 +129,11 @@ class LayerTuning(BaseModel):
     choices: list[Choice] = Field(min_length=1)
     errors: dict[str, float] = Field(default_factory=dict, description="error per segment role")
     frac: float = Field(ge=0)
-    sensitivity: list[tuple[float, float]] | None = Field(
+    sensitivity: list[tuple[float, float, float] | tuple[float, float]] | None = Field(
         None,
-        description="measured (layer error, growth of log perplexity) with this layer alone "
-        "approximated (perplexity budget)",
+        description="measured (layer error, growth of log perplexity, its standard error over "
+        "blocks of tokens) with this layer alone approximated (perplexity budget; "
+        "files written before the standard error was measured hold pairs)",
     )
 
 

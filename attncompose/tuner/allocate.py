@@ -9,11 +9,13 @@ Pure functions over measured points (no model, no torch): the job
   key/value head group); its error over all heads is ``sqrt(sum_g w_g e_g^2)`` (``w_g`` the
   group's share of the exact output's squared norm) and its cost the mean of the units' costs.
   Each layer has a measured **sensitivity curve**: the growth of log perplexity with that
-  layer alone approximated, measured at a few errors, linear between them, rising as
+  layer alone approximated (mean plus :data:`CONFIDENCE` standard errors), measured at a few
+  errors, linear between them, rising as
   ``error ** POWER`` from zero to the first, extrapolated at the last slope up to
   :data:`EXTRAPOLATE` times the largest error measured (never beyond: no layer is pushed
   where nothing was measured). The job measures again where an allocation takes a layer far
-  from its measurements (:meth:`Curve.far`). For a multiplier ``lam``,
+  from its measurements (:meth:`Curve.far`), stepping out at most to the curve's reach
+  (:func:`measure_next`). For a multiplier ``lam``,
   every layer takes the point minimising ``cost + lam * predicted growth``; ``lam`` is bisected
   so that the predicted total stays within a budget (the sum over layers: growths measured
   one layer at a time are taken as additive, which the job checks with a real forward pass).
@@ -34,6 +36,11 @@ EXTRAPOLATE = 2.0  # a curve predicts up to this many times its largest measured
 # SmolLM2 layers measured at two growing errors rise as error^0.2-6.6, median 1.5 (the
 # sensitivity entries of benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
 POWER = 1.5
+# a measured growth counts as its mean plus this many standard errors: single-layer growths
+# measured on one text are noisy (SmolLM2, 8192 tokens: standard errors 0.0002-0.0015, as large as
+# the growths), and the allocation, taking the layers that measured cheapest, took those whose
+# noise was lucky: fit +0.2%, the check segment +0.9%, the test segment +1.3% in one run
+CONFIDENCE = 1.0
 FAR = 1.5  # a prediction this many times beyond (or below) the measurements is far from them
 BISECT_STEPS = 60
 
@@ -81,10 +88,14 @@ class Curve:
     """Measured growth of log perplexity against a layer's error: points (error, growth)."""
 
     points: list[tuple[float, float]] = field(default_factory=list)
+    measured: list[tuple[float, float, float]] = field(default_factory=list)  # error, mean, se
 
-    def add(self, error: float, growth: float) -> None:
-        """Add a measurement (negative growth counts as none)."""
-        self.points = sorted({*self.points, (error, max(growth, 0.0))})
+    def add(self, error: float, growth: float, se: float = 0.0) -> None:
+        """Add a measurement: mean growth and its standard error, which count together as
+        ``max(growth, 0) + CONFIDENCE * se`` (a negative mean is noise around none: what
+        another text shows may still grow by its standard error)."""
+        self.measured = sorted({*self.measured, (error, growth, se)})
+        self.points = sorted({*self.points, (error, max(growth, 0.0) + CONFIDENCE * se)})
 
     def far(self, error: float) -> bool:
         """Whether a prediction at ``error`` (> 0) lies far from the measurements: past
@@ -162,6 +173,27 @@ def allocate(
         else:
             hi = mid
     return pick(hi)
+
+
+def measure_next(front: Sequence[Combo], curve: Curve, combo: Combo) -> Combo:
+    """Where to measure a layer the unbounded allocation takes to ``combo``, far from its
+    curve: ``combo`` itself if the curve reaches it, else the combo of ``front`` beyond the
+    measurements (far from them) that is farthest within the curve's :attr:`Curve.reach`, or
+    the nearest one if none is within it.
+
+    A curve that did not grow at its largest error extrapolates flat, so the allocation takes
+    such a layer to its cheapest point (error 1: no attention); measured there, the layer
+    grows a lot, and the line from its small error to error 1 over-predicts everything in
+    between (curves are convex). Stepping out at most to the reach measures where it is used.
+    """
+    if not curve.points or combo.error <= curve.reach:
+        return combo
+    high = curve.points[-1][0]
+    beyond = [c for c in front if c.error > high and curve.far(c.error)]
+    within = [c for c in beyond if c.error <= curve.reach]
+    if within:
+        return max(within, key=lambda c: c.error)
+    return min(beyond, key=lambda c: c.error, default=combo)
 
 
 def reference_combo(front: Sequence[Combo], error: float) -> Combo:

@@ -19,8 +19,9 @@ The job, given a causal LM and the token ids of a calibration text:
    of the previous unit's front.
 3. **Choice.** ``target_err``: each unit takes its cheapest point within the target on the fit
    segment whose error on the check segment is within it too. ``ppl_budget``: each layer's
-   sensitivity (growth of log perplexity with it alone approximated, on the fit segment) is
-   measured where the allocation needs it; the allocation (:mod:`attncompose.tuner.allocate`)
+   sensitivity (growth of log perplexity with it alone approximated, on the fit segment, and
+   the standard error of that growth over blocks of tokens) is measured where the allocation
+   needs it; the allocation (:mod:`attncompose.tuner.allocate`)
    is then checked by real forward passes on the fit and check segments and tightened until
    both stay within the budget.
 4. **Record.** Every choice's error on each segment, each segment's perplexity and frac in a
@@ -53,8 +54,8 @@ from attncompose.eval.metrics import relative_error
 from attncompose.eval.products import run_counted
 from attncompose.eval.reference import exact_attention
 from attncompose.eval.timing import measure
-from attncompose.models.evaluate import perplexity, perplexity_and_frac
-from attncompose.models.replay import LayerReplay, supports_replay
+from attncompose.models.evaluate import perplexity_and_frac
+from attncompose.models.replay import LayerReplay
 from attncompose.models.segments import capture_segment, default_cache_dir, split_segments
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.model_tuned import (
@@ -78,6 +79,7 @@ from attncompose.tuner.allocate import (
     allocate,
     cheapest_within,
     layer_front,
+    measure_next,
     reference_combo,
 )
 from attncompose.tuner.errors import TunerError
@@ -615,8 +617,8 @@ class ModelTuneJob:
     ) -> dict[int, Curve]:
         """Each layer's curve: first measured near ``sensitivity_error``, then again wherever
         the allocation to ``budget`` takes a layer far from what was measured on it
-        (:meth:`Curve.far`). Measurements are kept in ``store`` (a rerun, with any budget,
-        reuses them)."""
+        (:meth:`Curve.far`, :func:`measure_next`). Measurements are kept in ``store`` (a
+        rerun, with any budget, reuses them)."""
         fit = self.captures["fit"]
         replay = None
         curves = {layer: Curve() for layer in fronts}
@@ -628,25 +630,26 @@ class ModelTuneJob:
             key = _sensitivity_key(layer, combo)
             growth = store.user_attrs.get(key)  # one storage read
             if growth is None:
-                if replay is None and supports_replay(self.model):
+                if replay is None:
                     replay = LayerReplay(self.model, fit.segment.ids)
                 attn = self.provisional(self._combo_choices(layer, combo)).layer(layer)
-                if replay is not None:
-                    ppl = replay.perplexity(layer, attn)
-                else:
-                    ppl = perplexity(self.model, fit.segment.ids, attn, [layer])
-                growth = math.log(ppl / fit.exact_ppl)
+                growth = dataclasses.asdict(replay.growth(layer, attn))
                 store.set_user_attr(key, growth)
-            curves[layer].add(combo.error, growth)
+            curves[layer].add(combo.error, growth["mean"], growth["se"])
 
         for layer, front in fronts.items():
             self.reporter.phase(f"sensitivity of layer {layer} ({layer + 1}/{len(fronts)})")
             measure_layer(layer, reference_combo(front, self.config.sensitivity_error))
         for _ in range(REFINE_ROUNDS):
-            # a layer the allocation takes far from what was measured on it is measured there:
-            # past its curve's reach (else it could never be chosen there) or far below it
+            # a layer the allocation takes far from what was measured on it is measured there
+            # (far below it, or past the curve's reach: else it could never be chosen there),
+            # stepping out at most to the reach (a round per step)
             alloc = allocate(fronts, curves, budget, bounded=False)
-            far = {layer: c for layer, c in alloc.items() if curves[layer].far(c.error)}
+            far = {
+                layer: measure_next(fronts[layer], curves[layer], c)
+                for layer, c in alloc.items()
+                if curves[layer].far(c.error)
+            }
             if not far:
                 break
             for layer, combo in far.items():
@@ -761,7 +764,7 @@ class ModelTuneJob:
                 choices=choices,
                 errors=self._layer_errors(units, errors, roles) if errors else {},
                 frac=sum(c.frac for c in choices) / len(choices),
-                sensitivity=[list(p) for p in curves[layer].points] if layer in curves else None,
+                sensitivity=[list(p) for p in curves[layer].measured] if layer in curves else None,
             )
         segments = [
             Segment(
@@ -957,7 +960,7 @@ def _sensitivity_key(layer: int, combo: Combo) -> str:
     """Names a layer's choice (every unit's recipe and knobs) among stored sensitivities."""
     choice = [[p.recipe, sorted((p.knobs or {}).items())] for p in combo.points]
     digest = hashlib.sha256(json.dumps(choice).encode()).hexdigest()[:24]
-    return f"growth:L{layer}:{digest}"
+    return f"sensitivity:L{layer}:{digest}"
 
 
 def _knob_key(knobs: dict | None) -> tuple | None:
