@@ -37,9 +37,10 @@ EXTRAPOLATE = 2.0  # a curve predicts up to this many times its largest measured
 # sensitivity entries of benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
 POWER = 1.5
 # a measured growth counts as its mean plus this many standard errors: single-layer growths
-# measured on one text are noisy (SmolLM2, 8192 tokens: standard errors 0.0002-0.0015, as large as
+# measured on one text are noisy (SmolLM2, 8192 tokens: standard errors 0.0001-0.0015, as large as
 # the growths), and the allocation, taking the layers that measured cheapest, took those whose
-# noise was lucky: fit +0.2%, the check segment +0.9%, the test segment +1.3% in one run
+# noise was lucky: bare means gave fit +0.2%, check +0.9%, held-out test +1.3% at 8192 tokens;
+# with one standard error +0.2%, +0.9%, +0.8% (README, issue 14's notes)
 CONFIDENCE = 1.0
 FAR = 1.5  # a prediction this many times beyond (or below) the measurements is far from them
 BISECT_STEPS = 60
