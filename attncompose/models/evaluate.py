@@ -89,9 +89,7 @@ def perplexity(
     layers: LayerSelection = "all",
 ) -> float:
     """Perplexity on input_ids [1, L]: exact (``attn`` None) or with ``attn`` on ``layers``."""
-    with _maybe_attention(model, attn, layers):
-        logits = model(input_ids.to(model.device), use_cache=False).logits
-    return perplexity_from_logits(logits, input_ids)
+    return perplexity_from_logits(_logits(model, input_ids, attn, layers), input_ids)
 
 
 @torch.inference_mode()
@@ -102,9 +100,18 @@ def losses(
     layers: LayerSelection = "all",
 ) -> torch.Tensor:
     """Each next token's loss [L-1] on input_ids [1, L], as :func:`perplexity` runs it."""
+    return token_losses(_logits(model, input_ids, attn, layers)[0, :-1], input_ids[0, 1:])
+
+
+def _logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attn: AttentionFn | None,
+    layers: LayerSelection,
+) -> torch.Tensor:
+    """The model's logits on input_ids, exact or with ``attn`` on ``layers``."""
     with _maybe_attention(model, attn, layers):
-        logits = model(input_ids.to(model.device), use_cache=False).logits
-    return token_losses(logits[0, :-1], input_ids[0, 1:])
+        return model(input_ids.to(model.device), use_cache=False).logits
 
 
 class _ProductCounter:
