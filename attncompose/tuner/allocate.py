@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from attncompose.tuner.front import Point
 
 EXTRAPOLATE = 2.0  # a curve predicts up to this many times its largest measured error
-# below its first measurement a curve rises as error ** POWER (convex, not linear): the 13
-# SmolLM2 layers measured at two growing errors rise as error^0.2-6.6, median 1.5 (the
-# sensitivity entries of benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
+# below its first measurement a curve rises as error ** POWER (convex, not linear): SmolLM2's
+# growths measured at two errors rise as error^0.2-6.6, median 1.5 (13 layers, 536eeec), and
+# error^0.1-6.5, median 1.6 (18 pairs of growing means in the sensitivity entries of
+# benchmarks/results/tuned/smollm2-n8192-ppl-budget0.01.model-tuned.yaml)
 POWER = 1.5
 # a measured growth counts as its mean plus this many standard errors: single-layer growths
 # measured on one text are noisy (SmolLM2, 8192 tokens: standard errors 0.0001-0.0015, as large as
