@@ -21,6 +21,7 @@ SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
     "bench_gpu": ["--cpu-smoke"],
     "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
+    "launch_count": ["--recipes", "lsh-only", "--seq-lens", "512,1024"],
     "profile_cpu": ["--seq-len", "1024", "--repeats", "1"],
     "tune_time": ["--", "--seq-lens", "512", "--trials", "2"],
 }
@@ -47,6 +48,8 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         assert result["command"].startswith("attncompose tune ")
     elif script == "detector_quality":
         assert result["settings"] and "commit" in (tmp_path / "doc.md").read_text()
+    elif script == "launch_count":  # the packed splitter: as many launches for 3 levels as 2
+        assert len({row["launches"] for row in result["rows"]}) == 1
     else:
         assert result["rows"] and all(row.get("causal") in (False, True) for row in result["rows"])
 

@@ -66,9 +66,33 @@ class Workspace:
 
 
 @dataclass(frozen=True)
+class Packing:
+    """Independent non-causal problems packed end to end along each row (FlashAttention's
+    variable-length batches): part s holds queries and keys ``[start_s, start_s + length_s)``
+    and its queries attend only its own keys. ``part``, ``start``, ``length`` [L] (int64, on
+    the problem's device): each position's part, and that part's first position and length.
+    Primitives that declare :attr:`Primitive.packable` honour it; the causal splitter packs
+    the off-diagonal rectangles of every level into one body call this way."""
+
+    lengths: tuple[int, ...]
+    part: Tensor
+    start: Tensor
+    length: Tensor
+
+    @staticmethod
+    def of(lengths: tuple[int, ...], device: torch.device | str) -> Packing:
+        sizes = torch.tensor(lengths, dtype=torch.long)
+        part = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
+        starts = torch.cumsum(sizes, 0) - sizes
+        on = lambda x: x.to(device)
+        return Packing(tuple(lengths), on(part), on(starts[part]), on(sizes[part]))
+
+
+@dataclass(frozen=True)
 class Problem:
     """One (query range) x (key range) attention problem (``workspace``: the buffers its
-    kernels may reuse for intermediates)."""
+    kernels may reuse for intermediates; ``packed``: several independent problems packed
+    along the rows, see :class:`Packing`)."""
 
     q: Tensor
     k: Tensor
@@ -80,6 +104,7 @@ class Problem:
     q_offset: int = 0
     k_offset: int = 0
     workspace: Workspace | None = None
+    packed: Packing | None = None
 
     @property
     def lq(self) -> int:
@@ -91,6 +116,8 @@ class Problem:
 
     def sub(self, q: slice, k: slice, causal: bool) -> Problem:
         """The sub-problem of a query range and a key range (offsets follow)."""
+        if self.packed is not None:
+            raise ValueError("a packed problem has no sub-ranges: its parts are independent")
         q0 = q.start or 0
         k0 = k.start or 0
         return replace(
@@ -116,6 +143,15 @@ class Problem:
         if not self.causal:
             return torch.full_like(qi, self.lk)
         return (qi + self.q_offset - self.k_offset + 1).clamp(0, self.lk)
+
+    def key_range(self, qi: Tensor) -> tuple[Tensor | int, Tensor]:
+        """(first, count) of the contiguous keys visible to each query index in ``qi`` (-1
+        reads query 0): the query's part of a packed problem, else the causal prefix or all
+        keys."""
+        if self.packed is not None:
+            at = qi.clamp_min(0)
+            return self.packed.start[at], self.packed.length[at]
+        return 0, self.visible_keys(qi)
 
     def generator(self, seed: int, *salt: Any) -> torch.Generator:
         """A generator on the problem's device, seeded from ``seed``, the ranges and ``salt``."""
@@ -316,6 +352,9 @@ class Primitive:
     offset_free: ClassVar[bool] = False
     # A selection step whose Selection has a block form (it can take part in a block plan)
     block_form: ClassVar[bool] = False
+    # Runs a packed problem (:class:`Packing`) as its parts would run one by one, random
+    # draws apart, provided every part's length is a multiple of :meth:`pack_quantum`
+    packable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -334,6 +373,11 @@ class Primitive:
     def kernel_name(self) -> str:
         """Which implementation runs (shown by ``attncompose show``)."""
         return f"{self.backend}:{self.op}"
+
+    def pack_quantum(self) -> int:
+        """What the parts of a packed problem must be a multiple of (its tiles' length: a
+        tile never straddles two parts)."""
+        return 1
 
     def __call__(self, problem: Problem, **ports: Any) -> Any:
         raise NotImplementedError

@@ -116,6 +116,9 @@ class BlockLists:
     part_idx: Tensor
 
 
+BIAS_FREE = ("kernel_states", "kernel_lists")  # memo entries a key bias leaves alone
+
+
 @dataclass(eq=False)
 class BlockPlan:
     """Which key blocks each query block attends to, and how (see the module doc).
@@ -169,9 +172,13 @@ class BlockPlan:
         return self.rows == 1 and (self.key_bias is None or self.key_bias.shape[0] == 1)
 
     def with_key_bias(self, bias: Tensor) -> BlockPlan:
-        """A copy whose keys carry ``bias`` [R or 1, Lk] (added to their scores)."""
+        """A copy whose keys carry ``bias`` [R or 1, Lk] (added to their scores); its kernel
+        lists, which no bias changes, are this plan's (built once where this one is cached:
+        a tile pass's diagonal plan takes a new bias every call)."""
+        self.kernel_lists()
+        lists = {key: self._lists[key] for key in BIAS_FREE if key in self._lists}
         return BlockPlan(
-            self.grid, self.causal, self.state, self.own, self.exclude, bias, self.parts
+            self.grid, self.causal, self.state, self.own, self.exclude, bias, self.parts, lists
         )
 
     # ------------------------------------------------------------------ lists and rules

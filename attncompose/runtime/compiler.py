@@ -10,6 +10,7 @@ against).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import networkx as nx
@@ -41,11 +42,17 @@ class Pipeline:
                 {port: [self.nodes[n] for n in step.port_names(port)] for port in type(step).ports}
             )
         self.fusions: dict[str, Fusion] = find_fusions(recipe, self.nodes) if fuse else {}
-        # per step: does every step its value depends on have Primitive.offset_free?
-        self.offset_free = {
-            sid: all(type(self.nodes[s]).offset_free for s in nx.ancestors(self.graph, sid) | {sid})
-            for sid in self.nodes
-        }
+        # per step: does every step its value depends on have Primitive.offset_free? And
+        # the length a packed problem's parts must be a multiple of (None: not packable)
+        self.offset_free: dict[str, bool] = {}
+        self.pack_quantum: dict[str, int | None] = {}
+        for sid in self.nodes:
+            steps = [self.nodes[s] for s in nx.ancestors(self.graph, sid) | {sid}]
+            self.offset_free[sid] = all(type(node).offset_free for node in steps)
+            packable = all(type(node).packable for node in steps)
+            self.pack_quantum[sid] = (
+                math.lcm(*(node.pack_quantum() for node in steps)) if packable else None
+            )
 
     def kernels(self) -> dict[str, str]:
         """Step id -> name of the implementation that runs it."""
@@ -82,7 +89,10 @@ class Pipeline:
 
     def _lazy(self, sid: str):
         """``Problem -> value`` of step ``sid``; its ``offset_free`` says whether every step it
-        depends on is (:attr:`Primitive.offset_free`)."""
+        depends on is (:attr:`Primitive.offset_free`), its ``pack_quantum`` what the parts of
+        a packed problem must be a multiple of (None: some step is not
+        :attr:`Primitive.packable`)."""
         fn = lambda sub: self.evaluate(sid, sub, {})
         fn.offset_free = self.offset_free[sid]
+        fn.pack_quantum = self.pack_quantum[sid]
         return fn

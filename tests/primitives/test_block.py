@@ -325,19 +325,23 @@ def test_flex_says_so_instead_of_falling_back_to_eager(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_flex_runs_sorted_tiles_as_one_contiguous_plan():
+@pytest.mark.parametrize(("n", "causal"), [(128, False), (512, True)])
+def test_flex_runs_sorted_tiles_as_one_contiguous_plan(n, causal):
     """backend="flex": sortLSH buckets with their sampled residual through FlexAttention's
-    eager path equal the torch steps one by one."""
+    eager path equal the torch steps one by one; causal, the splitter's two levels packed
+    into one body call."""
     recipe = ac.load_recipe("hyperattention").with_knobs(
-        {"diag.block_size": 64, "residual.sample_size": 64}
+        {"diag.block_size": 64, "residual.sample_size": 64, "out.min_seq_len": 128}
     )
     q, k, v = (
-        torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(9)) for _ in range(3)
+        torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(9)) for _ in range(3)
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = ac.compile(recipe, backend="flex")(q, k, v, return_lse=True)
-    want = ac.compile(recipe, backend="torch", fuse=False)(q, k, v, return_lse=True)
+        got = ac.compile(recipe, backend="flex")(q, k, v, is_causal=causal, return_lse=True)
+    want = ac.compile(recipe, backend="torch", fuse=False)(
+        q, k, v, is_causal=causal, return_lse=True
+    )
     assert "flex:contiguous-tiles" in Pipeline(recipe, backend="flex").kernels()["merged"]
     assert ac.relative_error(got[0], want[0]) < 1e-5
     assert torch.allclose(got[1], want[1], atol=1e-5)

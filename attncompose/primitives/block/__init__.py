@@ -72,11 +72,19 @@ class Block(Primitive):
         TorchTiles,
     )
     offset_free = True
+    # tiles come from the selections (packable ones keep to their parts); a block plan
+    # spans the whole row, so a packed problem never takes the plan path
+    packable = True
+
+    def pack_quantum(self) -> int:
+        return self.knobs["block_size"]
 
     def __call__(self, problem: Problem, select: list, exclude: list = ()) -> Partial:
         prior: list[Coverage] = [p.coverage for p in exclude]
         mine = [selection.bind(self.knobs["block_size"]) for selection in select]
         if all(cov.has_block_form for cov in (*mine, *prior)):
+            if problem.packed is not None:
+                raise ValueError("a block plan cannot run a packed problem (parts unknown)")
             plan = self.plan(problem, mine, prior)
             if counting_products():  # the plan counts its products, whatever kernel runs it
                 add_products(plan.products(problem))

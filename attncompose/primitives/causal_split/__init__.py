@@ -4,9 +4,14 @@ A causal square of n <= min_seq_len rows is computed exactly. A larger one is ha
 diagonal halves recurse, and the lower-left rectangle (second-half queries x first-half
 keys, fully visible) goes through the non-causal body; its result is merged into the second
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
-all diagonal leaves in one exact call, then the rectangles level by level, each level in one
-body call where the body's steps do not depend on offsets (stacked as rows; their random
-draws then differ from the recursion's, each still unbiased). Decode (Lq < Lk,
+all diagonal leaves in one exact call, then the rectangles. Where every step of the body is
+packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, block, sampler, merge)
+and the leaves are a multiple of the body's tiles, the rectangles of ALL levels go through
+ONE body call, packed end to end along the rows, and merge into their rows in one scattered
+lse merge: a fixed number of kernels, whatever the number of levels. Otherwise level by
+level, each level in one body call where the body's steps do not depend on offsets (stacked
+as rows), else one call per rectangle. Packed or stacked, random draws differ from the
+recursion's, each still unbiased. Decode (Lq < Lk,
 bottom-right aligned): the key prefix every query sees goes through the body, the trailing
 Lq x Lq square recurses. Non-causal calls go straight to the body.
 """
@@ -19,10 +24,11 @@ from dataclasses import replace
 import torch
 
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.base import Packing, Partial, Primitive, Problem
 from attncompose.primitives.causal_split.schema import CausalSplitStep
 from attncompose.primitives.exact.fast import fused_exact_attention
-from attncompose.primitives.merge.naive import merge_into, merge_partials
+from attncompose.primitives.merge.naive import merge_into, merge_partials, merge_rows_into
+from attncompose.primitives.plan import static_plan
 
 Body = Callable[[Problem], Partial]
 
@@ -81,6 +87,14 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
     leaves = exact(diagonal)  # squares: causal alignment needs no offsets
     out = leaves.out.reshape(rows, n, -1).contiguous()  # merged into in place below
     lse = leaves.lse.reshape(rows, n).contiguous()
+    quantum = getattr(body, "pack_quantum", None)
+    if quantum is not None and leaf % quantum == 0:
+        layout = static_plan(
+            ("causal_split.packed", n, leaf, problem.q.device),
+            lambda: _Levels(n, leaf, levels, problem.q.device),
+        )
+        merge_rows_into(Partial(out, lse), body(layout.packed(problem)), layout.q_rows)
+        return Partial(out, lse)
     for level in range(levels):
         size = leaf << level
         starts = range(0, n, 2 * size)
@@ -98,6 +112,49 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
         )
         merge_into(below, rects)
     return Partial(out, lse)
+
+
+class _Levels:
+    """The off-diagonal rectangles of every level of a causal square of n = leaf * 2**levels,
+    packed: level by level from the smallest, each rectangle's queries (rows [s+size,
+    s+2size)) and keys ([s, s+size)) as one part; ``q_rows``/``k_rows`` [levels * n/2]: the
+    sequence positions they are read from (built once per (n, leaf, device))."""
+
+    def __init__(self, n: int, leaf: int, levels: int, device: torch.device):
+        q_rows, k_rows, lengths = [], [], []
+        for level in range(levels):
+            size = leaf << level
+            pairs = torch.arange(n).view(n // (2 * size), 2, size)
+            q_rows.append(pairs[:, 1].reshape(-1))
+            k_rows.append(pairs[:, 0].reshape(-1))
+            lengths += [size] * (n // (2 * size))
+        self.q_rows = torch.cat(q_rows).to(device)
+        self.k_rows = torch.cat(k_rows).to(device)
+        self.packing = Packing.of(tuple(lengths), device)
+
+    def packed(self, problem: Problem) -> Problem:
+        """The rectangles of ``problem`` as one packed non-causal problem (one gather each
+        for q, k and v; into the workspace where the problem has one)."""
+        copy = lambda name, x, rows: _gather(problem, name, x, rows)
+        return replace(
+            problem,
+            q=copy("q", problem.q, self.q_rows),
+            k=copy("k", problem.k, self.k_rows),
+            v=copy("v", problem.v, self.k_rows),
+            causal=False,
+            q_offset=0,
+            k_offset=0,
+            packed=self.packing,
+        )
+
+
+def _gather(problem: Problem, name: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[:, rows]`` (into the workspace buffer ``causal_split.<name>`` where there is one)."""
+    if problem.workspace is None:
+        return x.index_select(1, rows)
+    shape = (x.shape[0], rows.numel(), x.shape[-1])
+    buf = problem.workspace.take(f"causal_split.{name}", shape, x.dtype, x.device)
+    return torch.index_select(x, 1, rows, out=buf)
 
 
 def _stacked(problem: Problem, body: Body, starts: range, size: int) -> Partial:

@@ -29,7 +29,13 @@ from attncompose.primitives.base import (
     take,
 )
 from attncompose.primitives.lsh.kernels import TorchGrayRankSort, TritonGrayRankSort
-from attncompose.primitives.lsh.naive import gray_rank, hash_codes, mips_augment, projections
+from attncompose.primitives.lsh.naive import (
+    gray_rank,
+    hash_codes,
+    mips_augment,
+    projections,
+    within_parts,
+)
 from attncompose.primitives.lsh.schema import LshStep
 
 
@@ -129,20 +135,23 @@ class Lsh(Primitive):
     schema = LshStep
     kernels = (TritonGrayRankSort, TorchGrayRankSort)
     offset_free = True
+    packable = True  # sorted within each part; its tiles are the block step's
 
     def __call__(self, problem: Problem) -> LshSelection:
         q, k = problem.q, problem.k
+        part = None if problem.packed is None else problem.packed.part  # sorted per part
         if self.knobs["align"] == "mips":
-            q, k = mips_augment(q, k)
+            q, k = mips_augment(q, k, part)
         dirs = self.directions(problem, q.shape[-1])
         sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
-        q_order, q_pos = sort_positions(q, dirs)
-        k_order, k_pos = sort_positions(k, dirs)
+        q_order, q_pos = sort_positions(q, dirs, part)
+        k_order, k_pos = sort_positions(k, dirs, part)
         if self.knobs["pairing"] == "rank":
             return LshSelection(q_order, q_pos, k_order, k_pos)
         bits = dirs.shape[-1]
-        q_rank = gray_rank(hash_codes(q, dirs), bits).gather(1, q_order)
-        k_rank = gray_rank(hash_codes(k, dirs), bits).gather(1, k_order)
+        ranks = lambda x: within_parts(gray_rank(hash_codes(x, dirs), bits), part)
+        q_rank = ranks(q).gather(1, q_order)  # a part's codes meet only their own part's
+        k_rank = ranks(k).gather(1, k_order)
         return LshSelection(q_order, q_pos, k_order, k_pos, q_rank, k_rank)
 
     def directions(self, problem: Problem, dim: int | None = None) -> Tensor:
@@ -156,7 +165,8 @@ class Lsh(Primitive):
             dim or problem.q.shape[-1],
             self.knobs["num_projections"],
             self.knobs["seed"],
-        ).to(problem.q.device)
+            str(problem.q.device),
+        )
         return dirs.repeat(problem.q.shape[0] // problem.heads, 1, 1)
 
     def kernel_name(self) -> str:

@@ -8,14 +8,18 @@ map, where that holds for ~76% of neighbours at r=7).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 
-def projections(heads: int, dim: int, bits: int, seed: int) -> Tensor:
-    """Gaussian directions [heads, dim, bits] (CPU, float32), one set per head."""
+@functools.lru_cache(maxsize=64)
+def projections(heads: int, dim: int, bits: int, seed: int, device: str = "cpu") -> Tensor:
+    """Gaussian directions [heads, dim, bits] (float32, drawn on the CPU), one set per head;
+    kept per ``device`` (no draw and no host-to-device copy per call). Do not modify."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(heads, dim, bits, generator=g)
+    return torch.randn(heads, dim, bits, generator=g).to(device)
 
 
 def hash_codes(x: Tensor, directions: Tensor) -> Tensor:
@@ -44,25 +48,47 @@ def gray_code(rank: Tensor) -> Tensor:
     return rank ^ (rank >> 1)
 
 
-def sort_positions(x: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
-    """(order [N, L]: indices sorted by Gray rank, position [N, L]: each index's sorted slot)."""
+def sort_positions(
+    x: Tensor, directions: Tensor, part: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(order [N, L]: indices sorted by Gray rank, position [N, L]: each index's sorted slot).
+    ``part`` [L] (a packed problem's part of each position): sorted within each part, the
+    parts in their order."""
     rank = gray_rank(hash_codes(x, directions), directions.shape[-1])
+    return sorted_order(rank, part)
+
+
+def within_parts(rank: Tensor, part: Tensor | None) -> Tensor:
+    """Sort keys that order by ``part`` [L] first, then by ``rank`` [N, L] (< 2**31)."""
+    return rank if part is None else rank.long() | (part << 32)
+
+
+def sorted_order(rank: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(order, position) of a stable sort of ``rank`` [N, L] (within each ``part``)."""
+    rank = within_parts(rank, part)
     order = torch.sort(rank, dim=-1, stable=True).indices
     position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
+    position.scatter_(1, order, torch.arange(order.shape[1], device=rank.device).expand_as(order))
     return order, position
 
 
-def mips_augment(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+def mips_augment(q: Tensor, k: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The MIPS-to-angular reduction: q -> [q/|q|, 0], k -> [k/M, sqrt(1 - |k|^2/M^2)].
 
-    With M the largest key norm (per row), every augmented key has norm 1 and the angle
-    between an augmented query and key orders keys by q.k, which sign-LSH tracks.
+    With M the largest key norm (per row; per part of a packed row, ``part`` [L]), every
+    augmented key has norm 1 and the angle between an augmented query and key orders keys
+    by q.k, which sign-LSH tracks.
     """
     q, k = q.float(), k.float()
     qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     norms = k.norm(dim=-1, keepdim=True)
-    m = norms.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    if part is None:
+        m = norms.amax(dim=1, keepdim=True)
+    else:  # the largest norm of each part, read back at each of its keys
+        ids = part.expand(k.shape[0], -1)
+        top = norms.new_zeros(k.shape[:2])  # room for every part (fewer than keys)
+        m = top.scatter_reduce_(1, ids, norms.squeeze(-1), "amax").gather(1, ids)[..., None]
+    m = m.clamp_min(1e-12)
     kn = k / m
     extra = (1 - (norms / m) ** 2).clamp_min(0).sqrt()
     return torch.cat([qn, torch.zeros_like(qn[..., :1])], -1), torch.cat([kn, extra], -1)

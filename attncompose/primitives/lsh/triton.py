@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attncompose.primitives.lsh.naive import sorted_order
+
 
 @triton.jit
 def _gray_rank_kernel(
@@ -67,9 +69,8 @@ def gray_ranks(x: Tensor, directions: Tensor) -> Tensor:
     return rank
 
 
-def sort_positions(x: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
+def sort_positions(
+    x: Tensor, directions: Tensor, part: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Same contract as the reference: (order [N, L], position [N, L]), int64."""
-    order = torch.sort(gray_ranks(x, directions), dim=-1, stable=True).indices
-    position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
-    return order, position
+    return sorted_order(gray_ranks(x, directions), part)

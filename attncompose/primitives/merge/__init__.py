@@ -10,6 +10,7 @@ from attncompose.primitives.merge.schema import MergeStep
 class Merge(Primitive):
     schema = MergeStep
     offset_free = True
+    packable = True
 
     def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:
         return merge_partials(list(inputs))

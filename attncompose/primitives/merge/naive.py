@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from attncompose.primitives.base import Partial
 
@@ -34,3 +35,23 @@ def merge_into(target: Partial, part: Partial) -> None:
     else:
         target.out.copy_(target.out.float() * keep + part.out.float() * add)
     target.lse.copy_(lse)
+
+
+def merge_rows_into(target: Partial, part: Partial, rows: Tensor) -> None:
+    """Merge row j of ``part`` into row ``rows[j]`` of ``target``, in place, by lse; several
+    rows of ``part`` may land on one row of ``target``. A fixed number of kernels however many
+    land on a row (target: out [N, L, Dv], lse [N, L]; part: out [N, M, Dv], lse [N, M];
+    ``rows`` [M] int64). Weights and sums in float32, the output written in its dtype."""
+    n = target.lse.shape[0]
+    top = target.lse.clone().scatter_reduce_(1, rows.expand(n, -1), part.lse, "amax")
+    base = top.nan_to_num(neginf=0.0)  # rows that attend nothing stay -inf
+    keep = torch.exp(target.lse - base)
+    add = torch.exp(part.lse - base.index_select(1, rows))
+    total = keep.index_add(1, rows, add)  # sum of e^{l - base} over a row's parts
+    wide = target.out.dtype in (torch.float32, torch.float64)
+    out = target.out.mul_(keep.unsqueeze(-1)) if wide else target.out.float() * keep[..., None]
+    out.index_add_(1, rows, part.out.to(out.dtype) * add.unsqueeze(-1))
+    out.div_(total.masked_fill(total == 0, 1.0).unsqueeze(-1))
+    if not wide:
+        target.out.copy_(out)
+    target.lse.copy_(base.add_(torch.log(total)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem
 from attncompose.primitives.uniform_sample.block_residual import block_residual
-from attncompose.primitives.uniform_sample.naive import residual_tiles
+from attncompose.primitives.uniform_sample.naive import TILE, residual_tiles
 from attncompose.primitives.uniform_sample.schema import UniformSampleStep
 
 
@@ -13,6 +13,10 @@ class UniformSample(Primitive):
     schema = UniformSampleStep
     fusions = (block_residual,)
     offset_free = True
+    packable = True  # each tile draws from its own part's keys
+
+    def pack_quantum(self) -> int:
+        return TILE  # tiles in natural order (draws that follow a detector: its tiles)
 
     def __call__(self, problem: Problem, exclude: list = ()) -> Partial:
         m = self.knobs["sample_size"]

@@ -1,10 +1,11 @@
 """Reference residual sampler: stratified uniform keys per query tile, unbiased weights.
 
-For a tile of queries whose visible keys are ``[0, R)``, draw one key uniformly in each of m
-equal strata of ``[0, R)``: ``j_u = floor((u + U_u) * R / m)``. Every key is drawn with
-probability m/R, so weighting each draw by R/m (an lse shift of log(R/m)) makes the sampled
-mass an unbiased estimate of the mass of the keys it may count (visible, not covered). With
-m >= R every key is taken once with weight 1: the residual is then exact.
+For a tile of queries whose visible keys are ``[0, R)`` (in a packed problem: its part's),
+draw one key uniformly in each of m equal strata of ``[0, R)``: ``j_u = floor((u + U_u) * R
+/ m)``. Every key is drawn with probability m/R, so weighting each draw by R/m (an lse shift
+of log(R/m)) makes the sampled mass an unbiased estimate of the mass of the keys it may
+count (visible, not covered). With m >= R every key is taken once with weight 1: the
+residual is then exact.
 
 Which queries share a tile's draws does not matter for unbiasedness, only for cost. Tiles
 are 128 queries in natural order, except for a non-causal problem whose one exclusion has
@@ -78,7 +79,8 @@ def sample_tiles(
     dev = uniforms.device
     if q_idx is None:
         q_idx = natural_tiles(n, problem.lq, TILE, dev)
-    reach = problem.visible_keys(q_idx.amax(dim=-1)).unsqueeze(-1)  # R per tile [N, T, 1]
+    first, reach = problem.key_range(q_idx.amax(dim=-1))  # [N, T]: a tile's keys
+    reach = reach.unsqueeze(-1)  # R per tile [N, T, 1]
     width = min(m, problem.lk)  # more draws than keys: every key once
     u = torch.arange(width, device=dev).view(1, 1, width)
     strata = torch.floor((u + uniforms[..., :width]) * reach / m).long()
@@ -86,5 +88,7 @@ def sample_tiles(
     everything = torch.where(u < reach, u, -1)  # m >= R: all keys, once
     k_idx = torch.where(reach > m, strata, everything)
     k_idx = k_idx.masked_fill(reach == 0, -1)
+    if not isinstance(first, int):  # the tile's part of a packed problem
+        k_idx = torch.where(k_idx >= 0, k_idx + first.unsqueeze(-1), -1)
     shift = torch.log((reach.float() / m).clamp_min(1.0)).squeeze(-1)  # R/m, 1 if all taken
     return Tiles(q_idx, k_idx, lse_shift=shift.expand(n, n_tiles), shared=shared)

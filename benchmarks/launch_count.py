@@ -1,0 +1,119 @@
+"""Kernel launches of one causal call of a recipe's GPU form, counted on a CPU.
+
+The Triton backend runs under ``TRITON_INTERPRET=1``; each Triton kernel launch counts one,
+each aten op outside a Triton kernel counts one, except views and plain allocations (which
+launch nothing on a GPU). It is an estimate of what ``torch.profiler`` counts on CUDA
+(``bench_gpu.py``'s ``launches``): there, a sort or a ``cat`` may launch more than one kernel.
+What it shows without a GPU is how the count grows with the causal splitter's levels: the
+recipes run at leaves of 128 (``out.min_seq_len``), blocks and samples of 64, d=16, H=2,
+for n = 512 ... 4096 (2 to 5 levels; the paper's knobs at 128k have 5: leaves of 4096).
+Writes ``benchmarks/results/launch_count.json`` (device, versions, commit, date).
+
+    python benchmarks/launch_count.py [--recipes hyperattention,lsh-only] [--seq-lens 512,4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attncompose as ac
+from attncompose.eval.timing import write_results
+from attncompose.primitives.causal_split import leaf_length
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEAF = 128
+KNOBS = {"out.min_seq_len": LEAF, "diag.block_size": 64, "residual.sample_size": 64}
+ALLOCATIONS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts aten ops that launch work (views and allocations excluded), and Triton kernel
+    launches (the interpreter's grid calls); ops inside a Triton launch are the
+    interpreter's own and do not count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten = 0
+        self.triton = 0
+        self._inside = 0
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interpreter
+
+        self._grid = interpreter.GridExecutor
+        self._call = self._grid.__call__
+        counter = self
+
+        def launch(grid, *args, **kwargs):
+            counter.triton += 1
+            counter._inside += 1
+            try:
+                return counter._call(grid, *args, **kwargs)
+            finally:
+                counter._inside -= 1
+
+        self._grid.__call__ = launch
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._grid.__call__ = self._call
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self._inside and not func.is_view and str(func) not in ALLOCATIONS:
+            self.aten += 1
+        return out
+
+
+def count(recipe_name: str, n: int) -> dict:
+    recipe = ac.load_recipe(recipe_name)
+    recipe = recipe.with_knobs({k: v for k, v in KNOBS.items() if k.split(".")[0] in recipe.steps})
+    attn = ac.compile(recipe, backend="triton")
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    attn(q, k, v, is_causal=True)  # first call: plans, caches
+    counter = LaunchCounter()
+    with counter:
+        attn(q, k, v, is_causal=True)
+    leaf = leaf_length(n, LEAF)
+    return {
+        "recipe": recipe_name,
+        "seq_len": n,
+        "causal": True,
+        "levels": (n // leaf).bit_length() - 1,
+        "triton_launches": counter.triton,
+        "aten_ops": counter.aten,
+        "launches": counter.triton + counter.aten,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", default="hyperattention,lsh-only,hyperattention-sinks")
+    parser.add_argument("--seq-lens", default="512,1024,2048,4096")
+    parser.add_argument("--out", type=Path, default=RESULTS / "launch_count.json")
+    args = parser.parse_args()
+    rows = [
+        count(name, int(n)) for name in args.recipes.split(",") for n in args.seq_lens.split(",")
+    ]
+    for row in rows:
+        print(
+            f"{row['recipe']:22s} n={row['seq_len']:5d} levels {row['levels']}  "
+            f"launches {row['launches']:4d} (triton {row['triton_launches']}, "
+            f"aten {row['aten_ops']})"
+        )
+    record = {"knobs": KNOBS, "head_dim": 16, "heads": 2, "dtype": "float32", "rows": rows}
+    write_results(args.out, record, device="cpu")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
