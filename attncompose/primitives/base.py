@@ -70,7 +70,9 @@ class Packing:
     """Independent non-causal problems packed end to end along each row (FlashAttention's
     variable-length batches): part s holds queries and keys ``[start_s, start_s + length_s)``
     and its queries attend only its own keys. ``part``, ``start``, ``length`` [L] (int64, on
-    the problem's device): each position's part, and that part's first position and length.
+    the problem's device): each index's part, and that part's first index and length;
+    ``q_at``, ``k_at`` [L]: where each query and key sits, added to the problem's offsets for
+    its absolute position (consecutive within a part; by default each part from 0).
     Primitives that declare :attr:`Primitive.packable` honour it; the causal splitter packs
     the off-diagonal rectangles of every level into one body call this way."""
 
@@ -78,14 +80,25 @@ class Packing:
     part: Tensor
     start: Tensor
     length: Tensor
+    q_at: Tensor
+    k_at: Tensor
 
     @staticmethod
-    def of(lengths: tuple[int, ...], device: torch.device | str) -> Packing:
+    def of(
+        lengths: tuple[int, ...],
+        device: torch.device | str,
+        q_at: Tensor | None = None,
+        k_at: Tensor | None = None,
+    ) -> Packing:
         sizes = torch.tensor(lengths, dtype=torch.long)
         part = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
-        starts = torch.cumsum(sizes, 0) - sizes
-        on = lambda x: x.to(device)
-        return Packing(tuple(lengths), on(part), on(starts[part]), on(sizes[part]))
+        starts = (torch.cumsum(sizes, 0) - sizes)[part]
+        local = torch.arange(part.numel()) - starts  # each part from 0
+        on = lambda x: x.to(device=device, dtype=torch.long)
+        q_at, k_at = (local if at is None else at for at in (q_at, k_at))
+        return Packing(
+            tuple(lengths), on(part), on(starts), on(sizes[part]), on(q_at), on(k_at)
+        )
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,7 @@ class Problem:
             return torch.full_like(qi, self.lk)
         return (qi + self.q_offset - self.k_offset + 1).clamp(0, self.lk)
 
-    def key_range(self, qi: Tensor) -> tuple[Tensor | int, Tensor]:
+    def visible_range(self, qi: Tensor) -> tuple[Tensor | int, Tensor]:
         """(first, count) of the contiguous keys visible to each query index in ``qi`` (-1
         reads query 0): the query's part of a packed problem, else the causal prefix or all
         keys."""
@@ -152,6 +165,18 @@ class Problem:
             at = qi.clamp_min(0)
             return self.packed.start[at], self.packed.length[at]
         return 0, self.visible_keys(qi)
+
+    def q_positions(self, qi: Tensor) -> Tensor:
+        """Absolute positions of query indices ``qi`` (-1 reads query 0 when packed)."""
+        if self.packed is None:
+            return qi + self.q_offset
+        return self.packed.q_at[qi.clamp_min(0)] + self.q_offset
+
+    def k_positions(self, kj: Tensor) -> Tensor:
+        """Absolute positions of key indices ``kj`` (-1 reads key 0 when packed)."""
+        if self.packed is None:
+            return kj + self.k_offset
+        return self.packed.k_at[kj.clamp_min(0)] + self.k_offset
 
     def generator(self, seed: int, *salt: Any) -> torch.Generator:
         """A generator on the problem's device, seeded from ``seed``, the ranges and ``salt``."""
@@ -353,8 +378,9 @@ class Primitive:
     # A selection step whose Selection has a block form (it can take part in a block plan)
     block_form: ClassVar[bool] = False
     # Runs a packed problem (:class:`Packing`) as its parts would run one by one, random
-    # draws apart, provided every part's length is a multiple of :meth:`pack_quantum`
-    packable: ClassVar[bool] = False
+    # draws apart, provided every part's length is a multiple of :meth:`pack_quantum` (a
+    # step may decide per instance, once its inputs are connected)
+    packable: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -108,8 +108,8 @@ class BlockTable(Selection, Coverage):
 @dataclass
 class KeyBand(Selection, Coverage):
     """Keys at absolute positions ``(anchor - extent, anchor]`` for every query (see the module
-    doc); subclasses give :attr:`extent`, :meth:`anchor` and :meth:`key_range`. ``tile``:
-    queries per tile."""
+    doc); subclasses give :attr:`extent`, :meth:`anchor`, :meth:`first_key` and :meth:`span`.
+    ``tile``: queries per tile. In a packed problem a band keeps to its query's part."""
 
     tile: int = field(default=128, kw_only=True)
 
@@ -126,9 +126,14 @@ class KeyBand(Selection, Coverage):
         """The last key position covered by queries at absolute positions ``q_pos``."""
         raise NotImplementedError
 
-    def key_range(self, problem: Problem, first_q: Tensor, bq: int) -> tuple[Tensor, int]:
-        """(first candidate key [T], local index, and keys per tile) of tiles of ``bq``
-        queries starting at local query indices ``first_q`` [T]."""
+    def first_key(self, q_pos: Tensor) -> Tensor | int:
+        """The first key position a tile of queries from absolute position ``q_pos`` [T] on
+        may cover (an int: the same for every tile)."""
+        raise NotImplementedError
+
+    def span(self, bq: int) -> int:
+        """How many key positions from :meth:`first_key` on a tile of ``bq`` queries may
+        cover."""
         raise NotImplementedError
 
     def bind(self, block_size: int) -> KeyBand:
@@ -141,21 +146,22 @@ class KeyBand(Selection, Coverage):
         )
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        # in local key indices: last covered key, and the one before the first (-1 at least,
-        # so that padding keys (-1) are never covered)
-        last = self.anchor(qi + problem.q_offset) - problem.k_offset
-        before = last - self.extent
-        before = max(before, -1) if isinstance(before, int) else before.clamp_min(-1)
-        return (kj <= last) & (kj > before)
+        last = self.anchor(problem.q_positions(qi))  # the last covered key position
+        k_pos = problem.k_positions(kj)
+        hit = (k_pos <= last) & (k_pos > last - self.extent) & (kj >= 0)  # -1 pads
+        # (a key-only band is asked with any query: it answers for the key alone)
+        if problem.packed is not None and not self.key_only:  # nor into another part
+            part = problem.packed.part
+            hit = hit & (part[qi.clamp_min(0)] == part[kj.clamp_min(0)])
+        return hit
 
     def predicates(self, problem: Problem) -> list[Predicate]:
-        q_pos = _positions(problem, problem.lq, problem.q_offset)
+        q_pos = _positions(problem, problem.lq, problem.q_positions)
         anchor = self.anchor(q_pos)
         if isinstance(anchor, int):
             anchor = torch.full_like(q_pos, anchor)
-        return [
-            Predicate(anchor, _positions(problem, problem.lk, problem.k_offset), band=self.extent)
-        ]
+        k_pos = _positions(problem, problem.lk, problem.k_positions)
+        return [Predicate(anchor, k_pos, band=self.extent)]
 
     def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor:
         q_first, q_last = (x[:, None] for x in grid.q_span(problem.q.device))  # [nQB, 1]
@@ -172,14 +178,30 @@ class KeyBand(Selection, Coverage):
         bq = min(self.tile, problem.lq)
         q_idx = natural_tiles(n, problem.lq, bq, dev)
         first_q = torch.arange(q_idx.shape[1], device=dev) * bq  # [T]
-        start, span = self.key_range(problem, first_q, bq)
+        first, span = self.first_key(problem.q_positions(first_q)), self.span(bq)
+        if problem.packed is None:  # key indices [lo, hi) of the tile's keys; base: at 0
+            lo, hi, base = 0, problem.lk, problem.k_offset
+        else:  # the tile's part (positions run on within a part)
+            lo = problem.packed.start[first_q]
+            hi = (lo + problem.packed.length[first_q])[:, None]
+            base = problem.k_positions(lo) - lo
+            lo = lo[:, None]
+        start = first - base  # local index of the first candidate
+        if isinstance(start, int):  # fixed positions (sinks): only the keys in range
+            end = min(start + span, hi)
+            start = max(start, 0)
+            span = max(0, end - start)
+            start = torch.full_like(first_q, start)
         k_idx = start[:, None] + torch.arange(span, device=dev)  # [T, nk]
-        k_idx = k_idx.masked_fill((k_idx < 0) | (k_idx >= problem.lk), -1)
-        # a band with a fixed anchor holds the same keys for every query: tiles are exact
-        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=self.key_only, k_start=start)
+        k_idx = k_idx.masked_fill((k_idx < lo) | (k_idx >= hi), -1)
+        # a band with a fixed anchor holds the same keys for every query: tiles are exact;
+        # its keys are a range of each row (not when packed: a part may cut it)
+        k_start = start if problem.packed is None else None
+        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=self.key_only, k_start=k_start)
 
 
-def _positions(problem: Problem, length: int, offset: int) -> Tensor:
-    """Absolute positions [N, length] (int32) of a range starting at ``offset``."""
+def _positions(problem: Problem, length: int, positions) -> Tensor:
+    """Absolute positions [N, length] (int32) of indices 0..length-1 under ``positions``."""
     n = problem.q.shape[0]
-    return (torch.arange(length, device=problem.q.device, dtype=torch.int32) + offset).expand(n, -1)
+    idx = torch.arange(length, device=problem.q.device)
+    return positions(idx).to(torch.int32).expand(n, -1)

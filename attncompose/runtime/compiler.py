@@ -49,7 +49,7 @@ class Pipeline:
         for sid in self.nodes:
             steps = [self.nodes[s] for s in nx.ancestors(self.graph, sid) | {sid}]
             self.offset_free[sid] = all(type(node).offset_free for node in steps)
-            packable = all(type(node).packable for node in steps)
+            packable = all(node.packable for node in steps)
             self.pack_quantum[sid] = (
                 math.lcm(*(node.pack_quantum() for node in steps)) if packable else None
             )

@@ -11,6 +11,7 @@ from contract import TIGHT, ReducesToExact
 
 import attncompose as ac
 from attncompose.primitives import dispatch
+from attncompose.runtime.compiler import Pipeline
 
 
 class TestCausalSplitAroundExact(ReducesToExact):
@@ -20,58 +21,105 @@ class TestCausalSplitAroundExact(ReducesToExact):
     }
 
 
-UNROLLED = {
-    # packable body (every level in one packed call; stacked per level where the leaves are
-    # not a multiple of its tiles) and a body with sinks (one call per rectangle)
-    "lsh-only": {"diag.block_size": 64, "out.min_seq_len": 128},
-    "hyperattention-sinks": {
-        "diag.block_size": 64,
-        "residual.sample_size": 32,
-        "out.min_seq_len": 128,
-        "sinks.count": 4,
-    },
+SMALL = {"diag.block_size": 64, "out.min_seq_len": 128}
+UNROLLED = {  # recipe, knobs (no random draws: the same pairs whatever the path), how it runs
+    # packable bodies (every level in one packed call; level by level where the leaves are
+    # not a multiple of the body's tiles, 768 = 96 * 2**3)
+    "lsh-only": ("lsh-only", SMALL, "packed"),
+    "sinks+lsh": (
+        "hyperattention-sinks",
+        {**SMALL, "residual.sample_size": 0, "sinks.count": 4},
+        "packed",
+    ),
+    "window+lsh": (
+        {
+            "name": "window-lsh",
+            "steps": {
+                "window": {"op": "window", "width": 40},
+                "hash": {"op": "lsh", "num_projections": 3},
+                "diag": {"op": "block", "select": ["window", "hash"], "block_size": 64},
+                "out": {"op": "causal_split", "body": "diag", "min_seq_len": 128},
+            },
+        },
+        {},
+        "packed",
+    ),
+    # offset-free, not packable (top-k scores every key of a row): stacked per level
+    "topk": ("hyperattention-topk", {"residual.sample_size": 0, "out.min_seq_len": 128}, "stacked"),
+    # a block plan (sinks alone) is neither: one call per rectangle
+    "sinks-plan": (
+        {
+            "name": "sinks-plan",
+            "steps": {
+                "sinks": {"op": "sink", "count": 4},
+                "diag": {"op": "block", "select": ["sinks"], "block_size": 64},
+                "out": {"op": "causal_split", "body": "diag", "min_seq_len": 128},
+            },
+        },
+        {},
+        "each",
+    ),
 }
 
 
-@pytest.mark.parametrize("name", sorted(UNROLLED))
+@pytest.mark.parametrize("case", sorted(UNROLLED))
 @pytest.mark.parametrize(("lq", "lk"), [(1024, 1024), (768, 768), (1000, 1000), (200, 1224)])
-def test_unrolled_splitter_equals_the_recursion(make_qkv, name, lq, lk, monkeypatch):
+def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, monkeypatch):
     """All leaves in one exact call and the rectangles of all levels packed into one body
-    call (level by level, one call per rectangle, where the body has a step that is not
-    packable) give what the plain recursion gives: same pairs, same seeds where nothing is
-    packed, lse merges in another order; fewer calls."""
+    call (level by level where the body has a step that is not packable, stacked where its
+    steps are offset-free, else one call per rectangle) give what the plain recursion gives:
+    same pairs (sinks and windows at their positions), lse merges in another order; fewer
+    calls."""
     from attncompose.primitives import causal_split as split
 
-    recipe = ac.load_recipe(name).with_knobs(UNROLLED[name])
+    name, knobs, path = UNROLLED[case]
+    recipe = ac.load_recipe(name).with_knobs(knobs)
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=lq, lk=lk, d=16)
     attn = ac.compile(recipe, backend="torch")
-    calls = {"exact": 0, "block": 0}
-    choose = dispatch.choose
+    body = recipe.steps[recipe.output_id].body
+    quantum, offset_free = (
+        getattr(attn.pipeline, f)[body] for f in ("pack_quantum", "offset_free")
+    )
+    assert path == ("packed" if quantum else "stacked" if offset_free else "each")
+    calls = {"exact": 0, "body": 0}
+    exact_choice, lazy = dispatch.choose, Pipeline._lazy
 
     def counting_choose(op, backend, problem, **inputs):
-        impl = choose(op, backend, problem, **inputs)
+        impl = exact_choice(op, backend, problem, **inputs)
         if op != "exact":
-            calls[op] = calls.get(op, 0) + 1  # one choice per block kernel call
             return impl
         exact = impl.load()  # chosen once per attention call: count the calls it makes
         counted = lambda p: calls.update(exact=calls["exact"] + 1) or exact(p)
         return SimpleNamespace(load=lambda: counted)
 
+    def counting_lazy(pipeline, sid):
+        fn = lazy(pipeline, sid)
+        counted = lambda sub: calls.update(body=calls["body"] + 1) or fn(sub)
+        counted.offset_free, counted.pack_quantum = fn.offset_free, fn.pack_quantum
+        return counted
+
     monkeypatch.setattr(dispatch, "choose", counting_choose)
+    monkeypatch.setattr(Pipeline, "_lazy", counting_lazy)
     flat, flat_lse = attn(q, k, v, is_causal=True, return_lse=True)
     flat_calls = dict(calls)
     halve = split._halve
     recursion = lambda p, body, m, exact: exact(p) if p.lq <= m else halve(p, body, m, exact)
     monkeypatch.setattr(split, "_square", recursion)  # the recursion at every level
-    calls.update(exact=0, block=0)
+    calls.update(exact=0, body=0)
     rec, rec_lse = attn(q, k, v, is_causal=True, return_lse=True)
     assert ac.relative_error(flat, rec) < TIGHT
     assert torch.allclose(flat_lse, rec_lse, atol=1e-5)
     if lq == lk and lq % 128 == 0:  # n halves evenly down to the leaves
         assert flat_calls["exact"] < calls["exact"]
-        packed = name == "lsh-only" and split.leaf_length(lq, 128) % 64 == 0  # 768: 96
-        assert (flat_calls["block"] == 1) == packed
-        assert flat_calls["block"] < calls["block"] or not packed
+        leaf = split.leaf_length(lq, 128)
+        rects = lq // leaf - 1
+        assert calls["body"] == rects  # the recursion: one body call per rectangle
+        if quantum and leaf % quantum == 0:  # not so for 768 = 96 * 2**3
+            assert flat_calls["body"] == 1
+        elif offset_free:
+            assert flat_calls["body"] == (lq // leaf).bit_length() - 1  # one per level
+        else:
+            assert flat_calls["body"] == rects
 
 
 def counted_calls(attn, q, k, v, monkeypatch) -> dict[str, int]:

@@ -48,6 +48,16 @@ BODIES = {  # bodies whose result does not depend on random draws
         "hash": {"op": "lsh", "num_projections": 3, "pairing": "code", "align": "mips"},
         **DIAG,
     },
+    "sinks+lsh": {  # each part's own first keys (a part's positions start at 0)
+        "sinks": {"op": "sink", "count": 4},
+        **LSH,
+        "diag": {"op": "block", "select": ["sinks", "hash"], "block_size": 16},
+    },
+    "window+lsh": {
+        "window": {"op": "window", "width": 24},
+        **LSH,
+        "diag": {"op": "block", "select": ["window", "hash"], "block_size": 16},
+    },
     "sample-everything": {"sampled": {"op": "uniform_sample", "sample_size": 4096}},
     "lsh+sample-everything": {
         **LSH,
@@ -107,19 +117,32 @@ def test_mips_augmentation_per_part_equals_each_part_alone():
 
 
 def test_only_bodies_of_packable_steps_are_packed():
-    """A body with a step that is not packable (sinks depend on where keys sit; top-k scores
-    every key of a row) has no pack quantum; a block plan refuses a packed problem."""
+    """A body with a step that is not packable (top-k scores every key of a row; a block
+    plan spans the whole row) has no pack quantum; a block plan refuses a packed problem."""
     q = lambda name: Pipeline(ac.load_recipe(name)).pack_quantum
     assert q("hyperattention")["merged"] == math.lcm(256, 128)
     assert q("lsh-only")["diag"] == 256
     assert q("sampling-only")["sampled"] == 128
-    assert q("hyperattention-sinks")["merged"] is None
+    assert q("hyperattention-sinks")["merged"] == 256
+    assert q("hyperattention-aligned")["merged"] == 128
     assert q("hyperattention-topk")["merged"] is None
-    sinks = Pipeline(
-        recipe({"s": {"op": "sink", "count": 4}, "b": {"op": "block", "select": ["s"]}})
-    )
+    steps = {"s": {"op": "sink", "count": 4}, "b": {"op": "block", "select": ["s"]}}
+    sinks = Pipeline(recipe(steps))
+    assert sinks.pack_quantum["b"] is None
     with pytest.raises(ValueError, match="packed"):
         sinks.nodes["b"](pack(parts()), select=[sinks.nodes["s"](pack(parts()))])
+
+
+def test_a_window_covers_no_pair_across_parts():
+    """Every pair of a packed problem: covered iff both sit in one part and the part alone
+    covers them (its queries and keys at the part's positions)."""
+    each = parts()
+    steps = {"w": {"op": "window", "width": 24}, "b": {"op": "block", "select": ["w"]}}
+    window = Pipeline(recipe(steps)).nodes["w"]
+    every = lambda p: window(p).covers(
+        p, torch.arange(p.lq).view(1, -1, 1), torch.arange(p.lk).view(1, 1, -1)
+    )[0]
+    assert torch.equal(every(pack(each)), torch.block_diag(*(every(p) for p in each)))
 
 
 def test_a_packed_problem_has_no_sub_ranges():

@@ -73,7 +73,7 @@ class Block(Primitive):
     )
     offset_free = True
     # tiles come from the selections (packable ones keep to their parts); a block plan
-    # spans the whole row, so a packed problem never takes the plan path
+    # spans the whole row: a step that runs one is not packable (set by connect())
     packable = True
 
     def pack_quantum(self) -> int:
@@ -124,6 +124,7 @@ class Block(Primitive):
         selected = [type(node).block_form for node in inputs["select"]]
         excluded = [node.planned for node in inputs["exclude"]]
         self.planned = all(selected) and all(excluded)
+        self.packable = not self.planned
 
     def kernel_name(self) -> str:
         if self.planned:

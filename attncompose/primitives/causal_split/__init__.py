@@ -5,7 +5,8 @@ diagonal halves recurse, and the lower-left rectangle (second-half queries x fir
 keys, fully visible) goes through the non-causal body; its result is merged into the second
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
 all diagonal leaves in one exact call, then the rectangles. Where every step of the body is
-packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, block, sampler, merge)
+packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks, windows, block
+without a block plan, sampler, merge)
 and the leaves are a multiple of the body's tiles, the rectangles of ALL levels go through
 ONE body call, packed end to end along the rows, and merge into their rows in one scattered
 lse merge: a fixed number of kernels, whatever the number of levels. Otherwise level by
@@ -130,7 +131,8 @@ class _Levels:
             lengths += [size] * (n // (2 * size))
         self.q_rows = torch.cat(q_rows).to(device)
         self.k_rows = torch.cat(k_rows).to(device)
-        self.packing = Packing.of(tuple(lengths), device)
+        # positions as in the square (sinks and windows in the body find their keys)
+        self.packing = Packing.of(tuple(lengths), device, q_at=self.q_rows, k_at=self.k_rows)
 
     def packed(self, problem: Problem) -> Problem:
         """The rectangles of ``problem`` as one packed non-causal problem (one gather each
@@ -142,8 +144,6 @@ class _Levels:
             k=copy("k", problem.k, self.k_rows),
             v=copy("v", problem.v, self.k_rows),
             causal=False,
-            q_offset=0,
-            k_offset=0,
             packed=self.packing,
         )
 

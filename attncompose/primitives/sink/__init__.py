@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from attncompose.primitives.base import Primitive, Problem
@@ -32,14 +31,17 @@ class SinkCoverage(KeyBand):
     def anchor(self, q_pos: Tensor) -> int:
         return self.count - 1
 
-    def key_range(self, problem: Problem, first_q: Tensor, bq: int) -> tuple[Tensor, int]:
-        width = max(0, min(problem.lk, self.count - problem.k_offset))  # in range: no padding
-        return torch.zeros_like(first_q), width
+    def first_key(self, q_pos: Tensor) -> int:
+        return 0
+
+    def span(self, bq: int) -> int:
+        return self.count
 
 
 class Sink(Primitive):
     schema = SinkStep
     block_form = True
+    packable = True  # positions of packed keys are their parts' (Packing.k_at)
 
     def __call__(self, problem: Problem) -> SinkCoverage:
         # more sinks than keys: every key (the knob never sizes memory beyond the sequence)

@@ -79,7 +79,7 @@ def sample_tiles(
     dev = uniforms.device
     if q_idx is None:
         q_idx = natural_tiles(n, problem.lq, TILE, dev)
-    first, reach = problem.key_range(q_idx.amax(dim=-1))  # [N, T]: a tile's keys
+    first, reach = problem.visible_range(q_idx.amax(dim=-1))  # [N, T]: a tile's keys
     reach = reach.unsqueeze(-1)  # R per tile [N, T, 1]
     width = min(m, problem.lk)  # more draws than keys: every key once
     u = torch.arange(width, device=dev).view(1, 1, width)

@@ -29,15 +29,17 @@ class WindowCoverage(KeyBand):
     def anchor(self, q_pos: Tensor) -> Tensor:
         return q_pos
 
-    def key_range(self, problem: Problem, first_q: Tensor, bq: int) -> tuple[Tensor, int]:
-        # the band of the tile's first query to that of its last: keys outside [0, Lk) pad
-        start = first_q + problem.q_offset - problem.k_offset - self.width + 1
-        return start, bq + self.width - 1 if self.width else 0
+    def first_key(self, q_pos: Tensor) -> Tensor:
+        return q_pos - self.width + 1  # the band of the tile's first query to its last's
+
+    def span(self, bq: int) -> int:
+        return bq + self.width - 1 if self.width else 0
 
 
 class Window(Primitive):
     schema = WindowStep
     block_form = True
+    packable = True  # positions of packed queries and keys are their parts' (Packing)
 
     def __call__(self, problem: Problem) -> WindowCoverage:
         # wider than the last query's distance to the first key: the same keys as that width
