@@ -96,9 +96,7 @@ class Packing:
         local = torch.arange(part.numel()) - starts  # each part from 0
         on = lambda x: x.to(device=device, dtype=torch.long)
         q_at, k_at = (local if at is None else at for at in (q_at, k_at))
-        return Packing(
-            tuple(lengths), on(part), on(starts), on(sizes[part]), on(q_at), on(k_at)
-        )
+        return Packing(tuple(lengths), on(part), on(starts), on(sizes[part]), on(q_at), on(k_at))
 
 
 @dataclass(frozen=True)
