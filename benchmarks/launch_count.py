@@ -4,7 +4,8 @@ The Triton backend runs under ``TRITON_INTERPRET=1``; each Triton kernel launch 
 each aten op outside a Triton kernel counts one, except views and plain allocations (which
 launch nothing on a GPU). It is an estimate of what ``torch.profiler`` counts on CUDA
 (``bench_gpu.py``'s ``launches``): there, a sort or a ``cat`` may launch more than one kernel.
-What it shows without a GPU is how the count grows with the causal splitter's levels: the
+What it shows without a GPU is how the count grows with the causal splitter's levels (which
+packs them on a GPU, so here too: ``causal_split.PACK_DEVICES``): the
 recipes run at leaves of 128 (``out.min_seq_len``), blocks and samples of 64, d=16, H=2,
 for n = 512 ... 4096 (2 to 5 levels; the paper's knobs at 128k have 5: leaves of 4096).
 Writes ``benchmarks/results/launch_count.json`` (device, versions, commit, date).
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
 from attncompose.eval.timing import write_results
+from attncompose.primitives import causal_split
 from attncompose.primitives.causal_split import leaf_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,6 +76,7 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def count(recipe_name: str, n: int) -> dict:
+    causal_split.PACK_DEVICES = {"cpu", "cuda"}  # the splitter as on a GPU
     recipe = ac.load_recipe(recipe_name)
     recipe = recipe.with_knobs({k: v for k, v in KNOBS.items() if k.split(".")[0] in recipe.steps})
     attn = ac.compile(recipe, backend="triton")

@@ -57,3 +57,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "triton" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def packing_on_cpu(monkeypatch):
+    """The causal splitter packs every level into one body call on CPU tensors too (as on
+    CUDA; by default a CPU runs the levels one by one)."""
+    from attncompose.primitives import causal_split
+
+    monkeypatch.setattr(causal_split, "PACK_DEVICES", {"cuda", "cpu"})

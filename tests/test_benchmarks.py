@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_gpu": ["--cpu-smoke"],
     "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
     "launch_count": ["--recipes", "lsh-only", "--seq-lens", "512,1024"],
+    "splitter_cpu": ["--recipes", "lsh-only", "--seq-len", "8192", "--repeats", "1"],
     "profile_cpu": ["--seq-len", "1024", "--repeats", "1"],
     "tune_time": ["--", "--seq-lens", "512", "--trials", "2"],
 }

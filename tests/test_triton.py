@@ -109,7 +109,7 @@ def test_pipeline_triton_equals_torch_with_gqa(make_qkv, lq, lk, causal):
     assert torch.allclose(got_lse, want_lse, atol=1e-5)
 
 
-def test_packed_splitter_triton_equals_torch(make_qkv, monkeypatch):
+def test_packed_splitter_triton_equals_torch(make_qkv, monkeypatch, packing_on_cpu):
     """The causal splitter packs both levels' rectangles into one body call: the GPU form
     (hash kernel with per-part sorting, contiguous tile copies, one plan launch, one
     scattered merge) equals the torch form, same draws."""

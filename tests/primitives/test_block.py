@@ -326,7 +326,7 @@ def test_flex_says_so_instead_of_falling_back_to_eager(monkeypatch):
 
 
 @pytest.mark.parametrize(("n", "causal"), [(128, False), (512, True)])
-def test_flex_runs_sorted_tiles_as_one_contiguous_plan(n, causal):
+def test_flex_runs_sorted_tiles_as_one_contiguous_plan(n, causal, packing_on_cpu):
     """backend="flex": sortLSH buckets with their sampled residual through FlexAttention's
     eager path equal the torch steps one by one; causal, the splitter's two levels packed
     into one body call."""

@@ -62,9 +62,10 @@ UNROLLED = {  # recipe, knobs (no random draws: the same pairs whatever the path
 }
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packing", "cpu-default"])
 @pytest.mark.parametrize("case", sorted(UNROLLED))
 @pytest.mark.parametrize(("lq", "lk"), [(1024, 1024), (768, 768), (1000, 1000), (200, 1224)])
-def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, monkeypatch):
+def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, request, monkeypatch):
     """All leaves in one exact call and the rectangles of all levels packed into one body
     call (level by level where the body has a step that is not packable, stacked where its
     steps are offset-free, else one call per rectangle) give what the plain recursion gives:
@@ -72,6 +73,8 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, monkeypa
     calls."""
     from attncompose.primitives import causal_split as split
 
+    if pack:
+        request.getfixturevalue("packing_on_cpu")  # as on CUDA
     name, knobs, path = UNROLLED[case]
     recipe = ac.load_recipe(name).with_knobs(knobs)
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=lq, lk=lk, d=16)
@@ -114,7 +117,7 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, monkeypa
         leaf = split.leaf_length(lq, 128)
         rects = lq // leaf - 1
         assert calls["body"] == rects  # the recursion: one body call per rectangle
-        if quantum and leaf % quantum == 0:  # not so for 768 = 96 * 2**3
+        if pack and quantum and leaf % quantum == 0:  # not so for 768 = 96 * 2**3
             assert flat_calls["body"] == 1
         elif offset_free:
             assert flat_calls["body"] == (lq // leaf).bit_length() - 1  # one per level
@@ -141,7 +144,7 @@ PACKED = {"out.min_seq_len": 128, "diag.block_size": 64, "residual.sample_size":
 
 
 @pytest.mark.parametrize("name", ["hyperattention", "lsh-only", "sampling-only"])
-def test_every_level_goes_through_one_body_pass(make_qkv, name, monkeypatch):
+def test_every_level_goes_through_one_body_pass(make_qkv, name, monkeypatch, packing_on_cpu):
     """The rectangles of every level in ONE body call (one hash-and-sort kernel for q and k,
     one tile pass, one exact call for the leaves), as many calls for 3 levels as for 5; the
     result as close to exact attention as the recursion's (other draws, same estimator)."""

@@ -9,7 +9,9 @@ packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks, windows
 without a block plan, sampler, merge)
 and the leaves are a multiple of the body's tiles, the rectangles of ALL levels go through
 ONE body call, packed end to end along the rows, and merge into their rows in one scattered
-lse merge: a fixed number of kernels, whatever the number of levels. Otherwise level by
+lse merge: a fixed number of kernels, whatever the number of levels (on the devices of
+:data:`PACK_DEVICES`: where a call costs its launches, not on a CPU, where packing copies
+every level's rows that the level-by-level path reads as views). Otherwise level by
 level, each level in one body call where the body's steps do not depend on offsets (stacked
 as rows), else one call per rectangle. Packed or stacked, random draws differ from the
 recursion's, each still unbiased. Decode (Lq < Lk,
@@ -32,6 +34,12 @@ from attncompose.primitives.merge.naive import merge_into, merge_partials, merge
 from attncompose.primitives.plan import static_plan
 
 Body = Callable[[Problem], Partial]
+
+# Device types where the rectangles of all levels go through one packed body call. A GPU
+# call's time is largely its kernel launches (levels x ~100 level by level); a CPU has no
+# launch cost, and there packing's copies of q, k and v cost more than they save
+# (benchmarks/splitter_cpu.py times both forms: benchmarks/results/splitter_cpu.json).
+PACK_DEVICES = {"cuda"}
 
 
 def causal_split(
@@ -89,7 +97,8 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
     out = leaves.out.reshape(rows, n, -1).contiguous()  # merged into in place below
     lse = leaves.lse.reshape(rows, n).contiguous()
     quantum = getattr(body, "pack_quantum", None)
-    if quantum is not None and leaf % quantum == 0:
+    packs = problem.q.device.type in PACK_DEVICES
+    if packs and quantum is not None and leaf % quantum == 0:
         layout = static_plan(
             ("causal_split.packed", n, leaf, problem.q.device),
             lambda: _Levels(n, leaf, levels, problem.q.device),
