@@ -64,7 +64,9 @@ UNROLLED = {  # recipe, knobs (no random draws: the same pairs whatever the path
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packing", "cpu-default"])
 @pytest.mark.parametrize("case", sorted(UNROLLED))
-@pytest.mark.parametrize(("lq", "lk"), [(1024, 1024), (768, 768), (1000, 1000), (200, 1224)])
+@pytest.mark.parametrize(
+    ("lq", "lk"), [(1024, 1024), (768, 768), (1000, 1000), (200, 1224), (512, 1000)]
+)
 def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, request, monkeypatch):
     """All leaves in one exact call and the rectangles of all levels packed into one body
     call (level by level where the body has a step that is not packable, stacked where its
