@@ -18,6 +18,12 @@ point, so a run stopped by a time limit keeps what it measured, and prints a tab
     python benchmarks/bench_gpu.py                         # the grid (needs CUDA)
     python benchmarks/bench_gpu.py --dims 128 --lengths 32768,131072 --recipes streaming,topp
     python benchmarks/bench_gpu.py --cpu-smoke             # tiny sizes on CPU (torch, flex)
+    python benchmarks/bench_gpu.py --levels --dims 128 --lengths 32768,131072 \
+        --recipes hyperattention,hyperattention-sinks --modes causal
+
+``--levels`` adds, for causal calls of recipes whose splitter packs its levels on a GPU,
+the same recipe with the levels run one by one (``impl: attncompose-levels``), so one run
+says whether packing pays (``causal_split.PACK_DEVICES``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from attncompose.eval.timing import (
     peak_memory_mb,
     write_results,
 )
+from attncompose.primitives import causal_split
 from attncompose.runtime.compiler import Pipeline
 from attncompose.runtime.naming import device_name
 
@@ -74,6 +81,29 @@ def planned(recipe) -> bool:
     return bool(blocks) and all(node.planned for node in blocks)
 
 
+def packs(recipe) -> bool:
+    """Whether ``recipe``'s causal splitter packs every level into one body call (on the
+    devices of ``causal_split.PACK_DEVICES``)."""
+    pipeline = Pipeline(recipe, backend="torch")
+    split = recipe.steps[recipe.output_id]
+    return split.op == "causal_split" and pipeline.pack_quantum[split.body] is not None
+
+
+class LevelByLevel:
+    """A compiled recipe called with its splitter's levels run one by one on every device."""
+
+    def __init__(self, attn):
+        self.attn = attn
+
+    def __call__(self, *args, **kwargs):
+        saved = causal_split.PACK_DEVICES
+        causal_split.PACK_DEVICES = set()
+        try:
+            return self.attn(*args, **kwargs)
+        finally:
+            causal_split.PACK_DEVICES = saved
+
+
 def frac_of(attn, recipe, q, k, v, causal: bool, torch_backend) -> float:
     """Share of exact attention's products: the plans count theirs on any backend; a recipe
     with tile-path steps is counted by the torch backend on the first heads."""
@@ -99,10 +129,18 @@ class Fracs:
 
 
 def run_grid(
-    grid: dict, recipes: list[str], device, dtype, backends: tuple[str, str], save, graphs=False
+    grid: dict,
+    recipes: list[str],
+    device,
+    dtype,
+    backends: tuple[str, str],
+    save,
+    graphs=False,
+    levels=False,
 ):
     """Every point of ``grid``; ``save(rows)`` after each one (``graphs``: also each recipe
-    replayed from a CUDA graph, impl "attncompose-graphs")."""
+    replayed from a CUDA graph, impl "attncompose-graphs"; ``levels``: also, causal, each
+    recipe whose splitter packs, with its levels one by one, impl "attncompose-levels")."""
     impl_backend, flex_backend = backends
     compiled = {}
     fracs = Fracs()
@@ -125,12 +163,16 @@ def run_grid(
                         impls["flex"] = flex_backend
                     if graphs:
                         impls["attncompose-graphs"] = impl_backend
+                    if levels and causal and packs(recipe):
+                        impls["attncompose-levels"] = impl_backend
                     for impl, backend in impls.items():
                         key = (name, impl)
                         if key not in compiled:
                             compiled[key] = ac.compile(
                                 recipe, backend=backend, cuda_graphs=impl.endswith("graphs")
                             )
+                            if impl.endswith("levels"):
+                                compiled[key] = LevelByLevel(compiled[key])
                         if ("torch", name) not in compiled:
                             compiled["torch", name] = ac.compile(recipe, backend="torch")
                         row = _recipe_row(
@@ -208,6 +250,9 @@ def main() -> None:
     parser.add_argument("--modes", help="causal,non-causal,decode (default: all)")
     parser.add_argument("--recipes", help="comma-separated built-in recipes (default: all)")
     parser.add_argument("--graphs", action="store_true", help="also time CUDA graph replays")
+    parser.add_argument(
+        "--levels", action="store_true", help="also time packing splitters level by level"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -242,7 +287,9 @@ def main() -> None:
         }
         write_results(out, record, device)
 
-    rows = run_grid(grid, recipes, device, dtype, backends, save, graphs=args.graphs)
+    rows = run_grid(
+        grid, recipes, device, dtype, backends, save, graphs=args.graphs, levels=args.levels
+    )
     print(table(rows))
     print(f"wrote {out}")
 

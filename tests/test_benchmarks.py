@@ -19,7 +19,7 @@ RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min"
 
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
-    "bench_gpu": ["--cpu-smoke"],
+    "bench_gpu": ["--cpu-smoke", "--levels"],
     "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
     "launch_count": ["--recipes", "lsh-only", "--seq-lens", "512,1024"],
     "splitter_cpu": ["--recipes", "lsh-only", "--seq-len", "8192", "--repeats", "1"],
