@@ -109,11 +109,20 @@ def test_pipeline_triton_equals_torch_with_gqa(make_qkv, lq, lk, causal):
     assert torch.allclose(got_lse, want_lse, atol=1e-5)
 
 
-def test_packed_splitter_triton_equals_torch(make_qkv, monkeypatch, packing_on_cpu):
+ALIGNED = {  # hyperattention-aligned's shape: sinks, code-paired buckets, no fusion
+    **SMALL,
+    "sinks": {"op": "sink", "count": 4},
+    "hash": {"op": "lsh", "num_projections": 3, "pairing": "code"},
+    "diag": {"op": "block", "select": ["sinks", "hash"], "block_size": 16},
+}
+
+
+@pytest.mark.parametrize("steps", [SMALL, ALIGNED], ids=["hyperattention", "aligned"])
+def test_packed_splitter_triton_equals_torch(make_qkv, monkeypatch, packing_on_cpu, steps):
     """The causal splitter packs both levels' rectangles into one body call: the GPU form
-    (hash kernel with per-part sorting, contiguous tile copies, one plan launch, one
+    (hash kernel with per-part sorting, contiguous tile copies or the tile kernel, one
     scattered merge) equals the torch form, same draws."""
-    recipe = ac.load_recipe({"name": "small", "steps": SMALL})
+    recipe = ac.load_recipe({"name": "small", "steps": steps})
     recipe = recipe.with_knobs({"diag.block_size": 64, "out.min_seq_len": 128})
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=512, lk=512, d=16)
     want, want_lse = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True, return_lse=True)
