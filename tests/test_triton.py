@@ -196,7 +196,11 @@ def test_kernels_say_which_implementation_runs():
     recipe = ac.load_recipe({"name": "small", "steps": SMALL})
     tiles = "triton:contiguous-tiles else triton:tile-attention"
     assert Pipeline(recipe, backend="triton").kernels()["diag"] == tiles
-    assert Pipeline(recipe, backend="torch").kernels()["out"].endswith("torch:sdpa-with-lse")
+    split = Pipeline(recipe, backend="torch").kernels()["out"]
+    assert (
+        split == "base case torch:sdpa-with-lse; packed levels merged by torch:scatter-merge-rows"
+    )
+    assert Pipeline(recipe, backend="triton").kernels()["out"].endswith("triton:merge-rows")
     auto = Pipeline(recipe, backend="auto").kernels()["diag"]
     assert auto == (
         tiles + " else flex:contiguous-tiles"

@@ -108,7 +108,7 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, re
     flat, flat_lse = attn(q, k, v, is_causal=True, return_lse=True)
     flat_calls = dict(calls)
     halve = split._halve
-    recursion = lambda p, body, m, exact: exact(p) if p.lq <= m else halve(p, body, m, exact)
+    recursion = lambda p, body, m, ks: ks.exact(p) if p.lq <= m else halve(p, body, m, ks)
     monkeypatch.setattr(split, "_square", recursion)  # the recursion at every level
     calls.update(exact=0, body=0)
     rec, rec_lse = attn(q, k, v, is_causal=True, return_lse=True)
@@ -165,7 +165,7 @@ def test_every_level_goes_through_one_body_pass(make_qkv, name, monkeypatch, pac
     exact = ac.compile(ac.load_recipe("exact"), backend="torch")(q, k, v, is_causal=True)
     packed = ac.relative_error(attn(q, k, v, is_causal=True), exact)
     halve = split._halve
-    recursion = lambda p, body, m, exact: exact(p) if p.lq <= m else halve(p, body, m, exact)
+    recursion = lambda p, body, m, ks: ks.exact(p) if p.lq <= m else halve(p, body, m, ks)
     monkeypatch.setattr(split, "_square", recursion)
     recursive = ac.relative_error(attn(q, k, v, is_causal=True), exact)
     assert packed < 1.1 * recursive + 1e-6

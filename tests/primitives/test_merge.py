@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from on_device import DEVICE, triton_module
 from oracle import make_problem, masked_attention
 
 from attncompose.primitives.base import Partial
 from attncompose.primitives.exact.naive import exact_attention
+from attncompose.primitives.merge import naive as merge_naive
 from attncompose.primitives.merge.naive import merge_into, merge_partials
+
+merge_triton = triton_module("merge.triton")  # None where Triton cannot run
 
 
 def test_lse_merge_of_a_key_partition_equals_exact():
@@ -54,3 +59,47 @@ def test_merge_into_a_strided_view_equals_merge_partials():
     assert torch.allclose(view(target.lse)[finite], want.lse[finite], atol=1e-6)
     above = lambda x: x.view(2, 2, 32, -1)[:, :, :16]  # rows outside the view: untouched
     assert torch.equal(above(target.out), above(before))
+
+
+MERGE_ROWS = {
+    "torch": merge_naive.merge_rows_into,
+    "triton": pytest.param(
+        merge_triton and merge_triton.merge_rows_into,
+        marks=[pytest.mark.triton, pytest.mark.skipif(merge_triton is None, reason="no triton")],
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("merge_rows", list(MERGE_ROWS.values()), ids=list(MERGE_ROWS))
+def test_merge_rows_into_equals_merging_one_part_at_a_time(merge_rows, dtype):
+    """The causal splitter's packed levels: several rows of the packed result land on one
+    row of the target (one per level), in place, in the target's dtype."""
+    device = DEVICE if merge_rows is not merge_naive.merge_rows_into else torch.device("cpu")
+    g = torch.Generator().manual_seed(1)
+    target = Partial(torch.randn(2, 8, 16, generator=g), torch.randn(2, 8, generator=g))
+    part = Partial(torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, generator=g))
+    rows = torch.tensor([1, 3, 5, 7, 3, 7])  # rows 3 and 7 get two each, 0 2 4 6 none
+    sources = torch.tensor([[-1, 0, -1, 1, -1, 2, -1, 3], [-1, -1, -1, 4, -1, -1, -1, 5]])
+    target.lse[0, 1] = part.lse[0, 0] = float("-inf")  # an empty row stays empty
+    target.out[0, 1] = part.out[0, 0] = 0.0
+    target.lse[1, 3] = float("-inf")  # empty before, filled by the part
+    target.out[1, 3] = 0.0
+    target.out, part.out = target.out.to(dtype), part.out.to(dtype)
+    want = Partial(target.out.float(), target.lse.clone())
+    for j, row in enumerate(rows.tolist()):
+        one = merge_partials([Partial(want.out[:, row], want.lse[:, row]),
+                              Partial(part.out[:, j].float(), part.lse[:, j])])  # fmt: skip
+        want.out[:, row], want.lse[:, row] = one.out, one.lse
+    on = lambda p: Partial(p.out.to(device), p.lse.to(device))
+    target, part = on(target), on(part)
+    problem = make_problem(2, 8, 8, d=16)
+    merge_rows(problem, target, part, rows.to(device), sources.to(device, torch.int32))
+    assert target.out.dtype == dtype
+    out, lse = target.out.float().cpu(), target.lse.cpu()
+    assert torch.isneginf(lse[0, 1]) and (out[0, 1] == 0).all()
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(out, want.out, atol=tol)
+    finite = torch.isfinite(want.lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite], want.lse[finite], atol=1e-6)

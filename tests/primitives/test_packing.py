@@ -12,7 +12,7 @@ from contract import TIGHT, recipe
 from oracle import make_problem
 
 import attncompose as ac
-from attncompose.primitives.base import Packing, Partial, Problem, count_products
+from attncompose.primitives.base import Packing, Problem, count_products
 from attncompose.primitives.lsh.naive import mips_augment
 from attncompose.primitives.uniform_sample.naive import draw_uniforms, natural_tiles, sample_tiles
 from attncompose.runtime.compiler import Pipeline
@@ -148,28 +148,3 @@ def test_a_window_covers_no_pair_across_parts():
 def test_a_packed_problem_has_no_sub_ranges():
     with pytest.raises(ValueError, match="packed"):
         pack(parts()).sub(slice(0, 8), slice(0, 8), causal=False)
-
-
-def test_merge_rows_into_equals_merging_one_part_at_a_time():
-    """Several rows of the packed result land on one row of the target (one per level)."""
-    from attncompose.primitives.merge.naive import merge_partials, merge_rows_into
-
-    g = torch.Generator().manual_seed(1)
-    target = Partial(torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, generator=g))
-    part = Partial(torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, generator=g))
-    rows = torch.tensor([1, 3, 5, 7, 3, 7])  # rows 3 and 7 get two each, 0 2 4 6 none
-    target.lse[0, 1] = part.lse[0, 0] = float("-inf")  # an empty row stays empty
-    target.out[0, 1] = part.out[0, 0] = 0.0
-    target.lse[1, 3] = float("-inf")  # empty before, filled by the part
-    target.out[1, 3] = 0.0
-    want = Partial(target.out.clone(), target.lse.clone())
-    for j, row in enumerate(rows.tolist()):
-        one = merge_partials([Partial(want.out[:, row], want.lse[:, row]),
-                              Partial(part.out[:, j], part.lse[:, j])])  # fmt: skip
-        want.out[:, row], want.lse[:, row] = one.out, one.lse
-    merge_rows_into(target, part, rows)
-    assert torch.isneginf(target.lse[0, 1]) and (target.out[0, 1] == 0).all()
-    assert torch.allclose(target.out, want.out, atol=1e-6)
-    finite = torch.isfinite(want.lse)
-    assert torch.equal(torch.isfinite(target.lse), finite)
-    assert torch.allclose(target.lse[finite], want.lse[finite], atol=1e-6)

@@ -22,7 +22,7 @@ Lq x Lq square recurses. Non-causal calls go straight to the body.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,34 +43,50 @@ PACK_DEVICES = {"cuda"}
 
 
 def causal_split(
-    problem: Problem, body: Body, min_seq_len: int, exact: Body = fused_exact_attention
+    problem: Problem,
+    body: Body,
+    min_seq_len: int,
+    exact: Body = fused_exact_attention,
+    merge_rows=merge_rows_into,
 ) -> Partial:
-    """Causal attention by recursive halving (base cases by ``exact``); see the module doc."""
+    """Causal attention by recursive halving (base cases by ``exact``; a packed call's rows
+    merged by ``merge_rows``, an implementation of the ``merge_rows`` op); see the module
+    doc."""
+    kernels = Kernels(exact, merge_rows)
     if not problem.causal:
         return body(problem)
     last_q = problem.q_offset + problem.lq
     if last_q != problem.k_offset + problem.lk or problem.lq > problem.lk:
         return exact(problem)  # not bottom-right aligned: keep it exact
     if problem.lq == problem.lk:
-        return _square(problem, body, min_seq_len, exact)
+        return _square(problem, body, min_seq_len, kernels)
     if problem.lk <= min_seq_len:
         return exact(problem)
     delta = problem.lk - problem.lq  # keys [0, delta) are visible to every query
     rect = body(problem.sub(slice(None), slice(0, delta), causal=False))
     square = _square(
-        problem.sub(slice(None), slice(delta, None), causal=True), body, min_seq_len, exact
+        problem.sub(slice(None), slice(delta, None), causal=True), body, min_seq_len, kernels
     )
     return merge_partials([rect, square])
 
 
-def _square(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Partial:
+@dataclass(frozen=True)
+class Kernels:
+    """The implementations a causal call runs besides its body: the exact leaves, and the
+    merge of a packed call's rows."""
+
+    exact: Body
+    merge_rows: Callable
+
+
+def _square(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) -> Partial:
     n = problem.lq
     if n <= min_seq_len:
-        return exact(problem)
+        return kernels.exact(problem)
     leaf = leaf_length(n, min_seq_len)
     if leaf is not None:
-        return _flat_square(problem, body, leaf, (n // leaf).bit_length() - 1, exact)
-    return _halve(problem, body, min_seq_len, exact)  # an odd length on the way down
+        return _flat_square(problem, body, leaf, (n // leaf).bit_length() - 1, kernels)
+    return _halve(problem, body, min_seq_len, kernels)  # an odd length on the way down
 
 
 def leaf_length(n: int, min_seq_len: int) -> int | None:
@@ -82,7 +98,7 @@ def leaf_length(n: int, min_seq_len: int) -> int | None:
     return leaf if leaf <= min_seq_len else None
 
 
-def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Body) -> Partial:
+def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, kernels: Kernels) -> Partial:
     """The recursion unrolled for n = leaf * 2**levels: every diagonal leaf in ONE exact call
     (the leaves stacked as rows: a view of contiguous inputs), then the rectangles level by
     level from the smallest (the recursion's order), each level merged into its rows at once
@@ -93,7 +109,7 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
     diagonal = replace(
         problem, q=stack(problem.q), k=stack(problem.k), v=stack(problem.v), q_offset=0, k_offset=0
     )
-    leaves = exact(diagonal)  # squares: causal alignment needs no offsets
+    leaves = kernels.exact(diagonal)  # squares: causal alignment needs no offsets
     out = leaves.out.reshape(rows, n, -1).contiguous()  # merged into in place below
     lse = leaves.lse.reshape(rows, n).contiguous()
     quantum = getattr(body, "pack_quantum", None)
@@ -103,7 +119,8 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, exact: Bo
             ("causal_split.packed", n, leaf, problem.q.device),
             lambda: _Levels(n, leaf, levels, problem.q.device),
         )
-        merge_rows_into(Partial(out, lse), body(layout.packed(problem)), layout.q_rows)
+        packed = body(layout.packed(problem))
+        kernels.merge_rows(problem, Partial(out, lse), packed, layout.q_rows, layout.sources)
         return Partial(out, lse)
     for level in range(levels):
         size = leaf << level
@@ -140,6 +157,12 @@ class _Levels:
             lengths += [size] * (n // (2 * size))
         self.q_rows = torch.cat(q_rows).to(device)
         self.k_rows = torch.cat(k_rows).to(device)
+        # the same map inverted: per level, the packed row each position takes (-1: none)
+        half = n // 2
+        sources = torch.full((levels, n), -1, dtype=torch.int32)
+        for level, rows in enumerate(q_rows):
+            sources[level, rows] = torch.arange(half, dtype=torch.int32) + level * half
+        self.sources = sources.to(device)
         # positions as in the square (sinks and windows in the body find their keys)
         self.packing = Packing.of(tuple(lengths), device, q_at=self.q_rows, k_at=self.k_rows)
 
@@ -182,12 +205,12 @@ def _stacked(problem: Problem, body: Body, starts: range, size: int) -> Partial:
     )
 
 
-def _halve(problem: Problem, body: Body, min_seq_len: int, exact: Body) -> Partial:
+def _halve(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) -> Partial:
     """One level of the recursion: both diagonal halves, then the lower-left rectangle."""
     n = problem.lq
     h = n // 2
-    top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len, exact)
-    bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len, exact)
+    top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len, kernels)
+    bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len, kernels)
     rect = body(problem.sub(slice(h, n), slice(0, h), causal=False))
     bottom = merge_partials([bottom, rect])
     return Partial(torch.cat([top.out, bottom.out], dim=1), torch.cat([top.lse, bottom.lse], 1))
@@ -198,7 +221,13 @@ class CausalSplit(Primitive):
 
     def __call__(self, problem: Problem, body: Body) -> Partial:
         exact = dispatch.choose("exact", self.backend, problem).load()
-        return causal_split(problem, body, self.knobs["min_seq_len"], exact)
+        merge_rows = dispatch.choose("merge_rows", self.backend, problem).load()
+        return causal_split(problem, body, self.knobs["min_seq_len"], exact, merge_rows)
 
     def kernel_name(self) -> str:
-        return "base case " + dispatch.describe("exact", self.backend)
+        return (
+            "base case "
+            + dispatch.describe("exact", self.backend)
+            + "; packed levels merged by "
+            + dispatch.describe("merge_rows", self.backend)
+        )

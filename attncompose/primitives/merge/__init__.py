@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.merge.kernels import TorchMergeRows, TritonMergeRows
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.merge.schema import MergeStep
 
 
 class Merge(Primitive):
     schema = MergeStep
+    kernels = (TritonMergeRows, TorchMergeRows)  # "merge_rows": the causal splitter's
     offset_free = True
     packable = True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial
+from attncompose.primitives.base import Partial, Problem
 
 
 def merge_partials(parts: list[Partial]) -> Partial:
@@ -37,11 +37,15 @@ def merge_into(target: Partial, part: Partial) -> None:
     target.lse.copy_(lse)
 
 
-def merge_rows_into(target: Partial, part: Partial, rows: Tensor) -> None:
+def merge_rows_into(
+    problem: Problem, target: Partial, part: Partial, rows: Tensor, sources: Tensor | None = None
+) -> None:
     """Merge row j of ``part`` into row ``rows[j]`` of ``target``, in place, by lse; several
     rows of ``part`` may land on one row of ``target``. A fixed number of kernels however many
     land on a row (target: out [N, L, Dv], lse [N, L]; part: out [N, M, Dv], lse [N, M];
-    ``rows`` [M] int64). Weights and sums in float32, the output written in its dtype."""
+    ``rows`` [M] int64; ``sources``, the same map inverted, is for the Triton kernel).
+    Weights and sums in float32, the output written in its dtype. The ``merge_rows`` kernel
+    op's reference (``problem``: what the kernel choice looks at)."""
     n = target.lse.shape[0]
     top = target.lse.clone().scatter_reduce_(1, rows.expand(n, -1), part.lse, "amax")
     base = top.nan_to_num(neginf=0.0)  # rows that attend nothing stay -inf

@@ -1,0 +1,85 @@
+"""Triton lse merge of a packed result into its rows: one launch, one pass, no atomics.
+
+The causal splitter's packed body call returns every level's rectangles as rows of one
+result; each row of the target (a query of the causal square) takes at most one row per
+level. ``sources`` [K, L] lists, per target row, the packed rows it takes (-1: none), so
+one program per (block of target rows, row n) reads its target rows and their sources and
+folds them in by an online log-sum-exp in float32, then writes the target in place (its
+dtype) - what :func:`~attncompose.primitives.merge.naive.merge_rows_into` does with a
+scatter-max and two scatter-adds.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attncompose.primitives.base import Partial, Problem
+
+
+@triton.jit
+def _merge_rows_kernel(
+    out,
+    lse,
+    p_out,
+    p_lse,
+    src,
+    s_on,
+    s_ol,
+    s_od,
+    s_ln,
+    s_pn,
+    s_pm,
+    s_pd,
+    s_pln,
+    L,
+    DV,
+    K,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    i_r = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m_r = o_r < L
+    m_rd = m_r[:, None] & (o_d < DV)[None, :]
+    p_t = out + i_n * s_on + o_r[:, None] * s_ol + o_d[None, :] * s_od
+    m = tl.load(lse + i_n * s_ln + o_r, mask=m_r, other=float("-inf"))
+    acc = tl.load(p_t, mask=m_rd, other=0.0).to(tl.float32)
+    weight = tl.where(m > float("-inf"), 1.0, 0.0)  # sum of e^{l - m} so far
+    for kk in range(0, K):
+        s = tl.load(src + kk * L + o_r, mask=m_r, other=-1).to(tl.int64)
+        has = s >= 0
+        ls = tl.load(p_lse + i_n * s_pln + s, mask=has, other=float("-inf"))
+        ps = p_out + i_n * s_pn + s[:, None] * s_pm + o_d[None, :] * s_pd
+        os = tl.load(ps, mask=has[:, None] & m_rd, other=0.0).to(tl.float32)
+        top = tl.maximum(m, ls)
+        base = tl.where(top > float("-inf"), top, 0.0)  # rows with nothing yet stay empty
+        keep = tl.exp(m - base)
+        add = tl.exp(ls - base)
+        acc = acc * keep[:, None] + os * add[:, None]
+        weight = weight * keep + add
+        m = top
+    safe = tl.where(weight > 0, weight, 1.0)
+    tl.store(p_t, (acc / safe[:, None]).to(out.dtype.element_ty), mask=m_rd)
+    tl.store(lse + i_n * s_ln + o_r, tl.where(weight > 0, m + tl.log(safe), m), mask=m_r)
+
+
+def merge_rows_into(
+    problem: Problem, target: Partial, part: Partial, rows: Tensor, sources: Tensor
+) -> None:
+    """Same contract as the reference (``rows`` is its map; ``sources`` [K, L] int32, the
+    same map inverted: the packed rows of each target row, -1 padded)."""
+    n, length, dv = target.out.shape
+    if target.lse.stride(-1) != 1 or part.lse.stride(-1) != 1:
+        raise ValueError("merge_rows_into: lse rows must be contiguous")
+    br = 32
+    grid = (triton.cdiv(length, br), n)
+    _merge_rows_kernel[grid](
+        target.out, target.lse, part.out, part.lse, sources.contiguous(),
+        *target.out.stride(), target.lse.stride(0), *part.out.stride(), part.lse.stride(0),
+        length, dv, sources.shape[0],
+        BR=br, BD=max(16, triton.next_power_of_2(dv)),
+    )  # fmt: skip
