@@ -72,8 +72,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, check_finite:
             f"causal attention needs Lq <= Lk (bottom-right aligned), got Lq={lq}, Lk={lk}"
         )
     if check_finite:  # min and max are finite iff every element is (NaN propagates to both)
-        extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for t in (q, k, v)])
-        finite = torch.isfinite(extremes).all(dim=1)  # [3]: read-only passes, one host sync
+        extremes = torch.stack([x for t in (q, k, v) for x in torch.aminmax(t)])  # one dtype
+        finite = torch.isfinite(extremes)  # [6]: read-only passes, one host sync
         if not bool(finite.all()):
-            name = "qkv"[int((~finite).nonzero()[0])]
+            name = "qkv"[int((~finite).nonzero()[0]) // 2]
             raise AttentionInputError(f"{name} contains NaN or Inf values")
