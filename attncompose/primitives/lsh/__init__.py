@@ -116,8 +116,8 @@ class LshCoverage(Coverage):
         """Key blocks a tile of ``bq`` sorted queries spans: 1 with code pairing (a tile takes
         its median's block); with rank pairing from the slots' quantiles, on the host (no
         device synchronisation)."""
-        if self.sel.q_rank is not None:
-            return 1
+        if self.sel.q_rank is not None or problem.lq == problem.lk:
+            return 1  # equal lengths: slot p is in key block p // b, a tile in one block
         lq, lk, b = problem.lq, problem.lk, self._block(problem)
         last_block = -(-lk // b) - 1
         bucket = lambda slot: min(slot * lk // (lq * b), last_block)
