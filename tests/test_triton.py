@@ -197,8 +197,8 @@ def test_kernels_say_which_implementation_runs():
     tiles = "triton:contiguous-tiles else triton:tile-attention"
     assert Pipeline(recipe, backend="triton").kernels()["diag"] == tiles
     split = Pipeline(recipe, backend="torch").kernels()["out"]
-    assert (
-        split == "base case torch:sdpa-with-lse; packed levels merged by torch:scatter-merge-rows"
+    assert split == (
+        "base case torch:sdpa-with-lse; levels packed on cuda, merged by torch:scatter-merge-rows"
     )
     assert Pipeline(recipe, backend="triton").kernels()["out"].endswith("triton:merge-rows")
     auto = Pipeline(recipe, backend="auto").kernels()["diag"]

@@ -228,6 +228,6 @@ class CausalSplit(Primitive):
         return (
             "base case "
             + dispatch.describe("exact", self.backend)
-            + "; packed levels merged by "
+            + f"; levels packed on {'/'.join(sorted(PACK_DEVICES))}, merged by "
             + dispatch.describe("merge_rows", self.backend)
         )
