@@ -96,12 +96,8 @@ class LevelByLevel:
         self.attn = attn
 
     def __call__(self, *args, **kwargs):
-        saved = causal_split.PACK_DEVICES
-        causal_split.PACK_DEVICES = set()
-        try:
+        with causal_split.packing_on(set()):
             return self.attn(*args, **kwargs)
-        finally:
-            causal_split.PACK_DEVICES = saved
 
 
 def frac_of(attn, recipe, q, k, v, causal: bool, torch_backend) -> float:

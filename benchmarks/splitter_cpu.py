@@ -31,16 +31,11 @@ def compare(name: str, n: int, repeats: int) -> dict:
     attn = ac.compile(ac.load_recipe(name), backend="torch")
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, 4, n, 64, generator=g) for _ in range(3))
-    on_cpu = {"cpu", *causal_split.PACK_DEVICES}
 
     def call(packed: bool):
         def run():
-            saved = causal_split.PACK_DEVICES
-            causal_split.PACK_DEVICES = on_cpu if packed else saved - {"cpu"}
-            try:
+            with causal_split.packing_on({"cpu"} if packed else set()):
                 attn(q, k, v, is_causal=True)
-            finally:
-                causal_split.PACK_DEVICES = saved
 
         return run
 

@@ -60,9 +60,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def packing_on_cpu(monkeypatch):
+def packing_on_cpu():
     """The causal splitter packs every level into one body call on CPU tensors too (as on
     CUDA; by default a CPU runs the levels one by one)."""
     from attncompose.primitives import causal_split
 
-    monkeypatch.setattr(causal_split, "PACK_DEVICES", {"cuda", "cpu"})
+    with causal_split.packing_on({"cuda", "cpu"}):
+        yield

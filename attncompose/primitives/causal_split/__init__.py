@@ -6,22 +6,22 @@ keys, fully visible) goes through the non-causal body; its result is merged into
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
 all diagonal leaves in one exact call, then the rectangles. Where every step of the body is
 packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks, windows, block
-without a block plan, sampler, merge)
-and the leaves are a multiple of the body's tiles, the rectangles of ALL levels go through
-ONE body call, packed end to end along the rows, and merge into their rows in one scattered
-lse merge: a fixed number of kernels, whatever the number of levels (on the devices of
-:data:`PACK_DEVICES`: where a call costs its launches, not on a CPU, where packing copies
-every level's rows that the level-by-level path reads as views). Otherwise level by
-level, each level in one body call where the body's steps do not depend on offsets (stacked
-as rows), else one call per rectangle. Packed or stacked, random draws differ from the
-recursion's, each still unbiased. Decode (Lq < Lk,
-bottom-right aligned): the key prefix every query sees goes through the body, the trailing
-Lq x Lq square recurses. Non-causal calls go straight to the body.
+without a block plan, sampler, merge) and the leaves are a multiple of the body's tiles,
+the rectangles of ALL levels go through ONE body call, packed end to end along the rows,
+and merge into their rows in one ``merge_rows`` call: a fixed number of kernels, whatever
+the number of levels (on the devices of :data:`PACK_DEVICES`: where a call costs its
+launches, not on a CPU, where packing copies every level's rows that the level-by-level
+path reads as views). Otherwise level by level, each level in one body call where the
+body's steps do not depend on offsets (stacked as rows), else one call per rectangle.
+Packed or stacked, random draws differ from the recursion's, each still unbiased. Decode
+(Lq < Lk, bottom-right aligned): the key prefix every query sees goes through the body,
+the trailing Lq x Lq square recurses. Non-causal calls go straight to the body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,6 +40,18 @@ Body = Callable[[Problem], Partial]
 # launch cost, and there packing's copies of q, k and v cost more than they save
 # (benchmarks/splitter_cpu.py times both forms: benchmarks/results/splitter_cpu.json).
 PACK_DEVICES = {"cuda"}
+
+
+@contextmanager
+def packing_on(devices: set[str]) -> Iterator[None]:
+    """Inside the block, the splitter packs its levels on the device types ``devices`` (the
+    benchmarks time both forms, or the GPU form on a CPU)."""
+    global PACK_DEVICES
+    saved, PACK_DEVICES = PACK_DEVICES, set(devices)
+    try:
+        yield
+    finally:
+        PACK_DEVICES = saved
 
 
 def causal_split(
