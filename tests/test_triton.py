@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 
 import triton
 import triton.runtime.interpreter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
 from attncompose.primitives import causal_split, dispatch
@@ -34,6 +35,7 @@ from attncompose.primitives.block import triton as block_triton
 from attncompose.primitives.exact import naive as exact_naive
 from attncompose.primitives.exact import triton as exact_triton
 from attncompose.runtime.compiler import Pipeline
+from attncompose.spec.recipe import builtin_recipes
 
 pytestmark = pytest.mark.triton
 
@@ -333,6 +335,178 @@ def test_cuda_graph_replay_equals_eager(make_qkv, name):
         other = [x * 0.5 for x in (q, k, v)]  # new values in the same static buffers
         assert torch.equal(graphed(*other, is_causal=True), eager(*other, is_causal=True))
     assert all(g is not None for g in graphed.graphs.graphs.values()), "capture fell back"
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["topp", "hyperattention"])
+def test_cuda_graph_replays_after_other_shapes_and_emptied_caches(make_qkv, name):
+    """A replay reads only memory its graph owns: another shape's capture and caches that
+    drop what they held (then filled by new tensors) leave the first graph's result alone."""
+    from attncompose.primitives import plan as plan_module
+    from attncompose.primitives.lsh import naive as lsh_naive
+
+    recipe = ac.load_recipe(name)
+    eager = ac.compile(recipe, backend="auto")
+    graphed = ac.compile(recipe, backend="auto", cuda_graphs=True)
+    first = make_qkv(b=1, hq=4, hkv=2, lq=2048, lk=2048, d=64, dtype=torch.bfloat16)
+    other = make_qkv(b=1, hq=4, hkv=2, lq=4096, lk=4096, d=64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = eager(*first, is_causal=True)
+        graphed(*first, is_causal=True)  # captured
+        graphed(*other, is_causal=True)  # another graph, its own buffers
+        plan_module._STATIC.clear()
+        lsh_naive.projections.cache_clear()
+        block_triton._meta_on.cache_clear()
+        eager(*other, is_causal=True)  # new tensors where the dropped ones were
+        torch.cuda.synchronize()
+        assert torch.equal(graphed(*first, is_causal=True), want)
+    assert all(g is not None for g in graphed.graphs.graphs.values()), "capture fell back"
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records the aten ops, outside Triton launches, that make the host wait for the device
+    or that a CUDA graph cannot replay as a call: reading a value to the host (``item``,
+    ``bool``, ``int``, ``nonzero``, ...), copying host data into a tensor (``torch.tensor``),
+    drawing from a generator (a replay would not redraw as a call re-seeds)."""
+
+    WAITS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self._inside = 0
+
+    def __enter__(self):
+        if triton.runtime.interpreter.GridExecutor is not None:
+            grid = triton.runtime.interpreter.GridExecutor
+            self._call = grid.__call__
+
+            def launch(executor, *args, **kwargs):  # the interpreter's own tensor ops
+                self._inside += 1
+                try:
+                    return self._call(executor, *args, **kwargs)
+                finally:
+                    self._inside -= 1
+
+            grid.__call__ = launch
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        triton.runtime.interpreter.GridExecutor.__call__ = self._call
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        drawn = "generator" in name or (kwargs or {}).get("generator") is not None
+        if not self._inside and (drawn or any(w in name for w in self.WAITS)):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_a_call_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
+    """Issue 12: no host synchronisation inside a call, so that a CUDA graph captures it
+    (``cuda_graphs=True``; a capture that meets one falls back to eager calls). Every
+    built-in recipe on the Triton backend, the splitter packed as on CUDA, GQA, an odd length,
+    causal, non-causal and decode; the second call, as a graph captures after warm-up calls.
+    The input check's one synchronisation happens before, outside the graph."""
+    recipe = ac.load_recipe(name)
+    knobs = {"out.min_seq_len": 128, "diag.block_size": 64, "residual.sample_size": 64}
+    recipe = recipe.with_knobs({k: v for k, v in knobs.items() if k in recipe.knob_values()})
+    attn = ac.compile(recipe, backend="triton", check_finite=False)
+    for lq, lk, causal in ((500, 500, True), (300, 300, False), (1, 500, True)):
+        q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
+        with torch.no_grad():
+            attn(q, k, v, is_causal=causal)
+            waits = DeviceWaits()
+            with waits:
+                attn(q, k, v, is_causal=causal)
+        assert not waits.seen, f"{name} lq={lq} lk={lk} causal={causal}: {waits.seen}"
+
+
+def _storages(obj, seen: set[int] | None = None) -> set[int]:
+    """Storage addresses of every tensor reachable from ``obj`` (fields, items, attributes)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None or isinstance(obj, str | int | float | bool):
+        return set()
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return {obj.untyped_storage().data_ptr()}
+    if isinstance(obj, dict):
+        items = list(obj.keys()) + list(obj.values())
+    elif isinstance(obj, list | tuple | set):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("attncompose"):
+        items = list(vars(obj).values())
+    else:
+        return set()
+    return set().union(*(_storages(x, seen) for x in items)) if items else set()
+
+
+class MemoryRead(TorchDispatchMode):
+    """Storages a call reads that it did not make: the args of every aten op and Triton
+    launch, less what earlier ops of the call returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: set[int] = set()
+        self.read: set[int] = set()
+
+    def _reads(self, args, kwargs) -> None:
+        for x in [*args, *(kwargs or {}).values()]:
+            for t in x if isinstance(x, list | tuple) else (x,):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in self.made:
+                        self.read.add(ptr)
+
+    def __enter__(self):
+        grid = triton.runtime.interpreter.GridExecutor
+        self._call = grid.__call__
+
+        def launch(executor, *args, **kwargs):
+            self._reads(args, kwargs)
+            with torch.utils._python_dispatch._disable_current_modes():
+                return self._call(executor, *args, **kwargs)
+
+        grid.__call__ = launch
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        triton.runtime.interpreter.GridExecutor.__call__ = self._call
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._reads(args, kwargs)
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, list | tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.made.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's launches are inspected")
+@pytest.mark.parametrize("name", ["hyperattention", "hyperattention-sinks", "topp", "streaming"])
+def test_a_captured_call_reads_only_memory_its_graph_owns(make_qkv, packing_on_cpu, name):
+    """A CUDA graph replays the addresses its capture read: everything a call reads that the
+    call did not make must be an input, in the graph's own workspace, or pinned by
+    :func:`pinning` (what caches hand out), else a cache or another shape could free it
+    under the graph (runtime/graphs.py)."""
+    from attncompose.primitives.base import Workspace, pinning
+
+    recipe = ac.load_recipe(name)
+    knobs = {"out.min_seq_len": 128, "diag.block_size": 64, "residual.sample_size": 64}
+    recipe = recipe.with_knobs({k: v for k, v in knobs.items() if k in recipe.knob_values()})
+    attn = ac.compile(recipe, backend="triton", check_finite=False)
+    workspace = Workspace()
+    for causal in (True, False):
+        q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=512, lk=512, d=16)
+        with torch.no_grad():
+            attn._run(q, k, v, causal, None, workspace)  # warm-up: fills caches
+            with pinning() as pins, MemoryRead() as reads:
+                attn._run(q, k, v, causal, None, workspace)
+        owned = _storages([q, k, v, workspace, pins])
+        assert not reads.read - owned, f"{name} causal={causal}: reads memory nobody owns"
 
 
 def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypatch):

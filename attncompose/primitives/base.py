@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from attncompose.primitives.plan import BlockGrid
 
 
+MEMO_KEYS = 8  # values a workspace keeps per memo name (see Workspace.memo)
+
+
 class Workspace:
     """Named buffers reused by the steps of a call and, kept by an attention module, across
     its calls: on CPU, touching fresh memory (page faults) costs more than the copies written
@@ -45,6 +49,21 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._memos: dict[str, OrderedDict[tuple, Any]] = {}
+
+    def memo(self, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()`` for ``key``, kept under ``name``: inputs a call derives from its shapes
+        and knobs alone (never from the data). The last :data:`MEMO_KEYS` keys of a name are
+        kept (the levels of one causal call each have their own), so held memory stays
+        bounded when lengths change from call to call."""
+        kept = self._memos.setdefault(name, OrderedDict())
+        if key in kept:
+            kept.move_to_end(key)
+            return pinned(kept[key])
+        value = kept[key] = make()
+        while len(kept) > MEMO_KEYS:
+            kept.popitem(last=False)
+        return pinned(value)
 
     def take(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised [shape] tensor; ``name``'s buffer, grown when too small."""
@@ -433,6 +452,32 @@ def natural_tiles(n: int, length: int, tile: int, device: torch.device) -> Tenso
     idx = torch.arange(count * tile, device=device).view(count, tile)
     idx = idx.masked_fill(idx >= length, -1)
     return idx.unsqueeze(0).expand(n, -1, -1)
+
+
+_PINS: ContextVar[list[Any] | None] = ContextVar("attncompose_pins", default=None)
+
+
+@contextmanager
+def pinning() -> Iterator[list[Any]]:
+    """Collect what the caches hand out (static plans, memos, hash directions, ...) while a
+    CUDA graph captures a call: the graph reads their memory in every replay, so its owner
+    keeps the yielded list, and a cache that drops a value later frees no memory the graph
+    still reads."""
+    pins: list[Any] = []
+    token = _PINS.set(pins)
+    try:
+        yield pins
+    finally:
+        _PINS.reset(token)
+
+
+def pinned(value: Any) -> Any:
+    """``value``, kept by the active :func:`pinning` block if there is one; every cache
+    that outlives a call returns through this."""
+    pins = _PINS.get()
+    if pins is not None:
+        pins.append(value)
+    return value
 
 
 _PRODUCTS: ContextVar[list[int] | None] = ContextVar("attncompose_products", default=None)

@@ -34,11 +34,14 @@ class BlockTable(Selection, Coverage):
     """Key blocks selected per query block: ``table`` [N or 1, nQB, nKB] bool (key block j
     selected for query block i; one row, or rows expanded by stride 0, for a table shared
     by every row) on blocks of ``size`` positions. ``key``: set by static tables (built from
-    knobs and positions alone), so that their plans are built once."""
+    knobs and positions alone), so that their plans are built once. ``most``: a bound on the
+    blocks any query block selects, known without reading the table (a detector's k): its
+    tiles then take that width instead of counting (a host synchronisation)."""
 
     table: Tensor
     size: int
     key: tuple | None = None
+    most: int | None = None
 
     def bind(self, block_size: int) -> BlockTable:
         return self  # its own block size defines the geometry
@@ -92,7 +95,10 @@ class BlockTable(Selection, Coverage):
         dev = self.table.device
         # a static table (the same for every row) gives tiles expanded along rows
         table = self._rows(1)
-        count = int(table.sum(-1).max()) if table.numel() else 0
+        if self.most is not None:
+            count = min(self.most, nkb)
+        else:  # reads the table: a host synchronisation, as static tables do once per plan
+            count = int(table.sum(-1).max()) if table.numel() else 0
         # selected block ids first (ascending), then unselected ones marked -1
         key = torch.where(table, torch.arange(nkb, device=dev), nkb + 1)
         blocks = torch.sort(key, dim=-1).values[..., : max(count, 1)]  # [N, nQB, K]

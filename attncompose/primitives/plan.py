@@ -35,7 +35,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Problem
+from attncompose.primitives.base import Coverage, Problem, pinned
 
 NONE, PARTIAL, FULL = 0, 1, 2
 STATIC_CACHE_SIZE = 64  # static plans kept per process (per length, offsets, device, knobs)
@@ -519,4 +519,4 @@ def static_plan(key: tuple, make, keep=lambda value: True):
             _STATIC.popitem(last=False)
     else:
         _STATIC.move_to_end(key)
-    return plan
+    return pinned(plan)

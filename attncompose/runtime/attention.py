@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.pipeline = Pipeline(recipe, backend=backend, fuse=fuse)
         self.check_finite = check_finite
         self.workspace = Workspace() if reuse_buffers else None
-        self.graphs = GraphCache() if cuda_graphs else None
+        self.graphs = GraphCache(self.workspace) if cuda_graphs else None
 
     def forward(
         self,
@@ -70,10 +70,10 @@ class Attention(nn.Module):
     ):
         check_sdpa_options(attn_mask, dropout_p)
         check_inputs(q, k, v, is_causal, self.check_finite)
-        run = lambda q, k, v: self._run(q, k, v, is_causal, scale)
+        run = lambda q, k, v: self._run(q, k, v, is_causal, scale, self.workspace)
         if self.graphs is not None and q.device.type == "cuda":
             key = (q.shape, k.shape, v.shape, q.dtype, q.device, bool(is_causal), scale)
-            graphed = run
+            graphed = lambda q, k, v, workspace: self._run(q, k, v, is_causal, scale, workspace)
             run = lambda q, k, v: self.graphs(graphed, key, q, k, v)
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             out, lse = _ForwardOnly.apply(lambda: run(q, k, v), q, k, v)
@@ -81,7 +81,15 @@ class Attention(nn.Module):
             out, lse = run(q, k, v)
         return (out, lse) if return_lse else out
 
-    def _run(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float | None):
+    def _run(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        is_causal: bool,
+        scale: float | None,
+        workspace: Workspace | None,
+    ):
         b, hq, lq, d = q.shape
         group = hq // k.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -98,7 +106,7 @@ class Attention(nn.Module):
             heads=hq,
             kv_group=group,
             q_offset=k.shape[2] - lq,  # bottom-right: the last query sits at the last key
-            workspace=self.workspace,
+            workspace=workspace,
         )
         with torch.no_grad():
             result = self.pipeline(problem)

@@ -11,6 +11,7 @@ candidate key (a key with bias ``-inf`` takes no part).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Partial, Predicate, Problem, Tiles
+from attncompose.primitives.base import Coverage, Partial, Predicate, Problem, Tiles, pinned
 from attncompose.primitives.exact.triton import (
     LOG2E,
     autotuned,
@@ -187,10 +188,17 @@ def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
     return Packed(
         torch.stack([p.q_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
         torch.stack([p.k_ids.expand(n, -1) for p, _ in rules]).int().contiguous(),
-        torch.tensor(meta, dtype=torch.int64, device=dev),
+        pinned(_meta_on(tuple(map(tuple, meta)), dev)),
         table,
         len(rules),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_on(meta: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    """The rules' meta rows on ``device``, copied there once: a copy from host memory in every
+    call would wait for the device (and cannot be captured in a CUDA graph)."""
+    return torch.tensor(meta, dtype=torch.int64, device=device)
 
 
 def block_attention(

@@ -26,6 +26,7 @@ from attncompose.primitives.base import (
     Problem,
     Selection,
     Tiles,
+    pinned,
     take,
 )
 from attncompose.primitives.lsh.kernels import TorchGrayRankSort, TritonGrayRankSort
@@ -160,12 +161,14 @@ class Lsh(Primitive):
         Keys are hashed once per query head (on the expanded keys), so grouped-query
         attention equals attention with K/V repeated to every query head.
         """
-        dirs = projections(
-            problem.heads,
-            dim or problem.q.shape[-1],
-            self.knobs["num_projections"],
-            self.knobs["seed"],
-            str(problem.q.device),
+        dirs = pinned(
+            projections(
+                problem.heads,
+                dim or problem.q.shape[-1],
+                self.knobs["num_projections"],
+                self.knobs["seed"],
+                str(problem.q.device),
+            )
         )
         return dirs.repeat(problem.q.shape[0] // problem.heads, 1, 1)
 

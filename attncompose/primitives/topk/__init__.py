@@ -32,8 +32,9 @@ class Topk(Primitive):
         est = dispatch.call("topk_scores", self.backend, problem, size, score=score)
         if score == "keys" and counting_products():  # its count syncs with the device
             add_products(key_products(problem, size))
-        table = select_blocks(est, k, self.knobs.get("p"), max_k)
-        return BlockTable(table, size)
+        p = self.knobs.get("p")
+        table = select_blocks(est, k, p, max_k)
+        return BlockTable(table, size, most=k if p is None else max_k)
 
     def kernel_name(self) -> str:
         return dispatch.describe("topk_scores", self.backend) + " + torch top-k"

@@ -47,14 +47,41 @@ def residual_tiles(problem: Problem, m: int, seed: int, exclude: Sequence[Covera
     """The sampler's tiles: m stratified draws per query tile, excluding ``exclude``."""
     groups = query_groups(problem, exclude)
     if groups is None:
-        return sample_tiles(problem, draw_uniforms(problem, m, seed))
+        make = lambda: sample_tiles(problem, draw_uniforms(problem, m, seed))
+        return kept_draws(problem, ("natural", m, seed), make)
     return draws_in(problem, m, seed, groups, exclude[0])
 
 
 def draws_in(problem: Problem, m: int, seed: int, tiles: Tiles, cov: Coverage) -> Tiles:
-    """m stratified draws per tile of a detector's ``tiles``, whose queries ``cov`` groups."""
-    uniforms = draw_uniforms(problem, m, seed, tiles.q_idx.shape[1])
-    return sample_tiles(problem, uniforms, tiles.q_idx, shared=cov)
+    """m stratified draws per tile of a detector's ``tiles``, whose queries ``cov`` groups.
+
+    The draws depend on a tile's slot, not on the queries the detector put in it: in a
+    non-causal problem every query sees all keys, or in a packed one its part's, and a
+    detector's tiles keep to the part of their slot (sortLSH sorts within parts; the parts
+    are multiples of the tile). So they are the draws of the slots' first queries."""
+    n, n_tiles, width = tiles.q_idx.shape
+
+    def make() -> tuple[Tensor, Tensor]:
+        slots = torch.arange(n_tiles, device=problem.q.device).mul_(width)
+        first = slots.view(1, n_tiles, 1).expand(n, n_tiles, 1)
+        drawn = sample_tiles(problem, draw_uniforms(problem, m, seed, n_tiles), first)
+        return drawn.k_idx, drawn.lse_shift
+
+    k_idx, shift = kept_draws(problem, ("follow", m, seed, n_tiles, width), make)
+    return Tiles(tiles.q_idx, k_idx, lse_shift=shift, shared=cov)
+
+
+def kept_draws(problem: Problem, key: tuple, make):
+    """``make()``, kept in the problem's workspace from call to call while the ranges and
+    ``key`` (knobs, tiling) stay the same: the draws depend on nothing else. The generator
+    and the index arithmetic then run once per shape, not in every call (where a fresh
+    generator also could not be captured in a CUDA graph: a replay must equal a call)."""
+    if problem.workspace is None:
+        return make()
+    parts = None if problem.packed is None else problem.packed.lengths
+    ranges = (problem.q_offset, problem.k_offset, problem.lq, problem.lk, problem.causal, parts)
+    where = (problem.q.shape[0], problem.q.device)
+    return problem.workspace.memo("uniform_sample", (*key, *ranges, *where), make)
 
 
 def draw_uniforms(problem: Problem, m: int, seed: int, n_tiles: int | None = None) -> Tensor:
