@@ -10,8 +10,11 @@ Each row: impl, recipe (null for dense), seq_len, q_len, causal, head_dim, media
 products, counted by the plans or, for tile-path recipes, by the torch backend on the first
 two heads), speedup_vs_best_exact (faster of cuDNN/flash in the same run / this),
 efficiency (= speedup x frac: speed per product against the best dense kernel), launches
-(kernel launches per call, torch.profiler), peak_mem_mb and ideal_speedup (1 / frac: the
-speedup were the recipe as fast per product as dense attention). Writes
+(kernel launches per call), gpu_ms and top_kernels (its kernels' device time, the largest
+by name: ``attncompose.eval.timing.profile_call``), graph_captured (impl
+"attncompose-graphs": whether the CUDA graph was captured, else it ran eagerly),
+peak_mem_mb and ideal_speedup (1 / frac: the speedup were the recipe as fast per product
+as dense attention). Writes
 ``benchmarks/results/bench_gpu_<device>.json`` (device, versions, commit, date) after every
 point, so a run stopped by a time limit keeps what it measured, and prints a table last.
 
@@ -40,9 +43,9 @@ import attncompose as ac
 from attncompose.eval.bench import random_qkv, sdpa_call
 from attncompose.eval.products import products_fraction
 from attncompose.eval.timing import (
-    count_launches,
     measure,
     peak_memory_mb,
+    profile_call,
     write_results,
 )
 from attncompose.primitives import causal_split
@@ -192,7 +195,7 @@ def _dense_rows(q, k, v, causal: bool, device, point: dict) -> list[dict]:
         try:
             call = sdpa_call(q, k, v, causal, backend)
             row["median_ms"] = measure(call, device).median_ms
-            row["launches"] = count_launches(call, device)
+            row |= profile_call(call, device) or {"launches": None}
             row["peak_mem_mb"] = peak_memory_mb(call, device)
         except RuntimeError as err:  # backend not built / not for this shape
             row |= {"median_ms": None, "note": str(err).strip().splitlines()[0][:200]}
@@ -211,8 +214,11 @@ def _recipe_row(attn, recipe, q, k, v, causal, device, best, frac, row: dict) ->
             row["first_call_s"] = time.perf_counter() - started  # includes compile/autotune
             row["median_ms"] = ms
             row["frac"], row["frac_head_dim"] = frac(attn, recipe, q, k, v, causal)
-            row["launches"] = count_launches(call, device)
+            row |= profile_call(call, device) or {"launches": None}
             row["peak_mem_mb"] = peak_memory_mb(call, device)
+            graphs = getattr(attn, "graphs", None)
+            if graphs is not None:  # a capture that failed runs eagerly: say so
+                row["graph_captured"] = all(g is not None for g in graphs.graphs.values())
     except (RuntimeError, ValueError) as err:  # e.g. out of memory at 128k: say so, go on
         row |= {"median_ms": None, "note": str(err).strip().splitlines()[0][:200]}
         return row
@@ -225,15 +231,20 @@ def _recipe_row(attn, recipe, q, k, v, causal, device, best, frac, row: dict) ->
 
 def table(rows: list[dict]) -> str:
     """A short text table: per point, the best dense time and each recipe's speedup/eff."""
-    lines = [f"{'d':>4} {'mode':>10} {'n':>7}  {'impl':<12}{'recipe':<24}{'ms':>9}  speedup  eff"]
+    lines = [
+        f"{'d':>4} {'mode':>10} {'n':>7}  {'impl':<20}{'recipe':<24}{'ms':>9}  speedup  eff"
+        f"  {'gpu ms':>8}  launches"
+    ]
     for r in rows:
         if r["recipe"] is None or r.get("median_ms") is None:
             continue
         mode = "decode" if r["q_len"] == 1 else ("causal" if r["causal"] else "non-causal")
         lines.append(
-            f"{r['head_dim']:>4} {mode:>10} {r['seq_len']:>7}  {r['impl']:<12}{r['recipe']:<24}"
+            f"{r['head_dim']:>4} {mode:>10} {r['seq_len']:>7}  {r['impl']:<20}{r['recipe']:<24}"
             f"{r['median_ms']:>9.3f}  {r.get('speedup_vs_best_exact', 0):6.2f}x"
             f"  {r.get('efficiency', 0):.2f}"
+            f"  {r['gpu_ms'] if r.get('gpu_ms') is not None else float('nan'):8.3f}"
+            f"  {r.get('launches')}"
         )
     return "\n".join(lines)
 

@@ -93,12 +93,22 @@ def _measure_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> Timing
     return Timing(statistics.median(samples), tuple(samples))
 
 
-LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+LAUNCH_EVENTS = (
+    "cudaLaunchKernel",
+    "cuLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",  # a CUDA graph replay: one launch
+)
+TOP_KERNELS = 8  # kernels a profile names, by device time
 
 
-def count_launches(fn: Callable[[], object], device: torch.device | str) -> int | None:
-    """GPU kernel launches of one ``fn()`` call (CUDA runtime and driver launch calls seen by
-    ``torch.profiler``; Triton launches through the driver). None off CUDA."""
+def profile_call(fn: Callable[[], object], device: torch.device | str) -> dict | None:
+    """Where one ``fn()`` call spends the GPU (``torch.profiler``; None off CUDA):
+    ``launches`` (CUDA runtime and driver launch calls, Triton's through the driver, a graph
+    replay as one), ``gpu_ms`` (the device time of its kernels: against the call's wall
+    time, how far it is bound by the host) and ``top_kernels`` ([name, ms, calls] of the
+    kernels with the most device time)."""
     if torch.device(device).type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -107,7 +117,32 @@ def count_launches(fn: Callable[[], object], device: torch.device | str) -> int 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.key in LAUNCH_EVENTS)
+    events = prof.key_averages()
+    found = {"launches": sum(e.count for e in events if e.key in LAUNCH_EVENTS)}
+    try:  # the profiler's event fields vary across torch versions: a miss costs the breakdown
+        found |= kernel_times(events, torch.autograd.DeviceType.CUDA, _device_us)
+    except (AttributeError, TypeError) as err:
+        found["profile_note"] = f"no kernel breakdown: {err}"
+    return found
+
+
+def kernel_times(events, device_type, self_us) -> dict:
+    """``gpu_ms`` and ``top_kernels`` of :func:`profile_call` from averaged profiler events:
+    those on ``device_type``, timed by ``self_us(event)`` (microseconds)."""
+    kernels = sorted((e for e in events if e.device_type == device_type), key=self_us)[::-1]
+    return {
+        "gpu_ms": sum(self_us(e) for e in kernels) / 1e3,
+        "top_kernels": [
+            [e.key[:80], round(self_us(e) / 1e3, 4), e.count] for e in kernels[:TOP_KERNELS]
+        ],
+    }
+
+
+def _device_us(event) -> float:
+    """Self device time of a profiler event, microseconds (torch >= 2.4 names it so)."""
+    return getattr(event, "self_device_time_total", None) or getattr(
+        event, "self_cuda_time_total", 0
+    )
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
