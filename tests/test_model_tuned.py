@@ -128,6 +128,21 @@ def test_layers_share_one_workspace_and_results_stay_theirs(tuned_path):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
+def test_cuda_graphs_reach_every_compiled_choice_and_keep_their_own_buffers(tuned_path):
+    """``ac.load(..., cuda_graphs=True)``: each choice captures its graphs (replayed on CUDA;
+    on a CPU the calls run eagerly, with the same results), each with its own workspace."""
+    plain = ac.load(tuned_path, backend="torch")
+    graphed = ac.load(tuned_path, backend="torch", cuda_graphs=True)
+    q, k, v = qkv()
+    with torch.no_grad():
+        for i in (0, 1):
+            want = plain.layer(i)(q, k, v, is_causal=True)
+            assert torch.equal(graphed.layer(i)(q, k, v, is_causal=True), want)
+    modules = graphed._modules.values()
+    assert all(m.graphs is not None for m in modules if hasattr(m, "graphs"))
+    assert all(m.workspace is not graphed.workspace for m in modules if hasattr(m, "graphs"))
+
+
 @torch.inference_mode()
 def test_hf_register_dispatches_by_layer_index(tuned_path):
     """The model with the tuning registered equals the model with each layer's choice run by

@@ -82,6 +82,16 @@ def test_a_named_knob_round_trips_and_runs(tmp_path, make_qkv):
     assert torch.equal(ac.load(path)(q, k, v, is_causal=True), direct(q, k, v, is_causal=True))
 
 
+def test_cuda_graphs_reach_the_compiled_entries(tuned_path, make_qkv):
+    """``ac.load(tuned, cuda_graphs=True)``: the entry a call selects captures a CUDA graph
+    per call shape (on a CPU it runs eagerly: the same result)."""
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=128, d=16)
+    graphed = load(tuned_path, backend="torch", cuda_graphs=True)
+    want = load(tuned_path, backend="torch")(q, k, v, is_causal=True)
+    assert torch.equal(graphed(q, k, v, is_causal=True), want)
+    assert graphed.select("cpu", 128, True).graphs is not None
+
+
 def test_dispatch_by_length_with_the_stated_policy(tuned_path, make_qkv):
     attn = load(tuned_path, backend="torch")
     recipe = ac.load_recipe("hyperattention")

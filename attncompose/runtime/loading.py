@@ -15,31 +15,38 @@ from attncompose.spec.errors import RecipeError
 from attncompose.spec.recipe import read_yaml
 
 
-def load(path: str | Path, backend: str = "auto") -> nn.Module | ModelTuning:
+def load(
+    path: str | Path, backend: str = "auto", cuda_graphs: bool = False
+) -> nn.Module | ModelTuning:
     """A tuned file: a tuned recipe as an SDPA-compatible module
     (:func:`attncompose.runtime.tuned.load`), or a model-level tuned file
     (``format: attncompose-model-tuned/...``) as a
-    :class:`~attncompose.runtime.model_tuned.ModelTuning` (``.layer(i)`` per layer)."""
+    :class:`~attncompose.runtime.model_tuned.ModelTuning` (``.layer(i)`` per layer).
+    ``cuda_graphs``: the modules it compiles capture a CUDA graph per call shape and replay
+    it (:class:`~attncompose.runtime.attention.Attention`)."""
     if _is_model_tuned(path):
-        return load_model_tuning(path, backend=backend)
-    return load_tuned(path, backend=backend)
+        return load_model_tuning(path, backend=backend, cuda_graphs=cuda_graphs)
+    return load_tuned(path, backend=backend, cuda_graphs=cuda_graphs)
 
 
-def load_attention(spec: str | Path, backend: str = "auto") -> nn.Module | ModelTuning:
+def load_attention(
+    spec: str | Path, backend: str = "auto", cuda_graphs: bool = False
+) -> nn.Module | ModelTuning:
     """An attention module from a tuned recipe file, a recipe file or a built-in recipe name,
     or a :class:`~attncompose.runtime.model_tuned.ModelTuning` from a model-level tuned file.
 
     Tuned files (``format: attncompose-tuned/...``) dispatch by length and device
     (:func:`attncompose.runtime.tuned.load`); recipes compile to one pipeline (:func:`compile`).
+    ``cuda_graphs`` as in :func:`load`.
     """
     path = Path(spec)
     if path.is_file():
         data = read_yaml(path)
         if isinstance(data, dict) and str(data.get("format", "")).startswith("attncompose-tuned"):
-            return load_tuned(path, backend=backend)
+            return load_tuned(path, backend=backend, cuda_graphs=cuda_graphs)
         if _is_model_tuned(path, data):
-            return load_model_tuning(path, backend=backend)
-    return compile_recipe(spec, backend=backend)
+            return load_model_tuning(path, backend=backend, cuda_graphs=cuda_graphs)
+    return compile_recipe(spec, backend=backend, cuda_graphs=cuda_graphs)
 
 
 def attention_name(attn: nn.Module | ModelTuning) -> str:

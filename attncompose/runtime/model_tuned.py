@@ -312,9 +312,16 @@ class ModelTuning:
     of memory; shared, 4.6 GB).
     """
 
-    def __init__(self, tuned: ModelTunedFile, backend: str = "auto", source: str | None = None):
+    def __init__(
+        self,
+        tuned: ModelTunedFile,
+        backend: str = "auto",
+        source: str | None = None,
+        cuda_graphs: bool = False,
+    ):
         self.tuned = tuned
         self.backend = backend
+        self.cuda_graphs = cuda_graphs  # each compiled choice captures a graph per call shape
         self.source = source or "<model tuning>"
         self.recipes = {
             name: validate_recipe(data, source=name) for name, data in tuned.recipes.items()
@@ -400,7 +407,7 @@ class ModelTuning:
             recipe = (
                 "exact" if key is None else self.recipes[choice.recipe].with_knobs(choice.knobs)
             )
-            module = compile_recipe(recipe, backend=self.backend)
+            module = compile_recipe(recipe, backend=self.backend, cuda_graphs=self.cuda_graphs)
             if module.workspace is not None and module.graphs is None:  # graphs keep addresses
                 module.workspace = self.workspace
             self._modules[key] = module
@@ -486,6 +493,11 @@ def _heads(out: Any, start: int, count: int, with_lse: bool) -> Any:
     return out[:, start : start + count]
 
 
-def load_model_tuning(path: str | Path, backend: str = "auto") -> ModelTuning:
-    """Load a model-level tuned file as a :class:`ModelTuning`."""
-    return ModelTuning(read_model_tuned(path), backend=backend, source=str(path))
+def load_model_tuning(
+    path: str | Path, backend: str = "auto", cuda_graphs: bool = False
+) -> ModelTuning:
+    """Load a model-level tuned file as a :class:`ModelTuning` (``cuda_graphs``: its compiled
+    choices capture a CUDA graph per call shape)."""
+    return ModelTuning(
+        read_model_tuned(path), backend=backend, source=str(path), cuda_graphs=cuda_graphs
+    )

@@ -324,10 +324,17 @@ class TunedAttention(nn.Module):
     module's docstring.
     """
 
-    def __init__(self, tuned: TunedFile, backend: str = "auto", source: str | None = None):
+    def __init__(
+        self,
+        tuned: TunedFile,
+        backend: str = "auto",
+        source: str | None = None,
+        cuda_graphs: bool = False,
+    ):
         super().__init__()
         self.tuned = tuned
         self.backend = backend
+        self.cuda_graphs = cuda_graphs  # each compiled entry captures a graph per call shape
         self.source = source or "<tuned>"
         self.recipes = {name: tuned.recipe_model(name) for name in tuned.recipes}
         self._modules_by_key: dict[tuple, nn.Module] = {}
@@ -414,7 +421,9 @@ class TunedAttention(nn.Module):
                 else self.recipes[choice.recipe].with_knobs(choice.knobs)
             )
             backend = choice.backend or self.backend
-            self._modules_by_key[key] = compile_recipe(recipe, backend=backend)
+            self._modules_by_key[key] = compile_recipe(
+                recipe, backend=backend, cuda_graphs=self.cuda_graphs
+            )
         return self._modules_by_key[key]
 
     def _say(self, key: tuple, note: str) -> None:
@@ -444,6 +453,9 @@ def caller_stacklevel() -> int:
     return level
 
 
-def load(path: str | Path, backend: str = "auto") -> TunedAttention:
-    """Load a tuned recipe file as an SDPA-compatible :class:`TunedAttention` module."""
-    return TunedAttention(read_tuned(path), backend=backend, source=str(path))
+def load(path: str | Path, backend: str = "auto", cuda_graphs: bool = False) -> TunedAttention:
+    """Load a tuned recipe file as an SDPA-compatible :class:`TunedAttention` module
+    (``cuda_graphs``: its compiled entries capture a CUDA graph per call shape)."""
+    return TunedAttention(
+        read_tuned(path), backend=backend, source=str(path), cuda_graphs=cuda_graphs
+    )
