@@ -22,9 +22,9 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
+from attncompose.eval.interpreter import CallWatch
 from attncompose.eval.timing import write_results
 from attncompose.primitives import causal_split
 from attncompose.primitives.causal_split import leaf_length
@@ -35,44 +35,21 @@ KNOBS = {"out.min_seq_len": LEAF, "diag.block_size": 64, "residual.sample_size":
 ALLOCATIONS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default"}
 
 
-class LaunchCounter(TorchDispatchMode):
+class LaunchCounter(CallWatch):
     """Counts aten ops that launch work (views and allocations excluded), and Triton kernel
-    launches (the interpreter's grid calls); ops inside a Triton launch are the
-    interpreter's own and do not count."""
+    launches (the interpreter's grid calls)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.aten = 0
         self.triton = 0
-        self._inside = 0
 
-    def __enter__(self):
-        import triton.runtime.interpreter as interpreter
-
-        self._grid = interpreter.GridExecutor
-        self._call = self._grid.__call__
-        counter = self
-
-        def launch(grid, *args, **kwargs):
-            counter.triton += 1
-            counter._inside += 1
-            try:
-                return counter._call(grid, *args, **kwargs)
-            finally:
-                counter._inside -= 1
-
-        self._grid.__call__ = launch
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self._grid.__call__ = self._call
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self._inside and not func.is_view and str(func) not in ALLOCATIONS:
+    def op(self, func, args, kwargs, out) -> None:
+        if not func.is_view and str(func) not in ALLOCATIONS:
             self.aten += 1
-        return out
+
+    def launch(self, args, kwargs) -> None:
+        self.triton += 1
 
 
 def count(recipe_name: str, n: int) -> dict:

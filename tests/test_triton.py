@@ -25,9 +25,9 @@ pytest.importorskip("triton")
 
 import triton
 import triton.runtime.interpreter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
+from attncompose.eval.interpreter import CallWatch
 from attncompose.primitives import causal_split, dispatch
 from attncompose.primitives.base import Coverage
 from attncompose.primitives.block import naive as block_naive
@@ -363,7 +363,7 @@ def test_cuda_graph_replays_after_other_shapes_and_emptied_caches(make_qkv, name
     assert all(g is not None for g in graphed.graphs.graphs.values()), "capture fell back"
 
 
-class DeviceWaits(TorchDispatchMode):
+class DeviceWaits(CallWatch):
     """Records the aten ops, outside Triton launches, that make the host wait for the device
     or that a CUDA graph cannot replay as a call: reading a value to the host (``item``,
     ``bool``, ``int``, ``nonzero``, ...), copying host data into a tensor (``torch.tensor``),
@@ -374,33 +374,14 @@ class DeviceWaits(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[str] = []
-        self._inside = 0
 
-    def __enter__(self):
-        if triton.runtime.interpreter.GridExecutor is not None:
-            grid = triton.runtime.interpreter.GridExecutor
-            self._call = grid.__call__
-
-            def launch(executor, *args, **kwargs):  # the interpreter's own tensor ops
-                self._inside += 1
-                try:
-                    return self._call(executor, *args, **kwargs)
-                finally:
-                    self._inside -= 1
-
-            grid.__call__ = launch
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        triton.runtime.interpreter.GridExecutor.__call__ = self._call
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def op(self, func, args, kwargs, out) -> None:
         name = str(func)
-        drawn = "generator" in name or (kwargs or {}).get("generator") is not None
-        if not self._inside and (drawn or any(w in name for w in self.WAITS)):
+        drawn = "generator" in name or kwargs.get("generator") is not None
+        tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor) and t.dim()]
+        crossing = len({t.device.type for t in tensors}) > 1  # between host and device (CUDA)
+        if drawn or crossing or any(w in name for w in self.WAITS):
             self.seen.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("name", builtin_recipes())
@@ -443,7 +424,7 @@ def _storages(obj, seen: set[int] | None = None) -> set[int]:
     return set().union(*(_storages(x, seen) for x in items)) if items else set()
 
 
-class MemoryRead(TorchDispatchMode):
+class MemoryRead(CallWatch):
     """Storages a call reads that it did not make: the args of every aten op and Triton
     launch, less what earlier ops of the call returned."""
 
@@ -453,36 +434,21 @@ class MemoryRead(TorchDispatchMode):
         self.read: set[int] = set()
 
     def _reads(self, args, kwargs) -> None:
-        for x in [*args, *(kwargs or {}).values()]:
+        for x in [*args, *kwargs.values()]:
             for t in x if isinstance(x, list | tuple) else (x,):
                 if isinstance(t, torch.Tensor) and t.numel():
                     ptr = t.untyped_storage().data_ptr()
                     if ptr not in self.made:
                         self.read.add(ptr)
 
-    def __enter__(self):
-        grid = triton.runtime.interpreter.GridExecutor
-        self._call = grid.__call__
-
-        def launch(executor, *args, **kwargs):
-            self._reads(args, kwargs)
-            with torch.utils._python_dispatch._disable_current_modes():
-                return self._call(executor, *args, **kwargs)
-
-        grid.__call__ = launch
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        triton.runtime.interpreter.GridExecutor.__call__ = self._call
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def launch(self, args, kwargs) -> None:
         self._reads(args, kwargs)
-        out = func(*args, **(kwargs or {}))
+
+    def op(self, func, args, kwargs, out) -> None:
+        self._reads(args, kwargs)
         for t in out if isinstance(out, list | tuple) else (out,):
             if isinstance(t, torch.Tensor):
                 self.made.add(t.untyped_storage().data_ptr())
-        return out
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's launches are inspected")
