@@ -16,7 +16,9 @@ by name: ``attncompose.eval.timing.profile_call``), graph_captured (impl
 peak_mem_mb and ideal_speedup (1 / frac: the speedup were the recipe as fast per product
 as dense attention). Writes
 ``benchmarks/results/bench_gpu_<device>.json`` (device, versions, commit, date) after every
-point, so a run stopped by a time limit keeps what it measured, and prints a table last.
+point, so a run stopped by a time limit keeps what it measured (the issues' target points
+and recipes run first), and prints a table last. Between points the compiled modules drop
+their buffers and graphs (``Attention.release_memory``).
 
     python benchmarks/bench_gpu.py                         # the grid (needs CUDA)
     python benchmarks/bench_gpu.py --dims 128 --lengths 32768,131072 --recipes streaming,topp
@@ -66,6 +68,22 @@ SMOKE_GRID = {
     "modes": ["causal", "non-causal", "decode"],
 }
 FRAC_HEADS = 2  # heads a tile-path recipe's frac is counted on (torch backend)
+# the issues' targets (head dim, mode, n) and recipes, measured first: a run cut by the
+# device's time limit keeps them
+TARGET_POINTS = [
+    (128, "causal", 32768),
+    (128, "causal", 131072),
+    (128, "non-causal", 131072),
+    (128, "causal", 8192),
+]
+TARGET_RECIPES = ["hyperattention", "streaming", "block-topk", "topp", "power"]
+
+
+def points(grid: dict) -> list[tuple[int, str, int]]:
+    """The grid's (head dim, mode, n), the issues' targets first, then in grid order."""
+    every = [(d, m, n) for d in grid["dims"] for m in grid["modes"] for n in grid["lengths"]]
+    first = [p for p in TARGET_POINTS if p in every]
+    return first + [p for p in every if p not in first]
 
 
 def dense_backends(device: torch.device) -> dict[str, object]:
@@ -101,6 +119,9 @@ class LevelByLevel:
     def __call__(self, *args, **kwargs):
         with causal_split.packing_on(set()):
             return self.attn(*args, **kwargs)
+
+    def release_memory(self) -> None:
+        self.attn.release_memory()
 
 
 def frac_of(attn, recipe, q, k, v, causal: bool, torch_backend) -> float:
@@ -144,47 +165,47 @@ def run_grid(
     compiled = {}
     fracs = Fracs()
     rows: list[dict] = []
-    for d in grid["dims"]:
-        for mode in grid["modes"]:
-            causal = mode != "non-causal"
-            for n in grid["lengths"]:
-                q, k, v = random_qkv(1, grid["heads"], n, d, dtype, device)
-                if mode == "decode":
-                    q = q[:, :, -1:].contiguous()
-                point = {"seq_len": n, "q_len": q.shape[2], "causal": causal, "head_dim": d}
-                dense = _dense_rows(q, k, v, causal and mode != "decode", device, point)
-                best = min((r["median_ms"] for r in dense if r["median_ms"]), default=None)
-                rows += dense
-                for name in recipes:
-                    recipe = ac.load_recipe(name)
-                    impls = {"attncompose": impl_backend}
-                    if planned(recipe):
-                        impls["flex"] = flex_backend
-                    if graphs:
-                        impls["attncompose-graphs"] = impl_backend
-                    if levels and causal and packs(recipe):
-                        impls["attncompose-levels"] = impl_backend
-                    for impl, backend in impls.items():
-                        key = (name, impl)
-                        if key not in compiled:
-                            compiled[key] = ac.compile(
-                                recipe, backend=backend, cuda_graphs=impl.endswith("graphs")
-                            )
-                            if impl.endswith("levels"):
-                                compiled[key] = LevelByLevel(compiled[key])
-                        if ("torch", name) not in compiled:
-                            compiled["torch", name] = ac.compile(recipe, backend="torch")
-                        row = _recipe_row(
-                            compiled[key], recipe, q, k, v, causal, device, best,
-                            lambda *a, ref=compiled["torch", name]: fracs(*a, ref),
-                            {**point, "impl": impl, "recipe": name},
-                        )  # fmt: skip
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                save(rows)
-                del q, k, v
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    for d, mode, n in points(grid):
+        causal = mode != "non-causal"
+        q, k, v = random_qkv(1, grid["heads"], n, d, dtype, device)
+        if mode == "decode":
+            q = q[:, :, -1:].contiguous()
+        point = {"seq_len": n, "q_len": q.shape[2], "causal": causal, "head_dim": d}
+        dense = _dense_rows(q, k, v, causal and mode != "decode", device, point)
+        best = min((r["median_ms"] for r in dense if r["median_ms"]), default=None)
+        rows += dense
+        for name in recipes:
+            recipe = ac.load_recipe(name)
+            impls = {"attncompose": impl_backend}
+            if planned(recipe):
+                impls["flex"] = flex_backend
+            if graphs:
+                impls["attncompose-graphs"] = impl_backend
+            if levels and causal and packs(recipe):
+                impls["attncompose-levels"] = impl_backend
+            for impl, backend in impls.items():
+                key = (name, impl)
+                if key not in compiled:
+                    compiled[key] = ac.compile(
+                        recipe, backend=backend, cuda_graphs=impl.endswith("graphs")
+                    )
+                    if impl.endswith("levels"):
+                        compiled[key] = LevelByLevel(compiled[key])
+                if ("torch", name) not in compiled:
+                    compiled["torch", name] = ac.compile(recipe, backend="torch")
+                row = _recipe_row(
+                    compiled[key], recipe, q, k, v, causal, device, best,
+                    lambda *a, ref=compiled["torch", name]: fracs(*a, ref),
+                    {**point, "impl": impl, "recipe": name},
+                )  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        save(rows)
+        del q, k, v
+        for attn in compiled.values():  # buffers and graphs of this point's shapes: a dozen
+            attn.release_memory()  # recipes' at 128k would fill the GPU
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -278,6 +299,7 @@ def main() -> None:
         grid["modes"] = args.modes.split(",")
     recipes = args.recipes.split(",") if args.recipes else ac.builtin_recipes()
     recipes = [r for r in recipes if r != "exact"]  # the dense rows are exact attention
+    recipes.sort(key=lambda r: TARGET_RECIPES.index(r) if r in TARGET_RECIPES else 99)
     slug = "cpu-smoke" if args.cpu_smoke else device_name(device).replace(" ", "_")
     out = args.out or RESULTS / f"bench_gpu_{slug}.json"
 

@@ -69,3 +69,16 @@ def test_products_fraction(make_qkv, causal):
     )
     frac = products_fraction(ac.compile(hyper), q, k, v, causal)
     assert 0.0 < frac < 1.0
+
+
+def test_release_memory_empties_the_buffers_and_calls_go_on_alike(make_qkv):
+    """What a module holds between calls (reused buffers, the sampler's draws kept per
+    shape) is dropped by release_memory; the next call makes it again, same result."""
+    recipe = ac.load_recipe("hyperattention").with_knobs({"out.min_seq_len": 64})
+    attn = ac.compile(recipe, backend="torch")
+    q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=256, d=16)
+    want = attn(q, k, v, is_causal=True)
+    assert attn.workspace.nbytes() > 0 and attn.workspace._memos
+    attn.release_memory()
+    assert attn.workspace.nbytes() == 0 and not attn.workspace._memos
+    assert torch.equal(attn(q, k, v, is_causal=True), want)

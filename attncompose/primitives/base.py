@@ -80,6 +80,11 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
+    def clear(self) -> None:
+        """Drop every buffer and memo (taken again, they are made anew)."""
+        self._buffers.clear()
+        self._memos.clear()
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 

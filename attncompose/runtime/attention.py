@@ -36,7 +36,9 @@ class Attention(nn.Module):
     called from two threads at once. ``check_finite=False`` skips the NaN/Inf check of the
     inputs (a host synchronisation). ``cuda_graphs=True`` captures one CUDA graph per call
     shape on CUDA and replays it (:mod:`attncompose.runtime.graphs`; off by default until
-    measured to win).
+    measured to win): for calls whose shapes repeat; a decode loop whose key length grows
+    every step would capture at every step. ``release_memory()`` drops the buffers and
+    graphs a module holds between calls.
     """
 
     def __init__(
@@ -111,6 +113,15 @@ class Attention(nn.Module):
         with torch.no_grad():
             result = self.pipeline(problem)
         return result.out.view(b, hq, lq, -1).to(q.dtype), result.lse.view(b, hq, lq)
+
+    def release_memory(self) -> None:
+        """Drop what the module holds between calls: its reused buffers (a workspace shared
+        with other modules is emptied for all) and its captured CUDA graphs; later calls
+        make them again."""
+        if self.workspace is not None:
+            self.workspace.clear()
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name!r}, backend={self.pipeline.backend!r}"
