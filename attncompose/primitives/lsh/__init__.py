@@ -30,13 +30,7 @@ from attncompose.primitives.base import (
     take,
 )
 from attncompose.primitives.lsh.kernels import TorchGrayRankSort, TritonGrayRankSort
-from attncompose.primitives.lsh.naive import (
-    gray_rank,
-    hash_codes,
-    mips_augment,
-    projections,
-    within_parts,
-)
+from attncompose.primitives.lsh.naive import mips_augment, projections
 from attncompose.primitives.lsh.schema import LshStep
 
 
@@ -145,14 +139,12 @@ class Lsh(Primitive):
             q, k = mips_augment(q, k, part)
         dirs = self.directions(problem, q.shape[-1])
         sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
-        q_order, q_pos = sort_positions(q, dirs, part)
-        k_order, k_pos = sort_positions(k, dirs, part)
+        q_order, q_pos, q_rank = sort_positions(q, dirs, part)
+        k_order, k_pos, k_rank = sort_positions(k, dirs, part)
         if self.knobs["pairing"] == "rank":
             return LshSelection(q_order, q_pos, k_order, k_pos)
-        bits = dirs.shape[-1]
-        ranks = lambda x: within_parts(gray_rank(hash_codes(x, dirs), bits), part)
-        q_rank = ranks(q).gather(1, q_order)  # a part's codes meet only their own part's
-        k_rank = ranks(k).gather(1, k_order)
+        # code pairing: the sorted ranks (the part above them: a part's codes meet only their
+        # own part's), as the sort left them
         return LshSelection(q_order, q_pos, k_order, k_pos, q_rank, k_rank)
 
     def directions(self, problem: Problem, dim: int | None = None) -> Tensor:

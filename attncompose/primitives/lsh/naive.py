@@ -50,8 +50,10 @@ def gray_code(rank: Tensor) -> Tensor:
 
 def sort_positions(
     x: Tensor, directions: Tensor, part: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(order [N, L]: indices sorted by Gray rank, position [N, L]: each index's sorted slot).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(order [N, L]: indices sorted by Gray rank, position [N, L]: each index's sorted slot,
+    key [N, L]: the sorted Gray ranks, with the part above them, see :func:`within_parts`;
+    in the ranks' dtype, int32 from the Triton kernel, where no part is above them).
     ``part`` [L] (a packed problem's part of each position): sorted within each part, the
     parts in their order."""
     rank = gray_rank(hash_codes(x, directions), directions.shape[-1])
@@ -63,13 +65,13 @@ def within_parts(rank: Tensor, part: Tensor | None) -> Tensor:
     return rank if part is None else rank.long() | (part << 32)
 
 
-def sorted_order(rank: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(order, position) of a stable sort of ``rank`` [N, L] (within each ``part``)."""
-    rank = within_parts(rank, part)
-    order = torch.sort(rank, dim=-1, stable=True).indices
+def sorted_order(rank: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, position, sorted key) of a stable sort of ``rank`` [N, L] (within each
+    ``part``: the key is :func:`within_parts`)."""
+    key, order = torch.sort(within_parts(rank, part), dim=-1, stable=True)
     position = torch.empty_like(order)
     position.scatter_(1, order, torch.arange(order.shape[1], device=rank.device).expand_as(order))
-    return order, position
+    return order, position, key
 
 
 def mips_augment(q: Tensor, k: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -71,6 +71,6 @@ def gray_ranks(x: Tensor, directions: Tensor) -> Tensor:
 
 def sort_positions(
     x: Tensor, directions: Tensor, part: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Same contract as the reference: (order [N, L], position [N, L]), int64."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Same contract as the reference: (order [N, L], position [N, L], sorted key [N, L])."""
     return sorted_order(gray_ranks(x, directions), part)
