@@ -483,10 +483,13 @@ def test_a_captured_call_reads_only_memory_its_graph_owns(make_qkv, packing_on_c
         assert not reads.read - owned, f"{name} causal={causal}: reads memory nobody owns"
 
 
-def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypatch):
-    """hyperattention-sinks' block step: the sinks pass and the sortLSH pass (sinks excluded
-    as a -inf bias on their keys, not a pair rule) both run as contiguous plans; only the
-    sampler, whose exclusion is per pair, takes the tile kernel."""
+@pytest.mark.parametrize("fuse", [True, False])
+def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypatch, fuse):
+    """hyperattention-sinks' body. Fused: ONE contiguous tile pass holds each sortLSH tile's
+    keys (the sinks' dropped by a -inf bias), the sinks' keys and the sampled keys. Step by
+    step: the sinks pass and the sortLSH pass (sinks excluded as a -inf bias on their keys,
+    not a pair rule) both run as contiguous plans; only the sampler, whose exclusion is per
+    pair, takes the tile kernel. Either equals the torch backend."""
     recipe = ac.load_recipe("hyperattention-sinks").with_knobs(
         {"diag.block_size": 64, "residual.sample_size": 64, "out.min_seq_len": 64}
     )
@@ -498,11 +501,15 @@ def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypa
         lambda op, *a, **kw: chosen.append((op, real(op, *a, **kw).name)) or real(op, *a, **kw),
     )
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=128, lk=128, d=16)
-    got = ac.compile(recipe, backend="triton")(q, k, v, is_causal=True, return_lse=True)
+    got = ac.compile(recipe, backend="triton", fuse=fuse)(q, k, v, is_causal=True, return_lse=True)
     monkeypatch.setattr(dispatch, "choose", real)
-    want = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True, return_lse=True)
+    want = ac.compile(recipe, backend="torch", fuse=fuse)(q, k, v, is_causal=True, return_lse=True)
     blocks = [name for op, name in chosen if op == "block"]
-    assert blocks.count("triton:contiguous-tiles") == 2 and blocks[-1] == "triton:tile-attention"
+    if fuse:
+        assert blocks == ["triton:contiguous-tiles"]
+    else:
+        assert blocks.count("triton:contiguous-tiles") == 2
+        assert blocks[-1] == "triton:tile-attention"
     assert ac.relative_error(got[0], want[0]) < 1e-5
     assert torch.allclose(got[1], want[1], atol=1e-5)
 

@@ -11,7 +11,7 @@ from contract import TIGHT, ReducesToExact, recipe
 from oracle import dense_mask, make_problem, masked_attention
 
 import attncompose as ac
-from attncompose.primitives import dispatch
+from attncompose.primitives import causal_split, dispatch
 from attncompose.primitives.base import Partial, count_products
 from attncompose.primitives.block.naive import block_attention as naive_block_attention
 from attncompose.primitives.lsh import Lsh
@@ -88,8 +88,29 @@ FUSION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [*sorted(FUSION_CASES), "topk-detector"])
+SINK_CASES = ("draws-follow-tiles", "causal-splitter", "sample-everything", "decode")
+FUSED = ("draws-follow-tiles", "sample-everything", "causal-splitter", "topk-detector")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        *sorted(FUSION_CASES),
+        "topk-detector",
+        *(f"sinks:{c}" for c in SINK_CASES),
+        "sinks:packed-splitter",
+    ],
+)
 def test_fused_block_residual_equals_the_steps_one_by_one(make_qkv, case, monkeypatch):
+    """The fused tile pass against the steps one by one: same output, same products, fewer
+    passes; with sinks beside the detector (hyperattention-sinks) too, the splitter's levels
+    packed as on a GPU included."""
+    name = "hyperattention"
+    if case.startswith("sinks:"):
+        name, case = "hyperattention-sinks", case.removeprefix("sinks:")
+    if case == "packed-splitter":
+        monkeypatch.setattr(causal_split, "PACK_DEVICES", {"cpu", "cuda"})
+        case = "causal-splitter"
     if case == "topk-detector":  # top-k tiles: natural query blocks of 64, exact
         lq, lk, causal = 512, 512, False
         q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
@@ -99,7 +120,7 @@ def test_fused_block_residual_equals_the_steps_one_by_one(make_qkv, case, monkey
     else:
         lq, lk, causal, block, m, min_len = FUSION_CASES[case]
         q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
-        recipe = ac.load_recipe("hyperattention").with_knobs(
+        recipe = ac.load_recipe(name).with_knobs(
             {"diag.block_size": block, "residual.sample_size": m, "out.min_seq_len": min_len}
         )
     fused = ac.compile(recipe, backend="torch")
@@ -118,8 +139,8 @@ def test_fused_block_residual_equals_the_steps_one_by_one(make_qkv, case, monkey
     assert ac.relative_error(o1, o2) < TIGHT
     assert torch.allclose(l1, l2, atol=1e-5)
     assert n_fused == n_steps  # the same pairs
-    if case in ("draws-follow-tiles", "sample-everything", "causal-splitter", "topk-detector"):
-        assert fused_calls < len(calls)  # one tile pass where there were two
+    if case in FUSED:
+        assert fused_calls < len(calls)  # one tile pass where there were two (three)
 
 
 def test_no_fusion_when_another_step_reads_the_block():

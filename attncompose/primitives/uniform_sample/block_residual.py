@@ -1,22 +1,36 @@
 """A detector's block step and the residual sampler that excludes it, in one tile pass.
 
-The recipe pattern ``merge(block(select: [detector]), uniform_sample(exclude: [block]))`` is
-HyperAttention's non-causal core (:func:`block_residual` finds it, a fusion pattern of
+The recipe pattern ``merge(block(select: [detector, ...]), uniform_sample(exclude: [block]))``
+is HyperAttention's non-causal core (:func:`block_residual` finds it, a fusion pattern of
 :mod:`attncompose.primitives.fusion`). Where the sampler's draws follow the detector's tiles
 (:func:`~attncompose.primitives.uniform_sample.naive.draws_follow`), each tile's sampled keys
 are appended to its detector keys with a key bias: 0 for detector keys, the sampler's
-log(R/m) reweighting for sampled keys, ``-inf`` for sampled keys the detector covered. One
+log(R/m) reweighting for sampled keys, ``-inf`` for sampled keys the block covered. One
 softmax over the tile then equals the lse merge of the two steps: same draws, same pairs,
-same products, one kernel call instead of two plus a merge. Elsewhere (causal problems,
-narrow or inexact tiles) the steps run one after the other.
+same products, one kernel call instead of two plus a merge. Selections beside the detector
+whose keys are the same for every query (sinks: key-only coverages) join each tile as keys
+of their own, their keys dropped from the detector's by a ``-inf`` bias (the block step
+excludes them so too), so HyperAttention with sinks is one pass as well. Elsewhere (causal
+problems, narrow or inexact tiles, two detectors) the steps run one after the other.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+from torch import Tensor
 
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Partial, Primitive, Problem, Selection, Tiles
+from attncompose.primitives.base import (
+    Partial,
+    Primitive,
+    Problem,
+    Selection,
+    Tiles,
+    UnionCoverage,
+)
+from attncompose.primitives.block import without_keys
 from attncompose.primitives.block.schema import BlockStep
 from attncompose.primitives.fusion import Match
 from attncompose.primitives.merge.naive import merge_partials
@@ -26,9 +40,10 @@ from attncompose.primitives.uniform_sample.schema import UniformSampleStep
 
 
 def block_residual(recipe, sid: str) -> Match | None:
-    """``merge(inputs: [B, S])`` at ``sid``, where ``B`` is a block step with one detector and
-    no exclusions and ``S`` a uniform_sample excluding exactly ``B``: one
-    :class:`BlockWithResidual` that reads ``B``'s detector."""
+    """``merge(inputs: [B, S])`` at ``sid``, where ``B`` is a block step with no exclusions
+    and ``S`` a uniform_sample excluding exactly ``B``: one :class:`BlockWithResidual` that
+    reads ``B``'s selections (whether they fuse is known per call: one detector, the rest
+    key-only)."""
     step = recipe.steps[sid]
     if not isinstance(step, MergeStep) or len(step.inputs) != 2:
         return None
@@ -37,7 +52,7 @@ def block_residual(recipe, sid: str) -> Match | None:
     if block is None or sample is None:
         return None
     b, s = recipe.steps[block], recipe.steps[sample]
-    if len(b.select) != 1 or b.exclude or list(s.exclude) != [block]:
+    if b.exclude or list(s.exclude) != [block]:
         return None
     make = lambda nodes: BlockWithResidual(nodes[block], nodes[sample])
     return Match((block, sample), {"select": list(b.select)}, make)
@@ -52,22 +67,30 @@ class BlockWithResidual:
 
     def __call__(self, problem: Problem, select: list[Selection]) -> Partial:
         m = self.sample.knobs["sample_size"]
-        cov = select[0].bind(self.block.knobs["block_size"])
-        tiles = cov.tiles(problem)
-        if m == 0 or not draws_follow(problem, tiles):
+        mine = [selection.bind(self.block.knobs["block_size"]) for selection in select]
+        detectors = [c for c in mine if not c.key_only]
+        tiles = detectors[0].tiles(problem) if len(detectors) == 1 else None
+        if m == 0 or tiles is None or not draws_follow(problem, tiles):
             diag = self.block(problem, select=select)
             return merge_partials([diag, self.sample(problem, exclude=[diag])])
-        n, n_tiles = tiles.q_idx.shape[0], tiles.q_idx.shape[1]
+        keyed = [c for c in mine if c.key_only]
+        cov = mine[0] if len(mine) == 1 else UnionCoverage(mine)
+        n, n_tiles, bq = tiles.q_idx.shape
         drawn = draws_in(problem, m, self.sample.knobs["seed"], tiles, cov)
         first_q = tiles.q_idx[..., :1, None]  # [N, T, 1, 1]: the tile's queries cover alike
         covered = cov.covers(problem, first_q, drawn.k_idx.unsqueeze(-2)).squeeze(-2)
         weight = drawn.lse_shift.unsqueeze(-1).expand(covered.shape)
         weight = weight.masked_fill(covered | (drawn.k_idx < 0), float("-inf"))
-        own_k = tiles.k_idx.expand(n, n_tiles, -1)
+        parts = [without_keys(problem, tiles, keyed)]  # the detector's keys, less the sinks'
+        for i, band in enumerate(keyed):  # each key-only band's keys, per tile of bq queries
+            own = replace(band, tile=bq).tiles(problem)
+            parts.append(without_keys(problem, own, keyed[:i]))
+        keys = [part.k_idx.expand(n, n_tiles, -1) for part in parts]
+        bias = [_bias(part, key) for part, key in zip(parts, keys, strict=True)]
         joint = Tiles(
             tiles.q_idx,
-            torch.cat([own_k, drawn.k_idx.expand(n, n_tiles, -1)], dim=-1),
-            key_bias=torch.cat([own_k.new_zeros(own_k.shape, dtype=weight.dtype), weight], -1),
+            torch.cat([*keys, drawn.k_idx.expand(n, n_tiles, -1)], dim=-1),
+            key_bias=torch.cat([*bias, weight], -1),
             exact=True,
         )
         return dispatch.call("block", self.block.backend, problem, tiles=joint)
@@ -76,3 +99,10 @@ class BlockWithResidual:
         return "one tile pass of block + residual: " + dispatch.describe(
             "block", self.block.backend
         )
+
+
+def _bias(tiles: Tiles, k_idx: Tensor) -> Tensor:
+    """The key bias [N, T, nk] of ``tiles`` (0 without one), as their keys ``k_idx``."""
+    if tiles.key_bias is None:
+        return k_idx.new_zeros(k_idx.shape, dtype=torch.float32)
+    return tiles.key_bias.expand(k_idx.shape)

@@ -9,9 +9,10 @@ residual is then exact.
 
 Which queries share a tile's draws does not matter for unbiasedness, only for cost. Tiles
 are 128 queries in natural order, except for a non-causal problem whose one exclusion has
-exact tiles (each tile's queries cover the same keys, as sortLSH and top-k blocks do): then
-the draws follow those tiles, so what a tile must exclude is one key set, not a pair mask,
-and the sampled keys can join the detector's keys in one tile pass.
+exact tiles (each tile's queries cover the same keys, as sortLSH and top-k blocks do, with
+sinks beside them or not): then the draws follow those tiles, so what a tile must exclude
+is one key set, not a pair mask, and the sampled keys can join the detector's keys in one
+tile pass.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Problem, Tiles, natural_tiles
+from attncompose.primitives.base import Coverage, Problem, Tiles, UnionCoverage, natural_tiles
 
 TILE = 128  # queries sharing one draw in natural order
 MIN_GROUP = 64  # narrower detector tiles would multiply the keys drawn and gathered
@@ -33,11 +34,17 @@ def draws_follow(problem: Problem, tiles: Tiles) -> bool:
 
 
 def query_groups(problem: Problem, exclude: Sequence[Coverage]) -> Tiles | None:
-    """The exclusion's tiles, when the sampler's draws may follow them (see module doc)."""
+    """The exclusion's tiles, when the sampler's draws may follow them (see module doc): of
+    its one detector, beside which a union may hold key-only coverages (sinks: the same keys
+    for every query, so a detector tile's queries still cover alike)."""
     if problem.causal or len(exclude) != 1:
         return None
+    parts = exclude[0].parts if isinstance(exclude[0], UnionCoverage) else list(exclude)
+    detectors = [cov for cov in parts if not cov.key_only]
+    if len(detectors) != 1:
+        return None
     try:
-        tiles = exclude[0].tiles(problem)
+        tiles = detectors[0].tiles(problem)
     except NotImplementedError:  # e.g. a union: it has no tiles of its own
         return None
     return tiles if draws_follow(problem, tiles) else None
