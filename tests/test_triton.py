@@ -460,7 +460,10 @@ class MemoryRead(CallWatch):
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's launches are inspected")
-@pytest.mark.parametrize("name", ["hyperattention", "hyperattention-sinks", "topp", "streaming"])
+@pytest.mark.parametrize(
+    "name",
+    ["hyperattention", "hyperattention-sinks", "hyperattention-aligned", "topp", "streaming"],
+)
 def test_a_captured_call_reads_only_memory_its_graph_owns(make_qkv, packing_on_cpu, name):
     """A CUDA graph replays the addresses its capture read: everything a call reads that the
     call did not make must be an input, in the graph's own workspace, or pinned by
@@ -473,14 +476,14 @@ def test_a_captured_call_reads_only_memory_its_graph_owns(make_qkv, packing_on_c
     recipe = recipe.with_knobs({k: v for k, v in knobs.items() if k in recipe.knob_values()})
     attn = ac.compile(recipe, backend="triton", check_finite=False)
     workspace = Workspace()
-    for causal in (True, False):
-        q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=512, lk=512, d=16)
+    for lq, causal in ((512, True), (512, False), (1, True)):  # decode too
+        q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=lq, lk=512, d=16)
         with torch.no_grad():
             attn._run(q, k, v, causal, None, workspace)  # warm-up: fills caches
             with pinning() as pins, MemoryRead() as reads:
                 attn._run(q, k, v, causal, None, workspace)
         owned = _storages([q, k, v, workspace, pins])
-        assert not reads.read - owned, f"{name} causal={causal}: reads memory nobody owns"
+        assert not reads.read - owned, f"{name} lq={lq} causal={causal}: reads unowned memory"
 
 
 @pytest.mark.parametrize("fuse", [True, False])

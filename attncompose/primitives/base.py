@@ -431,13 +431,22 @@ class Primitive:
         raise NotImplementedError
 
 
-def gather_rows(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+def row_index(idx: Tensor, length: int) -> Tensor:
+    """The rows of ``x.reshape(N * length, D)`` that ``x[n, idx[n, ...]]`` reads, flat (-1
+    reads row 0 of its n): computed once for keys and values gathered alike."""
+    n = idx.shape[0]
+    base = torch.arange(n, device=idx.device).view(n, *([1] * (idx.dim() - 1))) * length
+    return (idx.clamp_min(0) + base).reshape(-1)
+
+
+def gather_rows(
+    x: Tensor, idx: Tensor, out: Tensor | None = None, rows: Tensor | None = None
+) -> Tensor:
     """``x[n, idx[n, ...]]`` for x [N, L, D] and idx [N, ...] (-1 reads row 0); [N, ..., D].
     ``out``: a buffer of at least that many elements to write into (fresh memory costs page
-    faults on CPU, more than the copy itself)."""
+    faults on CPU, more than the copy itself); ``rows``: :func:`row_index` of ``idx``."""
     n, length, d = x.shape
-    base = torch.arange(n, device=idx.device).view(n, *([1] * (idx.dim() - 1))) * length
-    rows = (idx.clamp_min(0) + base).reshape(-1)
+    rows = row_index(idx, length) if rows is None else rows
     flat = x.reshape(n * length, d)
     if out is None:
         return flat.index_select(0, rows).view(*idx.shape, d)

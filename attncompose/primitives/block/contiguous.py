@@ -25,6 +25,7 @@ from attncompose.primitives.base import (
     add_products,
     counting_products,
     gather_rows,
+    row_index,
 )
 from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
 
@@ -51,11 +52,14 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     if counting_products():  # valid queries x kept keys, per tile
         add_products(((q_idx >= 0).sum(-1) * torch.isfinite(bias).sum(-1)).sum())
     flat = lambda idx: idx.reshape(n, -1)
-    copy = lambda name, x, idx: gather_rows(x, flat(idx), _buffer(problem, name, x, idx))
+    copy = lambda name, x, idx, rows=None: gather_rows(
+        x, flat(idx), _buffer(problem, name, x, idx), rows
+    )
+    k_rows = row_index(flat(k_idx), problem.lk)  # keys and values: the same rows
     sub = Problem(
         q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's sorted copy
-        k=copy("k", problem.k, k_idx),  # [N, T*span, D]: each tile's keys in a row
-        v=copy("v", problem.v, k_idx),
+        k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
+        v=copy("v", problem.v, k_idx, k_rows),
         scale=problem.scale,
         causal=False,
         heads=problem.heads,

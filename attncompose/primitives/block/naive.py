@@ -23,6 +23,7 @@ from attncompose.primitives.base import (
     add_products,
     counting_products,
     gather_rows,
+    row_index,
 )
 
 SCORE_BUDGET = 1 << 24  # score elements held at once (64 MiB in fp32)
@@ -64,13 +65,14 @@ def run_tiles(
         if counting_products():
             valid = (qi >= 0).unsqueeze(-1)
             add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
-        gather = lambda name, x, idx: gather_rows(
-            x, idx, scratch.take(name, (idx.numel() * x.shape[-1],), x.dtype, x.device)
+        gather = lambda name, x, idx, rows=None: gather_rows(
+            x, idx, scratch.take(name, (idx.numel() * x.shape[-1],), x.dtype, x.device), rows
         ).float()
         q = gather("q", problem.q, qi)  # [N, T, bq, D]
         if first is None:
-            k = gather("k", problem.k, kj)  # [N, T, nk, D]
-            v = gather("v", problem.v, kj)  # [N, T, nk, Dv]
+            k_rows = row_index(kj, problem.lk)  # keys and values: the same rows
+            k = gather("k", problem.k, kj, k_rows)  # [N, T, nk, D]
+            v = gather("v", problem.v, kj, k_rows)  # [N, T, nk, Dv]
         else:  # key ranges in bounds: overlapping views, nothing copied
             count = sl.stop - sl.start
             k = key_ranges(problem.k, first, stride, count, nk).float()
