@@ -531,6 +531,18 @@ def test_plan_autotuned_launch_matches_reference(monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize(
+    ("width", "block"),
+    [(512, 128), (516, 64), (260, 32), (256, 128), (100, 16), (5, 16), (1100, 128)],
+)
+def test_contiguous_key_blocks_are_large_unless_they_pad_much(width, block):
+    """A tile's keys are cut into the largest block that pads at most an eighth of them
+    (sortLSH 256 + sinks 4 + samples 256 = 516: 64-key blocks, not 16)."""
+    from attncompose.primitives.block.contiguous import key_block
+
+    assert key_block(width) == block
+
+
 def test_contiguous_tiles_never_wait_for_the_device(monkeypatch):
     """Copies, key bias, plan and the scatter back use tensor operations only."""
     from attncompose.primitives.block import contiguous

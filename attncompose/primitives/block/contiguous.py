@@ -30,10 +30,17 @@ from attncompose.primitives.base import (
 from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
 
 KEY_BLOCKS = (128, 64, 32, 16)  # key block sizes a tile's keys may be cut into
+PAD_SHARE = 8  # a larger key block is worth up to 1/PAD_SHARE of the keys in padding
 
 
 def key_block(width: int) -> int:
-    """The key block size that pads ``width`` candidate keys least (larger on ties)."""
+    """The key block size for ``width`` candidate keys a tile: the largest that pads at most
+    1/:data:`PAD_SHARE` of them (the kernel runs larger blocks faster; padded keys cost
+    products), else the one that pads least. E.g. 512 keys: 128; sortLSH's 256 + 4 sinks
+    + 256 samples: 64 (60 padded; 16 would pad 12 but run 16-key blocks)."""
+    for g in KEY_BLOCKS:
+        if (-(-width // g) * g - width) * PAD_SHARE <= width:
+            return g
     return min(KEY_BLOCKS, key=lambda g: (-(-width // g) * g, -g))
 
 
