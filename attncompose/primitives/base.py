@@ -237,7 +237,9 @@ class Tiles:
     keys (the tiles group queries by it), so an exclusion by it is tested on one query a tile.
     ``k_start`` [T] (optional): the candidates of tile t are the key range ``k_start[t] + j``
     in every row (``-1`` in ``k_idx`` where the range leaves [0, Lk)), so a kernel may read
-    them as a strided view instead of gathering (windows, sinks).
+    them as a strided view instead of gathering (windows, sinks). ``every_query``: each
+    query sits in exactly one tile (natural order, sortLSH's permutation), so a kernel need
+    not initialise the rows of queries in no tile.
     """
 
     q_idx: Tensor
@@ -247,6 +249,7 @@ class Tiles:
     key_bias: Tensor | None = None
     shared: Coverage | None = None
     k_start: Tensor | None = None
+    every_query: bool = False
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class BlockTable(Selection, Coverage):
             (blocks.repeat_interleave(self.size, -1) > nkb) | (k_idx >= problem.lk), -1
         )
         q_idx = natural_tiles(n, problem.lq, self.size, dev)
-        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=True)
+        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=True, every_query=True)
 
 
 @dataclass
@@ -203,7 +203,8 @@ class KeyBand(Selection, Coverage):
         # a band with a fixed anchor holds the same keys for every query: tiles are exact;
         # its keys are a range of each row (not when packed: a part may cut it)
         k_start = start if problem.packed is None else None
-        return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=self.key_only, k_start=k_start)
+        k_idx = k_idx.expand(n, -1, -1)
+        return Tiles(q_idx, k_idx, exact=self.key_only, k_start=k_start, every_query=True)
 
 
 def _positions(problem: Problem, length: int, positions) -> Tensor:

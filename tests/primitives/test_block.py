@@ -347,6 +347,32 @@ def test_flex_runs_sorted_tiles_as_one_contiguous_plan(n, causal, packing_on_cpu
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
+def test_contiguous_tiles_of_every_query_write_every_row(monkeypatch):
+    """Tiles that hold every query leave the scattered result uninitialised: with fresh
+    memory poisoned by NaN (odd length: padded slots; code pairing, whose tiles are exact at
+    any length, with sinks), the flex pass still equals the torch steps, so every row is
+    written."""
+    real = torch.Tensor.new_empty
+
+    def poisoned(self, *size, **kwargs):
+        out = real(self, *size, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    recipe = ac.load_recipe("hyperattention-aligned").with_knobs(
+        {"diag.block_size": 64, "residual.sample_size": 64}
+    )
+    q, k, v = (
+        torch.randn(1, 2, 200, 16, generator=torch.Generator().manual_seed(4)) for _ in range(3)
+    )
+    want = ac.compile(recipe, backend="torch", fuse=False)(q, k, v, return_lse=True)
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ac.compile(recipe, backend="flex")(q, k, v, return_lse=True)
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    assert torch.allclose(got[1], want[1], atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "flex"])
 def test_a_cached_static_plan_serves_calls_of_more_rows(backend):
     """A static plan (power's table) built for one batch size serves a later call with more
@@ -531,6 +557,31 @@ def test_plan_autotuned_launch_matches_reference(monkeypatch):
 
 
 @pytest.mark.triton
+def test_tiles_that_say_every_query_hold_each_query_once():
+    """``Tiles.every_query`` lets the contiguous pass leave its result uninitialised: each
+    producer that sets it puts every query in exactly one tile (odd lengths, both pairings,
+    lq != lk, tables, bands, the sampler's natural tiles)."""
+    from attncompose.primitives.coverages import BlockTable
+
+    for lq, lk in ((63, 63), (100, 37), (37, 100)):
+        p = make_problem(2, lq, lk, causal=False, seed=lq)
+        code = Lsh(LshStep(op="lsh", num_projections=3, seed=1, pairing="code"))(p).bind(16)
+        table = BlockTable(torch.rand(2, -(-lq // 16), -(-lk // 16)) > 0.5, 16, most=3)
+        made = [
+            lsh_coverage(p, 16).tiles(p),
+            code.tiles(p),
+            table.tiles(p),
+            SinkCoverage(4).bind(16).tiles(p),
+            WindowCoverage(8).bind(16).tiles(p),
+            sample_tiles(p, draw_uniforms(p, 8, seed=0)),
+        ]
+        for tiles in made:
+            assert tiles.every_query
+            q = tiles.q_idx.expand(2, -1, -1).reshape(2, -1)
+            for row in q:
+                assert torch.equal(row[row >= 0].sort().values, torch.arange(lq))
+
+
 @pytest.mark.parametrize(
     ("width", "block"),
     [(512, 128), (516, 64), (260, 32), (256, 128), (100, 16), (5, 16), (1100, 128)],

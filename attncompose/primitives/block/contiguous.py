@@ -76,7 +76,7 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     grid = BlockGrid(t * bq, t * span, bq, block)
     plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
     part = dispatch.call("plan", backend, sub, plan=plan.with_key_bias(flat(bias)))
-    return _scatter(problem, q_idx, part)
+    return _scatter(problem, q_idx, part, tiles.every_query)
 
 
 def _buffer(problem: Problem, name: str, x: Tensor, idx: Tensor) -> Tensor | None:
@@ -106,15 +106,20 @@ def _diagonal(grid: BlockGrid, blocks_per_tile: int) -> BlockPlan:
     return BlockPlan(grid, False, (mine.to(torch.uint8) * FULL)[None])
 
 
-def _scatter(problem: Problem, q_idx: Tensor, part: Partial) -> Partial:
+def _scatter(problem: Problem, q_idx: Tensor, part: Partial, every_query: bool) -> Partial:
     """Rows of ``part`` (tile order) back to query order; padded rows (-1) land in a spare
-    row that is cut off, so nothing waits for the device."""
+    row that is cut off, so nothing waits for the device. ``every_query``: every row is
+    written, so the result starts uninitialised (no fill of out and lse)."""
     n, lq = problem.q.shape[:2]
     dv = problem.v.shape[-1]
     rows = q_idx.reshape(n, -1).masked_fill(q_idx.reshape(n, -1) < 0, lq)
     flat = (rows + torch.arange(n, device=rows.device)[:, None] * (lq + 1)).reshape(-1)
-    out = part.out.new_zeros(n * (lq + 1), dv)
-    lse = part.lse.new_full((n * (lq + 1),), float("-inf"))
+    if every_query:
+        out = part.out.new_empty(n * (lq + 1), dv)
+        lse = part.lse.new_empty(n * (lq + 1))
+    else:
+        out = part.out.new_zeros(n * (lq + 1), dv)
+        lse = part.lse.new_full((n * (lq + 1),), float("-inf"))
     out.index_copy_(0, flat, part.out.reshape(-1, dv))
     lse.index_copy_(0, flat, part.lse.reshape(-1))
     return Partial(out.view(n, lq + 1, dv)[:, :lq], lse.view(n, lq + 1)[:, :lq])

@@ -105,7 +105,7 @@ class LshCoverage(Coverage):
         k_idx = self._lookup(self.sel.k_order, k_slots.expand(n, -1, -1), lk)
         # every query of tile t is paired with key block `first[t]` alone
         exact = span == 1 and (self.sel.q_rank is not None or lq % bq == 0)
-        return Tiles(q_idx, k_idx, exact=exact)
+        return Tiles(q_idx, k_idx, exact=exact, every_query=True)  # q_order: a permutation
 
     def _span(self, problem: Problem, bq: int, n_tiles: int) -> int:
         """Key blocks a tile of ``bq`` sorted queries spans: 1 with code pairing (a tile takes

@@ -92,6 +92,7 @@ class BlockWithResidual:
             torch.cat([*keys, drawn.k_idx.expand(n, n_tiles, -1)], dim=-1),
             key_bias=torch.cat([*bias, weight], -1),
             exact=True,
+            every_query=tiles.every_query,
         )
         return dispatch.call("block", self.block.backend, problem, tiles=joint)
 

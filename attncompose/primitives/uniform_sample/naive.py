@@ -75,7 +75,7 @@ def draws_in(problem: Problem, m: int, seed: int, tiles: Tiles, cov: Coverage) -
         return drawn.k_idx, drawn.lse_shift
 
     k_idx, shift = kept_draws(problem, ("follow", m, seed, n_tiles, width), make)
-    return Tiles(tiles.q_idx, k_idx, lse_shift=shift, shared=cov)
+    return Tiles(tiles.q_idx, k_idx, lse_shift=shift, shared=cov, every_query=tiles.every_query)
 
 
 def kept_draws(problem: Problem, key: tuple, make):
@@ -111,7 +111,8 @@ def sample_tiles(
     each and their lse shifts; ``shared``: the coverage ``q_idx`` groups queries by."""
     n, n_tiles, m = uniforms.shape
     dev = uniforms.device
-    if q_idx is None:
+    every_query = q_idx is None
+    if every_query:
         q_idx = natural_tiles(n, problem.lq, TILE, dev)
     first, reach = problem.visible_range(q_idx.amax(dim=-1))  # [N, T]: a tile's keys
     reach = reach.unsqueeze(-1)  # R per tile [N, T, 1]
@@ -125,4 +126,5 @@ def sample_tiles(
     if not isinstance(first, int):  # the tile's part of a packed problem
         k_idx = torch.where(k_idx >= 0, k_idx + first.unsqueeze(-1), -1)
     shift = torch.log((reach.float() / m).clamp_min(1.0)).squeeze(-1)  # R/m, 1 if all taken
-    return Tiles(q_idx, k_idx, lse_shift=shift.expand(n, n_tiles), shared=shared)
+    shift = shift.expand(n, n_tiles)
+    return Tiles(q_idx, k_idx, lse_shift=shift, shared=shared, every_query=every_query)
