@@ -384,6 +384,14 @@ class DeviceWaits(CallWatch):
             self.seen.append(name)
 
 
+def _graph_sized(name: str):
+    """A built-in recipe sized for calls of a few hundred tokens: splitter leaves of 128,
+    blocks and samples of 64 (the knobs it has)."""
+    recipe = ac.load_recipe(name)
+    knobs = {"out.min_seq_len": 128, "diag.block_size": 64, "residual.sample_size": 64}
+    return recipe.with_knobs({k: v for k, v in knobs.items() if k in recipe.knob_values()})
+
+
 # on CUDA (benchmarks/gpu_session.sh, where each new shape autotunes): one recipe per path
 WAIT_RECIPES = (
     builtin_recipes()
@@ -399,10 +407,7 @@ def test_a_call_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
     built-in recipe on the Triton backend, the splitter packed as on CUDA, GQA, an odd length,
     causal, non-causal and decode; the second call, as a graph captures after warm-up calls.
     The input check's one synchronisation happens before, outside the graph."""
-    recipe = ac.load_recipe(name)
-    knobs = {"out.min_seq_len": 128, "diag.block_size": 64, "residual.sample_size": 64}
-    recipe = recipe.with_knobs({k: v for k, v in knobs.items() if k in recipe.knob_values()})
-    attn = ac.compile(recipe, backend="triton", check_finite=False)
+    attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
     for lq, lk, causal in ((500, 500, True), (300, 300, False), (1, 500, True)):
         q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
         with torch.no_grad():
@@ -471,10 +476,7 @@ def test_a_captured_call_reads_only_memory_its_graph_owns(make_qkv, packing_on_c
     under the graph (runtime/graphs.py)."""
     from attncompose.primitives.base import Workspace, pinning
 
-    recipe = ac.load_recipe(name)
-    knobs = {"out.min_seq_len": 128, "diag.block_size": 64, "residual.sample_size": 64}
-    recipe = recipe.with_knobs({k: v for k, v in knobs.items() if k in recipe.knob_values()})
-    attn = ac.compile(recipe, backend="triton", check_finite=False)
+    attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
     workspace = Workspace()
     for lq, causal in ((512, True), (512, False), (1, True)):  # decode too
         q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=lq, lk=512, d=16)

@@ -35,7 +35,7 @@ from attncompose.primitives.block.schema import BlockStep
 from attncompose.primitives.fusion import Match
 from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.merge.schema import MergeStep
-from attncompose.primitives.uniform_sample.naive import draws_follow, draws_in
+from attncompose.primitives.uniform_sample.naive import draws_in, query_groups
 from attncompose.primitives.uniform_sample.schema import UniformSampleStep
 
 
@@ -68,13 +68,12 @@ class BlockWithResidual:
     def __call__(self, problem: Problem, select: list[Selection]) -> Partial:
         m = self.sample.knobs["sample_size"]
         mine = [selection.bind(self.block.knobs["block_size"]) for selection in select]
-        detectors = [c for c in mine if not c.key_only]
-        tiles = detectors[0].tiles(problem) if len(detectors) == 1 else None
-        if m == 0 or tiles is None or not draws_follow(problem, tiles):
+        cov = mine[0] if len(mine) == 1 else UnionCoverage(mine)
+        tiles = query_groups(problem, [cov]) if m else None  # the detector's, if draws follow
+        if tiles is None:
             diag = self.block(problem, select=select)
             return merge_partials([diag, self.sample(problem, exclude=[diag])])
         keyed = [c for c in mine if c.key_only]
-        cov = mine[0] if len(mine) == 1 else UnionCoverage(mine)
         n, n_tiles, bq = tiles.q_idx.shape
         drawn = draws_in(problem, m, self.sample.knobs["seed"], tiles, cov)
         first_q = tiles.q_idx[..., :1, None]  # [N, T, 1, 1]: the tile's queries cover alike
