@@ -2,8 +2,9 @@
 
 The Triton backend runs under ``TRITON_INTERPRET=1``; each Triton kernel launch counts one,
 each aten op outside a Triton kernel counts one, except views and plain allocations (which
-launch nothing on a GPU). It is an estimate of what ``torch.profiler`` counts on CUDA
-(``bench_gpu.py``'s ``launches``): there, a sort or a ``cat`` may launch more than one kernel.
+launch nothing on a GPU): :class:`attncompose.eval.interpreter.LaunchCounter`. It is an
+estimate of what ``torch.profiler`` counts on CUDA (``bench_gpu.py``'s ``launches``): there, a
+sort or a ``cat`` may launch more than one kernel.
 What it shows without a GPU is how the count grows with the causal splitter's levels (which
 packs them on a GPU, so here too: ``causal_split.PACK_DEVICES``): the
 recipes run at leaves of 128 (``out.min_seq_len``), blocks and samples of 64, d=16, H=2,
@@ -24,7 +25,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import torch
 
 import attncompose as ac
-from attncompose.eval.interpreter import CallWatch
+from attncompose.eval.interpreter import LaunchCounter
 from attncompose.eval.timing import write_results
 from attncompose.primitives import causal_split
 from attncompose.primitives.causal_split import leaf_length
@@ -32,24 +33,6 @@ from attncompose.primitives.causal_split import leaf_length
 RESULTS = Path(__file__).resolve().parent / "results"
 LEAF = 128
 KNOBS = {"out.min_seq_len": LEAF, "diag.block_size": 64, "residual.sample_size": 64}
-ALLOCATIONS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default"}
-
-
-class LaunchCounter(CallWatch):
-    """Counts aten ops that launch work (views and allocations excluded), and Triton kernel
-    launches (the interpreter's grid calls)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.aten = 0
-        self.triton = 0
-
-    def op(self, func, args, kwargs, out) -> None:
-        if not func.is_view and str(func) not in ALLOCATIONS:
-            self.aten += 1
-
-    def launch(self, args, kwargs) -> None:
-        self.triton += 1
 
 
 def count(recipe_name: str, n: int) -> dict:
@@ -75,7 +58,7 @@ def _count(recipe_name: str, n: int) -> dict:
         "levels": (n // leaf).bit_length() - 1,
         "triton_launches": counter.triton,
         "aten_ops": counter.aten,
-        "launches": counter.triton + counter.aten,
+        "launches": counter.launches,
     }
 
 

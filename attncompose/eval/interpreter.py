@@ -3,9 +3,10 @@
 On a CPU the Triton kernels run in the interpreter, which itself calls aten ops: a
 :class:`CallWatch` sees each aten op the call makes outside a Triton launch
 (:meth:`CallWatch.op`) and each launch with its arguments (:meth:`CallWatch.launch`), never
-the interpreter's own ops. ``benchmarks/launch_count.py`` counts with it what a GPU would
-launch; the tests check with it that a call never waits for the device and reads only memory
-a CUDA graph would own. Set ``TRITON_INTERPRET=1`` before triton is first imported.
+the interpreter's own ops. :class:`LaunchCounter` counts with it what a GPU would launch
+(``benchmarks/launch_count.py``, a test of the launch budget); the tests also check with it
+that a call never waits for the device and reads only memory a CUDA graph would own. Set
+``TRITON_INTERPRET=1`` before triton is first imported.
 """
 
 from __future__ import annotations
@@ -54,3 +55,28 @@ class CallWatch(TorchDispatchMode):
         if not self._inside:
             self.op(func, args, kwargs or {}, out)
         return out
+
+
+class LaunchCounter(CallWatch):
+    """Counts what a call would launch on a GPU: each Triton launch (the interpreter's grid
+    calls) and each aten op outside one that does work (views and plain allocations launch
+    nothing). An estimate of what ``torch.profiler`` counts on CUDA, where a sort or a
+    ``cat`` may launch more than one kernel."""
+
+    ALLOCATIONS = ("aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten = 0
+        self.triton = 0
+
+    @property
+    def launches(self) -> int:
+        return self.aten + self.triton
+
+    def op(self, func, args, kwargs, out) -> None:
+        if not func.is_view and str(func) not in self.ALLOCATIONS:
+            self.aten += 1
+
+    def launch(self, args, kwargs) -> None:
+        self.triton += 1

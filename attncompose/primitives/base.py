@@ -438,8 +438,19 @@ def row_index(idx: Tensor, length: int) -> Tensor:
     """The rows of ``x.reshape(N * length, D)`` that ``x[n, idx[n, ...]]`` reads, flat (-1
     reads row 0 of its n): computed once for keys and values gathered alike."""
     n = idx.shape[0]
-    base = torch.arange(n, device=idx.device).view(n, *([1] * (idx.dim() - 1))) * length
+    base = static_arange(n, idx.device, length).view(n, *([1] * (idx.dim() - 1)))
     return (idx.clamp_min(0) + base).reshape(-1)
+
+
+def static_arange(count: int, device: torch.device, step: int = 1) -> Tensor:
+    """``arange(count) * step`` (int64), made once per (count, step, device): index
+    arithmetic that is the same in every call launches nothing. Do not modify."""
+    return pinned(_static_arange(count, torch.device(device), step))
+
+
+@functools.lru_cache(maxsize=64)
+def _static_arange(count: int, device: torch.device, step: int) -> Tensor:
+    return torch.arange(count, device=device) * step
 
 
 def gather_rows(

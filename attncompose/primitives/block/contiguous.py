@@ -26,6 +26,7 @@ from attncompose.primitives.base import (
     counting_products,
     gather_rows,
     row_index,
+    static_arange,
 )
 from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
 
@@ -89,13 +90,18 @@ def _buffer(problem: Problem, name: str, x: Tensor, idx: Tensor) -> Tensor | Non
 
 def _key_bias(tiles: Tiles, k_idx: Tensor) -> Tensor:
     """[N, T, span]: the tiles' key bias plus their lse shift; -inf on padding keys."""
-    n, t = k_idx.shape[:2]
-    bias = k_idx.new_zeros(k_idx.shape, dtype=torch.float32)
-    if tiles.key_bias is not None:
-        bias[..., : tiles.key_bias.shape[-1]] = tiles.key_bias
+    n, t, span = k_idx.shape
+    absent = k_idx < 0
+    if tiles.key_bias is None:
+        bias = torch.where(absent, float("-inf"), 0.0)  # float32
+    else:  # keys past the bias's columns take 0
+        bias = tiles.key_bias.float()
+        if bias.shape[-1] < span:
+            bias = torch.nn.functional.pad(bias, (0, span - bias.shape[-1]))
+        bias = bias.masked_fill(absent, float("-inf"))
     if tiles.lse_shift is not None:  # a tile's lse shift is a log-weight on all its keys
-        bias += tiles.lse_shift.float().expand(n, t).unsqueeze(-1)
-    return bias.masked_fill(k_idx < 0, float("-inf"))
+        bias = bias + tiles.lse_shift.float().expand(n, t).unsqueeze(-1)
+    return bias.expand(n, t, span)
 
 
 def _diagonal(grid: BlockGrid, blocks_per_tile: int) -> BlockPlan:
@@ -112,8 +118,8 @@ def _scatter(problem: Problem, q_idx: Tensor, part: Partial, every_query: bool) 
     written, so the result starts uninitialised (no fill of out and lse)."""
     n, lq = problem.q.shape[:2]
     dv = problem.v.shape[-1]
-    rows = q_idx.reshape(n, -1).masked_fill(q_idx.reshape(n, -1) < 0, lq)
-    flat = (rows + torch.arange(n, device=rows.device)[:, None] * (lq + 1)).reshape(-1)
+    rows = q_idx.reshape(n, -1).remainder(lq + 1)  # -1 -> lq, the spare row
+    flat = (rows + static_arange(n, rows.device, lq + 1)[:, None]).reshape(-1)
     if every_query:
         out = part.out.new_empty(n * (lq + 1), dv)
         lse = part.lse.new_empty(n * (lq + 1))

@@ -171,8 +171,7 @@ class Packed:
 def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
     dev = problem.q.device
     if not rules:
-        dummy = torch.zeros(1, dtype=torch.int32, device=dev)
-        return Packed(dummy, dummy, dummy.long(), dummy.to(torch.int8), 0)
+        return pinned(_no_rules(dev))
     n = problem.q.shape[0]
     meta, tables, offset = [], [], 0
     for pred, want in rules:
@@ -192,6 +191,14 @@ def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
         table,
         len(rules),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _no_rules(device: torch.device) -> Packed:
+    """The kernel's arguments for no rules (placeholders it never reads), made once per
+    device, not three small launches per call."""
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    return Packed(dummy, dummy, dummy.long(), dummy.to(torch.int8), 0)
 
 
 @functools.lru_cache(maxsize=256)

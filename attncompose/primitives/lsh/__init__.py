@@ -32,6 +32,7 @@ from attncompose.primitives.base import (
 from attncompose.primitives.lsh.kernels import TorchGrayRankSort, TritonGrayRankSort
 from attncompose.primitives.lsh.naive import mips_augment, projections
 from attncompose.primitives.lsh.schema import LshStep
+from attncompose.primitives.plan import static_plan
 
 
 @dataclass
@@ -74,38 +75,76 @@ class LshCoverage(Coverage):
         where = torch.searchsorted(self.sel.k_rank, self.sel.q_rank[:, median])  # [N, S]
         return (where // b).clamp_max(n_blocks - 1)
 
+    def _query_buckets(self, problem: Problem) -> Tensor:
+        """Key block paired with every sorted query slot [N or 1, Lq]: with rank pairing the
+        same in every call of these lengths, made once (no per-call index arithmetic)."""
+        device = self.sel.q_pos.device
+        make = lambda: self._slot_bucket(problem, torch.arange(problem.lq, device=device))
+        if self.sel.q_rank is not None:  # code pairing: they follow the codes
+            return make()
+        return static_plan(("lsh-buckets", problem.lq, problem.lk, self.b, device), make)
+
     has_kernel_form = True
 
     def predicates(self, problem: Problem) -> list[Predicate]:
         """Bucket form: each query's paired key block against each key's block."""
         n = self.sel.q_pos.shape[0]
-        slots = torch.arange(problem.lq, device=self.sel.q_pos.device)
-        slot_bucket = self._slot_bucket(problem, slots).expand(n, -1)  # [N, Lq] by sorted slot
+        slot_bucket = self._query_buckets(problem).expand(n, -1)  # [N, Lq] by sorted slot
         q_bucket = slot_bucket.gather(1, self.sel.q_pos)  # [N, Lq] by query index
         k_bucket = self.sel.k_pos // self._block(problem)  # [N, Lk]
         return [Predicate(q_bucket.int(), k_bucket.int())]
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
-        slot_bucket = self._slot_bucket(problem, torch.arange(problem.lq, device=qi.device))
-        slot_bucket = slot_bucket.expand(self.sel.q_pos.shape[0], -1)
+        slot_bucket = self._query_buckets(problem).expand(self.sel.q_pos.shape[0], -1)
         qb = take(slot_bucket, take(self.sel.q_pos, qi))
         kb = take(self.sel.k_pos, kj) // self._block(problem)
         return qb == kb
 
     def tiles(self, problem: Problem) -> Tiles:
-        lq, lk, b = problem.lq, problem.lk, self._block(problem)
+        lq, b = problem.lq, self._block(problem)
         bq = self._tile(problem)
         n_tiles = -(-lq // bq)
         n = self.sel.q_order.shape[0]
-        slots = torch.arange(n_tiles * bq, device=problem.q.device).view(n_tiles, bq)
-        first = self._slot_bucket(problem, slots[:, 0])  # [N or 1, T]
         span = self._span(problem, bq, n_tiles)
-        k_slots = first[..., None] * b + torch.arange(span * b, device=slots.device)
-        q_idx = self._lookup(self.sel.q_order, slots.expand(n, -1, -1), lq)
-        k_idx = self._lookup(self.sel.k_order, k_slots.expand(n, -1, -1), lk)
-        # every query of tile t is paired with key block `first[t]` alone
+        # the query slots in tile order are 0 .. T*bq-1: the sorted order, -1 padded
+        q_idx = _padded(self.sel.q_order, n_tiles * bq).view(n, n_tiles, bq)
+        if self.sel.q_rank is not None:  # code pairing: the key slots follow the codes
+            slots, pad = self._key_slots(problem, bq, n_tiles, span)
+        else:  # rank pairing: the same key slots in every call of these lengths
+            key = ("lsh-key-slots", lq, problem.lk, b, bq, self.sel.q_order.device)
+            slots, pad = static_plan(key, lambda: self._key_slots(problem, bq, n_tiles, span))
+        k_idx = self.sel.k_order.gather(1, slots.expand(n, -1))  # slots: clamped to the keys
+        if pad is not None:
+            k_idx = k_idx.masked_fill(pad, -1)
+        k_idx = k_idx.view(n, n_tiles, span * b)
+        # every query of a tile is paired with the tile's first key block alone
         exact = span == 1 and (self.sel.q_rank is not None or lq % bq == 0)
         return Tiles(q_idx, k_idx, exact=exact, every_query=True)  # q_order: a permutation
+
+    def _key_slots(
+        self, problem: Problem, bq: int, n_tiles: int, span: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Sorted key slots of each tile, flat [N or 1, T * span*b] and clamped to the keys,
+        and where they pass the last key (None: nowhere, known on the host for rank
+        pairing)."""
+        b, lk = self._block(problem), problem.lk
+        device = self.sel.k_order.device
+        first = self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
+        slots = (first[..., None] * b + torch.arange(span * b, device=device)).flatten(1)
+        if self.sel.q_rank is None and not self._passes_keys(problem, bq, n_tiles, span):
+            return slots, None
+        return slots.clamp_max(lk - 1), slots >= lk
+
+    def _passes_keys(self, problem: Problem, bq: int, n_tiles: int, span: int) -> bool:
+        """With rank pairing, whether the last tile's key slots (the highest) pass the last
+        key, on the host."""
+        last = self._host_bucket(problem, (n_tiles - 1) * bq)
+        return (last + span) * self._block(problem) > problem.lk
+
+    def _host_bucket(self, problem: Problem, slot: int) -> int:
+        """:meth:`_slot_bucket` of one slot with rank pairing, on the host."""
+        b = self._block(problem)
+        return min(slot * problem.lk // (problem.lq * b), -(-problem.lk // b) - 1)
 
     def _span(self, problem: Problem, bq: int, n_tiles: int) -> int:
         """Key blocks a tile of ``bq`` sorted queries spans: 1 with code pairing (a tile takes
@@ -113,17 +152,17 @@ class LshCoverage(Coverage):
         device synchronisation)."""
         if self.sel.q_rank is not None or problem.lq == problem.lk:
             return 1  # equal lengths: slot p is in key block p // b, a tile in one block
-        lq, lk, b = problem.lq, problem.lk, self._block(problem)
-        last_block = -(-lk // b) - 1
-        bucket = lambda slot: min(slot * lk // (lq * b), last_block)
+        bucket = lambda slot: self._host_bucket(problem, slot)
+        lq = problem.lq
         return 1 + max(
             bucket(min(t * bq + bq - 1, lq - 1)) - bucket(t * bq) for t in range(n_tiles)
         )
 
-    @staticmethod
-    def _lookup(order: Tensor, slots: Tensor, length: int) -> Tensor:
-        idx = take(order, slots.clamp_max(length - 1))
-        return idx.masked_fill(slots >= length, -1)
+
+def _padded(order: Tensor, length: int) -> Tensor:
+    """``order`` [N, L] padded with -1 to ``length`` columns (itself where L == length)."""
+    extra = length - order.shape[1]
+    return order if extra == 0 else torch.nn.functional.pad(order, (0, extra), value=-1)
 
 
 class Lsh(Primitive):
@@ -153,16 +192,16 @@ class Lsh(Primitive):
         Keys are hashed once per query head (on the expanded keys), so grouped-query
         attention equals attention with K/V repeated to every query head.
         """
-        dirs = pinned(
+        return pinned(
             projections(
                 problem.heads,
                 dim or problem.q.shape[-1],
                 self.knobs["num_projections"],
                 self.knobs["seed"],
                 str(problem.q.device),
+                problem.q.shape[0],
             )
         )
-        return dirs.repeat(problem.q.shape[0] // problem.heads, 1, 1)
 
     def kernel_name(self) -> str:
         return dispatch.describe("lsh_sort", self.backend)

@@ -13,13 +13,20 @@ import functools
 import torch
 from torch import Tensor
 
+from attncompose.primitives.base import static_arange
+
 
 @functools.lru_cache(maxsize=64)
-def projections(heads: int, dim: int, bits: int, seed: int, device: str = "cpu") -> Tensor:
+def projections(
+    heads: int, dim: int, bits: int, seed: int, device: str = "cpu", rows: int | None = None
+) -> Tensor:
     """Gaussian directions [heads, dim, bits] (float32, drawn on the CPU), one set per head;
-    kept per ``device`` (no draw and no host-to-device copy per call). Do not modify."""
+    with ``rows`` (a multiple of ``heads``) repeated to [rows, dim, bits], one set per row of
+    a [B*H, ...] problem. Kept per ``device`` and shape (no draw, host-to-device copy or
+    repeat per call). Do not modify."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(heads, dim, bits, generator=g).to(device)
+    dirs = torch.randn(heads, dim, bits, generator=g)
+    return dirs.repeat(rows // heads, 1, 1).to(device) if rows else dirs.to(device)
 
 
 def hash_codes(x: Tensor, directions: Tensor) -> Tensor:
@@ -70,7 +77,7 @@ def sorted_order(rank: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tens
     ``part``: the key is :func:`within_parts`)."""
     key, order = torch.sort(within_parts(rank, part), dim=-1, stable=True)
     position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(order.shape[1], device=rank.device).expand_as(order))
+    position.scatter_(1, order, static_arange(order.shape[1], order.device).expand_as(order))
     return order, position, key
 
 

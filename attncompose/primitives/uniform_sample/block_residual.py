@@ -79,17 +79,20 @@ class BlockWithResidual:
         first_q = tiles.q_idx[..., :1, None]  # [N, T, 1, 1]: the tile's queries cover alike
         covered = cov.covers(problem, first_q, drawn.k_idx.unsqueeze(-2)).squeeze(-2)
         weight = drawn.lse_shift.unsqueeze(-1).expand(covered.shape)
-        weight = weight.masked_fill(covered | (drawn.k_idx < 0), float("-inf"))
+        weight = weight.masked_fill(covered, float("-inf"))  # -1 (no draw) pads: no key
         parts = [without_keys(problem, tiles, keyed)]  # the detector's keys, less the sinks'
         for i, band in enumerate(keyed):  # each key-only band's keys, per tile of bq queries
             own = replace(band, tile=bq).tiles(problem)
             parts.append(without_keys(problem, own, keyed[:i]))
         keys = [part.k_idx.expand(n, n_tiles, -1) for part in parts]
-        bias = [_bias(part, key) for part, key in zip(parts, keys, strict=True)]
+        if all(part.key_bias is None for part in parts):  # 0 on every detector key
+            bias = torch.nn.functional.pad(weight, (sum(key.shape[-1] for key in keys), 0))
+        else:
+            bias = torch.cat([*map(_bias, parts, keys), weight], -1)
         joint = Tiles(
             tiles.q_idx,
             torch.cat([*keys, drawn.k_idx.expand(n, n_tiles, -1)], dim=-1),
-            key_bias=torch.cat([*bias, weight], -1),
+            key_bias=bias,
             exact=True,
             every_query=tiles.every_query,
         )
