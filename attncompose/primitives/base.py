@@ -89,7 +89,7 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal only to itself: memo keys hold it (Problem.memo)
 class Packing:
     """Independent non-causal problems packed end to end along each row (FlashAttention's
     variable-length batches): part s holds queries and keys ``[start_s, start_s + length_s)``
@@ -199,6 +199,16 @@ class Problem:
         if self.packed is None:
             return kj + self.k_offset
         return self.packed.k_at[kj.clamp_min(0)] + self.k_offset
+
+    def memo(self, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, kept in the problem's workspace (:meth:`Workspace.memo`) for ``key``
+        and this problem's rows, ranges and positions (a packing as itself): for what a call
+        derives from them and its knobs alone, never from the data. Without a workspace,
+        made in every call."""
+        if self.workspace is None:
+            return make()
+        where = (self.q.shape[0], self.lq, self.lk, self.q_offset, self.k_offset, self.packed)
+        return self.workspace.memo(name, (*key, *where, self.q.device), make)
 
     def generator(self, seed: int, *salt: Any) -> torch.Generator:
         """A generator on the problem's device, seeded from ``seed``, the ranges and ``salt``."""

@@ -152,6 +152,9 @@ class KeyBand(Selection, Coverage):
         )
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        if self.key_only:  # the same keys for every query: read from the static mask
+            hit = take(self.covered_keys(problem), kj) & (kj >= 0)  # -1 pads
+            return hit.expand(torch.broadcast_shapes(qi.shape, kj.shape))
         last = self.anchor(problem.q_positions(qi))  # the last covered key position
         k_pos = problem.k_positions(kj)
         hit = (k_pos <= last) & (k_pos > last - self.extent) & (kj >= 0)  # -1 pads
@@ -160,6 +163,19 @@ class KeyBand(Selection, Coverage):
             part = problem.packed.part
             hit = hit & (part[qi.clamp_min(0)] == part[kj.clamp_min(0)])
         return hit
+
+    def covered_keys(self, problem: Problem) -> Tensor:
+        """[1, Lk] bool: the keys a key-only band covers (for every query), made once per
+        pattern and positions."""
+        if not self.key_only:
+            raise TypeError(f"{type(self).__name__} covers keys per query")
+
+        def make() -> Tensor:
+            k_pos = problem.k_positions(torch.arange(problem.lk, device=problem.q.device))
+            last = self.anchor(k_pos)  # an int: the same for every query
+            return ((k_pos <= last) & (k_pos > last - self.extent))[None]
+
+        return problem.memo("covered-keys", self.static_key(), make)
 
     def predicates(self, problem: Problem) -> list[Predicate]:
         q_pos = _positions(problem, problem.lq, problem.q_positions)
@@ -180,6 +196,13 @@ class KeyBand(Selection, Coverage):
         return states.expand(grid.nqb, grid.nkb)[None]
 
     def tiles(self, problem: Problem) -> Tiles:
+        """Natural query tiles and the key range each may cover: positions only, made once
+        per pattern, tile and positions (in the workspace: :meth:`Problem.memo`)."""
+        return problem.memo(
+            "band-tiles", (*self.static_key(), self.tile), lambda: self._tiles(problem)
+        )
+
+    def _tiles(self, problem: Problem) -> Tiles:
         n, dev = problem.q.shape[0], problem.q.device
         bq = min(self.tile, problem.lq)
         q_idx = natural_tiles(n, problem.lq, bq, dev)

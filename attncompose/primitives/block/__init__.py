@@ -52,10 +52,8 @@ def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> T
     covered = functools.reduce(
         torch.logical_or, (c.covers(problem, anyq, kj) for c in coverages)
     ).squeeze(-2)  # [N, T, nk]
-    bias = tiles.key_bias
-    if bias is None:
-        bias = torch.zeros(covered.shape, dtype=torch.float32, device=covered.device)
-    return replace(tiles, key_bias=bias.masked_fill(covered, float("-inf")))
+    bias = 0.0 if tiles.key_bias is None else tiles.key_bias
+    return replace(tiles, key_bias=torch.where(covered, float("-inf"), bias))  # float32
 
 
 class Block(Primitive):

@@ -83,12 +83,7 @@ def kept_draws(problem: Problem, key: tuple, make):
     ``key`` (knobs, tiling) stay the same: the draws depend on nothing else. The generator
     and the index arithmetic then run once per shape, not in every call (where a fresh
     generator also could not be captured in a CUDA graph: a replay must equal a call)."""
-    if problem.workspace is None:
-        return make()
-    parts = None if problem.packed is None else problem.packed.lengths
-    ranges = (problem.q_offset, problem.k_offset, problem.lq, problem.lk, problem.causal, parts)
-    where = (problem.q.shape[0], problem.q.device)
-    return problem.workspace.memo("uniform_sample", (*key, *ranges, *where), make)
+    return problem.memo("uniform_sample", (*key, problem.causal), make)
 
 
 def draw_uniforms(problem: Problem, m: int, seed: int, n_tiles: int | None = None) -> Tensor:
