@@ -13,7 +13,7 @@ sorted slot p is paired with key block ``floor(p * Lk/Lq / b)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ from attncompose.primitives.base import (
     Selection,
     Tiles,
     pinned,
+    static_arange,
     take,
 )
 from attncompose.primitives.lsh.kernels import TorchGrayRankSort, TritonGrayRankSort
@@ -54,6 +55,7 @@ class LshCoverage(Coverage):
 
     sel: LshSelection
     b: int
+    _made: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _block(self, problem: Problem) -> int:
         return min(self.b, problem.lk)  # one block holds every key once b >= Lk
@@ -65,23 +67,40 @@ class LshCoverage(Coverage):
         return max(1, min(b, lq, b * lq // lk))  # a tile's queries span at most two key blocks
 
     def _slot_bucket(self, problem: Problem, slots: Tensor) -> Tensor:
-        """Key block paired with each sorted query slot; slots [S] -> [N or 1, S]."""
+        """Rank pairing: the key block paired with each sorted query slot; [S] -> [1, S]."""
         b = self._block(problem)
         n_blocks = -(-problem.lk // b)
-        if self.sel.q_rank is None:  # rank quantile (the paper's pairing)
-            return (slots * problem.lk // (problem.lq * b)).clamp_max(n_blocks - 1)[None]
-        bq = self._tile(problem)
-        median = ((slots // bq) * bq + bq // 2).clamp_max(problem.lq - 1)
-        where = torch.searchsorted(self.sel.k_rank, self.sel.q_rank[:, median])  # [N, S]
-        return (where // b).clamp_max(n_blocks - 1)
+        return (slots * problem.lk // (problem.lq * b)).clamp_max(n_blocks - 1)[None]
+
+    def _code_buckets(self, problem: Problem) -> Tensor:
+        """Code pairing: the key block of each tile of sorted queries [N, T], where its
+        median's code falls among the sorted key codes (made once per coverage and lengths)."""
+        lq, lk, b = problem.lq, problem.lk, self._block(problem)
+        made = self._made.get((lq, lk))
+        if made is None:
+            median, _ = self._code_layout(problem)
+            where = torch.searchsorted(self.sel.k_rank, self.sel.q_rank[:, median])  # [N, T]
+            made = self._made[lq, lk] = (where // b).clamp_max(-(-lk // b) - 1)
+        return made
+
+    def _code_layout(self, problem: Problem) -> tuple[Tensor, Tensor]:
+        """Code pairing: each tile's median slot [T] and each slot's tile [Lq], made once per
+        lengths and device."""
+        lq, bq, device = problem.lq, self._tile(problem), self.sel.q_rank.device
+
+        def make() -> tuple[Tensor, Tensor]:
+            median = torch.arange(-(-lq // bq), device=device) * bq + bq // 2
+            return median.clamp_max(lq - 1), torch.arange(lq, device=device) // bq
+
+        return static_plan(("lsh-code-layout", lq, bq, device), make)
 
     def _query_buckets(self, problem: Problem) -> Tensor:
         """Key block paired with every sorted query slot [N or 1, Lq]: with rank pairing the
         same in every call of these lengths, made once (no per-call index arithmetic)."""
+        if self.sel.q_rank is not None:  # code pairing: its tile's
+            return self._code_buckets(problem)[:, self._code_layout(problem)[1]]
         device = self.sel.q_pos.device
         make = lambda: self._slot_bucket(problem, torch.arange(problem.lq, device=device))
-        if self.sel.q_rank is not None:  # code pairing: they follow the codes
-            return make()
         return static_plan(("lsh-buckets", problem.lq, problem.lk, self.b, device), make)
 
     has_kernel_form = True
@@ -129,8 +148,11 @@ class LshCoverage(Coverage):
         pairing)."""
         b, lk = self._block(problem), problem.lk
         device = self.sel.k_order.device
-        first = self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
-        slots = (first[..., None] * b + torch.arange(span * b, device=device)).flatten(1)
+        if self.sel.q_rank is not None:
+            first = self._code_buckets(problem)
+        else:
+            first = self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
+        slots = (first[..., None] * b + static_arange(span * b, device)).flatten(1)
         if self.sel.q_rank is None and not self._passes_keys(problem, bq, n_tiles, span):
             return slots, None
         return slots.clamp_max(lk - 1), slots >= lk
