@@ -78,6 +78,8 @@ class Kernel:
     # or "<module>.<function>" of a module in the op folder that imports triton, imported
     # on first use (e.g. "triton.exact_attention")
     lazy: ClassVar[str | None] = None
+    # op "plan": walks a plan's query rows in permuted order (BlockPlan.query_rows)
+    query_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

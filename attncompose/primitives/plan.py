@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 
 import torch
@@ -126,6 +126,12 @@ class BlockPlan:
     ``state`` uint8 [R, nQB, nKB] (R = 1: the same for every row); ``own`` / ``exclude``:
     the coverages whose pairs a partial block keeps / drops; ``key_bias`` [R, Lk] (optional):
     a log-weight added to the scores of each key, ``-inf`` drops it (R may be 1).
+    ``query_rows`` [N, grid.lq] (optional): the plan's query rows in permuted order (a
+    detector's tiles): row i reads and writes the problem's query ``query_rows[n, i]`` (-1:
+    none), so the queries need no sorted copy and the result no scatter; ``every_query``:
+    they hold every query once (no output row is left unwritten). Only where the
+    implementation says it walks them (``query_rows`` of its kernel class), and only for a
+    plan without pair rules (no causality, no own or excluded coverage).
     """
 
     grid: BlockGrid
@@ -138,6 +144,8 @@ class BlockPlan:
     # only in the blocks a coverage cuts (a table's blocks are whole or absent)
     parts: tuple[Tensor, ...] = ()
     _lists: dict = field(default_factory=dict, repr=False)  # cached lists, masks of a plan
+    query_rows: Tensor | None = None
+    every_query: bool = False
 
     # ------------------------------------------------------------------ building
 
@@ -180,6 +188,20 @@ class BlockPlan:
         return BlockPlan(
             self.grid, self.causal, self.state, self.own, self.exclude, bias, self.parts, lists
         )
+
+    def with_query_rows(self, rows: Tensor, every_query: bool) -> BlockPlan:
+        """A copy whose query rows are the problem's queries ``rows`` [N, grid.lq] (see the
+        class doc), its lists this plan's."""
+        if self.causal or self.own or self.exclude:
+            raise ValueError("query rows in permuted order take a plan without pair rules")
+        return replace(self, query_rows=rows, every_query=every_query)
+
+    def natural_rows(self) -> BlockPlan:
+        """This plan, for an implementation that walks the problem's queries in order (the
+        class doc: ``query_rows`` only where the kernel class says so)."""
+        if self.query_rows is not None:
+            raise ValueError("this plan implementation takes no query rows in permuted order")
+        return self
 
     # ------------------------------------------------------------------ lists and rules
 

@@ -527,6 +527,37 @@ def test_plan_kernel_nan_poisoned_inputs_equal_clean_run():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("every", [True, False], ids=["every-query", "some-queries"])
+def test_plan_kernel_walks_query_rows_in_permuted_order(every):
+    """A plan whose rows are the problem's queries in permuted order (a detector's tiles:
+    ``BlockPlan.query_rows``): the kernel reads each row's query where it is and writes its
+    result there, equal to the reference on a copy in row order scattered back; a query in
+    no row (-1 rows, not ``every_query``) gets out 0 and lse -inf. On NaN-padded views."""
+    from attncompose.primitives.block import plan_torch, plan_triton
+    from attncompose.primitives.block.contiguous import _diagonal
+    from attncompose.primitives.plan import BlockGrid
+
+    problem = device_problem(2, 96, 96, 16)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.stack([torch.randperm(96, generator=g) for _ in range(2)]).to(DEVICE)
+    if not every:
+        rows = rows.masked_fill(rows % 5 == 0, -1)  # those queries sit in no row
+    bias = torch.randn(2, 96, generator=g).to(DEVICE)
+    plan = _diagonal(BlockGrid(96, 96, 32, 32), 1).with_key_bias(bias)  # tile t: key block t
+    got = plan_triton.plan_attention(padded_views(problem), plan.with_query_rows(rows, every))
+    copy = replace(problem, q=problem.q.gather(1, rows.clamp_min(0)[..., None].expand(-1, -1, 16)))
+    ordered = plan_torch.plan_attention(copy, plan)
+    want = Partial(torch.zeros_like(got.out), torch.full_like(got.lse, float("-inf")))
+    for n in range(2):
+        mine = rows[n] >= 0
+        want.out[n, rows[n][mine]] = ordered.out[n, mine].to(want.out.dtype)
+        want.lse[n, rows[n][mine]] = ordered.lse[n, mine]
+    assert_same(got, want)
+    with pytest.raises(ValueError, match="permuted order"):
+        plan_torch.plan_attention(problem, plan.with_query_rows(rows, every))
+
+
+@pytest.mark.triton
 def test_plan_kernel_fp16_within_twice_torch_fp16_error():
     from attncompose.primitives.block import plan_torch, plan_triton
 
@@ -594,24 +625,32 @@ def test_contiguous_key_blocks_are_large_unless_they_pad_much(width, block):
     assert key_block(width) == block
 
 
-def test_contiguous_tiles_never_wait_for_the_device(monkeypatch):
-    """Copies, key bias, plan and the scatter back use tensor operations only."""
-    from attncompose.primitives.block import contiguous
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_contiguous_tiles_never_wait_for_the_device(monkeypatch, backend):
+    """Copies, key bias, plan (Triton: query rows in permuted order) and the scatter back
+    (FlexAttention: a copy in tile order) use tensor operations only."""
+    from attncompose.primitives.block import contiguous, kernels
 
     problem = device_problem(2, 64, 64, 16)
     tiles = lsh_coverage(problem, 16).tiles(problem)
     calls = []
 
-    def fake_plan(op, backend, sub, plan):
+    def fake_plan(sub, plan):
         calls.append(plan)
-        return Partial(torch.zeros_like(sub.q), torch.zeros(sub.q.shape[:2], device=sub.q.device))
+        n, lq = sub.q.shape[:2]
+        return Partial(torch.zeros_like(sub.q), torch.zeros(n, lq, device=sub.q.device))
 
-    monkeypatch.setattr(dispatch, "call", fake_plan)
+    if backend == "triton":
+        monkeypatch.setattr(triton_module("block.plan_triton"), "plan_attention", fake_plan)
+    else:
+        monkeypatch.setattr(kernels.FlexBlockSparse, "function", staticmethod(fake_plan))
 
     def sync(*args, **kwargs):
         raise AssertionError("host synchronisation")
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, sync)
-    contiguous.run(problem, tiles, "triton")
+    contiguous.run(problem, tiles, backend)
     assert len(calls) == 1
+    assert (calls[0].query_rows is not None) == (backend == "triton")

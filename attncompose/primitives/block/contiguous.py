@@ -13,6 +13,8 @@ results are scattered back to query order once, with no host synchronisation.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -65,7 +67,7 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     )
     k_rows = row_index(flat(k_idx), problem.lk)  # keys and values: the same rows
     sub = Problem(
-        q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's sorted copy
+        q=problem.q,
         k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
         v=copy("v", problem.v, k_idx, k_rows),
         scale=problem.scale,
@@ -76,8 +78,13 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     )
     grid = BlockGrid(t * bq, t * span, bq, block)
     plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
-    part = dispatch.call("plan", backend, sub, plan=plan.with_key_bias(flat(bias)))
-    return _scatter(problem, q_idx, part, tiles.every_query)
+    plan = plan.with_key_bias(flat(bias))
+    impl = dispatch.choose("plan", backend, sub, plan=plan)
+    if impl.query_rows:  # the kernel reads each tile's queries and writes their results
+        plan = plan.with_query_rows(flat(q_idx), tiles.every_query)
+        return impl.load()(sub, plan=plan)
+    sub = replace(sub, q=copy("q", problem.q, q_idx))  # [N, T*bq, D]: e.g. sortLSH's order
+    return _scatter(problem, q_idx, impl.load()(sub, plan=plan), tiles.every_query)
 
 
 def _buffer(problem: Problem, name: str, x: Tensor, idx: Tensor) -> Tensor | None:

@@ -67,6 +67,7 @@ class TritonBlockSparse(TritonKernel):
     op = "plan"
     name = "triton:block-sparse"
     lazy = "plan_triton.plan_attention"
+    query_rows = True  # walks BlockPlan.query_rows (tiles in permuted order)
 
     @classmethod
     def not_supported_reasons(

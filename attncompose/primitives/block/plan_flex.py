@@ -150,6 +150,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     FlexAttention; rows that select no key get out 0 and lse -inf."""
     from torch.nn.attention import flex_attention as flex_module
 
+    plan = plan.natural_rows()
     q, k, v = (x.unsqueeze(0) for x in (problem.q, problem.k, problem.v))  # [1, N, L, D]
     kwargs = {"block_mask": block_mask(problem, plan), "scale": problem.scale}
     if plan.key_bias is not None:

@@ -49,6 +49,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
 
 def run_plan(problem: Problem, plan: BlockPlan, chunk_fn) -> Partial:
     """Drive ``chunk_fn`` over the plan's full, then partial blocks (see the module doc)."""
+    plan = plan.natural_rows()
     g = plan.grid
     n, dv = problem.q.shape[0], problem.v.shape[-1]
     out = problem.q.new_zeros(n, g.nqb, g.block_q, dv, dtype=torch.float32)

@@ -47,6 +47,7 @@ def _plan_fwd_kernel(
     pred_k,
     meta,
     table,
+    q_rows,  # [N, Lq] the problem query each plan row reads and writes (HAS_ROWS)
     s_qn,
     s_ql,
     s_qd,
@@ -62,6 +63,7 @@ def _plan_fwd_kernel(
     s_ln,
     s_pr,  # plan row stride: 1 when every row has its own lists, 0 when they share one
     s_br,  # key bias row stride (in elements; 0: shared)
+    s_rn,  # q_rows row stride
     N,
     Lq,
     Lk,
@@ -76,6 +78,7 @@ def _plan_fwd_kernel(
     BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KBIAS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,  # plan rows in permuted order (no pair rule: no causality)
     N_OWN: tl.constexpr,  # predicates whose union a partial pair must be in (0: any pair)
     N_PRED: tl.constexpr,  # own predicates first, then the excluded ones
     BQ: tl.constexpr,
@@ -91,7 +94,11 @@ def _plan_fwd_kernel(
     o_q = i_qb * BLOCK_Q + (i_p % SUB) * BQ + tl.arange(0, BQ)  # [BQ]
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_q = o_q < Lq
-    p_q = q + i_n * s_qn + o_q[:, None] * s_ql + o_d[None, :] * s_qd
+    r_q = o_q  # the problem's query of each row: where it is read and written
+    if HAS_ROWS:
+        r_q = tl.load(q_rows + i_n * s_rn + o_q, mask=m_q, other=-1)
+        m_q = m_q & (r_q >= 0)
+    p_q = q + i_n * s_qn + r_q[:, None] * s_ql + o_d[None, :] * s_qd
     b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
@@ -138,9 +145,9 @@ def _plan_fwd_kernel(
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
     b_out, b_lse = finish_rows(b_m, b_l, b_acc)
-    p_o = o + i_n * s_on + o_q[:, None] * s_ol + o_dv[None, :] * s_od
+    p_o = o + i_n * s_on + r_q[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_q[:, None])
-    tl.store(lse + i_n * s_ln + o_q, b_lse, mask=m_q)
+    tl.store(lse + i_n * s_ln + r_q, b_lse, mask=m_q)
 
 
 @triton.jit
@@ -173,11 +180,9 @@ def prune_plan_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
 
 
+_PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "N_OWN", "N_PRED"]
 _plan_tuned = autotuned(
-    _plan_fwd_kernel,
-    ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "N_OWN", "N_PRED", "BD", "BDV", "DOT"],
-    PLAN_CONFIGS,
-    prune_plan_configs,
+    _plan_fwd_kernel, [*_PLAN_KEY, "BD", "BDV", "DOT"], PLAN_CONFIGS, prune_plan_configs
 )
 
 
@@ -190,7 +195,9 @@ def _packed(problem: Problem, plan: BlockPlan) -> tuple[Packed, int]:
 
 def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     """(out [N, Lq, Dv] in the inputs' dtype, lse [N, Lq] float32) over the plan's pairs,
-    in one kernel launch; rows that select no key get out 0 and lse -inf."""
+    in one kernel launch; rows that select no key get out 0 and lse -inf. With
+    ``plan.query_rows`` the plan's rows read and write the problem's queries they name (a
+    query in no row, unless ``plan.every_query``: out 0, lse -inf)."""
     q, k, v = problem.q, problem.k, problem.v
     n, lq, d = q.shape
     dv = v.shape[-1]
@@ -199,7 +206,15 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     make = lambda: _packed(problem, plan)
     # a static plan is reused across calls: its rules too (per row count and device)
     packed, n_own = plan.memo(("rules", n, q.device), make) if plan.row_invariant else make()
-    out = Partial(q.new_empty(n, lq, dv), q.new_empty(n, lq, dtype=torch.float32))
+    rows = plan.query_rows
+    if rows is None or plan.every_query:
+        out = Partial(q.new_empty(n, lq, dv), q.new_empty(n, lq, dtype=torch.float32))
+    else:  # queries in no row keep these
+        out = Partial(
+            q.new_zeros(n, lq, dv), q.new_full((n, lq), float("-inf"), dtype=torch.float32)
+        )
+    if rows is not None and rows.stride(-1) != 1:
+        rows = rows.contiguous()
     bias = plan.key_bias
     kbias = lists.full_num if bias is None else bias.float().contiguous()
     launch(
@@ -222,6 +237,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         packed.k_ids,
         packed.meta,
         packed.table,
+        lists.full_num if rows is None else rows,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -229,8 +245,9 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         out.lse.stride(0),
         int(plan.rows > 1),
         0 if bias is None or bias.shape[0] == 1 else kbias.stride(0),
+        0 if rows is None else rows.stride(0),
         n,
-        lq,
+        lq if rows is None else g.lq,  # the plan's rows
         problem.lk,
         g.nqb,
         lists.full_idx.shape[-1],
@@ -241,6 +258,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         BLOCK_K=g.block_k,
         CAUSAL=problem.causal,
         HAS_KBIAS=bias is not None,
+        HAS_ROWS=rows is not None,
         N_OWN=n_own,
         N_PRED=packed.count,
         BD=d,
