@@ -304,6 +304,21 @@ def tune_time_result(results: Path) -> str:
     return run["conclusion"]
 
 
+def launch_count(results: Path) -> str:
+    """What one causal call of each recipe launches on a GPU (estimated on the CPU by
+    ``launch_count.py``; the same at every level count), a figure inside a sentence."""
+    (run,) = runs("launch_count", results)[:1]
+    by_recipe: dict[str, set[int]] = {}
+    for row in run["rows"]:
+        by_recipe.setdefault(row["recipe"], set()).add(row["launches"])
+    counts = ", ".join(f"`{name}` {'/'.join(map(str, sorted(n)))}" for name, n in by_recipe.items())
+    levels = sorted({row["levels"] for row in run["rows"]})
+    return (
+        f"{counts} (kernels and the torch ops between them, at {levels[0]} to {levels[-1]} "
+        f"levels; {run['commit'][:7]}, {run['date'][:10]})"
+    )
+
+
 def detectors(results: Path) -> str:
     """Attention mass a detector's pairs hold, off the diagonal and in full causal attention."""
     (run,) = runs("detector_quality", results)[:1]
@@ -418,6 +433,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "tune_time": tune_time,
     "tune_time_result": tune_time_result,
     "detectors": detectors,
+    "launch_count": launch_count,
     "curves-n4096": curves(4096),
     "curves-n8192": curves(8192),
     "exact-ppl-n4096": exact_ppl(4096),
