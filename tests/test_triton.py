@@ -410,12 +410,17 @@ def test_a_call_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
     attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
     for lq, lk, causal in ((500, 500, True), (300, 300, False), (1, 500, True)):
         q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=lk, d=16)
-        with torch.no_grad():
-            attn(q, k, v, is_causal=causal)
-            waits = DeviceWaits()
-            with waits:
-                attn(q, k, v, is_causal=causal)
+        waits = _second_call(attn, DeviceWaits(), q, k, v, causal)
         assert not waits.seen, f"{name} lq={lq} lk={lk} causal={causal}: {waits.seen}"
+
+
+def _second_call(attn, watch: CallWatch, q, k, v, causal: bool) -> CallWatch:
+    """``attn`` called once (plans, caches, draws made), then again under ``watch``."""
+    with torch.no_grad():
+        attn(q, k, v, is_causal=causal)
+        with watch:
+            attn(q, k, v, is_causal=causal)
+    return watch
 
 
 # What a causal call of these recipes launches (their kernels and the torch ops between them,
@@ -432,12 +437,7 @@ def test_a_causal_hyperattention_call_launches_a_fixed_budget(make_qkv, packing_
     counts = []
     for n in (512, 2048):
         q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=n, lk=n, d=16)
-        with torch.no_grad():
-            attn(q, k, v, is_causal=True)
-            counter = LaunchCounter()
-            with counter:
-                attn(q, k, v, is_causal=True)
-        counts.append(counter.launches)
+        counts.append(_second_call(attn, LaunchCounter(), q, k, v, True).launches)
     assert counts[0] == counts[1] <= LAUNCH_BUDGET[name], counts
 
 
