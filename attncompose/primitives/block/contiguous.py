@@ -3,12 +3,16 @@
 A tile pass whose tiles are exact (all queries of a tile take every candidate key: sortLSH
 buckets, and the joint tiles of a detector with its sampled residual) and that tests no pair
 rule (no own coverage, no exclusion) is a block-diagonal plan once its inputs are laid out
-contiguous: the queries in tile order ([N, T*bq]: sortLSH's sorted copy), each tile's
+contiguous: the queries in tile order ([N, T*bq]: sortLSH's sorted order), each tile's
 candidate keys after the previous tile's ([N, T*L]: the key block of its bucket, then its
-sampled keys). One gather each for q, k and v, then ONE launch of the plan kernel reads only
-contiguous blocks (no index gathers inside the attention loop), with the key bias carrying
-the sampler's log(R/m), the tile's lse shift, and -inf for padding and covered samples; the
-results are scattered back to query order once, with no host synchronisation.
+sampled keys). One gather each for k and v, then ONE launch of the plan kernel reads only
+contiguous key blocks (no index gathers inside the attention loop), with the key bias
+carrying the sampler's log(R/m), the tile's lse shift, and -inf for padding and covered
+samples. The Triton kernel walks the plan's query rows in tile order
+(``BlockPlan.query_rows``): it loads each tile's queries where they are, once per tile, and
+writes their results in query order, so q is not copied and nothing is scattered back; for
+FlexAttention the queries are copied in tile order and the results scattered back once. No
+host synchronisation either way.
 """
 
 from __future__ import annotations
