@@ -102,11 +102,19 @@ def test_code_pairing_meets_the_keys_of_the_same_code():
 @pytest.mark.triton
 @pytest.mark.parametrize("bits", [1, 7, 12])
 def test_lsh_ranks_and_sort_match_reference(bits):
-    x = torch.randn(2, 33, 16, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
+    """Queries and keys hashed in one launch and sorted in one sort equal each input sorted
+    by itself (reference and kernel; a packed problem's parts; one input; two lengths)."""
+    g = torch.Generator().manual_seed(bits)
+    q, k = (torch.randn(2, 33, 16, generator=g).to(DEVICE) for _ in range(2))
     dirs = lsh_naive.projections(2, 16, bits, seed=5).to(DEVICE)
-    want = lsh_naive.gray_rank(lsh_naive.hash_codes(x, dirs), bits)
-    assert torch.equal(lsh_triton.gray_ranks(x, dirs).long(), want)
-    for got, ref in zip(
-        lsh_triton.sort_positions(x, dirs), lsh_naive.sort_positions(x, dirs), strict=True
-    ):
-        assert torch.equal(got.long(), ref)  # the sorted keys: int32 from the kernel
+    rank = lambda x: lsh_naive.gray_rank(lsh_naive.hash_codes(x, dirs), bits)
+    assert torch.equal(lsh_triton.gray_ranks([q, k], dirs).long(), torch.cat([rank(q), rank(k)]))
+    part = torch.tensor([0] * 16 + [1] * 17, device=DEVICE)
+    for xs in ([q, k], [q], [q[:, :20], k]):
+        for parts in (None, part) if all(x.shape[1] == 33 for x in xs) else (None,):
+            alone = [lsh_naive.sorted_order(rank(x), parts) for x in xs]
+            for sort in (lsh_triton.sort_positions, lsh_naive.sort_positions):
+                got = sort(xs, dirs, parts)
+                for mine, want in zip(got, alone, strict=True):
+                    for a, b in zip(mine, want, strict=True):
+                        assert torch.equal(a.long(), b)  # sorted keys: int32 from the kernel

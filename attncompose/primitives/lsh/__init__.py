@@ -200,8 +200,7 @@ class Lsh(Primitive):
             q, k = mips_augment(q, k, part)
         dirs = self.directions(problem, q.shape[-1])
         sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
-        q_order, q_pos, q_rank = sort_positions(q, dirs, part)
-        k_order, k_pos, k_rank = sort_positions(k, dirs, part)
+        (q_order, q_pos, q_rank), (k_order, k_pos, k_rank) = sort_positions((q, k), dirs, part)
         if self.knobs["pairing"] == "rank":
             return LshSelection(q_order, q_pos, k_order, k_pos)
         # code pairing: the sorted ranks (the part above them: a part's codes meet only their

@@ -9,6 +9,7 @@ map, where that holds for ~76% of neighbours at r=7).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,15 +57,33 @@ def gray_code(rank: Tensor) -> Tensor:
 
 
 def sort_positions(
-    x: Tensor, directions: Tensor, part: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(order [N, L]: indices sorted by Gray rank, position [N, L]: each index's sorted slot,
-    key [N, L]: the sorted Gray ranks, with the part above them, see :func:`within_parts`;
-    in the ranks' dtype, int32 from the Triton kernel, where no part is above them).
-    ``part`` [L] (a packed problem's part of each position): sorted within each part, the
-    parts in their order."""
-    rank = gray_rank(hash_codes(x, directions), directions.shape[-1])
-    return sorted_order(rank, part)
+    xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """For each x [N, L, D] of ``xs`` (queries and keys): (order [N, L]: indices sorted by
+    Gray rank, position [N, L]: each index's sorted slot, key [N, L]: the sorted Gray ranks,
+    with the part above them, see :func:`within_parts`; in the ranks' dtype, int32 from the
+    Triton kernel, where no part is above them). ``part`` [L] (a packed problem's part of
+    each position): sorted within each part, the parts in their order. Inputs of one shape
+    are sorted as one batch (:func:`sort_together`)."""
+    bits = directions.shape[-1]
+    ranks = lambda group: torch.cat([gray_rank(hash_codes(x, directions), bits) for x in group])
+    return sort_together(xs, ranks, part)
+
+
+def sort_together(
+    xs: Sequence[Tensor], ranks_of: Callable[[list[Tensor]], Tensor], part: Tensor | None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`sorted_order` of each of ``xs``; inputs of one shape in ONE sort of their ranks
+    stacked as rows (``ranks_of(group)`` [len(group) * N, L]), each row sorted alone as it
+    would be by itself."""
+    together = all(x.shape == xs[0].shape for x in xs)
+    out = []
+    for group in [list(xs)] if together else [[x] for x in xs]:
+        order, position, key = sorted_order(ranks_of(group), part)
+        n = group[0].shape[0]
+        out += [(order[i * n : (i + 1) * n], position[i * n : (i + 1) * n],
+                 key[i * n : (i + 1) * n]) for i in range(len(group))]  # fmt: skip
+    return out
 
 
 def within_parts(rank: Tensor, part: Tensor | None) -> Tensor:

@@ -2,33 +2,41 @@
 
 One program per (row block, row n) projects its rows onto the r directions (padded to a
 power of two >= 16 with zero directions, whose bits are 0), packs the sign bits into a code
-and applies the inverse Gray map. The sort itself stays ``torch.sort`` (stable), so the
-order equals the reference's whenever the sign bits do; the projection uses IEEE fp32 dots
-(no TF32) for that reason.
+and applies the inverse Gray map; queries and keys of one shape in one launch (the keys'
+rows after the queries'), then one sort. The sort itself stays ``torch.sort`` (stable), so
+the order equals the reference's whenever the sign bits do; the projection uses IEEE fp32
+dots (no TF32) for that reason.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from attncompose.primitives.lsh.naive import sorted_order
+from attncompose.primitives.lsh.naive import sort_together
 
 
 @triton.jit
 def _gray_rank_kernel(
     x,
+    y,
     dirs,
     part,
     rank,
     s_xn,
     s_xl,
     s_xd,
+    s_yn,
+    s_yl,
+    s_yd,
     s_dn,
     s_dd,
     s_dr,
+    N,
     L,
     D,
     R,
@@ -38,14 +46,20 @@ def _gray_rank_kernel(
     HAS_PART: tl.constexpr,
 ):
     i_l = tl.program_id(0)
-    i_n = tl.program_id(1).to(tl.int64)  # row offsets i_n * s_xn may pass 2**31
+    i_r = tl.program_id(1).to(tl.int64)  # row offsets i_r * s_xn may pass 2**31
+    i_n = i_r % N  # the input's row (and its directions')
     o_l = i_l * BL + tl.arange(0, BL)  # [BL]
     o_d, o_r = tl.arange(0, BD), tl.arange(0, BR)
     m_l = o_l < L
-    p_x = x + i_n * s_xn + o_l[:, None] * s_xl + o_d[None, :] * s_xd
-    p_d = dirs + i_n * s_dn + o_d[:, None] * s_dd + o_r[None, :] * s_dr
     m_d = o_d < D  # D need not be a power of two (MIPS augmentation adds columns)
-    b_x = tl.load(p_x, mask=m_l[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BL, BD]
+    m_x = m_l[:, None] & m_d[None, :]
+    p_d = dirs + i_n * s_dn + o_d[:, None] * s_dd + o_r[None, :] * s_dr
+    if i_r >= N:  # rows N .. 2N-1 of the result: y's rows
+        p_y = y + i_n * s_yn + o_l[:, None] * s_yl + o_d[None, :] * s_yd
+        b_x = tl.load(p_y, mask=m_x, other=0.0).to(tl.float32)  # [BL, BD]
+    else:
+        p_x = x + i_n * s_xn + o_l[:, None] * s_xl + o_d[None, :] * s_xd
+        b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
     b_d = tl.load(p_d, mask=m_d[:, None] & (o_r < R)[None, :], other=0.0)  # [BD, BR]
     b_p = tl.dot(b_x, b_d, input_precision="ieee")  # [BL, BR]
     b_code = tl.sum(tl.where(b_p > 0, 1 << o_r[None, :], 0), 1)  # [BL]
@@ -53,26 +67,32 @@ def _gray_rank_kernel(
         b_code = b_code ^ (b_code >> (1 << i_s))
     if HAS_PART:  # the sort key of naive.within_parts: the position's part above its rank
         b_part = tl.load(part + o_l, mask=m_l, other=0).to(tl.int64)
-        tl.store(rank + i_n * L + o_l, b_code.to(tl.int64) | (b_part << 32), mask=m_l)
+        tl.store(rank + i_r * L + o_l, b_code.to(tl.int64) | (b_part << 32), mask=m_l)
     else:
-        tl.store(rank + i_n * L + o_l, b_code, mask=m_l)
+        tl.store(rank + i_r * L + o_l, b_code, mask=m_l)
 
 
-def gray_ranks(x: Tensor, directions: Tensor, part: Tensor | None = None) -> Tensor:
-    """Gray rank [N, L] (int32) of the sign codes of x [N, L, D] under directions [N, D, r];
-    with ``part`` [L], the sort keys of :func:`~attncompose.primitives.lsh.naive.within_parts`
-    (int64), in the same pass."""
+def gray_ranks(xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = None) -> Tensor:
+    """Gray ranks [len(xs) * N, L] (int32) of the sign codes of one or two inputs x [N, L, D]
+    of one shape (queries and keys: one launch) under directions [N, D, r], the inputs' rows
+    one after the other; with ``part`` [L], the sort keys of
+    :func:`~attncompose.primitives.lsh.naive.within_parts` (int64), in the same pass."""
+    x, *rest = xs
+    if len(rest) > 1 or any(y.shape != x.shape for y in rest):
+        raise ValueError(f"one or two inputs of one shape, got {[tuple(y.shape) for y in xs]}")
+    y = rest[0] if rest else x
     n, length, d = x.shape
     r = directions.shape[-1]
     if r > 31:
         raise ValueError(f"at most 31 hash bits in the kernel, got {r}")
     dirs = directions.to(device=x.device, dtype=torch.float32)
     dtype = torch.int32 if part is None else torch.int64
-    rank = torch.empty(n, length, dtype=dtype, device=x.device)
+    rank = torch.empty(len(xs) * n, length, dtype=dtype, device=x.device)
     bl = max(16, min(64, triton.next_power_of_2(length)))
-    grid = (triton.cdiv(length, bl), n)
+    grid = (triton.cdiv(length, bl), len(xs) * n)
     _gray_rank_kernel[grid](
-        x, dirs, rank if part is None else part, rank, *x.stride(), *dirs.stride(), length, d, r,
+        x, y, dirs, rank if part is None else part, rank, *x.stride(), *y.stride(),
+        *dirs.stride(), n, length, d, r,
         BL=bl, BD=max(16, triton.next_power_of_2(d)), BR=max(16, triton.next_power_of_2(r)),
         HAS_PART=part is not None,
     )  # fmt: skip
@@ -80,7 +100,8 @@ def gray_ranks(x: Tensor, directions: Tensor, part: Tensor | None = None) -> Ten
 
 
 def sort_positions(
-    x: Tensor, directions: Tensor, part: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as the reference: (order [N, L], position [N, L], sorted key [N, L])."""
-    return sorted_order(gray_ranks(x, directions, part))
+    xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = None
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Same contract as the reference: per input (order, position, sorted key), inputs of
+    one shape hashed in one launch and sorted in one sort."""
+    return sort_together(xs, lambda group: gray_ranks(group, directions, part), None)
