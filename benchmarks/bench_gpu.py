@@ -23,12 +23,15 @@ their buffers and graphs (``Attention.release_memory``).
     python benchmarks/bench_gpu.py                         # the grid (needs CUDA)
     python benchmarks/bench_gpu.py --dims 128 --lengths 32768,131072 --recipes streaming,topp
     python benchmarks/bench_gpu.py --cpu-smoke             # tiny sizes on CPU (torch, flex)
-    python benchmarks/bench_gpu.py --levels --dims 128 --lengths 32768,131072 \
+    python benchmarks/bench_gpu.py --levels --copies --dims 128 --lengths 32768,131072 \
         --recipes hyperattention,hyperattention-sinks --modes causal
 
 ``--levels`` adds, for causal calls of recipes whose splitter packs its levels on a GPU,
 the same recipe with the levels run one by one (``impl: attncompose-levels``), so one run
-says whether packing pays (``causal_split.PACK_DEVICES``).
+says whether packing pays (``causal_split.PACK_DEVICES``). ``--copies`` adds, for recipes
+with tile passes (sortLSH's buckets and samples), the same recipe with each tile pass copying
+q, k and v in tile order (``impl: attncompose-copies``) instead of its kernel reading them
+through row maps (``attncompose.primitives.block.contiguous.copying_rows``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from attncompose.eval.timing import (
     write_results,
 )
 from attncompose.primitives import causal_split
+from attncompose.primitives.block import contiguous
 from attncompose.runtime.compiler import Pipeline
 from attncompose.runtime.naming import device_name
 
@@ -110,14 +114,24 @@ def packs(recipe) -> bool:
     return split.op == "causal_split" and pipeline.pack_quantum[split.body] is not None
 
 
-class LevelByLevel:
-    """A compiled recipe called with its splitter's levels run one by one on every device."""
+# impls that run a compiled recipe inside a context: its splitter level by level, its tile
+# passes copying their rows
+CONTEXTS = {
+    "attncompose-levels": lambda: causal_split.packing_on(set()),
+    "attncompose-copies": contiguous.copying_rows,
+}
 
-    def __init__(self, attn):
+
+class Inside:
+    """A compiled recipe called inside a context: e.g. ``causal_split.packing_on(set())``
+    (its splitter's levels one by one on every device) or ``contiguous.copying_rows()``."""
+
+    def __init__(self, attn, context):
         self.attn = attn
+        self.context = context
 
     def __call__(self, *args, **kwargs):
-        with causal_split.packing_on(set()):
+        with self.context():
             return self.attn(*args, **kwargs)
 
     def release_memory(self) -> None:
@@ -157,10 +171,13 @@ def run_grid(
     save,
     graphs=False,
     levels=False,
+    copies=False,
 ):
     """Every point of ``grid``; ``save(rows)`` after each one (``graphs``: also each recipe
     replayed from a CUDA graph, impl "attncompose-graphs"; ``levels``: also, causal, each
-    recipe whose splitter packs, with its levels one by one, impl "attncompose-levels")."""
+    recipe whose splitter packs, with its levels one by one, impl "attncompose-levels";
+    ``copies``: also each recipe with tile passes copying their rows, impl
+    "attncompose-copies")."""
     impl_backend, flex_backend = backends
     compiled = {}
     fracs = Fracs()
@@ -183,14 +200,16 @@ def run_grid(
                 impls["attncompose-graphs"] = impl_backend
             if levels and causal and packs(recipe):
                 impls["attncompose-levels"] = impl_backend
+            if copies and not planned(recipe):
+                impls["attncompose-copies"] = impl_backend
             for impl, backend in impls.items():
                 key = (name, impl)
                 if key not in compiled:
                     compiled[key] = ac.compile(
                         recipe, backend=backend, cuda_graphs=impl.endswith("graphs")
                     )
-                    if impl.endswith("levels"):
-                        compiled[key] = LevelByLevel(compiled[key])
+                    if impl in CONTEXTS:
+                        compiled[key] = Inside(compiled[key], CONTEXTS[impl])
                 if ("torch", name) not in compiled:
                     compiled["torch", name] = ac.compile(recipe, backend="torch")
                 row = _recipe_row(
@@ -281,6 +300,9 @@ def main() -> None:
     parser.add_argument(
         "--levels", action="store_true", help="also time packing splitters level by level"
     )
+    parser.add_argument(
+        "--copies", action="store_true", help="also time tile passes that copy their rows"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -317,7 +339,7 @@ def main() -> None:
         write_results(out, record, device)
 
     rows = run_grid(
-        grid, recipes, device, dtype, backends, save, graphs=args.graphs, levels=args.levels
+        grid, recipes, device, dtype, backends, save, args.graphs, args.levels, args.copies
     )
     print(table(rows))
     print(f"wrote {out}")

@@ -78,8 +78,9 @@ class Kernel:
     # or "<module>.<function>" of a module in the op folder that imports triton, imported
     # on first use (e.g. "triton.exact_attention")
     lazy: ClassVar[str | None] = None
-    # op "plan": walks a plan's query rows in permuted order (BlockPlan.query_rows)
-    query_rows: ClassVar[bool] = False
+    # op "plan": walks a plan's query and key rows in permuted order (BlockPlan.query_rows,
+    # BlockPlan.key_rows)
+    row_maps: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

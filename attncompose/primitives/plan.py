@@ -129,8 +129,10 @@ class BlockPlan:
     ``query_rows`` [N, grid.lq] (optional): the plan's query rows in permuted order (a
     detector's tiles): row i reads and writes the problem's query ``query_rows[n, i]`` (-1:
     none), so the queries need no sorted copy and the result no scatter; ``every_query``:
-    they hold every query once (no output row is left unwritten). Only where the
-    implementation says it walks them (``query_rows`` of its kernel class), and only for a
+    they hold every query once (no output row is left unwritten). ``key_rows`` [N, grid.lk]
+    (optional): plan key j reads the problem's key and value ``key_rows[n, j]`` (-1: none,
+    it takes no part), so the keys need no copy in plan order either. Only where the
+    implementation says it walks them (``row_maps`` of its kernel class), and only for a
     plan without pair rules (no causality, no own or excluded coverage).
     """
 
@@ -146,6 +148,7 @@ class BlockPlan:
     _lists: dict = field(default_factory=dict, repr=False)  # cached lists, masks of a plan
     query_rows: Tensor | None = None
     every_query: bool = False
+    key_rows: Tensor | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -189,18 +192,21 @@ class BlockPlan:
             self.grid, self.causal, self.state, self.own, self.exclude, bias, self.parts, lists
         )
 
-    def with_query_rows(self, rows: Tensor, every_query: bool) -> BlockPlan:
-        """A copy whose query rows are the problem's queries ``rows`` [N, grid.lq] (see the
-        class doc), its lists this plan's."""
+    def with_rows(
+        self, queries: Tensor, every_query: bool, keys: Tensor | None = None
+    ) -> BlockPlan:
+        """A copy whose query rows are the problem's queries ``queries`` [N, grid.lq] and,
+        given ``keys`` [N, grid.lk], whose keys are the problem's keys ``keys`` (see the class
+        doc), its lists this plan's."""
         if self.causal or self.own or self.exclude:
-            raise ValueError("query rows in permuted order take a plan without pair rules")
-        return replace(self, query_rows=rows, every_query=every_query)
+            raise ValueError("rows in permuted order take a plan without pair rules")
+        return replace(self, query_rows=queries, every_query=every_query, key_rows=keys)
 
     def natural_rows(self) -> BlockPlan:
-        """This plan, for an implementation that walks the problem's queries in order (the
-        class doc: ``query_rows`` only where the kernel class says so)."""
-        if self.query_rows is not None:
-            raise ValueError("this plan implementation takes no query rows in permuted order")
+        """This plan, for an implementation that walks the problem's queries and keys in
+        order (the class doc: row maps only where the kernel class says so)."""
+        if self.query_rows is not None or self.key_rows is not None:
+            raise ValueError("this plan implementation takes no rows in permuted order")
         return self
 
     # ------------------------------------------------------------------ lists and rules

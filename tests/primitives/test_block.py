@@ -527,25 +527,40 @@ def test_plan_kernel_nan_poisoned_inputs_equal_clean_run():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("keys", [False, True], ids=["query-rows", "query-and-key-rows"])
 @pytest.mark.parametrize("every", [True, False], ids=["every-query", "some-queries"])
-def test_plan_kernel_walks_query_rows_in_permuted_order(every):
+def test_plan_kernel_walks_rows_in_permuted_order(every, keys):
     """A plan whose rows are the problem's queries in permuted order (a detector's tiles:
-    ``BlockPlan.query_rows``): the kernel reads each row's query where it is and writes its
-    result there, equal to the reference on a copy in row order scattered back; a query in
-    no row (-1 rows, not ``every_query``) gets out 0 and lse -inf. On NaN-padded views."""
+    ``BlockPlan.query_rows``) and, with ``keys``, whose keys are the problem's keys in
+    permuted order, some twice, some absent (-1: no key; ``BlockPlan.key_rows``): the kernel
+    reads each row's query and each key and value where they are and writes each result at
+    its query, equal to the reference on copies in plan order scattered back; a query in no
+    row (-1 rows, not ``every_query``) gets out 0 and lse -inf. On NaN-padded views."""
     from attncompose.primitives.block import plan_torch, plan_triton
     from attncompose.primitives.block.contiguous import _diagonal
     from attncompose.primitives.plan import BlockGrid
 
-    problem = device_problem(2, 96, 96, 16)
+    problem = device_problem(2, 96, 80, 16)
     g = torch.Generator().manual_seed(5)
     rows = torch.stack([torch.randperm(96, generator=g) for _ in range(2)]).to(DEVICE)
     if not every:
         rows = rows.masked_fill(rows % 5 == 0, -1)  # those queries sit in no row
-    bias = torch.randn(2, 96, generator=g).to(DEVICE)
-    plan = _diagonal(BlockGrid(96, 96, 32, 32), 1).with_key_bias(bias)  # tile t: key block t
-    got = plan_triton.plan_attention(padded_views(problem), plan.with_query_rows(rows, every))
-    copy = replace(problem, q=problem.q.gather(1, rows.clamp_min(0)[..., None].expand(-1, -1, 16)))
+    key_rows = None
+    lk = 80
+    if keys:  # 96 plan keys: each problem key once or twice, some slots none (the last block's)
+        key_rows = torch.randint(0, 80, (2, 96), generator=g)
+        key_rows[:, 64:] = key_rows[:, 64:].masked_fill(key_rows[:, 64:] % 3 == 0, -1)
+        key_rows = key_rows.to(DEVICE)
+        lk = 96
+    bias = torch.randn(2, lk, generator=g).to(DEVICE)
+    plan = _diagonal(BlockGrid(96, lk, 32, 32), 1).with_key_bias(bias)  # tile t: key block t
+    mapped = plan.with_rows(rows, every, key_rows)
+    got = plan_triton.plan_attention(padded_views(problem), mapped)
+    take = lambda x, idx: x.gather(1, idx.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
+    copy = replace(problem, q=take(problem.q, rows))
+    if keys:  # a key of row -1 takes no part: its weight is -inf in the copy
+        copy = replace(copy, k=take(problem.k, key_rows), v=take(problem.v, key_rows))
+        plan = plan.with_key_bias(bias.masked_fill(key_rows < 0, float("-inf")))
     ordered = plan_torch.plan_attention(copy, plan)
     want = Partial(torch.zeros_like(got.out), torch.full_like(got.lse, float("-inf")))
     for n in range(2):
@@ -554,7 +569,7 @@ def test_plan_kernel_walks_query_rows_in_permuted_order(every):
         want.lse[n, rows[n][mine]] = ordered.lse[n, mine]
     assert_same(got, want)
     with pytest.raises(ValueError, match="permuted order"):
-        plan_torch.plan_attention(problem, plan.with_query_rows(rows, every))
+        plan_torch.plan_attention(problem, mapped)
 
 
 @pytest.mark.triton
@@ -628,8 +643,8 @@ def test_contiguous_key_blocks_are_large_unless_they_pad_much(width, block):
 @pytest.mark.triton
 @pytest.mark.parametrize("backend", ["triton", "flex"])
 def test_contiguous_tiles_never_wait_for_the_device(monkeypatch, backend):
-    """Copies, key bias, plan (Triton: query rows in permuted order) and the scatter back
-    (FlexAttention: a copy in tile order) use tensor operations only."""
+    """Key bias, plan (Triton: query and key rows in permuted order), copies and the
+    scatter back (FlexAttention: copies in tile order) use tensor operations only."""
     from attncompose.primitives.block import contiguous, kernels
 
     problem = device_problem(2, 64, 64, 16)
@@ -654,3 +669,5 @@ def test_contiguous_tiles_never_wait_for_the_device(monkeypatch, backend):
     contiguous.run(problem, tiles, backend)
     assert len(calls) == 1
     assert (calls[0].query_rows is not None) == (backend == "triton")
+    assert (calls[0].key_rows is not None) == (backend == "triton")
+    assert calls[0].key_rows is None or calls[0].key_rows.shape == (2, tiles.k_idx[0].numel())

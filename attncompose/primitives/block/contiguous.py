@@ -1,22 +1,25 @@
-"""Exact tiles run as a block plan over contiguous copies: the GPU form of a tile pass.
+"""Exact tiles run as a block plan in tile order: the GPU form of a tile pass.
 
 A tile pass whose tiles are exact (all queries of a tile take every candidate key: sortLSH
 buckets, and the joint tiles of a detector with its sampled residual) and that tests no pair
-rule (no own coverage, no exclusion) is a block-diagonal plan once its inputs are laid out
-contiguous: the queries in tile order ([N, T*bq]: sortLSH's sorted order), each tile's
-candidate keys after the previous tile's ([N, T*L]: the key block of its bucket, then its
-sampled keys). One gather each for k and v, then ONE launch of the plan kernel reads only
-contiguous key blocks (no index gathers inside the attention loop), with the key bias
-carrying the sampler's log(R/m), the tile's lse shift, and -inf for padding and covered
-samples. The Triton kernel walks the plan's query rows in tile order
-(``BlockPlan.query_rows``): it loads each tile's queries where they are, once per tile, and
-writes their results in query order, so q is not copied and nothing is scattered back; for
-FlexAttention the queries are copied in tile order and the results scattered back once. No
-host synchronisation either way.
+rule (no own coverage, no exclusion) is a block-diagonal plan once its inputs are laid out in
+tile order: the queries ([N, T*bq]: sortLSH's sorted order), each tile's candidate keys after
+the previous tile's ([N, T*L]: the key block of its bucket, then its sampled keys). ONE launch
+of the plan kernel walks it, with the key bias carrying the sampler's log(R/m), the tile's lse
+shift, and -inf for padding and covered samples. The Triton kernel reads the layout through
+row maps (``BlockPlan.query_rows``, ``BlockPlan.key_rows``): each tile's queries, keys and
+values where they are, and writes the results in query order, so nothing is copied into tile
+order and nothing scattered back (a copy would write and read every gathered row once more
+than the kernel reads it). For FlexAttention, q, k and v are copied in tile order (one gather
+each) and the results scattered back once; :func:`copying_rows` makes the Triton path do the
+same (``benchmarks/bench_gpu.py --copies`` times both forms). No host synchronisation either
+way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -36,6 +39,7 @@ from attncompose.primitives.base import (
 )
 from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
 
+ROW_MAPS = True  # whether an implementation that reads row maps is given them (else copies)
 KEY_BLOCKS = (128, 64, 32, 16)  # key block sizes a tile's keys may be cut into
 PAD_SHARE = 8  # a larger key block is worth up to 1/PAD_SHARE of the keys in padding
 
@@ -49,6 +53,18 @@ def key_block(width: int) -> int:
         if (-(-width // g) * g - width) * PAD_SHARE <= width:
             return g
     return min(KEY_BLOCKS, key=lambda g: (-(-width // g) * g, -g))
+
+
+@contextmanager
+def copying_rows() -> Iterator[None]:
+    """Inside the block, tile passes copy q, k and v in tile order for every implementation
+    (the form FlexAttention runs; the benchmarks time both forms)."""
+    global ROW_MAPS
+    saved, ROW_MAPS = ROW_MAPS, False
+    try:
+        yield
+    finally:
+        ROW_MAPS = saved
 
 
 def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
@@ -66,14 +82,10 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     if counting_products():  # valid queries x kept keys, per tile
         add_products(((q_idx >= 0).sum(-1) * torch.isfinite(bias).sum(-1)).sum())
     flat = lambda idx: idx.reshape(n, -1)
-    copy = lambda name, x, idx, rows=None: gather_rows(
-        x, flat(idx), _buffer(problem, name, x, idx), rows
-    )
-    k_rows = row_index(flat(k_idx), problem.lk)  # keys and values: the same rows
     sub = Problem(
         q=problem.q,
-        k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
-        v=copy("v", problem.v, k_idx, k_rows),
+        k=problem.k,
+        v=problem.v,
         scale=problem.scale,
         causal=False,
         heads=problem.heads,
@@ -84,10 +96,19 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
     plan = plan.with_key_bias(flat(bias))
     impl = dispatch.choose("plan", backend, sub, plan=plan)
-    if impl.query_rows:  # the kernel reads each tile's queries and writes their results
-        plan = plan.with_query_rows(flat(q_idx), tiles.every_query)
+    if impl.row_maps and ROW_MAPS:  # the kernel reads the layout where it is
+        plan = plan.with_rows(flat(q_idx), tiles.every_query, flat(k_idx))
         return impl.load()(sub, plan=plan)
-    sub = replace(sub, q=copy("q", problem.q, q_idx))  # [N, T*bq, D]: e.g. sortLSH's order
+    copy = lambda name, x, idx, rows=None: gather_rows(
+        x, flat(idx), _buffer(problem, name, x, idx), rows
+    )
+    k_rows = row_index(flat(k_idx), problem.lk)  # keys and values: the same rows
+    sub = replace(
+        sub,
+        q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's order
+        k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
+        v=copy("v", problem.v, k_idx, k_rows),
+    )
     return _scatter(problem, q_idx, impl.load()(sub, plan=plan), tiles.every_query)
 
 
@@ -145,12 +166,12 @@ def _scatter(problem: Problem, q_idx: Tensor, part: Partial, every_query: bool) 
 def triton_block_attention(
     problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple = ()
 ) -> Partial:
-    """The tile pass as one Triton block-sparse launch over contiguous copies."""
+    """The tile pass as one Triton block-sparse launch over the tiles' row maps."""
     return run(problem, tiles, "triton")
 
 
 def flex_block_attention(
     problem: Problem, tiles: Tiles, own: Coverage | None = None, exclude: tuple = ()
 ) -> Partial:
-    """The tile pass as one FlexAttention call over contiguous copies."""
+    """The tile pass as one FlexAttention call over copies in tile order."""
     return run(problem, tiles, "flex")

@@ -67,7 +67,7 @@ class TritonBlockSparse(TritonKernel):
     op = "plan"
     name = "triton:block-sparse"
     lazy = "plan_triton.plan_attention"
-    query_rows = True  # walks BlockPlan.query_rows (tiles in permuted order)
+    row_maps = True  # walks BlockPlan.query_rows and key_rows (tiles in permuted order)
 
     @classmethod
     def not_supported_reasons(

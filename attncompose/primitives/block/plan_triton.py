@@ -48,6 +48,7 @@ def _plan_fwd_kernel(
     meta,
     table,
     q_rows,  # [N, Lq] the problem query each plan row reads and writes (HAS_ROWS)
+    k_rows,  # [N, Lk] the problem key (and value) each plan key reads (HAS_KROWS)
     s_qn,
     s_ql,
     s_qd,
@@ -64,9 +65,10 @@ def _plan_fwd_kernel(
     s_pr,  # plan row stride: 1 when every row has its own lists, 0 when they share one
     s_br,  # key bias row stride (in elements; 0: shared)
     s_rn,  # q_rows row stride
+    s_kr,  # k_rows row stride
     N,
     Lq,
-    Lk,
+    Lk,  # the plan's keys
     NQB,  # query blocks of the plan
     W_FULL,  # width of the full-block index lists
     W_PART,
@@ -79,6 +81,7 @@ def _plan_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_KBIAS: tl.constexpr,
     HAS_ROWS: tl.constexpr,  # plan rows in permuted order (no pair rule: no causality)
+    HAS_KROWS: tl.constexpr,  # plan keys in permuted order (no pair rule either)
     N_OWN: tl.constexpr,  # predicates whose union a partial pair must be in (0: any pair)
     N_PRED: tl.constexpr,  # own predicates first, then the excluded ones
     BQ: tl.constexpr,
@@ -111,11 +114,21 @@ def _plan_fwd_kernel(
     for i_it in range(0, n_full * SUBK):
         i_kb = tl.load(full_idx + p_list * W_FULL + i_it // SUBK).to(tl.int64)
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
-        b_k = tl.load(k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd)
-        b_v = tl.load(v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd)
+        if HAS_KROWS:  # keys where they are; a key of row -1 takes no part
+            r_k = tl.load(k_rows + i_n * s_kr + o_k)  # [BK]
+            m_r = r_k >= 0
+            p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
+            p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd
+            b_k = tl.load(p_k, mask=m_r[:, None], other=0.0)  # [BK, BD]
+            b_v = tl.load(p_v, mask=m_r[:, None], other=0.0)  # [BK, BDV]
+        else:
+            b_k = tl.load(k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd)
+            b_v = tl.load(v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         if HAS_KBIAS:
             b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, o_k < Lk)
+        if HAS_KROWS:
+            b_s = tl.where(m_r[None, :], b_s, float("-inf"))
         b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
     # partial blocks: the pair rule decides
     n_part = tl.load(part_num + p_list)
@@ -123,8 +136,12 @@ def _plan_fwd_kernel(
         i_kb = tl.load(part_idx + p_list * W_PART + i_it // SUBK).to(tl.int64)
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
         m_k = o_k < Lk
-        p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
-        p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
+        r_k = o_k  # the problem's key of each plan key
+        if HAS_KROWS:
+            r_k = tl.load(k_rows + i_n * s_kr + o_k, mask=m_k, other=-1)
+            m_k = m_k & (r_k >= 0)
+        p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
+        p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
         b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
@@ -180,7 +197,8 @@ def prune_plan_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
 
 
-_PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "N_OWN", "N_PRED"]
+_PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "HAS_KROWS"]
+_PLAN_KEY += ["N_OWN", "N_PRED"]
 _plan_tuned = autotuned(
     _plan_fwd_kernel, [*_PLAN_KEY, "BD", "BDV", "DOT"], PLAN_CONFIGS, prune_plan_configs
 )
@@ -197,7 +215,8 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     """(out [N, Lq, Dv] in the inputs' dtype, lse [N, Lq] float32) over the plan's pairs,
     in one kernel launch; rows that select no key get out 0 and lse -inf. With
     ``plan.query_rows`` the plan's rows read and write the problem's queries they name (a
-    query in no row, unless ``plan.every_query``: out 0, lse -inf)."""
+    query in no row, unless ``plan.every_query``: out 0, lse -inf); with ``plan.key_rows``
+    its keys read the problem's keys and values they name."""
     q, k, v = problem.q, problem.k, problem.v
     n, lq, d = q.shape
     dv = v.shape[-1]
@@ -215,6 +234,9 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         )
     if rows is not None and rows.stride(-1) != 1:
         rows = rows.contiguous()
+    k_rows = plan.key_rows
+    if k_rows is not None and k_rows.stride(-1) != 1:
+        k_rows = k_rows.contiguous()
     bias = plan.key_bias
     kbias = lists.full_num if bias is None else bias.float().contiguous()
     launch(
@@ -238,6 +260,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         packed.meta,
         packed.table,
         lists.full_num if rows is None else rows,
+        lists.full_num if k_rows is None else k_rows,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -246,9 +269,10 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         int(plan.rows > 1),
         0 if bias is None or bias.shape[0] == 1 else kbias.stride(0),
         0 if rows is None else rows.stride(0),
+        0 if k_rows is None else k_rows.stride(0),
         n,
         lq if rows is None else g.lq,  # the plan's rows
-        problem.lk,
+        problem.lk if k_rows is None else g.lk,  # the plan's keys
         g.nqb,
         lists.full_idx.shape[-1],
         lists.part_idx.shape[-1],
@@ -259,6 +283,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         CAUSAL=problem.causal,
         HAS_KBIAS=bias is not None,
         HAS_ROWS=rows is not None,
+        HAS_KROWS=k_rows is not None,
         N_OWN=n_own,
         N_PRED=packed.count,
         BD=d,
