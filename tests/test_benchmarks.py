@@ -19,7 +19,10 @@ RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min"
 
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
-    "bench_gpu": ["--cpu-smoke", "--levels"],
+    "bench_gpu": ["--cpu-smoke", "--levels", "--copies"],
+    "compile_gpu": [
+        *("--recipes", "hyperattention-sinks,topp,streaming", "--one-config", "--head-dim", "64")
+    ],
     "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
     "launch_count": ["--recipes", "lsh-only", "--seq-lens", "512,1024"],
     "splitter_cpu": ["--recipes", "lsh-only", "--seq-len", "8192", "--repeats", "1"],
@@ -49,6 +52,9 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         assert result["command"].startswith("attncompose tune ")
     elif script == "detector_quality":
         assert result["settings"] and "commit" in (tmp_path / "doc.md").read_text()
+    elif script == "compile_gpu":  # every kernel variant these recipes launch compiles for sm_90
+        failed = [(row["kernel"], row["error"]) for row in result["rows"] if not row["ok"]]
+        assert result["variants"] >= 10 and not failed, failed
     elif script == "launch_count":  # the packed splitter: as many launches for 3 levels as 2
         assert len({row["launches"] for row in result["rows"]}) == 1
     else:

@@ -477,7 +477,7 @@ class MemoryRead(CallWatch):
                     if ptr not in self.made:
                         self.read.add(ptr)
 
-    def launch(self, args, kwargs) -> None:
+    def launch(self, kernel, args, kwargs) -> None:
         self._reads(args, kwargs)
 
     def op(self, func, args, kwargs, out) -> None:

@@ -28,15 +28,17 @@ class CallWatch(TorchDispatchMode):
     def op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """An aten op of the call (views and allocations included), after it ran."""
 
-    def launch(self, args: tuple, kwargs: dict) -> None:
-        """A Triton launch of the call, before it runs (its tensors are its arguments)."""
+    def launch(self, kernel: Any, args: tuple, kwargs: dict) -> None:
+        """A Triton launch of the call, before it runs (its tensors are its arguments;
+        ``kernel``: the interpreter's executor, ``kernel.fn`` the kernel's Python function,
+        ``kernel.constexprs`` the names of its constexpr parameters)."""
 
     def __enter__(self):
         grid = interpreter.GridExecutor
         self._call = call = grid.__call__
 
         def launch(executor, *args, **kwargs):
-            self.launch(args, kwargs)
+            self.launch(executor, args, kwargs)
             self._inside += 1
             try:
                 return call(executor, *args, **kwargs)
@@ -78,5 +80,5 @@ class LaunchCounter(CallWatch):
         if not func.is_view and str(func) not in self.ALLOCATIONS:
             self.aten += 1
 
-    def launch(self, args, kwargs) -> None:
+    def launch(self, kernel, args, kwargs) -> None:
         self.triton += 1

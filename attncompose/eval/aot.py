@@ -1,0 +1,229 @@
+"""Compiling the Triton kernels a call launches for a GPU that is not here.
+
+Triton compiles ahead of time for a named target (``GPUTarget("cuda", 90, 32)``: Hopper)
+with no GPU present: its frontend, MLIR passes, LLVM and the ptxas it ships all run on the
+CPU. :class:`LaunchRecorder` watches a call under ``TRITON_INTERPRET=1`` (see
+:mod:`.interpreter`) and keeps each distinct kernel variant it launches: the kernel, its
+arguments' types and its constexpr values. :func:`compile_variants` compiles them for the
+target in a process where the kernels are JIT functions (``TRITON_INTERPRET`` unset: the
+interpreter's kernels cannot be compiled), a variant launched through an autotuner once per
+config its pruning keeps for the recorded launch (what the autotuner would compile on the
+GPU for those block sizes), and reports per compile whether it worked, its shared memory,
+registers and spills (``cuobjdump`` of the cubin). What it cannot say: speed, and whether the
+compiled code computes the right thing (the GPU tests do).
+
+    recorder = LaunchRecorder()
+    with recorder:
+        attn(q, k, v, is_causal=True)
+    results = compile_variants(recorder.variants)   # [{"kernel": ..., "ok": ...}, ...]
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attncompose.eval.interpreter import CallWatch
+
+TARGET = ("cuda", 90, 32)  # Hopper (H100/H200): the GPUs this project is measured on
+DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+class LaunchRecorder(CallWatch):
+    """Keeps each distinct Triton kernel variant a call launches (see the module doc):
+    ``variants``, a list of dicts {"module", "kernel", "signature", "constexprs", "tuning"}:
+    the argument types (``*bf16``, ``i32``, ...) and the constexpr values by name, and the
+    values of the arguments its autotuner keys on (they decide which configs it keeps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.variants: list[dict] = []
+        self._seen: set[str] = set()
+
+    def launch(self, kernel, args, kwargs) -> None:
+        fn = kernel.fn
+        bound = inspect.getcallargs(fn, *args, **kwargs)
+        tuner = tuner_of(sys.modules[fn.__module__], fn)
+        keys = () if tuner is None else tuner.keys
+        signature, constexprs, tuning = {}, {}, {}
+        for name in kernel.arg_names:
+            value = bound[name]
+            if name in kernel.constexprs:
+                constexprs[name] = value
+                continue
+            signature[name] = _type_of(name, value)
+            if name in keys:
+                tuning[name] = value
+        variant = {
+            "module": fn.__module__,
+            "kernel": fn.__name__,
+            "signature": signature,
+            "constexprs": constexprs,
+            "tuning": tuning,
+        }
+        key = json.dumps(variant, sort_keys=True)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.variants.append(variant)
+
+
+def tuner_of(module, fn):
+    """The autotuner in ``module`` that wraps the kernel whose Python function is ``fn``
+    (a JIT function's or the interpreter's, which may rewrite it: matched by name), or
+    None."""
+    for x in vars(module).values():
+        wrapped = getattr(getattr(x, "fn", None), "fn", None)
+        if hasattr(x, "configs") and getattr(wrapped, "__qualname__", None) == fn.__qualname__:
+            return x
+    return None
+
+
+def _type_of(name: str, value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in DTYPES:
+            raise TypeError(f"argument {name}: no Triton type for dtype {value.dtype}")
+        return "*" + DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"argument {name}: no Triton type for {type(value).__name__}")
+
+
+def compile_variants(
+    variants: list[dict], half: str | None = None, every_config: bool = True, timeout_s=1800
+) -> list[dict]:
+    """Each variant compiled for :data:`TARGET` in a fresh process (see the module doc): one
+    result dict per (variant, config) with "kernel", "constexprs", "num_warps",
+    "num_stages", "ok", "error" (when not ok), "seconds", "shared_bytes", "registers",
+    "spill_bytes". ``half``: compile float16 tensors as this type ("bf16": the interpreter
+    runs no bfloat16, the GPU runs it); ``every_config`` False: one config per variant (the
+    first its autotuner keeps)."""
+    if half is not None:
+        variants = [_retyped(v, "*fp16", "*" + half) for v in variants]
+    with tempfile.TemporaryDirectory() as tmp:
+        given, got = Path(tmp) / "variants.json", Path(tmp) / "results.json"
+        given.write_text(json.dumps(variants))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+        done = subprocess.run(
+            [sys.executable, "-m", "attncompose.eval.aot", str(given), str(got)]
+            + ([] if every_config else ["one"]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the compile process failed:\n{done.stderr[-3000:]}")
+        return json.loads(got.read_text())
+
+
+def _retyped(variant: dict, old: str, new: str) -> dict:
+    signature = {k: new if t == old else t for k, t in variant["signature"].items()}
+    return {**variant, "signature": signature}
+
+
+def _configs(module, jit_fn, variant: dict) -> list[tuple[dict, int | None, int | None]]:
+    """(constexprs, num_warps, num_stages) to compile: one per config that the autotuner
+    wrapping ``jit_fn`` keeps for the recorded launch, else the recorded launch alone."""
+    tuner = tuner_of(module, jit_fn.fn)
+    if tuner is None:
+        return [(variant["constexprs"], None, None)]
+    configs = tuner.configs
+    if tuner.early_config_prune is not None:
+        named = {**variant["tuning"], **variant["constexprs"]}
+        configs = tuner.early_config_prune(configs, named)
+    tuned = set().union(*(c.kwargs for c in configs))
+    fixed = {k: v for k, v in variant["constexprs"].items() if k not in tuned}
+    return [({**fixed, **c.kwargs}, c.num_warps, c.num_stages) for c in configs]
+
+
+def _compile_one(jit_fn, signature: dict, constexprs: dict, warps, stages) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = jit_fn.arg_names
+    sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
+    fixed = {(names.index(n),): v for n, v in constexprs.items()}
+    options = {k: v for k, v in (("num_warps", warps), ("num_stages", stages)) if v}
+    started = time.perf_counter()
+    try:
+        out = triton.compile(
+            ASTSource(jit_fn, sig, constexprs=fixed), target=GPUTarget(*TARGET), options=options
+        )
+    except Exception as err:  # a compile error is the finding: report it, go on
+        lines = [x for x in str(err).strip().splitlines() if x.strip()]
+        return {"ok": False, "error": " | ".join(lines[-6:])[:1500]}
+    result = {
+        "ok": True,
+        "seconds": round(time.perf_counter() - started, 2),
+        "shared_bytes": out.metadata.shared,
+    }
+    return result | _resources(out.asm["cubin"])
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and spilled bytes (stack and local memory) per thread, from ``cuobjdump``."""
+    from triton.backends.nvidia import __file__ as nvidia
+
+    tool = Path(nvidia).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    found = {k: re.search(rf"{k}:(\d+)", text) for k in ("REG", "STACK", "LOCAL")}
+    if not all(found.values()):
+        return {"registers": None, "spill_bytes": None}
+    value = lambda k: int(found[k].group(1))
+    return {"registers": value("REG"), "spill_bytes": value("STACK") + value("LOCAL")}
+
+
+def _main(given: str, got: str, configs: str = "every") -> None:
+    """The compile process: variants from ``given``, results to ``got`` (JSON); ``configs``
+    "one": the first config per variant."""
+    results = []
+    for variant in json.loads(Path(given).read_text()):
+        module = importlib.import_module(variant["module"])
+        jit_fn = getattr(module, variant["kernel"])
+        kept = _configs(module, jit_fn, variant)
+        for constexprs, warps, stages in kept[:1] if configs == "one" else kept:
+            row = {
+                "kernel": f"{variant['module']}.{variant['kernel']}",
+                "constexprs": constexprs,
+                "num_warps": warps,
+                "num_stages": stages,
+            }
+            row |= _compile_one(jit_fn, variant["signature"], constexprs, warps, stages)
+            results.append(row)
+    Path(got).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:])
