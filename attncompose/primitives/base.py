@@ -296,6 +296,14 @@ class Coverage:
         (1: the same indices for every row), may be -1."""
         raise NotImplementedError
 
+    def tile_covers(self, problem: Problem, tiles: Tiles, kj: Tensor) -> Tensor:
+        """Bool [N, T, K]: are keys ``kj`` [N, T, K] covered for the queries of tile t, where
+        every query of a tile covers alike (a detector's exact tiles, beside which this
+        coverage may be key-only)? Asks each tile's first query; a detector answers from
+        its tiles' key blocks."""
+        first = tiles.q_idx[..., :1, None]  # [N, T, 1, 1]
+        return self.covers(problem, first, kj.unsqueeze(-2)).squeeze(-2)
+
     @property
     def key_only(self) -> bool:
         """Whether ``covers`` depends on the key alone (sinks): excluding such a coverage is
@@ -380,6 +388,12 @@ class UnionCoverage(Coverage):
         mask = self.parts[0].covers(problem, qi, kj)
         for part in self.parts[1:]:
             mask = mask | part.covers(problem, qi, kj)
+        return mask
+
+    def tile_covers(self, problem: Problem, tiles: Tiles, kj: Tensor) -> Tensor:
+        mask = self.parts[0].tile_covers(problem, tiles, kj)
+        for part in self.parts[1:]:
+            mask = mask | part.tile_covers(problem, tiles, kj)
         return mask
 
 

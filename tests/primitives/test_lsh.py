@@ -60,6 +60,26 @@ def test_lsh_block_kernel_matches_dense_mask(
     assert_partial_equal(got, want)
 
 
+@pytest.mark.parametrize(("lq", "lk"), [(64, 64), (200, 200), (256, 128), (96, 300)])
+@pytest.mark.parametrize("pairing", ["rank", "code"])
+def test_tile_covers_equals_each_tiles_queries_covers(lq, lk, pairing):
+    """sortLSH answers which keys its exact tiles cover from each tile's key block: the
+    same as asking every query of the tile pair by pair (``covers``); with repeats, -1."""
+    p = make_problem(2, lq, lk)
+    cov = Lsh(LshStep(num_projections=4, pairing=pairing))(p).bind(32)
+    tiles = cov.tiles(p)
+    n, t = tiles.q_idx.shape[:2]
+    kj = torch.randint(-1, lk, (n, t, 40), generator=torch.Generator().manual_seed(lq))
+    got = cov.tile_covers(p, tiles, kj)
+    each = cov.covers(p, tiles.q_idx.unsqueeze(-1), kj.unsqueeze(-2))  # [N, T, bq, K]
+    real = (tiles.q_idx >= 0).unsqueeze(-1)
+    if tiles.exact:  # every real query of a tile covers alike
+        alike = (each & real).any(-2, keepdim=True).expand_as(each)
+        assert torch.equal(each | ~real, alike | ~real)
+    first = cov.covers(p, tiles.q_idx[..., :1, None], kj.unsqueeze(-2)).squeeze(-2)
+    assert torch.equal(got, first) and got.any() and not got.all()
+
+
 @pytest.mark.parametrize("bits", range(1, 13))
 def test_neighbouring_buckets_differ_in_exactly_one_bit(bits):
     codes = torch.arange(1 << bits)

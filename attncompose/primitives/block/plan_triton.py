@@ -99,7 +99,7 @@ def _plan_fwd_kernel(
     m_q = o_q < Lq
     r_q = o_q  # the problem's query of each row: where it is read and written
     if HAS_ROWS:
-        r_q = tl.load(q_rows + i_n * s_rn + o_q, mask=m_q, other=-1)
+        r_q = tl.load(q_rows + i_n * s_rn + o_q, mask=m_q, other=-1).to(tl.int32)
         m_q = m_q & (r_q >= 0)
     p_q = q + i_n * s_qn + r_q[:, None] * s_ql + o_d[None, :] * s_qd
     b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
@@ -115,7 +115,7 @@ def _plan_fwd_kernel(
         i_kb = tl.load(full_idx + p_list * W_FULL + i_it // SUBK).to(tl.int64)
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
         if HAS_KROWS:  # keys where they are; a key of row -1 takes no part
-            r_k = tl.load(k_rows + i_n * s_kr + o_k)  # [BK]
+            r_k = tl.load(k_rows + i_n * s_kr + o_k).to(tl.int32)  # [BK]
             m_r = r_k >= 0
             p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
             p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd
@@ -138,7 +138,7 @@ def _plan_fwd_kernel(
         m_k = o_k < Lk
         r_k = o_k  # the problem's key of each plan key
         if HAS_KROWS:
-            r_k = tl.load(k_rows + i_n * s_kr + o_k, mask=m_k, other=-1)
+            r_k = tl.load(k_rows + i_n * s_kr + o_k, mask=m_k, other=-1).to(tl.int32)
             m_k = m_k & (r_k >= 0)
         p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
         p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd

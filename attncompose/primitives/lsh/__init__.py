@@ -119,6 +119,22 @@ class LshCoverage(Coverage):
         kb = take(self.sel.k_pos, kj) // self._block(problem)
         return qb == kb
 
+    def tile_covers(self, problem: Problem, tiles: Tiles, kj: Tensor) -> Tensor:
+        """For exact tiles of :meth:`tiles`: key j is covered for tile t iff its sorted slot is
+        in the tile's key block (with rank pairing, its first slot's: made once per
+        lengths; with code pairing, its median's)."""
+        if not tiles.exact:
+            return super().tile_covers(problem, tiles, kj)
+        n_tiles, bq = tiles.q_idx.shape[1:]
+        if self.sel.q_rank is not None:
+            bucket = self._code_buckets(problem)  # [N, T]
+        else:
+            device = self.sel.q_pos.device
+            make = lambda: self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
+            key = ("lsh-tile-buckets", problem.lq, problem.lk, self.b, bq, device)
+            bucket = static_plan(key, make)  # [1, T]
+        return take(self.sel.k_pos, kj) // self._block(problem) == bucket.unsqueeze(-1)
+
     def tiles(self, problem: Problem) -> Tiles:
         lq, b = problem.lq, self._block(problem)
         bq = self._tile(problem)

@@ -76,8 +76,7 @@ class BlockWithResidual:
         keyed = [c for c in mine if c.key_only]
         n, n_tiles, bq = tiles.q_idx.shape
         drawn = draws_in(problem, m, self.sample.knobs["seed"], tiles, cov)
-        first_q = tiles.q_idx[..., :1, None]  # [N, T, 1, 1]: the tile's queries cover alike
-        covered = cov.covers(problem, first_q, drawn.k_idx.unsqueeze(-2)).squeeze(-2)
+        covered = cov.tile_covers(problem, tiles, drawn.k_idx)  # a tile's queries cover alike
         weight = drawn.lse_shift.unsqueeze(-1).expand(covered.shape)
         weight = weight.masked_fill(covered, float("-inf"))  # -1 (no draw) pads: no key
         parts = [without_keys(problem, tiles, keyed)]  # the detector's keys, less the sinks'
