@@ -671,3 +671,18 @@ def test_contiguous_tiles_never_wait_for_the_device(monkeypatch, backend):
     assert (calls[0].query_rows is not None) == (backend == "triton")
     assert (calls[0].key_rows is not None) == (backend == "triton")
     assert calls[0].key_rows is None or calls[0].key_rows.shape == (2, tiles.k_idx[0].numel())
+
+
+@pytest.mark.triton
+def test_contiguous_tiles_copying_rows_equal_row_maps():
+    """The copying form of a Triton tile pass (``contiguous.copying_rows``, the form
+    ``bench_gpu.py --copies`` times) gives the row-map form's result."""
+    from attncompose.primitives.block import contiguous
+
+    problem = device_problem(2, 64, 64, 16)
+    tiles = lsh_coverage(problem, 16).tiles(problem)
+    mapped = contiguous.run(problem, tiles, "triton")
+    with contiguous.copying_rows():
+        copied = contiguous.run(problem, tiles, "triton")
+    assert contiguous.ROW_MAPS
+    assert_same(copied, mapped)
