@@ -84,6 +84,7 @@ def _plan_fwd_kernel(
     HAS_KROWS: tl.constexpr,  # plan keys in permuted order (no pair rule either)
     N_OWN: tl.constexpr,  # predicates whose union a partial pair must be in (0: any pair)
     N_PRED: tl.constexpr,  # own predicates first, then the excluded ones
+    MODES: tl.constexpr,  # each predicate's form, 2 bits each (Packed.modes)
     BQ: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
@@ -151,7 +152,9 @@ def _plan_fwd_kernel(
         if N_PRED > 0:
             m_own = tl.full([BQ, BK], N_OWN == 0, tl.int1)
             for i_r in tl.static_range(N_PRED):
-                hit = covered(pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k, N, Lq, Lk)
+                hit = covered(
+                    pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k, N, Lq, Lk, MODES
+                )
                 if i_r < N_OWN:
                     m_own = m_own | hit
                 else:
@@ -198,7 +201,7 @@ def prune_plan_configs(configs, named_args, **kwargs):
 
 
 _PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "HAS_KROWS"]
-_PLAN_KEY += ["N_OWN", "N_PRED"]
+_PLAN_KEY += ["N_OWN", "N_PRED", "MODES"]
 _plan_tuned = autotuned(
     _plan_fwd_kernel, [*_PLAN_KEY, "BD", "BDV", "DOT"], PLAN_CONFIGS, prune_plan_configs
 )
@@ -286,6 +289,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         HAS_KROWS=k_rows is not None,
         N_OWN=n_own,
         N_PRED=packed.count,
+        MODES=packed.modes,
         BD=d,
         BDV=dv,
         DOT=dot_precision(q.dtype),

@@ -31,32 +31,48 @@ from attncompose.primitives.exact.triton import (
 
 
 @triton.jit
-def _keep(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
+def _keep(
+    pred_q, pred_k, meta, table, i_p: tl.constexpr, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk, MODES
+):
     """Bool [BQ, BK]: does predicate i_p let the pairs through (covered == want)?"""
     want = tl.load(meta + i_p * 6 + 1)
-    hit = covered(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk)
+    hit = covered(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk, MODES)
     return hit == (want != 0)
 
 
 @triton.jit
-def covered(pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk):
-    """Bool [BQ, BK]: does predicate i_p cover the pairs (queries b_qi x keys b_kj)?"""
-    mode = tl.load(meta + i_p * 6)
+def covered(
+    pred_q,
+    pred_k,
+    meta,
+    table,
+    i_p: tl.constexpr,
+    i_n,
+    b_qi,
+    b_kj,
+    m_q,
+    m_k,
+    N,
+    Lq,
+    Lk,
+    MODES: tl.constexpr,
+):
+    """Bool [BQ, BK]: does predicate i_p cover the pairs (queries b_qi x keys b_kj)? Its form
+    (bits 2*i_p of :attr:`Packed.modes`) is known when the kernel compiles: only that form is
+    computed."""
+    MODE: tl.constexpr = (MODES >> (2 * i_p)) & 3
     b_a = tl.load(pred_q + (i_p * N + i_n) * Lq + b_qi, mask=m_q, other=-1)  # [BQ]
     b_b = tl.load(pred_k + (i_p * N + i_n) * Lk + b_kj, mask=m_k, other=-2)  # [BK]
-    m_t = m_q[:, None] & m_k[None, :]
-    # bucket and band predicates have zero table offset/strides: they read table[0], always valid
-    p_t = (
-        table
-        + tl.load(meta + i_p * 6 + 2)
-        + i_n * tl.load(meta + i_p * 6 + 3)
-        + b_a[:, None].to(tl.int64) * tl.load(meta + i_p * 6 + 4)
-        + b_b[None, :] * (mode == 1).to(tl.int32)
-    )
-    b_t = tl.load(p_t, mask=m_t, other=0)  # [BQ, BK]
-    b_gap = b_a[:, None] - b_b[None, :]  # [BQ, BK] band form: query minus key position
-    m_band = (b_gap >= 0) & (b_gap < tl.load(meta + i_p * 6 + 5))
-    return tl.where(mode == 1, b_t != 0, tl.where(mode == 2, m_band, b_a[:, None] == b_b[None, :]))
+    if MODE == 1:  # table: row b_a, column b_b of this row n's table
+        p_row = table + tl.load(meta + i_p * 6 + 2) + i_n * tl.load(meta + i_p * 6 + 3)
+        p_t = p_row + b_a[:, None] * tl.load(meta + i_p * 6 + 4) + b_b[None, :]
+        hit = tl.load(p_t, mask=m_q[:, None] & m_k[None, :], other=0) != 0  # [BQ, BK]
+    elif MODE == 2:  # band: query minus key position in [0, width)
+        b_gap = b_a[:, None] - b_b[None, :]  # [BQ, BK]
+        hit = (b_gap >= 0) & (b_gap < tl.load(meta + i_p * 6 + 5))
+    else:  # bucket: the same id
+        hit = b_a[:, None] == b_b[None, :]
+    return hit
 
 
 @triton.jit
@@ -101,6 +117,7 @@ def _block_fwd_kernel(
     HAS_SHIFT: tl.constexpr,
     HAS_KBIAS: tl.constexpr,
     N_PRED: tl.constexpr,
+    MODES: tl.constexpr,  # each predicate's form, 2 bits each (Packed.modes)
     BQ: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
@@ -133,7 +150,7 @@ def _block_fwd_kernel(
             m_s = m_s & (b_kj[None, :] <= b_qi[:, None] + delta)
         for i_p in tl.static_range(N_PRED):
             m_s = m_s & _keep(
-                pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk
+                pred_q, pred_k, meta, table, i_p, i_n, b_qi, b_kj, m_q, m_k, N, Lq, Lk, MODES
             )
         if HAS_KBIAS:
             b_kb = tl.load(kbias + p_tile * NK + o_k, mask=o_k < NK, other=float("-inf"))
@@ -151,7 +168,8 @@ def _block_fwd_kernel(
 
 
 _block_tuned = autotuned(
-    _block_fwd_kernel, ["CAUSAL", "HAS_SHIFT", "HAS_KBIAS", "N_PRED", "BD", "BDV", "DOT"]
+    _block_fwd_kernel,
+    ["CAUSAL", "HAS_SHIFT", "HAS_KBIAS", "N_PRED", "MODES", "BD", "BDV", "DOT"],
 )
 
 
@@ -159,13 +177,16 @@ _block_tuned = autotuned(
 class Packed:
     """Predicates stacked for the kernel: ids [P, N, Lq] / [P, N, Lk], flat int8 tables and
     meta [P, 6] = (mode: 0 bucket / 1 table / 2 band, want: keep iff covered, table offset,
-    table stride per row n (0: one table for every row), table columns, band width)."""
+    table stride per row n (0: one table for every row), table columns, band width); the
+    modes also as ``modes`` (2 bits each, predicate p at bits 2p), a constexpr of the kernels:
+    each predicate's form is chosen when they compile, not per pair."""
 
     q_ids: Tensor
     k_ids: Tensor
     meta: Tensor
     table: Tensor
     count: int
+    modes: int = 0
 
 
 def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
@@ -190,6 +211,7 @@ def pack(problem: Problem, rules: list[tuple[Predicate, bool]]) -> Packed:
         pinned(_meta_on(tuple(map(tuple, meta)), dev)),
         table,
         len(rules),
+        sum(row[0] << (2 * i) for i, row in enumerate(meta)),
     )
 
 
@@ -279,6 +301,7 @@ def block_attention(
         HAS_SHIFT=tiles.lse_shift is not None,
         HAS_KBIAS=tiles.key_bias is not None,
         N_PRED=packed.count,
+        MODES=packed.modes,
         BD=q.shape[-1],
         BDV=v.shape[-1],
         DOT=dot_precision(q.dtype),
