@@ -123,11 +123,24 @@ class Packing:
         return Packing(tuple(lengths), on(part), on(starts), on(sizes[part]), on(q_at), on(k_at))
 
 
+@dataclass(frozen=True, eq=False)
+class RowMaps:
+    """Where a problem's queries and keys are: query i is row ``q[i]`` of its ``q`` tensor,
+    key j row ``k[j]`` of its ``k`` and ``v`` (int64 [Lq], [Lk], the same for every row n).
+    The causal splitter's packed levels are rows of the square this way, so nothing copies
+    them where every reader takes the maps (:attr:`Primitive.reads_rows`)."""
+
+    q: Tensor
+    k: Tensor
+
+
 @dataclass(frozen=True)
 class Problem:
     """One (query range) x (key range) attention problem (``workspace``: the buffers its
     kernels may reuse for intermediates; ``packed``: several independent problems packed
-    along the rows, see :class:`Packing`)."""
+    along the rows, see :class:`Packing`; ``rows``: its queries and keys are rows of ``q``,
+    ``k`` and ``v`` picked by :class:`RowMaps`, else they are ``q``, ``k``, ``v``
+    themselves, in order: :meth:`gathered` makes them so)."""
 
     q: Tensor
     k: Tensor
@@ -140,18 +153,32 @@ class Problem:
     k_offset: int = 0
     workspace: Workspace | None = None
     packed: Packing | None = None
+    rows: RowMaps | None = None
+    _gathered: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def lq(self) -> int:
-        return self.q.shape[1]
+        return self.q.shape[1] if self.rows is None else self.rows.q.shape[0]
 
     @property
     def lk(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1] if self.rows is None else self.rows.k.shape[0]
+
+    def gathered(self) -> Problem:
+        """This problem with its queries, keys and values in order (its row maps gathered,
+        into the workspace where there is one; once per problem); itself without maps."""
+        if self.rows is None:
+            return self
+        if not self._gathered:
+            copy = lambda name, x, rows: _gather_rows(self.workspace, name, x, rows)
+            q, k = copy("q", self.q, self.rows.q), copy("k", self.k, self.rows.k)
+            v = copy("v", self.v, self.rows.k)
+            self._gathered.append(replace(self, q=q, k=k, v=v, rows=None))
+        return self._gathered[0]
 
     def sub(self, q: slice, k: slice, causal: bool) -> Problem:
         """The sub-problem of a query range and a key range (offsets follow)."""
-        if self.packed is not None:
+        if self.packed is not None or self.rows is not None:
             raise ValueError("a packed problem has no sub-ranges: its parts are independent")
         q0 = q.start or 0
         k0 = k.start or 0
@@ -228,7 +255,7 @@ class Partial:
 
     @staticmethod
     def empty(problem: Problem) -> Partial:
-        n, lq = problem.q.shape[:2]
+        n, lq = problem.q.shape[0], problem.lq
         out = problem.q.new_zeros(n, lq, problem.v.shape[-1], dtype=torch.float32)
         return Partial(out, problem.q.new_full((n, lq), float("-inf"), dtype=torch.float32))
 
@@ -430,6 +457,10 @@ class Primitive:
     # draws apart, provided every part's length is a multiple of :meth:`pack_quantum` (a
     # step may decide per instance, once its inputs are connected)
     packable: bool = False
+    # Takes a problem whose queries and keys are rows of its tensors (:class:`RowMaps`): it
+    # reads values only through the maps, else not at all (shapes, lq/lk, positions); the
+    # compiler gives the others the problem gathered (:meth:`Problem.gathered`)
+    reads_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -456,6 +487,14 @@ class Primitive:
 
     def __call__(self, problem: Problem, **ports: Any) -> Any:
         raise NotImplementedError
+
+
+def _gather_rows(workspace: Workspace | None, name: str, x: Tensor, rows: Tensor) -> Tensor:
+    """``x[:, rows]`` (into the workspace buffer ``rows.<name>`` where there is one)."""
+    if workspace is None:
+        return x.index_select(1, rows)
+    buf = workspace.take(f"rows.{name}", (x.shape[0], rows.numel(), x.shape[-1]), x.dtype, x.device)
+    return torch.index_select(x, 1, rows, out=buf)
 
 
 def row_index(idx: Tensor, length: int) -> Tensor:

@@ -81,6 +81,8 @@ class Kernel:
     # op "plan": walks a plan's query and key rows in permuted order (BlockPlan.query_rows,
     # BlockPlan.key_rows)
     row_maps: ClassVar[bool] = False
+    # takes a problem whose queries and keys are rows of its tensors (Problem.rows)
+    reads_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -179,8 +181,12 @@ def explain(op: str, backend: str, problem: Problem, **inputs: Any) -> list[str]
 
 
 def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> Any:
-    """Run ``op`` on ``problem`` with the implementation ``backend`` chooses."""
-    return choose(op, backend, problem, **inputs).load()(problem, *args, **inputs)
+    """Run ``op`` on ``problem`` with the implementation ``backend`` chooses (given the
+    problem gathered unless it reads row maps: ``Kernel.reads_rows``)."""
+    impl = choose(op, backend, problem, **inputs)
+    if problem.rows is not None and not impl.reads_rows:
+        problem = problem.gathered()
+    return impl.load()(problem, *args, **inputs)
 
 
 def describe(op: str, backend: str) -> str:

@@ -686,3 +686,32 @@ def test_contiguous_tiles_copying_rows_equal_row_maps():
         copied = contiguous.run(problem, tiles, "triton")
     assert contiguous.ROW_MAPS
     assert_same(copied, mapped)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rows", [False, True], ids=["natural-plan", "plan-rows"])
+def test_plan_kernel_reads_a_problem_through_its_row_maps(rows):
+    """A problem whose queries and keys are rows of its tensors (``Problem.rows``: the causal
+    splitter's packed levels, rows of the square): the kernel reads them where they are and
+    gives what it gives on the problem gathered, with the plan's own query and key rows or
+    without; its output has the problem's rows."""
+    from attncompose.primitives.base import RowMaps
+    from attncompose.primitives.block import plan_triton
+    from attncompose.primitives.block.contiguous import _diagonal
+    from attncompose.primitives.plan import BlockGrid
+
+    source = device_problem(2, 120, 110, 16)
+    g = torch.Generator().manual_seed(9)
+    maps = RowMaps(torch.randint(0, 120, (96,), generator=g), torch.randperm(110, generator=g)[:96])
+    problem = replace(source, rows=RowMaps(maps.q.to(DEVICE), maps.k.to(DEVICE)))
+    assert (problem.lq, problem.lk) == (96, 96)
+    plan = _diagonal(BlockGrid(96, 96, 32, 32), 1)
+    if rows:
+        q_rows = torch.stack([torch.randperm(96, generator=g) for _ in range(2)]).to(DEVICE)
+        k_rows = torch.randint(-1, 96, (2, 96), generator=g).to(DEVICE)
+        plan = plan.with_key_bias(torch.zeros(2, 96, device=DEVICE)).with_rows(q_rows, True, k_rows)
+    got = plan_triton.plan_attention(problem, plan)
+    want = plan_triton.plan_attention(problem.gathered(), plan)
+    assert got.out.shape == (2, 96, 16) and torch.equal(got.out, want.out)
+    assert torch.equal(got.lse, want.lse)
+    assert torch.equal(problem.gathered().q, source.q[:, maps.q.to(DEVICE)])

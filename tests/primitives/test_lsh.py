@@ -138,3 +138,24 @@ def test_lsh_ranks_and_sort_match_reference(bits):
                 for mine, want in zip(got, alone, strict=True):
                     for a, b in zip(mine, want, strict=True):
                         assert torch.equal(a.long(), b)  # sorted keys: int32 from the kernel
+
+
+@pytest.mark.triton
+def test_lsh_reads_row_mapped_inputs_where_they_are():
+    """Inputs given as rows of other tensors (``RowMaps``: a packed problem's levels are rows
+    of the square) hash and sort as those rows gathered, in one launch for q and k; rows
+    repeat and skip, with parts."""
+    g = torch.Generator().manual_seed(3)
+    q_src, k_src = (torch.randn(2, 40, 16, generator=g).to(DEVICE) for _ in range(2))
+    q_rows = torch.randint(0, 40, (32,), generator=g).to(DEVICE)
+    k_rows = torch.randperm(40, generator=g)[:32].to(DEVICE)
+    dirs = lsh_naive.projections(2, 16, 6, seed=5).to(DEVICE)
+    part = torch.tensor([0] * 16 + [1] * 16, device=DEVICE)
+    gathered = [q_src[:, q_rows], k_src[:, k_rows]]
+    for parts in (None, part):
+        want = lsh_naive.sort_positions(gathered, dirs, parts)
+        for sort in (lsh_triton.sort_positions, lsh_naive.sort_positions):
+            got = sort([q_src, k_src], dirs, parts, [q_rows, k_rows])
+            for mine, theirs in zip(got, want, strict=True):
+                for a, b in zip(mine, theirs, strict=True):
+                    assert torch.equal(a.long(), b.long())

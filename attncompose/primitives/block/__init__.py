@@ -73,6 +73,7 @@ class Block(Primitive):
     # tiles come from the selections (packable ones keep to their parts); a block plan
     # spans the whole row: a step that runs one is not packable (set by connect())
     packable = True
+    reads_rows = True  # selections' indices; its kernels through dispatch.call
 
     def pack_quantum(self) -> int:
         return self.knobs["block_size"]

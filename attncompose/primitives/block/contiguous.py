@@ -91,6 +91,7 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
         heads=problem.heads,
         kv_group=problem.kv_group,
         workspace=problem.workspace,
+        rows=problem.rows,  # a packed problem's rows, where they are
     )
     grid = BlockGrid(t * bq, t * span, bq, block)
     plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
@@ -99,6 +100,8 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     if impl.row_maps and ROW_MAPS:  # the kernel reads the layout where it is
         plan = plan.with_rows(flat(q_idx), tiles.every_query, flat(k_idx))
         return impl.load()(sub, plan=plan)
+    problem = problem.gathered()  # copied in tile order below: from the rows in order
+    sub = replace(sub, rows=None)
     copy = lambda name, x, idx, rows=None: gather_rows(
         x, flat(idx), _buffer(problem, name, x, idx), rows
     )

@@ -68,6 +68,7 @@ class TritonBlockSparse(TritonKernel):
     name = "triton:block-sparse"
     lazy = "plan_triton.plan_attention"
     row_maps = True  # walks BlockPlan.query_rows and key_rows (tiles in permuted order)
+    reads_rows = True  # and reads a problem's row maps
 
     @classmethod
     def not_supported_reasons(
@@ -106,6 +107,8 @@ class TorchBlockSparse(Kernel):
 class ContiguousTiles:
     """Exact tiles laid out contiguous and run as a block-diagonal plan (:mod:`.contiguous`),
     beside another backend's reasons."""
+
+    reads_rows = True  # the plan kernel reads them, else the tile pass gathers them
 
     @classmethod
     def not_supported_reasons(

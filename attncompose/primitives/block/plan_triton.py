@@ -49,6 +49,8 @@ def _plan_fwd_kernel(
     table,
     q_rows,  # [N, Lq] the problem query each plan row reads and writes (HAS_ROWS)
     k_rows,  # [N, Lk] the problem key (and value) each plan key reads (HAS_KROWS)
+    q_map,  # [problem Lq] the row of q each problem query is (HAS_MAPS: Problem.rows)
+    k_map,  # [problem Lk] the row of k and v each problem key is
     s_qn,
     s_ql,
     s_qd,
@@ -82,6 +84,7 @@ def _plan_fwd_kernel(
     HAS_KBIAS: tl.constexpr,
     HAS_ROWS: tl.constexpr,  # plan rows in permuted order (no pair rule: no causality)
     HAS_KROWS: tl.constexpr,  # plan keys in permuted order (no pair rule either)
+    HAS_MAPS: tl.constexpr,  # the problem's queries and keys are rows of q, k, v
     N_OWN: tl.constexpr,  # predicates whose union a partial pair must be in (0: any pair)
     N_PRED: tl.constexpr,  # own predicates first, then the excluded ones
     MODES: tl.constexpr,  # each predicate's form, 2 bits each (Packed.modes)
@@ -102,7 +105,10 @@ def _plan_fwd_kernel(
     if HAS_ROWS:
         r_q = tl.load(q_rows + i_n * s_rn + o_q, mask=m_q, other=-1).to(tl.int32)
         m_q = m_q & (r_q >= 0)
-    p_q = q + i_n * s_qn + r_q[:, None] * s_ql + o_d[None, :] * s_qd
+    s_q = r_q  # the row of q it is
+    if HAS_MAPS:
+        s_q = tl.load(q_map + r_q, mask=m_q, other=0).to(tl.int32)
+    p_q = q + i_n * s_qn + s_q[:, None] * s_ql + o_d[None, :] * s_qd
     b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
@@ -118,13 +124,18 @@ def _plan_fwd_kernel(
         if HAS_KROWS:  # keys where they are; a key of row -1 takes no part
             r_k = tl.load(k_rows + i_n * s_kr + o_k).to(tl.int32)  # [BK]
             m_r = r_k >= 0
+            if HAS_MAPS:
+                r_k = tl.load(k_map + r_k, mask=m_r, other=0).to(tl.int32)
             p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
             p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd
             b_k = tl.load(p_k, mask=m_r[:, None], other=0.0)  # [BK, BD]
             b_v = tl.load(p_v, mask=m_r[:, None], other=0.0)  # [BK, BDV]
         else:
-            b_k = tl.load(k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd)
-            b_v = tl.load(v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd)
+            s_k = o_k  # the row of k it is
+            if HAS_MAPS:
+                s_k = tl.load(k_map + o_k).to(tl.int32)
+            b_k = tl.load(k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd)
+            b_v = tl.load(v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         if HAS_KBIAS:
             b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, o_k < Lk)
@@ -141,8 +152,11 @@ def _plan_fwd_kernel(
         if HAS_KROWS:
             r_k = tl.load(k_rows + i_n * s_kr + o_k, mask=m_k, other=-1).to(tl.int32)
             m_k = m_k & (r_k >= 0)
-        p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
-        p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd
+        s_k = r_k  # the row of k it is
+        if HAS_MAPS:
+            s_k = tl.load(k_map + r_k, mask=m_k, other=0).to(tl.int32)
+        p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
+        p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
         b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
@@ -200,7 +214,7 @@ def prune_plan_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
 
 
-_PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "HAS_KROWS"]
+_PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "HAS_KROWS", "HAS_MAPS"]
 _PLAN_KEY += ["N_OWN", "N_PRED", "MODES"]
 _plan_tuned = autotuned(
     _plan_fwd_kernel, [*_PLAN_KEY, "BD", "BDV", "DOT"], PLAN_CONFIGS, prune_plan_configs
@@ -219,10 +233,12 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     in one kernel launch; rows that select no key get out 0 and lse -inf. With
     ``plan.query_rows`` the plan's rows read and write the problem's queries they name (a
     query in no row, unless ``plan.every_query``: out 0, lse -inf); with ``plan.key_rows``
-    its keys read the problem's keys and values they name."""
+    its keys read the problem's keys and values they name. A problem with row maps
+    (``problem.rows``) is read through them."""
     q, k, v = problem.q, problem.k, problem.v
-    n, lq, d = q.shape
+    n, lq, d = q.shape[0], problem.lq, q.shape[-1]
     dv = v.shape[-1]
+    maps = problem.rows
     g = plan.grid
     lists = plan.kernel_lists()
     make = lambda: _packed(problem, plan)
@@ -264,6 +280,8 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         packed.table,
         lists.full_num if rows is None else rows,
         lists.full_num if k_rows is None else k_rows,
+        lists.full_num if maps is None else maps.q,
+        lists.full_num if maps is None else maps.k,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -287,6 +305,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         HAS_KBIAS=bias is not None,
         HAS_ROWS=rows is not None,
         HAS_KROWS=k_rows is not None,
+        HAS_MAPS=maps is not None,
         N_OWN=n_own,
         N_PRED=packed.count,
         MODES=packed.modes,

@@ -7,8 +7,10 @@ half's rows by lse. Where n halves evenly down to the leaves, the recursion runs
 all diagonal leaves in one exact call, then the rectangles. Where every step of the body is
 packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks, windows, block
 without a block plan, sampler, merge) and the leaves are a multiple of the body's tiles,
-the rectangles of ALL levels go through ONE body call, packed end to end along the rows,
-and merge into their rows in one ``merge_rows`` call: a fixed number of kernels, whatever
+the rectangles of ALL levels go through ONE body call, packed end to end along the rows
+(as rows of the square, :class:`~attncompose.primitives.base.RowMaps`: not copied where
+the body's steps read them where they are), and merge into their rows in one
+``merge_rows`` call: a fixed number of kernels, whatever
 the number of levels (on the devices of :data:`PACK_DEVICES`: where a call costs its
 launches, not on a CPU, where packing copies every level's rows that the level-by-level
 path reads as views). Otherwise level by level, each level in one body call where the
@@ -27,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Packing, Partial, Primitive, Problem
+from attncompose.primitives.base import Packing, Partial, Primitive, Problem, RowMaps
 from attncompose.primitives.causal_split.schema import CausalSplitStep
 from attncompose.primitives.exact.fast import fused_exact_attention
 from attncompose.primitives.merge.naive import merge_into, merge_partials, merge_rows_into
@@ -177,28 +179,14 @@ class _Levels:
         self.sources = sources.to(device)
         # positions as in the square (sinks and windows in the body find their keys)
         self.packing = Packing.of(tuple(lengths), device, q_at=self.q_rows, k_at=self.k_rows)
+        self.rows = RowMaps(self.q_rows, self.k_rows)
 
     def packed(self, problem: Problem) -> Problem:
-        """The rectangles of ``problem`` as one packed non-causal problem (one gather each
-        for q, k and v; into the workspace where the problem has one)."""
-        copy = lambda name, x, rows: _gather(problem, name, x, rows)
-        return replace(
-            problem,
-            q=copy("q", problem.q, self.q_rows),
-            k=copy("k", problem.k, self.k_rows),
-            v=copy("v", problem.v, self.k_rows),
-            causal=False,
-            packed=self.packing,
-        )
-
-
-def _gather(problem: Problem, name: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[:, rows]`` (into the workspace buffer ``causal_split.<name>`` where there is one)."""
-    if problem.workspace is None:
-        return x.index_select(1, rows)
-    shape = (x.shape[0], rows.numel(), x.shape[-1])
-    buf = problem.workspace.take(f"causal_split.{name}", shape, x.dtype, x.device)
-    return torch.index_select(x, 1, rows, out=buf)
+        """The rectangles of ``problem`` as one packed non-causal problem whose queries and
+        keys are rows of the square (:class:`RowMaps`): nothing is copied for the steps that
+        read them where they are (sortLSH's hashing, the tile pass's plan kernel); the
+        others get them gathered once (:meth:`Problem.gathered`)."""
+        return replace(problem, causal=False, packed=self.packing, rows=self.rows)
 
 
 def _stacked(problem: Problem, body: Body, starts: range, size: int) -> Partial:

@@ -208,15 +208,21 @@ class Lsh(Primitive):
     kernels = (TritonGrayRankSort, TorchGrayRankSort)
     offset_free = True
     packable = True  # sorted within each part; its tiles are the block step's
+    reads_rows = True  # hashes queries and keys where they are
 
     def __call__(self, problem: Problem) -> LshSelection:
-        q, k = problem.q, problem.k
         part = None if problem.packed is None else problem.packed.part  # sorted per part
-        if self.knobs["align"] == "mips":
-            q, k = mips_augment(q, k, part)
+        rows = None if problem.rows is None else (problem.rows.q, problem.rows.k)
+        if self.knobs["align"] == "mips":  # new vectors: of the queries and keys in order
+            rows, problem = None, problem.gathered()
+            q, k = mips_augment(problem.q, problem.k, part)
+        else:
+            q, k = problem.q, problem.k
         dirs = self.directions(problem, q.shape[-1])
         sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
-        (q_order, q_pos, q_rank), (k_order, k_pos, k_rank) = sort_positions((q, k), dirs, part)
+        (q_order, q_pos, q_rank), (k_order, k_pos, k_rank) = sort_positions(
+            (q, k), dirs, part, rows
+        )
         if self.knobs["pairing"] == "rank":
             return LshSelection(q_order, q_pos, k_order, k_pos)
         # code pairing: the sorted ranks (the part above them: a part's codes meet only their

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,30 +58,39 @@ def gray_code(rank: Tensor) -> Tensor:
 
 
 def sort_positions(
-    xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = None
+    xs: Sequence[Tensor],
+    directions: Tensor,
+    part: Tensor | None = None,
+    rows: Sequence[Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """For each x [N, L, D] of ``xs`` (queries and keys): (order [N, L]: indices sorted by
     Gray rank, position [N, L]: each index's sorted slot, key [N, L]: the sorted Gray ranks,
     with the part above them, see :func:`within_parts`; in the ranks' dtype, int32 from the
     Triton kernel, where no part is above them). ``part`` [L] (a packed problem's part of
-    each position): sorted within each part, the parts in their order. Inputs of one shape
-    are sorted as one batch (:func:`sort_together`)."""
+    each position): sorted within each part, the parts in their order. ``rows`` (one [L] per
+    input, :class:`~attncompose.primitives.base.RowMaps`): input i is ``xs[i][:, rows[i]]``.
+    Inputs of one shape are sorted as one batch (:func:`sort_together`)."""
+    if rows is not None:  # the reference reads them gathered
+        xs = [x.index_select(1, r) for x, r in zip(xs, rows, strict=True)]
     bits = directions.shape[-1]
     ranks = lambda group: torch.cat([gray_rank(hash_codes(x, directions), bits) for x in group])
     return sort_together(xs, ranks, part)
 
 
 def sort_together(
-    xs: Sequence[Tensor], ranks_of: Callable[[list[Tensor]], Tensor], part: Tensor | None
+    xs: Sequence[Any],
+    ranks_of: Callable[[list[Any]], Tensor],
+    part: Tensor | None,
+    shape_of: Callable[[Any], tuple[int, ...]] = lambda x: tuple(x.shape),
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """:func:`sorted_order` of each of ``xs``; inputs of one shape in ONE sort of their ranks
-    stacked as rows (``ranks_of(group)`` [len(group) * N, L]), each row sorted alone as it
-    would be by itself."""
-    together = all(x.shape == xs[0].shape for x in xs)
+    """:func:`sorted_order` of each of ``xs``; inputs of one shape (``shape_of``: [N, L, D])
+    in ONE sort of their ranks stacked as rows (``ranks_of(group)`` [len(group) * N, L]),
+    each row sorted alone as it would be by itself."""
+    together = all(shape_of(x) == shape_of(xs[0]) for x in xs)
     out = []
     for group in [list(xs)] if together else [[x] for x in xs]:
         order, position, key = sorted_order(ranks_of(group), part)
-        n = group[0].shape[0]
+        n = shape_of(group[0])[0]
         out += [(order[i * n : (i + 1) * n], position[i * n : (i + 1) * n],
                  key[i * n : (i + 1) * n]) for i in range(len(group))]  # fmt: skip
     return out

@@ -24,6 +24,8 @@ from attncompose.primitives.lsh.naive import sort_together
 def _gray_rank_kernel(
     x,
     y,
+    x_rows,  # [L] the row of x each position reads (HAS_ROWS)
+    y_rows,
     dirs,
     part,
     rank,
@@ -44,6 +46,7 @@ def _gray_rank_kernel(
     BD: tl.constexpr,
     BR: tl.constexpr,
     HAS_PART: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     i_l = tl.program_id(0)
     i_r = tl.program_id(1).to(tl.int64)  # row offsets i_r * s_xn may pass 2**31
@@ -55,10 +58,16 @@ def _gray_rank_kernel(
     m_x = m_l[:, None] & m_d[None, :]
     p_d = dirs + i_n * s_dn + o_d[:, None] * s_dd + o_r[None, :] * s_dr
     if i_r >= N:  # rows N .. 2N-1 of the result: y's rows
-        p_y = y + i_n * s_yn + o_l[:, None] * s_yl + o_d[None, :] * s_yd
+        r_l = o_l
+        if HAS_ROWS:
+            r_l = tl.load(y_rows + o_l, mask=m_l, other=0).to(tl.int32)
+        p_y = y + i_n * s_yn + r_l[:, None] * s_yl + o_d[None, :] * s_yd
         b_x = tl.load(p_y, mask=m_x, other=0.0).to(tl.float32)  # [BL, BD]
     else:
-        p_x = x + i_n * s_xn + o_l[:, None] * s_xl + o_d[None, :] * s_xd
+        r_l = o_l
+        if HAS_ROWS:
+            r_l = tl.load(x_rows + o_l, mask=m_l, other=0).to(tl.int32)
+        p_x = x + i_n * s_xn + r_l[:, None] * s_xl + o_d[None, :] * s_xd
         b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
     b_d = tl.load(p_d, mask=m_d[:, None] & (o_r < R)[None, :], other=0.0)  # [BD, BR]
     b_p = tl.dot(b_x, b_d, input_precision="ieee")  # [BL, BR]
@@ -72,16 +81,29 @@ def _gray_rank_kernel(
         tl.store(rank + i_r * L + o_l, b_code, mask=m_l)
 
 
-def gray_ranks(xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = None) -> Tensor:
+def gray_ranks(
+    xs: Sequence[Tensor],
+    directions: Tensor,
+    part: Tensor | None = None,
+    rows: Sequence[Tensor] | None = None,
+) -> Tensor:
     """Gray ranks [len(xs) * N, L] (int32) of the sign codes of one or two inputs x [N, L, D]
     of one shape (queries and keys: one launch) under directions [N, D, r], the inputs' rows
     one after the other; with ``part`` [L], the sort keys of
-    :func:`~attncompose.primitives.lsh.naive.within_parts` (int64), in the same pass."""
+    :func:`~attncompose.primitives.lsh.naive.within_parts` (int64), in the same pass. With
+    ``rows`` (one [L] per input), input i is ``xs[i][:, rows[i]]``, read where it is."""
     x, *rest = xs
     if len(rest) > 1 or any(y.shape != x.shape for y in rest):
         raise ValueError(f"one or two inputs of one shape, got {[tuple(y.shape) for y in xs]}")
     y = rest[0] if rest else x
     n, length, d = x.shape
+    x_rows = y_rows = None
+    if rows is not None:
+        x_rows, *more = rows
+        y_rows = more[0] if more else x_rows
+        if y_rows.shape != x_rows.shape:
+            raise ValueError(f"row maps of one length, got {[tuple(r.shape) for r in rows]}")
+        length = x_rows.shape[0]
     r = directions.shape[-1]
     if r > 31:
         raise ValueError(f"at most 31 hash bits in the kernel, got {r}")
@@ -91,17 +113,27 @@ def gray_ranks(xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = N
     bl = max(16, min(64, triton.next_power_of_2(length)))
     grid = (triton.cdiv(length, bl), len(xs) * n)
     _gray_rank_kernel[grid](
-        x, y, dirs, rank if part is None else part, rank, *x.stride(), *y.stride(),
-        *dirs.stride(), n, length, d, r,
+        x, y, rank if x_rows is None else x_rows, rank if y_rows is None else y_rows, dirs,
+        rank if part is None else part, rank, *x.stride(), *y.stride(), *dirs.stride(),
+        n, length, d, r,
         BL=bl, BD=max(16, triton.next_power_of_2(d)), BR=max(16, triton.next_power_of_2(r)),
-        HAS_PART=part is not None,
+        HAS_PART=part is not None, HAS_ROWS=rows is not None,
     )  # fmt: skip
     return rank
 
 
 def sort_positions(
-    xs: Sequence[Tensor], directions: Tensor, part: Tensor | None = None
+    xs: Sequence[Tensor],
+    directions: Tensor,
+    part: Tensor | None = None,
+    rows: Sequence[Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Same contract as the reference: per input (order, position, sorted key), inputs of
-    one shape hashed in one launch and sorted in one sort."""
-    return sort_together(xs, lambda group: gray_ranks(group, directions, part), None)
+    one shape hashed in one launch and sorted in one sort; row-mapped inputs read where they
+    are."""
+    if rows is None:
+        return sort_together(xs, lambda group: gray_ranks(group, directions, part), None)
+    inputs = list(zip(xs, rows, strict=True))
+    shape_of = lambda item: (*item[0].shape, item[1].shape[0])  # [N, source L, D, L]
+    ranks = lambda group: gray_ranks([x for x, _ in group], directions, part, [r for _, r in group])
+    return sort_together(inputs, ranks, None, shape_of)

@@ -13,6 +13,7 @@ class Merge(Primitive):
     kernels = (TritonMergeRows, TorchMergeRows)  # "merge_rows": the causal splitter's
     offset_free = True
     packable = True
+    reads_rows = True  # partials only
 
     def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:
         return merge_partials(list(inputs))

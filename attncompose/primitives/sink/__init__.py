@@ -42,6 +42,7 @@ class Sink(Primitive):
     schema = SinkStep
     block_form = True
     packable = True  # positions of packed keys are their parts' (Packing.k_at)
+    reads_rows = True  # positions only
 
     def __call__(self, problem: Problem) -> SinkCoverage:
         # more sinks than keys: every key (the knob never sizes memory beyond the sequence)

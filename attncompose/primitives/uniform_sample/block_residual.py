@@ -61,6 +61,8 @@ def block_residual(recipe, sid: str) -> Match | None:
 class BlockWithResidual:
     """Runs a merge step whose inputs are a one-detector block step and its sampler."""
 
+    reads_rows = True  # indices; its tile pass through dispatch.call
+
     def __init__(self, block: Primitive, sample: Primitive):
         self.block = block
         self.sample = sample
@@ -71,6 +73,7 @@ class BlockWithResidual:
         cov = mine[0] if len(mine) == 1 else UnionCoverage(mine)
         tiles = query_groups(problem, [cov]) if m else None  # the detector's, if draws follow
         if tiles is None:
+            problem = problem.gathered()  # the steps one by one read values in order
             diag = self.block(problem, select=select)
             return merge_partials([diag, self.sample(problem, exclude=[diag])])
         keyed = [c for c in mine if c.key_only]
