@@ -153,7 +153,7 @@ class KeyBand(Selection, Coverage):
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         if self.key_only:  # the same keys for every query: read from the static mask
-            hit = take(self.covered_keys(problem), kj) & (kj >= 0)  # -1 pads
+            hit = self.covered_keys(problem)[kj]  # -1 pads read its last entry: False
             return hit.expand(torch.broadcast_shapes(qi.shape, kj.shape))
         last = self.anchor(problem.q_positions(qi))  # the last covered key position
         k_pos = problem.k_positions(kj)
@@ -165,15 +165,16 @@ class KeyBand(Selection, Coverage):
         return hit
 
     def covered_keys(self, problem: Problem) -> Tensor:
-        """[1, Lk] bool: the keys a key-only band covers (for every query), made once per
-        pattern and positions."""
+        """[Lk + 1] bool: the keys a key-only band covers (for every query), then False for
+        index -1 (padding), made once per pattern and positions: one lookup a call."""
         if not self.key_only:
             raise TypeError(f"{type(self).__name__} covers keys per query")
 
         def make() -> Tensor:
             k_pos = problem.k_positions(torch.arange(problem.lk, device=problem.q.device))
             last = self.anchor(k_pos)  # an int: the same for every query
-            return ((k_pos <= last) & (k_pos > last - self.extent))[None]
+            covered = (k_pos <= last) & (k_pos > last - self.extent)
+            return torch.cat([covered, covered.new_zeros(1)])
 
         return problem.memo("covered-keys", self.static_key(), make)
 

@@ -48,7 +48,7 @@ def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> T
     if not coverages:
         return tiles
     kj = tiles.k_idx.unsqueeze(-2)  # [N, T, 1, nk]
-    anyq = kj.new_zeros(1, 1, 1, 1)
+    anyq = kj[..., :1]  # key-only: any query answers alike (a view, not a new tensor)
     covered = functools.reduce(
         torch.logical_or, (c.covers(problem, anyq, kj) for c in coverages)
     ).squeeze(-2)  # [N, T, nk]
