@@ -100,14 +100,8 @@ def _plan_fwd_kernel(
     i_qb = i_p // SUB
     o_q = i_qb * BLOCK_Q + (i_p % SUB) * BQ + tl.arange(0, BQ)  # [BQ]
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    m_q = o_q < Lq
-    r_q = o_q  # the problem's query of each row: where it is read and written
-    if HAS_ROWS:
-        r_q = tl.load(q_rows + i_n * s_rn + o_q, mask=m_q, other=-1).to(tl.int32)
-        m_q = m_q & (r_q >= 0)
-    s_q = r_q  # the row of q it is
-    if HAS_MAPS:
-        s_q = tl.load(q_map + r_q, mask=m_q, other=0).to(tl.int32)
+    # the problem's query of each row (where its result is written), the row of q it is
+    r_q, s_q, m_q = _rows_of(o_q, o_q < Lq, q_rows, i_n * s_rn, q_map, HAS_ROWS, HAS_MAPS)
     p_q = q + i_n * s_qn + s_q[:, None] * s_ql + o_d[None, :] * s_qd
     b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
     b_m = tl.full([BQ], float("-inf"), tl.float32)
@@ -147,14 +141,7 @@ def _plan_fwd_kernel(
     for i_it in range(0, n_part * SUBK):
         i_kb = tl.load(part_idx + p_list * W_PART + i_it // SUBK).to(tl.int64)
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
-        m_k = o_k < Lk
-        r_k = o_k  # the problem's key of each plan key
-        if HAS_KROWS:
-            r_k = tl.load(k_rows + i_n * s_kr + o_k, mask=m_k, other=-1).to(tl.int32)
-            m_k = m_k & (r_k >= 0)
-        s_k = r_k  # the row of k it is
-        if HAS_MAPS:
-            s_k = tl.load(k_map + r_k, mask=m_k, other=0).to(tl.int32)
+        _, s_k, m_k = _rows_of(o_k, o_k < Lk, k_rows, i_n * s_kr, k_map, HAS_KROWS, HAS_MAPS)
         p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
         p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
@@ -182,6 +169,21 @@ def _plan_fwd_kernel(
     p_o = o + i_n * s_on + r_q[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_q[:, None])
     tl.store(lse + i_n * s_ln + r_q, b_lse, mask=m_q)
+
+
+@triton.jit
+def _rows_of(o, m, rows, row, maps, HAS_ROWS: tl.constexpr, HAS_MAPS: tl.constexpr):
+    """(r, s, m) of plan indices ``o`` [B] in bounds where ``m``: the problem's index r
+    (``rows[row + o]`` with HAS_ROWS; -1: none), the row s of the tensor that index is
+    (``maps[r]`` with HAS_MAPS) and ``m`` less the indices of none."""
+    r = o
+    if HAS_ROWS:
+        r = tl.load(rows + row + o, mask=m, other=-1).to(tl.int32)
+        m = m & (r >= 0)
+    s = r
+    if HAS_MAPS:
+        s = tl.load(maps + r, mask=m, other=0).to(tl.int32)
+    return r, s, m
 
 
 @triton.jit
