@@ -152,10 +152,9 @@ def _plan_fwd_kernel(
             m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
         if N_PRED > 0:
             m_own = tl.full([BQ, BK], N_OWN == 0, tl.int1)
-            for i_r in tl.static_range(N_PRED):
-                hit = covered(
-                    pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k, N, Lq, Lk, MODES
-                )
+            for i_r in tl.static_range(N_PRED):  # WHOLE: a plan tile is in one table block
+                hit = covered(pred_q, pred_k, meta, table, i_r, i_n, o_q, o_k, m_q, m_k,
+                              N, Lq, Lk, MODES, True)  # fmt: skip
                 if i_r < N_OWN:
                     m_own = m_own | hit
                 else:
