@@ -101,7 +101,6 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
         plan = plan.with_rows(flat(q_idx), tiles.every_query, flat(k_idx))
         return impl.load()(sub, plan=plan)
     problem = problem.gathered()  # copied in tile order below: from the rows in order
-    sub = replace(sub, rows=None)
     copy = lambda name, x, idx, rows=None: gather_rows(
         x, flat(idx), _buffer(problem, name, x, idx), rows
     )
@@ -111,6 +110,7 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
         q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's order
         k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
         v=copy("v", problem.v, k_idx, k_rows),
+        rows=None,
     )
     return _scatter(problem, q_idx, impl.load()(sub, plan=plan), tiles.every_query)
 

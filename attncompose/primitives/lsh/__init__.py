@@ -126,14 +126,17 @@ class LshCoverage(Coverage):
         if not tiles.exact:
             return super().tile_covers(problem, tiles, kj)
         n_tiles, bq = tiles.q_idx.shape[1:]
-        if self.sel.q_rank is not None:
-            bucket = self._code_buckets(problem)  # [N, T]
-        else:
-            device = self.sel.q_pos.device
-            make = lambda: self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
-            key = ("lsh-tile-buckets", problem.lq, problem.lk, self.b, bq, device)
-            bucket = static_plan(key, make)  # [1, T]
+        bucket = self._tile_buckets(problem, bq, n_tiles)  # [N or 1, T]
         return take(self.sel.k_pos, kj) // self._block(problem) == bucket.unsqueeze(-1)
+
+    def _tile_buckets(self, problem: Problem, bq: int, n_tiles: int) -> Tensor:
+        """The key block each tile of ``bq`` sorted queries starts at [N or 1, T]: with code
+        pairing its median's, with rank pairing its first slot's (made once per lengths)."""
+        if self.sel.q_rank is not None:
+            return self._code_buckets(problem)
+        device = self.sel.q_pos.device
+        make = lambda: self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
+        return static_plan(("lsh-tile-buckets", problem.lq, problem.lk, self.b, bq, device), make)
 
     def tiles(self, problem: Problem) -> Tiles:
         lq, b = problem.lq, self._block(problem)
@@ -164,10 +167,7 @@ class LshCoverage(Coverage):
         pairing)."""
         b, lk = self._block(problem), problem.lk
         device = self.sel.k_order.device
-        if self.sel.q_rank is not None:
-            first = self._code_buckets(problem)
-        else:
-            first = self._slot_bucket(problem, torch.arange(n_tiles, device=device) * bq)
+        first = self._tile_buckets(problem, bq, n_tiles)
         slots = (first[..., None] * b + static_arange(span * b, device)).flatten(1)
         if self.sel.q_rank is None and not self._passes_keys(problem, bq, n_tiles, span):
             return slots, None

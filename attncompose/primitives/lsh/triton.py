@@ -58,17 +58,9 @@ def _gray_rank_kernel(
     m_x = m_l[:, None] & m_d[None, :]
     p_d = dirs + i_n * s_dn + o_d[:, None] * s_dd + o_r[None, :] * s_dr
     if i_r >= N:  # rows N .. 2N-1 of the result: y's rows
-        r_l = o_l
-        if HAS_ROWS:
-            r_l = tl.load(y_rows + o_l, mask=m_l, other=0).to(tl.int32)
-        p_y = y + i_n * s_yn + r_l[:, None] * s_yl + o_d[None, :] * s_yd
-        b_x = tl.load(p_y, mask=m_x, other=0.0).to(tl.float32)  # [BL, BD]
+        b_x = _load_rows(y, y_rows, i_n, s_yn, s_yl, s_yd, o_l, o_d, m_l, m_x, HAS_ROWS)
     else:
-        r_l = o_l
-        if HAS_ROWS:
-            r_l = tl.load(x_rows + o_l, mask=m_l, other=0).to(tl.int32)
-        p_x = x + i_n * s_xn + r_l[:, None] * s_xl + o_d[None, :] * s_xd
-        b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_x = _load_rows(x, x_rows, i_n, s_xn, s_xl, s_xd, o_l, o_d, m_l, m_x, HAS_ROWS)
     b_d = tl.load(p_d, mask=m_d[:, None] & (o_r < R)[None, :], other=0.0)  # [BD, BR]
     b_p = tl.dot(b_x, b_d, input_precision="ieee")  # [BL, BR]
     b_code = tl.sum(tl.where(b_p > 0, 1 << o_r[None, :], 0), 1)  # [BL]
@@ -79,6 +71,17 @@ def _gray_rank_kernel(
         tl.store(rank + i_r * L + o_l, b_code.to(tl.int64) | (b_part << 32), mask=m_l)
     else:
         tl.store(rank + i_r * L + o_l, b_code, mask=m_l)
+
+
+@triton.jit
+def _load_rows(x, rows, i_n, s_n, s_l, s_d, o_l, o_d, m_l, m_x, HAS_ROWS: tl.constexpr):
+    """Positions ``o_l`` of row n of ``x`` as float32 [BL, BD]: its rows ``o_l``, or with
+    HAS_ROWS the rows ``rows[o_l]``."""
+    r_l = o_l
+    if HAS_ROWS:
+        r_l = tl.load(rows + o_l, mask=m_l, other=0).to(tl.int32)
+    p_x = x + i_n * s_n + r_l[:, None] * s_l + o_d[None, :] * s_d
+    return tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
 
 
 def gray_ranks(

@@ -72,8 +72,7 @@ class BlockWithResidual:
         mine = [selection.bind(self.block.knobs["block_size"]) for selection in select]
         cov = mine[0] if len(mine) == 1 else UnionCoverage(mine)
         tiles = query_groups(problem, [cov]) if m else None  # the detector's, if draws follow
-        if tiles is None:
-            problem = problem.gathered()  # the steps one by one read values in order
+        if tiles is None:  # the steps one by one (each gathers rows where it must)
             diag = self.block(problem, select=select)
             return merge_partials([diag, self.sample(problem, exclude=[diag])])
         keyed = [c for c in mine if c.key_only]
