@@ -5,11 +5,14 @@ once per mode (causal, non-causal, decode) under ``TRITON_INTERPRET=1`` in float
 interpreter runs no bfloat16) while :class:`attncompose.eval.aot.LaunchRecorder` keeps each
 distinct kernel variant; then every variant is compiled for sm_90 in bfloat16 with every
 autotune config its pruning keeps (block sizes as on the GPU: LSH blocks and samples of 128,
-leaves of 256, n=1024, B=1, H=2, d=128). No GPU is needed: Triton's compiler and the ptxas it
-ships run here. Per compile: whether it worked (else the error), seconds, shared memory,
-registers and spilled bytes per thread. Writes ``benchmarks/results/compile_gpu.json``
-(device, versions, commit, date) and prints failures and the largest register counts. What
-it cannot say: speed, and whether the compiled code is right (the compiled GPU tests do).
+leaves of 256, n=1024, B=1, H=2, d=128), specialized as the JIT specializes the recorded
+launch (unit strides as constants, 16-divisible sizes and aligned pointers). No GPU is needed:
+Triton's compiler and the ptxas it ships run here. Per compile: whether it worked (else the
+error), seconds, shared memory, registers and spilled bytes per thread, and the tensor-core
+(wgmma / mma.sync) and asynchronous-copy (cp.async / TMA) instructions in its PTX. Writes
+``benchmarks/results/compile_gpu.json`` (device, versions, commit, date) and prints failures
+and the largest register counts. What it cannot say: speed, and whether the compiled code is
+right (the compiled GPU tests do).
 
     python benchmarks/compile_gpu.py [--recipes hyperattention,topp] [--head-dim 128]
 """
@@ -78,10 +81,11 @@ def main() -> None:
     for row in failed:
         print(f"FAILED {row['kernel']} {row['constexprs']}: {row['error']}")
     for row in sorted((r for r in rows if r["ok"]), key=lambda r: -r["registers"])[:8]:
+        ops = " ".join(f"{k} {n}" for k, n in row["instructions"].items() if n)
         print(
             f"{row['kernel'].rsplit('.', 1)[-1]:22s} warps {row['num_warps']} stages "
             f"{row['num_stages']} regs {row['registers']} spill {row['spill_bytes']} B "
-            f"shared {row['shared_bytes']} B"
+            f"shared {row['shared_bytes']} B {ops}"
         )
     print(f"{len(variants)} variants, {len(rows)} compiles, {len(failed)} failed")
     record_ = {

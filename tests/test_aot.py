@@ -51,3 +51,37 @@ def test_a_variant_that_does_not_compile_is_reported_and_the_rest_compile():
     assert not bad["ok"] and "power of 2" in bad["error"]
     assert good["ok"] and good["registers"] > 0 and good["spill_bytes"] == 0
     assert good["shared_bytes"] >= 0 and good["constexprs"] == {"BR": 16, "BD": 64}
+
+
+def test_specialization_follows_the_jit():
+    """Arguments are specialized as Triton's JIT does (its own rule, asked directly): 1 as
+    a constant, multiples of 16 and 16-byte aligned data as divisible, the rest not."""
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from attncompose.eval.aot import specialization
+
+    data = torch.zeros(64)
+    for value in (1, 0, 16, 48, 7, 2**40, 2**40 + 3, True, False, 0.5, data, data[1:]):
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        jit = "1" if kind == "constexpr" else spec or ""
+        assert specialization(value) == jit, value
+
+
+def test_a_recorded_launch_compiles_as_the_jit_would(make_qkv):
+    """The exact kernel as a call launches it: unit strides recorded as "1", so its key and
+    value loads compile to pipelined copies (cp.async) feeding Hopper's warpgroup MMA; the
+    same variant without the specialization reads through runtime strides (no cp.async)."""
+    attn = ac.compile(ac.load_recipe("exact"), backend="triton")
+    q, k, v = (x.half() for x in make_qkv(b=1, hq=2, hkv=2, lq=256, lk=256, d=64))
+    recorder = LaunchRecorder()
+    with recorder:
+        attn(q, k, v, is_causal=True)
+    (variant,) = [x for x in recorder.variants if x["kernel"] == "_exact_fwd_kernel"]
+    assert variant["specialized"]["s_kd"] == "1" and variant["specialized"]["k"] == "D"
+    plain = {**variant, "specialized": {}}
+    jit, unspecialized = compile_variants([variant, plain], half="bf16", every_config=False)
+    assert jit["ok"] and unspecialized["ok"]
+    assert jit["instructions"]["wgmma"] > 0 and jit["instructions"]["cp_async"] > 0
+    assert unspecialized["instructions"]["cp_async"] == 0

@@ -9,8 +9,15 @@ target in a process where the kernels are JIT functions (``TRITON_INTERPRET`` un
 interpreter's kernels cannot be compiled), a variant launched through an autotuner once per
 config its pruning keeps for the recorded launch (what the autotuner would compile on the
 GPU for those block sizes), and reports per compile whether it worked, its shared memory,
-registers and spills (``cuobjdump`` of the cubin). What it cannot say: speed, and whether the
-compiled code computes the right thing (the GPU tests do).
+registers and spills (``cuobjdump`` of the cubin) and which tensor-core and asynchronous-copy
+instructions it uses (the PTX). What it cannot say: speed, and whether the compiled code
+computes the right thing (the GPU tests do).
+
+A variant is compiled as the JIT would specialize the recorded launch (:func:`specialization`):
+an integer argument equal to 1 (a unit stride) becomes the constant 1, integers divisible by
+16 and 16-byte aligned pointers are compiled as such. Without that a kernel reads every
+element through a runtime stride (no vector loads, no ``cp.async`` pipelining), which is not
+what runs on the GPU.
 
     recorder = LaunchRecorder()
     with recorder:
@@ -52,9 +59,11 @@ DTYPES = {
 
 class LaunchRecorder(CallWatch):
     """Keeps each distinct Triton kernel variant a call launches (see the module doc):
-    ``variants``, a list of dicts {"module", "kernel", "signature", "constexprs", "tuning"}:
-    the argument types (``*bf16``, ``i32``, ...) and the constexpr values by name, and the
-    values of the arguments its autotuner keys on (they decide which configs it keeps)."""
+    ``variants``, a list of dicts {"module", "kernel", "signature", "constexprs",
+    "specialized", "tuning"}: the argument types (``*bf16``, ``i32``, ...), the constexpr
+    values by name, how the JIT specializes the other arguments (name -> "1" or "D", see
+    :func:`specialization`), and the values of the arguments its autotuner keys on (they
+    decide which configs it keeps)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,13 +75,15 @@ class LaunchRecorder(CallWatch):
         bound = inspect.getcallargs(fn, *args, **kwargs)
         tuner = tuner_of(sys.modules[fn.__module__], fn)
         keys = () if tuner is None else tuner.keys
-        signature, constexprs, tuning = {}, {}, {}
+        signature, constexprs, specialized, tuning = {}, {}, {}, {}
         for name in kernel.arg_names:
             value = bound[name]
             if name in kernel.constexprs:
                 constexprs[name] = value
                 continue
             signature[name] = _type_of(name, value)
+            if specialization(value):
+                specialized[name] = specialization(value)
             if name in keys:
                 tuning[name] = value
         variant = {
@@ -80,6 +91,7 @@ class LaunchRecorder(CallWatch):
             "kernel": fn.__name__,
             "signature": signature,
             "constexprs": constexprs,
+            "specialized": specialized,
             "tuning": tuning,
         }
         key = json.dumps(variant, sort_keys=True)
@@ -99,13 +111,25 @@ def tuner_of(module, fn):
     return None
 
 
+def specialization(value: Any) -> str:
+    """How Triton's JIT specializes a launch argument (its rule for arguments without
+    ``do_not_specialize``): "1" for an integer equal to 1 (compiled as that constant), "D"
+    for an integer divisible by 16 or a tensor whose data is 16-byte aligned (compiled with
+    that divisibility), "" otherwise (bools, floats and other values)."""
+    if isinstance(value, torch.Tensor):
+        return "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "1" if value == 1 else "D" if value % 16 == 0 else ""
+    return ""
+
+
 def _type_of(name: str, value: Any) -> str:
     if isinstance(value, torch.Tensor):
         if value.dtype not in DTYPES:
             raise TypeError(f"argument {name}: no Triton type for dtype {value.dtype}")
         return "*" + DTYPES[value.dtype]
     if isinstance(value, bool):
-        return "i1"
+        return "u1"  # as the JIT types a bool
     if isinstance(value, int):
         return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
@@ -119,9 +143,9 @@ def compile_variants(
     """Each variant compiled for :data:`TARGET` in a fresh process (see the module doc): one
     result dict per (variant, config) with "kernel", "constexprs", "num_warps",
     "num_stages", "ok", "error" (when not ok), "seconds", "shared_bytes", "registers",
-    "spill_bytes". ``half``: compile float16 tensors as this type ("bf16": the interpreter
-    runs no bfloat16, the GPU runs it); ``every_config`` False: one config per variant (the
-    first its autotuner keeps)."""
+    "spill_bytes", "instructions" (counts of :data:`INSTRUCTIONS`). ``half``: compile
+    float16 tensors as this type ("bf16": the interpreter runs no bfloat16, the GPU runs it);
+    ``every_config`` False: one config per variant (the first its autotuner keeps)."""
     if half is not None:
         variants = [_retyped(v, "*fp16", "*" + half) for v in variants]
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,19 +186,24 @@ def _configs(module, jit_fn, variant: dict) -> list[tuple[dict, int | None, int 
     return [({**fixed, **c.kwargs}, c.num_warps, c.num_stages) for c in configs]
 
 
-def _compile_one(jit_fn, signature: dict, constexprs: dict, warps, stages) -> dict:
+def _compile_one(
+    jit_fn, signature: dict, constexprs: dict, warps, stages, specialized: dict | None = None
+) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = jit_fn.arg_names
+    constexprs, attrs = _specialize(jit_fn, constexprs, specialized or {})
     sig = {n: ("constexpr" if n in constexprs else signature[n]) for n in names}
     fixed = {(names.index(n),): v for n, v in constexprs.items()}
     options = {k: v for k, v in (("num_warps", warps), ("num_stages", stages)) if v}
     started = time.perf_counter()
     try:
         out = triton.compile(
-            ASTSource(jit_fn, sig, constexprs=fixed), target=GPUTarget(*TARGET), options=options
+            ASTSource(jit_fn, sig, constexprs=fixed, attrs=attrs),
+            target=GPUTarget(*TARGET),
+            options=options,
         )
     except Exception as err:  # a compile error is the finding: report it, go on
         lines = [x for x in str(err).strip().splitlines() if x.strip()]
@@ -184,7 +213,39 @@ def _compile_one(jit_fn, signature: dict, constexprs: dict, warps, stages) -> di
         "seconds": round(time.perf_counter() - started, 2),
         "shared_bytes": out.metadata.shared,
     }
-    return result | _resources(out.asm["cubin"])
+    return result | _resources(out.asm["cubin"]) | {"instructions": _instructions(out.asm["ptx"])}
+
+
+def _specialize(jit_fn, constexprs: dict, specialized: dict) -> tuple[dict, dict]:
+    """The recorded specializations (see :func:`specialization`) as the JIT applies them to
+    ``jit_fn``'s parameters (none where a parameter says ``do_not_specialize``): (constexprs
+    with the arguments equal to 1, attrs {(index,): [["tt.divisibility", 16]]})."""
+    constexprs, attrs = dict(constexprs), {}
+    for i, param in enumerate(jit_fn.params):
+        kind = specialized.get(param.name, "")
+        if not kind or param.do_not_specialize:
+            continue
+        if kind == "1":
+            constexprs[param.name] = 1
+        elif not param.do_not_specialize_on_alignment:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return constexprs, attrs
+
+
+# PTX instructions counted per compile: Hopper's warpgroup MMA, the warp-level MMA of
+# earlier GPUs (what small tiles fall back to), cp.async (software-pipelined loads) and
+# bulk copies (TMA)
+INSTRUCTIONS = {
+    "wgmma": r"\bwgmma\.mma_async",
+    "mma_sync": r"\bmma\.sync",
+    "cp_async": r"\bcp\.async\.c[ag]\b",
+    "tma": r"\bcp\.async\.bulk",
+}
+
+
+def _instructions(ptx: str) -> dict[str, int]:
+    """How many of each of :data:`INSTRUCTIONS` the PTX holds (static counts)."""
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in INSTRUCTIONS.items()}
 
 
 def _resources(cubin: bytes) -> dict:
@@ -220,7 +281,14 @@ def _main(given: str, got: str, configs: str = "every") -> None:
                 "num_warps": warps,
                 "num_stages": stages,
             }
-            row |= _compile_one(jit_fn, variant["signature"], constexprs, warps, stages)
+            row |= _compile_one(
+                jit_fn,
+                variant["signature"],
+                constexprs,
+                warps,
+                stages,
+                variant.get("specialized"),
+            )
             results.append(row)
     Path(got).write_text(json.dumps(results))
 
