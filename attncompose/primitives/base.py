@@ -337,6 +337,23 @@ class Coverage:
         a -inf bias on its keys, not a pair rule."""
         return False
 
+    def key_exclusion(self, problem: Problem) -> Tensor:
+        """float32 [Lk + 1] of a key-only coverage: -inf on the keys it covers, 0 on the
+        others and last (where index -1, padding, reads): excluding it from keys ``kj`` is
+        adding ``key_exclusion(problem)[kj]``, one lookup a call (kept per pattern and
+        positions when the coverage is static)."""
+        if not self.key_only:
+            raise TypeError(f"{type(self).__name__} covers keys per query")
+
+        def make() -> Tensor:
+            keys = torch.arange(problem.lk, device=problem.q.device).view(1, 1, 1, -1)
+            hit = self.covers(problem, keys[..., :1], keys).flatten()  # any query answers alike
+            bias = torch.zeros(problem.lk + 1, dtype=torch.float32, device=keys.device)
+            return bias.index_fill_(0, torch.nonzero(hit).flatten(), float("-inf"))
+
+        key = self.static_key()
+        return make() if key is None else problem.memo("key-exclusion", key, make)
+
     # -- kernel form (:class:`Predicate`) --------------------------------------------------
 
     @property

@@ -11,10 +11,7 @@ with the earlier ones excluded, merged by lse.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
-
-import torch
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import (
@@ -44,16 +41,13 @@ from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, s
 
 
 def without_keys(problem: Problem, tiles: Tiles, coverages: list[Coverage]) -> Tiles:
-    """``tiles`` with the keys of key-only ``coverages`` (sinks) dropped by a -inf key bias."""
-    if not coverages:
-        return tiles
-    kj = tiles.k_idx.unsqueeze(-2)  # [N, T, 1, nk]
-    anyq = kj[..., :1]  # key-only: any query answers alike (a view, not a new tensor)
-    covered = functools.reduce(
-        torch.logical_or, (c.covers(problem, anyq, kj) for c in coverages)
-    ).squeeze(-2)  # [N, T, nk]
-    bias = 0.0 if tiles.key_bias is None else tiles.key_bias
-    return replace(tiles, key_bias=torch.where(covered, float("-inf"), bias))  # float32
+    """``tiles`` with the keys of key-only ``coverages`` (sinks) dropped by a -inf key bias
+    (each a lookup of its :meth:`~attncompose.primitives.base.Coverage.key_exclusion`)."""
+    bias = tiles.key_bias
+    for coverage in coverages:
+        drop = coverage.key_exclusion(problem)[tiles.k_idx]  # [N, T, nk] float32
+        bias = drop if bias is None else bias + drop
+    return tiles if bias is tiles.key_bias else replace(tiles, key_bias=bias)
 
 
 class Block(Primitive):

@@ -78,9 +78,6 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     k_idx = tiles.k_idx.expand(n, t, width)
     if span > width:
         k_idx = torch.nn.functional.pad(k_idx, (0, span - width), value=-1)
-    bias = _key_bias(tiles, k_idx)  # [N, T, span] float32
-    if counting_products():  # valid queries x kept keys, per tile
-        add_products(((q_idx >= 0).sum(-1) * torch.isfinite(bias).sum(-1)).sum())
     flat = lambda idx: idx.reshape(n, -1)
     sub = Problem(
         q=problem.q,
@@ -95,9 +92,15 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     )
     grid = BlockGrid(t * bq, t * span, bq, block)
     plan = static_plan(("diagonal", grid, problem.q.device), lambda: _diagonal(grid, span // block))
-    plan = plan.with_key_bias(flat(bias))
     impl = dispatch.choose("plan", backend, sub, plan=plan)
-    if impl.row_maps and ROW_MAPS:  # the kernel reads the layout where it is
+    maps = impl.row_maps and ROW_MAPS  # the kernel reads the layout where it is
+    bias = _key_bias(tiles, k_idx, absent=not maps)  # [N, T, span] float32, or None
+    if counting_products():  # valid queries x kept keys, per tile
+        kept = k_idx >= 0 if bias is None else (k_idx >= 0) & torch.isfinite(bias)
+        add_products(((q_idx >= 0).sum(-1) * kept.sum(-1)).sum())
+    if bias is not None:
+        plan = plan.with_key_bias(flat(bias))
+    if maps:
         plan = plan.with_rows(flat(q_idx), tiles.every_query, flat(k_idx))
         return impl.load()(sub, plan=plan)
     problem = problem.gathered()  # copied in tile order below: from the rows in order
@@ -123,20 +126,24 @@ def _buffer(problem: Problem, name: str, x: Tensor, idx: Tensor) -> Tensor | Non
     return problem.workspace.take(f"contiguous.{name}", size, x.dtype, x.device)
 
 
-def _key_bias(tiles: Tiles, k_idx: Tensor) -> Tensor:
-    """[N, T, span]: the tiles' key bias plus their lse shift; -inf on padding keys."""
+def _key_bias(tiles: Tiles, k_idx: Tensor, absent: bool) -> Tensor | None:
+    """[N, T, span]: the tiles' key bias plus their lse shift, with -inf on padding keys
+    when ``absent`` (a kernel reading row maps skips keys of row -1 itself); None when that
+    leaves nothing to add."""
     n, t, span = k_idx.shape
-    absent = k_idx < 0
-    if tiles.key_bias is None:
-        bias = torch.where(absent, float("-inf"), 0.0)  # float32
-    else:  # keys past the bias's columns take 0
+    bias = None
+    if tiles.key_bias is not None:  # keys past the bias's columns take 0
         bias = tiles.key_bias.float()
         if bias.shape[-1] < span:
             bias = torch.nn.functional.pad(bias, (0, span - bias.shape[-1]))
-        bias = bias.masked_fill(absent, float("-inf"))
+        if absent:
+            bias = bias.masked_fill(k_idx < 0, float("-inf"))
+    elif absent:
+        bias = torch.where(k_idx < 0, float("-inf"), 0.0)  # float32
     if tiles.lse_shift is not None:  # a tile's lse shift is a log-weight on all its keys
-        bias = bias + tiles.lse_shift.float().expand(n, t).unsqueeze(-1)
-    return bias.expand(n, t, span)
+        shift = tiles.lse_shift.float().expand(n, t).unsqueeze(-1)
+        bias = shift if bias is None else bias + shift
+    return None if bias is None else bias.expand(n, t, span)
 
 
 def _diagonal(grid: BlockGrid, blocks_per_tile: int) -> BlockPlan:

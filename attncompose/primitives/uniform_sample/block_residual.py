@@ -89,7 +89,8 @@ class BlockWithResidual:
         if all(part.key_bias is None for part in parts):  # 0 on every detector key
             bias = torch.nn.functional.pad(weight, (sum(key.shape[-1] for key in keys), 0))
         else:
-            bias = torch.cat([*map(_bias, parts, keys), weight], -1)
+            biases = [_bias(problem, part, key) for part, key in zip(parts, keys, strict=True)]
+            bias = torch.cat([*biases, weight], -1)
         joint = Tiles(
             tiles.q_idx,
             torch.cat([*keys, drawn.k_idx.expand(n, n_tiles, -1)], dim=-1),
@@ -105,8 +106,10 @@ class BlockWithResidual:
         )
 
 
-def _bias(tiles: Tiles, k_idx: Tensor) -> Tensor:
-    """The key bias [N, T, nk] of ``tiles`` (0 without one), as their keys ``k_idx``."""
+def _bias(problem: Problem, tiles: Tiles, k_idx: Tensor) -> Tensor:
+    """The key bias [N, T, nk] of ``tiles``, as their keys ``k_idx``: without one, a kept
+    float32 zero expanded (nothing made per call)."""
     if tiles.key_bias is None:
-        return k_idx.new_zeros(k_idx.shape, dtype=torch.float32)
+        zero = problem.memo("zero", (), lambda: torch.zeros((), device=problem.q.device))
+        return zero.expand(k_idx.shape)
     return tiles.key_bias.expand(k_idx.shape)
