@@ -10,6 +10,7 @@ import torch
 from contract import TIGHT, ReducesToExact
 
 import attncompose as ac
+from attncompose.eval.data import load_qkv
 from attncompose.primitives import dispatch
 from attncompose.runtime.compiler import Pipeline
 
@@ -169,3 +170,38 @@ def test_every_level_goes_through_one_body_pass(make_qkv, name, monkeypatch, pac
     monkeypatch.setattr(split, "_square", recursion)
     recursive = ac.relative_error(attn(q, k, v, is_causal=True), exact)
     assert packed < 1.1 * recursive + 1e-6
+
+
+SPLIT_RECIPES = [  # the built-in recipes around a causal splitter
+    name
+    for name in ac.builtin_recipes()
+    if (recipe := ac.load_recipe(name)).steps[recipe.output_id].op_name() == "causal_split"
+]
+
+
+def _packed_recipe(name: str):
+    """A built-in recipe with :data:`PACKED`'s knobs where it has them."""
+    recipe = ac.load_recipe(name)
+    return recipe.with_knobs({k: v for k, v in PACKED.items() if k in recipe.knob_values()})
+
+
+@pytest.mark.parametrize("packs", [True, False], ids=["packing", "cpu-default"])
+@pytest.mark.parametrize("name", SPLIT_RECIPES)
+def test_no_query_reads_a_later_key(name, packs, request):
+    """Changing the values of keys from position c on leaves every output before c as it
+    was: on real attention (the built-in capture, whose codes fall outside their
+    rectangle's keys: code pairing once paired such tiles with the next rectangle's keys,
+    later ones included, when the levels were packed), at a length that packs and one that
+    is padded to pack."""
+    if packs:
+        request.getfixturevalue("packing_on_cpu")  # as on CUDA
+    attn = ac.compile(_packed_recipe(name), backend="torch")
+    for n in (1024, 1000):
+        item = load_qkv(None, n)[1]
+        q, k, v = item.q, item.k, item.v
+        before = attn(q, k, v, is_causal=True, enable_gqa=True)
+        for cut in range(128, n, 128):
+            later = v.clone()
+            later[:, :, cut:] += 100.0
+            after = attn(q, k, later, is_causal=True, enable_gqa=True)
+            assert torch.equal(after[:, :, :cut], before[:, :, :cut]), (n, cut)

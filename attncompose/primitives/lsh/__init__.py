@@ -74,14 +74,32 @@ class LshCoverage(Coverage):
 
     def _code_buckets(self, problem: Problem) -> Tensor:
         """Code pairing: the key block of each tile of sorted queries [N, T], where its
-        median's code falls among the sorted key codes (made once per coverage and lengths)."""
+        median's code falls among the sorted key codes, at most its part's last (made once
+        per coverage and lengths)."""
         lq, lk, b = problem.lq, problem.lk, self._block(problem)
         made = self._made.get((lq, lk))
         if made is None:
             median, _ = self._code_layout(problem)
             where = torch.searchsorted(self.sel.k_rank, self.sel.q_rank[:, median])  # [N, T]
-            made = self._made[lq, lk] = (where // b).clamp_max(-(-lk // b) - 1)
+            last = self._last_blocks(problem, median)
+            made = self._made[lq, lk] = (where // b).clamp_max(last)
         return made
+
+    def _last_blocks(self, problem: Problem, median: Tensor) -> int | Tensor:
+        """The last key block a tile's queries may take: that of the keys, or in a packed
+        problem that of each tile's part ([T], made once per packing). A median code above
+        every key of its part falls where the next part's keys start: without this bound
+        the tile would take keys of another rectangle of the causal splitter, later ones
+        included."""
+        b = self._block(problem)
+        if problem.packed is None:
+            return (problem.lk - 1) // b
+        packing = problem.packed  # parts hold equal query and key ranges
+
+        def make() -> Tensor:
+            return ((packing.start + packing.length - 1) // b)[median]
+
+        return problem.memo("lsh-last-blocks", (b, median.shape[0]), make)
 
     def _code_layout(self, problem: Problem) -> tuple[Tensor, Tensor]:
         """Code pairing: each tile's median slot [T] and each slot's tile [Lq], made once per
@@ -146,15 +164,17 @@ class LshCoverage(Coverage):
         span = self._span(problem, bq, n_tiles)
         # the query slots in tile order are 0 .. T*bq-1: the sorted order, -1 padded
         q_idx = _padded(self.sel.q_order, n_tiles * bq).view(n, n_tiles, bq)
-        if self.sel.q_rank is not None:  # code pairing: the key slots follow the codes
-            slots, pad = self._key_slots(problem, bq, n_tiles, span)
+        if self.sel.q_rank is not None:  # code pairing: each tile takes its median's block
+            blocks = _padded(self.sel.k_order, -(-problem.lk // b) * b).view(n, -1, b)
+            first = self._code_buckets(problem)[..., None]  # [N, T, 1]
+            k_idx = blocks.gather(1, first.expand(n, n_tiles, b))  # [N, T, b], -1 padded
         else:  # rank pairing: the same key slots in every call of these lengths
             key = ("lsh-key-slots", lq, problem.lk, b, bq, self.sel.q_order.device)
             slots, pad = static_plan(key, lambda: self._key_slots(problem, bq, n_tiles, span))
-        k_idx = self.sel.k_order.gather(1, slots.expand(n, -1))  # slots: clamped to the keys
-        if pad is not None:
-            k_idx = k_idx.masked_fill(pad, -1)
-        k_idx = k_idx.view(n, n_tiles, span * b)
+            k_idx = self.sel.k_order.gather(1, slots.expand(n, -1))  # slots: clamped
+            if pad is not None:
+                k_idx = k_idx.masked_fill(pad, -1)
+            k_idx = k_idx.view(n, n_tiles, span * b)
         # every query of a tile is paired with the tile's first key block alone
         exact = span == 1 and (self.sel.q_rank is not None or lq % bq == 0)
         return Tiles(q_idx, k_idx, exact=exact, every_query=True)  # q_order: a permutation
@@ -162,14 +182,13 @@ class LshCoverage(Coverage):
     def _key_slots(
         self, problem: Problem, bq: int, n_tiles: int, span: int
     ) -> tuple[Tensor, Tensor | None]:
-        """Sorted key slots of each tile, flat [N or 1, T * span*b] and clamped to the keys,
-        and where they pass the last key (None: nowhere, known on the host for rank
-        pairing)."""
+        """Rank pairing: sorted key slots of each tile, flat [1, T * span*b] and clamped to
+        the keys, and where they pass the last key (None: nowhere, known on the host)."""
         b, lk = self._block(problem), problem.lk
         device = self.sel.k_order.device
         first = self._tile_buckets(problem, bq, n_tiles)
         slots = (first[..., None] * b + static_arange(span * b, device)).flatten(1)
-        if self.sel.q_rank is None and not self._passes_keys(problem, bq, n_tiles, span):
+        if not self._passes_keys(problem, bq, n_tiles, span):
             return slots, None
         return slots.clamp_max(lk - 1), slots >= lk
 
