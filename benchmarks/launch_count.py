@@ -8,7 +8,9 @@ sort or a ``cat`` may launch more than one kernel.
 What it shows without a GPU is how the count grows with the causal splitter's levels (which
 packs them on a GPU, so here too: ``causal_split.PACK_DEVICES``): the
 recipes run at leaves of 128 (``out.min_seq_len``), blocks and samples of 64, d=16, H=2,
-for n = 512 ... 4096 (2 to 5 levels; the paper's knobs at 128k have 5: leaves of 4096).
+for n = 512 ... 4096 (2 to 5 levels; the paper's knobs at 128k have 5: leaves of 4096), and
+at lengths whose leaves do not pack (1000, 3000: run as the first rows of a square that
+does, ``padded_to``).
 Writes ``benchmarks/results/launch_count.json`` (device, versions, commit, date).
 
     python benchmarks/launch_count.py [--recipes hyperattention,lsh-only] [--seq-lens 512,4096]
@@ -28,7 +30,7 @@ import attncompose as ac
 from attncompose.eval.interpreter import LaunchCounter
 from attncompose.eval.timing import write_results
 from attncompose.primitives import causal_split
-from attncompose.primitives.causal_split import leaf_length
+from attncompose.primitives.causal_split import leaf_length, packed_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEAF = 128
@@ -51,11 +53,17 @@ def _count(recipe_name: str, n: int) -> dict:
     with counter:
         attn(q, k, v, is_causal=True)
     leaf = leaf_length(n, LEAF)
+    quantum = attn.pipeline.pack_quantum[recipe.steps[recipe.output_id].body]
+    square, levels = n, None if leaf is None else (n // leaf).bit_length() - 1
+    if quantum is not None and (leaf is None or leaf % quantum):  # padded to a square that packs
+        leaf, levels = packed_length(n, LEAF, quantum)
+        square = leaf << levels
     return {
         "recipe": recipe_name,
         "seq_len": n,
+        "padded_to": square,
         "causal": True,
-        "levels": (n // leaf).bit_length() - 1,
+        "levels": levels,
         "triton_launches": counter.triton,
         "aten_ops": counter.aten,
         "launches": counter.launches,
@@ -65,7 +73,7 @@ def _count(recipe_name: str, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", default="hyperattention,lsh-only,hyperattention-sinks")
-    parser.add_argument("--seq-lens", default="512,1024,2048,4096")
+    parser.add_argument("--seq-lens", default="512,1024,2048,4096,1000,3000")
     parser.add_argument("--out", type=Path, default=RESULTS / "launch_count.json")
     args = parser.parse_args()
     rows = [
@@ -73,7 +81,8 @@ def main() -> None:
     ]
     for row in rows:
         print(
-            f"{row['recipe']:22s} n={row['seq_len']:5d} levels {row['levels']}  "
+            f"{row['recipe']:22s} n={row['seq_len']:5d} (as {row['padded_to']:5d}) "
+            f"levels {row['levels']}  "
             f"launches {row['launches']:4d} (triton {row['triton_launches']}, "
             f"aten {row['aten_ops']})"
         )

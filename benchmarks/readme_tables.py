@@ -308,14 +308,24 @@ def launch_count(results: Path) -> str:
     """What one causal call of each recipe launches on a GPU (estimated on the CPU by
     ``launch_count.py``; the same at every level count), a figure inside a sentence."""
     (run,) = runs("launch_count", results)[:1]
-    by_recipe: dict[str, set[int]] = {}
-    for row in run["rows"]:
-        by_recipe.setdefault(row["recipe"], set()).add(row["launches"])
-    counts = ", ".join(f"`{name}` {'/'.join(map(str, sorted(n)))}" for name, n in by_recipe.items())
+    packs: dict[str, set[int]] = {}
+    padded: dict[str, set[int]] = {}
+    odd: set[int] = set()
+    for row in run["rows"]:  # rows before padding have no "padded_to": lengths that pack
+        pad = row.get("padded_to", row["seq_len"]) != row["seq_len"]
+        (padded if pad else packs).setdefault(row["recipe"], set()).add(row["launches"])
+        odd |= {row["seq_len"]} if pad else set()
+    figure = lambda counts: "/".join(map(str, sorted(counts)))
+    counts = ", ".join(
+        f"`{name}` {figure(n)}" + (f" ({figure(padded[name])} padded)" if name in padded else "")
+        for name, n in packs.items()
+    )
     levels = sorted({row["levels"] for row in run["rows"]})
+    lengths = ", ".join(map(str, sorted(odd)))
+    also = f"; padded: n = {lengths}, run as the first rows of a length that packs" if odd else ""
     return (
         f"{counts} (kernels and the torch ops between them, at {levels[0]} to {levels[-1]} "
-        f"levels; {run['commit'][:7]}, {run['date'][:10]})"
+        f"levels{also}; {run['commit'][:7]}, {run['date'][:10]})"
     )
 
 

@@ -24,7 +24,7 @@ SCRIPTS = {
         *("--recipes", "hyperattention-sinks,topp,streaming", "--one-config", "--head-dim", "64")
     ],
     "detector_quality": ["--seq-len", "1024", "--budgets", "64", "--doc", "{tmp}/doc.md"],
-    "launch_count": ["--recipes", "lsh-only", "--seq-lens", "512,1024"],
+    "launch_count": ["--recipes", "lsh-only", "--seq-lens", "512,1024,500"],
     "splitter_cpu": ["--recipes", "lsh-only", "--seq-len", "8192", "--repeats", "1"],
     "profile_cpu": ["--seq-len", "1024", "--repeats", "1"],
     "tune_time": ["--", "--seq-lens", "512", "--trials", "2"],
@@ -56,7 +56,10 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         failed = [(row["kernel"], row["error"]) for row in result["rows"] if not row["ok"]]
         assert result["variants"] >= 10 and not failed, failed
     elif script == "launch_count":  # the packed splitter: as many launches for 3 levels as 2
-        assert len({row["launches"] for row in result["rows"]}) == 1
+        packs = {row["launches"] for row in result["rows"] if row["padded_to"] == row["seq_len"]}
+        padded = [row for row in result["rows"] if row["padded_to"] != row["seq_len"]]
+        assert len(packs) == 1 and [row["padded_to"] for row in padded] == [512]
+        assert padded[0]["launches"] == min(packs) + 3  # the pads of q, k and v
     else:
         assert result["rows"] and all(row.get("causal") in (False, True) for row in result["rows"])
 

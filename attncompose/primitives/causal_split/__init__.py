@@ -13,8 +13,14 @@ the body's steps read them where they are), and merge into their rows in one
 ``merge_rows`` call: a fixed number of kernels, whatever
 the number of levels (on the devices of :data:`PACK_DEVICES`: where a call costs its
 launches, not on a CPU, where packing copies every level's rows that the level-by-level
-path reads as views). Otherwise level by level, each level in one body call where the
-body's steps do not depend on offsets (stacked as rows), else one call per rectangle.
+path reads as views). There, a square whose leaves would not pack (n = 100000 halves to
+leaves of 3125; an odd length halves unevenly) runs as the first n rows of the shortest
+square that packs, zero rows after them (:func:`packed_length`): a query sees no later
+key, so those rows change no real query's keys, only how sortLSH sorts the rectangles
+whose queries pass n (the error against exact attention stays as the recursion's), and
+a call of any length is the same few launches. Otherwise level by level, each level in
+one body call where the body's steps do not depend on offsets (stacked as rows), else
+one call per rectangle.
 Packed or stacked, random draws differ from the recursion's, each still unbiased. Decode
 (Lq < Lk, bottom-right aligned): the key prefix every query sees goes through the body,
 the trailing Lq x Lq square recurses. Non-causal calls go straight to the body.
@@ -98,6 +104,12 @@ def _square(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) ->
     if n <= min_seq_len:
         return kernels.exact(problem)
     leaf = leaf_length(n, min_seq_len)
+    quantum = getattr(body, "pack_quantum", None)
+    packs = problem.q.device.type in PACK_DEVICES and quantum is not None
+    if packs and (leaf is None or leaf % quantum):  # padded to a length that packs
+        padded = packed_length(n, min_seq_len, quantum)
+        if padded is not None:
+            return _padded_square(problem, body, *padded, kernels)
     if leaf is not None:
         return _flat_square(problem, body, leaf, (n // leaf).bit_length() - 1, kernels)
     return _halve(problem, body, min_seq_len, kernels)  # an odd length on the way down
@@ -110,6 +122,36 @@ def leaf_length(n: int, min_seq_len: int) -> int | None:
     while leaf > min_seq_len and leaf % 2 == 0:
         leaf //= 2
     return leaf if leaf <= min_seq_len else None
+
+
+def packed_length(n: int, min_seq_len: int, quantum: int) -> tuple[int, int] | None:
+    """(leaf, levels) of the shortest square of leaf * 2**levels >= n rows whose levels pack:
+    leaves of at most ``min_seq_len``, a multiple of ``quantum``, and the fewest levels
+    (padding under quantum * 2**levels rows); None when no leaf fits (quantum >
+    min_seq_len)."""
+    if quantum > min_seq_len:
+        return None
+    levels = 1
+    while True:
+        leaf = -(-n // (quantum << levels)) * quantum
+        if leaf <= min_seq_len:
+            return leaf, levels
+        levels += 1
+
+
+def _padded_square(
+    problem: Problem, body: Body, leaf: int, levels: int, kernels: Kernels
+) -> Partial:
+    """A causal square of n rows as the first n of leaf * 2**levels (zero rows after them):
+    a query sees no key after it, so the added keys take no part in a real query's result,
+    and the square packs (one body call, whatever n; :func:`_flat_square`). What the body
+    approximates differs from halving n itself only in the rectangles whose queries pass n
+    (one per level), where sortLSH sorts the added queries with the real ones."""
+    n = problem.lq
+    grow = lambda x: torch.nn.functional.pad(x, (0, 0, 0, leaf * (1 << levels) - n))
+    square = replace(problem, q=grow(problem.q), k=grow(problem.k), v=grow(problem.v))
+    result = _flat_square(square, body, leaf, levels, kernels)
+    return Partial(result.out[:, :n], result.lse[:, :n])
 
 
 def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, kernels: Kernels) -> Partial:
