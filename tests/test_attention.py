@@ -82,3 +82,22 @@ def test_release_memory_empties_the_buffers_and_calls_go_on_alike(make_qkv):
     attn.release_memory()
     assert attn.workspace.nbytes() == 0 and not attn.workspace._memos
     assert torch.equal(attn(q, k, v, is_causal=True), want)
+
+
+@pytest.mark.parametrize("name", ac.builtin_recipes())
+def test_no_recipe_reads_a_later_key(name):
+    """Causal calls of every built-in recipe at its default knobs, on real attention (the
+    built-in capture): changing the values from position c on leaves every output before c
+    as it was. (Recipes around the causal splitter, packed as on a GPU too:
+    tests/primitives/test_causal_split.py.)"""
+    from attncompose.eval.data import load_qkv
+
+    attn = ac.compile(ac.load_recipe(name), backend="torch")
+    item = load_qkv(None, 1000)[1]
+    q, k, v = item.q, item.k, item.v
+    before = attn(q, k, v, is_causal=True, enable_gqa=True)
+    for cut in (100, 333, 512, 800):
+        later = v.clone()
+        later[:, :, cut:] += 100.0
+        after = attn(q, k, later, is_causal=True, enable_gqa=True)
+        assert torch.equal(after[:, :, :cut], before[:, :, :cut]), cut
