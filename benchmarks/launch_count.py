@@ -9,8 +9,8 @@ What it shows without a GPU is how the count grows with the causal splitter's le
 packs them on a GPU, so here too: ``causal_split.PACK_DEVICES``): the
 recipes run at leaves of 128 (``out.min_seq_len``), blocks and samples of 64, d=16, H=2,
 for n = 512 ... 4096 (2 to 5 levels; the paper's knobs at 128k have 5: leaves of 4096), and
-at lengths whose leaves do not pack (1000, 3000: run as the first rows of a square that
-does, ``padded_to``).
+at lengths whose leaves do not pack (1000 = 125 * 8, 3600 halves to an odd 225: run as the
+first rows of a square that does, ``padded_to``).
 Writes ``benchmarks/results/launch_count.json`` (device, versions, commit, date).
 
     python benchmarks/launch_count.py [--recipes hyperattention,lsh-only] [--seq-lens 512,4096]
@@ -30,7 +30,7 @@ import attncompose as ac
 from attncompose.eval.interpreter import LaunchCounter
 from attncompose.eval.timing import write_results
 from attncompose.primitives import causal_split
-from attncompose.primitives.causal_split import leaf_length, packed_length
+from attncompose.primitives.causal_split import leaf_length, padding
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEAF = 128
@@ -55,8 +55,9 @@ def _count(recipe_name: str, n: int) -> dict:
     leaf = leaf_length(n, LEAF)
     quantum = attn.pipeline.pack_quantum[recipe.steps[recipe.output_id].body]
     square, levels = n, None if leaf is None else (n // leaf).bit_length() - 1
-    if quantum is not None and (leaf is None or leaf % quantum):  # padded to a square that packs
-        leaf, levels = packed_length(n, LEAF, quantum)
+    padded = None if quantum is None else padding(n, LEAF, quantum)
+    if padded is not None:  # run as the first rows of a square that packs
+        leaf, levels = padded
         square = leaf << levels
     return {
         "recipe": recipe_name,
@@ -73,7 +74,7 @@ def _count(recipe_name: str, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", default="hyperattention,lsh-only,hyperattention-sinks")
-    parser.add_argument("--seq-lens", default="512,1024,2048,4096,1000,3000")
+    parser.add_argument("--seq-lens", default="512,1024,2048,4096,1000,3600")
     parser.add_argument("--out", type=Path, default=RESULTS / "launch_count.json")
     args = parser.parse_args()
     rows = [

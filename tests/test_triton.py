@@ -443,12 +443,12 @@ def test_a_causal_hyperattention_call_launches_a_fixed_budget(make_qkv, packing_
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_BUDGET))
 def test_a_causal_call_of_any_length_launches_as_many(make_qkv, packing_on_cpu, name):
-    """Lengths whose leaves do not pack (500 = 125 * 4; 258 halves to an odd 129) run as
-    the first rows of a square that does (512): the same kernels as a length that packs,
-    and the three pads of q, k and v."""
+    """Lengths whose leaves do not pack (500 = 125 * 4, 480 = 120 * 4: leaves of 128 would)
+    run as the first rows of a square that does (512): the same kernels as a length that
+    packs, and the three pads of q, k and v."""
     attn = ac.compile(_graph_sized(name), backend="triton")
     counts = {}
-    for n in (512, 500, 258):
+    for n in (512, 500, 480):
         q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=n, lk=n, d=16)
         watch = _second_call(attn, LaunchCounter(), q, k, v, True)
         counts[n] = (watch.triton, watch.aten)

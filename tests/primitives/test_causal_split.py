@@ -115,7 +115,7 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, re
     calls.update(exact=0, body=0)
     rec, rec_lse = attn(q, k, v, is_causal=True, return_lse=True)
     leaf = split.leaf_length(lq, 128)  # of the causal square (decode: the last Lq keys)
-    if pack and quantum and (leaf is None or leaf % quantum):  # padded to a square that packs
+    if pack and quantum and split.padding(lq, 128, quantum):  # padded to a square that packs
         assert flat_calls["body"] == 1 + (lq < lk)  # (decode: the key prefix, then the square)
         exact = ac.compile(ac.load_recipe("exact"), backend="torch")(q, k, v, is_causal=True)
         error = lambda out: ac.relative_error(out, exact)
@@ -127,7 +127,7 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, re
         assert flat_calls["exact"] < calls["exact"]
         rects = lq // leaf - 1
         assert calls["body"] == rects  # the recursion: one body call per rectangle
-        if pack and quantum:
+        if pack and quantum and leaf % quantum == 0:  # not 768 = 96 * 2**3 (1024: +1/3)
             assert flat_calls["body"] == 1
         elif offset_free:
             assert flat_calls["body"] == (lq // leaf).bit_length() - 1  # one per level
@@ -241,17 +241,21 @@ SAMPLE_ALL = {  # packable, and exact: every key is sampled (once, with weight 1
     "diag": {"op": "block", "select": ["hash"], "block_size": 64},
     "residual": {"op": "uniform_sample", "exclude": ["diag"], "sample_size": 4096},
     "merged": {"op": "merge", "inputs": ["diag", "residual"]},
-    "out": {"op": "causal_split", "body": "merged", "min_seq_len": 128},
+    "out": {"op": "causal_split", "body": "merged", "min_seq_len": 256},
 }
 
 
-@pytest.mark.parametrize(("lq", "lk"), [(1000, 1000), (1100, 1100), (300, 1300)])
+# 1000 = 250 * 4 (leaves of 256 would pack), 411 halves to an odd 411 > 256 (both: 512 * 2),
+# decode 435 of 1300 keys (the trailing square of 435 as 512)
+@pytest.mark.parametrize(("lq", "lk"), [(1000, 1000), (411, 411), (435, 1300)])
 def test_a_padded_square_computes_its_real_rows_exactly(
     make_qkv, reference, lq, lk, packing_on_cpu, monkeypatch
 ):
     """A square whose leaves do not pack goes through ONE body call as the first rows of a
     longer square: the rows after it take no part in a real query's result (a body that
-    is exact gives exact attention), and what comes back has the square's rows only."""
+    is exact gives exact attention), and what comes back has the square's rows only. One
+    that would need more than a quarter more rows runs level by level (1300 = 325 * 4:
+    leaves of 256, 2048 rows)."""
     from attncompose.primitives import causal_split as split
 
     attn = ac.compile(recipe(SAMPLE_ALL), backend="torch")
@@ -264,3 +268,25 @@ def test_a_padded_square_computes_its_real_rows_exactly(
     assert padded and out.shape == ref.shape and lse.shape == ref_lse.shape
     assert ac.relative_error(out, ref) < TIGHT
     assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=1300, lk=1300, d=16)
+    padded.clear()
+    out, lse = attn(q, k, v, is_causal=True, return_lse=True)
+    assert not padded and ac.relative_error(out, reference(q, k, v, is_causal=True)[0]) < TIGHT
+
+
+def test_padding_adds_at_most_a_quarter_and_any_length_pads_at_the_papers_knobs():
+    """A square that packs as it is is not padded; one that needs more than n / MAX_PAD
+    more rows runs level by level; at the paper's knobs (leaves up to 4096, blocks of 256)
+    every length from 4097 to 300000 packs, padded by at most 13%."""
+    from attncompose.primitives.causal_split import MAX_PAD, leaf_length, padding
+
+    assert padding(1024, 128, 128) is None and padding(1000, 128, 64) == (128, 3)
+    assert padding(768, 128, 64) is None  # 1024 rows: a third more
+    worst = 0.0
+    for n in range(4097, 300001, 7):
+        leaf = leaf_length(n, 4096)
+        padded = padding(n, 4096, 256)
+        assert padded is not None or leaf % 256 == 0, n
+        if padded is not None:
+            worst = max(worst, ((padded[0] << padded[1]) - n) / n)
+    assert worst <= 0.135 and worst <= 1 / MAX_PAD

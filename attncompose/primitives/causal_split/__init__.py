@@ -15,10 +15,11 @@ the number of levels (on the devices of :data:`PACK_DEVICES`: where a call costs
 launches, not on a CPU, where packing copies every level's rows that the level-by-level
 path reads as views). There, a square whose leaves would not pack (n = 100000 halves to
 leaves of 3125; an odd length halves unevenly) runs as the first n rows of the shortest
-square that packs, zero rows after them (:func:`packed_length`): a query sees no later
-key, so those rows change no real query's keys, only how sortLSH sorts the rectangles
-whose queries pass n (the error against exact attention stays as the recursion's), and
-a call of any length is the same few launches. Otherwise level by level, each level in
+square that packs, zero rows after them (:func:`packed_length`; at most n / :data:`MAX_PAD`
+of them: at the paper's knobs any n): a query sees no later key, so those rows change no
+real query's keys, only how sortLSH sorts the rectangles whose queries pass n (the error
+against exact attention stays as the recursion's), and the call is the same few launches
+as a length that packs. Otherwise level by level, each level in
 one body call where the body's steps do not depend on offsets (stacked as rows), else
 one call per rectangle.
 Packed or stacked, random draws differ from the recursion's, each still unbiased. Decode
@@ -48,6 +49,9 @@ Body = Callable[[Problem], Partial]
 # launch cost, and there packing's copies of q, k and v cost more than they save
 # (benchmarks/splitter_cpu.py times both forms: benchmarks/results/splitter_cpu.json).
 PACK_DEVICES = {"cuda"}
+# There, a square whose leaves do not pack is padded to one that does by at most 1/MAX_PAD
+# of its rows (more is more products than the launches it saves are worth: level by level)
+MAX_PAD = 4
 
 
 @contextmanager
@@ -103,13 +107,12 @@ def _square(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) ->
     n = problem.lq
     if n <= min_seq_len:
         return kernels.exact(problem)
-    leaf = leaf_length(n, min_seq_len)
     quantum = getattr(body, "pack_quantum", None)
-    packs = problem.q.device.type in PACK_DEVICES and quantum is not None
-    if packs and (leaf is None or leaf % quantum):  # padded to a length that packs
-        padded = packed_length(n, min_seq_len, quantum)
+    if problem.q.device.type in PACK_DEVICES and quantum is not None:
+        padded = padding(n, min_seq_len, quantum)
         if padded is not None:
             return _padded_square(problem, body, *padded, kernels)
+    leaf = leaf_length(n, min_seq_len)
     if leaf is not None:
         return _flat_square(problem, body, leaf, (n // leaf).bit_length() - 1, kernels)
     return _halve(problem, body, min_seq_len, kernels)  # an odd length on the way down
@@ -137,6 +140,19 @@ def packed_length(n: int, min_seq_len: int, quantum: int) -> tuple[int, int] | N
         if leaf <= min_seq_len:
             return leaf, levels
         levels += 1
+
+
+def padding(n: int, min_seq_len: int, quantum: int) -> tuple[int, int] | None:
+    """Where the levels pack (``quantum``: the body's), the (leaf, levels) of the square a
+    causal square of n runs as the first rows of: :func:`packed_length` when its own
+    leaves would not pack and n / :data:`MAX_PAD` rows or fewer make it; else None."""
+    leaf = leaf_length(n, min_seq_len)
+    if leaf is not None and leaf % quantum == 0:
+        return None  # it packs as it is
+    longer = packed_length(n, min_seq_len, quantum)
+    if longer is None or (longer[0] << longer[1]) - n > n // MAX_PAD:
+        return None
+    return longer
 
 
 def _padded_square(
