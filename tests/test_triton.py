@@ -119,14 +119,15 @@ ALIGNED = {  # hyperattention-aligned's shape: sinks, code-paired buckets, no fu
 }
 
 
+@pytest.mark.parametrize("n", [512, 500])
 @pytest.mark.parametrize("steps", [SMALL, ALIGNED], ids=["hyperattention", "aligned"])
-def test_packed_splitter_triton_equals_torch(make_qkv, monkeypatch, packing_on_cpu, steps):
-    """The causal splitter packs both levels' rectangles into one body call: the GPU form
-    (hash kernel with per-part sorting, contiguous tile copies or the tile kernel, one
-    scattered merge) equals the torch form, same draws."""
+def test_packed_splitter_triton_equals_torch(make_qkv, monkeypatch, packing_on_cpu, steps, n):
+    """The causal splitter packs both levels' rectangles into one body call (500 as the
+    first rows of 512): the GPU form (hash kernel with per-part sorting, contiguous tile
+    copies or the tile kernel, one scattered merge) equals the torch form, same draws."""
     recipe = ac.load_recipe({"name": "small", "steps": steps})
     recipe = recipe.with_knobs({"diag.block_size": 64, "out.min_seq_len": 128})
-    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=512, lk=512, d=16)
+    q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=n, lk=n, d=16)
     want, want_lse = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True, return_lse=True)
     bodies = []
     body = causal_split._Levels.packed
