@@ -55,6 +55,12 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
     elif script == "compile_gpu":  # every kernel variant these recipes launch compiles for sm_90
         failed = [(row["kernel"], row["error"]) for row in result["rows"] if not row["ok"]]
         assert result["variants"] >= 10 and not failed, failed
+        # attention tiles of 64+ queries: Hopper's warpgroup MMA fed by pipelined copies
+        tiles = [row for row in result["rows"] if row["constexprs"].get("BQ", 0) >= 64]
+        slow = [
+            row for row in tiles if not all(row["instructions"][op] for op in ("wgmma", "cp_async"))
+        ]
+        assert tiles and not slow, [(row["kernel"], row["instructions"]) for row in slow]
     elif script == "launch_count":  # the packed splitter: as many launches for 3 levels as 2
         packs = {row["launches"] for row in result["rows"] if row["padded_to"] == row["seq_len"]}
         padded = [row for row in result["rows"] if row["padded_to"] != row["seq_len"]]
