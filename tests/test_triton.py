@@ -457,6 +457,24 @@ def test_a_causal_call_of_any_length_launches_as_many(make_qkv, packing_on_cpu, 
     assert all(c == (base_triton, base_aten + 3) for c in counts.values()), (base_aten, counts)
 
 
+@pytest.mark.parametrize("name", ["hyperattention-aligned", "hyperattention-sinks"])
+def test_the_gpu_form_reads_no_later_key(packing_on_cpu, name):
+    """The packed GPU form (hash kernel per part, plan kernel through row maps, one merge)
+    on real attention (the built-in capture; 500 rows as the first of 512): outputs before
+    position c do not change when the values from c on do."""
+    from attncompose.eval.data import load_qkv
+
+    attn = ac.compile(_graph_sized(name), backend="triton")
+    item = load_qkv(None, 500)[0].to(DEVICE)  # layer 2: codes past their rectangle's keys
+    q, k, v = item.q, item.k, item.v
+    before = attn(q, k, v, is_causal=True, enable_gqa=True)
+    for cut in (192, 320, 450):
+        later = v.clone()
+        later[:, :, cut:] += 100.0
+        after = attn(q, k, later, is_causal=True, enable_gqa=True)
+        assert torch.equal(after[:, :, :cut], before[:, :, :cut]), cut
+
+
 class _Copies(CallWatch):
     """The row copies (index_select) a call makes outside its kernels."""
 
