@@ -116,12 +116,9 @@ def _plan_fwd_kernel(
         i_kb = tl.load(full_idx + p_list * W_FULL + i_it // SUBK).to(tl.int64)
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
         if HAS_KROWS:  # keys where they are; a key of row -1 takes no part
-            r_k = tl.load(k_rows + i_n * s_kr + o_k).to(tl.int32)  # [BK]
-            m_r = r_k >= 0
-            if HAS_MAPS:
-                r_k = tl.load(k_map + r_k, mask=m_r, other=0).to(tl.int32)
-            p_k = k + i_n * s_kn + r_k[:, None] * s_kl + o_d[None, :] * s_kd
-            p_v = v + i_n * s_vn + r_k[:, None] * s_vl + o_dv[None, :] * s_vd
+            _, s_k, m_r = _rows_of(o_k, o_k < Lk, k_rows, i_n * s_kr, k_map, True, HAS_MAPS)
+            p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
+            p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
             b_k = tl.load(p_k, mask=m_r[:, None], other=0.0)  # [BK, BD]
             b_v = tl.load(p_v, mask=m_r[:, None], other=0.0)  # [BK, BDV]
         else:
