@@ -176,6 +176,11 @@ class Problem:
             self._gathered.append(replace(self, q=q, k=k, v=v, rows=None))
         return self._gathered[0]
 
+    def for_reader(self, reader: Any) -> Problem:
+        """This problem as ``reader`` (a step, a fused pattern, a kernel) can read it:
+        itself where the reader takes row maps (``reads_rows``), else :meth:`gathered`."""
+        return self if getattr(reader, "reads_rows", False) else self.gathered()
+
     def sub(self, q: slice, k: slice, causal: bool) -> Problem:
         """The sub-problem of a query range and a key range (offsets follow)."""
         if self.packed is not None or self.rows is not None:

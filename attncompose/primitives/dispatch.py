@@ -184,9 +184,7 @@ def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> 
     """Run ``op`` on ``problem`` with the implementation ``backend`` chooses (given the
     problem gathered unless it reads row maps: ``Kernel.reads_rows``)."""
     impl = choose(op, backend, problem, **inputs)
-    if problem.rows is not None and not impl.reads_rows:
-        problem = problem.gathered()
-    return impl.load()(problem, *args, **inputs)
+    return impl.load()(problem.for_reader(impl), *args, **inputs)
 
 
 def describe(op: str, backend: str) -> str:

@@ -73,7 +73,7 @@ class Pipeline:
             ports = {
                 p: [self.evaluate(n, problem, cache) for n in ns] for p, ns in fusion.ports.items()
             }
-            cache[sid] = value = fusion.run(_readable(fusion.run, problem), **ports)
+            cache[sid] = value = fusion.run(problem.for_reader(fusion.run), **ports)
             return value
         step = self.recipe.steps[sid]
         ports: dict[str, Any] = {}
@@ -83,7 +83,7 @@ class Pipeline:
                 ports[port] = self._lazy(names[0])
             elif names:
                 ports[port] = [self.evaluate(name, problem, cache) for name in names]
-        value = self.nodes[sid](_readable(self.nodes[sid], problem), **ports)
+        value = self.nodes[sid](problem.for_reader(self.nodes[sid]), **ports)
         cache[sid] = value
         return value
 
@@ -96,9 +96,3 @@ class Pipeline:
         fn.offset_free = self.offset_free[sid]
         fn.pack_quantum = self.pack_quantum[sid]
         return fn
-
-
-def _readable(runner: Any, problem: Problem) -> Problem:
-    """``problem`` as ``runner`` can read it: gathered unless it reads row maps
-    (:attr:`~attncompose.primitives.base.Primitive.reads_rows`)."""
-    return problem if getattr(runner, "reads_rows", False) else problem.gathered()
