@@ -320,7 +320,7 @@ def launch_count(results: Path) -> str:
         f"`{name}` {figure(n)}" + (f" ({figure(padded[name])} padded)" if name in padded else "")
         for name, n in packs.items()
     )
-    levels = sorted({row["levels"] for row in run["rows"]})
+    levels = sorted({row["levels"] for row in run["rows"] if row["levels"] is not None})
     lengths = ", ".join(map(str, sorted(odd)))
     also = f"; padded: n = {lengths}, run as the first rows of a length that packs" if odd else ""
     return (
