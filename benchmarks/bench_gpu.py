@@ -14,7 +14,9 @@ efficiency (= speedup x frac: speed per product against the best dense kernel), 
 by name: ``attncompose.eval.timing.profile_call``), graph_captured (impl
 "attncompose-graphs": whether the CUDA graph was captured, else it ran eagerly),
 peak_mem_mb and ideal_speedup (1 / frac: the speedup were the recipe as fast per product
-as dense attention). Writes
+as dense attention). The record also keeps ``ATTNCOMPOSE_TMA`` and ``tuned``: the config
+each Triton autotuner chose per key (tiles, warps, stages, and whether it loads through
+tensor descriptors). Writes
 ``benchmarks/results/bench_gpu_<device>.json`` (device, versions, commit, date) after every
 point, so a run stopped by a time limit keeps what it measured (the issues' target points
 and recipes run first), and prints a table last. Between points the compiled modules drop
@@ -31,13 +33,18 @@ the same recipe with the levels run one by one (``impl: attncompose-levels``), s
 says whether packing pays (``causal_split.PACK_DEVICES``). ``--copies`` adds, for recipes
 with tile passes (sortLSH's buckets and samples), the same recipe with each tile pass copying
 q, k and v in tile order (``impl: attncompose-copies``) instead of its kernel reading them
-through row maps (``attncompose.primitives.block.contiguous.copying_rows``).
+through row maps (``attncompose.primitives.block.contiguous.copying_rows``). ``--pointers``
+adds every recipe with its Triton kernels reading rows through pointers only
+(``ATTNCOMPOSE_TMA=off``, impl ``attncompose-pointers``): by default a Hopper GPU's
+autotuner times tensor-descriptor (TMA) loads against them where the rows allow.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -114,11 +121,27 @@ def packs(recipe) -> bool:
     return split.op == "causal_split" and pipeline.pack_quantum[split.body] is not None
 
 
+@contextlib.contextmanager
+def pointer_loads():
+    """Inside, attncompose's Triton kernels read rows through pointers, never through tensor
+    descriptors (``ATTNCOMPOSE_TMA=off``)."""
+    before = os.environ.get("ATTNCOMPOSE_TMA")
+    os.environ["ATTNCOMPOSE_TMA"] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ATTNCOMPOSE_TMA"]
+        else:
+            os.environ["ATTNCOMPOSE_TMA"] = before
+
+
 # impls that run a compiled recipe inside a context: its splitter level by level, its tile
-# passes copying their rows
+# passes copying their rows, its kernels loading through pointers only
 CONTEXTS = {
     "attncompose-levels": lambda: causal_split.packing_on(set()),
     "attncompose-copies": contiguous.copying_rows,
+    "attncompose-pointers": pointer_loads,
 }
 
 
@@ -136,6 +159,32 @@ class Inside:
 
     def release_memory(self) -> None:
         self.attn.release_memory()
+
+
+TUNERS = {
+    "exact": ("attncompose.primitives.exact.triton", "_exact_tuned"),
+    "plan": ("attncompose.primitives.block.plan_triton", "_plan_tuned"),
+    "tiles": ("attncompose.primitives.block.triton", "_block_tuned"),
+}
+
+
+def tuned_configs() -> list[dict]:
+    """What each attention kernel's autotuner chose so far, per autotune key (none where
+    Triton never ran the kernel)."""
+    import importlib
+
+    rows = []
+    for name, (module, attr) in TUNERS.items():
+        try:
+            tuner = getattr(importlib.import_module(module), attr)
+        except ImportError:  # no Triton here
+            continue
+        for key, config in tuner.cache.items():
+            rows.append(
+                {"kernel": name, "key": [str(x) for x in key], **config.kwargs}
+                | {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            )
+    return rows
 
 
 def frac_of(attn, recipe, q, k, v, causal: bool, torch_backend) -> float:
@@ -172,12 +221,14 @@ def run_grid(
     graphs=False,
     levels=False,
     copies=False,
+    pointers=False,
 ):
     """Every point of ``grid``; ``save(rows)`` after each one (``graphs``: also each recipe
     replayed from a CUDA graph, impl "attncompose-graphs"; ``levels``: also, causal, each
     recipe whose splitter packs, with its levels one by one, impl "attncompose-levels";
     ``copies``: also each recipe with tile passes copying their rows, impl
-    "attncompose-copies")."""
+    "attncompose-copies"; ``pointers``: also each recipe with kernels loading through
+    pointers only, impl "attncompose-pointers")."""
     impl_backend, flex_backend = backends
     compiled = {}
     fracs = Fracs()
@@ -202,6 +253,8 @@ def run_grid(
                 impls["attncompose-levels"] = impl_backend
             if copies and not planned(recipe):
                 impls["attncompose-copies"] = impl_backend
+            if pointers:
+                impls["attncompose-pointers"] = impl_backend
             for impl, backend in impls.items():
                 key = (name, impl)
                 if key not in compiled:
@@ -303,6 +356,9 @@ def main() -> None:
     parser.add_argument(
         "--copies", action="store_true", help="also time tile passes that copy their rows"
     )
+    parser.add_argument(
+        "--pointers", action="store_true", help="also time kernels loading through pointers only"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -334,13 +390,14 @@ def main() -> None:
             "grid": grid,
             "recipes": recipes,
             "backends": {"attncompose": backends[0], "flex": backends[1]},
+            "tma": os.environ.get("ATTNCOMPOSE_TMA", "auto"),
+            "tuned": tuned_configs(),
             "rows": rows,
         }
         write_results(out, record, device)
 
-    rows = run_grid(
-        grid, recipes, device, dtype, backends, save, args.graphs, args.levels, args.copies
-    )
+    flags = args.graphs, args.levels, args.copies, args.pointers
+    rows = run_grid(grid, recipes, device, dtype, backends, save, *flags)
     print(table(rows))
     print(f"wrote {out}")
 

@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument(
-        "--one-config", action="store_true", help="the first kept config per variant only"
+        "--one-config",
+        action="store_true",
+        help="the first kept config per variant and kind of loads",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "compile_gpu.json")
     args = parser.parse_args()

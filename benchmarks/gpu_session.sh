@@ -30,6 +30,12 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -m triton tests/primitives 
 echo "exit $?" >>"$OUT/tests_cuda.txt"
 tail -n 5 "$OUT/tests_cuda.txt"
 
+# tensor-descriptor (TMA) loads failed compiled: the benchmark keeps pointer loads, and says so
+if grep -q "^FAILED.*descriptor" "$OUT/tests_cuda.txt"; then
+  export ATTNCOMPOSE_TMA=off
+  echo "descriptor tests failed: ATTNCOMPOSE_TMA=off for the benchmark" | tee -a "$OUT/tests_cuda.txt"
+fi
+
 # phase 2, alone on the GPU: the benchmark; d=128 first, the targets
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--dims 128 --graphs)

@@ -93,3 +93,19 @@ def padded_views(problem):
 def lsh_coverage(problem, block):
     sel = Lsh(LshStep(op="lsh", num_projections=3, seed=1))(problem)
     return sel.bind(block)
+
+
+def with_descriptor_loads(run, tuned, monkeypatch) -> tuple:
+    """(``run()`` with ``ATTNCOMPOSE_TMA=on``, whether each kernel variant it launched read
+    its rows through tensor descriptors): under the interpreter by the ``TMA`` constexpr of
+    each launch, on a GPU by the configs ``tuned``, the kernel's autotuner, chose."""
+    monkeypatch.setenv("ATTNCOMPOSE_TMA", "on")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from attncompose.eval.aot import LaunchRecorder
+
+        with LaunchRecorder() as recorder:
+            result = run()
+        return result, [v["constexprs"].get("TMA") for v in recorder.variants]
+    tuned.cache.clear()
+    result = run()
+    return result, [config.kwargs.get("TMA") for config in tuned.cache.values()]

@@ -72,7 +72,8 @@ def test_specialization_follows_the_jit():
 def test_a_recorded_launch_compiles_as_the_jit_would(make_qkv):
     """The exact kernel as a call launches it: unit strides recorded as "1", so its key and
     value loads compile to pipelined copies (cp.async) feeding Hopper's warpgroup MMA; the
-    same variant without the specialization reads through runtime strides (no cp.async)."""
+    same variant without the specialization reads through runtime strides (no cp.async); its
+    tensor-descriptor configs compile to TMA bulk copies."""
     attn = ac.compile(ac.load_recipe("exact"), backend="triton")
     q, k, v = (x.half() for x in make_qkv(b=1, hq=2, hkv=2, lq=256, lk=256, d=64))
     recorder = LaunchRecorder()
@@ -81,7 +82,11 @@ def test_a_recorded_launch_compiles_as_the_jit_would(make_qkv):
     (variant,) = [x for x in recorder.variants if x["kernel"] == "_exact_fwd_kernel"]
     assert variant["specialized"]["s_kd"] == "1" and variant["specialized"]["k"] == "D"
     plain = {**variant, "specialized": {}}
-    jit, unspecialized = compile_variants([variant, plain], half="bf16", every_config=False)
-    assert jit["ok"] and unspecialized["ok"]
+    rows = compile_variants([variant, plain], half="bf16", every_config=False)
+    # the first config of each kind of loads: pointers, then tensor descriptors
+    assert [row["constexprs"]["TMA"] for row in rows] == [False, True, False, True]
+    jit, descriptors, unspecialized, _ = rows
+    assert all(row["ok"] for row in rows)
     assert jit["instructions"]["wgmma"] > 0 and jit["instructions"]["cp_async"] > 0
+    assert descriptors["instructions"]["wgmma"] > 0 and descriptors["instructions"]["tma"] > 0
     assert unspecialized["instructions"]["cp_async"] == 0

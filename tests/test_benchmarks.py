@@ -19,7 +19,7 @@ RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min"
 
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
-    "bench_gpu": ["--cpu-smoke", "--levels", "--copies"],
+    "bench_gpu": ["--cpu-smoke", "--levels", "--copies", "--pointers"],
     "compile_gpu": [
         *("--recipes", "hyperattention-sinks,topp,streaming", "--one-config", "--head-dim", "64")
     ],
@@ -55,12 +55,17 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
     elif script == "compile_gpu":  # every kernel variant these recipes launch compiles for sm_90
         failed = [(row["kernel"], row["error"]) for row in result["rows"] if not row["ok"]]
         assert result["variants"] >= 10 and not failed, failed
-        # attention tiles of 64+ queries: Hopper's warpgroup MMA fed by pipelined copies
+        # attention tiles of 64+ queries: Hopper's warpgroup MMA fed by pipelined copies,
+        # cp.async from pointer loads, bulk tensor copies (TMA) from tensor descriptors
         tiles = [row for row in result["rows"] if row["constexprs"].get("BQ", 0) >= 64]
+        copies = lambda row: "tma" if row["constexprs"].get("TMA") else "cp_async"
         slow = [
-            row for row in tiles if not all(row["instructions"][op] for op in ("wgmma", "cp_async"))
+            row
+            for row in tiles
+            if not row["instructions"]["wgmma"] * row["instructions"][copies(row)]
         ]
         assert tiles and not slow, [(row["kernel"], row["instructions"]) for row in slow]
+        assert any(row["constexprs"].get("TMA") for row in tiles)  # the plan's and exact's
     elif script == "launch_count":  # the packed splitter: as many launches for 3 levels as 2
         packs = {row["launches"] for row in result["rows"] if row["padded_to"] == row["seq_len"]}
         padded = [row for row in result["rows"] if row["padded_to"] != row["seq_len"]]
@@ -68,6 +73,12 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         assert padded[0]["launches"] == min(packs) + 3  # the pads of q, k and v
     else:
         assert result["rows"] and all(row.get("causal") in (False, True) for row in result["rows"])
+    if script == "bench_gpu":  # every variant the flags ask for
+        impls = {row["impl"] for row in result["rows"]}
+        assert impls >= {
+            "flex",
+            *(f"attncompose{x}" for x in ("", "-levels", "-copies", "-pointers")),
+        }
 
 
 @pytest.mark.slow

@@ -145,7 +145,8 @@ def compile_variants(
     "num_stages", "ok", "error" (when not ok), "seconds", "shared_bytes", "registers",
     "spill_bytes", "instructions" (counts of :data:`INSTRUCTIONS`). ``half``: compile
     float16 tensors as this type ("bf16": the interpreter runs no bfloat16, the GPU runs it);
-    ``every_config`` False: one config per variant (the first its autotuner keeps)."""
+    ``every_config`` False: one config per variant and kind of loads (the first its
+    autotuner keeps)."""
     if half is not None:
         variants = [_retyped(v, "*fp16", "*" + half) for v in variants]
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,13 +269,18 @@ def _resources(cubin: bytes) -> dict:
 
 def _main(given: str, got: str, configs: str = "every") -> None:
     """The compile process: variants from ``given``, results to ``got`` (JSON); ``configs``
-    "one": the first config per variant."""
+    "one": the first config per variant and kind of loads (pointers, tensor descriptors)."""
     results = []
     for variant in json.loads(Path(given).read_text()):
         module = importlib.import_module(variant["module"])
         jit_fn = getattr(module, variant["kernel"])
         kept = _configs(module, jit_fn, variant)
-        for constexprs, warps, stages in kept[:1] if configs == "one" else kept:
+        if configs == "one":
+            firsts = {}
+            for config in kept:
+                firsts.setdefault(config[0].get("TMA"), config)
+            kept = list(firsts.values())
+        for constexprs, warps, stages in kept:
             row = {
                 "kernel": f"{variant['module']}.{variant['kernel']}",
                 "constexprs": constexprs,

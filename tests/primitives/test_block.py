@@ -20,6 +20,7 @@ from on_device import (
     nan_partial,
     padded_views,
     triton_module,
+    with_descriptor_loads,
 )
 from on_device import make_problem as device_problem
 from oracle import dense_mask, make_problem, masked_attention
@@ -527,15 +528,18 @@ def test_plan_kernel_nan_poisoned_inputs_equal_clean_run():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("tma", ["auto", "on"])
 @pytest.mark.parametrize("keys", [False, True], ids=["query-rows", "query-and-key-rows"])
 @pytest.mark.parametrize("every", [True, False], ids=["every-query", "some-queries"])
-def test_plan_kernel_walks_rows_in_permuted_order(every, keys):
+def test_plan_kernel_walks_rows_in_permuted_order(every, keys, tma, monkeypatch):
     """A plan whose rows are the problem's queries in permuted order (a detector's tiles:
     ``BlockPlan.query_rows``) and, with ``keys``, whose keys are the problem's keys in
     permuted order, some twice, some absent (-1: no key; ``BlockPlan.key_rows``): the kernel
     reads each row's query and each key and value where they are and writes each result at
     its query, equal to the reference on copies in plan order scattered back; a query in no
-    row (-1 rows, not ``every_query``) gets out 0 and lse -inf. On NaN-padded views."""
+    row (-1 rows, not ``every_query``) gets out 0 and lse -inf. On NaN-padded views; with
+    ``tma`` "on" keys in place read through tensor descriptors, rows through pointers."""
+    monkeypatch.setenv("ATTNCOMPOSE_TMA", tma)
     from attncompose.primitives.block import plan_torch, plan_triton
     from attncompose.primitives.block.contiguous import _diagonal
     from attncompose.primitives.plan import BlockGrid
@@ -570,6 +574,37 @@ def test_plan_kernel_walks_rows_in_permuted_order(every, keys):
     assert_same(got, want)
     with pytest.raises(ValueError, match="permuted order"):
         plan_torch.plan_attention(problem, mapped)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_plan_kernel_descriptor_loads_equal_pointer_loads(causal, monkeypatch):
+    """The plan kernel's rows through tensor descriptors (full blocks, partial blocks past
+    the last key, queries past the last row; ATTNCOMPOSE_TMA=on: the interpreter runs them)
+    give the reference's result on NaN-padded views, bit for bit what pointer loads give
+    under the interpreter; 64-blocks, so a Hopper GPU has descriptor configs to choose."""
+    from attncompose.primitives.block import plan_torch, plan_triton
+
+    problem = padded_views(device_problem(2, 150, 160, 16, causal=causal, seed=3))
+    topp = Topk(TopkStep(block_size=64, p=0.8, max_k=1))(problem)
+    bias = torch.randn(1, 160, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    plans = {
+        "sink+window+topp": BlockPlan.build(
+            problem, [SinkCoverage(5), WindowCoverage(40), topp], [], 64, 64
+        ),
+        "window-minus-sinks, bias": BlockPlan.build(
+            problem, [WindowCoverage(70)], [SinkCoverage(9)], 64, 64
+        ).with_key_bias(bias),
+    }
+    for name, plan in plans.items():
+        pointers = plan_triton.plan_attention(problem, plan)
+        run = lambda: plan_triton.plan_attention(problem, plan)  # noqa: B023
+        got, used = with_descriptor_loads(run, plan_triton._plan_tuned, monkeypatch)
+        monkeypatch.delenv("ATTNCOMPOSE_TMA")
+        assert used and all(used), (name, used)
+        assert_same(got, plan_torch.plan_attention(problem, plan))
+        if dispatch.interpreting():
+            assert torch.equal(got.out, pointers.out) and torch.equal(got.lse, pointers.lse)
 
 
 @pytest.mark.triton

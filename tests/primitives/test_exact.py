@@ -15,9 +15,11 @@ from on_device import (
     nan_partial,
     padded_views,
     triton_module,
+    with_descriptor_loads,
 )
 from on_device import make_problem as device_problem
 
+from attncompose.primitives import dispatch
 from attncompose.primitives.exact import naive as exact_naive
 
 exact_triton = triton_module("exact.triton")  # None where Triton cannot run
@@ -70,6 +72,71 @@ def test_autotune_prunes_tile_sizes_to_the_buckets():
     everything = {"ROWS_B": 1 << 17, "KEYS_B": 1 << 17}
     assert len(exact_triton.prune_configs(configs, everything)) == len(configs)
     assert exact_triton.bucket(1) == 16 and exact_triton.bucket(4097) == 8192
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_descriptor_loads_equal_pointer_loads(causal, monkeypatch):
+    """Rows read through tensor descriptors (TMA bulk copies on Hopper; ATTNCOMPOSE_TMA=on
+    makes the interpreter run them too) give what pointer loads give, on NaN-padded views at
+    odd lengths (zeros past each end, never the storage's NaN): bit for bit under the
+    interpreter (same tiles), the reference's result on a GPU."""
+    problem = padded_views(device_problem(2, 33, 45, 16, causal=causal))
+    pointers = exact_triton.exact_attention(problem)
+    run = lambda: exact_triton.exact_attention(problem)
+    got, used = with_descriptor_loads(run, exact_triton._exact_tuned, monkeypatch)
+    assert used and all(used), used
+    assert_same(got, exact_naive.exact_attention(problem))
+    if dispatch.interpreting():
+        assert torch.equal(got.out, pointers.out) and torch.equal(got.lse, pointers.lse)
+
+
+@pytest.mark.triton
+def test_descriptors_only_where_tma_can_read_the_rows(monkeypatch):
+    """TMA reads rows that are contiguous, start and stride on 16 bytes and span 16+ bytes;
+    anything else, a GPU without TMA or ``ATTNCOMPOSE_TMA=off`` reads through pointers; an
+    unknown setting is an error that names it."""
+    t = exact_triton
+    x = torch.randn(2, 34, 16)
+    flat = torch.randn(2 * 33 * 16 + 1)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: True)
+    assert t.descriptors(x, x[:, 1:]) == t.EITHER  # a view one row (64 bytes) in
+    unfit = {
+        "starts off 16 bytes": flat[1:].view(2, 33, 16),
+        "strided columns": torch.randn(2, 33, 32)[..., ::2],
+        "rows 68 bytes apart": torch.randn(2, 33, 17)[..., :16],
+        "rows of 8 bytes": torch.randn(2, 33, 2),
+    }
+    for why, y in unfit.items():
+        assert t.descriptors(x, y) == t.NO_TMA, why
+    monkeypatch.setenv("ATTNCOMPOSE_TMA", "on")
+    assert t.descriptors(x) == t.TMA_ONLY
+    monkeypatch.setenv("ATTNCOMPOSE_TMA", "off")
+    assert t.descriptors(x) == t.NO_TMA
+    monkeypatch.setenv("ATTNCOMPOSE_TMA", "yes")
+    with pytest.raises(ValueError, match=r"ATTNCOMPOSE_TMA='yes'.*auto, on, off"):
+        t.descriptors(x)
+    monkeypatch.setenv("ATTNCOMPOSE_TMA", "on")
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    assert t.descriptors(x) == t.NO_TMA  # CPU tensors, compiled: no TMA
+
+
+@pytest.mark.triton
+def test_autotuner_times_descriptor_loads_where_allowed():
+    """Hopper-sized tiles come twice (pointer and descriptor loads); ``TMA_OK`` decides which
+    the autotuner may time, and the tile pruning still holds."""
+    t = exact_triton
+    configs = t._exact_tuned.configs
+    tma = [c for c in configs if c.kwargs["TMA"]]
+    twins = {(c.kwargs["BQ"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in tma}
+    assert twins == {c for c in t.ATTENTION_CONFIGS if t.tma_tiles(c[0], c[1], c[3])}
+    prune = t._exact_tuned.early_config_prune
+    big = {"ROWS_B": 1 << 17, "KEYS_B": 1 << 17}
+    assert prune(configs, {**big, "TMA_OK": t.EITHER}) == configs
+    assert prune(configs, {**big, "TMA_OK": t.TMA_ONLY}) == tma
+    assert not any(c.kwargs["TMA"] for c in prune(configs, {**big, "TMA_OK": t.NO_TMA}))
+    small = prune(configs, {"ROWS_B": 16, "KEYS_B": 16, "TMA_OK": t.TMA_ONLY})
+    assert small and all(not c.kwargs["TMA"] and c.kwargs["BQ"] == 16 for c in small)
 
 
 @pytest.mark.triton

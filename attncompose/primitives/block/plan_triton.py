@@ -9,7 +9,9 @@ positions, the plan's own coverages OR'ed, its exclusions subtracted, all as ker
 (``key_bias``) rides along in both. float16/bfloat16 inputs are read as they are and
 multiplied in their precision, accumulation is float32, ``out`` is written in the inputs'
 dtype and ``lse`` in float32. Tiles (BQ, BK dividing the plan's blocks), warps and stages
-are autotuned per device.
+are autotuned per device, and on GPUs with TMA, where the plan reads rows in place (no row
+maps), pointer loads against tensor-descriptor loads (:func:`~attncompose.primitives.exact.
+triton.descriptors`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from attncompose.primitives.base import Partial, Problem
 from attncompose.primitives.block.triton import Packed, covered, pack
 from attncompose.primitives.exact.triton import (
     LOG2E,
+    NO_TMA,
     autotuned,
+    descriptors,
     dot_precision,
     finish_rows,
     launch,
     online_softmax_step,
+    rows_of,
 )
 from attncompose.primitives.plan import BlockPlan
 
@@ -78,6 +83,7 @@ def _plan_fwd_kernel(
     qk_scale,  # scale * log2(e)
     ROWS_B,  # autotune key only: the plan's query block
     KEYS_B,  # autotune key only: the plan's key block
+    TMA_OK,  # autotune key only: which loads the configs may use (exact.triton.descriptors)
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -93,6 +99,7 @@ def _plan_fwd_kernel(
     BD: tl.constexpr,
     BDV: tl.constexpr,
     DOT: tl.constexpr,
+    TMA: tl.constexpr,  # rows in place through tensor descriptors (never with HAS_KROWS/MAPS)
 ):
     SUB: tl.constexpr = BLOCK_Q // BQ
     i_p = tl.program_id(0)
@@ -102,8 +109,15 @@ def _plan_fwd_kernel(
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     # the problem's query of each row (where its result is written), the row of q it is
     r_q, s_q, m_q = _rows_of(o_q, o_q < Lq, q_rows, i_n * s_rn, q_map, HAS_ROWS, HAS_MAPS)
-    p_q = q + i_n * s_qn + s_q[:, None] * s_ql + o_d[None, :] * s_qd
-    b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    if TMA and not HAS_ROWS:
+        d_q = rows_of(q + i_n * s_qn, Lq, s_ql, BQ, BD)
+        b_q = d_q.load([i_qb * BLOCK_Q + (i_p % SUB) * BQ, 0])  # [BQ, BD]
+    else:
+        p_q = q + i_n * s_qn + s_q[:, None] * s_ql + o_d[None, :] * s_qd
+        b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    if TMA:
+        d_k = rows_of(k + i_n * s_kn, Lk, s_kl, BK, BD)
+        d_v = rows_of(v + i_n * s_vn, Lk, s_vl, BK, BDV)
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
@@ -121,6 +135,9 @@ def _plan_fwd_kernel(
             p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
             b_k = tl.load(p_k, mask=m_r[:, None], other=0.0)  # [BK, BD]
             b_v = tl.load(p_v, mask=m_r[:, None], other=0.0)  # [BK, BDV]
+        elif TMA:
+            i_k = (i_kb * BLOCK_K).to(tl.int32) + (i_it % SUBK) * BK
+            b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])  # [BK, BD], [BK, BDV]
         else:
             s_k = o_k  # the row of k it is
             if HAS_MAPS:
@@ -139,10 +156,14 @@ def _plan_fwd_kernel(
         i_kb = tl.load(part_idx + p_list * W_PART + i_it // SUBK).to(tl.int64)
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
         _, s_k, m_k = _rows_of(o_k, o_k < Lk, k_rows, i_n * s_kr, k_map, HAS_KROWS, HAS_MAPS)
-        p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
-        p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
-        b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
-        b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+        if TMA:  # keys past Lk read as zeros
+            i_k = (i_kb * BLOCK_K).to(tl.int32) + (i_it % SUBK) * BK
+            b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])  # [BK, BD], [BK, BDV]
+        else:
+            p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
+            p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
+            b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
+            b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & m_k[None, :]
         if CAUSAL:
@@ -215,7 +236,7 @@ def prune_plan_configs(configs, named_args, **kwargs):
 _PLAN_KEY = ["BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_KBIAS", "HAS_ROWS", "HAS_KROWS", "HAS_MAPS"]
 _PLAN_KEY += ["N_OWN", "N_PRED", "MODES"]
 _plan_tuned = autotuned(
-    _plan_fwd_kernel, [*_PLAN_KEY, "BD", "BDV", "DOT"], PLAN_CONFIGS, prune_plan_configs
+    _plan_fwd_kernel, [*_PLAN_KEY, "BD", "BDV", "DOT"], PLAN_CONFIGS, prune_plan_configs, True
 )
 
 
@@ -297,6 +318,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         lists.part_idx.shape[-1],
         problem.q_offset - problem.k_offset,
         problem.scale * LOG2E,
+        tma=NO_TMA if k_rows is not None or maps is not None else descriptors(q, k, v),
         BLOCK_Q=g.block_q,
         BLOCK_K=g.block_k,
         CAUSAL=problem.causal,

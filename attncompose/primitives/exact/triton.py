@@ -4,11 +4,16 @@ One program per (query block, row n) streams the visible key blocks with an onli
 in the log2 domain (scores pre-multiplied by ``scale * log2(e)``); rows that see no key get
 ``out = 0`` and ``lse = -inf``, as in the reference. Inputs may be float32, float16 or
 bfloat16; accumulation is float32 and the results are float32.
+
+Rows of q, k and v are read by pointer arithmetic (cp.async pipelining on a GPU) or, on GPUs
+with the tensor memory accelerator (sm_90+), through tensor descriptors (TMA bulk copies):
+an autotuned choice, see :func:`descriptors`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -70,20 +75,27 @@ def _exact_fwd_kernel(
     qk_scale,  # scale * log2(e)
     ROWS_B,  # autotune key only: power-of-two bucket of Lq
     KEYS_B,  # autotune key only: power-of-two bucket of Lk
+    TMA_OK,  # autotune key only: which loads the configs may use (see descriptors())
     CAUSAL: tl.constexpr,
     BQ: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
     BDV: tl.constexpr,
     DOT: tl.constexpr,
+    TMA: tl.constexpr,  # rows through tensor descriptors (zero past the ends), not pointers
 ):
     i_q = tl.program_id(0)
     i_n = tl.program_id(1).to(tl.int64)  # row offsets i_n * s_qn may pass 2**31
     o_q = i_q * BQ + tl.arange(0, BQ)  # [BQ]
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_q = o_q < Lq
-    p_q = q + i_n * s_qn + o_q[:, None] * s_ql + o_d[None, :] * s_qd
-    b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    if TMA:
+        b_q = rows_of(q + i_n * s_qn, Lq, s_ql, BQ, BD).load([i_q * BQ, 0])  # [BQ, BD]
+        d_k = rows_of(k + i_n * s_kn, Lk, s_kl, BK, BD)
+        d_v = rows_of(v + i_n * s_vn, Lk, s_vl, BK, BDV)
+    else:
+        p_q = q + i_n * s_qn + o_q[:, None] * s_ql + o_d[None, :] * s_qd
+        b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
@@ -93,10 +105,13 @@ def _exact_fwd_kernel(
     for i_k in range(0, hi, BK):
         o_k = i_k + tl.arange(0, BK)  # [BK]
         m_k = o_k < Lk
-        p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
-        p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
-        b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
-        b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+        if TMA:
+            b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])  # [BK, BD], [BK, BDV]
+        else:
+            p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
+            p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
+            b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
+            b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & m_k[None, :]
         if CAUSAL:
@@ -107,6 +122,13 @@ def _exact_fwd_kernel(
     p_o = o + i_n * s_on + o_q[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out, mask=m_q[:, None])
     tl.store(lse + i_n * s_ln + o_q, b_lse, mask=m_q)
+
+
+@triton.jit
+def rows_of(base, rows, stride, BR: tl.constexpr, BC: tl.constexpr):
+    """A tensor descriptor of the ``rows`` rows of ``BC`` contiguous elements at ``base``,
+    ``stride`` apart, read in blocks of ``BR`` rows; rows past the end read as zeros."""
+    return tl.make_tensor_descriptor(base, [rows, BC], [stride, 1], [BR, BC])
 
 
 def tile_sizes(rows: int, cols: int) -> tuple[int, int]:
@@ -155,35 +177,115 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BQ"] * c.kwargs["BK"])]
 
 
-def autotuned(kernel, key: list[str], configs=ATTENTION_CONFIGS, prune=prune_configs):
+# TMA_OK, the launch argument saying which loads a kernel's configs may use
+NO_TMA, EITHER, TMA_ONLY = 0, 1, 2
+TMA_MODES = {"auto": EITHER, "on": TMA_ONLY, "off": NO_TMA}
+
+
+def tma_tiles(bq: int, bk: int, stages: int) -> bool:
+    """Whether a tile config is also tried with tensor-descriptor loads: tiles that run on
+    Hopper's warpgroup MMA (64+ rows and keys), software-pipelined (2+ stages)."""
+    return bq >= 64 and bk >= 64 and stages >= 2
+
+
+def descriptors(*tensors: torch.Tensor) -> int:
+    """The kernels' ``TMA_OK`` for reading rows of these [N, L, D] tensors: ``NO_TMA`` unless
+    this Triton has tensor descriptors, the tensors sit on a GPU with TMA (sm_90+; any device
+    under the interpreter) and their rows are as TMA needs them (contiguous, 16-byte aligned
+    starts and strides, 16+ bytes long); else by ``ATTNCOMPOSE_TMA``: "auto" (default: the
+    autotuner times descriptor loads against pointer loads; the interpreter runs pointer
+    loads), "on" (descriptor loads only, the interpreter too) or "off" (never)."""
+    mode = os.environ.get("ATTNCOMPOSE_TMA", "auto")
+    if mode not in TMA_MODES:
+        raise ValueError(f"ATTNCOMPOSE_TMA={mode!r}: expected one of {', '.join(TMA_MODES)}")
+    if TMA_MODES[mode] == NO_TMA or not hasattr(tl, "make_tensor_descriptor"):
+        return NO_TMA
+    for t in tensors:
+        size = t.element_size()
+        starts = [t.data_ptr(), *(s * size for s in t.stride()[:-1])]
+        if t.stride(-1) != 1 or t.shape[-1] * size < 16 or any(x % 16 for x in starts):
+            return NO_TMA
+    if not dispatch.interpreting():
+        dev = tensors[0].device
+        if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+            return NO_TMA
+    return TMA_MODES[mode]
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel makes (Triton's allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allocator_set() -> None:
+    """Give Triton an allocator for device-made tensor descriptors unless one is set."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # another Triton: ours, as documented
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch)
+
+
+def prune_tma(configs, named_args) -> list:
+    """The configs whose loads ``TMA_OK`` allows; with ``TMA_ONLY``, pointer loads where no
+    descriptor config is left."""
+    allowed = named_args.get("TMA_OK", NO_TMA)
+    if allowed == EITHER:
+        return list(configs)
+    uses = lambda c: c.kwargs.get("TMA", False)
+    kept = [c for c in configs if uses(c) == (allowed == TMA_ONLY)]
+    return kept or [c for c in configs if not uses(c)]
+
+
+def autotuned(
+    kernel, key: list[str], configs=ATTENTION_CONFIGS, prune=prune_configs, tma: bool = False
+):
     """``kernel`` autotuned over ``configs`` per (ROWS_B, KEYS_B, *key) and input dtypes,
-    ``prune`` dropping the configs that do not suit a launch.
+    ``prune`` dropping the configs that do not suit a launch. ``tma``: the kernel takes
+    ``TMA_OK`` and a ``TMA`` constexpr; the configs of :func:`tma_tiles` come twice, with
+    pointer loads and with descriptor loads, and ``TMA_OK`` (an autotune key) picks which
+    may run.
 
     The kernels only store their results (nothing accumulates into ``out``), so the
     autotuner's repeated launches leave the same result."""
+    made = []
+    for bq, bk, w, s in configs:
+        loads = (False, True) if tma and tma_tiles(bq, bk, s) else (False,)
+        for use in loads:
+            kwargs = {"BQ": bq, "BK": bk} | ({"TMA": use} if tma else {})
+            made.append(triton.Config(kwargs, num_warps=w, num_stages=s))
+    both = lambda configs, named_args, **kw: prune_tma(prune(configs, named_args), named_args)
     return triton.autotune(
-        configs=[
-            triton.Config({"BQ": bq, "BK": bk}, num_warps=w, num_stages=s)
-            for bq, bk, w, s in configs
-        ],
-        key=["ROWS_B", "KEYS_B", *key],
-        prune_configs_by={"early_config_prune": prune},
+        configs=made,
+        key=["ROWS_B", "KEYS_B", *(["TMA_OK"] if tma else []), *key],
+        prune_configs_by={"early_config_prune": both if tma else prune},
     )(kernel)
 
 
-def launch(kernel, tuned, grid, rows: int, keys: int, *args, **meta) -> None:
+def launch(
+    kernel, tuned, grid, rows: int, keys: int, *args, tma: int | None = None, **meta
+) -> None:
     """Run an attention kernel: ``grid(BQ)`` programs; ``rows``/``keys``: queries and
-    candidate keys a program row sees. Under the interpreter with one config (the fixed
-    :func:`tile_sizes`), on a GPU through ``tuned``, its autotuned wrapper."""
-    rows_b, keys_b = bucket(rows), bucket(keys)
+    candidate keys a program row sees; ``tma``: the ``TMA_OK`` of a kernel that takes one
+    (:func:`descriptors`). Under the interpreter with one config (the fixed
+    :func:`tile_sizes`; descriptor loads only when ``tma`` is ``TMA_ONLY``), on a GPU
+    through ``tuned``, its autotuned wrapper."""
+    keys_args = (bucket(rows), bucket(keys)) + (() if tma is None else (tma,))
     if dispatch.interpreting():
         bq, bk = tile_sizes(rows, keys)
-        kernel[grid(bq)](*args, rows_b, keys_b, BQ=bq, BK=bk, **meta)
+        if tma is not None:
+            meta["TMA"] = tma == TMA_ONLY
+        kernel[grid(bq)](*args, *keys_args, BQ=bq, BK=bk, **meta)
     else:
-        tuned[lambda config: grid(config["BQ"])](*args, rows_b, keys_b, **meta)
+        if tma:
+            _allocator_set()
+        tuned[lambda config: grid(config["BQ"])](*args, *keys_args, **meta)
 
 
-_exact_tuned = autotuned(_exact_fwd_kernel, ["CAUSAL", "BD", "BDV", "DOT"])
+_exact_tuned = autotuned(_exact_fwd_kernel, ["CAUSAL", "BD", "BDV", "DOT"], tma=True)
 
 
 def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
@@ -215,6 +317,7 @@ def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
         problem.lk,
         problem.q_offset - problem.k_offset,
         problem.scale * LOG2E,
+        tma=descriptors(q, k, v),
         CAUSAL=problem.causal,
         BD=d,
         BDV=dv,
