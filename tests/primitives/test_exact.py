@@ -45,6 +45,19 @@ def test_exact_arbitrary_offsets(delta):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize(
+    ("lq", "lk", "delta"), [(150, 150, 0), (150, 200, 50), (90, 200, -30), (200, 130, 7)]
+)
+def test_exact_key_blocks_every_query_sees_run_unmasked(lq, lk, delta):
+    """Several query and key blocks, causal at offsets: the blocks of keys every query of a
+    block sees run without a mask, the diagonal and the last partial block with it."""
+    problem = replace(device_problem(2, lq, lk, 16, causal=True, seed=lq), q_offset=delta)
+    assert_same(exact_triton.exact_attention(problem), exact_naive.exact_attention(problem))
+    plain = replace(problem, causal=False)
+    assert_same(exact_triton.exact_attention(plain), exact_naive.exact_attention(plain))
+
+
+@pytest.mark.triton
 def test_exact_nan_poisoned_buffers_and_inputs_equal_clean_run():
     problem = device_problem(2, 33, 33, 16, causal=True)
     clean = exact_triton.exact_attention(problem)
@@ -99,6 +112,7 @@ def test_descriptors_only_where_tma_can_read_the_rows(monkeypatch):
     t = exact_triton
     x = torch.randn(2, 34, 16)
     flat = torch.randn(2 * 33 * 16 + 1)
+    monkeypatch.delenv("ATTNCOMPOSE_TMA", raising=False)
     monkeypatch.setattr(dispatch, "interpreting", lambda: True)
     assert t.descriptors(x, x[:, 1:]) == t.EITHER  # a view one row (64 bytes) in
     unfit = {

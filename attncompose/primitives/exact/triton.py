@@ -96,24 +96,28 @@ def _exact_fwd_kernel(
     else:
         p_q = q + i_n * s_qn + o_q[:, None] * s_ql + o_d[None, :] * s_qd
         b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+        d_k, d_v = k + i_n * s_kn, v + i_n * s_vn  # the row's keys and values
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
     hi = Lk
-    if CAUSAL:  # keys past the block's last query are invisible to the whole block
+    lo = Lk // BK * BK  # key blocks wholly before Lk
+    if CAUSAL:  # keys past the block's last query are invisible to the whole block; keys up
+        # to its first query's are visible to every query of it
         hi = tl.minimum(Lk, tl.maximum(0, (i_q + 1) * BQ + delta))
-    for i_k in range(0, hi, BK):
-        o_k = i_k + tl.arange(0, BK)  # [BK]
-        m_k = o_k < Lk
-        if TMA:
-            b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])  # [BK, BD], [BK, BDV]
-        else:
-            p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
-            p_v = v + i_n * s_vn + o_k[:, None] * s_vl + o_dv[None, :] * s_vd
-            b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
-            b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+        lo = tl.minimum(lo, tl.maximum(0, i_q * BQ + delta + 1) // BK * BK)
+    lo = tl.minimum(lo, hi)
+    # blocks of keys every query of the block sees: no mask (rows past Lq compute unstored)
+    for i_k in range(0, lo, BK):
+        b_k, b_v = _key_block(d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK, BD, BDV, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
-        m_s = m_q[:, None] & m_k[None, :]
+        b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
+    # the rest: the causal diagonal and the last, partial block of keys
+    for i_k in range(lo, hi, BK):
+        o_k = i_k + tl.arange(0, BK)  # [BK]
+        b_k, b_v = _key_block(d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK, BD, BDV, TMA)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
+        m_s = m_q[:, None] & (o_k < Lk)[None, :]
         if CAUSAL:
             m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
         b_s = tl.where(m_s, b_s, float("-inf"))
@@ -122,6 +126,24 @@ def _exact_fwd_kernel(
     p_o = o + i_n * s_on + o_q[:, None] * s_ol + o_dv[None, :] * s_od
     tl.store(p_o, b_out, mask=m_q[:, None])
     tl.store(lse + i_n * s_ln + o_q, b_lse, mask=m_q)
+
+
+@triton.jit
+def _key_block(
+    d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK: tl.constexpr, BD: tl.constexpr,
+    BDV: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Keys and values i_k .. i_k + BK of a row ([BK, BD], [BK, BDV]; zeros past Lk):
+    ``d_k``/``d_v`` its tensor descriptors (TMA) or its first key's and value's pointers."""
+    if TMA:
+        b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])
+    else:
+        o_k = i_k + tl.arange(0, BK)
+        m_k = (o_k < Lk)[:, None]
+        p_k = d_k + o_k[:, None] * s_kl + tl.arange(0, BD)[None, :] * s_kd
+        p_v = d_v + o_k[:, None] * s_vl + tl.arange(0, BDV)[None, :] * s_vd
+        b_k, b_v = tl.load(p_k, mask=m_k, other=0.0), tl.load(p_v, mask=m_k, other=0.0)
+    return b_k, b_v
 
 
 @triton.jit
