@@ -15,6 +15,11 @@ and the largest register counts. What it cannot say: speed, and whether the comp
 right (the compiled GPU tests do).
 
     python benchmarks/compile_gpu.py [--recipes hyperattention,topp] [--head-dim 128]
+    pip install --target /tmp/t36 --no-deps triton==3.6.0     # the GPU image's Triton
+    python benchmarks/compile_gpu.py --triton-path /tmp/t36 --out /tmp/compile_gpu_t36.json
+
+``--triton-path`` compiles with the Triton installed there (the kernels are still recorded
+by this environment's interpreter); each row and the record name the version that compiled.
 """
 
 from __future__ import annotations
@@ -74,11 +79,16 @@ def main() -> None:
         action="store_true",
         help="the first kept config per variant and kind of loads",
     )
+    parser.add_argument(
+        "--triton-path", help="compile with the Triton installed in this folder instead"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "compile_gpu.json")
     args = parser.parse_args()
     names = args.recipes.split(",")
     variants = record(names, args.seq_len, args.head_dim)
-    rows = compile_variants(variants, half="bf16", every_config=not args.one_config)
+    rows = compile_variants(
+        variants, half="bf16", every_config=not args.one_config, triton_path=args.triton_path
+    )
     failed = [r for r in rows if not r["ok"]]
     for row in failed:
         print(f"FAILED {row['kernel']} {row['constexprs']}: {row['error']}")
@@ -92,6 +102,7 @@ def main() -> None:
     print(f"{len(variants)} variants, {len(rows)} compiles, {len(failed)} failed")
     record_ = {
         "target": list(TARGET),
+        "compiled_with_triton": sorted({row["triton"] for row in rows}),
         "recipes": names,
         "head_dim": args.head_dim,
         "seq_len": args.seq_len,

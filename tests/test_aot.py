@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (any kernel module) imports
 
 import pytest
+import triton
 
 pytest.importorskip("triton")
 
@@ -51,6 +53,24 @@ def test_a_variant_that_does_not_compile_is_reported_and_the_rest_compile():
     assert not bad["ok"] and "power of 2" in bad["error"]
     assert good["ok"] and good["registers"] > 0 and good["spill_bytes"] == 0
     assert good["shared_bytes"] >= 0 and good["constexprs"] == {"BR": 16, "BD": 64}
+    assert bad["triton"] == good["triton"] == triton.__version__  # what compiled them
+
+
+def test_a_folder_with_another_triton_compiles_instead(tmp_path):
+    """``triton_path``: the compile process finds Triton there first (a stand-in package
+    that says it is 0.0 and passes on to this environment's Triton)."""
+    shim = tmp_path / "triton"
+    shim.mkdir()
+    real = str(Path(triton.__file__).parent.parent)
+    (shim / "__init__.py").write_text(
+        "import sys\n"
+        f"sys.path.remove({str(tmp_path)!r}); del sys.modules['triton']\n"
+        f"sys.path.insert(0, {real!r})\n"
+        "import triton as _real\n"
+        "_real.__version__ = '0.0'\n"
+    )
+    (row,) = compile_variants([_merge_variant(16)], half="bf16", triton_path=str(tmp_path))
+    assert row["ok"] and row["triton"] == "0.0"
 
 
 def test_specialization_follows_the_jit():

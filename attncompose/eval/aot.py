@@ -138,12 +138,18 @@ def _type_of(name: str, value: Any) -> str:
 
 
 def compile_variants(
-    variants: list[dict], half: str | None = None, every_config: bool = True, timeout_s=1800
+    variants: list[dict],
+    half: str | None = None,
+    every_config: bool = True,
+    timeout_s=1800,
+    triton_path: str | None = None,
 ) -> list[dict]:
     """Each variant compiled for :data:`TARGET` in a fresh process (see the module doc): one
     result dict per (variant, config) with "kernel", "constexprs", "num_warps",
     "num_stages", "ok", "error" (when not ok), "seconds", "shared_bytes", "registers",
-    "spill_bytes", "instructions" (counts of :data:`INSTRUCTIONS`). ``half``: compile
+    "spill_bytes", "instructions" (counts of :data:`INSTRUCTIONS`), "triton" (the version
+    that compiled it: ``triton_path``'s, a folder with another Triton installed, e.g. by
+    ``pip install --target DIR --no-deps triton==X``, else this environment's). ``half``: compile
     float16 tensors as this type ("bf16": the interpreter runs no bfloat16, the GPU runs it);
     ``every_config`` False: one config per variant and kind of loads (the first its
     autotuner keeps)."""
@@ -154,6 +160,8 @@ def compile_variants(
         given.write_text(json.dumps(variants))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+        if triton_path is not None:  # found before this environment's Triton
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
         done = subprocess.run(
             [sys.executable, "-m", "attncompose.eval.aot", str(given), str(got)]
             + ([] if every_config else ["one"]),
@@ -270,6 +278,8 @@ def _resources(cubin: bytes) -> dict:
 def _main(given: str, got: str, configs: str = "every") -> None:
     """The compile process: variants from ``given``, results to ``got`` (JSON); ``configs``
     "one": the first config per variant and kind of loads (pointers, tensor descriptors)."""
+    import triton
+
     results = []
     for variant in json.loads(Path(given).read_text()):
         module = importlib.import_module(variant["module"])
@@ -286,6 +296,7 @@ def _main(given: str, got: str, configs: str = "every") -> None:
                 "constexprs": constexprs,
                 "num_warps": warps,
                 "num_stages": stages,
+                "triton": triton.__version__,
             }
             row |= _compile_one(
                 jit_fn,
