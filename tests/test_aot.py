@@ -56,6 +56,14 @@ def test_a_variant_that_does_not_compile_is_reported_and_the_rest_compile():
     assert bad["triton"] == good["triton"] == triton.__version__  # what compiled them
 
 
+def test_compiles_run_in_a_cache_of_their_own(tmp_path, monkeypatch):
+    """Each compile really compiles (its seconds are a compile's, not a cache hit's): the
+    compile process neither reads nor fills the user's Triton cache."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "user"))
+    (row,) = compile_variants([_merge_variant(16)], half="bf16")
+    assert row["ok"] and row["seconds"] > 0 and not (tmp_path / "user").exists()
+
+
 def test_a_folder_with_another_triton_compiles_instead(tmp_path):
     """``triton_path``: the compile process finds Triton there first (a stand-in package
     that says it is 0.0 and passes on to this environment's Triton)."""

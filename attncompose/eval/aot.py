@@ -160,6 +160,7 @@ def compile_variants(
         given.write_text(json.dumps(variants))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")  # every compile runs: true seconds
         if triton_path is not None:  # found before this environment's Triton
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
         done = subprocess.run(
