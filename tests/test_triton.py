@@ -598,6 +598,47 @@ def test_sinks_excluded_by_key_bias_keep_lsh_tiles_contiguous(make_qkv, monkeypa
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
+def _hf_layout(x):
+    """``x`` [B, H, L, D] as a Hugging Face model passes it: [B, L, H, D] storage, transposed."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_inputs_in_hugging_face_layout_are_read_in_place(make_qkv, packing_on_cpu, name):
+    """q, k, v transposed from [B, L, H, D] (as attention layers pass them): one batch
+    element is read where it lies (the kernels take strides; no copy of q, k or v at the
+    entry, only where the causal splitter stacks its leaves), several are copied (and
+    grouped-query keys and values expanded); either way the result is bitwise the
+    contiguous inputs' (causal)."""
+    attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
+    for b, hkv in ((1, 4), (2, 2)):
+        q, k, v = make_qkv(b=b, hq=4, hkv=hkv, lq=384, lk=384, d=16)
+        want = attn(q, k, v, is_causal=True)
+        q, k, v = _hf_layout(q), _hf_layout(k), _hf_layout(v)
+        copies = _FullCopies(q.numel() // b)
+        with copies:
+            got = attn(q, k, v, is_causal=True)
+        assert torch.equal(got, want), (b, hkv)
+        if (b, hkv) == (1, 4):  # copied at most once each, where stacked as the splitter's
+            # leaves (or code-paired); before, every call copied them at the entry
+            split = attn.recipe.steps[attn.recipe.output_id].op == "causal_split"
+            assert len(copies.found) <= (3 if split else 0), copies.found
+
+
+class _FullCopies(CallWatch):
+    """Copies (clone, contiguous) of at least ``size`` elements a call makes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.found: list[str] = []
+
+    def op(self, func, args, kwargs, out) -> None:
+        big = isinstance(out, torch.Tensor) and out.numel() >= self.size
+        if big and ("clone" in str(func) or "copy" in str(func)):
+            self.found.append(f"{func} {tuple(out.shape)}")
+
+
 def test_a_cached_static_plan_serves_calls_of_more_rows(make_qkv):
     """power's static table, cached with the plan of a 1-row call, in a 3-row call: one table
     for every row (the packed rules once read rows past the first call's)."""

@@ -99,10 +99,11 @@ class Attention(nn.Module):
             self.pipeline.backend in ("auto", "flex") and q.device.type == "cuda"
         )
         dtype = q.dtype if native else torch.float32
+        rows = lambda x: _rows(x, dtype, strided=native)
         problem = Problem(
-            q=_rows(q, dtype),
-            k=_rows(_expand_heads(k, group), dtype),
-            v=_rows(_expand_heads(v, group), dtype),
+            q=rows(q),
+            k=rows(_expand_heads(k, group)),
+            v=rows(_expand_heads(v, group)),
             scale=scale,
             causal=bool(is_causal),
             heads=hq,
@@ -149,9 +150,13 @@ def _expand_heads(x: Tensor, group: int) -> Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """[B, H, L, D] -> contiguous [B*H, L, D] of ``dtype``."""
-    return x.reshape(-1, x.shape[2], x.shape[3]).to(dtype).contiguous()
+def _rows(x: Tensor, dtype: torch.dtype, strided: bool) -> Tensor:
+    """[B, H, L, D] -> [B*H, L, D] of ``dtype``, contiguous; with ``strided`` (the Triton
+    and FlexAttention kernels read rows at any stride) a view where the layout allows one
+    (e.g. one batch element of Hugging Face's [B, L, H, D] transposed: no copy of q, k, v
+    per call). The torch path copies: its chunked plans would copy strided rows anyway."""
+    rows = x.reshape(-1, x.shape[2], x.shape[3]).to(dtype)
+    return rows if strided and rows.stride(-1) == 1 else rows.contiguous()
 
 
 def compile(
