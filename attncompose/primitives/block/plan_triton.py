@@ -29,6 +29,7 @@ from attncompose.primitives.exact.triton import (
     descriptors,
     dot_precision,
     finish_rows,
+    kv_rows,
     launch,
     online_softmax_step,
     rows_of,
@@ -115,9 +116,10 @@ def _plan_fwd_kernel(
     else:
         p_q = q + i_n * s_qn + s_q[:, None] * s_ql + o_d[None, :] * s_qd
         b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    k_n, v_n = k + i_n * s_kn, v + i_n * s_vn  # the row's keys and values
     if TMA:
-        d_k = rows_of(k + i_n * s_kn, Lk, s_kl, BK, BD)
-        d_v = rows_of(v + i_n * s_vn, Lk, s_vl, BK, BDV)
+        d_k = rows_of(k_n, Lk, s_kl, BK, BD)
+        d_v = rows_of(v_n, Lk, s_vl, BK, BDV)
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
@@ -131,10 +133,7 @@ def _plan_fwd_kernel(
         o_k = i_kb * BLOCK_K + (i_it % SUBK) * BK + tl.arange(0, BK)  # [BK]
         if HAS_KROWS:  # keys where they are; a key of row -1 takes no part
             _, s_k, m_r = _rows_of(o_k, o_k < Lk, k_rows, i_n * s_kr, k_map, True, HAS_MAPS)
-            p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
-            p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
-            b_k = tl.load(p_k, mask=m_r[:, None], other=0.0)  # [BK, BD]
-            b_v = tl.load(p_v, mask=m_r[:, None], other=0.0)  # [BK, BDV]
+            b_k, b_v = kv_rows(k_n, v_n, s_k, m_r, s_kl, s_kd, s_vl, s_vd, BD, BDV)
         elif TMA:
             i_k = (i_kb * BLOCK_K).to(tl.int32) + (i_it % SUBK) * BK
             b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])  # [BK, BD], [BK, BDV]
@@ -142,8 +141,8 @@ def _plan_fwd_kernel(
             s_k = o_k  # the row of k it is
             if HAS_MAPS:
                 s_k = tl.load(k_map + o_k).to(tl.int32)
-            b_k = tl.load(k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd)
-            b_v = tl.load(v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd)
+            b_k = tl.load(k_n + s_k[:, None] * s_kl + o_d[None, :] * s_kd)
+            b_v = tl.load(v_n + s_k[:, None] * s_vl + o_dv[None, :] * s_vd)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         if HAS_KBIAS:
             b_s = _add_bias(b_s, kbias, i_n * s_br, o_k, o_k < Lk)
@@ -160,10 +159,7 @@ def _plan_fwd_kernel(
             i_k = (i_kb * BLOCK_K).to(tl.int32) + (i_it % SUBK) * BK
             b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])  # [BK, BD], [BK, BDV]
         else:
-            p_k = k + i_n * s_kn + s_k[:, None] * s_kl + o_d[None, :] * s_kd
-            p_v = v + i_n * s_vn + s_k[:, None] * s_vl + o_dv[None, :] * s_vd
-            b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
-            b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+            b_k, b_v = kv_rows(k_n, v_n, s_k, m_k, s_kl, s_kd, s_vl, s_vd, BD, BDV)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & m_k[None, :]
         if CAUSAL:

@@ -25,6 +25,7 @@ from attncompose.primitives.exact.triton import (
     autotuned,
     dot_precision,
     finish_rows,
+    kv_rows,
     launch,
     online_softmax_step,
 )
@@ -140,6 +141,7 @@ def _block_fwd_kernel(
     m_q = b_qi >= 0
     p_q = q + i_n * s_qn + b_qi[:, None] * s_ql + o_d[None, :] * s_qd
     b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
+    k_n, v_n = k + i_n * s_kn, v + i_n * s_vn  # the row's keys and values
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
@@ -147,10 +149,7 @@ def _block_fwd_kernel(
         o_k = i_k + tl.arange(0, BK)  # [BK]
         b_kj = tl.load(k_idx + p_tile * NK + o_k, mask=o_k < NK, other=-1)  # [BK]
         m_k = b_kj >= 0
-        p_k = k + i_n * s_kn + b_kj[:, None] * s_kl + o_d[None, :] * s_kd
-        p_v = v + i_n * s_vn + b_kj[:, None] * s_vl + o_dv[None, :] * s_vd
-        b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)  # [BK, BD]
-        b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)  # [BK, BDV]
+        b_k, b_v = kv_rows(k_n, v_n, b_kj, m_k, s_kl, s_kd, s_vl, s_vd, BD, BDV)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & m_k[None, :]
         if CAUSAL:

@@ -139,11 +139,18 @@ def _key_block(
         b_k, b_v = d_k.load([i_k, 0]), d_v.load([i_k, 0])
     else:
         o_k = i_k + tl.arange(0, BK)
-        m_k = (o_k < Lk)[:, None]
-        p_k = d_k + o_k[:, None] * s_kl + tl.arange(0, BD)[None, :] * s_kd
-        p_v = d_v + o_k[:, None] * s_vl + tl.arange(0, BDV)[None, :] * s_vd
-        b_k, b_v = tl.load(p_k, mask=m_k, other=0.0), tl.load(p_v, mask=m_k, other=0.0)
+        b_k, b_v = kv_rows(d_k, d_v, o_k, o_k < Lk, s_kl, s_kd, s_vl, s_vd, BD, BDV)
     return b_k, b_v
+
+
+@triton.jit
+def kv_rows(k, v, s_k, m_k, s_kl, s_kd, s_vl, s_vd, BD: tl.constexpr, BDV: tl.constexpr):
+    """Key and value rows ``s_k`` [BK] where ``m_k``, zeros elsewhere ([BK, BD], [BK, BDV]):
+    ``k``/``v`` point at the first key and value of their row n."""
+    m = m_k[:, None]
+    p_k = k + s_k[:, None] * s_kl + tl.arange(0, BD)[None, :] * s_kd
+    p_v = v + s_k[:, None] * s_vl + tl.arange(0, BDV)[None, :] * s_vd
+    return tl.load(p_k, mask=m, other=0.0), tl.load(p_v, mask=m, other=0.0)
 
 
 @triton.jit
