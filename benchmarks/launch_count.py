@@ -30,7 +30,7 @@ import attncompose as ac
 from attncompose.eval.interpreter import LaunchCounter
 from attncompose.eval.timing import write_results
 from attncompose.primitives import causal_split
-from attncompose.primitives.causal_split import leaf_length, padding
+from attncompose.primitives.causal_split import square_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEAF = 128
@@ -52,13 +52,9 @@ def _count(recipe_name: str, n: int) -> dict:
     counter = LaunchCounter()
     with counter:
         attn(q, k, v, is_causal=True)
-    leaf = leaf_length(n, LEAF)
     quantum = attn.pipeline.pack_quantum[recipe.steps[recipe.output_id].body]
-    square, levels = n, None if leaf is None else (n // leaf).bit_length() - 1
-    padded = None if quantum is None else padding(n, LEAF, quantum)
-    if padded is not None:  # run as the first rows of a square that packs
-        leaf, levels = padded
-        square = leaf << levels
+    shape = square_of(n, LEAF, quantum)  # padded: run as the first rows of one that packs
+    square, levels = (n, None) if shape is None else (shape[0] << shape[1], shape[1])
     return {
         "recipe": recipe_name,
         "seq_len": n,

@@ -107,15 +107,26 @@ def _square(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) ->
     n = problem.lq
     if n <= min_seq_len:
         return kernels.exact(problem)
-    quantum = getattr(body, "pack_quantum", None)
-    if problem.q.device.type in PACK_DEVICES and quantum is not None:
-        padded = padding(n, min_seq_len, quantum)
-        if padded is not None:
-            return _padded_square(problem, body, *padded, kernels)
+    packs = problem.q.device.type in PACK_DEVICES
+    shape = square_of(n, min_seq_len, getattr(body, "pack_quantum", None) if packs else None)
+    if shape is None:
+        return _halve(problem, body, min_seq_len, kernels)  # an odd length on the way down
+    leaf, levels = shape
+    if leaf << levels != n:
+        return _padded_square(problem, body, leaf, levels, kernels)
+    return _flat_square(problem, body, leaf, levels, kernels)
+
+
+def square_of(n: int, min_seq_len: int, quantum: int | None) -> tuple[int, int] | None:
+    """(leaf, levels) of the square leaf * 2**levels that a causal square of n > min_seq_len
+    rows runs as: with the body's ``quantum`` (its levels pack, on a device that packs) the
+    padded one of :func:`padding` where there is one, else its own leaves
+    (:func:`leaf_length`); None where n halves unevenly (the recursion)."""
+    padded = None if quantum is None else padding(n, min_seq_len, quantum)
+    if padded is not None:
+        return padded
     leaf = leaf_length(n, min_seq_len)
-    if leaf is not None:
-        return _flat_square(problem, body, leaf, (n // leaf).bit_length() - 1, kernels)
-    return _halve(problem, body, min_seq_len, kernels)  # an odd length on the way down
+    return None if leaf is None else (leaf, (n // leaf).bit_length() - 1)
 
 
 def leaf_length(n: int, min_seq_len: int) -> int | None:
