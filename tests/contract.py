@@ -64,3 +64,14 @@ def assert_partial_equal(got: Partial, want: Partial) -> None:
     assert torch.equal(torch.isfinite(got.lse), finite)
     assert torch.allclose(got.out.double()[finite], want.out[finite], atol=1e-5)
     assert torch.allclose(got.lse.double()[finite], want.lse[finite], atol=1e-5)
+
+
+def assert_reads_no_later_key(attn, q, k, v, cuts, label=None) -> None:
+    """Causal calls of ``attn`` (SDPA layout, grouped heads allowed): changing the values of
+    the keys from each position c in ``cuts`` on leaves every output before c as it was."""
+    before = attn(q, k, v, is_causal=True, enable_gqa=True)
+    for cut in cuts:
+        later = v.clone()
+        later[:, :, cut:] += 100.0
+        after = attn(q, k, later, is_causal=True, enable_gqa=True)
+        assert torch.equal(after[:, :, :cut], before[:, :, :cut]), (label, cut)

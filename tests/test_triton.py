@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from contract import assert_reads_no_later_key
 from on_device import DEVICE, assert_same, lsh_coverage, make_problem
 from oracle import make_problem as cpu_problem
 
@@ -466,13 +467,7 @@ def test_the_gpu_form_reads_no_later_key(packing_on_cpu, name):
 
     attn = ac.compile(_graph_sized(name), backend="triton")
     item = load_qkv(None, 500)[0].to(DEVICE)  # layer 2: codes past their rectangle's keys
-    q, k, v = item.q, item.k, item.v
-    before = attn(q, k, v, is_causal=True, enable_gqa=True)
-    for cut in (192, 320, 450):
-        later = v.clone()
-        later[:, :, cut:] += 100.0
-        after = attn(q, k, later, is_causal=True, enable_gqa=True)
-        assert torch.equal(after[:, :, :cut], before[:, :, :cut]), cut
+    assert_reads_no_later_key(attn, item.q, item.k, item.v, (192, 320, 450))
 
 
 class _Copies(CallWatch):
