@@ -96,7 +96,7 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, re
         if op != "exact":
             return impl
         exact = impl.load()  # chosen once per attention call: count the calls it makes
-        counted = lambda p: calls.update(exact=calls["exact"] + 1) or exact(p)
+        counted = lambda p, **kw: calls.update(exact=calls["exact"] + 1) or exact(p, **kw)
         return SimpleNamespace(load=lambda: counted)
 
     def counting_lazy(pipeline, sid):

@@ -18,6 +18,8 @@ from on_device import (
     with_descriptor_loads,
 )
 from on_device import make_problem as device_problem
+from oracle import make_problem as cpu_problem
+from oracle import masked_attention
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.exact import naive as exact_naive
@@ -55,6 +57,48 @@ def test_exact_key_blocks_every_query_sees_run_unmasked(lq, lk, delta):
     assert_same(exact_triton.exact_attention(problem), exact_naive.exact_attention(problem))
     plain = replace(problem, causal=False)
     assert_same(exact_triton.exact_attention(plain), exact_naive.exact_attention(plain))
+
+
+def _within_leaves(problem, leaf):
+    """Bool [N, L, L]: the pairs of the same leaf of ``leaf`` rows (causally visible)."""
+    i = torch.arange(problem.lq, device=problem.q.device)
+    mask = (i[:, None] // leaf == i[None, :] // leaf) & problem.visible(i[:, None], i[None, :])
+    return mask.expand(problem.q.shape[0], -1, -1)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("leaf", [16, 32, 24], ids=["16", "32", "24-stacked"])
+def test_exact_leaves_attend_within_their_own(leaf, causal, monkeypatch):
+    """The causal splitter's diagonal leaves in one call: each query over the keys of its own
+    leaf only, equal to dense attention under a block-diagonal mask. Read where they lie:
+    on NaN-padded strided views (nothing past the storage's rows leaks), through tensor
+    descriptors too, at an offset; leaves a tile of queries could straddle (24 rows) run
+    stacked as rows, the same result."""
+    problem = replace(device_problem(2, 96, 96, 16, causal=causal, seed=leaf), q_offset=7)
+    problem = replace(problem, k_offset=7)
+    want = masked_attention(problem, _within_leaves(problem, leaf))
+    assert exact_triton.whole_tiles(leaf) == (leaf != 24)
+    assert_same(exact_naive.exact_attention(problem, leaf=leaf), want)
+    views = padded_views(problem)
+    assert_same(exact_triton.exact_attention(views, leaf=leaf), want)
+    got, used = with_descriptor_loads(
+        lambda: exact_triton.exact_attention(views, leaf=leaf), exact_triton._exact_tuned,
+        monkeypatch,
+    )  # fmt: skip
+    assert_same(got, want)
+    assert used and all(used), used
+
+
+def test_exact_leaves_need_a_square_of_whole_leaves():
+    square = cpu_problem(1, 64, 64, 16, causal=True)
+    for problem, leaf in (
+        (cpu_problem(1, 32, 64, 16, causal=True), 16),  # not square
+        (square, 24),  # 64 rows are no whole number of leaves of 24
+        (replace(square, q_offset=3), 16),  # the queries after the keys
+    ):
+        with pytest.raises(ValueError, match=r"leaves of \d+ rows need a square problem"):
+            exact_naive.exact_attention(problem, leaf=leaf)
 
 
 @pytest.mark.triton

@@ -4,7 +4,8 @@ A causal square of n <= min_seq_len rows is computed exactly. A larger one is ha
 diagonal halves recurse, and the lower-left rectangle (second-half queries x first-half
 keys, fully visible) goes through the non-causal body; its result is merged into the second
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
-all diagonal leaves in one exact call, then the rectangles. Where every step of the body is
+all diagonal leaves in one exact call (the exact op's ``leaf``: the Triton kernel reads
+them where they lie, strided inputs included), then the rectangles. Where every step of the body is
 packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks, windows, block
 without a block plan, sampler, merge) and the leaves are a multiple of the body's tiles,
 the rectangles of ALL levels go through ONE body call, packed end to end along the rows
@@ -183,18 +184,14 @@ def _padded_square(
 
 def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, kernels: Kernels) -> Partial:
     """The recursion unrolled for n = leaf * 2**levels: every diagonal leaf in ONE exact call
-    (the leaves stacked as rows: a view of contiguous inputs), then the rectangles level by
-    level from the smallest (the recursion's order), each level merged into its rows at once
-    (the rows below each rectangle form one strided view [rows, rectangles, size])."""
+    (the exact kernel's ``leaf``: read where they lie, or stacked as rows), then the
+    rectangles level by level from the smallest (the recursion's order), each level merged
+    into its rows at once (the rows below each rectangle form one strided view [rows,
+    rectangles, size])."""
     rows, n = problem.q.shape[0], problem.lq
-    parts = 1 << levels
-    stack = lambda x: x.reshape(rows * parts, leaf, x.shape[-1])
-    diagonal = replace(
-        problem, q=stack(problem.q), k=stack(problem.k), v=stack(problem.v), q_offset=0, k_offset=0
-    )
-    leaves = kernels.exact(diagonal)  # squares: causal alignment needs no offsets
-    out = leaves.out.reshape(rows, n, -1).contiguous()  # merged into in place below
-    lse = leaves.lse.reshape(rows, n).contiguous()
+    leaves = kernels.exact(problem, leaf=leaf)
+    out = leaves.out.contiguous()  # merged into in place below
+    lse = leaves.lse.contiguous()
     quantum = getattr(body, "pack_quantum", None)
     packs = problem.q.device.type in PACK_DEVICES
     if packs and quantum is not None and leaf % quantum == 0:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 
 from attncompose.primitives.base import Partial, Problem, add_products, counting_products
-from attncompose.primitives.exact.naive import exact_attention
+from attncompose.primitives.exact.naive import exact_attention, on_leaves
 from attncompose.primitives.merge.naive import merge_partials
 
 
-def fused_exact_attention(problem: Problem) -> Partial:
+def fused_exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
     """Same contract as :func:`exact_attention`, through fused kernels where they apply."""
+    if leaf is not None:
+        return on_leaves(fused_exact_attention, problem, leaf)
     if counting_products():
         visible = problem.visible_keys(torch.arange(problem.lq, device=problem.q.device))
         add_products(problem.q.shape[0] * visible.sum())

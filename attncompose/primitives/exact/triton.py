@@ -21,6 +21,7 @@ import triton.language as tl
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Problem
+from attncompose.primitives.exact.naive import check_leaves, on_leaves
 
 LOG2E = math.log2(math.e)
 
@@ -72,6 +73,7 @@ def _exact_fwd_kernel(
     Lq,
     Lk,
     delta,  # q_offset - k_offset: key j is visible to query i iff j <= i + delta
+    leaf,  # query i sees the keys of its leaf [i // leaf * leaf, + leaf) only
     qk_scale,  # scale * log2(e)
     ROWS_B,  # autotune key only: power-of-two bucket of Lq
     KEYS_B,  # autotune key only: power-of-two bucket of Lk
@@ -100,15 +102,17 @@ def _exact_fwd_kernel(
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
-    hi = Lk
-    lo = Lk // BK * BK  # key blocks wholly before Lk
+    k0 = i_q * BQ // leaf * leaf  # the block's leaf (0 where one leaf holds every key)
+    k_end = tl.minimum(Lk, k0 + leaf)
+    hi = k_end
+    lo = k0 + (k_end - k0) // BK * BK  # key blocks wholly before the leaf's end
     if CAUSAL:  # keys past the block's last query are invisible to the whole block; keys up
         # to its first query's are visible to every query of it
-        hi = tl.minimum(Lk, tl.maximum(0, (i_q + 1) * BQ + delta))
-        lo = tl.minimum(lo, tl.maximum(0, i_q * BQ + delta + 1) // BK * BK)
+        hi = tl.minimum(k_end, tl.maximum(k0, (i_q + 1) * BQ + delta))
+        lo = tl.minimum(lo, k0 + tl.maximum(0, i_q * BQ + delta + 1 - k0) // BK * BK)
     lo = tl.minimum(lo, hi)
     # blocks of keys every query of the block sees: no mask (rows past Lq compute unstored)
-    for i_k in range(0, lo, BK):
+    for i_k in range(k0, lo, BK):
         b_k, b_v = _key_block(d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK, BD, BDV, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT)
@@ -117,7 +121,7 @@ def _exact_fwd_kernel(
         o_k = i_k + tl.arange(0, BK)  # [BK]
         b_k, b_v = _key_block(d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK, BD, BDV, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
-        m_s = m_q[:, None] & (o_k < Lk)[None, :]
+        m_s = m_q[:, None] & (o_k < k_end)[None, :]
         if CAUSAL:
             m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
         b_s = tl.where(m_s, b_s, float("-inf"))
@@ -191,6 +195,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     would be TF32 always); 16-bit inputs are multiplied exactly either way."""
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "ieee"
+
+
+def whole_tiles(leaf: int) -> bool:
+    """Whether every tile of queries the exact kernel may take (up to the largest of
+    :data:`ATTENTION_CONFIGS`, pruned to the leaf's bucket) lies within one leaf of ``leaf``
+    rows: then it reads leaves in place."""
+    return leaf % min(max(c[0] for c in ATTENTION_CONFIGS), bucket(leaf)) == 0
 
 
 def bucket(size: int) -> int:
@@ -317,8 +328,22 @@ def launch(
 _exact_tuned = autotuned(_exact_fwd_kernel, ["CAUSAL", "BD", "BDV", "DOT"], tma=True)
 
 
-def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
-    """Same contract as the reference ``exact_attention``; writes into ``out`` when given."""
+def exact_attention(
+    problem: Problem, out: Partial | None = None, leaf: int | None = None
+) -> Partial:
+    """Same contract as the reference ``exact_attention``; writes into ``out`` when given.
+    ``leaf``: the queries and keys are consecutive leaves of ``leaf`` rows, each attending
+    to its own only (:func:`~attncompose.primitives.exact.naive.on_leaves`), read where
+    they lie; leaves a tile of queries could straddle run stacked (strided rows copied)."""
+    if leaf is not None and not whole_tiles(leaf):
+        leaves = on_leaves(exact_attention, problem, leaf)
+        if out is None:
+            return leaves
+        out.out.copy_(leaves.out)
+        out.lse.copy_(leaves.lse)
+        return out
+    if leaf is not None:
+        check_leaves(problem, leaf)
     q, k, v = problem.q, problem.k, problem.v
     n, lq, d = q.shape
     dv = v.shape[-1]
@@ -330,8 +355,8 @@ def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
         _exact_fwd_kernel,
         _exact_tuned,
         lambda bq: (triton.cdiv(lq, bq), n),
-        lq,
-        problem.lk,
+        lq if leaf is None else leaf,  # tuned as the stacked leaves were
+        problem.lk if leaf is None else leaf,
         q,
         k,
         v,
@@ -345,6 +370,7 @@ def exact_attention(problem: Problem, out: Partial | None = None) -> Partial:
         lq,
         problem.lk,
         problem.q_offset - problem.k_offset,
+        max(lq, problem.lk, 1) if leaf is None else leaf,
         problem.scale * LOG2E,
         tma=descriptors(q, k, v),
         CAUSAL=problem.causal,
