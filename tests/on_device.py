@@ -83,7 +83,7 @@ def padded_views(problem):
 
     def pad(x):
         n, length, d = x.shape
-        store = torch.full((n + 1, length + 3, 2 * d), float("nan"), device=x.device)
+        store = torch.full((n + 1, length + 3, 2 * d), float("nan"), dtype=x.dtype, device=x.device)
         store[1:, 1 : length + 1, :d] = x
         return store[1:, 1 : length + 1, :d]
 

@@ -10,16 +10,18 @@ declares in its ``kernels.py`` (xformers' ``FwOp`` style): its ``name`` (shown b
 runs. The primitive that owns them lists them (``Primitive.kernels``) and registering it
 adds them here (:func:`add`).
 
-Policy: implementations are kept in preference order, Triton first, then FlexAttention
-where an op has one, PyTorch last (:data:`PREFERENCE`; within a backend, the op folder's
-order). ``backend="torch"`` takes the first PyTorch one without reasons (its reference, last,
-has none); ``"triton"`` / ``"flex"`` take that implementation or raise one error listing every
-reason (ops without a FlexAttention form run as under ``"auto"``); ``"auto"`` takes, for CUDA
-tensors, the first Triton or FlexAttention implementation with no reason against, else
-PyTorch (per call: ``show`` can only say what CUDA inputs would get; :func:`explain` says why
-each one was passed over). Triton kernel modules are imported only when an implementation
-is first called (:attr:`Kernel.lazy`), so ``import attncompose`` never loads a kernel and
-works where triton is absent.
+Policy: implementations are kept in preference order: PyTorch's fused CUDA kernels first
+where an op has one (``sdpa``: exact attention of whole half-precision problems, where cuDNN
+is faster than any kernel here), then Triton, then FlexAttention, PyTorch last
+(:data:`PREFERENCE`; within a backend, the op folder's order). ``backend="torch"`` takes the
+first PyTorch one without reasons (its reference, last, has none); ``"triton"`` / ``"flex"``
+take that implementation or raise one error listing every reason (ops without such a form
+run as under ``"auto"``); ``"auto"`` takes, for CUDA tensors, the first fused, Triton or
+FlexAttention implementation with no reason against, else PyTorch (per call: ``show`` can
+only say what CUDA inputs would get; :func:`explain` says why each one was passed over).
+Triton kernel modules are imported only when an implementation is first called
+(:attr:`Kernel.lazy`), so ``import attncompose`` never loads a kernel and works where triton
+is absent.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from attncompose.errors import AttentionInputError
 from attncompose.primitives.base import Problem
 
 BACKENDS = ("auto", "torch", "triton", "flex")
-PREFERENCE = ("triton", "flex", "torch")  # the order implementations are tried in
+PREFERENCE = ("sdpa", "triton", "flex", "torch")  # the order implementations are tried in
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -95,7 +95,7 @@ def test_unrolled_splitter_equals_the_recursion(make_qkv, case, lq, lk, pack, re
         impl = exact_choice(op, backend, problem, **inputs)
         if op != "exact":
             return impl
-        exact = impl.load()  # chosen once per attention call: count the calls it makes
+        exact = impl.load()  # chosen per exact call: count them
         counted = lambda p, **kw: calls.update(exact=calls["exact"] + 1) or exact(p, **kw)
         return SimpleNamespace(load=lambda: counted)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from contract import ReducesToExact
 from on_device import (
+    DEVICE,
     IDS,
     SHAPES,
     assert_same,
@@ -21,8 +22,11 @@ from on_device import make_problem as device_problem
 from oracle import make_problem as cpu_problem
 from oracle import masked_attention
 
+import attncompose as ac
 from attncompose.primitives import dispatch
+from attncompose.primitives.exact import fast as exact_fast
 from attncompose.primitives.exact import naive as exact_naive
+from attncompose.primitives.exact.kernels import SdpaCuda, SdpaWithLse
 
 exact_triton = triton_module("exact.triton")  # None where Triton cannot run
 
@@ -118,6 +122,98 @@ def test_exact_fp16_within_twice_torch_fp16_error(causal):
     torch_err = (exact_naive.exact_attention(half).out.float() - truth).abs().max()
     kernel_err = (exact_triton.exact_attention(half).out - truth).abs().max()
     assert kernel_err <= 2 * torch_err + 1e-5
+
+
+def test_fused_cuda_kernels_say_what_they_decline():
+    """PyTorch's fused CUDA kernels take whole half-precision problems on CUDA only: leaves
+    go to the Triton kernel (it reads them where they lie), CPU tensors to the torch path."""
+    problem = cpu_problem(2, 64, 64, 16, causal=True)
+    reasons = SdpaCuda.not_supported_reasons(problem, leaf=16)
+    assert "device cpu is not CUDA" in reasons
+    assert any(r.startswith("leaves") for r in reasons)
+    assert "dtype torch.float32 is not float16/bfloat16" in reasons
+    assert dispatch.choose("exact", "auto", problem) is SdpaWithLse
+    assert dispatch.explain("exact", "auto", problem)[0].startswith(
+        "sdpa:cudnn-else-flash: device cpu is not CUDA"
+    )
+    triton_only = dispatch.choose("exact", "triton", replace(problem, q=problem.q.half()))
+    assert triton_only.backend == "triton"  # an explicit backend is never overridden
+
+
+def _fake_fused_cuda_ops(monkeypatch, kernel):
+    """cuDNN's and flash's ATen ops faked by exact math in the shapes they return (lse
+    [B, H, Lq, 1] and [B, H, Lq]), the CUDA path taking ``kernel``: its glue runs on CPU."""
+
+    def attention(q, k, v, causal, scale):
+        s = q.float() @ k.float().transpose(-1, -2) * scale  # [1, N, Lq, Lk]
+        if causal:  # top-left, as PyTorch's fused kernels align it
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return (s.softmax(-1) @ v.float()).to(q.dtype), s.logsumexp(-1)
+
+    def cudnn(q, k, v, bias, with_lse, dropout, causal, debug, scale):
+        assert bias is None and with_lse and dropout == 0 and not debug
+        out, lse = attention(q, k, v, causal, scale)
+        return out, lse[..., None], None, None, q.shape[2], k.shape[2], None, None, None
+
+    def flash(q, k, v, dropout, causal, debug, scale):
+        assert dropout == 0 and not debug
+        out, lse = attention(q, k, v, causal, scale)
+        return out, lse, None, None, q.shape[2], k.shape[2], None, None, None
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", cudnn)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", flash)
+    monkeypatch.setattr(exact_fast, "_cuda_kernel", lambda *tensors: kernel)
+    monkeypatch.setattr(exact_fast, "_fused", exact_fast._fused_cuda)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal"), [(64, 64, True), (30, 90, True), (40, 70, False), (1, 33, True)],
+    ids=["square", "queries-after-keys", "rectangle", "decode"],
+)  # fmt: skip
+def test_fused_cuda_path_splits_offsets_and_reads_each_kernels_lse(
+    lq, lk, causal, kernel, monkeypatch
+):
+    """The CUDA path's glue, checked where no GPU is: a causal problem whose queries sit
+    after its keys split into a visible prefix and a top-left causal rest, merged by lse;
+    each kernel's lse layout read as [N, Lq]. The kernels' own numbers are checked on CUDA
+    (test_fused_cuda_exact_within_twice_torch_half_error)."""
+    _fake_fused_cuda_ops(monkeypatch, kernel)
+    problem = _half(cpu_problem(3, lq, lk, 16, causal=causal, seed=lq), torch.bfloat16)
+    got, want = exact_fast.fused_exact_attention(problem), exact_naive.exact_attention(problem)
+    assert got.out.shape == want.out.shape and got.lse.shape == want.lse.shape
+    assert ac.relative_error(got.out.float(), want.out) < 1e-2  # bf16 rounding of out
+    assert torch.allclose(got.lse, want.lse, atol=1e-5)
+
+
+def _half(problem, dtype):
+    return replace(problem, q=problem.q.to(dtype), k=problem.k.to(dtype), v=problem.v.to(dtype))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="PyTorch's fused CUDA kernels need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal", "d"),
+    [(256, 256, True, 64), (100, 300, True, 128), (200, 130, False, 64), (1, 257, True, 128)],
+    ids=["square", "queries-after-keys", "rectangle", "decode"],
+)
+def test_fused_cuda_exact_within_twice_torch_half_error(lq, lk, causal, d, dtype):
+    """On CUDA, exact attention of a whole half-precision problem runs in PyTorch's fused
+    kernels (cuDNN, else FlashAttention-2): out and lse (natural log, as the merges expect)
+    at most twice as far from the fp32 truth as PyTorch's own half-precision computation,
+    on contiguous rows and on strided views."""
+    problem = device_problem(2, lq, lk, d, causal=causal, seed=lq)
+    truth = exact_naive.exact_attention(problem)
+    half = _half(problem, dtype)
+    assert dispatch.choose("exact", "auto", half) is SdpaCuda
+    baseline = exact_naive.exact_attention(half)
+    for inputs in (half, padded_views(half)):
+        got = dispatch.call("exact", "auto", inputs)
+        assert got.out.shape == truth.out.shape and got.lse.shape == truth.lse.shape
+        for field in ("out", "lse"):
+            err = lambda x, f=field: (getattr(x, f).float() - getattr(truth, f)).abs().max()
+            assert err(got) <= 2 * err(baseline) + 1e-4, field
 
 
 @pytest.mark.triton

@@ -286,7 +286,8 @@ class CausalSplit(Primitive):
     schema = CausalSplitStep
 
     def __call__(self, problem: Problem, body: Body) -> Partial:
-        exact = dispatch.choose("exact", self.backend, problem).load()
+        # chosen per call: whole squares and leaves may go to different implementations
+        exact = lambda part, **inputs: dispatch.call("exact", self.backend, part, **inputs)
         merge_rows = dispatch.choose("merge_rows", self.backend, problem).load()
         return causal_split(problem, body, self.knobs["min_seq_len"], exact, merge_rows)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Primitive, Problem
-from attncompose.primitives.exact.kernels import SdpaWithLse, TritonFlash
+from attncompose.primitives.exact.kernels import SdpaCuda, SdpaWithLse, TritonFlash
 from attncompose.primitives.exact.schema import ExactStep
 
 
 class Exact(Primitive):
     schema = ExactStep
-    kernels = (TritonFlash, SdpaWithLse)
+    kernels = (SdpaCuda, TritonFlash, SdpaWithLse)
     offset_free = True
 
     def __call__(self, problem: Problem) -> Partial:

@@ -1,4 +1,6 @@
-"""Fast exact attention with lse through PyTorch's fused SDPA kernels (falls back to naive).
+"""Fast exact attention with lse through PyTorch's fused SDPA kernels (falls back to naive):
+the fused CPU flash kernel on CPU; on CUDA, cuDNN's fused attention where PyTorch says it can
+run the rows, else FlashAttention-2's (half precision; :func:`cuda_fused_reasons`).
 
 PyTorch's fused kernels align ``is_causal`` top-left, so a causal problem whose queries sit
 ``delta`` positions after its keys is split into a fully visible key prefix (non-causal) and
@@ -12,6 +14,8 @@ import torch
 from attncompose.primitives.base import Partial, Problem, add_products, counting_products
 from attncompose.primitives.exact.naive import exact_attention, on_leaves
 from attncompose.primitives.merge.naive import merge_partials
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def fused_exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
@@ -35,7 +39,60 @@ def fused_exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
     return merge_partials([prefix, rest])
 
 
+def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
+    """Why PyTorch's fused CUDA kernels (cuDNN, FlashAttention-2) cannot run ``problem``
+    whole (empty: they can)."""
+    q, k, v = problem.q, problem.k, problem.v
+    reasons = []
+    if q.device.type != "cuda":
+        reasons.append(f"device {q.device} is not CUDA")
+    if leaf is not None:
+        reasons.append("leaves (the Triton kernel reads them where they lie)")
+    if q.dtype not in HALF:
+        reasons.append(f"dtype {q.dtype} is not float16/bfloat16")
+    if q.shape[-1] != v.shape[-1]:
+        reasons.append(f"value head dim {v.shape[-1]} is not the head dim {q.shape[-1]}")
+    if 0 in (problem.lq, problem.lk):
+        reasons.append(f"{problem.lq} queries x {problem.lk} keys")
+    if not reasons and _cuda_kernel(q, k, v, problem.causal) is None:
+        reasons.append(
+            "PyTorch's cuDNN and flash kernels both decline it "
+            "(torch.backends.cuda.can_use_cudnn_attention / can_use_flash_attention)"
+        )
+    return reasons
+
+
+def _cuda_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """Which fused CUDA kernel takes these rows as [1, N, L, D]: ``"cudnn"`` (the fastest
+    dense attention measured on an H200, ../shared/GPU.md), else ``"flash"``, else None."""
+    params = torch.backends.cuda.SDPAParams(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, 0.0, causal, False
+    )
+    if torch.backends.cuda.can_use_cudnn_attention(params):
+        return "cudnn"
+    if torch.backends.cuda.can_use_flash_attention(params):
+        return "flash"
+    return None
+
+
+def _fused_cuda(problem: Problem, causal: bool) -> Partial:
+    q, k, v = problem.q, problem.k, problem.v
+    kernel = _cuda_kernel(q, k, v, causal) if q.dtype in HALF else None
+    if kernel is None:
+        return exact_attention(problem)
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, N, L, D]
+    if kernel == "cudnn":  # lse [1, N, Lq, 1]
+        run = torch.ops.aten._scaled_dot_product_cudnn_attention
+        out, lse = run(q, k, v, None, True, 0.0, causal, False, scale=problem.scale)[:2]
+    else:  # lse [1, N, Lq]
+        run = torch.ops.aten._scaled_dot_product_flash_attention
+        out, lse = run(q, k, v, 0.0, causal, False, scale=problem.scale)[:2]
+    return Partial(out[0], lse.reshape(q.shape[1], q.shape[2]))
+
+
 def _fused(problem: Problem, causal: bool) -> Partial:
+    if problem.q.device.type == "cuda":
+        return _fused_cuda(problem, causal)
     q, k, v = problem.q.float(), problem.k.float(), problem.v.float()
     if q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
         return exact_attention(problem)

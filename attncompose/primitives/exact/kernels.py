@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from attncompose.primitives.base import Problem
 from attncompose.primitives.dispatch import Kernel, TritonKernel
-from attncompose.primitives.exact.fast import fused_exact_attention
+from attncompose.primitives.exact.fast import cuda_fused_reasons, fused_exact_attention
+
+
+class SdpaCuda(Kernel):
+    """PyTorch's fused CUDA attention with lse (cuDNN, else FlashAttention-2) for whole
+    problems in half precision: dense cuDNN ran ~600 TFLOP/s on an H200 where the Triton
+    kernel ran ~410 (../shared/GPU.md), so exact attention (the tuned fallback) runs at the
+    speed of the baseline it is compared to. Leaves go to the Triton kernel."""
+
+    op = "exact"
+    name = "sdpa:cudnn-else-flash"
+    function = staticmethod(fused_exact_attention)
+
+    @classmethod
+    def not_supported_reasons(cls, problem: Problem, **inputs: Any) -> list[str]:
+        return cuda_fused_reasons(problem, inputs.get("leaf"))
 
 
 class TritonFlash(TritonKernel):
@@ -15,7 +33,8 @@ class TritonFlash(TritonKernel):
 
 
 class SdpaWithLse(Kernel):
-    """PyTorch's fused CPU flash kernel with lse where it applies, else the reference."""
+    """PyTorch's fused flash kernels with lse where they apply (CPU; on CUDA as
+    :class:`SdpaCuda`), else the reference."""
 
     op = "exact"
     name = "torch:sdpa-with-lse"
