@@ -5,6 +5,8 @@ forward. Per point: cuDNN and flash SDPA (the exact baselines; decode runs them 
 mask: its one query sees every key), then each recipe at its default knobs through
 attncompose's dispatch (``impl: attncompose``) and, where every block step is a block plan,
 the same plan through FlexAttention (``impl: flex``, compiled once with dynamic shapes).
+The built-in ``exact`` recipe is the tuned fallback (what a tuned file runs where exact
+attention wins): its rows say how close dispatch's exact attention comes to the baselines.
 Each row: impl, recipe (null for dense), seq_len, q_len, causal, head_dim, median_ms
 (``attncompose.eval.timing.measure``: do_bench on CUDA), frac (share of exact attention's
 products, counted by the plans or, for tile-path recipes, by the torch backend on the first
@@ -245,16 +247,17 @@ def run_grid(
         for name in recipes:
             recipe = ac.load_recipe(name)
             impls = {"attncompose": impl_backend}
-            if planned(recipe):
-                impls["flex"] = flex_backend
-            if graphs:
-                impls["attncompose-graphs"] = impl_backend
-            if levels and causal and packs(recipe):
-                impls["attncompose-levels"] = impl_backend
-            if copies and not planned(recipe):
-                impls["attncompose-copies"] = impl_backend
-            if pointers:
-                impls["attncompose-pointers"] = impl_backend
+            if name != "exact":  # exact: the tuned fallback as dispatch runs it, no variants
+                if planned(recipe):
+                    impls["flex"] = flex_backend
+                if graphs:
+                    impls["attncompose-graphs"] = impl_backend
+                if levels and causal and packs(recipe):
+                    impls["attncompose-levels"] = impl_backend
+                if copies and not planned(recipe):
+                    impls["attncompose-copies"] = impl_backend
+                if pointers:
+                    impls["attncompose-pointers"] = impl_backend
             for impl, backend in impls.items():
                 key = (name, impl)
                 if key not in compiled:
@@ -376,7 +379,6 @@ def main() -> None:
     if args.modes:
         grid["modes"] = args.modes.split(",")
     recipes = args.recipes.split(",") if args.recipes else ac.builtin_recipes()
-    recipes = [r for r in recipes if r != "exact"]  # the dense rows are exact attention
     recipes.sort(key=lambda r: TARGET_RECIPES.index(r) if r in TARGET_RECIPES else 99)
     slug = "cpu-smoke" if args.cpu_smoke else device_name(device).replace(" ", "_")
     out = args.out or RESULTS / f"bench_gpu_{slug}.json"
