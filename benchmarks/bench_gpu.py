@@ -39,6 +39,9 @@ through row maps (``attncompose.primitives.block.contiguous.copying_rows``). ``-
 adds every recipe with its Triton kernels reading rows through pointers only
 (``ATTNCOMPOSE_TMA=off``, impl ``attncompose-pointers``): by default a Hopper GPU's
 autotuner times tensor-descriptor (TMA) loads against them where the rows allow.
+``--triton-exact`` adds the exact recipe and, causal, every recipe with a causal splitter on
+the Triton backend (impl ``attncompose-triton``): its exact attention (the fallback, the
+diagonal leaves) in the Triton kernel, where ``auto`` gives it to cuDNN.
 """
 
 from __future__ import annotations
@@ -115,12 +118,16 @@ def planned(recipe) -> bool:
     return bool(blocks) and all(node.planned for node in blocks)
 
 
+def splits(recipe) -> bool:
+    """Whether ``recipe`` ends in a causal splitter (exact attention on its diagonal)."""
+    return recipe.steps[recipe.output_id].op == "causal_split"
+
+
 def packs(recipe) -> bool:
     """Whether ``recipe``'s causal splitter packs every level into one body call (on the
     devices of ``causal_split.PACK_DEVICES``)."""
     pipeline = Pipeline(recipe, backend="torch")
-    split = recipe.steps[recipe.output_id]
-    return split.op == "causal_split" and pipeline.pack_quantum[split.body] is not None
+    return splits(recipe) and pipeline.pack_quantum[recipe.steps[recipe.output_id].body] is not None
 
 
 @contextlib.contextmanager
@@ -224,14 +231,18 @@ def run_grid(
     levels=False,
     copies=False,
     pointers=False,
+    triton_exact=False,
 ):
     """Every point of ``grid``; ``save(rows)`` after each one (``graphs``: also each recipe
     replayed from a CUDA graph, impl "attncompose-graphs"; ``levels``: also, causal, each
     recipe whose splitter packs, with its levels one by one, impl "attncompose-levels";
     ``copies``: also each recipe with tile passes copying their rows, impl
     "attncompose-copies"; ``pointers``: also each recipe with kernels loading through
-    pointers only, impl "attncompose-pointers")."""
+    pointers only, impl "attncompose-pointers"; ``triton_exact``: also the exact recipe and,
+    causal, each recipe with a causal splitter on the Triton backend, its exact attention in
+    the Triton kernel instead of cuDNN, impl "attncompose-triton")."""
     impl_backend, flex_backend = backends
+    exact_backend = "triton" if device.type == "cuda" else impl_backend  # the CPU smoke: torch
     compiled = {}
     fracs = Fracs()
     rows: list[dict] = []
@@ -258,6 +269,8 @@ def run_grid(
                     impls["attncompose-copies"] = impl_backend
                 if pointers:
                     impls["attncompose-pointers"] = impl_backend
+            if triton_exact and (name == "exact" or (causal and splits(recipe))):
+                impls["attncompose-triton"] = exact_backend
             for impl, backend in impls.items():
                 key = (name, impl)
                 if key not in compiled:
@@ -362,6 +375,9 @@ def main() -> None:
     parser.add_argument(
         "--pointers", action="store_true", help="also time kernels loading through pointers only"
     )
+    parser.add_argument(
+        "--triton-exact", action="store_true", help="also time exact attention in Triton, not cuDNN"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -398,7 +414,7 @@ def main() -> None:
         }
         write_results(out, record, device)
 
-    flags = args.graphs, args.levels, args.copies, args.pointers
+    flags = args.graphs, args.levels, args.copies, args.pointers, args.triton_exact
     rows = run_grid(grid, recipes, device, dtype, backends, save, *flags)
     print(table(rows))
     print(f"wrote {out}")

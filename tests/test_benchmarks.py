@@ -19,7 +19,7 @@ RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min"
 
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
-    "bench_gpu": ["--cpu-smoke", "--levels", "--copies", "--pointers"],
+    "bench_gpu": ["--cpu-smoke", "--levels", "--copies", "--pointers", "--triton-exact"],
     "compile_gpu": [
         *("--recipes", "hyperattention-sinks,topp,streaming", "--one-config", "--head-dim", "64")
     ],
@@ -77,7 +77,10 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         impls = {row["impl"] for row in result["rows"]}
         assert impls >= {
             "flex",
-            *(f"attncompose{x}" for x in ("", "-levels", "-copies", "-pointers")),
+            *(f"attncompose{x}" for x in ("", "-levels", "-copies", "-pointers", "-triton")),
+        }
+        assert {row["recipe"] for row in result["rows"] if row["impl"] == "attncompose"} >= {
+            "exact"  # the tuned fallback beside the dense rows
         }
 
 

@@ -11,8 +11,8 @@ runs. The primitive that owns them lists them (``Primitive.kernels``) and regist
 adds them here (:func:`add`).
 
 Policy: implementations are kept in preference order: PyTorch's fused CUDA kernels first
-where an op has one (``sdpa``: exact attention of whole half-precision problems, where cuDNN
-is faster than any kernel here), then Triton, then FlexAttention, PyTorch last
+where an op has one (``sdpa``: half-precision exact attention, where cuDNN is faster than
+any kernel here), then Triton, then FlexAttention, PyTorch last
 (:data:`PREFERENCE`; within a backend, the op folder's order). ``backend="torch"`` takes the
 first PyTorch one without reasons (its reference, last, has none); ``"triton"`` / ``"flex"``
 take that implementation or raise one error listing every reason (ops without such a form

@@ -25,6 +25,7 @@ from oracle import masked_attention
 import attncompose as ac
 from attncompose.primitives import dispatch
 from attncompose.primitives.exact import fast as exact_fast
+from attncompose.primitives.exact import kernels as exact_kernels
 from attncompose.primitives.exact import naive as exact_naive
 from attncompose.primitives.exact.kernels import SdpaCuda, SdpaWithLse
 
@@ -125,13 +126,17 @@ def test_exact_fp16_within_twice_torch_fp16_error(causal):
 
 
 def test_fused_cuda_kernels_say_what_they_decline():
-    """PyTorch's fused CUDA kernels take whole half-precision problems on CUDA only: leaves
-    go to the Triton kernel (it reads them where they lie), CPU tensors to the torch path."""
+    """PyTorch's fused CUDA kernels take half-precision problems on CUDA only, and leaves
+    only where stacking them is a view: leaves of strided rows go to the Triton kernel (it
+    reads them where they lie), CPU tensors to the torch path."""
     problem = cpu_problem(2, 64, 64, 16, causal=True)
     reasons = SdpaCuda.not_supported_reasons(problem, leaf=16)
     assert "device cpu is not CUDA" in reasons
-    assert any(r.startswith("leaves") for r in reasons)
     assert "dtype torch.float32 is not float16/bfloat16" in reasons
+    strided = "leaves of strided rows (the Triton kernel reads them where they lie)"
+    assert strided not in reasons
+    assert strided in SdpaCuda.not_supported_reasons(padded_views(problem), leaf=16)
+    assert strided not in SdpaCuda.not_supported_reasons(padded_views(problem))
     assert dispatch.choose("exact", "auto", problem) is SdpaWithLse
     assert dispatch.explain("exact", "auto", problem)[0].startswith(
         "sdpa:cudnn-else-flash: device cpu is not CUDA"
@@ -168,22 +173,34 @@ def _fake_fused_cuda_ops(monkeypatch, kernel):
 
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 @pytest.mark.parametrize(
-    ("lq", "lk", "causal"), [(64, 64, True), (30, 90, True), (40, 70, False), (1, 33, True)],
-    ids=["square", "queries-after-keys", "rectangle", "decode"],
+    ("lq", "lk", "causal", "leaf"),
+    [(64, 64, True, None), (30, 90, True, None), (40, 70, False, None), (1, 33, True, None),
+     (64, 64, True, 16)],
+    ids=["square", "queries-after-keys", "rectangle", "decode", "leaves"],
 )  # fmt: skip
 def test_fused_cuda_path_splits_offsets_and_reads_each_kernels_lse(
-    lq, lk, causal, kernel, monkeypatch
+    lq, lk, causal, leaf, kernel, monkeypatch
 ):
     """The CUDA path's glue, checked where no GPU is: a causal problem whose queries sit
     after its keys split into a visible prefix and a top-left causal rest, merged by lse;
-    each kernel's lse layout read as [N, Lq]. The kernels' own numbers are checked on CUDA
-    (test_fused_cuda_exact_within_twice_torch_half_error)."""
+    leaves stacked as rows; each kernel's lse layout read as [N, Lq]. The kernels' own
+    numbers are checked on CUDA (test_fused_cuda_exact_within_twice_torch_half_error)."""
     _fake_fused_cuda_ops(monkeypatch, kernel)
     problem = _half(cpu_problem(3, lq, lk, 16, causal=causal, seed=lq), torch.bfloat16)
-    got, want = exact_fast.fused_exact_attention(problem), exact_naive.exact_attention(problem)
+    got = exact_fast.fused_exact_attention(problem, leaf=leaf)
+    want = exact_naive.exact_attention(problem, leaf=leaf)
     assert got.out.shape == want.out.shape and got.lse.shape == want.lse.shape
     assert ac.relative_error(got.out.float(), want.out) < 1e-2  # bf16 rounding of out
     assert torch.allclose(got.lse, want.lse, atol=1e-5)
+
+
+def _assert_within_twice(got, baseline, truth):
+    """out and lse of ``got`` at most twice as far from ``truth`` (fp32) as ``baseline``
+    (PyTorch's computation in the same half precision) is."""
+    assert got.out.shape == truth.out.shape and got.lse.shape == truth.lse.shape
+    for field in ("out", "lse"):
+        err = lambda x, f=field: (getattr(x, f).float() - getattr(truth, f)).abs().max()
+        assert err(got) <= 2 * err(baseline) + 1e-4, field
 
 
 def _half(problem, dtype):
@@ -210,10 +227,25 @@ def test_fused_cuda_exact_within_twice_torch_half_error(lq, lk, causal, d, dtype
     baseline = exact_naive.exact_attention(half)
     for inputs in (half, padded_views(half)):
         got = dispatch.call("exact", "auto", inputs)
-        assert got.out.shape == truth.out.shape and got.lse.shape == truth.lse.shape
-        for field in ("out", "lse"):
-            err = lambda x, f=field: (getattr(x, f).float() - getattr(truth, f)).abs().max()
-            assert err(got) <= 2 * err(baseline) + 1e-4, field
+        _assert_within_twice(got, baseline, truth)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="PyTorch's fused CUDA kernels need CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_fused_cuda_leaves_within_twice_torch_half_error(causal):
+    """The causal splitter's diagonal leaves on CUDA: stacked as rows (a view) into
+    PyTorch's fused kernels; on strided rows, the Triton kernel in place. Either way each
+    query attends within its own leaf, as near the fp32 truth as PyTorch's bf16."""
+    problem = replace(device_problem(2, 256, 256, 64, causal=causal, seed=5), q_offset=3)
+    problem = replace(problem, k_offset=3)
+    truth = masked_attention(problem, _within_leaves(problem, 64))
+    half = _half(problem, torch.bfloat16)
+    baseline = exact_naive.exact_attention(half, leaf=64)
+    for inputs, runs in ((half, SdpaCuda), (padded_views(half), exact_kernels.TritonFlash)):
+        assert dispatch.choose("exact", "auto", inputs, leaf=64) is runs
+        got = dispatch.call("exact", "auto", inputs, leaf=64)
+        _assert_within_twice(got, baseline, truth)
 
 
 @pytest.mark.triton

@@ -41,13 +41,15 @@ def fused_exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
 
 def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
     """Why PyTorch's fused CUDA kernels (cuDNN, FlashAttention-2) cannot run ``problem``
-    whole (empty: they can)."""
+    (empty: they can). Leaves they take where stacking them as rows is a view; strided rows
+    (one batch element in Hugging Face's layout) would be copied, where the Triton kernel
+    reads them in place."""
     q, k, v = problem.q, problem.k, problem.v
     reasons = []
     if q.device.type != "cuda":
         reasons.append(f"device {q.device} is not CUDA")
-    if leaf is not None:
-        reasons.append("leaves (the Triton kernel reads them where they lie)")
+    if leaf is not None and any(x.stride(0) != x.shape[1] * x.stride(1) for x in (q, k, v)):
+        reasons.append("leaves of strided rows (the Triton kernel reads them where they lie)")
     if q.dtype not in HALF:
         reasons.append(f"dtype {q.dtype} is not float16/bfloat16")
     if q.shape[-1] != v.shape[-1]:

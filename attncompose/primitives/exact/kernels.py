@@ -10,10 +10,11 @@ from attncompose.primitives.exact.fast import cuda_fused_reasons, fused_exact_at
 
 
 class SdpaCuda(Kernel):
-    """PyTorch's fused CUDA attention with lse (cuDNN, else FlashAttention-2) for whole
-    problems in half precision: dense cuDNN ran ~600 TFLOP/s on an H200 where the Triton
-    kernel ran ~410 (../shared/GPU.md), so exact attention (the tuned fallback) runs at the
-    speed of the baseline it is compared to. Leaves go to the Triton kernel."""
+    """PyTorch's fused CUDA attention with lse (cuDNN, else FlashAttention-2) in half
+    precision: dense cuDNN ran ~600 TFLOP/s on an H200 where the Triton kernel ran ~410 on
+    the causal splitter's leaves (../shared/GPU.md), so exact attention (the tuned fallback,
+    the leaves) runs at the speed of the baseline it is compared to. Leaves of strided rows
+    go to the Triton kernel, which reads them in place."""
 
     op = "exact"
     name = "sdpa:cudnn-else-flash"
