@@ -133,6 +133,10 @@ def test_fused_cuda_kernels_say_what_they_decline():
     reasons = SdpaCuda.not_supported_reasons(problem, leaf=16)
     assert "device cpu is not CUDA" in reasons
     assert "dtype torch.float32 is not float16/bfloat16" in reasons
+    shifted = "causal, not bottom-right aligned (its causal part would be a rectangle)"
+    assert shifted not in reasons  # squares and bottom-right aligned rectangles are taken
+    assert shifted not in SdpaCuda.not_supported_reasons(cpu_problem(2, 30, 90, 16, causal=True))
+    assert shifted in SdpaCuda.not_supported_reasons(replace(problem, q_offset=5))
     strided = "leaves of strided rows (the Triton kernel reads them where they lie)"
     assert strided not in reasons
     assert strided in SdpaCuda.not_supported_reasons(padded_views(problem), leaf=16)

@@ -56,6 +56,8 @@ def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
         reasons.append(f"value head dim {v.shape[-1]} is not the head dim {q.shape[-1]}")
     if 0 in (problem.lq, problem.lk):
         reasons.append(f"{problem.lq} queries x {problem.lk} keys")
+    if problem.causal and problem.q_offset + problem.lq != problem.k_offset + problem.lk:
+        reasons.append("causal, not bottom-right aligned (its causal part would be a rectangle)")
     if not reasons and _cuda_kernel(q, k, v, problem.causal) is None:
         reasons.append(
             "PyTorch's cuDNN and flash kernels both decline it "
@@ -78,8 +80,11 @@ def _cuda_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 
 
 def _fused_cuda(problem: Problem, causal: bool) -> Partial:
+    """Causal squares and any non-causal problem (causal rectangles, whose diagonal the
+    kernels may anchor either way, run the reference)."""
     q, k, v = problem.q, problem.k, problem.v
-    kernel = _cuda_kernel(q, k, v, causal) if q.dtype in HALF else None
+    square = problem.lq == problem.lk
+    kernel = _cuda_kernel(q, k, v, causal) if q.dtype in HALF and (square or not causal) else None
     if kernel is None:
         return exact_attention(problem)
     q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, N, L, D]
