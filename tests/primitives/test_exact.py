@@ -73,17 +73,16 @@ def _within_leaves(problem, leaf):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("leaf", [16, 32, 24], ids=["16", "32", "24-stacked"])
+@pytest.mark.parametrize("leaf", [16, 32, 24, 8], ids=["16", "32", "24-straddled", "8-many"])
 def test_exact_leaves_attend_within_their_own(leaf, causal, monkeypatch):
     """The causal splitter's diagonal leaves in one call: each query over the keys of its own
     leaf only, equal to dense attention under a block-diagonal mask. Read where they lie:
     on NaN-padded strided views (nothing past the storage's rows leaks), through tensor
-    descriptors too, at an offset; leaves a tile of queries could straddle (24 rows) run
-    stacked as rows, the same result."""
+    descriptors too, at an offset; leaves of 24 rows, which tiles of 16 or 32 queries
+    straddle, and of 8 (several in a tile), masked per query."""
     problem = replace(device_problem(2, 96, 96, 16, causal=causal, seed=leaf), q_offset=7)
     problem = replace(problem, k_offset=7)
     want = masked_attention(problem, _within_leaves(problem, leaf))
-    assert exact_triton.whole_tiles(leaf) == (leaf != 24)
     assert_same(exact_naive.exact_attention(problem, leaf=leaf), want)
     views = padded_views(problem)
     assert_same(exact_triton.exact_attention(views, leaf=leaf), want)

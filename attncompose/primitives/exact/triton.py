@@ -21,7 +21,7 @@ import triton.language as tl
 
 from attncompose.primitives import dispatch
 from attncompose.primitives.base import Partial, Problem
-from attncompose.primitives.exact.naive import check_leaves, on_leaves
+from attncompose.primitives.exact.naive import check_leaves
 
 LOG2E = math.log2(math.e)
 
@@ -102,10 +102,12 @@ def _exact_fwd_kernel(
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
-    k0 = i_q * BQ // leaf * leaf  # the block's leaf (0 where one leaf holds every key)
-    k_end = tl.minimum(Lk, k0 + leaf)
+    k0 = i_q * BQ // leaf * leaf  # leaf of the block's first query (0: one leaf holds all)
+    k_last = (tl.minimum(Lq, (i_q + 1) * BQ) - 1) // leaf * leaf  # ... of its last query
+    k_end = tl.minimum(Lk, k_last + leaf)
     hi = k_end
     lo = k0 + (k_end - k0) // BK * BK  # key blocks wholly before the leaf's end
+    lo = tl.where(k_last > k0, k0, lo)  # a block across leaves: no key every query sees
     if CAUSAL:  # keys past the block's last query are invisible to the whole block; keys up
         # to its first query's are visible to every query of it
         hi = tl.minimum(k_end, tl.maximum(k0, (i_q + 1) * BQ + delta))
@@ -122,6 +124,7 @@ def _exact_fwd_kernel(
         b_k, b_v = _key_block(d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK, BD, BDV, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & (o_k < k_end)[None, :]
+        m_s = m_s & ((o_k // leaf)[None, :] == (o_q // leaf)[:, None])  # each query's leaf
         if CAUSAL:
             m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
         b_s = tl.where(m_s, b_s, float("-inf"))
@@ -195,13 +198,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     would be TF32 always); 16-bit inputs are multiplied exactly either way."""
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "ieee"
-
-
-def whole_tiles(leaf: int) -> bool:
-    """Whether every tile of queries the exact kernel may take (up to the largest of
-    :data:`ATTENTION_CONFIGS`, pruned to the leaf's bucket) lies within one leaf of ``leaf``
-    rows: then it reads leaves in place."""
-    return leaf % min(max(c[0] for c in ATTENTION_CONFIGS), bucket(leaf)) == 0
 
 
 def bucket(size: int) -> int:
@@ -334,14 +330,7 @@ def exact_attention(
     """Same contract as the reference ``exact_attention``; writes into ``out`` when given.
     ``leaf``: the queries and keys are consecutive leaves of ``leaf`` rows, each attending
     to its own only (:func:`~attncompose.primitives.exact.naive.on_leaves`), read where
-    they lie; leaves a tile of queries could straddle run stacked (strided rows copied)."""
-    if leaf is not None and not whole_tiles(leaf):
-        leaves = on_leaves(exact_attention, problem, leaf)
-        if out is None:
-            return leaves
-        out.out.copy_(leaves.out)
-        out.lse.copy_(leaves.lse)
-        return out
+    they lie (a tile of queries across two leaves masks each query to its own)."""
     if leaf is not None:
         check_leaves(problem, leaf)
     q, k, v = problem.q, problem.k, problem.v
