@@ -58,11 +58,17 @@ def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
         reasons.append(f"{problem.lq} queries x {problem.lk} keys")
     if problem.causal and problem.q_offset + problem.lq != problem.k_offset + problem.lk:
         reasons.append("causal, not bottom-right aligned (its causal part would be a rectangle)")
-    if not reasons and _cuda_kernel(q, k, v, problem.causal) is None:
-        reasons.append(
-            "PyTorch's cuDNN and flash kernels both decline it "
-            "(torch.backends.cuda.can_use_cudnn_attention / can_use_flash_attention)"
-        )
+    if not reasons:  # the calls fused_exact_attention makes: a causal problem's keys past
+        # the visible prefix form its causal square
+        delta = problem.q_offset - problem.k_offset
+        calls = [(k, v, False)] if not problem.causal else [(k[:, delta:], v[:, delta:], True)]
+        if problem.causal and delta:
+            calls.append((k[:, :delta], v[:, :delta], False))
+        if any(_cuda_kernel(q, *call) is None for call in calls):
+            reasons.append(
+                "PyTorch's cuDNN and flash kernels both decline it "
+                "(torch.backends.cuda.can_use_cudnn_attention / can_use_flash_attention)"
+            )
     return reasons
 
 
