@@ -13,8 +13,9 @@ class SdpaCuda(Kernel):
     """PyTorch's fused CUDA attention with lse (cuDNN, else FlashAttention-2) in half
     precision: dense cuDNN ran ~600 TFLOP/s on an H200 where the Triton kernel ran ~410 on
     the causal splitter's leaves (../shared/GPU.md), so exact attention (the tuned fallback,
-    the leaves) runs at the speed of the baseline it is compared to. Leaves of strided rows
-    go to the Triton kernel, which reads them in place."""
+    the leaves) should run at the speed of the baseline it is compared to (bench_gpu's exact
+    rows and ``--triton-exact`` measure it). Leaves of strided rows go to the Triton kernel,
+    which reads them in place."""
 
     op = "exact"
     name = "sdpa:cudnn-else-flash"
