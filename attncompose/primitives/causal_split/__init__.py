@@ -5,11 +5,11 @@ diagonal halves recurse, and the lower-left rectangle (second-half queries x fir
 keys, fully visible) goes through the non-causal body; its result is merged into the second
 half's rows by lse. Where n halves evenly down to the leaves, the recursion runs unrolled:
 all diagonal leaves in one exact call (the exact op's ``leaf``: the Triton kernel reads
-them where they lie, strided inputs included), then the rectangles. Where every step of the body is
-packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks, windows, block
-without a block plan, sampler, merge) and the leaves are a multiple of the body's tiles,
-the rectangles of ALL levels go through ONE body call, packed end to end along the rows
-(as rows of the square, :class:`~attncompose.primitives.base.RowMaps`: not copied where
+them where they lie, the others stack them as rows), then the rectangles. Where every step
+of the body is packable (:class:`~attncompose.primitives.base.Packing`: sortLSH, sinks,
+windows, block without a block plan, sampler, merge) and the leaves are a multiple of the
+body's tiles, the rectangles of ALL levels go through ONE body call, packed end to end along
+the rows (as rows of the square, :class:`~attncompose.primitives.base.RowMaps`: not copied where
 the body's steps read them where they are), and merge into their rows in one
 ``merge_rows`` call: a fixed number of kernels, whatever
 the number of levels (on the devices of :data:`PACK_DEVICES`: where a call costs its
