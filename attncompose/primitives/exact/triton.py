@@ -79,6 +79,7 @@ def _exact_fwd_kernel(
     KEYS_B,  # autotune key only: power-of-two bucket of Lk
     TMA_OK,  # autotune key only: which loads the configs may use (see descriptors())
     CAUSAL: tl.constexpr,
+    LEAVES: tl.constexpr,  # several leaves: a query tile across two masks each query to its own
     BQ: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
@@ -124,7 +125,8 @@ def _exact_fwd_kernel(
         b_k, b_v = _key_block(d_k, d_v, i_k, Lk, s_kl, s_kd, s_vl, s_vd, BK, BD, BDV, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk_scale  # [BQ, BK]
         m_s = m_q[:, None] & (o_k < k_end)[None, :]
-        m_s = m_s & ((o_k // leaf)[None, :] == (o_q // leaf)[:, None])  # each query's leaf
+        if LEAVES:  # each query's own leaf (one leaf: every key of the row)
+            m_s = m_s & ((o_k // leaf)[None, :] == (o_q // leaf)[:, None])
         if CAUSAL:
             m_s = m_s & (o_k[None, :] <= o_q[:, None] + delta)
         b_s = tl.where(m_s, b_s, float("-inf"))
@@ -321,7 +323,7 @@ def launch(
         tuned[lambda config: grid(config["BQ"])](*args, *keys_args, **meta)
 
 
-_exact_tuned = autotuned(_exact_fwd_kernel, ["CAUSAL", "BD", "BDV", "DOT"], tma=True)
+_exact_tuned = autotuned(_exact_fwd_kernel, ["CAUSAL", "LEAVES", "BD", "BDV", "DOT"], tma=True)
 
 
 def exact_attention(
@@ -363,6 +365,7 @@ def exact_attention(
         problem.scale * LOG2E,
         tma=descriptors(q, k, v),
         CAUSAL=problem.causal,
+        LEAVES=leaf is not None and leaf < lq,  # queries of more than one leaf
         BD=d,
         BDV=dv,
         DOT=dot_precision(q.dtype),
