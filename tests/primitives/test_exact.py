@@ -94,6 +94,30 @@ def test_exact_leaves_attend_within_their_own(leaf, causal, monkeypatch):
     assert used and all(used), used
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's launches are inspected")
+def test_exact_kernel_masks_leaves_only_where_the_queries_span_several():
+    """The per-query leaf mask is compiled into calls over several leaves only: a plain call
+    and a call of one leaf run the kernel variant without it (its registers, see
+    benchmarks/results/compile_gpu.json)."""
+    from attncompose.eval.interpreter import CallWatch
+
+    class Leaves(CallWatch):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def launch(self, kernel, args, kwargs):
+            self.seen.append(kwargs["LEAVES"])
+
+    problem = device_problem(1, 64, 64, 16, causal=True)
+    watch = Leaves()
+    with watch:
+        for leaf in (None, 64, 32, 16):
+            exact_triton.exact_attention(problem, leaf=leaf)
+    assert watch.seen == [False, False, True, True]
+
+
 def test_exact_leaves_need_a_square_of_whole_leaves():
     square = cpu_problem(1, 64, 64, 16, causal=True)
     for problem, leaf in (
