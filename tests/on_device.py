@@ -19,21 +19,33 @@ import importlib.util
 from dataclasses import replace
 from types import ModuleType
 
+import pytest
 import torch
 from oracle import make_problem as cpu_problem
 
 from attncompose.primitives.base import Partial
+from attncompose.primitives.block.plan_flex import available as flex_available
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh.schema import LshStep
 
 # compiled kernels on CUDA tensors when not interpreting, else the interpreter on CPU tensors
 DEVICE = torch.device("cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu")
 
+# tests of the FlexAttention implementation skip on a torch without it (before 2.5)
+needs_flex = pytest.mark.skipif(
+    not flex_available(), reason="this torch has no torch.nn.attention.flex_attention (2.5+)"
+)
+
 
 def triton_unusable() -> str | None:
     """Why Triton kernels cannot run in this test session (None: they can)."""
-    if importlib.util.find_spec("triton") is None:
+    from attncompose.primitives.dispatch import OLDEST_TRITON, triton_version
+
+    version = triton_version()
+    if version is None:
         return "triton is not installed"
+    if version < OLDEST_TRITON:
+        return f"triton {version} is older than {OLDEST_TRITON}, the oldest the kernels support"
     import triton.runtime.interpreter
 
     if not torch.cuda.is_available() and not isinstance(

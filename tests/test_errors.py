@@ -25,7 +25,9 @@ def test_sdpa_positional_signature():
     *, scale, enable_gqa): the exact recipe gives SDPA's result called the same way."""
     q, k, v = _qkv(hq=4, hkv=2, lq=8, lk=8)  # Lq = Lk: SDPA aligns causal masks top-left
     args, kwargs = (None, 0.0, True), {"scale": 0.3, "enable_gqa": True}
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+    # SDPA's grouped-query result as its enable_gqa (torch 2.5+) gives it: heads repeated
+    kv = (x.repeat_interleave(2, dim=1) for x in (k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q, *kv, *args, scale=0.3)
     got = ac.compile("exact")(q, k, v, *args, **kwargs)
     assert ac.relative_error(got, want) < 1e-5
 

@@ -221,6 +221,16 @@ def test_triton_backend_lists_every_reason():
     assert "float64" in str(err.value) and "head dim 24" in str(err.value)
 
 
+def test_a_triton_older_than_the_kernels_support_is_named_and_auto_passes_it_by(monkeypatch):
+    """Triton 3.0 (torch 2.4's) cannot run the kernels: backend="triton" says which Triton
+    is there and what the kernels need; "auto" takes another implementation."""
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 0))
+    problem = make_problem(2, 17, 17, 16)
+    with pytest.raises(dispatch.BackendNotSupportedError, match=r"triton 3\.0 is older than 3\.4"):
+        dispatch.choose("exact", "triton", problem)
+    assert dispatch.choose("exact", "auto", problem).backend != "triton"
+
+
 def test_auto_uses_torch_on_cpu_and_triton_refuses_unknown_coverage():
     on_cpu = cpu_problem(2, 17, 17, 16)  # CPU tensors whatever DEVICE is
     assert dispatch.choose("block", "auto", on_cpu).backend == "torch"

@@ -19,6 +19,7 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
+from on_device import needs_flex
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
@@ -469,6 +470,7 @@ def test_each_recipes_best_point_is_timed_again_at_the_end_where_it_could_win():
     assert hopeless.recipes["r"].best.latency_ms == 4.0
 
 
+@needs_flex
 def test_the_implementation_is_a_tunable_choice(stream_path, tmp_path):
     """--backends torch,flex: trials run on either implementation, the file records which
     won beside the knobs, and the loaded attention runs on it."""

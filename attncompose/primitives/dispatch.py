@@ -26,7 +26,9 @@ is absent.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Callable
@@ -40,6 +42,10 @@ from attncompose.primitives.base import Problem
 BACKENDS = ("auto", "torch", "triton", "flex")
 PREFERENCE = ("sdpa", "triton", "flex", "torch")  # the order implementations are tried in
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the oldest Triton the kernels are checked with: every variant compiled for sm_90 with 3.4,
+# 3.6 (the GPU image's, its interpreter running the suite too) and 3.9
+# (benchmarks/compile_gpu.py --triton-path); 3.0's interpreter rejects them
+OLDEST_TRITON = (3, 4)
 
 
 class BackendNotSupportedError(AttentionInputError):
@@ -51,11 +57,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, None if there is none (triton not imported)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        release = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # importable but not installed: a checkout
+        import triton
+
+        release = triton.__version__
+    major, minor = (int("".join(c for c in x if c.isdigit()) or 0) for x in release.split(".")[:2])
+    return major, minor
+
+
 def triton_reasons(problem: Problem) -> list[str]:
     """Why Triton kernels cannot run ``problem`` (empty when they can)."""
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    version = triton_version()
+    if version is None:
         reasons.append("triton is not installed")
+    elif version < OLDEST_TRITON:
+        reasons.append(
+            f"triton {version[0]}.{version[1]} is older than "
+            f"{OLDEST_TRITON[0]}.{OLDEST_TRITON[1]}, the oldest the kernels are checked with"
+        )
     device = problem.q.device
     if device.type != "cuda" and not interpreting():
         reasons.append(f"device {device} is not CUDA (set TRITON_INTERPRET=1 to interpret)")

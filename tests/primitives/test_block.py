@@ -18,6 +18,7 @@ from on_device import (
     assert_same,
     lsh_coverage,
     nan_partial,
+    needs_flex,
     padded_views,
     triton_module,
     with_descriptor_loads,
@@ -265,6 +266,7 @@ def test_show_names_the_block_plan():
 FLEX_CASES = ["sink+window", "topp+sink+window", "topk-minus-window"]
 
 
+@needs_flex
 @pytest.mark.parametrize("case", FLEX_CASES)
 @pytest.mark.parametrize("shape", ["T130-causal", "decode10x300", "rect200x77"])
 def test_flex_lowering_matches_the_reference(case, shape):
@@ -279,6 +281,7 @@ def test_flex_lowering_matches_the_reference(case, shape):
             assert_walk_equal(plan_flex.plan_attention(p, each), naive_plan_attention(p, each))
 
 
+@needs_flex
 def test_flex_block_mask_lists_the_plans_blocks():
     p = make_problem(2, 130, 130, causal=True, seed=8)
     plan, _, _ = plan_of("topp+sink+window", p)
@@ -289,6 +292,7 @@ def test_flex_block_mask_lists_the_plans_blocks():
     assert mask.BLOCK_SIZE == (plan.grid.block_q, plan.grid.block_k) == (32, 32)
 
 
+@needs_flex
 def test_flex_compiles_once_for_every_length(monkeypatch):
     """Compiled (dynamo with its eager backend, to stay fast on CPU): new lengths reuse the
     compiled graph instead of recompiling, so the recompile limit is never reached."""
@@ -310,6 +314,7 @@ def test_flex_compiles_once_for_every_length(monkeypatch):
     assert graphs[-1] == graphs[1] <= 2  # one dynamic graph after the first specialisation
 
 
+@needs_flex
 def test_flex_says_so_instead_of_falling_back_to_eager(monkeypatch):
     """Past dynamo's recompile limit FlexAttention would silently run its unfused eager path:
     here it is an error naming the cause."""
@@ -326,6 +331,7 @@ def test_flex_says_so_instead_of_falling_back_to_eager(monkeypatch):
     torch._dynamo.reset()
 
 
+@needs_flex
 @pytest.mark.parametrize(("n", "causal"), [(128, False), (512, True)])
 def test_flex_runs_sorted_tiles_as_one_contiguous_plan(n, causal, packing_on_cpu):
     """backend="flex": sortLSH buckets with their sampled residual through FlexAttention's
@@ -348,6 +354,7 @@ def test_flex_runs_sorted_tiles_as_one_contiguous_plan(n, causal, packing_on_cpu
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
+@needs_flex
 def test_contiguous_tiles_of_every_query_write_every_row(monkeypatch):
     """Tiles that hold every query leave the scattered result uninitialised: with fresh
     memory poisoned by NaN (odd length: padded slots; code pairing, whose tiles are exact at
@@ -374,7 +381,7 @@ def test_contiguous_tiles_of_every_query_write_every_row(monkeypatch):
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("flex", marks=needs_flex)])
 def test_a_cached_static_plan_serves_calls_of_more_rows(backend):
     """A static plan (power's table) built for one batch size serves a later call with more
     rows: its table is one for every row, never the first call's rows."""
@@ -676,7 +683,7 @@ def test_contiguous_key_blocks_are_large_unless_they_pad_much(width, block):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.parametrize("backend", ["triton", pytest.param("flex", marks=needs_flex)])
 def test_contiguous_tiles_never_wait_for_the_device(monkeypatch, backend):
     """Key bias, plan (Triton: query and key rows in permuted order), copies and the
     scatter back (FlexAttention: copies in tile order) use tensor operations only."""
