@@ -59,7 +59,8 @@ def interpreting() -> bool:
 
 @functools.cache
 def triton_version() -> tuple[int, int] | None:
-    """(major, minor) of the installed Triton, None if there is none (triton not imported)."""
+    """(major, minor) of the installed Triton, None if there is none; read from its package
+    metadata, so that asking does not import triton."""
     if importlib.util.find_spec("triton") is None:
         return None
     try:
@@ -219,11 +220,13 @@ def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> 
 
 def describe(op: str, backend: str) -> str:
     """What ``backend`` runs for ``op`` on this machine, as ``attncompose show`` prints it
-    (``auto``: Triton and FlexAttention where CUDA and triton are present, else PyTorch). A
+    (``auto``: Triton and FlexAttention where CUDA and a Triton the kernels support are
+    present, else PyTorch). A
     backend with several implementations is named in preference order, ``a else b``: which
     one runs is chosen per call (e.g. the fused CPU kernels take CPU tensors only)."""
     if backend == "auto":
-        cuda = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+        version = triton_version()
+        cuda = torch.cuda.is_available() and version is not None and version >= OLDEST_TRITON
         names = [impl.name for impl in KERNELS[op] if (impl.backend != "torch") == cuda]
         return " else ".join(names)
     names = [impl.name for impl in KERNELS[op] if impl.backend == backend]
