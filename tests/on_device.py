@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton (any kernel module) imports
 
 import importlib
-import importlib.util
 from dataclasses import replace
 from types import ModuleType
 
@@ -39,13 +38,11 @@ needs_flex = pytest.mark.skipif(
 
 def triton_unusable() -> str | None:
     """Why Triton kernels cannot run in this test session (None: they can)."""
-    from attncompose.primitives.dispatch import OLDEST_TRITON, triton_version
+    from attncompose.primitives.dispatch import triton_missing
 
-    version = triton_version()
-    if version is None:
-        return "triton is not installed"
-    if version < OLDEST_TRITON:
-        return f"triton {version} is older than {OLDEST_TRITON}, the oldest the kernels support"
+    missing = triton_missing()
+    if missing is not None:
+        return missing
     import triton.runtime.interpreter
 
     if not torch.cuda.is_available() and not isinstance(

@@ -73,17 +73,23 @@ def triton_version() -> tuple[int, int] | None:
     return major, minor
 
 
-def triton_reasons(problem: Problem) -> list[str]:
-    """Why Triton kernels cannot run ``problem`` (empty when they can)."""
-    reasons = []
+def triton_missing() -> str | None:
+    """Why no Triton that runs the kernels is installed (None: one is)."""
     version = triton_version()
     if version is None:
-        reasons.append("triton is not installed")
-    elif version < OLDEST_TRITON:
-        reasons.append(
+        return "triton is not installed"
+    if version < OLDEST_TRITON:
+        return (
             f"triton {version[0]}.{version[1]} is older than "
             f"{OLDEST_TRITON[0]}.{OLDEST_TRITON[1]}, the oldest the kernels are checked with"
         )
+    return None
+
+
+def triton_reasons(problem: Problem) -> list[str]:
+    """Why Triton kernels cannot run ``problem`` (empty when they can)."""
+    missing = triton_missing()
+    reasons = [] if missing is None else [missing]
     device = problem.q.device
     if device.type != "cuda" and not interpreting():
         reasons.append(f"device {device} is not CUDA (set TRITON_INTERPRET=1 to interpret)")
@@ -221,12 +227,11 @@ def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> 
 def describe(op: str, backend: str) -> str:
     """What ``backend`` runs for ``op`` on this machine, as ``attncompose show`` prints it
     (``auto``: Triton and FlexAttention where CUDA and a Triton the kernels support are
-    present, else PyTorch). A
-    backend with several implementations is named in preference order, ``a else b``: which
-    one runs is chosen per call (e.g. the fused CPU kernels take CPU tensors only)."""
+    present, else PyTorch). A backend with several implementations is named in preference
+    order, ``a else b``: which one runs is chosen per call (e.g. the fused CPU kernels take
+    CPU tensors only)."""
     if backend == "auto":
-        version = triton_version()
-        cuda = torch.cuda.is_available() and version is not None and version >= OLDEST_TRITON
+        cuda = torch.cuda.is_available() and triton_missing() is None
         names = [impl.name for impl in KERNELS[op] if (impl.backend != "torch") == cuda]
         return " else ".join(names)
     names = [impl.name for impl in KERNELS[op] if impl.backend == backend]
