@@ -51,9 +51,11 @@ def _fused_chunk(
         add = add.expand(*q.shape[:-1], k.shape[-2])
     out, lse = fused_op()(q, k, v, 0.0, False, attn_mask=add, scale=scale)[:2]
     if mask is not None:
-        empty = ~any_key(mask).expand(lse.shape)  # [N, T, bq]
-        lse = lse.masked_fill(empty, float("-inf"))
-        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+        empty = ~any_key(mask)  # [N or 1, T, bq or 1]
+        if bool(empty.any()):  # the kernel's own outputs: filled in place
+            empty = empty.expand(lse.shape)
+            lse.masked_fill_(empty, float("-inf"))
+            out.masked_fill_(empty.unsqueeze(-1), 0.0)
     return out, lse
 
 
