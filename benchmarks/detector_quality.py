@@ -88,7 +88,7 @@ def problems(item, setting: str) -> Problem:
         scale=q.shape[-1] ** -0.5,
         causal=True,
         heads=q.shape[0],
-        kv_group=group,
+        kv_group=1,  # keys and values repeated per query head above: the detectors' view
     )
     if setting == "causal":
         return full

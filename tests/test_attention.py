@@ -9,6 +9,9 @@ import torch
 from contract import assert_reads_no_later_key
 
 import attncompose as ac
+from attncompose.eval.products import products_fraction
+from attncompose.primitives.base import Problem
+from attncompose.spec.recipe import builtin_recipes
 
 # -- the kernels against the dense specification ---------------------------------------------
 
@@ -52,13 +55,58 @@ def test_approximate_path_never_builds_an_n_by_n_matrix():
     assert out.shape == (1, 1, n, 16) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", [*builtin_recipes(), "topp:keys"])  # topp, score: keys
+@pytest.mark.parametrize(
+    ("lq", "causal"), [(2500, True), (2500, False), (1, True), (37, True)],
+    ids=["causal", "noncausal", "decode1", "decode37"],
+)  # fmt: skip
+def test_grouped_heads_equal_their_keys_repeated_for_every_query_head(make_qkv, name, lq, causal):
+    """Grouped-query attention is attention with each key/value head repeated for the query
+    heads of its group, bit for bit, whether a step reads the groups where they are or
+    expands them; at 2500 keys every built-in recipe computes a fraction of the products
+    (the causal splitter's from 512 up)."""
+    q, k, v = make_qkv(b=1, hq=6, hkv=2, lq=lq, lk=2500, d=16)
+    recipe = ac.load_recipe(name.split(":")[0])
+    if name == "topp:keys":
+        recipe = recipe.with_knobs({"heavy.score": "keys", "heavy.max_k": 4})
+    if "out" in recipe.steps and recipe.steps["out"].op == "causal_split":
+        recipe = recipe.with_knobs({"out.min_seq_len": 512})
+    attn = ac.compile(recipe, backend="torch")
+    grouped = attn(q, k, v, is_causal=causal)
+    repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=causal)
+    assert torch.equal(grouped, repeated)
+    if name != "exact" and lq > 1 and causal:
+        assert products_fraction(attn, q, k, v, causal) < 1.0
+
+
+@pytest.mark.parametrize("name", ["exact", "streaming", "topp", "block-topk", "power"])
+def test_grouped_keys_are_read_where_they_are_on_the_cpu(make_qkv, name, monkeypatch):
+    """Exact attention and the block-plan recipes read key/value row n // group for query
+    row n: no call copies the keys and values per query head (hyperattention's steps, which
+    hash keys per query head, do: the watch sees that)."""
+    copies = []
+    expanded = Problem.expanded
+
+    def watch(problem):
+        if problem.kv_group > 1:
+            copies.append(tuple(problem.k.shape))
+        return expanded(problem)
+
+    monkeypatch.setattr(Problem, "expanded", watch)
+    q, k, v = make_qkv(b=1, hq=6, hkv=2, lq=2500, d=16)
+    attn = ac.compile(name, backend="torch")
+    attn(q, k, v, is_causal=True)  # prefill
+    attn(q[:, :, -1:], k, v, is_causal=True)  # a decode step
+    assert copies == []
+    ac.compile("hyperattention-sinks", backend="torch")(q, k, v, is_causal=True)
+    assert copies
+
+
 # -- sinks and windows ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_products_fraction(make_qkv, causal):
-    from attncompose.eval.products import products_fraction
-
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=256, d=16)
     assert products_fraction(ac.compile("exact"), q, k, v, causal) == 1.0
     window = ac.load_recipe("streaming").with_knobs({"sinks.count": 0, "local.width": 16})

@@ -30,6 +30,7 @@ def coverage_mask(
 
 def attention_probs(problem: Problem) -> Tensor:
     """Exact attention probabilities [N, Lq, Lk] (float32, causal mask applied)."""
+    problem = problem.expanded()
     s = torch.matmul(problem.q, problem.k.transpose(-1, -2)) * problem.scale
     if problem.causal:
         full = coverage_mask(problem)

@@ -140,7 +140,12 @@ class Problem:
     kernels may reuse for intermediates; ``packed``: several independent problems packed
     along the rows, see :class:`Packing`; ``rows``: its queries and keys are rows of ``q``,
     ``k`` and ``v`` picked by :class:`RowMaps`, else they are ``q``, ``k``, ``v``
-    themselves, in order: :meth:`gathered` makes them so)."""
+    themselves, in order: :meth:`gathered` makes them so).
+
+    Grouped-query attention: ``k`` and ``v`` hold one row per key/value head, N /
+    ``kv_group`` rows, and query row n reads key/value row n // ``kv_group`` (the query heads
+    of a group are consecutive rows). Readers that do not take groups get the problem with
+    its keys and values repeated for every query row (:meth:`expanded`)."""
 
     q: Tensor
     k: Tensor
@@ -155,6 +160,14 @@ class Problem:
     packed: Packing | None = None
     rows: RowMaps | None = None
     _gathered: list = field(default_factory=list, init=False, repr=False, compare=False)
+    _expanded: list = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kv_group < 1 or self.k.shape[0] * self.kv_group != self.q.shape[0]:
+            raise ValueError(
+                f"{self.q.shape[0]} query rows need {self.q.shape[0]} / kv_group "
+                f"({self.kv_group}) key rows, got k {tuple(self.k.shape)}"
+            )
 
     @property
     def lq(self) -> int:
@@ -176,10 +189,24 @@ class Problem:
             self._gathered.append(replace(self, q=q, k=k, v=v, rows=None))
         return self._gathered[0]
 
+    def expanded(self) -> Problem:
+        """This problem with one key and value row per query row (``kv_group`` 1: each
+        key/value row repeated for the query heads of its group; a copy, made once per
+        problem); itself where that is so already."""
+        if self.kv_group == 1:
+            return self
+        if not self._expanded:
+            group = self.kv_group
+            repeat = lambda x: x.unsqueeze(1).expand(x.shape[0], group, *x.shape[1:]).flatten(0, 1)
+            self._expanded.append(replace(self, k=repeat(self.k), v=repeat(self.v), kv_group=1))
+        return self._expanded[0]
+
     def for_reader(self, reader: Any) -> Problem:
         """This problem as ``reader`` (a step, a fused pattern, a kernel) can read it:
-        itself where the reader takes row maps (``reads_rows``), else :meth:`gathered`."""
-        return self if getattr(reader, "reads_rows", False) else self.gathered()
+        itself where the reader takes row maps (``reads_rows``), else :meth:`gathered`; and
+        where it does not take grouped keys and values (``reads_groups``), :meth:`expanded`."""
+        problem = self if getattr(reader, "reads_rows", False) else self.gathered()
+        return problem if getattr(reader, "reads_groups", False) else problem.expanded()
 
     def sub(self, q: slice, k: slice, causal: bool) -> Problem:
         """The sub-problem of a query range and a key range (offsets follow)."""
@@ -483,6 +510,10 @@ class Primitive:
     # reads values only through the maps, else not at all (shapes, lq/lk, positions); the
     # compiler gives the others the problem gathered (:meth:`Problem.gathered`)
     reads_rows: ClassVar[bool] = False
+    # Takes a problem with grouped keys and values (:attr:`Problem.kv_group`): it reads key
+    # row n // kv_group for query row n, else no keys or values at all; the compiler gives the
+    # others the problem expanded (:meth:`Problem.expanded`)
+    reads_groups: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -120,6 +120,8 @@ class Kernel:
     row_maps: ClassVar[bool] = False
     # takes a problem whose queries and keys are rows of its tensors (Problem.rows)
     reads_rows: ClassVar[bool] = False
+    # takes grouped keys and values (Problem.kv_group), else given them expanded
+    reads_groups: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -219,7 +221,8 @@ def explain(op: str, backend: str, problem: Problem, **inputs: Any) -> list[str]
 
 def call(op: str, backend: str, problem: Problem, *args: Any, **inputs: Any) -> Any:
     """Run ``op`` on ``problem`` with the implementation ``backend`` chooses (given the
-    problem gathered unless it reads row maps: ``Kernel.reads_rows``)."""
+    problem gathered unless it reads row maps, ``Kernel.reads_rows``, and its keys and values
+    expanded unless it reads them grouped, ``Kernel.reads_groups``)."""
     impl = choose(op, backend, problem, **inputs)
     return impl.load()(problem.for_reader(impl), *args, **inputs)
 

@@ -102,8 +102,8 @@ class Attention(nn.Module):
         rows = lambda x: _rows(x, dtype, strided=native)
         problem = Problem(
             q=rows(q),
-            k=rows(_expand_heads(k, group)),
-            v=rows(_expand_heads(v, group)),
+            k=rows(k),  # one row per key/value head: the steps read them grouped or expand
+            v=rows(v),
             scale=scale,
             causal=bool(is_causal),
             heads=hq,
@@ -143,11 +143,6 @@ class _ForwardOnly(torch.autograd.Function):
             "attncompose attention has no backward pass (it is for inference): run the model "
             "under torch.no_grad() or torch.inference_mode(), or use exact SDPA for training"
         )
-
-
-def _expand_heads(x: Tensor, group: int) -> Tensor:
-    """[B, Hkv, L, D] -> [B, Hkv*group, L, D], each key/value head repeated for its group."""
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def _rows(x: Tensor, dtype: torch.dtype, strided: bool) -> Tensor:

@@ -68,6 +68,7 @@ class Block(Primitive):
     # spans the whole row: a step that runs one is not packable (set by connect())
     packable = True
     reads_rows = True  # selections' indices; its kernels through dispatch.call
+    reads_groups = True  # likewise (the kernels that do not take groups get them expanded)
 
     def pack_quantum(self) -> int:
         return self.knobs["block_size"]

@@ -91,6 +91,7 @@ class FusedCpuBlockSparse(FusedCpuKernel):
     op = "plan"
     name = "torch:block-sparse-cpu"
     function = staticmethod(fused.plan_attention)
+    reads_groups = True  # a query row reads key row n // kv_group
 
 
 class TorchBlockSparse(Kernel):
@@ -99,6 +100,7 @@ class TorchBlockSparse(Kernel):
     op = "plan"
     name = "torch:block-sparse"
     function = staticmethod(plan_torch.plan_attention)
+    reads_groups = True  # a query row reads key row n // kv_group
 
 
 # -- block: a tile pass ------------------------------------------------------------------

@@ -12,6 +12,10 @@ Two passes over a :class:`~attncompose.primitives.plan.BlockPlan`, merged by lse
    row when the plan is the same for all rows, kept with a static plan; a data-dependent
    plan reads it from tiles built once per static pattern, :meth:`BlockPlan.partial_mask`).
 
+Grouped keys and values (:attr:`~attncompose.primitives.base.Problem.kv_group`) are read
+where they are: query row n takes its key blocks from row n // kv_group (a shared plan's
+groups run one call per query head of the group, on the same key views or gathers).
+
 Queries and outputs of consecutive query blocks are views, never gathered. ``chunk_fn(q, k,
 v, mask, bias, scale, scratch) -> (out, lse)`` computes one group: the reference
 (:func:`~attncompose.primitives.block.naive._softmax_chunk`) or PyTorch's fused CPU flash
@@ -75,6 +79,7 @@ class _Walk:
         self.k = _blocks(problem.k, g.nkb, g.block_k)
         self.v = _blocks(problem.v, g.nkb, g.block_k)
         self.out, self.lse = out, lse
+        self.group = problem.kv_group  # query rows per key row
         self.scratch = problem.workspace or Workspace()
         self.dev = problem.q.device
 
@@ -116,13 +121,23 @@ class _Walk:
         valid = _valid(count, width)  # [M, W]
         mask = None if bool(valid.all()) else self._key_mask(valid)[None]
         bias = self._bias(blocks[None], valid[None])
-        o, s = self._call(self.q[:, i0:i1], k, v, mask, bias)
-        self.out[:, i0:i1] = o
-        self.lse[:, i0:i1] = s
+        q, out, lse = (self._by_group(x[:, i0:i1]) for x in (self.q, self.out, self.lse))
+        biases = self._by_group(bias) if bias is not None and bias.shape[0] > 1 else None
+        for g in range(self.group):  # k, v: one row per key row, for each query head of it
+            o, s = self._call(q[g], k, v, mask, bias if biases is None else biases[g])
+            out[g].copy_(o)
+            lse[g].copy_(s)
+
+    def _by_group(self, x: Tensor) -> list[Tensor]:
+        """x [N, ...] (per query row) as one view [N / G, ...] per query head g of a group
+        (x itself when G is 1): the rows that read key row j are j*G + g."""
+        if self.group == 1:
+            return [x]
+        return list(x.view(-1, self.group, *x.shape[1:]).unbind(1))
 
     def _keys(self, blocks: Tensor, nk: int) -> tuple[Tensor, Tensor]:
-        """K and V of ``blocks`` [M, W] for every row: [N, M, W*BK, D]. Consecutive ranges
-        stepping evenly are a view (nothing copied), the rest a gather into buffers."""
+        """K and V of ``blocks`` [M, W] for every key row: [N / G, M, W*BK, D]. Consecutive
+        ranges stepping evenly are a view (nothing copied), the rest a gather into buffers."""
         bk = self.plan.grid.block_k
         m, width = blocks.shape
         starts = blocks[:, 0].long()
@@ -169,7 +184,7 @@ class _Walk:
         for width, members in _sorted_chunks(num, lambda w: self._step(1, w)):
             r, i = members.unbind(-1)
             blocks = order[r, i, :width]  # [M, W], all valid
-            keys = (r[:, None] * g.nkb + blocks).reshape(-1)
+            keys = ((r // self.group)[:, None] * g.nkb + blocks).reshape(-1)
             shape = (1, len(r), width * g.block_k)
             k = self._gather("k", flat_k, 0, keys, shape)
             v = self._gather("v", flat_v, 0, keys, shape)
@@ -203,7 +218,7 @@ class _Walk:
         nk = width * g.block_k
         valid = _valid(count, width)  # [R, M, W]
         mask = self._pair_mask(i0, i1, blocks, valid)  # [R, M, BQ, nk]
-        rows = torch.arange(n, device=self.dev)[:, None] * g.nkb
+        rows = (torch.arange(n, device=self.dev) // self.group)[:, None] * g.nkb
         idx = (blocks.expand(n, -1, -1).flatten(1).long() + rows).flatten()
         shape = (n, i1 - i0, nk)
         k = self._gather("pk", self.k.flatten(0, 1), 0, idx, shape)

@@ -12,6 +12,7 @@ class Exact(Primitive):
     schema = ExactStep
     kernels = (SdpaCuda, TritonFlash, SdpaWithLse)
     offset_free = True
+    reads_groups = True  # its kernels through dispatch.call
 
     def __call__(self, problem: Problem) -> Partial:
         return dispatch.call("exact", self.backend, problem)

@@ -5,6 +5,10 @@ run the rows, else FlashAttention-2's (half precision; :func:`cuda_fused_reasons
 PyTorch's fused kernels align ``is_causal`` top-left, so a causal problem whose queries sit
 ``delta`` positions after its keys is split into a fully visible key prefix (non-causal) and
 a top-left causal remainder, merged by lse.
+
+Grouped keys and values (:attr:`Problem.kv_group`) are read where they are on the CPU: the
+query heads of a group as the heads of one batch element, its key/value row broadcast to
+them (a stride-0 view, no copy). The CUDA kernels get them expanded.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
     reasons = []
     if q.device.type != "cuda":
         reasons.append(f"device {q.device} is not CUDA")
-    if leaf is not None and any(x.stride(0) != x.shape[1] * x.stride(1) for x in (q, k, v)):
+    read = (q, k, v) if problem.kv_group == 1 else (q,)  # grouped ones: expanded, contiguous
+    if leaf is not None and any(x.stride(0) != x.shape[1] * x.stride(1) for x in read):
         reasons.append("leaves of strided rows (the Triton kernel reads them where they lie)")
     if q.dtype not in HALF:
         reasons.append(f"dtype {q.dtype} is not float16/bfloat16")
@@ -59,7 +64,9 @@ def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
     if problem.causal and problem.q_offset + problem.lq != problem.k_offset + problem.lk:
         reasons.append("causal, not bottom-right aligned (its causal part would be a rectangle)")
     if not reasons:  # the calls fused_exact_attention makes: a causal problem's keys past
-        # the visible prefix form its causal square
+        # the visible prefix form its causal square (on the keys it is given: expanded)
+        problem = problem.expanded()
+        k, v = problem.k, problem.v
         delta = problem.q_offset - problem.k_offset
         calls = [(k, v, False)] if not problem.causal else [(k[:, delta:], v[:, delta:], True)]
         if problem.causal and delta:
@@ -88,6 +95,7 @@ def _cuda_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 def _fused_cuda(problem: Problem, causal: bool) -> Partial:
     """Causal squares and any non-causal problem (causal rectangles, whose diagonal the
     kernels may anchor either way, run the reference)."""
+    problem = problem.expanded()
     q, k, v = problem.q, problem.k, problem.v
     square = problem.lq == problem.lk
     kernel = _cuda_kernel(q, k, v, causal) if q.dtype in HALF and (square or not causal) else None
@@ -112,7 +120,8 @@ def _fused(problem: Problem, causal: bool) -> Partial:
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None:
         return exact_attention(problem)
-    out, lse = op(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=problem.scale)[
-        :2
-    ]
-    return Partial(out[0], lse[0])
+    group = problem.kv_group  # [N/G, G, L, D]: a group's query heads share its key row
+    q = q.view(-1, group, *q.shape[1:])
+    k, v = (x.unsqueeze(1).expand(-1, group, -1, -1) for x in (k, v))
+    out, lse = op(q, k, v, 0.0, causal, scale=problem.scale)[:2]
+    return Partial(out.flatten(0, 1), lse.flatten(0, 1))

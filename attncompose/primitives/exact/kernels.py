@@ -41,3 +41,4 @@ class SdpaWithLse(Kernel):
     op = "exact"
     name = "torch:sdpa-with-lse"
     function = staticmethod(fused_exact_attention)
+    reads_groups = True  # on the CPU in place, else expanded (fast.py)

@@ -17,6 +17,7 @@ def exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
     of every query over the visible keys of its own leaf (:func:`on_leaves`)."""
     if leaf is not None:
         return on_leaves(exact_attention, problem, leaf)
+    problem = problem.expanded()
     n, lq = problem.q.shape[:2]
     lk = problem.lk
     result = Partial.empty(problem)
@@ -40,6 +41,7 @@ def on_leaves(run: Callable[[Problem], Partial], problem: Problem, leaf: int) ->
     splitter's diagonal): the leaves stacked as rows of one call, a view of contiguous
     inputs (strided ones are copied). out [N, Lq, Dv], lse [N, Lq]."""
     check_leaves(problem, leaf)
+    problem = problem.expanded()  # a leaf's row is its query row's
     rows, n = problem.q.shape[0], problem.lq
     stack = lambda x: x.reshape(rows * (n // leaf), leaf, x.shape[-1])
     leaves = run(

@@ -14,6 +14,7 @@ class Merge(Primitive):
     offset_free = True
     packable = True
     reads_rows = True  # partials only
+    reads_groups = True
 
     def __call__(self, problem: Problem, inputs: list[Partial]) -> Partial:
         return merge_partials(list(inputs))

@@ -32,6 +32,7 @@ def power_table(problem: Problem, size: int, max_distance: int) -> torch.Tensor:
 class Power(Primitive):
     schema = PowerStep
     block_form = True
+    reads_groups = True  # positions only
 
     def __call__(self, problem: Problem) -> BlockTable:
         # blocks are absolute: from the sequence's end up, one block holds every position

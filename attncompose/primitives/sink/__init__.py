@@ -43,6 +43,7 @@ class Sink(Primitive):
     block_form = True
     packable = True  # positions of packed keys are their parts' (Packing.k_at)
     reads_rows = True  # positions only
+    reads_groups = True
 
     def __call__(self, problem: Problem) -> SinkCoverage:
         # more sinks than keys: every key (the knob never sizes memory beyond the sequence)

@@ -19,6 +19,7 @@ class Topk(Primitive):
     schema = TopkStep
     kernels = (TritonBlockMeanScores, TorchBlockMeanScores)
     block_form = True
+    reads_groups = True  # its scores through dispatch.call
     offset_free = True
 
     def __call__(self, problem: Problem) -> BlockTable:

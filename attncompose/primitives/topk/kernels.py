@@ -22,3 +22,4 @@ class TorchBlockMeanScores(Kernel):
     op = "topk_scores"
     name = "torch:block-mean-scores"
     function = staticmethod(block_scores)
+    reads_groups = True  # a group's key means, or its keys, read once for its query heads

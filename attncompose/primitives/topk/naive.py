@@ -42,24 +42,30 @@ def block_scores(problem: Problem, size: int, score: str = "means") -> Tensor:
     """Estimated log-mass [N, nQB, nKB] of each key block per query block (``score``: see the
     module doc); -inf if invisible."""
     qm, _ = block_means(problem.q.float(), size)
+    group = problem.kv_group  # query row n reads key row n // group
     if score == "means":
         km, kcount = block_means(problem.k.float(), size)
+        km = km.repeat_interleave(group, 0) if group > 1 else km  # means: small
         est = torch.matmul(qm, km.transpose(-1, -2)) * problem.scale + kcount.log()
     elif score == "keys":
-        est = _key_scores(qm, problem.k.float(), size, problem.scale)
+        est = _key_scores(qm, problem.k.float(), size, problem.scale, group)
     else:
         raise ValueError(f"unknown score {score!r}: expected one of {list(SCORES)}")
     return est.masked_fill(~block_visibility(problem, size), float("-inf"))
 
 
-def _key_scores(qm: Tensor, k: Tensor, size: int, scale: float) -> Tensor:
-    """log sum_{k in block j} exp(scale * qm_i . k): [N, nQB, nKB], query blocks in chunks."""
-    n, lk, _ = k.shape
-    nqb, nkb = qm.shape[1], -(-lk // size)
+def _key_scores(qm: Tensor, k: Tensor, size: int, scale: float, group: int = 1) -> Tensor:
+    """log sum_{k in block j} exp(scale * qm_i . k): [N, nQB, nKB], query blocks in chunks
+    (k [N / group, Lk, D]: the mean queries of a group's heads in one product with its keys)."""
+    lk = k.shape[1]
+    n, nqb, d = qm.shape
+    nkb = -(-lk // size)
     est = k.new_empty(n, nqb, nkb)
     step = max(1, SCORE_CHUNK // max(1, n * nkb * size))
     for i0 in range(0, nqb, step):
-        s = torch.matmul(qm[:, i0 : i0 + step], k.transpose(-1, -2)) * scale  # [N, C, Lk]
+        chunk = qm[:, i0 : i0 + step]  # [N, C, D] -> [N / G, G*C, D]: a group's rows together
+        grouped = chunk.reshape(-1, group * chunk.shape[1], d)
+        s = torch.matmul(grouped, k.transpose(-1, -2)) * scale  # [N / G, G*C, Lk]
         s = torch.nn.functional.pad(s, (0, nkb * size - lk), value=float("-inf"))
         est[:, i0 : i0 + step] = torch.logsumexp(s.view(n, -1, nkb, size), -1)
     return est

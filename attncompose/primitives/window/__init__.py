@@ -41,6 +41,7 @@ class Window(Primitive):
     block_form = True
     packable = True  # positions of packed queries and keys are their parts' (Packing)
     reads_rows = True  # positions only
+    reads_groups = True
 
     def __call__(self, problem: Problem) -> WindowCoverage:
         # wider than the last query's distance to the first key: the same keys as that width
