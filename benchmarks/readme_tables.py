@@ -187,6 +187,41 @@ def bench_cpu_before_plans(results: Path) -> str:
     return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
 
 
+def bench_decode_cpu(results: Path) -> str:
+    """One decode step of each recipe (grouped heads) against SDPA, now and at the commit
+    before grouped keys and values were read in place (``results/before-gqa/``), same
+    script and machine."""
+    now = runs("bench_decode_cpu", results)[:1]
+    before = runs("bench_decode_cpu", results / "before-gqa")
+    old = {(row["recipe"], row["n"]): row for run in before for row in run["rows"]}
+    lines = [
+        "| recipe | n | frac | before ms | now ms | SDPA ms | speedup now "
+        "| unchecked ms | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    unchecked = lambda row: [
+        s / r for s, r in zip(row["sdpa_samples_ms"], row["unchecked_samples_ms"], strict=True)
+    ]
+    for row in (row for run in now for row in run["rows"]):
+        prior = old.get((row["recipe"], row["n"]))
+        cells = [
+            f"`{row['recipe']}`",
+            str(row["n"]),
+            f"{row['frac']:.3f}",
+            f"{prior['recipe_ms']:.1f}" if prior else "",
+            f"{row['recipe_ms']:.1f}",
+            f"{row['sdpa_ms']:.1f}",
+            spread(ratios(row), digits=2),
+            f"{row['unchecked_ms']:.1f}",
+            spread(unchecked(row), digits=2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    quoted = dict.fromkeys(
+        f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}" for run in before + now
+    )
+    return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
+
+
 def model_tuning_table(results: dict) -> str:
     """The README table: per length, exact, the best uniform recipe, per layer."""
     lines = [
@@ -438,6 +473,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "bench_cpu": bench_cpu,
     "bench_cpu_recipes": bench_cpu_recipes,
     "bench_cpu_before_plans": bench_cpu_before_plans,
+    "bench_decode_cpu": bench_decode_cpu,
     "profile_cpu": profile_cpu("profile_cpu"),
     "profile_cpu_topp": profile_cpu("profile_cpu_topp"),
     "tune_time": tune_time,

@@ -19,6 +19,7 @@ RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min"
 
 SCRIPTS = {
     "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
+    "bench_decode_cpu": ["--recipes", "exact,streaming", "--seq-lens", "512", "--repeats", "1"],
     "bench_gpu": ["--cpu-smoke", "--levels", "--copies", "--pointers", "--triton-exact"],
     "compile_gpu": [
         *("--recipes", "hyperattention-sinks,topp,streaming", "--one-config", "--head-dim", "64")
