@@ -550,12 +550,34 @@ def _gather_rows(workspace: Workspace | None, name: str, x: Tensor, rows: Tensor
     return torch.index_select(x, 1, rows, out=buf)
 
 
-def row_index(idx: Tensor, length: int) -> Tensor:
-    """The rows of ``x.reshape(N * length, D)`` that ``x[n, idx[n, ...]]`` reads, flat (-1
-    reads row 0 of its n): computed once for keys and values gathered alike."""
+def row_index(idx: Tensor, pitch: int) -> Tensor:
+    """The rows of x's row view (:func:`row_pitch`: row n, l of x [N, L, D] at n * pitch +
+    l) that ``x[n, idx[n, ...]]`` reads, flat (-1 reads row 0 of its n): computed once for
+    keys and values gathered alike (where their pitches agree)."""
     n = idx.shape[0]
-    base = static_arange(n, idx.device, length).view(n, *([1] * (idx.dim() - 1)))
+    base = static_arange(n, idx.device, pitch).view(n, *([1] * (idx.dim() - 1)))
     return (idx.clamp_min(0) + base).reshape(-1)
+
+
+def row_pitch(x: Tensor) -> int:
+    """Rows of D between x[n] and x[n+1] (x [N, L, D]) in the [*, D] view
+    :func:`gather_rows` reads: its row stride where x's positions are consecutive D-vectors
+    (a key range of a longer sequence, e.g. the causal splitter's rectangles), else L (a
+    contiguous copy is read)."""
+    n, length, d = x.shape
+    if n > 1 and x.stride(-1) == 1 and x.stride(1) == d and x.stride(0) % d == 0:
+        return x.stride(0) // d
+    return length
+
+
+def _row_view(x: Tensor) -> Tensor:
+    """x [N, L, D] as [R, D] rows, row n, l at n * row_pitch(x) + l: a view of its storage
+    where :func:`row_pitch` finds one, else of a contiguous copy."""
+    n, length, d = x.shape
+    pitch = row_pitch(x)
+    if pitch == length:
+        return x.reshape(n * length, d)
+    return x.as_strided(((n - 1) * pitch + length, d), (d, 1))
 
 
 def static_arange(count: int, device: torch.device, step: int = 1) -> Tensor:
@@ -574,10 +596,12 @@ def gather_rows(
 ) -> Tensor:
     """``x[n, idx[n, ...]]`` for x [N, L, D] and idx [N, ...] (-1 reads row 0); [N, ..., D].
     ``out``: a buffer of at least that many elements to write into (fresh memory costs page
-    faults on CPU, more than the copy itself); ``rows``: :func:`row_index` of ``idx``."""
-    n, length, d = x.shape
-    rows = row_index(idx, length) if rows is None else rows
-    flat = x.reshape(n * length, d)
+    faults on CPU, more than the copy itself); ``rows``: :func:`row_index` of ``idx`` with
+    x's :func:`row_pitch`. A key range of a longer sequence is read where it lies (before,
+    a gather of a few keys copied the whole range first)."""
+    d = x.shape[-1]
+    rows = row_index(idx, row_pitch(x)) if rows is None else rows
+    flat = _row_view(x)
     if out is None:
         return flat.index_select(0, rows).view(*idx.shape, d)
     dest = out[: rows.numel() * d].view(rows.numel(), d)

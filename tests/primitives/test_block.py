@@ -26,10 +26,18 @@ from on_device import (
 from on_device import make_problem as device_problem
 from oracle import dense_mask, make_problem, masked_attention
 from plan_cases import CASES, PROBLEMS, plan_of, problem_named, small_recipe
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Partial, Tiles, UnionCoverage, natural_tiles
+from attncompose.primitives.base import (
+    Partial,
+    Tiles,
+    UnionCoverage,
+    gather_rows,
+    natural_tiles,
+    row_pitch,
+)
 from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import plan_flex
 from attncompose.primitives.block.fused import plan_attention as fused_plan_attention
@@ -95,6 +103,39 @@ def test_key_bias_is_a_log_weight_per_key(block_attention, causal):
             dense[r, qs[:, None], ks[keep][None, :]] = bias[r, i][keep]
     mask &= dense_mask(p)  # causal visibility
     assert_partial_equal(got, masked_attention(p, mask, dense))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "key-range", "broadcast", "strided"])
+def test_gather_rows_reads_a_key_range_where_it_lies(layout):
+    """Tiles gather a few keys of each row: from a key range of a longer sequence (the causal
+    splitter's rectangles, a decode step's visible prefix) they are read in place, not after
+    a copy of the whole range; a layout whose positions are not consecutive rows is copied;
+    every layout gathers the same values."""
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 100, 8, generator=g)
+    x = {
+        "contiguous": full,
+        "key-range": full[:, 10:50],
+        "broadcast": full[:1, 10:50].expand(3, -1, -1),
+        "strided": full.view(300, 8)[:120].view(40, 3, 8).transpose(0, 1),  # [3, 40, 8]
+    }[layout]
+    idx = torch.randint(-1, x.shape[1], (3, 5, 4), generator=g)
+    want = torch.stack([x[n, idx[n].clamp_min(0)] for n in range(3)])
+    copied = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor):
+                copied.append(out.numel())
+            return out
+
+    with Watch():
+        got = gather_rows(x, idx)
+    assert torch.equal(got, want)
+    whole_range = max(copied) >= x.shape[0] * x.shape[1] * x.shape[2]
+    assert whole_range == (layout == "strided")
+    assert row_pitch(x) == {"contiguous": 100, "key-range": 100, "broadcast": 0}.get(layout, 40)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -35,6 +35,7 @@ from attncompose.primitives.base import (
     counting_products,
     gather_rows,
     row_index,
+    row_pitch,
     static_arange,
 )
 from attncompose.primitives.plan import FULL, BlockGrid, BlockPlan, static_plan
@@ -107,12 +108,13 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
     copy = lambda name, x, idx, rows=None: gather_rows(
         x, flat(idx), _buffer(problem, name, x, idx), rows
     )
-    k_rows = row_index(flat(k_idx), problem.lk)  # keys and values: the same rows
+    k_rows = row_index(flat(k_idx), row_pitch(problem.k))  # keys and values: the same rows
+    v_rows = k_rows if row_pitch(problem.v) == row_pitch(problem.k) else None
     sub = replace(
         sub,
         q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's order
         k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
-        v=copy("v", problem.v, k_idx, k_rows),
+        v=copy("v", problem.v, k_idx, v_rows),
         rows=None,
     )
     return _scatter(problem, q_idx, impl.load()(sub, plan=plan), tiles.every_query)

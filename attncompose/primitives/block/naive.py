@@ -24,6 +24,7 @@ from attncompose.primitives.base import (
     counting_products,
     gather_rows,
     row_index,
+    row_pitch,
 )
 
 SCORE_BUDGET = 1 << 24  # score elements held at once (64 MiB in fp32)
@@ -70,9 +71,10 @@ def run_tiles(
         ).float()
         q = gather("q", problem.q, qi)  # [N, T, bq, D]
         if first is None:
-            k_rows = row_index(kj, problem.lk)  # keys and values: the same rows
+            k_rows = row_index(kj, row_pitch(problem.k))  # keys and values: the same rows
+            v_rows = k_rows if row_pitch(problem.v) == row_pitch(problem.k) else None
             k = gather("k", problem.k, kj, k_rows)  # [N, T, nk, D]
-            v = gather("v", problem.v, kj, k_rows)  # [N, T, nk, Dv]
+            v = gather("v", problem.v, kj, v_rows)  # [N, T, nk, Dv]
         else:  # key ranges in bounds: overlapping views, nothing copied
             count = sl.stop - sl.start
             k = key_ranges(problem.k, first, stride, count, nk).float()
