@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from contract import assert_reads_no_later_key
+from on_device import needs_flex
 
 import attncompose as ac
 from attncompose.eval.products import products_fraction
@@ -100,6 +101,26 @@ def test_grouped_keys_are_read_where_they_are_on_the_cpu(make_qkv, name, monkeyp
     assert copies == []
     ac.compile("hyperattention-sinks", backend="torch")(q, k, v, is_causal=True)
     assert copies
+
+
+@needs_flex
+@pytest.mark.parametrize("name", ["streaming", "topp"])
+def test_flexattention_reads_grouped_keys_where_they_are(make_qkv, name, monkeypatch):
+    """The block plan through FlexAttention takes grouped keys and values as they are
+    (enable_gqa: query head h reads key/value head h // group): no copy per query head, and
+    the result of the keys repeated per head, to the torch path's float32 rounding."""
+    copies = []
+    expanded = Problem.expanded
+    monkeypatch.setattr(Problem, "expanded", lambda p: copies.append(p.kv_group) or expanded(p))
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=300, d=16)
+    grouped = ac.compile(name, backend="flex")(q, k, v, is_causal=True)
+    assert [g for g in copies if g > 1] == []
+    repeated = ac.compile(name, backend="flex")(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    )
+    assert torch.equal(grouped, repeated)
+    torch_path = ac.compile(name, backend="torch")(q, k, v, is_causal=True)
+    assert ac.relative_error(grouped, torch_path) < 1e-6
 
 
 # -- sinks and windows ---------------------------------------------------------------------

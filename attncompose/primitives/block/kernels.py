@@ -83,6 +83,7 @@ class FlexBlockSparse(FlexKernel):
     op = "plan"
     name = "flex:block-sparse"
     function = staticmethod(plan_flex.plan_attention)
+    reads_groups = True  # FlexAttention's enable_gqa: query head h reads head h // kv_group
 
 
 class FusedCpuBlockSparse(FusedCpuKernel):

@@ -153,6 +153,8 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     plan = plan.natural_rows()
     q, k, v = (x.unsqueeze(0) for x in (problem.q, problem.k, problem.v))  # [1, N, L, D]
     kwargs = {"block_mask": block_mask(problem, plan), "scale": problem.scale}
+    if problem.kv_group > 1:  # query head h reads key/value head h // kv_group
+        kwargs["enable_gqa"] = True
     if plan.key_bias is not None:
         kwargs["score_mod"] = _score_mod(plan.key_bias.float())
     if hasattr(flex_module, "AuxRequest"):
