@@ -1,11 +1,12 @@
 """Every Triton kernel variant the built-in recipes launch, compiled for Hopper on a CPU.
 
 Each recipe's GPU form (``backend="triton"``, the causal splitter packed as on CUDA) runs
-once per mode (causal, non-causal, decode) under ``TRITON_INTERPRET=1`` in float16 (the
-interpreter runs no bfloat16) while :class:`attncompose.eval.aot.LaunchRecorder` keeps each
-distinct kernel variant; then every variant is compiled for sm_90 in bfloat16 with every
-autotune config its pruning keeps (block sizes as on the GPU: LSH blocks and samples of 128,
-leaves of 256, n=1024, B=1, H=2, d=128), specialized as the JIT specializes the recorded
+once per mode (causal, non-causal, decode, and causal with grouped-query heads) under
+``TRITON_INTERPRET=1`` in float16 (the interpreter runs no bfloat16) while
+:class:`attncompose.eval.aot.LaunchRecorder` keeps each distinct kernel variant; then every
+variant is compiled for sm_90 in bfloat16 with every autotune config its pruning keeps
+(block sizes as on the GPU: LSH blocks and samples of 128, leaves of 256, n=1024, B=1, H=2
+and 1 key/value head when grouped, d=128), specialized as the JIT specializes the recorded
 launch (unit strides as constants, 16-divisible sizes and aligned pointers). No GPU is needed:
 Triton's compiler and the ptxas it ships run here. Per compile: whether it worked (else the
 error), seconds, shared memory, registers and spilled bytes per thread, and the tensor-core
@@ -41,21 +42,28 @@ from attncompose.spec.errors import RecipeError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KNOBS = {"out.min_seq_len": 256, "diag.block_size": 128, "residual.sample_size": 128}
-MODES = {"causal": (None, True), "non-causal": (None, False), "decode": (1, True)}  # Lq
+# Lq, causal, key/value heads (of 2 query heads: 1 is grouped-query attention)
+MODES = {
+    "causal": (None, True, 2),
+    "non-causal": (None, False, 2),
+    "decode": (1, True, 2),
+    "grouped": (None, True, 1),
+}
 
 
 def record(names: list[str], n: int, head_dim: int) -> list[dict]:
     """The distinct kernel variants the recipes ``names`` launch, each mode once."""
     recorder = LaunchRecorder()
     g = torch.Generator().manual_seed(0)
-    qkv = lambda lq: [
-        torch.randn(1, 2, length, head_dim, generator=g).half() for length in (lq or n, n, n)
+    qkv = lambda lq, kv: [
+        torch.randn(1, heads, length, head_dim, generator=g).half()
+        for heads, length in ((2, lq or n), (kv, n), (kv, n))
     ]
     with causal_split.packing_on({"cpu"}):
         for name in names:
             attn = ac.compile(_knobs(ac.load_recipe(name)), backend="triton")
-            for lq, causal in MODES.values():
-                q, k, v = qkv(lq)
+            for lq, causal, kv in MODES.values():
+                q, k, v = qkv(lq, kv)
                 with recorder:
                     attn(q, k, v, is_causal=causal)
     return recorder.variants

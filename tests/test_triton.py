@@ -30,7 +30,7 @@ import triton.runtime.interpreter
 import attncompose as ac
 from attncompose.eval.interpreter import CallWatch, LaunchCounter
 from attncompose.primitives import causal_split, dispatch
-from attncompose.primitives.base import Coverage
+from attncompose.primitives.base import Coverage, Problem
 from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import triton as block_triton
 from attncompose.primitives.exact import naive as exact_naive
@@ -110,6 +110,30 @@ def test_pipeline_triton_equals_torch_with_gqa(make_qkv, lq, lk, causal):
     got, got_lse = ac.compile(recipe, backend="triton")(q, k, v, is_causal=causal, return_lse=True)
     assert ac.relative_error(got, want) < 1e-5
     assert torch.allclose(got_lse, want_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["streaming", "power", "topp", "topp:keys"])
+def test_plan_kernel_reads_grouped_keys_where_they_are(make_qkv, name, monkeypatch):
+    """The block-sparse kernel and the top-k scores read key/value row n // group for query
+    row n: no copy per query head, bit for bit the result of the keys repeated per head, the
+    torch path's."""
+    copies = []
+    expanded = Problem.expanded
+    monkeypatch.setattr(Problem, "expanded", lambda p: copies.append(p.kv_group) or expanded(p))
+    recipe = ac.load_recipe(name.split(":")[0])
+    knobs = {"streaming": {"local.width": 128}, "topp": {"local.width": 64, "heavy.max_k": 4}}
+    recipe = recipe.with_knobs(knobs.get(recipe.name, {}))
+    if name == "topp:keys":
+        recipe = recipe.with_knobs({"heavy.score": "keys"})
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=400, d=16)
+    attn = ac.compile(recipe, backend="triton")
+    assert "triton:block-sparse" in attn.pipeline.kernels()["out"]
+    grouped = attn(q, k, v, is_causal=True)
+    assert [g for g in copies if g > 1] == []
+    repeated = attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    assert torch.equal(grouped, repeated)
+    want = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True)
+    assert ac.relative_error(grouped, want) < 1e-5
 
 
 ALIGNED = {  # hyperattention-aligned's shape: sinks, code-paired buckets, no fusion

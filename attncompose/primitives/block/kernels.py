@@ -69,6 +69,7 @@ class TritonBlockSparse(TritonKernel):
     lazy = "plan_triton.plan_attention"
     row_maps = True  # walks BlockPlan.query_rows and key_rows (tiles in permuted order)
     reads_rows = True  # and reads a problem's row maps
+    reads_groups = True  # row n reads key/value row n // kv_group
 
     @classmethod
     def not_supported_reasons(

@@ -75,6 +75,7 @@ def _plan_fwd_kernel(
     s_rn,  # q_rows row stride
     s_kr,  # k_rows row stride
     N,
+    GROUP,  # query rows per key/value row (grouped-query attention): row n reads n // GROUP
     Lq,
     Lk,  # the plan's keys
     NQB,  # query blocks of the plan
@@ -116,7 +117,7 @@ def _plan_fwd_kernel(
     else:
         p_q = q + i_n * s_qn + s_q[:, None] * s_ql + o_d[None, :] * s_qd
         b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
-    k_n, v_n = k + i_n * s_kn, v + i_n * s_vn  # the row's keys and values
+    k_n, v_n = k + (i_n // GROUP) * s_kn, v + (i_n // GROUP) * s_vn  # the row's keys, values
     if TMA:
         d_k = rows_of(k_n, Lk, s_kl, BK, BD)
         d_v = rows_of(v_n, Lk, s_vl, BK, BDV)
@@ -307,6 +308,7 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
         0 if rows is None else rows.stride(0),
         0 if k_rows is None else k_rows.stride(0),
         n,
+        problem.kv_group,
         lq if rows is None else g.lq,  # the plan's rows
         problem.lk if k_rows is None else g.lk,  # the plan's keys
         g.nqb,

@@ -13,6 +13,7 @@ class TritonBlockMeanScores(TritonKernel):
     op = "topk_scores"
     name = "triton:block-mean-scores"
     lazy = "triton.block_scores"
+    reads_groups = True  # row n reads key row n // kv_group (block means once per key row)
 
 
 class TorchBlockMeanScores(Kernel):

@@ -53,7 +53,7 @@ def _query_block(q, s_qn, s_ql, s_qd, Lq, D, SIZE, BS: tl.constexpr, BD: tl.cons
 
 @triton.jit
 def _block_scores_kernel(
-    q, kbar, est, s_qn, s_ql, s_qd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale,
+    q, kbar, est, s_qn, s_ql, s_qd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale, GROUP,
     CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BKB: tl.constexpr,
 ):  # fmt: skip
     i_b, i_n, b_qbar, last_q = _query_block(q, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)
@@ -61,7 +61,7 @@ def _block_scores_kernel(
     for j0 in range(0, NKB, BKB):
         o_j = j0 + tl.arange(0, BKB)
         m_j = o_j < NKB
-        p_k = kbar + (i_n * NKB + o_j[:, None]) * D + o_d[None, :]
+        p_k = kbar + ((i_n // GROUP) * NKB + o_j[:, None]) * D + o_d[None, :]
         b_k = tl.load(p_k, mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)  # [BKB, BD]
         b_s = tl.sum(b_k * b_qbar[None, :], 1) * scale  # [BKB]
         count = tl.minimum(Lk - o_j * SIZE, SIZE).to(tl.float32)
@@ -74,7 +74,7 @@ def _block_scores_kernel(
 @triton.jit
 def _key_scores_kernel(
     q, k, est, s_qn, s_ql, s_qd, s_kn, s_kl, s_kd, Lq, Lk, D, NQB, NKB, SIZE, delta, scale,
-    CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    GROUP, CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     i_b, i_n, b_qbar, last_q = _query_block(q, s_qn, s_ql, s_qd, Lq, D, SIZE, BS, BD)
     o_d = tl.arange(0, BD)
@@ -87,7 +87,7 @@ def _key_scores_kernel(
     for j in range(0, n_vis):
         o_k = j * SIZE + o_s
         m_k = (o_s < SIZE) & (o_k < Lk)
-        p_k = k + i_n * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
+        p_k = k + (i_n // GROUP) * s_kn + o_k[:, None] * s_kl + o_d[None, :] * s_kd
         b_k = tl.load(p_k, mask=m_k[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
         b_s = tl.where(m_k, tl.sum(b_k * b_qbar[None, :], 1) * scale, float("-inf"))  # [BS]
         b_m = tl.max(b_s, 0)
@@ -97,26 +97,28 @@ def _key_scores_kernel(
 
 
 def block_scores(problem: Problem, size: int, score: str = "means") -> Tensor:
-    """Estimated log-mass [N, nQB, nKB] (float32) of each key block per query block."""
+    """Estimated log-mass [N, nQB, nKB] (float32) of each key block per query block; query
+    row n reads key row n // kv_group (block means: one per key row)."""
     q, k = problem.q, problem.k
     n, lq, d = q.shape
-    lk = k.shape[1]
+    n_kv, lk = k.shape[:2]
+    group = problem.kv_group
     nqb, nkb = triton.cdiv(lq, size), triton.cdiv(lk, size)
     bs, bd = triton.next_power_of_2(size), triton.next_power_of_2(d)
     if score == "keys":
         est = torch.empty(n, nqb, nkb, dtype=torch.float32, device=q.device)
         _key_scores_kernel[(nqb, n)](
             q, k, est, *q.stride(), *k.stride(), lq, lk, d, nqb, nkb, size,
-            problem.q_offset - problem.k_offset, problem.scale,
+            problem.q_offset - problem.k_offset, problem.scale, group,
             CAUSAL=problem.causal, BS=bs, BD=bd,
         )  # fmt: skip
         return est
-    kbar = torch.empty(n, nkb, d, dtype=torch.float32, device=q.device)
-    _block_means_kernel[(nkb, n)](k, kbar, *k.stride(), lk, d, nkb, size, BS=bs, BD=bd)
+    kbar = torch.empty(n_kv, nkb, d, dtype=torch.float32, device=q.device)
+    _block_means_kernel[(nkb, n_kv)](k, kbar, *k.stride(), lk, d, nkb, size, BS=bs, BD=bd)
     est = torch.empty(n, nqb, nkb, dtype=torch.float32, device=q.device)
     _block_scores_kernel[(nqb, n)](
         q, kbar, est, *q.stride(), lq, lk, d, nqb, nkb, size,
-        problem.q_offset - problem.k_offset, problem.scale,
+        problem.q_offset - problem.k_offset, problem.scale, group,
         CAUSAL=problem.causal, BS=bs, BD=bd, BKB=min(64, triton.next_power_of_2(nkb)),
     )  # fmt: skip
     return est
