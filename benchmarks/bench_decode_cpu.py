@@ -7,8 +7,7 @@ in the same run, in interleaved rounds (speedup: median of per-round SDPA / reci
 share of exact attention's query-key products the recipe computes. ``unchecked``: the module
 compiled with ``check_finite=False`` (no NaN/Inf pass over every key and value, which a
 decode step otherwise reads whole). A step of a model's decode loop makes this call once per
-layer. Writes
-``benchmarks/results/bench_decode_cpu.json`` (device, versions, commit, date).
+layer. Writes ``benchmarks/results/bench_decode_cpu.json`` (device, versions, commit, date).
 
     python benchmarks/bench_decode_cpu.py [--recipes exact,streaming] [--seq-lens 8192,32768]
 """

@@ -58,9 +58,11 @@ def runs(stem: str, results: Path = RESULTS) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
-def ratios(row: dict) -> list[float]:
-    """Per-round SDPA / recipe time ratios of one bench_cpu row."""
-    return [s / r for s, r in zip(row["sdpa_samples_ms"], row["recipe_samples_ms"], strict=True)]
+def ratios(row: dict, timed: str = "recipe") -> list[float]:
+    """Per-round SDPA / ``timed`` (the recipe, or bench_decode_cpu's unchecked module) time
+    ratios of one bench_cpu row."""
+    samples = row[f"{timed}_samples_ms"]
+    return [s / r for s, r in zip(row["sdpa_samples_ms"], samples, strict=True)]
 
 
 def spread(values: list[float], unit: str = "x", digits: int = 1) -> str:
@@ -199,9 +201,6 @@ def bench_decode_cpu(results: Path) -> str:
         "| unchecked ms | speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    unchecked = lambda row: [
-        s / r for s, r in zip(row["sdpa_samples_ms"], row["unchecked_samples_ms"], strict=True)
-    ]
     for row in (row for run in now for row in run["rows"]):
         prior = old.get((row["recipe"], row["n"]))
         cells = [
@@ -213,7 +212,7 @@ def bench_decode_cpu(results: Path) -> str:
             f"{row['sdpa_ms']:.1f}",
             spread(ratios(row), digits=2),
             f"{row['unchecked_ms']:.1f}",
-            spread(unchecked(row), digits=2),
+            spread(ratios(row, "unchecked"), digits=2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     quoted = dict.fromkeys(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attncompose as ac
-from attncompose.primitives.base import Partial
+from attncompose.primitives.base import Partial, Problem
 
 TIGHT = 1e-5  # relative error of float32 against the float64 reference
 
@@ -56,6 +56,21 @@ class ReducesToExact:
         full = attn(q, k, v, is_causal=True)
         last = attn(q[:, :, -5:], k, v, is_causal=True)
         assert ac.relative_error(last, full[:, :, -5:]) < TIGHT
+
+
+def watch_expansions(monkeypatch) -> list[tuple[int, ...]]:
+    """The key shapes of the grouped-query problems a call copies per query head
+    (:meth:`Problem.expanded` of a problem with kv_group > 1), appended as they happen."""
+    copies: list[tuple[int, ...]] = []
+    expanded = Problem.expanded
+
+    def watch(problem: Problem) -> Problem:
+        if problem.kv_group > 1:
+            copies.append(tuple(problem.k.shape))
+        return expanded(problem)
+
+    monkeypatch.setattr(Problem, "expanded", watch)
+    return copies
 
 
 def assert_partial_equal(got: Partial, want: Partial) -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from contract import assert_reads_no_later_key
+from contract import assert_reads_no_later_key, watch_expansions
 from on_device import needs_flex
 
 import attncompose as ac
 from attncompose.eval.products import products_fraction
-from attncompose.primitives.base import Problem
 from attncompose.spec.recipe import builtin_recipes
 
 # -- the kernels against the dense specification ---------------------------------------------
@@ -85,15 +84,7 @@ def test_grouped_keys_are_read_where_they_are_on_the_cpu(make_qkv, name, monkeyp
     """Exact attention and the block-plan recipes read key/value row n // group for query
     row n: no call copies the keys and values per query head (hyperattention's steps, which
     hash keys per query head, do: the watch sees that)."""
-    copies = []
-    expanded = Problem.expanded
-
-    def watch(problem):
-        if problem.kv_group > 1:
-            copies.append(tuple(problem.k.shape))
-        return expanded(problem)
-
-    monkeypatch.setattr(Problem, "expanded", watch)
+    copies = watch_expansions(monkeypatch)
     q, k, v = make_qkv(b=1, hq=6, hkv=2, lq=2500, d=16)
     attn = ac.compile(name, backend="torch")
     attn(q, k, v, is_causal=True)  # prefill
@@ -109,12 +100,10 @@ def test_flexattention_reads_grouped_keys_where_they_are(make_qkv, name, monkeyp
     """The block plan through FlexAttention takes grouped keys and values as they are
     (enable_gqa: query head h reads key/value head h // group): no copy per query head, and
     the result of the keys repeated per head, to the torch path's float32 rounding."""
-    copies = []
-    expanded = Problem.expanded
-    monkeypatch.setattr(Problem, "expanded", lambda p: copies.append(p.kv_group) or expanded(p))
+    copies = watch_expansions(monkeypatch)
     q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=300, d=16)
     grouped = ac.compile(name, backend="flex")(q, k, v, is_causal=True)
-    assert [g for g in copies if g > 1] == []
+    assert copies == []
     repeated = ac.compile(name, backend="flex")(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
     )
