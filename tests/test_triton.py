@@ -31,6 +31,7 @@ import attncompose as ac
 from attncompose.eval.interpreter import CallWatch, LaunchCounter
 from attncompose.primitives import causal_split, dispatch
 from attncompose.primitives.base import Coverage
+from attncompose.primitives.block import contiguous
 from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import triton as block_triton
 from attncompose.primitives.exact import naive as exact_naive
@@ -522,6 +523,41 @@ def test_a_packed_causal_call_copies_no_rows(make_qkv, packing_on_cpu, name):
     attn = ac.compile(_graph_sized(name), backend="triton")
     q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=1024, lk=1024, d=16)
     assert _second_call(attn, _Copies(), q, k, v, True).copies == []
+
+
+GROUPED_FORMS = [
+    "hyperattention",
+    "hyperattention-aligned",
+    "hyperattention-sinks",
+    "sampling-only",
+]
+
+
+@pytest.mark.parametrize("name", [*GROUPED_FORMS, "lsh-only:copying"])
+def test_the_gpu_form_reads_grouped_keys_where_they_are(
+    make_qkv, packing_on_cpu, name, monkeypatch
+):
+    """The hash kernel, the tile kernel, the contiguous tiles' plan kernel (or their copies
+    in tile order, FlexAttention's form: ``:copying``), the sampler and the exact leaves
+    read key/value row n // group for query row n (the splitter packed as on CUDA): no copy
+    per query head, causal (500 as the first rows of 512), non-causal and decode; bit for
+    bit the keys repeated per head, and the torch path's result."""
+    if name.endswith(":copying"):
+        monkeypatch.setattr(contiguous, "ROW_MAPS", False)
+    copies = watch_expansions(monkeypatch)
+    recipe = _graph_sized(name.split(":")[0])
+    attn, reference = ac.compile(recipe, backend="triton"), ac.compile(recipe, backend="torch")
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=500, d=16)
+    for lq, causal in ((500, True), (300, False), (1, True)):
+        copies.clear()  # (the torch path packed on a CPU, a test's form, copies its leaves)
+        grouped = attn(q[:, :, -lq:], k, v, is_causal=causal)
+        assert copies == [], (lq, causal)
+        repeated = attn(
+            q[:, :, -lq:], k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal
+        )
+        assert torch.equal(grouped, repeated), (lq, causal)
+        want = reference(q[:, :, -lq:], k, v, is_causal=causal)
+        assert ac.relative_error(grouped, want) < 1e-5, (lq, causal)
 
 
 def _storages(obj, seen: set[int] | None = None) -> set[int]:

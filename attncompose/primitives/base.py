@@ -1,11 +1,11 @@
 """What primitives exchange, and the base class of their runtimes.
 
 Shapes: the runtime flattens batch and query heads into one leading dimension ``N = B*Hq``
-(keys and values are expanded from ``Hkv`` to ``Hq`` heads beforehand), so
+(keys and values keep their ``Hkv`` heads: N / kv_group rows, see :class:`Problem`), so
 
-- ``q``: [N, Lq, D], ``k``: [N, Lk, D], ``v``: [N, Lk, Dv], float32 (or the caller's float16 /
-  bfloat16 where the Triton kernels run, which accumulate in float32; PyTorch implementations
-  upcast what they compute with);
+- ``q``: [N, Lq, D], ``k``: [N / kv_group, Lk, D], ``v``: [N / kv_group, Lk, Dv], float32
+  (or the caller's float16 / bfloat16 where the Triton kernels run, which accumulate in
+  float32; PyTorch implementations upcast what they compute with);
 - a :class:`Partial` holds ``out`` [N, Lq, Dv] and ``lse`` [N, Lq] (``-inf`` where a row
   attended no key), both float32;
 - a :class:`Coverage` says which (query, key) pairs a kernel computed exactly, so that later
@@ -550,13 +550,27 @@ def _gather_rows(workspace: Workspace | None, name: str, x: Tensor, rows: Tensor
     return torch.index_select(x, 1, rows, out=buf)
 
 
-def row_index(idx: Tensor, pitch: int) -> Tensor:
-    """The rows of x's row view (:func:`row_pitch`: row n, l of x [N, L, D] at n * pitch +
-    l) that ``x[n, idx[n, ...]]`` reads, flat (-1 reads row 0 of its n): computed once for
+def row_index(idx: Tensor, pitch: int, group: int = 1) -> Tensor:
+    """The rows of x's row view (:func:`row_pitch`: row n, l of x [N', L, D] at n * pitch +
+    l) that ``x[n // group, idx[n, ...]]`` reads, flat (-1 reads row 0 of its n; ``group``:
+    the query rows per key row of grouped keys, :attr:`Problem.kv_group`): computed once for
     keys and values gathered alike (where their pitches agree)."""
     n = idx.shape[0]
-    base = static_arange(n, idx.device, pitch).view(n, *([1] * (idx.dim() - 1)))
+    base = group_rows(n, group, idx.device, pitch).view(n, *([1] * (idx.dim() - 1)))
     return (idx.clamp_min(0) + base).reshape(-1)
+
+
+def group_rows(count: int, group: int, device: torch.device, step: int = 1) -> Tensor:
+    """``(arange(count) // group) * step`` (int64), made once per arguments: the key row
+    each of ``count`` query rows reads, times ``step``. Do not modify."""
+    if group == 1:
+        return static_arange(count, device, step)
+    return pinned(_group_rows(count, group, torch.device(device), step))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_rows(count: int, group: int, device: torch.device, step: int) -> Tensor:
+    return torch.arange(count, device=device).div_(group, rounding_mode="floor").mul_(step)
 
 
 def row_pitch(x: Tensor) -> int:
@@ -592,20 +606,37 @@ def _static_arange(count: int, device: torch.device, step: int) -> Tensor:
 
 
 def gather_rows(
-    x: Tensor, idx: Tensor, out: Tensor | None = None, rows: Tensor | None = None
+    x: Tensor,
+    idx: Tensor,
+    out: Tensor | None = None,
+    rows: Tensor | None = None,
+    group: int = 1,
 ) -> Tensor:
-    """``x[n, idx[n, ...]]`` for x [N, L, D] and idx [N, ...] (-1 reads row 0); [N, ..., D].
-    ``out``: a buffer of at least that many elements to write into (fresh memory costs page
-    faults on CPU, more than the copy itself); ``rows``: :func:`row_index` of ``idx`` with
-    x's :func:`row_pitch`. A key range of a longer sequence is read where it lies (before,
-    a gather of a few keys copied the whole range first)."""
+    """``x[n // group, idx[n, ...]]`` for x [N / group, L, D] and idx [N, ...] (-1 reads row
+    0); [N, ..., D]. ``group``: query rows per key row (grouped keys,
+    :attr:`Problem.kv_group`); ``out``: a buffer of at least that many elements to write
+    into (fresh memory costs page faults on CPU, more than the copy itself); ``rows``:
+    :func:`row_index` of ``idx`` with x's :func:`row_pitch` and ``group``. A key range of a
+    longer sequence is read where it lies (before, a gather of a few keys copied the whole
+    range first)."""
     d = x.shape[-1]
-    rows = row_index(idx, row_pitch(x)) if rows is None else rows
+    if x.shape[0] * group != idx.shape[0]:
+        raise ValueError(f"{idx.shape[0]} index rows read x {tuple(x.shape)} in groups of {group}")
+    rows = row_index(idx, row_pitch(x), group) if rows is None else rows
     flat = _row_view(x)
     if out is None:
         return flat.index_select(0, rows).view(*idx.shape, d)
     dest = out[: rows.numel() * d].view(rows.numel(), d)
     return torch.index_select(flat, 0, rows, out=dest).view(*idx.shape, d)
+
+
+def group_views(x: Tensor, group: int) -> list[Tensor]:
+    """x [N, ...] (per query row) as one view [N / group, ...] per query head g of a group
+    of grouped keys (x itself when ``group`` is 1): the query rows that read key row j are
+    j * group + g, so view g runs against the keys as they are."""
+    if group == 1:
+        return [x]
+    return list(x.unflatten(0, (-1, group)).unbind(1))
 
 
 def take(meta: Tensor, idx: Tensor) -> Tensor:

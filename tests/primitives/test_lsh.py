@@ -141,6 +141,34 @@ def test_lsh_ranks_and_sort_match_reference(bits):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("group", [2, 3])
+def test_lsh_hashes_grouped_keys_as_the_keys_repeated(group):
+    """Grouped keys (one row per ``group`` query rows) hash row n // group with query row
+    n's directions where they are: the same ranks and sorts as the keys repeated for every
+    query row, kernel and reference; with parts, alone, with row maps."""
+    g = torch.Generator().manual_seed(group)
+    n = 2 * group
+    q = torch.randn(n, 33, 16, generator=g).to(DEVICE)
+    k = torch.randn(2, 33, 16, generator=g).to(DEVICE)
+    repeat = lambda x: x.repeat_interleave(group, 0)
+    dirs = lsh_naive.projections(n, 16, 7, seed=5).to(DEVICE)  # one set per query row
+    assert torch.equal(
+        lsh_triton.gray_ranks([q, k], dirs), lsh_triton.gray_ranks([q, repeat(k)], dirs)
+    )
+    assert torch.equal(lsh_triton.gray_ranks([k], dirs), lsh_triton.gray_ranks([repeat(k)], dirs))
+    part = torch.tensor([0] * 16 + [1] * 17, device=DEVICE)
+    rows = [torch.randperm(33, generator=g)[:30].to(DEVICE) for _ in range(2)]
+    for xs, parts, maps in (([q, k], None, None), ([q, k], part, None), ([k], None, None),
+                            ([q, k], None, rows)):  # fmt: skip
+        want = lsh_naive.sort_positions([*xs[:-1], repeat(xs[-1])], dirs, parts, maps)
+        for sort in (lsh_triton.sort_positions, lsh_naive.sort_positions):
+            got = sort(xs, dirs, parts, maps)
+            for mine, theirs in zip(got, want, strict=True):
+                for a, b in zip(mine, theirs, strict=True):
+                    assert torch.equal(a.long(), b.long())
+
+
+@pytest.mark.triton
 def test_lsh_reads_row_mapped_inputs_where_they_are():
     """Inputs given as rows of other tensors (``RowMaps``: a packed problem's levels are rows
     of the square) hash and sort as those rows gathered, in one launch for q and k; rows

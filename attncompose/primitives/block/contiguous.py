@@ -101,20 +101,22 @@ def run(problem: Problem, tiles: Tiles, backend: str) -> Partial:
         add_products(((q_idx >= 0).sum(-1) * kept.sum(-1)).sum())
     if bias is not None:
         plan = plan.with_key_bias(flat(bias))
-    if maps:
+    if maps:  # query row n's plan keys: rows of key row n // kv_group
         plan = plan.with_rows(flat(q_idx), tiles.every_query, flat(k_idx))
-        return impl.load()(sub, plan=plan)
+        return impl.load()(sub.for_reader(impl), plan=plan)
     problem = problem.gathered()  # copied in tile order below: from the rows in order
-    copy = lambda name, x, idx, rows=None: gather_rows(
-        x, flat(idx), _buffer(problem, name, x, idx), rows
+    group = problem.kv_group  # query row n's tile keys come from key row n // group
+    copy = lambda name, x, idx, rows=None, group=1: gather_rows(
+        x, flat(idx), _buffer(problem, name, x, idx), rows, group
     )
-    k_rows = row_index(flat(k_idx), row_pitch(problem.k))  # keys and values: the same rows
+    k_rows = row_index(flat(k_idx), row_pitch(problem.k), group)  # keys and values alike
     v_rows = k_rows if row_pitch(problem.v) == row_pitch(problem.k) else None
     sub = replace(
         sub,
         q=copy("q", problem.q, q_idx),  # [N, T*bq, D]: e.g. sortLSH's order
-        k=copy("k", problem.k, k_idx, k_rows),  # [N, T*span, D]: each tile's keys in a row
-        v=copy("v", problem.v, k_idx, v_rows),
+        k=copy("k", problem.k, k_idx, k_rows, group),  # [N, T*span, D]: a tile's keys in a row
+        v=copy("v", problem.v, k_idx, v_rows, group),
+        kv_group=1,
         rows=None,
     )
     return _scatter(problem, q_idx, impl.load()(sub, plan=plan), tiles.every_query)

@@ -113,6 +113,7 @@ class ContiguousTiles:
     beside another backend's reasons."""
 
     reads_rows = True  # the plan kernel reads them, else the tile pass gathers them
+    reads_groups = True  # likewise: key/value row n // kv_group for query row n
 
     @classmethod
     def not_supported_reasons(
@@ -145,6 +146,7 @@ class TritonTileAttention(TritonKernel):
     op = "block"
     name = "triton:tile-attention"
     lazy = "triton.block_attention"
+    reads_groups = True  # row n reads key/value row n // kv_group
 
     @classmethod
     def not_supported_reasons(
@@ -173,6 +175,7 @@ class FusedCpuTiles(FusedCpuKernel):
     op = "block"
     name = "torch:block-fused-cpu"
     function = staticmethod(fused.block_attention)
+    reads_groups = True  # a query row reads key row n // kv_group
 
 
 class TorchTiles(Kernel):
@@ -181,3 +184,4 @@ class TorchTiles(Kernel):
     op = "block"
     name = "torch:block"
     function = staticmethod(naive.block_attention)
+    reads_groups = True  # a query row reads key row n // kv_group

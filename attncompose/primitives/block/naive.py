@@ -23,6 +23,7 @@ from attncompose.primitives.base import (
     add_products,
     counting_products,
     gather_rows,
+    group_views,
     row_index,
     row_pitch,
 )
@@ -45,7 +46,9 @@ def run_tiles(
     shifts, scatter back. ``mask`` is None or bool [N or 1, T, bq or 1, nk] (1: the same for
     every row or query, by broadcast); ``bias`` None or the key bias [N, T, nk]; ``scratch``:
     the :class:`Workspace` of the problem (or of this call) whose buffers live until the next
-    chunk."""
+    chunk. Grouped keys and values are read where they are: query row n gathers from key
+    row n // kv_group, and key ranges stay views of the key rows (one ``chunk_fn`` call per
+    query head of a group, :func:`grouped_chunk`)."""
     result = Partial.empty(problem)
     n, _, bq = tiles.q_idx.shape
     nk = tiles.k_idx.shape[-1]
@@ -55,6 +58,7 @@ def run_tiles(
     to_test = None if tiles.exact else own
     alike = rows_alike(tiles, [c for c in (to_test, *exclude) if c is not None])
     scratch = problem.workspace or Workspace()
+    group = problem.kv_group  # query rows per key row
     for sl, first, stride in _chunks(tiles, problem.lk, step):
         qi, kj = tiles.q_idx[:, sl], tiles.k_idx[:, sl]
         rows = slice(0, 1) if alike else slice(None)  # alike: one mask, broadcast over rows
@@ -66,24 +70,54 @@ def run_tiles(
         if counting_products():
             valid = (qi >= 0).unsqueeze(-1)
             add_products((valid if mask is None else valid & mask).expand(-1, -1, -1, nk).sum())
-        gather = lambda name, x, idx, rows=None: gather_rows(
-            x, idx, scratch.take(name, (idx.numel() * x.shape[-1],), x.dtype, x.device), rows
+        gather = lambda name, x, idx, rows=None, group=1: gather_rows(
+            x, idx, scratch.take(name, (idx.numel() * x.shape[-1],), x.dtype, x.device), rows, group
         ).float()
         q = gather("q", problem.q, qi)  # [N, T, bq, D]
-        if first is None:
-            k_rows = row_index(kj, row_pitch(problem.k))  # keys and values: the same rows
+        if first is None:  # query row n reads key row n // group
+            k_rows = row_index(kj, row_pitch(problem.k), group)  # keys and values: the same rows
             v_rows = k_rows if row_pitch(problem.v) == row_pitch(problem.k) else None
-            k = gather("k", problem.k, kj, k_rows)  # [N, T, nk, D]
-            v = gather("v", problem.v, kj, v_rows)  # [N, T, nk, Dv]
-        else:  # key ranges in bounds: overlapping views, nothing copied
+            k = gather("k", problem.k, kj, k_rows, group)  # [N, T, nk, D]
+            v = gather("v", problem.v, kj, v_rows, group)  # [N, T, nk, Dv]
+            out, lse = chunk_fn(q, k, v, mask, bias, problem.scale, scratch)
+        else:  # key ranges in bounds: overlapping views of each key row, nothing copied
             count = sl.stop - sl.start
-            k = key_ranges(problem.k, first, stride, count, nk).float()
+            k = key_ranges(problem.k, first, stride, count, nk).float()  # [N / group, ...]
             v = key_ranges(problem.v, first, stride, count, nk).float()
-        out, lse = chunk_fn(q, k, v, mask, bias, problem.scale, scratch)
+            out, lse = grouped_chunk(chunk_fn, group, q, k, v, mask, bias, problem.scale, scratch)
         if tiles.lse_shift is not None:
             lse = lse + tiles.lse_shift[:, sl].unsqueeze(-1)
         _scatter_rows(result, qi, out, lse)
     return result
+
+
+def grouped_chunk(
+    chunk_fn,
+    group: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    scratch: Workspace | None,
+    into: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``chunk_fn`` on q [N, ...] against k, v [N / group, ...] (grouped keys: query row n
+    reads key row n // group), one call per query head g of a group on views
+    (:func:`~attncompose.primitives.base.group_views`; ``mask`` and ``bias`` with one row
+    are shared), the results written into ``into`` (out, lse) or new tensors."""
+    if group == 1 and into is None:
+        return chunk_fn(q, k, v, mask, bias, scale, scratch)
+    if into is None:
+        into = (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1]))
+    per_head = lambda x: [x] * group if x is None or x.shape[0] == 1 else group_views(x, group)
+    views = (group_views(q, group), *(group_views(x, group) for x in into))
+    for qg, out, lse, mg, bg in zip(*views, per_head(mask), per_head(bias), strict=True):
+        o, s = chunk_fn(qg, k, v, mg, bg, scale, scratch)
+        out.copy_(o)
+        lse.copy_(s)
+    return into
 
 
 def _chunks(tiles: Tiles, lk: int, step: int):

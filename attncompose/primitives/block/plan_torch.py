@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 
 from attncompose.primitives.base import Partial, Problem, Workspace
-from attncompose.primitives.block.naive import SCORE_BUDGET, _softmax_chunk, key_ranges
+from attncompose.primitives.block.naive import (
+    SCORE_BUDGET,
+    _softmax_chunk,
+    grouped_chunk,
+    key_ranges,
+)
 from attncompose.primitives.merge.naive import merge_into
 from attncompose.primitives.plan import (
     FULL,
@@ -83,11 +88,14 @@ class _Walk:
         self.scratch = problem.workspace or Workspace()
         self.dev = problem.q.device
 
-    def _call(self, q, k, v, mask, bias):
+    def _call(self, q, k, v, mask, bias, group: int = 1, into=None):
+        """``chunk_fn`` on one group (k, v with one row per ``group`` query rows; ``into``:
+        where its results go)."""
         if bias is not None:
             finite = torch.isfinite(bias).unsqueeze(-2)
             mask = finite if mask is None else mask & finite
-        return self.chunk_fn(q, k, v, mask, bias, self.problem.scale, self.scratch)
+        scale, scratch = self.problem.scale, self.scratch
+        return grouped_chunk(self.chunk_fn, group, q, k, v, mask, bias, scale, scratch, into)
 
     def _step(self, rows: int, width: int) -> int:
         """Query blocks per call so that scores and keys stay within their budgets."""
@@ -121,19 +129,8 @@ class _Walk:
         valid = _valid(count, width)  # [M, W]
         mask = None if bool(valid.all()) else self._key_mask(valid)[None]
         bias = self._bias(blocks[None], valid[None])
-        q, out, lse = (self._by_group(x[:, i0:i1]) for x in (self.q, self.out, self.lse))
-        biases = self._by_group(bias) if bias is not None and bias.shape[0] > 1 else None
-        for g in range(self.group):  # k, v: one row per key row, for each query head of it
-            o, s = self._call(q[g], k, v, mask, bias if biases is None else biases[g])
-            out[g].copy_(o)
-            lse[g].copy_(s)
-
-    def _by_group(self, x: Tensor) -> list[Tensor]:
-        """x [N, ...] (per query row) as one view [N / G, ...] per query head g of a group
-        (x itself when G is 1): the rows that read key row j are j*G + g."""
-        if self.group == 1:
-            return [x]
-        return list(x.view(-1, self.group, *x.shape[1:]).unbind(1))
+        into = (self.out[:, i0:i1], self.lse[:, i0:i1])  # k, v: one row per key row
+        self._call(self.q[:, i0:i1], k, v, mask, bias, self.group, into)
 
     def _keys(self, blocks: Tensor, nk: int) -> tuple[Tensor, Tensor]:
         """K and V of ``blocks`` [M, W] for every key row: [N / G, M, W*BK, D]. Consecutive

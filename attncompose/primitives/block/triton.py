@@ -112,6 +112,7 @@ def _block_fwd_kernel(
     s_od,
     s_ln,
     N,
+    GROUP,  # query rows per key/value row (grouped-query attention): row n reads n // GROUP
     T,
     Lq,
     Lk,
@@ -141,7 +142,7 @@ def _block_fwd_kernel(
     m_q = b_qi >= 0
     p_q = q + i_n * s_qn + b_qi[:, None] * s_ql + o_d[None, :] * s_qd
     b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
-    k_n, v_n = k + i_n * s_kn, v + i_n * s_vn  # the row's keys and values
+    k_n, v_n = k + (i_n // GROUP) * s_kn, v + (i_n // GROUP) * s_vn  # the row's keys, values
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
@@ -296,6 +297,7 @@ def block_attention(
         *out.out.stride(),
         out.lse.stride(0),
         n,
+        problem.kv_group,
         t,
         problem.lq,
         problem.lk,

@@ -284,6 +284,9 @@ def _halve(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) -> 
 
 class CausalSplit(Primitive):
     schema = CausalSplitStep
+    # reads no key itself: its leaves through dispatch.call, its body's steps as they read
+    # (the levels stacked rectangle-major keep query row n over key row n // kv_group)
+    reads_groups = True
 
     def __call__(self, problem: Problem, body: Body) -> Partial:
         # chosen per call: whole squares and leaves may go to different implementations

@@ -32,6 +32,7 @@ class TritonFlash(TritonKernel):
     op = "exact"
     name = "triton:flash-fwd-lse"
     lazy = "triton.exact_attention"
+    reads_groups = True  # row n reads key/value row n // kv_group
 
 
 class SdpaWithLse(Kernel):

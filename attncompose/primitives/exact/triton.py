@@ -70,6 +70,7 @@ def _exact_fwd_kernel(
     s_ol,
     s_od,
     s_ln,
+    GROUP,  # query rows per key/value row (grouped-query attention): row n reads n // GROUP
     Lq,
     Lk,
     delta,  # q_offset - k_offset: key j is visible to query i iff j <= i + delta
@@ -92,14 +93,15 @@ def _exact_fwd_kernel(
     o_q = i_q * BQ + tl.arange(0, BQ)  # [BQ]
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_q = o_q < Lq
+    i_kv = i_n // GROUP  # the row's key/value row
     if TMA:
         b_q = rows_of(q + i_n * s_qn, Lq, s_ql, BQ, BD).load([i_q * BQ, 0])  # [BQ, BD]
-        d_k = rows_of(k + i_n * s_kn, Lk, s_kl, BK, BD)
-        d_v = rows_of(v + i_n * s_vn, Lk, s_vl, BK, BDV)
+        d_k = rows_of(k + i_kv * s_kn, Lk, s_kl, BK, BD)
+        d_v = rows_of(v + i_kv * s_vn, Lk, s_vl, BK, BDV)
     else:
         p_q = q + i_n * s_qn + o_q[:, None] * s_ql + o_d[None, :] * s_qd
         b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BQ, BD]
-        d_k, d_v = k + i_n * s_kn, v + i_n * s_vn  # the row's keys and values
+        d_k, d_v = k + i_kv * s_kn, v + i_kv * s_vn  # the row's keys and values
     b_m = tl.full([BQ], float("-inf"), tl.float32)
     b_l = tl.zeros([BQ], tl.float32)
     b_acc = tl.zeros([BQ, BDV], tl.float32)
@@ -358,6 +360,7 @@ def exact_attention(
         *v.stride(),
         *out.out.stride(),
         out.lse.stride(0),
+        problem.kv_group,
         lq,
         problem.lk,
         problem.q_offset - problem.k_offset,

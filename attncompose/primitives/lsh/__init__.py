@@ -228,6 +228,7 @@ class Lsh(Primitive):
     offset_free = True
     packable = True  # sorted within each part; its tiles are the block step's
     reads_rows = True  # hashes queries and keys where they are
+    reads_groups = True  # key row n // kv_group with query row n's directions
 
     def __call__(self, problem: Problem) -> LshSelection:
         part = None if problem.packed is None else problem.packed.part  # sorted per part
@@ -251,8 +252,9 @@ class Lsh(Primitive):
     def directions(self, problem: Problem, dim: int | None = None) -> Tensor:
         """Hash directions per row [N, D, r]: one seeded set per query head.
 
-        Keys are hashed once per query head (on the expanded keys), so grouped-query
-        attention equals attention with K/V repeated to every query head.
+        Keys are hashed once per query head (grouped keys where they are, with each query
+        head's directions), so grouped-query attention equals attention with K/V repeated to
+        every query head.
         """
         return pinned(
             projections(

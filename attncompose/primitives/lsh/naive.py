@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import static_arange
+from attncompose.primitives.base import group_views, static_arange
 
 
 @functools.lru_cache(maxsize=64)
@@ -32,13 +32,19 @@ def projections(
 
 
 def hash_codes(x: Tensor, directions: Tensor) -> Tensor:
-    """r-bit sign codes [N, L] (int64) of x [N, L, D] under directions [N, D, r]."""
-    # [N, r, L]: one long GEMM row per bit (x @ directions, with only r columns, runs ~3x
-    # slower on CPU), then the bits are packed one at a time
-    proj = torch.matmul(directions.transpose(-1, -2), x.to(directions.dtype).transpose(-1, -2))
-    code = torch.zeros(proj.shape[0], proj.shape[2], dtype=torch.long, device=x.device)
-    for bit in range(proj.shape[1]):
-        code.bitwise_or_((proj[:, bit] > 0).long() << bit)
+    """r-bit sign codes [N, L] (int64) of x [N / G, L, D] under directions [N, D, r]: row n
+    hashes row n // G of x (G = N / x's rows; grouped keys are hashed where they are, for
+    each query head of their group, as the keys repeated per head would be)."""
+    n, length = directions.shape[0], x.shape[1]
+    group = n // x.shape[0]
+    xt = x.to(directions.dtype).transpose(-1, -2)
+    code = torch.zeros(n, length, dtype=torch.long, device=x.device)
+    for dirs, into in zip(group_views(directions, group), group_views(code, group), strict=True):
+        # [N / G, r, L]: one long GEMM row per bit (x @ directions, with only r columns, runs
+        # ~3x slower on CPU), then the bits are packed one at a time
+        proj = torch.matmul(dirs.transpose(-1, -2), xt)
+        for bit in range(proj.shape[1]):
+            into.bitwise_or_((proj[:, bit] > 0).long() << bit)
     return code
 
 
@@ -63,8 +69,9 @@ def sort_positions(
     part: Tensor | None = None,
     rows: Sequence[Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """For each x [N, L, D] of ``xs`` (queries and keys): (order [N, L]: indices sorted by
-    Gray rank, position [N, L]: each index's sorted slot, key [N, L]: the sorted Gray ranks,
+    """For each x [N, L, D] of ``xs`` (queries and keys; grouped keys [N / G, L, D], row n
+    hashed from row n // G, see :func:`hash_codes`): (order [N, L]: indices sorted by Gray
+    rank, position [N, L]: each index's sorted slot, key [N, L]: the sorted Gray ranks,
     with the part above them, see :func:`within_parts`; in the ranks' dtype, int32 from the
     Triton kernel, where no part is above them). ``part`` [L] (a packed problem's part of
     each position): sorted within each part, the parts in their order. ``rows`` (one [L] per
@@ -81,16 +88,18 @@ def sort_together(
     xs: Sequence[Any],
     ranks_of: Callable[[list[Any]], Tensor],
     part: Tensor | None,
-    shape_of: Callable[[Any], tuple[int, ...]] = lambda x: tuple(x.shape),
+    shape_of: Callable[[Any], tuple[int, ...]] = lambda x: tuple(x.shape[1:]),
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """:func:`sorted_order` of each of ``xs``; inputs of one shape (``shape_of``: [N, L, D])
-    in ONE sort of their ranks stacked as rows (``ranks_of(group)`` [len(group) * N, L]),
-    each row sorted alone as it would be by itself."""
+    """:func:`sorted_order` of each of ``xs``; inputs of one shape (``shape_of``: [L, D],
+    the rows aside: grouped keys have fewer) in ONE sort of their ranks stacked as rows
+    (``ranks_of(group)`` [len(group) * N, L], N rows each), each row sorted alone as it
+    would be by itself."""
     together = all(shape_of(x) == shape_of(xs[0]) for x in xs)
     out = []
     for group in [list(xs)] if together else [[x] for x in xs]:
-        order, position, key = sorted_order(ranks_of(group), part)
-        n = shape_of(group[0])[0]
+        ranks = ranks_of(group)
+        order, position, key = sorted_order(ranks, part)
+        n = ranks.shape[0] // len(group)
         out += [(order[i * n : (i + 1) * n], position[i * n : (i + 1) * n],
                  key[i * n : (i + 1) * n]) for i in range(len(group))]  # fmt: skip
     return out

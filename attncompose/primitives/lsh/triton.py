@@ -42,6 +42,8 @@ def _gray_rank_kernel(
     L,
     D,
     R,
+    GX,  # query rows per row of x (grouped keys: row n hashes row n // G)
+    GY,
     BL: tl.constexpr,
     BD: tl.constexpr,
     BR: tl.constexpr,
@@ -50,7 +52,7 @@ def _gray_rank_kernel(
 ):
     i_l = tl.program_id(0)
     i_r = tl.program_id(1).to(tl.int64)  # row offsets i_r * s_xn may pass 2**31
-    i_n = i_r % N  # the input's row (and its directions')
+    i_n = i_r % N  # the row of the result within its input (and of its directions)
     o_l = i_l * BL + tl.arange(0, BL)  # [BL]
     o_d, o_r = tl.arange(0, BD), tl.arange(0, BR)
     m_l = o_l < L
@@ -58,9 +60,9 @@ def _gray_rank_kernel(
     m_x = m_l[:, None] & m_d[None, :]
     p_d = dirs + i_n * s_dn + o_d[:, None] * s_dd + o_r[None, :] * s_dr
     if i_r >= N:  # rows N .. 2N-1 of the result: y's rows
-        b_x = _load_rows(y, y_rows, i_n, s_yn, s_yl, s_yd, o_l, o_d, m_l, m_x, HAS_ROWS)
+        b_x = _load_rows(y, y_rows, i_n // GY, s_yn, s_yl, s_yd, o_l, o_d, m_l, m_x, HAS_ROWS)
     else:
-        b_x = _load_rows(x, x_rows, i_n, s_xn, s_xl, s_xd, o_l, o_d, m_l, m_x, HAS_ROWS)
+        b_x = _load_rows(x, x_rows, i_n // GX, s_xn, s_xl, s_xd, o_l, o_d, m_l, m_x, HAS_ROWS)
     b_d = tl.load(p_d, mask=m_d[:, None] & (o_r < R)[None, :], other=0.0)  # [BD, BR]
     b_p = tl.dot(b_x, b_d, input_precision="ieee")  # [BL, BR]
     b_code = tl.sum(tl.where(b_p > 0, 1 << o_r[None, :], 0), 1)  # [BL]
@@ -90,16 +92,21 @@ def gray_ranks(
     part: Tensor | None = None,
     rows: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """Gray ranks [len(xs) * N, L] (int32) of the sign codes of one or two inputs x [N, L, D]
-    of one shape (queries and keys: one launch) under directions [N, D, r], the inputs' rows
-    one after the other; with ``part`` [L], the sort keys of
+    """Gray ranks [len(xs) * N, L] (int32) of the sign codes of one or two inputs x [N / G,
+    L, D] of one length and dim (queries and keys: one launch) under directions [N, D, r],
+    the inputs' rows one after the other (row n of an input of N / G rows hashes its row
+    n // G: grouped keys, as in the reference); with ``part`` [L], the sort keys of
     :func:`~attncompose.primitives.lsh.naive.within_parts` (int64), in the same pass. With
     ``rows`` (one [L] per input), input i is ``xs[i][:, rows[i]]``, read where it is."""
     x, *rest = xs
-    if len(rest) > 1 or any(y.shape != x.shape for y in rest):
-        raise ValueError(f"one or two inputs of one shape, got {[tuple(y.shape) for y in xs]}")
+    n = directions.shape[0]
+    if len(rest) > 1 or any(y.shape[1:] != x.shape[1:] or n % y.shape[0] for y in xs):
+        raise ValueError(
+            f"one or two inputs of one length and dim whose rows divide the directions' {n}, "
+            f"got {[tuple(y.shape) for y in xs]}"
+        )
     y = rest[0] if rest else x
-    n, length, d = x.shape
+    _, length, d = x.shape
     x_rows = y_rows = None
     if rows is not None:
         x_rows, *more = rows
@@ -118,7 +125,7 @@ def gray_ranks(
     _gray_rank_kernel[grid](
         x, y, rank if x_rows is None else x_rows, rank if y_rows is None else y_rows, dirs,
         rank if part is None else part, rank, *x.stride(), *y.stride(), *dirs.stride(),
-        n, length, d, r,
+        n, length, d, r, n // x.shape[0], n // y.shape[0],
         BL=bl, BD=max(16, triton.next_power_of_2(d)), BR=max(16, triton.next_power_of_2(r)),
         HAS_PART=part is not None, HAS_ROWS=rows is not None,
     )  # fmt: skip
@@ -137,6 +144,6 @@ def sort_positions(
     if rows is None:
         return sort_together(xs, lambda group: gray_ranks(group, directions, part), None)
     inputs = list(zip(xs, rows, strict=True))
-    shape_of = lambda item: (*item[0].shape, item[1].shape[0])  # [N, source L, D, L]
+    shape_of = lambda item: (*item[0].shape[1:], item[1].shape[0])  # [source L, D, L]
     ranks = lambda group: gray_ranks([x for x, _ in group], directions, part, [r for _, r in group])
     return sort_together(inputs, ranks, None, shape_of)

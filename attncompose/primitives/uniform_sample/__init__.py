@@ -15,6 +15,7 @@ class UniformSample(Primitive):
     offset_free = True
     packable = True  # each tile draws from its own part's keys
     reads_rows = True  # draws indices; its tile pass through dispatch.call
+    reads_groups = True  # likewise
 
     def pack_quantum(self) -> int:
         return TILE  # tiles in natural order (draws that follow a detector: its tiles)

@@ -62,6 +62,7 @@ class BlockWithResidual:
     """Runs a merge step whose inputs are a one-detector block step and its sampler."""
 
     reads_rows = True  # indices; its tile pass through dispatch.call
+    reads_groups = True  # likewise
 
     def __init__(self, block: Primitive, sample: Primitive):
         self.block = block
