@@ -223,6 +223,28 @@ def test_calls_read_at_most_the_key_budget(monkeypatch, case):
     assert_walk_equal(got, want)
 
 
+@pytest.mark.parametrize("case", ["topp+sink+window", "sink+window", "power+sink"])
+@pytest.mark.parametrize("problem", ["decode10x300", "decode1x129"])
+def test_a_plan_of_fewer_queries_than_a_block_computes_only_them(case, problem):
+    """A decode step's queries (fewer than a query block) are all its one query block holds:
+    no call of the walk computes padding rows (at one query and blocks of 128 the fused
+    kernel computed 128 rows for each real one); same result as the dense oracle."""
+    from attncompose.primitives.block import plan_torch
+
+    p = problem_named(problem)
+    plan, _, _ = plan_of(case, p)
+    assert plan.grid.block_q > p.lq
+    rows = []
+
+    def chunk(q, k, v, mask, bias, scale, scratch):
+        rows.append(q.shape[-2])
+        return block_naive._softmax_chunk(q, k, v, mask, bias, scale, scratch)
+
+    got = plan_torch.run_plan(p, plan, chunk)
+    assert rows and max(rows) == p.lq
+    assert_walk_equal(got, masked_attention(p, plan.to_dense(p).expand(p.q.shape[0], -1, -1)))
+
+
 def test_full_blocks_of_a_plan_per_row_run_without_a_mask(monkeypatch):
     """Top-p counts differ from query block to query block; full blocks are still computed
     with no mask (chunks of equal counts: no padding keys), masks only in partial blocks."""

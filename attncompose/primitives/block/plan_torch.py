@@ -61,8 +61,11 @@ def run_plan(problem: Problem, plan: BlockPlan, chunk_fn) -> Partial:
     plan = plan.natural_rows()
     g = plan.grid
     n, dv = problem.q.shape[0], problem.v.shape[-1]
-    out = problem.q.new_zeros(n, g.nqb, g.block_q, dv, dtype=torch.float32)
-    lse = problem.q.new_full((n, g.nqb, g.block_q), float("-inf"), dtype=torch.float32)
+    # rows a query block holds: one block holds just the queries there are (a decode step's
+    # few, not a block of padding rows that the fused kernel would compute as well)
+    bq = g.block_q if g.nqb > 1 else g.lq
+    out = problem.q.new_zeros(n, g.nqb, bq, dv, dtype=torch.float32)
+    lse = problem.q.new_full((n, g.nqb, bq), float("-inf"), dtype=torch.float32)
     walk = _Walk(problem, plan, chunk_fn, out, lse)
     state = plan.kernel_states()
     if plan.rows == 1:
@@ -80,7 +83,8 @@ class _Walk:
     def __init__(self, problem: Problem, plan: BlockPlan, chunk_fn, out: Tensor, lse: Tensor):
         g = plan.grid
         self.problem, self.plan, self.chunk_fn = problem, plan, chunk_fn
-        self.q = _blocks(problem.q, g.nqb, g.block_q)
+        self.bq = out.shape[2]  # query rows a block holds (fewer than block_q: all of them)
+        self.q = _blocks(problem.q, g.nqb, self.bq)
         self.k = _blocks(problem.k, g.nkb, g.block_k)
         self.v = _blocks(problem.v, g.nkb, g.block_k)
         self.out, self.lse = out, lse
@@ -101,7 +105,7 @@ class _Walk:
         """Query blocks per call so that scores and keys stay within their budgets."""
         g = self.plan.grid
         keys = rows * width * g.block_k
-        scores = SCORE_BUDGET // max(1, keys * g.block_q)
+        scores = SCORE_BUDGET // max(1, keys * self.bq)
         return max(1, min(scores, KEY_BUDGET // max(1, keys * self.k.shape[-1])))
 
     # -- full blocks, the same plan for every row -------------------------------------------
@@ -186,7 +190,7 @@ class _Walk:
             k = self._gather("k", flat_k, 0, keys, shape)
             v = self._gather("v", flat_v, 0, keys, shape)
             rows = r * g.nqb + i
-            q = self._gather("q", flat_q, 0, rows, (1, len(r), g.block_q))
+            q = self._gather("q", flat_q, 0, rows, (1, len(r), self.bq))
             o, s = self._call(q, k, v, None, self._bias(blocks[None], None, r))
             out.index_copy_(0, rows, o[0])
             lse.index_copy_(0, rows, s[0])
@@ -214,7 +218,7 @@ class _Walk:
         width = blocks.shape[-1]
         nk = width * g.block_k
         valid = _valid(count, width)  # [R, M, W]
-        mask = self._pair_mask(i0, i1, blocks, valid)  # [R, M, BQ, nk]
+        mask = self._pair_mask(i0, i1, blocks, valid)[:, :, : self.bq]  # [R, M, BQ, nk]
         rows = (torch.arange(n, device=self.dev) // self.group)[:, None] * g.nkb
         idx = (blocks.expand(n, -1, -1).flatten(1).long() + rows).flatten()
         shape = (n, i1 - i0, nk)
