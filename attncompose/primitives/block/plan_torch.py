@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial, Problem, Workspace
+from attncompose.primitives.base import Partial, Problem, Workspace, group_rows
 from attncompose.primitives.block.naive import (
     SCORE_BUDGET,
     _softmax_chunk,
@@ -219,7 +219,7 @@ class _Walk:
         nk = width * g.block_k
         valid = _valid(count, width)  # [R, M, W]
         mask = self._pair_mask(i0, i1, blocks, valid)[:, :, : self.bq]  # [R, M, BQ, nk]
-        rows = (torch.arange(n, device=self.dev) // self.group)[:, None] * g.nkb
+        rows = group_rows(n, self.group, self.dev, g.nkb)[:, None]  # each row's key row
         idx = (blocks.expand(n, -1, -1).flatten(1).long() + rows).flatten()
         shape = (n, i1 - i0, nk)
         k = self._gather("pk", self.k.flatten(0, 1), 0, idx, shape)
