@@ -17,6 +17,7 @@ from test_tuned import entry
 import attncompose as ac
 from attncompose import AttentionInputError
 from attncompose.cli import main
+from attncompose.runtime.checks import non_finite
 from attncompose.spec import RecipeError
 from attncompose.spec.recipe import validate_recipe
 
@@ -295,9 +296,35 @@ TENSORS = [
             id=f"{name}-{bad}",
         )
         for name in "qkv"
-        for bad in (float("nan"), float("inf"))
+        for bad in (float("nan"), float("inf"), float("-inf"))
+    ),
+    pytest.param(
+        lambda: both_infinities(torch.float32), "v contains NaN or Inf", id="v-inf-and-minus-inf"
+    ),
+    pytest.param(
+        lambda: both_infinities(torch.float16), "v contains NaN or Inf", id="v-infinities-fp16"
     ),
 ]
+
+
+def both_infinities(dtype: torch.dtype):
+    """v holds +inf and -inf (a sum of them is NaN, not inf)."""
+    q, k, v = (t.to(dtype) for t in qkv())
+    v[0, 1, 2, 3], v[0, 0, 5, 0] = float("inf"), float("-inf")
+    return (q, k, v), {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_inputs_whose_sum_overflows_are_accepted(dtype):
+    """Values near the largest float add up past float32's range: every element is finite,
+    so the call runs (the check's float32 sum overflows; min and max then decide). What
+    attention makes of such values is the arithmetic's, as in SDPA."""
+    q, k, v = (t.to(dtype) for t in qkv(lk=64))
+    v = torch.full_like(v, torch.finfo(dtype).max * 0.9)
+    assert not v.float().sum().isfinite() and non_finite(q, k, v) is None
+    assert ac.compile("exact")(q, k, v).shape == q.shape
+    v[0, 1, 2, 3] = float("nan")
+    assert non_finite(q, k, v) == "v"
 
 
 @pytest.fixture(scope="module")
