@@ -118,6 +118,30 @@ def test_exact_kernel_masks_leaves_only_where_the_queries_span_several():
     assert watch.seen == [False, False, True, True]
 
 
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal", "calls"),
+    [(1, 300, True, 1), (1, 300, False, 1), (7, 300, True, 2), (300, 300, True, 1)],
+    ids=["decode", "one-query-noncausal", "decode7", "square"],
+)  # fmt: skip
+def test_fused_exact_calls_the_kernel_once_where_every_query_sees_every_key(
+    lq, lk, causal, calls, monkeypatch
+):
+    """A decode step's one query sees every key: one non-causal fused call (before, a
+    visible prefix and a one-key causal square, merged). Several queries after their keys
+    still split in two; the result is the dense oracle's either way."""
+    seen = []
+    fused = exact_fast._fused
+    monkeypatch.setattr(
+        exact_fast, "_fused", lambda problem, causal: seen.append(causal) or fused(problem, causal)
+    )
+    problem = cpu_problem(3, lq, lk, 16, causal=causal, seed=lq)
+    got = exact_fast.fused_exact_attention(problem)
+    assert len(seen) == calls
+    want = exact_naive.exact_attention(problem)
+    assert torch.allclose(got.out, want.out, atol=1e-5)
+    assert torch.allclose(got.lse, want.lse, atol=1e-5)
+
+
 def test_exact_leaves_need_a_square_of_whole_leaves():
     square = cpu_problem(1, 64, 64, 16, causal=True)
     for problem, leaf in (

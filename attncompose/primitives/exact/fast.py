@@ -4,7 +4,8 @@ run the rows, else FlashAttention-2's (half precision; :func:`cuda_fused_reasons
 
 PyTorch's fused kernels align ``is_causal`` top-left, so a causal problem whose queries sit
 ``delta`` positions after its keys is split into a fully visible key prefix (non-causal) and
-a top-left causal remainder, merged by lse.
+a top-left causal remainder, merged by lse (:func:`fused_pieces`); a decode step's one query
+sees every key: one non-causal call.
 
 Grouped keys and values (:attr:`Problem.kv_group`) are read where they are on the CPU: the
 query heads of a group as the heads of one batch element, its key/value row broadcast to
@@ -29,18 +30,33 @@ def fused_exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
     if counting_products():
         visible = problem.visible_keys(torch.arange(problem.lq, device=problem.q.device))
         add_products(problem.q.shape[0] * visible.sum())
+    pieces = fused_pieces(problem)
+    if pieces is None:
+        return exact_attention(problem)  # some rows see no key: rare, keep it simple
+    parts = [
+        _fused(problem if keys == slice(None) else problem.sub(slice(None), keys, causal), causal)
+        for keys, causal in pieces
+    ]
+    return parts[0] if len(parts) == 1 else merge_partials(parts)
+
+
+def fused_pieces(problem: Problem) -> list[tuple[slice, bool]] | None:
+    """The fused calls an exact problem makes, (key range, top-left causal) each, merged by
+    lse: all keys (non-causal, a causal square, or a decode step's one query, which sees
+    every key), else a causal problem's fully visible key prefix and its causal square
+    after it; None where some query sees no key (the reference runs it)."""
     if not problem.causal:
-        return _fused(problem, causal=False)
+        return [(slice(None), False)]
     delta = problem.q_offset - problem.k_offset
     if delta < 0 or delta > problem.lk:
-        return exact_attention(problem)  # some rows see no key: rare, keep it simple
+        return None
     if delta == 0:
-        return _fused(problem, causal=True)
-    prefix = _fused(problem.sub(slice(None), slice(0, delta), causal=False), causal=False)
+        return [(slice(None), True)]
+    if problem.lq == 1 and delta == problem.lk - 1:
+        return [(slice(None), False)]
     if delta == problem.lk:
-        return prefix
-    rest = _fused(problem.sub(slice(None), slice(delta, None), causal=True), causal=True)
-    return merge_partials([prefix, rest])
+        return [(slice(0, delta), False)]
+    return [(slice(0, delta), False), (slice(delta, None), True)]
 
 
 def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
@@ -63,14 +79,13 @@ def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
         reasons.append(f"{problem.lq} queries x {problem.lk} keys")
     if problem.causal and problem.q_offset + problem.lq != problem.k_offset + problem.lk:
         reasons.append("causal, not bottom-right aligned (its causal part would be a rectangle)")
-    if not reasons:  # the calls fused_exact_attention makes: a causal problem's keys past
-        # the visible prefix form its causal square (on the keys it is given: expanded)
+    pieces = fused_pieces(problem)
+    if pieces is None:
+        reasons.append("some query sees no key (the reference runs it)")
+    if not reasons:  # the calls fused_exact_attention makes (on the keys it is given: expanded)
         problem = problem.expanded()
         k, v = problem.k, problem.v
-        delta = problem.q_offset - problem.k_offset
-        calls = [(k, v, False)] if not problem.causal else [(k[:, delta:], v[:, delta:], True)]
-        if problem.causal and delta:
-            calls.append((k[:, :delta], v[:, :delta], False))
+        calls = [(k[:, keys], v[:, keys], causal) for keys, causal in pieces]
         if any(_cuda_kernel(q, *call) is None for call in calls):
             reasons.append(
                 "PyTorch's cuDNN and flash kernels both decline it "
