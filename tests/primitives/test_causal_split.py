@@ -209,6 +209,24 @@ def test_no_query_reads_a_later_key(name, packs, request):
         assert_reads_no_later_key(attn, item.q, item.k, item.v, range(128, n, 128), n)
 
 
+@pytest.mark.parametrize("name", ["hyperattention", "sampling-only"])
+def test_stacked_levels_keep_each_query_row_over_its_key_row(make_qkv, name, monkeypatch):
+    """A level's rectangles stacked as rows (an offset-free body, level by level) are
+    stacked rectangle-major, so grouped keys and values stay where query row n finds them,
+    at row n // group: the same result bit for bit as the keys repeated per query head."""
+    from attncompose.primitives import causal_split
+
+    stacked = []
+    stack = causal_split._stacked
+    monkeypatch.setattr(causal_split, "_stacked", lambda *a: stacked.append(1) or stack(*a))
+    attn = ac.compile(ac.load_recipe(name).with_knobs({"out.min_seq_len": 256}), backend="torch")
+    q, k, v = make_qkv(b=1, hq=6, hkv=2, lq=2048, lk=2048, d=16)
+    grouped = attn(q, k, v, is_causal=True)
+    assert len(stacked) == 2  # levels of 4 and 2 rectangles (leaves of 256; 1 runs alone)
+    repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+    assert torch.equal(grouped, repeated)
+
+
 @pytest.mark.parametrize(
     ("n", "min_seq_len", "quantum", "want"),
     [
