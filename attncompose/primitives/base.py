@@ -529,6 +529,11 @@ class Primitive:
         """Called once at compile time with the runtimes wired into each port (a primitive
         whose implementation depends on its inputs' kinds reads them here)."""
 
+    def bound_at(self, block_size: int) -> None:
+        """Called at compile time by each block step that binds this step's selection
+        (:meth:`Selection.bind`) at ``block_size``: a selection step may then leave out what
+        no block of that size reads."""
+
     def kernel_name(self) -> str:
         """Which implementation runs (shown by ``attncompose show``)."""
         return f"{self.backend}:{self.op}"

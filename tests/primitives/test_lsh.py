@@ -12,6 +12,7 @@ from on_device import (
 )
 from oracle import dense_mask, make_problem, masked_attention
 
+import attncompose as ac
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh import naive as lsh_naive
 from attncompose.primitives.lsh.naive import gray_code, gray_rank
@@ -166,6 +167,42 @@ def test_lsh_hashes_grouped_keys_as_the_keys_repeated(group):
             for mine, theirs in zip(got, want, strict=True):
                 for a, b in zip(mine, theirs, strict=True):
                     assert torch.equal(a.long(), b.long())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_keeping_the_first_sorted_slots_equals_the_stable_sort(dtype):
+    """A top-k of the first ``keep`` sorted slots (ranks with many ties) gives the stable
+    sort's first slots, in its order, and their sorted ranks; every index past them sits
+    at position ``keep``, in no block a reader of the first ``keep`` slots takes."""
+    g = torch.Generator().manual_seed(4)
+    rank = torch.randint(0, 8, (3, 500), generator=g).to(dtype)
+    order, position, key = lsh_naive.sorted_order(rank)
+    for keep in (1, 64, 499):
+        o, p, k = lsh_naive.sorted_order(rank, keep=keep)
+        assert torch.equal(o, order[:, :keep]) and torch.equal(k, key[:, :keep])
+        assert k.dtype == dtype and p.dtype == position.dtype
+        assert torch.equal(p, torch.where(position < keep, position, keep))
+    assert torch.equal(lsh_naive.sorted_order(rank, keep=500)[0], order)  # all: the sort
+
+
+@pytest.mark.parametrize("name", ["hyperattention", "hyperattention-sinks", "lsh-only"])
+def test_a_decode_step_sorts_only_the_keys_its_query_takes(name, monkeypatch):
+    """One query after its keys, rank pairing: its tile takes the first key block in sorted
+    order, so the step finds those keys alone (a top-k of block-size keys, not a sort of
+    all of them); the result is bit for bit the full sort's."""
+    from attncompose.primitives.lsh import Lsh
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    k, v = (torch.randn(1, 2, 3000, 16, generator=g) for _ in range(2))
+    attn = ac.compile(ac.load_recipe(name).with_knobs({"out.min_seq_len": 512}), backend="torch")
+    kept = []
+    keys = Lsh.kept_keys
+    monkeypatch.setattr(Lsh, "kept_keys", lambda self, p: kept.append(keys(self, p)) or kept[-1])
+    partial = attn(q, k, v, is_causal=True)
+    assert kept == [attn.pipeline.nodes["diag"].knobs["block_size"]]  # of 2999 keys before it
+    monkeypatch.setattr(Lsh, "kept_keys", lambda self, p: None)
+    assert torch.equal(partial, attn(q, k, v, is_causal=True))
 
 
 @pytest.mark.triton

@@ -115,6 +115,8 @@ class Block(Primitive):
     planned: bool | None = None  # set by connect(): do all inputs have block forms?
 
     def connect(self, inputs: dict[str, list[Primitive]]) -> None:
+        for node in inputs["select"]:
+            node.bound_at(self.knobs["block_size"])
         selected = [type(node).block_form for node in inputs["select"]]
         excluded = [node.planned for node in inputs["exclude"]]
         self.planned = all(selected) and all(excluded)

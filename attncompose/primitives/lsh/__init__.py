@@ -40,8 +40,8 @@ from attncompose.primitives.plan import static_plan
 class LshSelection(Selection):
     q_order: Tensor  # [N, Lq] query indices in sorted order
     q_pos: Tensor  # [N, Lq] sorted slot of each query
-    k_order: Tensor  # [N, Lk]
-    k_pos: Tensor  # [N, Lk]
+    k_order: Tensor  # [N, Lk], or the first sorted slots only (a decode step's, Lsh.kept_keys)
+    k_pos: Tensor  # [N, Lk] (past k_order's slots: len(k_order), in no block they read)
     q_rank: Tensor | None = None  # [N, Lq] Gray ranks in sorted order (code pairing)
     k_rank: Tensor | None = None  # [N, Lk]
 
@@ -230,6 +230,24 @@ class Lsh(Primitive):
     reads_rows = True  # hashes queries and keys where they are
     reads_groups = True  # key row n // kv_group with query row n's directions
 
+    def __init__(self, step: LshStep, backend: str = "torch"):
+        super().__init__(step, backend)
+        self.block_sizes: set[int] = set()  # the block sizes its selection is bound at
+
+    def bound_at(self, block_size: int) -> None:
+        self.block_sizes.add(block_size)
+
+    def kept_keys(self, problem: Problem) -> int | None:
+        """How many sorted key slots the block steps read, where fewer than all: a decode
+        step's one query (rank pairing) takes the first key block, so only the first
+        ``max(block sizes)`` keys in sorted order are found (a top-k, not a sort of every
+        key); None: all of them (several queries, code pairing, packed parts, or block
+        sizes unknown)."""
+        if self.knobs["pairing"] != "rank" or problem.lq != 1 or problem.packed is not None:
+            return None
+        keep = max(self.block_sizes, default=problem.lk)
+        return keep if keep < problem.lk else None
+
     def __call__(self, problem: Problem) -> LshSelection:
         part = None if problem.packed is None else problem.packed.part  # sorted per part
         rows = None if problem.rows is None else (problem.rows.q, problem.rows.k)
@@ -241,7 +259,7 @@ class Lsh(Primitive):
         dirs = self.directions(problem, q.shape[-1])
         sort_positions = dispatch.choose("lsh_sort", self.backend, problem).load()
         (q_order, q_pos, q_rank), (k_order, k_pos, k_rank) = sort_positions(
-            (q, k), dirs, part, rows
+            (q, k), dirs, part, rows, self.kept_keys(problem)
         )
         if self.knobs["pairing"] == "rank":
             return LshSelection(q_order, q_pos, k_order, k_pos)

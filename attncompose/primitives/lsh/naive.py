@@ -68,6 +68,7 @@ def sort_positions(
     directions: Tensor,
     part: Tensor | None = None,
     rows: Sequence[Tensor] | None = None,
+    keep: int | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """For each x [N, L, D] of ``xs`` (queries and keys; grouped keys [N / G, L, D], row n
     hashed from row n // G, see :func:`hash_codes`): (order [N, L]: indices sorted by Gray
@@ -76,12 +77,14 @@ def sort_positions(
     Triton kernel, where no part is above them). ``part`` [L] (a packed problem's part of
     each position): sorted within each part, the parts in their order. ``rows`` (one [L] per
     input, :class:`~attncompose.primitives.base.RowMaps`): input i is ``xs[i][:, rows[i]]``.
-    Inputs of one shape are sorted as one batch (:func:`sort_together`)."""
+    ``keep``: only the first ``keep`` sorted slots of each input are wanted
+    (:func:`sorted_order`). Inputs of one shape are sorted as one batch
+    (:func:`sort_together`)."""
     if rows is not None:  # the reference reads them gathered
         xs = [x.index_select(1, r) for x, r in zip(xs, rows, strict=True)]
     bits = directions.shape[-1]
     ranks = lambda group: torch.cat([gray_rank(hash_codes(x, directions), bits) for x in group])
-    return sort_together(xs, ranks, part)
+    return sort_together(xs, ranks, part, keep=keep)
 
 
 def sort_together(
@@ -89,16 +92,17 @@ def sort_together(
     ranks_of: Callable[[list[Any]], Tensor],
     part: Tensor | None,
     shape_of: Callable[[Any], tuple[int, ...]] = lambda x: tuple(x.shape[1:]),
+    keep: int | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """:func:`sorted_order` of each of ``xs``; inputs of one shape (``shape_of``: [L, D],
     the rows aside: grouped keys have fewer) in ONE sort of their ranks stacked as rows
     (``ranks_of(group)`` [len(group) * N, L], N rows each), each row sorted alone as it
-    would be by itself."""
+    would be by itself (``keep``: see :func:`sorted_order`)."""
     together = all(shape_of(x) == shape_of(xs[0]) for x in xs)
     out = []
     for group in [list(xs)] if together else [[x] for x in xs]:
         ranks = ranks_of(group)
-        order, position, key = sorted_order(ranks, part)
+        order, position, key = sorted_order(ranks, part, keep)
         n = ranks.shape[0] // len(group)
         out += [(order[i * n : (i + 1) * n], position[i * n : (i + 1) * n],
                  key[i * n : (i + 1) * n]) for i in range(len(group))]  # fmt: skip
@@ -110,11 +114,23 @@ def within_parts(rank: Tensor, part: Tensor | None) -> Tensor:
     return rank if part is None else rank.long() | (part << 32)
 
 
-def sorted_order(rank: Tensor, part: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def sorted_order(
+    rank: Tensor, part: Tensor | None = None, keep: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(order, position, sorted key) of a stable sort of ``rank`` [N, L] (within each
-    ``part``: the key is :func:`within_parts`)."""
-    key, order = torch.sort(within_parts(rank, part), dim=-1, stable=True)
-    position = torch.empty_like(order)
+    ``part``: the key is :func:`within_parts`). ``keep`` (no part): only the first ``keep``
+    sorted slots are wanted: order and key [N, keep], the ``keep`` smallest of rank * L +
+    index (unique, so in the stable sort's order) by a top-k instead of a sort; the position
+    of every index past them is ``keep``."""
+    length = rank.shape[1]
+    if keep is None or part is not None or keep >= length:
+        key, order = torch.sort(within_parts(rank, part), dim=-1, stable=True)
+        position = torch.empty_like(order)
+    else:
+        ties = static_arange(length, rank.device)  # equal ranks keep their index order
+        _, order = torch.topk(rank.long() * length + ties, keep, largest=False, sorted=True)
+        key = rank.gather(1, order)
+        position = torch.full(rank.shape, keep, dtype=order.dtype, device=rank.device)
     position.scatter_(1, order, static_arange(order.shape[1], order.device).expand_as(order))
     return order, position, key
 

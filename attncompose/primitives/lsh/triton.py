@@ -137,13 +137,15 @@ def sort_positions(
     directions: Tensor,
     part: Tensor | None = None,
     rows: Sequence[Tensor] | None = None,
+    keep: int | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Same contract as the reference: per input (order, position, sorted key), inputs of
     one shape hashed in one launch and sorted in one sort; row-mapped inputs read where they
     are."""
     if rows is None:
-        return sort_together(xs, lambda group: gray_ranks(group, directions, part), None)
+        ranks = lambda group: gray_ranks(group, directions, part)
+        return sort_together(xs, ranks, None, keep=None if part is not None else keep)
     inputs = list(zip(xs, rows, strict=True))
     shape_of = lambda item: (*item[0].shape[1:], item[1].shape[0])  # [source L, D, L]
     ranks = lambda group: gray_ranks([x for x, _ in group], directions, part, [r for _, r in group])
-    return sort_together(inputs, ranks, None, shape_of)
+    return sort_together(inputs, ranks, None, shape_of, None if part is not None else keep)
