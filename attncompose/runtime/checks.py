@@ -86,8 +86,9 @@ def non_finite(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     sum after it non-finite): one read-only pass per tensor, then ONE read back to the
     host, tested there (the call's only device synchronisation, in five launches: three
     sums, a stack, a copy). A sum also overflows where finite elements add up past 3e38;
-    only then the tensor's min and max decide (finite iff every element is). A sum reads
-    twice as fast as ``aminmax`` on a CPU, and a decode step checks every cached key."""
+    only then the tensor's min and max decide (finite iff every element is). A sum takes
+    about a quarter less time than ``aminmax`` over keys and values out of cache on a CPU
+    (2.4x faster where they sit in cache), and a decode step checks every cached key."""
     tensors = {"q": q, "k": k, "v": v}
     sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()]).tolist()
     for (name, t), total in zip(tensors.items(), sums, strict=True):

@@ -40,8 +40,9 @@ def hash_codes(x: Tensor, directions: Tensor) -> Tensor:
     xt = x.to(directions.dtype).transpose(-1, -2)
     code = torch.zeros(n, length, dtype=torch.long, device=x.device)
     for dirs, into in zip(group_views(directions, group), group_views(code, group), strict=True):
-        # [N / G, r, L]: one long GEMM row per bit (x @ directions, with only r columns, runs
-        # ~3x slower on CPU), then the bits are packed one at a time
+        # [N / G, r, L]: one long GEMM row per bit (which orientation runs faster depends on
+        # the CPU: x @ directions measured 2x slower on one, 3-7x faster on another at r=7;
+        # these bits are the reference's), then the bits are packed one at a time
         proj = torch.matmul(dirs.transpose(-1, -2), xt)
         for bit in range(proj.shape[1]):
             into.bitwise_or_((proj[:, bit] > 0).long() << bit)
