@@ -7,7 +7,10 @@ in the same run, in interleaved rounds (speedup: median of per-round SDPA / reci
 share of exact attention's query-key products the recipe computes. ``unchecked``: the module
 compiled with ``check_finite=False`` (no NaN/Inf pass over every key and value, which a
 decode step otherwise reads whole). A step of a model's decode loop makes this call once per
-layer. Writes ``benchmarks/results/bench_decode_cpu.json`` (device, versions, commit, date).
+layer. A decode loop's key length is rarely a multiple of the recipes' key blocks: 32769 is
+timed beside 32768 (block-plan steps copied every key into a padded layout there until
+that copy went). Writes ``benchmarks/results/bench_decode_cpu.json`` (device, versions,
+commit, date).
 
     python benchmarks/bench_decode_cpu.py [--recipes exact,streaming] [--seq-lens 8192,32768]
 """
@@ -78,7 +81,7 @@ def calls(attn, unchecked, q, k, v) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(builtin_recipes()))
-    parser.add_argument("--seq-lens", default="8192,32768")
+    parser.add_argument("--seq-lens", default="8192,32768,32769")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode_cpu.json")
     args = parser.parse_args()

@@ -102,6 +102,41 @@ def test_key_scores_match_pair_by_pair(monkeypatch, causal, lq, lk, size):
     assert torch.allclose(got[want.isfinite()], want[want.isfinite()], atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [64, 70, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "key-range"])
+def test_block_means_copy_only_a_cut_last_block(layout, length):
+    """Block means sum full blocks where they lie (a decode step copied every key into a
+    padded buffer first): the same values, bit for bit, as the whole input zero-padded, and
+    no copy larger than one block."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(length)
+    full = torch.randn(3, 2 * length, 4, generator=g)
+    x = full[:, :length] if layout == "contiguous" else full[:, 3 : 3 + length]
+    size = 8
+    nb = -(-length // size)
+    padded = torch.zeros(3, nb * size, 4)
+    padded[:, :length] = x
+    want = (
+        padded.view(3, nb, size, 4).sum(2)
+        / torch.tensor([size] * (nb - 1) + [length - (nb - 1) * size], dtype=x.dtype)[:, None]
+    )
+    written = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor):
+                written.append(out.numel())
+            return out
+
+    with Watch():
+        got, counts = topk_naive.block_means(x, size)
+    assert torch.equal(got, want)
+    assert counts.sum() == length
+    assert max(written) <= max(3 * size * 4, got.numel())
+
+
 def test_key_scores_find_a_single_heavy_key_that_block_means_miss():
     """One key that every query of block 0 attends to, in a block whose other keys point
     away: its block mean hides it, scoring against each key does not."""

@@ -5,9 +5,11 @@ Two passes over a :class:`~attncompose.primitives.plan.BlockPlan`, merged by lse
 1. **full blocks**, with no pair mask: (row, query block)s are grouped by how many full key
    blocks they have, and each group's key blocks are read as one key sequence per query
    block: a strided view where they are consecutive ranges stepping evenly (a sliding
-   window's interior), else gathered block by block. A key-level mask hides padding keys
-   only where the counts within a group differ (a plan per row: chunks of equal counts, no
-   mask);
+   window's interior), else gathered block by block (:class:`_KeyBlocks`: keys are read
+   where they lie, never copied whole into a padded layout, so a decode step at a length
+   that is no multiple of the key block reads only the blocks it takes). A key-level mask
+   hides padding keys only where the counts within a group differ (a plan per row: chunks
+   of equal counts, no mask);
 2. **partial blocks**, with the plan's pair rule evaluated on them only (one mask for every
    row when the plan is the same for all rows, kept with a static plan; a data-dependent
    plan reads it from tiles built once per static pattern, :meth:`BlockPlan.partial_mask`).
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial, Problem, Workspace, group_rows
+from attncompose.primitives.base import Partial, Problem, Workspace, group_rows, row_pitch
 from attncompose.primitives.block.naive import (
     SCORE_BUDGET,
     _softmax_chunk,
@@ -85,8 +87,8 @@ class _Walk:
         self.problem, self.plan, self.chunk_fn = problem, plan, chunk_fn
         self.bq = out.shape[2]  # query rows a block holds (fewer than block_q: all of them)
         self.q = _blocks(problem.q, g.nqb, self.bq)
-        self.k = _blocks(problem.k, g.nkb, g.block_k)
-        self.v = _blocks(problem.v, g.nkb, g.block_k)
+        self.k = _KeyBlocks(problem.k, g.nkb, g.block_k)
+        self.v = _KeyBlocks(problem.v, g.nkb, g.block_k)
         self.out, self.lse = out, lse
         self.group = problem.kv_group  # query rows per key row
         self.scratch = problem.workspace or Workspace()
@@ -106,7 +108,7 @@ class _Walk:
         g = self.plan.grid
         keys = rows * width * g.block_k
         scores = SCORE_BUDGET // max(1, keys * self.bq)
-        return max(1, min(scores, KEY_BUDGET // max(1, keys * self.k.shape[-1])))
+        return max(1, min(scores, KEY_BUDGET // max(1, keys * self.k.dim)))
 
     # -- full blocks, the same plan for every row -------------------------------------------
 
@@ -145,25 +147,22 @@ class _Walk:
         step = int(starts[1] - starts[0]) if m > 1 else 0
         ranges = blocks == starts[:, None] + torch.arange(width, device=self.dev)
         even = starts == starts[0] + step * torch.arange(m, device=self.dev)
-        if bool(ranges.all()) and bool(even.all()):
+        if bool(ranges.all()) and bool(even.all()):  # full blocks: never past the last key
             return tuple(
-                key_ranges(x.flatten(1, 2), int(starts[0]) * bk, step * bk, m, nk)
-                for x in (self.k, self.v)
+                key_ranges(x.rows, int(starts[0]) * bk, step * bk, m, nk) for x in (self.k, self.v)
             )
-        idx = blocks.reshape(-1).long()
-        return tuple(self._gather(name, x, 1, idx, (x.shape[0], m, nk)) for name, x in self._kv)
+        rows = self.k.rows.shape[0]
+        at = torch.arange(rows, device=self.dev).repeat_interleave(blocks.numel())
+        idx = blocks.reshape(-1).long().repeat(rows)
+        shape = (rows, m, nk)
+        return self._gather("k", self.k, at, idx, shape), self._gather("v", self.v, at, idx, shape)
 
-    @property
-    def _kv(self):
-        return (("k", self.k), ("v", self.v))
-
-    def _gather(self, name: str, x: Tensor, dim: int, idx: Tensor, shape) -> Tensor:
-        """``x.index_select(dim, idx)`` into the walk's buffer ``name``, viewed as
-        ``shape + (D,)`` (fresh memory costs page faults on CPU: more than the copy)."""
-        size = list(x.shape)
-        size[dim] = len(idx)
-        buf = self.scratch.take(name, size, x.dtype, x.device)
-        return torch.index_select(x, dim, idx, out=buf).view(*shape, x.shape[-1])
+    def _gather(self, name: str, x: _KeyBlocks, rows: Tensor, blocks: Tensor, shape) -> Tensor:
+        """Key blocks ``blocks`` [P] of key rows ``rows`` [P] into the walk's buffer ``name``,
+        viewed as ``shape + (D,)`` (fresh memory costs page faults on CPU: more than the
+        copy)."""
+        buf = self.scratch.take(name, [len(blocks), x.block, x.dim], x.rows.dtype, x.rows.device)
+        return x.take(rows, blocks, buf).view(*shape, x.dim)
 
     def _key_mask(self, valid: Tensor) -> Tensor:
         """[M, 1, W*BK] bool from valid blocks [M, W]: padding blocks' keys masked."""
@@ -180,17 +179,19 @@ class _Walk:
         g = self.plan.grid
         order = selected_first(selected, int(num.max()))  # [N, nQB, W]
         flat_q = self.q.flatten(0, 1)  # [N*nQB, BQ, D]
-        flat_k, flat_v = self.k.flatten(0, 1), self.v.flatten(0, 1)  # [N*nKB, BK, D]
         out, lse = self.out.flatten(0, 1), self.lse.flatten(0, 1)
         for width, members in _sorted_chunks(num, lambda w: self._step(1, w)):
             r, i = members.unbind(-1)
             blocks = order[r, i, :width]  # [M, W], all valid
-            keys = ((r // self.group)[:, None] * g.nkb + blocks).reshape(-1)
+            at = (r // self.group).repeat_interleave(width)  # each block's key row
             shape = (1, len(r), width * g.block_k)
-            k = self._gather("k", flat_k, 0, keys, shape)
-            v = self._gather("v", flat_v, 0, keys, shape)
+            k = self._gather("k", self.k, at, blocks.reshape(-1), shape)
+            v = self._gather("v", self.v, at, blocks.reshape(-1), shape)
             rows = r * g.nqb + i
-            q = self._gather("q", flat_q, 0, rows, (1, len(r), self.bq))
+            buf = self.scratch.take(
+                "q", [len(r), self.bq, flat_q.shape[-1]], flat_q.dtype, self.dev
+            )
+            q = torch.index_select(flat_q, 0, rows, out=buf)[None]
             o, s = self._call(q, k, v, None, self._bias(blocks[None], None, r))
             out.index_copy_(0, rows, o[0])
             lse.index_copy_(0, rows, s[0])
@@ -219,11 +220,11 @@ class _Walk:
         nk = width * g.block_k
         valid = _valid(count, width)  # [R, M, W]
         mask = self._pair_mask(i0, i1, blocks, valid)[:, :, : self.bq]  # [R, M, BQ, nk]
-        rows = group_rows(n, self.group, self.dev, g.nkb)[:, None]  # each row's key row
-        idx = (blocks.expand(n, -1, -1).flatten(1).long() + rows).flatten()
+        at = group_rows(n, self.group, self.dev).repeat_interleave((i1 - i0) * width)
+        idx = blocks.expand(n, -1, -1).reshape(-1)  # block j of row at[j]
         shape = (n, i1 - i0, nk)
-        k = self._gather("pk", self.k.flatten(0, 1), 0, idx, shape)
-        v = self._gather("pv", self.v.flatten(0, 1), 0, idx, shape)
+        k = self._gather("pk", self.k, at, idx, shape)
+        v = self._gather("pv", self.v, at, idx, shape)
         o, s = self._call(self.q[:, i0:i1], k, v, mask, self._bias(blocks, valid))
         merge_into(Partial(self.out[:, i0:i1], self.lse[:, i0:i1]), Partial(o, s))
 
@@ -262,8 +263,8 @@ class _Walk:
 
 
 def _blocks(x: Tensor, count: int, size: int) -> Tensor:
-    """x [N, L, D] as float32 [N, count, size, D] (zero-padded to count*size rows when
-    needed; half inputs upcast: PyTorch kernels compute in float32)."""
+    """Queries x [N, L, D] as float32 [N, count, size, D] (zero-padded to count*size rows
+    when needed; half inputs upcast: PyTorch kernels compute in float32)."""
     x = x.float()
     n, length, d = x.shape
     if count * size != length:
@@ -271,6 +272,42 @@ def _blocks(x: Tensor, count: int, size: int) -> Tensor:
         padded[:, :length] = x
         x = padded
     return x.view(n, count, size, d)
+
+
+class _KeyBlocks:
+    """Keys (or values) x [R, Lk, D] read by key block of ``block`` keys, where they lie: no
+    copy into a padded [R, count, block, D] layout (at a length that is no multiple of the
+    block, that copy of every key cost a decode step more than the blocks it reads).
+
+    ``take(rows, blocks, out)`` gathers block ``blocks[i]`` of key row ``rows[i]`` into
+    ``out[i]`` [block, D], one contiguous copy each (a block's keys are consecutive in
+    memory, read through a view of every ``block`` consecutive keys). The last block, cut by
+    Lk, is read as the row's last ``block`` keys and rotated into place: its slots past Lk
+    then hold real keys of the row (finite, masked by the plan's rule as padding was)."""
+
+    def __init__(self, x: Tensor, count: int, block: int):
+        x = x.float()
+        self.dim = x.shape[2]
+        if x.shape[1] < block:  # one short block: padded (a copy of fewer than ``block`` keys)
+            x = _blocks(x, count, block).flatten(1, 2)
+        elif x.stride(2) != 1 or x.stride(1) != self.dim or x.stride(0) % self.dim:
+            x = x.contiguous()
+        self.rows, self.block, self.count = x, block, count
+        self.tail = x.shape[1] % block  # keys of a last block cut by Lk (0: none)
+
+    def take(self, rows: Tensor, blocks: Tensor, out: Tensor) -> Tensor:
+        x, bk, d = self.rows, self.block, self.dim
+        length, pitch = x.shape[1], row_pitch(x)
+        starts = blocks.long() * bk
+        if self.tail:
+            starts = starts.clamp_max(length - bk)
+        windows = x.as_strided(((x.shape[0] - 1) * pitch + length - bk + 1, bk, d), (d, d, 1))
+        torch.index_select(windows, 0, rows.long() * pitch + starts, out=out)
+        if self.tail:
+            cut = torch.nonzero(blocks == self.count - 1).flatten()
+            if len(cut):
+                out[cut] = out[cut].roll(self.tail, 1)
+        return out
 
 
 def _valid(count: Tensor, width: int) -> Tensor:

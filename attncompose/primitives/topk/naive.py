@@ -24,14 +24,20 @@ from attncompose.primitives.base import Problem
 
 
 def block_means(x: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """(means [N, nB, D], counts [nB]) of consecutive blocks of ``size`` rows of x [N, L, D]."""
+    """(means [N, nB, D], counts [nB]) of consecutive blocks of ``size`` rows of x [N, L, D].
+    Full blocks are summed where they lie; only a last block cut by L is copied (zero-padded
+    to ``size`` rows: the same sums as the whole of x padded, without copying every key of
+    a decode step)."""
     n, length, d = x.shape
-    nb = -(-length // size)
-    padded = x.new_zeros(n, nb * size, d)
-    padded[:, :length] = x
+    nb, whole = -(-length // size), length // size
+    sums = x[:, : whole * size].unflatten(1, (whole, size)).sum(2)
+    if whole < nb:
+        tail = x.new_zeros(n, 1, size, d)
+        tail[:, 0, : length - whole * size] = x[:, whole * size :]
+        sums = torch.cat([sums, tail.sum(2)], 1)
     counts = torch.full((nb,), size, device=x.device, dtype=x.dtype)
     counts[-1] = length - (nb - 1) * size
-    return padded.view(n, nb, size, d).sum(2) / counts[:, None], counts
+    return sums / counts[:, None], counts
 
 
 SCORES = ("means", "keys")
