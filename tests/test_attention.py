@@ -101,6 +101,31 @@ def test_grouped_keys_are_read_where_they_are_on_the_cpu(make_qkv, name, monkeyp
     assert copies == [(2, 2500, 16)]
 
 
+@pytest.mark.parametrize("name", builtin_recipes())
+@pytest.mark.parametrize("lq", [1, 37])
+def test_a_decode_step_computes_only_its_queries(make_qkv, name, lq, monkeypatch):
+    """A decode step (fewer queries than a tile or block) runs tiles and plan blocks of
+    hardly more rows than its queries in PyTorch's fused CPU kernel: a sampler tile of one
+    query computed 128 rows; now the least power of two >= 16 that holds them (the tiles
+    the Triton plan kernel takes), the plan walk's blocks and sortLSH's tiles just them."""
+    from attncompose.primitives.block import fused
+
+    rows = []
+    op = fused.fused_op()
+
+    def counting(q, *args, **kwargs):
+        rows.append(q.shape[-2])
+        return op(q, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "fused_op", lambda: counting)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=lq, lk=3000, d=16)
+    recipe = ac.load_recipe(name)
+    if "out" in recipe.steps and recipe.steps["out"].op == "causal_split":
+        recipe = recipe.with_knobs({"out.min_seq_len": 512})
+    ac.compile(recipe, backend="torch")(q, k, v, is_causal=True)
+    assert max(rows, default=lq) <= max(16, 1 << (lq - 1).bit_length())
+
+
 @needs_flex
 @pytest.mark.parametrize("name", ["streaming", "topp"])
 def test_flexattention_reads_grouped_keys_where_they_are(make_qkv, name, monkeypatch):

@@ -651,7 +651,12 @@ def take(meta: Tensor, idx: Tensor) -> Tensor:
 
 
 def natural_tiles(n: int, length: int, tile: int, device: torch.device) -> Tensor:
-    """Query indices [N, ceil(length/tile), tile] in natural order, -1 padded."""
+    """Query indices [N, ceil(length/tile), tile] in natural order, -1 padded. Fewer queries
+    than a tile make one smaller tile: the least power of two >= 16 that holds them (a
+    decode step's one query: 16 rows, not a tile of 127 padding rows that a kernel would
+    compute as well; 16 and powers of two: tiles the Triton plan kernel takes)."""
+    if length < tile:
+        tile = min(tile, max(16, 1 << max(0, length - 1).bit_length()))
     count = -(-length // tile)
     idx = torch.arange(count * tile, device=device).view(count, tile)
     idx = idx.masked_fill(idx >= length, -1)
