@@ -189,25 +189,30 @@ def bench_cpu_before_plans(results: Path) -> str:
     return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
 
 
+BEFORE_DECODE = ("before-gqa", "before-decode")  # earlier runs of bench_decode_cpu, oldest first
+
+
 def bench_decode_cpu(results: Path) -> str:
-    """One decode step of each recipe (grouped heads) against SDPA, now and at the commit
-    before grouped keys and values were read in place (``results/before-gqa/``), same
-    script and machine."""
+    """One decode step of each recipe (grouped heads) against SDPA, now and at earlier
+    commits, same script and machine: before grouped keys and values were read in place
+    (``results/before-gqa/``) and before decode steps read only the key blocks and queries
+    they take (``results/before-decode/``); a column per earlier run, headed by its commit."""
     now = runs("bench_decode_cpu", results)[:1]
-    before = runs("bench_decode_cpu", results / "before-gqa")
-    old = {(row["recipe"], row["n"]): row for run in before for row in run["rows"]}
+    befores = [runs("bench_decode_cpu", results / name)[:1] for name in BEFORE_DECODE]
+    befores = [b for b in befores if b]
+    old = [{(row["recipe"], row["n"]): row for row in b[0]["rows"]} for b in befores]
+    heads = "".join(f" {b[0]['commit'][:7]} ms |" for b in befores)
     lines = [
-        "| recipe | n | frac | before ms | now ms | SDPA ms | speedup now "
-        "| unchecked ms | speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| recipe | n | frac |{heads} now ms | SDPA ms | speedup now | unchecked ms | speedup |",
+        "|---|---|---|" + "---|" * len(befores) + "---|---|---|---|---|",
     ]
     for row in (row for run in now for row in run["rows"]):
-        prior = old.get((row["recipe"], row["n"]))
+        prior = [o.get((row["recipe"], row["n"])) for o in old]
         cells = [
             f"`{row['recipe']}`",
             str(row["n"]),
             f"{row['frac']:.3f}",
-            f"{prior['recipe_ms']:.1f}" if prior else "",
+            *(f"{p['recipe_ms']:.1f}" if p else "" for p in prior),
             f"{row['recipe_ms']:.1f}",
             f"{row['sdpa_ms']:.1f}",
             spread(ratios(row), digits=2),
@@ -216,9 +221,10 @@ def bench_decode_cpu(results: Path) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     quoted = dict.fromkeys(
-        f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}" for run in before + now
+        f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
+        for run in [*(b[0] for b in befores), *now]
     )
-    return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
+    return "\n".join(lines) + f"\n\nRuns (earlier; now): {'; '.join(quoted)}."
 
 
 def model_tuning_table(results: dict) -> str:
