@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,53 @@ def test_layer_dispatch_equals_the_recipes_called_directly(tuned_path):
     assert torch.equal(out[:, :2], head0) and torch.equal(lse[:, :2], lse0)
     torch.testing.assert_close(out[:, 2:], exact1, rtol=1e-5, atol=1e-6)
     assert (out[:, :2] - exact_attention(q[:, :2], k[:, :1], v[:, :1], True)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_decode_steps_run_exact_attention_on_heads_whose_choice_measured_slower(tmp_path, fallback):
+    """Layer 1's choice on KV head 0 measured a decode step slower than exact attention's:
+    a decode step runs exact attention on those heads (said once), prefill keeps the choice;
+    ``decode_fallback=False`` keeps it at decode too."""
+    tuned = hand_made()
+    slow = Choice(
+        kv_heads=[0],
+        recipe="k",
+        knobs={"heavy.k": 2},
+        frac=0.5,
+        decode_latency_ms=5.0,
+        exact_decode_latency_ms=1.0,
+    )
+    layer = (
+        tuned.lengths[64]
+        .layers[1]
+        .model_copy(update={"choices": [slow, Choice(kv_heads=[1], frac=1.0)]})
+    )
+    length = tuned.lengths[64].model_copy(update={"layers": {**tuned.lengths[64].layers, 1: layer}})
+    path = tmp_path / "decode.yaml"
+    write_model_tuned(path, tuned.model_copy(update={"lengths": {64: length}}))
+    assert read_model_tuned(path).lengths[64].layers[1].choices[0].decode_slower_than_exact
+    tuning = ac.load(path, backend="torch", decode_fallback=fallback)
+    q, k, v = qkv()
+    topk = ac.compile(ac.load_recipe(TOPK).with_knobs({"heavy.k": 2}), backend="torch")
+    step = q[:, :, -1:]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out = tuning.layer(1)(step, k, v, is_causal=True)
+        prefill = tuning.layer(1)(q, k, v, is_causal=True)
+        head0 = topk(step[:, :2], k[:, :1], v[:, :1], is_causal=True)
+        exact0 = exact_attention(step[:, :2], k[:, :1], v[:, :1], True)
+        assert torch.equal(prefill[:, :2], topk(q[:, :2], k[:, :1], v[:, :1], is_causal=True))
+    if fallback:
+        torch.testing.assert_close(out[:, :2], exact0, rtol=1e-5, atol=1e-6)
+        assert (out[:, :2] - head0).abs().max() > 1e-3
+        said = [str(w.message) for w in caught]
+        assert len(said) == 1 and "decode steps run exact attention" in said[0]
+    else:
+        assert torch.equal(out[:, :2], head0) and caught == []
+    torch.testing.assert_close(
+        out[:, 2:], exact_attention(step[:, 2:], k[:, 1:], v[:, 1:], True), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_layers_share_one_workspace_and_results_stay_theirs(tuned_path):

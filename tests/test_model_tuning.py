@@ -88,6 +88,10 @@ def test_target_err_choices_hold_on_fit_and_check(tiny_model, tmp_path):
         for choice in layer.choices:
             assert choice.errors["fit"] <= 0.5 and choice.errors["check"] <= 0.5
     assert any(c.recipe for lt in entry.layers.values() for c in lt.choices)
+    for choice in (c for lt in entry.layers.values() for c in lt.choices):
+        # an approximate choice's decode step is timed beside exact attention's
+        timed = choice.decode_latency_ms is not None
+        assert timed == (not choice.is_exact) == (choice.exact_decode_latency_ms is not None)
     for unit, point in result.chosen.items():  # the cheapest of the front within the target
         cheaper = [p for p in pareto(result.points[unit]) if p.cost < point.cost]
         assert all(p.error > 0.5 or p.trial is not None for p in cheaper)

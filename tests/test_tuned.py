@@ -157,6 +157,55 @@ def test_an_entry_slower_than_exact_says_so_once(tmp_path, make_qkv):
         attn(q, k, v, is_causal=True)
 
 
+@pytest.mark.parametrize(
+    ("decode", "fallback", "runs"),
+    [
+        ({"decode_latency_ms": 9.0, "exact_decode_latency_ms": 3.0}, True, "exact"),
+        ({"decode_latency_ms": 3.0, "exact_decode_latency_ms": 3.0}, True, "exact"),
+        ({"decode_latency_ms": 9.0, "exact_decode_latency_ms": 3.0}, False, "recipe"),
+        ({"decode_latency_ms": 1.0, "exact_decode_latency_ms": 3.0}, True, "recipe"),
+        ({}, True, "recipe"),  # a file from before decode steps were timed
+    ],
+    ids=["slower", "tie", "kept-on-request", "faster", "unmeasured"],
+)
+def test_decode_steps_run_exact_attention_where_it_measured_faster(
+    tmp_path, make_qkv, decode, fallback, runs
+):
+    """A choice that wins at prefill can lose a decode step (one query after the keys) to
+    exact attention, which reads each key once: where the tuner measured that, decode steps
+    run exact attention (said once), prefill and chunks keep the choice."""
+    table = {"cpu": {128: entry(**decode)}}
+    path = tmp_path / "decode.yaml"
+    write_tuned(path, TunedFile(causal=True, recipes=recipes("hyperattention"), table=table))
+    attn = ac.load(path, backend="torch", decode_fallback=fallback)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=128, d=16)
+    recipe = ac.compile(ac.load_recipe("hyperattention").with_knobs(KNOBS), backend="torch")
+    exact = ac.compile("exact", backend="torch")
+    want = (exact if runs == "exact" else recipe)(q[:, :, -1:], k, v, is_causal=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert torch.equal(attn(q[:, :, -1:], k, v, is_causal=True), want)
+        assert torch.equal(attn(q, k, v, is_causal=True), recipe(q, k, v, is_causal=True))
+        chunk = attn(q[:, :, -2:], k, v, is_causal=True)
+        assert torch.equal(chunk, recipe(q[:, :, -2:], k, v, is_causal=True))
+    said = [str(w.message) for w in caught]
+    if runs == "exact":
+        assert len(said) == 1 and "decode steps at the entry of 128 run exact attention" in said[0]
+        times = f"{decode['decode_latency_ms']:g} ms vs exact attention's 3 ms where tuned"
+        assert times in said[0]
+    else:
+        assert said == []
+
+
+def test_decode_timings_come_in_pairs(tuned_path):
+    data = yaml.safe_load(tuned_path.read_text())
+    data["table"]["cpu"][128]["decode_latency_ms"] = 3.0
+    tuned_path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ac.RecipeError, match="decode_latency_ms with exact_decode_latency_ms"):
+        load(tuned_path)
+
+
 def test_first_format_files_still_load(tmp_path, make_qkv):
     """Files of attncompose-tuned/1 (one recipe, each entry with its best) load as a
     one-recipe file; the project's own results hold such files."""

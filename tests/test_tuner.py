@@ -158,6 +158,10 @@ def test_cost_products_minimises_frac_not_latency(recipe_path, tmp_path):
     # cheaper in products than exact: used whatever the latency says, and said if slower
     assert entry.knobs == best.knobs and entry.frac == best.frac
     assert (entry.note is not None) == (best.latency_ms > entry.exact_latency_ms)
+    # a decode step of the choice is timed beside exact attention's; decode steps follow it
+    assert entry.decode_latency_ms > 0 and entry.exact_decode_latency_ms > 0
+    decode = ac.load(out, backend="torch").choose("cpu", N, True, decode=True)
+    assert (decode.knobs is None) == entry.decode_slower_than_exact
 
 
 def test_knobs_that_compute_exact_attention_never_beat_it_by_timing_noise(tmp_path):

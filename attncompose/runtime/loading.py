@@ -16,17 +16,20 @@ from attncompose.spec.recipe import read_yaml
 
 
 def load(
-    path: str | Path, backend: str = "auto", cuda_graphs: bool = False
+    path: str | Path, backend: str = "auto", cuda_graphs: bool = False, decode_fallback: bool = True
 ) -> nn.Module | ModelTuning:
     """A tuned file: a tuned recipe as an SDPA-compatible module
     (:func:`attncompose.runtime.tuned.load`), or a model-level tuned file
     (``format: attncompose-model-tuned/...``) as a
     :class:`~attncompose.runtime.model_tuned.ModelTuning` (``.layer(i)`` per layer).
     ``cuda_graphs``: the modules it compiles capture a CUDA graph per call shape and replay
-    it (:class:`~attncompose.runtime.attention.Attention`)."""
+    it (:class:`~attncompose.runtime.attention.Attention`). ``decode_fallback``: a decode
+    step runs exact attention where the tuner measured the choice's decode step no faster
+    (False: the choice at every step)."""
+    options = dict(backend=backend, cuda_graphs=cuda_graphs, decode_fallback=decode_fallback)
     if _is_model_tuned(path):
-        return load_model_tuning(path, backend=backend, cuda_graphs=cuda_graphs)
-    return load_tuned(path, backend=backend, cuda_graphs=cuda_graphs)
+        return load_model_tuning(path, **options)
+    return load_tuned(path, **options)
 
 
 def load_attention(

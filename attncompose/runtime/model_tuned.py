@@ -108,17 +108,41 @@ class Choice(BaseModel):
     frac: float = Field(ge=0, description="share of exact attention's products (fit segment)")
     latency_ms: float | None = Field(None, ge=0)
     exact_latency_ms: float | None = Field(None, ge=0)
+    decode_latency_ms: float | None = Field(
+        None,
+        ge=0,
+        description="one decode step of the choice on its heads: the last query after the "
+        "fit segment's keys (None: not measured: exact attention, or an older file)",
+    )
+    exact_decode_latency_ms: float | None = Field(None, ge=0, description="exact attention's")
     trial: int | None = Field(None, description="number of the trial in its study")
 
     @model_validator(mode="after")
     def _recipe_and_knobs(self) -> Choice:
         if (self.recipe is None) != (self.knobs is None):
             raise ValueError("give a recipe with its knobs, or neither (exact attention)")
+        if (self.decode_latency_ms is None) != (self.exact_decode_latency_ms is None):
+            raise ValueError("give decode_latency_ms with exact_decode_latency_ms, or neither")
         return self
 
     @property
     def is_exact(self) -> bool:
         return self.recipe is None
+
+    @property
+    def decode_slower_than_exact(self) -> bool:
+        """Whether a decode step of the choice measured no faster than exact attention's
+        (decode steps then run exact attention on its heads)."""
+        if self.is_exact or self.decode_latency_ms is None:
+            return False
+        return self.decode_latency_ms >= self.exact_decode_latency_ms
+
+    def for_decode(self) -> Choice:
+        """What a decode step runs: this choice, or exact attention on its heads where its
+        decode step measured no faster."""
+        if not self.decode_slower_than_exact:
+            return self
+        return Choice(kv_heads=self.kv_heads, frac=1.0)
 
 
 class LayerTuning(BaseModel):
@@ -318,10 +342,13 @@ class ModelTuning:
         backend: str = "auto",
         source: str | None = None,
         cuda_graphs: bool = False,
+        decode_fallback: bool = True,
     ):
         self.tuned = tuned
         self.backend = backend
         self.cuda_graphs = cuda_graphs  # each compiled choice captures a graph per call shape
+        # a decode step runs exact attention on the heads whose choice's measured no faster
+        self.decode_fallback = decode_fallback
         self.source = source or "<model tuning>"
         self.recipes = {
             name: validate_recipe(data, source=name) for name, data in tuned.recipes.items()
@@ -378,9 +405,13 @@ class ModelTuning:
                 source=self.source,
             )
 
-    def choose(self, index: int, seq_len: int, causal: bool) -> tuple[list[Choice], str | None]:
+    def choose(
+        self, index: int, seq_len: int, causal: bool, decode: bool = False
+    ) -> tuple[list[Choice], str | None]:
         """Layer ``index``'s choices for a call with ``seq_len`` keys ([] = exact attention),
-        and a note to say once (how they were chosen), or None."""
+        and a note to say once (how they were chosen), or None. ``decode``: the call is a
+        decode step (one query after the keys): with ``decode_fallback``, choices whose
+        decode step measured no faster than exact attention's run exact attention."""
         if not causal:
             return [], "tuned for causal attention only; non-causal calls run exact attention"
         lengths = self.tuned.lengths
@@ -398,7 +429,16 @@ class ModelTuning:
             n = min(above)
             note = f"length {seq_len} not tuned; using the choices of {n}"
         layer = lengths[n].layers.get(index)
-        return ([] if layer is None else layer.choices), note
+        choices = [] if layer is None else layer.choices
+        if decode and self.decode_fallback and any(c.decode_slower_than_exact for c in choices):
+            choices = [c.for_decode() for c in choices]
+            if all(c.is_exact for c in choices):
+                choices = []
+            note = (
+                f"decode steps run exact attention on the heads whose choice's decode step "
+                f"measured no faster than exact attention's where tuned ({n} tokens)"
+            )
+        return choices, note
 
     def module(self, choice: Choice | None) -> nn.Module:
         """The compiled attention of a choice (cached); exact attention for None or exact."""
@@ -453,7 +493,8 @@ class LayerAttention(nn.Module):
         return_lse: bool = False,
     ):
         check_sdpa_options(attn_mask, dropout_p)
-        choices, note = self.tuning.choose(self.index, k.shape[2], bool(is_causal))
+        decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
+        choices, note = self.tuning.choose(self.index, k.shape[2], bool(is_causal), decode)
         if note:
             self.tuning.say(note)
         kwargs = {"is_causal": is_causal, "scale": scale, "return_lse": return_lse}
@@ -494,10 +535,15 @@ def _heads(out: Any, start: int, count: int, with_lse: bool) -> Any:
 
 
 def load_model_tuning(
-    path: str | Path, backend: str = "auto", cuda_graphs: bool = False
+    path: str | Path, backend: str = "auto", cuda_graphs: bool = False, decode_fallback: bool = True
 ) -> ModelTuning:
     """Load a model-level tuned file as a :class:`ModelTuning` (``cuda_graphs``: its compiled
-    choices capture a CUDA graph per call shape)."""
+    choices capture a CUDA graph per call shape; ``decode_fallback``: see
+    :meth:`ModelTuning.choose`)."""
     return ModelTuning(
-        read_model_tuned(path), backend=backend, source=str(path), cuda_graphs=cuda_graphs
+        read_model_tuned(path),
+        backend=backend,
+        source=str(path),
+        cuda_graphs=cuda_graphs,
+        decode_fallback=decode_fallback,
     )

@@ -29,7 +29,13 @@ Dispatch policy of :class:`TunedAttention` for a call with key length ``Lk`` on 
    approximation's error grows with length, so a longer length's choice stays safe); else,
    above every tuned length, exact attention;
 3. a call in the other masking mode than the one tuned (causal vs non-causal) runs exact
-   attention.
+   attention;
+4. a decode step (one query after the keys, causal) runs exact attention where the entry
+   measured the choice's decode step no faster than exact attention's (``decode_latency_ms``
+   and ``exact_decode_latency_ms``, timed by the tuner; files without them: the choice), so a
+   choice that wins at prefill does not slow generation down; ``decode_fallback=False``
+   keeps the choice at every step (e.g. to measure the approximation's effect on generated
+   text).
 Each kind of note is said once (a warning at the caller's line, and logging): once per
 entry used for untuned lengths, not once per length (a decode loop changes length at every
 step).
@@ -136,6 +142,13 @@ class TunedEntry(BaseModel):
     latency_ms: float = Field(ge=0)
     frac: float | None = Field(None, ge=0, description="share of exact attention's products")
     exact_latency_ms: float = Field(ge=0)
+    decode_latency_ms: float | None = Field(
+        None,
+        ge=0,
+        description="one decode step of the choice: the last query after the length's keys "
+        "(None: not measured: exact attention, a non-causal tuning, or an older file)",
+    )
+    exact_decode_latency_ms: float | None = Field(None, ge=0, description="exact attention's")
     recipes: dict[str, RecipeOutcome] = {}
     trials: int = Field(ge=0)
     target_err: float = Field(gt=0)
@@ -152,6 +165,8 @@ class TunedEntry(BaseModel):
             raise ValueError("give either knobs or a fallback reason (exact attention), not both")
         if (self.knobs is None) != (self.recipe is None):
             raise ValueError("knobs need the recipe they apply to (and exact attention none)")
+        if (self.decode_latency_ms is None) != (self.exact_decode_latency_ms is None):
+            raise ValueError("give decode_latency_ms with exact_decode_latency_ms, or neither")
         return self
 
     @property
@@ -162,6 +177,15 @@ class TunedEntry(BaseModel):
     def slower_than_exact(self) -> bool:
         """Whether the chosen approximation measured slower than exact attention."""
         return not self.is_exact and self.latency_ms > self.exact_latency_ms
+
+    @property
+    def decode_slower_than_exact(self) -> bool:
+        """Whether a decode step of the chosen approximation measured no faster than exact
+        attention's (its decode steps then run exact attention: as fast or faster, and
+        exact)."""
+        if self.is_exact or self.decode_latency_ms is None:
+            return False
+        return self.decode_latency_ms >= self.exact_decode_latency_ms
 
 
 class TunedFile(BaseModel):
@@ -330,11 +354,13 @@ class TunedAttention(nn.Module):
         backend: str = "auto",
         source: str | None = None,
         cuda_graphs: bool = False,
+        decode_fallback: bool = True,
     ):
         super().__init__()
         self.tuned = tuned
         self.backend = backend
         self.cuda_graphs = cuda_graphs  # each compiled entry captures a graph per call shape
+        self.decode_fallback = decode_fallback  # policy 4 of the module docstring
         self.source = source or "<tuned>"
         self.recipes = {name: tuned.recipe_model(name) for name in tuned.recipes}
         self._modules_by_key: dict[tuple, nn.Module] = {}
@@ -359,11 +385,13 @@ class TunedAttention(nn.Module):
         return_lse: bool = False,
     ):
         check_sdpa_options(attn_mask, dropout_p)
-        attn = self.select(device_name(q.device), k.shape[2], bool(is_causal))
+        decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
+        attn = self.select(device_name(q.device), k.shape[2], bool(is_causal), decode)
         return attn(q, k, v, is_causal=is_causal, scale=scale, return_lse=return_lse)
 
-    def choose(self, device: str, seq_len: int, causal: bool) -> Choice:
-        """The recipe and knobs (None: exact) for a call's device and key length, with notes."""
+    def choose(self, device: str, seq_len: int, causal: bool, decode: bool = False) -> Choice:
+        """The recipe and knobs (None: exact) for a call's device and key length, with notes;
+        ``decode``: the call is a decode step (one query after the keys)."""
         if causal != self.tuned.causal:
             mode = "causal" if self.tuned.causal else "non-causal"
             note = f"tuned for {mode} attention only; other calls run exact attention"
@@ -397,6 +425,13 @@ class TunedAttention(nn.Module):
                 f"it was tuned to minimise {entry.cost}{frac}"
             )
             notes = (*notes, (("slower", device, n), note))
+        if decode and self.decode_fallback and entry.decode_slower_than_exact:
+            note = (
+                f"decode steps at the entry of {n} run exact attention: {entry.recipe}'s decode "
+                f"step measured {format_ms(entry.decode_latency_ms)} ms vs exact attention's "
+                f"{format_ms(entry.exact_decode_latency_ms)} ms where tuned"
+            )
+            return Choice(None, None, (device, n), (*notes, (("decode", device, n), note)))
         return Choice(entry.recipe, entry.knobs, (device, n), notes, entry.backend)
 
     def _rows(self, device: str) -> tuple[dict[int, TunedEntry], tuple]:
@@ -408,9 +443,9 @@ class TunedAttention(nn.Module):
         note = f"not tuned on {device}; using the entries of {other}"
         return self.tuned.table[other], ((("device", device), note),)
 
-    def select(self, device: str, seq_len: int, causal: bool) -> nn.Module:
+    def select(self, device: str, seq_len: int, causal: bool, decode: bool = False) -> nn.Module:
         """The compiled attention for a call (cached), saying once each note on its choice."""
-        choice = self.choose(device, seq_len, causal)
+        choice = self.choose(device, seq_len, causal, decode)
         for key, note in choice.notes:
             self._say(key, note)
         key = (choice.recipe, tuple(sorted((choice.knobs or {}).items())), choice.backend)
@@ -453,9 +488,17 @@ def caller_stacklevel() -> int:
     return level
 
 
-def load(path: str | Path, backend: str = "auto", cuda_graphs: bool = False) -> TunedAttention:
+def load(
+    path: str | Path, backend: str = "auto", cuda_graphs: bool = False, decode_fallback: bool = True
+) -> TunedAttention:
     """Load a tuned recipe file as an SDPA-compatible :class:`TunedAttention` module
-    (``cuda_graphs``: its compiled entries capture a CUDA graph per call shape)."""
+    (``cuda_graphs``: its compiled entries capture a CUDA graph per call shape;
+    ``decode_fallback=False``: decode steps run the choice even where the tuner measured
+    exact attention's faster, see the module docstring)."""
     return TunedAttention(
-        read_tuned(path), backend=backend, source=str(path), cuda_graphs=cuda_graphs
+        read_tuned(path),
+        backend=backend,
+        source=str(path),
+        cuda_graphs=cuda_graphs,
+        decode_fallback=decode_fallback,
     )

@@ -14,6 +14,7 @@ import optuna
 import torch
 from optuna.distributions import CategoricalDistribution
 
+from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.compiler import BACKENDS
 from attncompose.runtime.tuned import (
     BACKEND_KNOB,
@@ -31,6 +32,7 @@ from attncompose.tuner.objective import (
     Evaluator,
     Objective,
     build_calibration,
+    time_decode,
     time_exact,
 )
 from attncompose.tuner.space import defaults, search_space, seed_variants
@@ -150,11 +152,27 @@ def tune(recipes, config: TuneConfig, reporter: Reporter | None = None) -> TuneR
         exact_ms = min(calib.exact_latency_ms, again)
         rules = Rules(config.target_err, config.latency_budget_ms, config.cost)
         entry = make_entry(runs, exact_ms, rules, _data_text(config, calib), versions())
+        entry = _with_decode(entry, {r.name: r for r, _ in loaded}, config, calib)
         result.tuned = result.tuned.with_entry(dname, n, entry)
         write_tuned(config.out, result.tuned)
         result.exact_ms[n] = exact_ms
         reporter.end_length(n, entry)
     return result
+
+
+def _with_decode(
+    entry: TunedEntry, recipes: dict[str, RecipeBase], config: TuneConfig, calib: Calibration
+) -> TunedEntry:
+    """The entry with a decode step of its choice timed beside exact attention's (causal
+    tunings that chose an approximation): :class:`~attncompose.runtime.tuned.TunedAttention`
+    runs decode steps exactly where the choice's is no faster."""
+    if entry.is_exact or not config.causal:
+        return entry
+    recipe = recipes[entry.recipe].with_knobs(entry.knobs)
+    backend = entry.backend or config.backend
+    attn = compile_recipe(recipe, backend=backend)
+    ms, exact_ms = time_decode(attn, calib.items, calib.device, backend)
+    return entry.model_copy(update={"decode_latency_ms": ms, "exact_decode_latency_ms": exact_ms})
 
 
 def load_recipes(recipes) -> list[tuple[RecipeBase, str | None]]:

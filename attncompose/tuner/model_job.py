@@ -93,7 +93,7 @@ from attncompose.tuner.front import (
     trial_points,
 )
 from attncompose.tuner.job import COSTS, versions
-from attncompose.tuner.objective import Calibration, Evaluator, time_exact
+from attncompose.tuner.objective import Calibration, Evaluator, time_decode, time_exact
 from attncompose.tuner.space import defaults, search_space, seed_knobs
 from attncompose.tuner.study import (
     default_storage_url,
@@ -754,12 +754,14 @@ class ModelTuneJob:
         forwards: dict[str, tuple[float, float]],
         curves: dict[int, Curve],
         provisional: bool = False,
+        decode: dict[Unit, tuple[float, float]] | None = None,
     ) -> LengthTuning:
         roles = list(self.captures)
         layers = {}
+        decode = decode or {}
         for layer in range(self.shape.num_layers):
             units = [u for u in self.units if u.layer == layer]
-            choices = [self._choice(u, chosen.get(u), errors, roles) for u in units]
+            choices = [self._choice(u, chosen.get(u), errors, roles, decode.get(u)) for u in units]
             layers[layer] = LayerTuning(
                 choices=choices,
                 errors=self._layer_errors(units, errors, roles) if errors else {},
@@ -807,6 +809,7 @@ class ModelTuneJob:
         point: Point | None,
         errors: dict[tuple[Unit, str], float],
         roles: list[str],
+        decode: tuple[float, float] | None = None,
     ) -> Choice:
         if point is None or point.is_exact:
             return Choice(
@@ -822,6 +825,8 @@ class ModelTuneJob:
             errors={r: errors[(unit, r)] for r in roles} if errors else {},
             frac=point.frac,
             latency_ms=point.latency_ms,
+            decode_latency_ms=None if decode is None else decode[0],
+            exact_decode_latency_ms=None if decode is None else decode[1],
             trial=point.trial,
         )
 
@@ -874,8 +879,9 @@ class ModelTuneJob:
                 errors = self._final_errors(chosen)
                 missing = [r for r in self.captures if r not in forwards]
                 forwards.update(self._forwards(chosen, missing))
+                decode = self._decode_times(chosen)
         self._note_target(chosen, errors)
-        entry = self._entry(chosen, errors, forwards, curves)
+        entry = self._entry(chosen, errors, forwards, curves, decode=decode)
         tuned = self.base_file.with_length(self.config.seq_len, entry, self._used_recipes(chosen))
         write_model_tuned(self.config.out, tuned)
         return ModelTuneResult(tuned, self.config.seq_len, points, chosen)
@@ -891,6 +897,20 @@ class ModelTuneJob:
             for role in self.captures:
                 errors[(unit, role)] = self.unit_error(data, point, role)
         return errors
+
+    def _decode_times(self, chosen: dict[Unit, Point]) -> dict[Unit, tuple[float, float]]:
+        """(ms, exact attention's ms) of one decode step of each approximate choice on its
+        unit's heads (the fit segment's last query after its keys): a layer's decode steps
+        run exact attention where its choice's is no faster."""
+        self.reporter.phase("timing a decode step of each choice")
+        backend = self.config.backend
+        return {
+            unit: time_decode(
+                self.tuning_module(point), self.data(unit).items("fit"), self.device, backend
+            )
+            for unit, point in chosen.items()
+            if not point.is_exact
+        }
 
     def _note_target(self, chosen: dict[Unit, Point], errors: dict) -> None:
         target = self.config.target_err

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from attncompose.runtime.model_tuned import LengthTuning
+from attncompose.runtime.model_tuned import Choice, LengthTuning
 from attncompose.spec.knobs import format_knob
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.front import Point
@@ -84,7 +84,8 @@ class RichModelReporter(ModelReporter):
 
 
 def summary_table(result: ModelTuneResult) -> Table:
-    """One row per layer (per head group): recipe, knobs, error per segment, frac, latency;
+    """One row per layer (per head group): recipe, knobs, error per segment, frac, latency,
+    a decode step's (``exact`` where exact attention's measured faster: decode steps run it);
     the goal, perplexities and frac of the forward passes in the caption."""
     entry = result.entry
     roles = [s.role for s in entry.segments]
@@ -95,6 +96,7 @@ def summary_table(result: ModelTuneResult) -> Table:
     )
     table = Table(title=f"{result.tuned.model.name}, n={result.seq_len}, {goal}, {entry.cost}")
     cols = ["layer", "heads", "recipe", "knobs", *[f"err {r}" for r in roles], "frac", "ms"]
+    cols.append("decode ms")
     for col in cols:
         table.add_column(col, justify="left" if col in ("recipe", "knobs") else "right")
     for layer, tuning in sorted(entry.layers.items()):
@@ -107,10 +109,21 @@ def summary_table(result: ModelTuneResult) -> Table:
                 *[f"{choice.errors.get(r, 0.0):.4f}" for r in roles],
                 f"{choice.frac:.3f}",
                 "" if choice.latency_ms is None else f"{choice.latency_ms:.3g}",
+                _decode_cell(choice),
             )
     table.caption = _caption(entry)
     table.caption_justify = "left"
     return table
+
+
+def _decode_cell(choice: Choice) -> str:
+    """A decode step's ms of the choice, and where exact attention's was faster, ``exact``."""
+    if choice.decode_latency_ms is None:
+        return ""
+    cell = f"{choice.decode_latency_ms:.3g}"
+    if choice.decode_slower_than_exact:
+        cell += f" (exact {choice.exact_decode_latency_ms:.3g})"
+    return cell
 
 
 def _knobs(knobs: dict | None) -> str:

@@ -32,7 +32,7 @@ from attncompose.eval.data import QKVItem, load_qkv
 from attncompose.eval.metrics import relative_error
 from attncompose.eval.products import exact_products
 from attncompose.eval.reference import exact_attention
-from attncompose.eval.timing import measure
+from attncompose.eval.timing import measure, measure_rounds
 from attncompose.primitives.base import count_products
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.tuned import split_backend
@@ -77,6 +77,33 @@ def time_exact(
     fallback = compile_recipe("exact", backend=backend)
     timing = measure(lambda: _run(fallback, items, causal), device, warmup=2, repeats=repeats)
     return timing.median_ms / len(items)
+
+
+DECODE_REPEATS = 9  # timed rounds of a decode step (a few ms each: cheap beside the trials)
+
+
+def time_decode(
+    attn: Callable, items: list[QKVItem], device: torch.device, backend: str
+) -> tuple[float, float]:
+    """(ms of one decode step of ``attn``, ms of exact attention's) per item: each item's
+    last query after all its keys (what a generation step asks of a layer at that length),
+    timed in interleaved rounds. The tuner measures it beside the prefill: a choice that
+    wins at prefill may lose at decode, where exact attention reads each key once."""
+    exact = compile_recipe("exact", backend=backend)
+    steps = [(x.q[:, :, -1:], x.k, x.v) for x in items]
+
+    def run(module: Callable) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                for q, k, v in steps:
+                    module(q, k, v, is_causal=True)
+
+        return call
+
+    timed = measure_rounds(
+        {"recipe": run(attn), "exact": run(exact)}, device, warmup=2, repeats=DECODE_REPEATS
+    )
+    return timed["recipe"].median_ms / len(items), timed["exact"].median_ms / len(items)
 
 
 def _run(attn: Callable, items: list[QKVItem], causal: bool) -> list[Tensor]:

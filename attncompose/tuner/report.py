@@ -218,7 +218,7 @@ def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
             f"n={n}: {entry.recipe} ({knobs}): error {entry.error_mean:.3g}{frac}, "
             f"{format_ms(entry.latency_ms)} ms vs exact {format_ms(exact_ms)} ms ({speed:.2f}x)"
         )
-        return line + (f"; {entry.note}" if entry.note else "")
+        return line + (f"; {entry.note}" if entry.note else "") + _decode_text(entry)
     line = f"n={n}: exact attention ({format_ms(exact_ms)} ms) is the choice on {device}"
     close = [
         (name, o.best)
@@ -240,6 +240,19 @@ def _conclusion(n: int, entry: TunedEntry, device: str) -> str:
         f"attention's speed per product here; it would win where its kernels run at over "
         f"{best.frac:.0%} of it (frac falls at longer lengths; GPU kernels run faster)"
     )
+
+
+def _decode_text(entry: TunedEntry) -> str:
+    """What a decode step of the choice measured, and what decode steps will run."""
+    if entry.decode_latency_ms is None:
+        return ""
+    times = (
+        f"{format_ms(entry.decode_latency_ms)} ms vs exact "
+        f"{format_ms(entry.exact_decode_latency_ms)} ms"
+    )
+    if entry.decode_slower_than_exact:
+        return f"; a decode step {times}: decode steps run exact attention"
+    return f"; a decode step {times}"
 
 
 def _num(v: float) -> str:
