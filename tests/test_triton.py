@@ -293,6 +293,18 @@ def test_plan_recipes_triton_equal_torch_with_gqa(make_qkv, name, lq, lk, causal
     assert torch.allclose(got_lse, want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_triton_runs_sequences_shorter_than_its_least_block(make_qkv, name):
+    """backend="triton" takes a sequence of fewer than 16 tokens (a first decode step, a
+    short prompt): block plans and top-k/power tables there are one block of 16 (the least
+    the kernels take), not a block of the sequence's own size they refuse."""
+    for lq, lk in [(1, 1), (2, 5), (8, 8)]:
+        q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=lq, lk=lk, d=16)
+        want = ac.compile(name, backend="torch")(q, k, v, is_causal=True)
+        got = ac.compile(name, backend="triton")(q, k, v, is_causal=True)
+        assert ac.relative_error(got, want) < 1e-5, (lq, lk)
+
+
 @pytest.mark.parametrize("name", ["streaming", "topp"])
 def test_a_block_step_is_one_kernel_launch(make_qkv, name, monkeypatch):
     """Sinks + window (+ top-p blocks) in ONE launch of the plan kernel: no tile kernel."""

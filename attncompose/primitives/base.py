@@ -650,13 +650,19 @@ def take(meta: Tensor, idx: Tensor) -> Tensor:
     return meta.gather(1, idx.clamp_min(0).reshape(n, -1)).view(idx.shape)
 
 
+def fitted_block(size: int, length: int) -> int:
+    """A block (or tile) of ``size`` for a sequence of ``length``: cut to the power of two
+    that holds the sequence (a larger one only adds padding), but not below 16 (a sequence
+    of at most 16 is one block either way, and 16 is the least block the Triton kernels
+    take)."""
+    return min(size, max(16, 1 << max(0, length - 1).bit_length()))
+
+
 def natural_tiles(n: int, length: int, tile: int, device: torch.device) -> Tensor:
     """Query indices [N, ceil(length/tile), tile] in natural order, -1 padded. Fewer queries
-    than a tile make one smaller tile: the least power of two >= 16 that holds them (a
-    decode step's one query: 16 rows, not a tile of 127 padding rows that a kernel would
-    compute as well; 16 and powers of two: tiles the Triton plan kernel takes)."""
-    if length < tile:
-        tile = min(tile, max(16, 1 << max(0, length - 1).bit_length()))
+    than a tile make one smaller tile (:func:`fitted_block`: a decode step's one query is a
+    tile of 16 rows, not of 127 padding rows that a kernel would compute as well)."""
+    tile = fitted_block(tile, length)
     count = -(-length // tile)
     idx = torch.arange(count * tile, device=device).view(count, tile)
     idx = idx.masked_fill(idx >= length, -1)

@@ -35,7 +35,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Coverage, Problem, pinned
+from attncompose.primitives.base import Coverage, Problem, fitted_block, pinned
 
 NONE, PARTIAL, FULL = 0, 1, 2
 STATIC_CACHE_SIZE = 64  # static plans kept per process (per length, offsets, device, knobs)
@@ -517,11 +517,11 @@ def _states(cov: Coverage, problem: Problem, grid: BlockGrid) -> Tensor:
 
 def plan_block_size(problem: Problem, coverages: list[Coverage], default: int) -> int:
     """The plan's block size on ``problem``: the gcd of the table coverages' block sizes (each
-    plan block then lies in one table block), else ``default``; never above the power of
-    two that holds the longer sequence (a larger block only adds padding)."""
-    reach = 1 << max(0, max(problem.lq, problem.lk) - 1).bit_length()
-    sizes = [min(s, reach) for s in (c.block_grid() for c in coverages) if s is not None]
-    return math.gcd(*sizes) if sizes else min(default, reach)
+    plan block then lies in one table block), else ``default``; each fitted to the longer
+    sequence (:func:`~attncompose.primitives.base.fitted_block`)."""
+    length = max(problem.lq, problem.lk)
+    sizes = [fitted_block(s, length) for s in (c.block_grid() for c in coverages) if s is not None]
+    return math.gcd(*sizes) if sizes else fitted_block(default, length)
 
 
 def table_fits(size: int, block: int, count: int) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from attncompose.primitives.base import Primitive, Problem
+from attncompose.primitives.base import Primitive, Problem, fitted_block
 from attncompose.primitives.coverages import BlockTable
 from attncompose.primitives.power.schema import PowerStep
 
@@ -37,7 +37,7 @@ class Power(Primitive):
     def __call__(self, problem: Problem) -> BlockTable:
         # blocks are absolute: from the sequence's end up, one block holds every position
         end = max(problem.q_offset + problem.lq, problem.k_offset + problem.lk)
-        size = min(self.knobs["block_size"], 1 << max(0, end - 1).bit_length())
+        size = fitted_block(self.knobs["block_size"], end)
         reach = min(self.knobs["max_distance"], -(-end // size))
         return BlockTable(power_table(problem, size, reach), size, key=("power", size, reach))
 

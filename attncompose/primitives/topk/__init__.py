@@ -8,7 +8,13 @@ against the key blocks' means or against each key, :mod:`.naive`), as a
 from __future__ import annotations
 
 from attncompose.primitives import dispatch
-from attncompose.primitives.base import Primitive, Problem, add_products, counting_products
+from attncompose.primitives.base import (
+    Primitive,
+    Problem,
+    add_products,
+    counting_products,
+    fitted_block,
+)
 from attncompose.primitives.coverages import BlockTable
 from attncompose.primitives.topk.kernels import TorchBlockMeanScores, TritonBlockMeanScores
 from attncompose.primitives.topk.naive import key_products, select_blocks
@@ -24,9 +30,7 @@ class Topk(Primitive):
 
     def __call__(self, problem: Problem) -> BlockTable:
         # sizes beyond the problem act as their largest useful value (one block, every block)
-        size = min(
-            self.knobs["block_size"], 1 << max(0, max(problem.lq, problem.lk) - 1).bit_length()
-        )
+        size = fitted_block(self.knobs["block_size"], max(problem.lq, problem.lk))
         blocks = -(-problem.lk // size)
         k, max_k = (min(self.knobs[name], blocks) for name in ("k", "max_k"))
         score = self.knobs["score"]
