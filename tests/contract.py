@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
 from attncompose.primitives.base import Partial, Problem
@@ -56,6 +57,22 @@ class ReducesToExact:
         full = attn(q, k, v, is_causal=True)
         last = attn(q[:, :, -5:], k, v, is_causal=True)
         assert ac.relative_error(last, full[:, :, -5:]) < TIGHT
+
+
+class WatchWrites(TorchDispatchMode):
+    """``with WatchWrites() as sizes:`` the element counts of the tensors the ops inside
+    make (every op's output that is not a view: copies, gathers, fresh buffers)."""
+
+    def __enter__(self) -> list[int]:
+        self.sizes: list[int] = []
+        super().__enter__()
+        return self.sizes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and isinstance(out, torch.Tensor):
+            self.sizes.append(out.numel())
+        return out
 
 
 def watch_expansions(monkeypatch) -> list[tuple[int, ...]]:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from attncompose.primitives.base import Workspace
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
-from attncompose.runtime.tuned import TunedFileError
+from attncompose.runtime.tuned import DecodeMs, TunedFileError, check_decode_pair, decode_slower
 from attncompose.spec.errors import RecipeError, format_loc, knobs_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
@@ -108,21 +108,15 @@ class Choice(BaseModel):
     frac: float = Field(ge=0, description="share of exact attention's products (fit segment)")
     latency_ms: float | None = Field(None, ge=0)
     exact_latency_ms: float | None = Field(None, ge=0)
-    decode_latency_ms: float | None = Field(
-        None,
-        ge=0,
-        description="one decode step of the choice on its heads: the last query after the "
-        "fit segment's keys (None: not measured: exact attention, or an older file)",
-    )
-    exact_decode_latency_ms: float | None = Field(None, ge=0, description="exact attention's")
+    decode_latency_ms: DecodeMs = None  # on its heads, after the fit segment's keys
+    exact_decode_latency_ms: DecodeMs = None
     trial: int | None = Field(None, description="number of the trial in its study")
 
     @model_validator(mode="after")
     def _recipe_and_knobs(self) -> Choice:
         if (self.recipe is None) != (self.knobs is None):
             raise ValueError("give a recipe with its knobs, or neither (exact attention)")
-        if (self.decode_latency_ms is None) != (self.exact_decode_latency_ms is None):
-            raise ValueError("give decode_latency_ms with exact_decode_latency_ms, or neither")
+        check_decode_pair(self.decode_latency_ms, self.exact_decode_latency_ms)
         return self
 
     @property
@@ -131,11 +125,9 @@ class Choice(BaseModel):
 
     @property
     def decode_slower_than_exact(self) -> bool:
-        """Whether a decode step of the choice measured no faster than exact attention's
-        (decode steps then run exact attention on its heads)."""
-        if self.is_exact or self.decode_latency_ms is None:
-            return False
-        return self.decode_latency_ms >= self.exact_decode_latency_ms
+        """:func:`~attncompose.runtime.tuned.decode_slower` of this choice (decode steps
+        then run exact attention on its heads)."""
+        return decode_slower(self.is_exact, self.decode_latency_ms, self.exact_decode_latency_ms)
 
     def for_decode(self) -> Choice:
         """What a decode step runs: this choice, or exact attention on its heads where its

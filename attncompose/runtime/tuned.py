@@ -49,7 +49,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,6 +76,25 @@ def split_backend(params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     --backends`` the implementation is a tunable choice beside the recipe's knobs."""
     rest = {k: v for k, v in params.items() if k != BACKEND_KNOB}
     return rest, params.get(BACKEND_KNOB)
+
+
+# a decode step (the last query after the tuned length's keys) of a choice, and exact
+# attention's, timed by the tuner: decode steps run exact attention where the choice's is no
+# faster (:func:`decode_slower`); None in both where not measured (exact attention chosen, a
+# non-causal tuning, a file from before)
+DecodeMs = Annotated[float | None, Field(ge=0, description="ms of one decode step")]
+
+
+def check_decode_pair(decode_ms: float | None, exact_ms: float | None) -> None:
+    """Raise ValueError unless both decode timings are given, or neither."""
+    if (decode_ms is None) != (exact_ms is None):
+        raise ValueError("give decode_latency_ms with exact_decode_latency_ms, or neither")
+
+
+def decode_slower(is_exact: bool, decode_ms: float | None, exact_ms: float | None) -> bool:
+    """Whether an approximate choice's decode step measured no faster than exact attention's
+    (its decode steps then run exact attention: as fast or faster, and exact)."""
+    return not is_exact and decode_ms is not None and decode_ms >= exact_ms
 
 
 class TunedFileError(RecipeError):
@@ -142,13 +161,8 @@ class TunedEntry(BaseModel):
     latency_ms: float = Field(ge=0)
     frac: float | None = Field(None, ge=0, description="share of exact attention's products")
     exact_latency_ms: float = Field(ge=0)
-    decode_latency_ms: float | None = Field(
-        None,
-        ge=0,
-        description="one decode step of the choice: the last query after the length's keys "
-        "(None: not measured: exact attention, a non-causal tuning, or an older file)",
-    )
-    exact_decode_latency_ms: float | None = Field(None, ge=0, description="exact attention's")
+    decode_latency_ms: DecodeMs = None  # see DecodeMs
+    exact_decode_latency_ms: DecodeMs = None
     recipes: dict[str, RecipeOutcome] = {}
     trials: int = Field(ge=0)
     target_err: float = Field(gt=0)
@@ -165,8 +179,7 @@ class TunedEntry(BaseModel):
             raise ValueError("give either knobs or a fallback reason (exact attention), not both")
         if (self.knobs is None) != (self.recipe is None):
             raise ValueError("knobs need the recipe they apply to (and exact attention none)")
-        if (self.decode_latency_ms is None) != (self.exact_decode_latency_ms is None):
-            raise ValueError("give decode_latency_ms with exact_decode_latency_ms, or neither")
+        check_decode_pair(self.decode_latency_ms, self.exact_decode_latency_ms)
         return self
 
     @property
@@ -180,12 +193,8 @@ class TunedEntry(BaseModel):
 
     @property
     def decode_slower_than_exact(self) -> bool:
-        """Whether a decode step of the chosen approximation measured no faster than exact
-        attention's (its decode steps then run exact attention: as fast or faster, and
-        exact)."""
-        if self.is_exact or self.decode_latency_ms is None:
-            return False
-        return self.decode_latency_ms >= self.exact_decode_latency_ms
+        """:func:`decode_slower` of this entry."""
+        return decode_slower(self.is_exact, self.decode_latency_ms, self.exact_decode_latency_ms)
 
 
 class TunedFile(BaseModel):

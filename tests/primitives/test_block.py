@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from contract import assert_partial_equal
+from contract import WatchWrites, assert_partial_equal
 from on_device import (
     DEVICE,
     IDS,
@@ -26,7 +26,6 @@ from on_device import (
 from on_device import make_problem as device_problem
 from oracle import dense_mask, make_problem, masked_attention
 from plan_cases import CASES, PROBLEMS, plan_of, problem_named, small_recipe
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompose as ac
 from attncompose.primitives import dispatch
@@ -121,16 +120,7 @@ def test_gather_rows_reads_a_key_range_where_it_lies(layout):
     }[layout]
     idx = torch.randint(-1, x.shape[1], (3, 5, 4), generator=g)
     want = torch.stack([x[n, idx[n].clamp_min(0)] for n in range(3)])
-    copied = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view and isinstance(out, torch.Tensor):
-                copied.append(out.numel())
-            return out
-
-    with Watch():
+    with WatchWrites() as copied:
         got = gather_rows(x, idx)
     assert torch.equal(got, want)
     whole_range = max(copied) >= x.shape[0] * x.shape[1] * x.shape[2]
@@ -286,19 +276,9 @@ def test_a_decode_step_copies_no_more_than_its_blocks(case, lk):
 
     p = make_problem(4, 1, lk, causal=True, seed=3)
     grouped = replace(p, k=p.k[::2].clone(), v=p.v[::2].clone(), kv_group=2)
-    copied = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view and isinstance(out, torch.Tensor):
-                copied.append(out.numel())
-            return out
-
     for problem in (p, grouped):
         plan, _, _ = plan_of(case, problem)
-        copied.clear()
-        with Watch():
+        with WatchWrites() as copied:
             got = plan_torch.run_plan(problem, plan, block_naive._softmax_chunk)
         blocks = int((plan.kernel_states() != NONE).sum(-1).max())  # a query row's most
         taken = p.q.shape[0] * blocks * plan.grid.block_k * p.k.shape[-1]

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from contract import ReducesToExact, assert_partial_equal
+from contract import ReducesToExact, WatchWrites, assert_partial_equal
 from on_device import make_problem as device_problem
 from on_device import (
     triton_module,
@@ -108,8 +108,6 @@ def test_block_means_copy_only_a_cut_last_block(layout, length):
     """Block means sum full blocks where they lie (a decode step copied every key into a
     padded buffer first): the same values, bit for bit, as the whole input zero-padded, and
     no copy larger than one block."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     g = torch.Generator().manual_seed(length)
     full = torch.randn(3, 2 * length, 4, generator=g)
     x = full[:, :length] if layout == "contiguous" else full[:, 3 : 3 + length]
@@ -121,16 +119,7 @@ def test_block_means_copy_only_a_cut_last_block(layout, length):
         padded.view(3, nb, size, 4).sum(2)
         / torch.tensor([size] * (nb - 1) + [length - (nb - 1) * size], dtype=x.dtype)[:, None]
     )
-    written = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view and isinstance(out, torch.Tensor):
-                written.append(out.numel())
-            return out
-
-    with Watch():
+    with WatchWrites() as written:
         got, counts = topk_naive.block_means(x, size)
     assert torch.equal(got, want)
     assert counts.sum() == length
