@@ -171,6 +171,34 @@ def test_cost_latency_chooses_by_milliseconds_and_records_frac(tiny_model, tmp_p
         assert 0 < choice.frac <= 1 and choice.latency_ms == point.latency_ms
 
 
+def test_knobs_computing_every_product_are_no_choice(tiny_model, tmp_path, monkeypatch):
+    """A window covering the whole length computes every product (frac 1): exact attention by
+    another road, error 0, so only timing noise could make it look cheaper than exact
+    attention. Here exact attention is made to look slow: the unit still takes exact
+    attention, never the window (before: the window, in every layer)."""
+    recipe = tmp_path / "wide.yaml"
+    recipe.write_text(
+        "name: wide\nsteps:\n  local: {op: window, width: {default: 8, choices: [8, 64]}}\n"
+        "  out: {op: block, select: [local], block_size: 16}\n"
+    )
+    slow = lambda self, calib: Point(None, None, error=0.0, cost=1e6, frac=1.0, latency_ms=1e6)
+    monkeypatch.setattr(ModelTuneJob, "_exact_point", slow)
+    cfg = config(
+        tmp_path / "w.yaml",
+        tmp_path / "cache",
+        recipes=(str(recipe),),
+        target_err=1e-4,
+        cost="latency",
+        shared_trials=2,
+        trials=2,
+        segments=1,
+    )
+    result = tune_model(tiny_model, "tiny", text_ids(1), cfg)
+    for unit, points in result.points.items():
+        assert {p.knobs["local.width"] for p in points if not p.is_exact} == {8}, unit
+        assert result.chosen[unit].is_exact, unit
+
+
 def finished_studies(url: str, trials: int) -> dict[str, list[tuple]]:
     """Studies with at least ``trials`` finished trials: name -> (number, params, values)."""
     storage = open_storage(url)

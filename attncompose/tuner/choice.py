@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial
 
 from attncompose.runtime.naming import format_ms
 from attncompose.runtime.tuned import Candidate, LossKind, RecipeOutcome, TunedEntry, split_backend
-from attncompose.tuner.objective import SLOW_FACTOR, is_feasible
+from attncompose.tuner.objective import SLOW_FACTOR, below_exact, is_feasible
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,7 @@ class _Fracs:
 
     def below_exact(self, trial: FrozenTrial) -> bool:
         """Whether the trial computes fewer products than exact attention (unknown: yes)."""
-        frac = self.of(trial)
-        return frac is None or frac < 1.0
+        return below_exact(self.of(trial))
 
 
 def _candidate(trial: FrozenTrial, frac: float | None) -> Candidate:

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from attncompose.tuner.objective import FINISHED, Evaluator
+from attncompose.tuner.objective import FINISHED, Evaluator, below_exact
 from attncompose.tuner.space import suggest
 
 DIRECTIONS = ("minimize", "minimize")  # error, cost
@@ -117,8 +117,9 @@ def _same_knobs(trial: optuna.Trial, knobs: dict) -> tuple[float, float] | None:
 
 
 def trial_points(recipe: str, trials: list[FrozenTrial]) -> list[Point]:
-    """The completed trials of a recipe's study as points."""
-    return [
+    """The completed trials of a recipe's study as points, less those of frac 1 (they compute
+    every product: exact attention by another road, :func:`below_exact`)."""
+    points = [
         Point(
             recipe=recipe,
             knobs=dict(t.params),
@@ -131,6 +132,7 @@ def trial_points(recipe: str, trials: list[FrozenTrial]) -> list[Point]:
         for t in trials
         if t.state == TrialState.COMPLETE and t.values is not None
     ]
+    return [p for p in points if below_exact(p.frac)]
 
 
 def pareto(points: list[Point]) -> list[Point]:

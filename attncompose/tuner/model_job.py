@@ -17,7 +17,9 @@ The job, given a causal LM and the token ids of a calibration text:
    topp's high coverage with many blocks). All studies are resumable and shared by workers
    through one storage. A fresh unit study first tries the recipe's defaults and a few points
    of the previous unit's front.
-3. **Choice.** ``target_err``: each unit takes its cheapest point within the target on the fit
+3. **Choice.** Points are exact attention and the trials that compute fewer products than
+   it (knobs of frac 1 run it by another road, as in the single-length tuner).
+   ``target_err``: each unit takes its cheapest point within the target on the fit
    segment whose error on the check segment is within it too. ``ppl_budget``: each layer's
    sensitivity (growth of log perplexity with it alone approximated, on the fit segment, and
    the standard error of that growth over blocks of tokens) is measured where the allocation

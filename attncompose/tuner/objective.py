@@ -314,6 +314,14 @@ def is_feasible(trial: FrozenTrial, target_err: float) -> bool:
     )
 
 
+def below_exact(frac: float | None) -> bool:
+    """Whether knobs of this frac compute fewer products than exact attention (unknown: yes).
+    Knobs of frac 1 (a window or splitter covering the length) run exact attention by another
+    road: their error is 0 and only timing noise could make them look cheaper, so neither
+    tuner chooses them."""
+    return frac is None or math.isnan(frac) or frac < 1.0
+
+
 def best_feasible(trials: list[FrozenTrial], target_err: float) -> FrozenTrial | None:
     """The completed trial of least latency among those meeting the target, or None."""
     feasible = [t for t in trials if is_feasible(t, target_err)]
