@@ -237,6 +237,26 @@ def test_lengths_dispatch_nearest_above_else_exact(tmp_path):
     torch.testing.assert_close(out, exact_attention(q, k, v, False), rtol=1e-5, atol=1e-6)
 
 
+def test_a_decode_loop_hears_each_note_once_at_its_own_line(tmp_path):
+    """A decode loop's key length grows at every step: the nearest tuned length and the one
+    above every tuned length are each said once, not once per length (before: a warning per
+    step), and the warning points at the caller's line, not into attncompose or torch."""
+    path = tmp_path / "m.yaml"
+    write_model_tuned(path, hand_made(lengths=(64,)))
+    tuning = ac.load(path, backend="torch")
+    q, k, v = qkv(length=100)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(40, 100):  # one query after n keys, through two layers
+            for layer in (0, 1):
+                tuning.layer(layer)(q[:, :, n - 1 : n], k[:, :, :n], v[:, :, :n], is_causal=True)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2, said
+    assert "length 40 not tuned; using the choices of 64" in said[0]
+    assert "length 65 is above every tuned length (64)" in said[1]
+    assert {w.filename for w in caught} == {__file__}
+
+
 def test_a_file_for_another_model_is_a_clear_error(tmp_path):
     other = ModelShape(name="big", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
     path = tmp_path / "big.yaml"

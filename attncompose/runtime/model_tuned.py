@@ -30,8 +30,10 @@ choose. Each layer's ``errors`` are its relative output error on each segment (a
 Dispatch policy of a layer's attention for a call with key length ``Lk``: the entry of
 ``Lk``; else the nearest tuned length above (its choices stay safe: errors grow with length
 at fixed knobs); else, above every tuned length, exact attention; non-causal calls run exact
-attention (the model was tuned causal). Each such choice is said once. A layer without
-choices, and a choice without a recipe, run exact attention.
+attention (the model was tuned causal). Each such note is said once (per tuned length it
+uses, not per length: a decode loop's key length grows at every step), as a warning at the
+caller's line and in logging. A layer without choices, and a choice without a recipe, run
+exact attention.
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ from torch import Tensor, nn
 from attncompose.primitives.base import Workspace
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
-from attncompose.runtime.tuned import DecodeMs, TunedFileError, check_decode_pair, decode_slower
+from attncompose.runtime.tuned import (
+    DecodeMs,
+    TunedFileError,
+    caller_stacklevel,
+    check_decode_pair,
+    decode_slower,
+)
 from attncompose.spec.errors import RecipeError, format_loc, knobs_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
@@ -348,7 +356,7 @@ class ModelTuning:
         self._layers: dict[int, LayerAttention] = {}
         self._modules: dict[tuple, nn.Module] = {}
         self.workspace = Workspace()
-        self._said: set[str] = set()
+        self._said: set[tuple] = set()
         self._checked: set[int] = set()
 
     @property
@@ -399,27 +407,34 @@ class ModelTuning:
 
     def choose(
         self, index: int, seq_len: int, causal: bool, decode: bool = False
-    ) -> tuple[list[Choice], str | None]:
+    ) -> tuple[list[Choice], tuple[tuple[tuple, str], ...]]:
         """Layer ``index``'s choices for a call with ``seq_len`` keys ([] = exact attention),
-        and a note to say once (how they were chosen), or None. ``decode``: the call is a
-        decode step (one query after the keys): with ``decode_fallback``, choices whose
-        decode step measured no faster than exact attention's run exact attention."""
+        and the notes on how they were chosen, each (key, words): said once per key, so a
+        decode loop, whose key length grows at every step, hears each once. ``decode``: the
+        call is a decode step (one query after the keys): with ``decode_fallback``, choices
+        whose decode step measured no faster than exact attention's run exact attention."""
         if not causal:
-            return [], "tuned for causal attention only; non-causal calls run exact attention"
+            note = "tuned for causal attention only; non-causal calls run exact attention"
+            return [], ((("mode",), note),)
         lengths = self.tuned.lengths
         if not lengths:
-            return [], "no tuned lengths; running exact attention"
-        note = None
+            return [], ((("empty",), "no tuned lengths; running exact attention"),)
+        notes: tuple[tuple[tuple, str], ...] = ()
         n = seq_len
         if n not in lengths:
             above = [m for m in lengths if m >= seq_len]
             if not above:
-                return [], (
-                    f"length {seq_len} is above every tuned length ({max(lengths)}); "
-                    "running exact attention"
+                note = (
+                    f"length {seq_len} is above every tuned length ({max(lengths)}); running "
+                    "exact attention for such lengths"
                 )
+                return [], ((("above",), note),)
             n = min(above)
-            note = f"length {seq_len} not tuned; using the choices of {n}"
+            note = (
+                f"length {seq_len} not tuned; using the choices of {n} (for every untuned "
+                "length it covers, said once)"
+            )
+            notes = ((("nearest", n), note),)
         layer = lengths[n].layers.get(index)
         choices = [] if layer is None else layer.choices
         if decode and self.decode_fallback and any(c.decode_slower_than_exact for c in choices):
@@ -430,7 +445,8 @@ class ModelTuning:
                 f"decode steps run exact attention on the heads whose choice's decode step "
                 f"measured no faster than exact attention's where tuned ({n} tokens)"
             )
-        return choices, note
+            notes = (*notes, (("decode", n), note))
+        return choices, notes
 
     def module(self, choice: Choice | None) -> nn.Module:
         """The compiled attention of a choice (cached); exact attention for None or exact."""
@@ -445,13 +461,14 @@ class ModelTuning:
             self._modules[key] = module
         return self._modules[key]
 
-    def say(self, note: str) -> None:
-        """Say ``note`` once (warning and log)."""
+    def say(self, key: tuple, note: str) -> None:
+        """Say ``note`` once per ``key`` (a warning at the caller's line, and logging)."""
+        if key in self._said:
+            return
+        self._said.add(key)
         message = f"{self.source}: {note}"
-        if message not in self._said:
-            self._said.add(message)
-            log.info(message)
-            warnings.warn(message, stacklevel=4)
+        log.info(message)
+        warnings.warn(message, stacklevel=caller_stacklevel())
 
     def __repr__(self) -> str:
         lengths = sorted(self.tuned.lengths)
@@ -486,9 +503,9 @@ class LayerAttention(nn.Module):
     ):
         check_sdpa_options(attn_mask, dropout_p)
         decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
-        choices, note = self.tuning.choose(self.index, k.shape[2], bool(is_causal), decode)
-        if note:
-            self.tuning.say(note)
+        choices, notes = self.tuning.choose(self.index, k.shape[2], bool(is_causal), decode)
+        for key, note in notes:
+            self.tuning.say(key, note)
         kwargs = {"is_causal": is_causal, "scale": scale, "return_lse": return_lse}
         if len(choices) <= 1:
             return self.tuning.module(choices[0] if choices else None)(q, k, v, **kwargs)
