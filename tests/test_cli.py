@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +56,28 @@ def test_run_reports_error_and_latency(run, causal):
     result = run("run", "hyperattention", "--seq-len", "300", causal, "--repeats", "1")
     assert result.exit_code == 0, result.output
     assert "rel. error" in result.output and "speedup" in result.output
+
+
+def test_a_warning_is_one_line_naming_no_source_location(run):
+    """A tuned file used at an untuned length says so: on the command line as one
+    ``warning:`` line, not a path into click's sources and the line of code there."""
+    tuned = (
+        Path(__file__).parent.parent / "benchmarks/results/tuned/streaming-t0.1-n2048.tuned.yaml"
+    )
+    shown = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line)
+    )  # Python's own display, which pytest's recording replaces
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = shown
+        result = run("bench", str(tuned), "--seq-lens", "100", "--heads", "1")
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "not tuned" in line]
+    assert said == [
+        f"warning: {tuned}: length 100 is not tuned; using the entry of 2048 (for every untuned "
+        "length it covers, said once)"
+    ]
+    assert "click" not in result.stderr and "Warning" not in result.stderr
 
 
 needs_smollm2 = pytest.mark.skipif(

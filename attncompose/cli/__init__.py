@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -43,7 +44,17 @@ class _LazyGroup(click.Group):
 
     def main(self, *args, **kwargs):
         """Usage errors (bad option values, missing arguments, unknown commands) are one
-        ``error:`` line with exit status 2, as every other user mistake."""
+        ``error:`` line with exit status 2, as every other user mistake; warnings (e.g. a
+        tuned file used at an untuned length) one ``warning:`` line, not a source location
+        inside click."""
+        formatwarning = warnings.formatwarning
+        warnings.formatwarning = _warning_line
+        try:
+            return self._main(*args, **kwargs)
+        finally:
+            warnings.formatwarning = formatwarning
+
+    def _main(self, *args, **kwargs):
         if not kwargs.pop("standalone_mode", True):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -58,6 +69,10 @@ class _LazyGroup(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 @click.group(cls=_LazyGroup)
