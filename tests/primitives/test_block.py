@@ -33,13 +33,16 @@ from attncompose.primitives.base import (
     Partial,
     Tiles,
     UnionCoverage,
+    count_products,
     gather_rows,
     natural_tiles,
     row_pitch,
 )
 from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import plan_flex
+from attncompose.primitives.block.fused import _fused_chunk as fused_chunk
 from attncompose.primitives.block.fused import plan_attention as fused_plan_attention
+from attncompose.primitives.block.one_query import one_query_attention
 from attncompose.primitives.block.plan_torch import plan_attention as naive_plan_attention
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh.schema import LshStep
@@ -286,6 +289,66 @@ def test_a_decode_step_copies_no_more_than_its_blocks(case, lk):
         assert max(copied) <= taken, case
         dense = plan.to_dense(problem).expand(p.q.shape[0], -1, -1)
         assert_walk_equal(got, masked_attention(problem.expanded(), dense))
+
+
+ONE_QUERY = {"reference": block_naive._softmax_chunk, "fused-cpu": fused_chunk}
+
+
+@pytest.mark.parametrize("walk", sorted(ONE_QUERY))
+@pytest.mark.parametrize("grouped", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize(
+    "shape",
+    [(129, True), (1000, True), (300, False), (300, 200)],
+    ids=["129", "1000", "300-noncausal", "300-query-at-200"],
+)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_one_query_step_takes_the_plans_pairs(case, shape, grouped, walk):
+    """A decode step (one query per row) runs on its kept keys, no plan built: the pairs
+    of the plan the step would build (the dense oracle's result from them, each selection's
+    rule on every key; per-row top-k tables), the same product count; causal (the query
+    after every key, at lengths no multiple of the blocks, or before the last keys) and
+    non-causal, keys grouped."""
+    lk, causal = shape
+    p = make_problem(4, 1, lk, causal=bool(causal), seed=lk)
+    if causal is not True and causal:  # a causal query before the last keys: some unseen
+        p = replace(p, q_offset=causal)
+    if grouped:
+        p = replace(p, k=p.k[::2].clone(), v=p.v[::2].clone(), kv_group=2)
+    plan, select, exclude = plan_of(case, p)
+    with count_products() as counted:
+        got = one_query_attention(p, select, exclude, ONE_QUERY[walk])
+    dense = plan.to_dense(p).expand(p.q.shape[0], -1, -1)
+    assert_walk_equal(got, masked_attention(p.expanded(), dense))
+    assert counted[0] == plan.products(p) == int(dense.sum())
+
+
+def test_a_one_query_step_that_keeps_no_key_is_empty():
+    """Nothing kept (a window excluding itself): output 0, lse -inf, no call made."""
+    p = make_problem(3, 1, 200, causal=True, seed=1)
+    calls = []
+    chunk = lambda *args: calls.append(args) or block_naive._softmax_chunk(*args)
+    got = one_query_attention(p, [WindowCoverage(8)], [WindowCoverage(8)], chunk)
+    assert not calls and torch.equal(got.lse, torch.full((3, 1), -torch.inf))
+    assert torch.equal(got.out, torch.zeros(3, 1, 16))
+
+
+@pytest.mark.parametrize("name", ["streaming", "block-topk", "topp", "power"])
+def test_a_decode_loop_builds_no_plan(name, monkeypatch):
+    """Steps of a decode loop (one query after a key length that grows every step) run on
+    their kept keys: a plan, reused per length, was built at every step (streaming at 4000
+    keys: ~2 ms a step for ~0.2 of attention); a prefill still runs its plan."""
+    built = []
+    real = BlockPlan.build
+    monkeypatch.setattr(
+        BlockPlan, "build", lambda *a, **kw: built.append(a[0].lq) or real(*a, **kw)
+    )
+    attn = ac.compile(small_recipe(name), backend="torch")
+    q, k, v = (torch.randn(1, 6, 300, 16) for _ in range(3))
+    for n in range(250, 256):
+        attn(q[:, :, n - 1 : n], k[:, :3, :n], v[:, :3, :n], is_causal=True, enable_gqa=True)
+    assert built == []
+    attn(q, k, v, is_causal=True)
+    assert built and set(built) == {300}
 
 
 def test_full_blocks_of_a_plan_per_row_run_without_a_mask(monkeypatch):

@@ -6,7 +6,9 @@ its selections minus its exclusions) and runs it in ONE pass of the ``plan`` ker
 online softmax over all the key blocks a query block selects. Static plans (sinks, windows,
 static tables) are built once per (length, offsets, device) and reused. Other selections
 (sortLSH, whose tiles live in sorted order) run the tile kernel, one pass per selection
-with the earlier ones excluded, merged by lse.
+with the earlier ones excluded, merged by lse. A problem of one query per row (a decode
+step) run by a PyTorch implementation builds no plan: its kept keys are gathered and
+attended in one call (:mod:`.one_query`).
 """
 
 from __future__ import annotations
@@ -79,10 +81,14 @@ class Block(Primitive):
         if all(cov.has_block_form for cov in (*mine, *prior)):
             if problem.packed is not None:
                 raise ValueError("a block plan cannot run a packed problem (parts unknown)")
-            plan = self.plan(problem, mine, prior)
-            if counting_products():  # the plan counts its products, whatever kernel runs it
-                add_products(plan.products(problem))
-            result = dispatch.call("plan", self.backend, problem, plan=plan)
+            impl = dispatch.choose("plan", self.backend, problem) if problem.lq == 1 else None
+            if getattr(impl, "one_query", None) is not None:  # a decode step: no plan built
+                result = impl.one_query(problem.for_reader(impl), mine, prior)
+            else:
+                plan = self.plan(problem, mine, prior)
+                if counting_products():  # the plan counts its products, whatever kernel runs it
+                    add_products(plan.products(problem))
+                result = dispatch.call("plan", self.backend, problem, plan=plan)
         else:
             result = self._tiles(problem, mine, prior)
         result.coverage = mine[0] if len(mine) == 1 else UnionCoverage(mine)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from attncompose.primitives.base import Coverage, Partial, Problem, Tiles, Workspace
 from attncompose.primitives.block.naive import any_key, run_tiles
+from attncompose.primitives.block.one_query import one_query_attention
 from attncompose.primitives.block.plan_torch import run_plan
 from attncompose.primitives.plan import BlockPlan
 
@@ -63,3 +64,8 @@ def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     """Same result as the reference plan walk, each group computed by the fused CPU kernel:
     full blocks without a mask, partial blocks with the plan's pair rule."""
     return run_plan(problem, plan, _fused_chunk)
+
+
+def one_query(problem: Problem, select: list[Coverage], exclude: list[Coverage]) -> Partial:
+    """A decode step's kept keys (:mod:`.one_query`) through the fused CPU kernel."""
+    return one_query_attention(problem, select, exclude, _fused_chunk)

@@ -93,6 +93,7 @@ class FusedCpuBlockSparse(FusedCpuKernel):
     op = "plan"
     name = "torch:block-sparse-cpu"
     function = staticmethod(fused.plan_attention)
+    one_query = staticmethod(fused.one_query)  # a decode step's kept keys, no plan
     reads_groups = True  # a query row reads key row n // kv_group
 
 
@@ -102,6 +103,7 @@ class TorchBlockSparse(Kernel):
     op = "plan"
     name = "torch:block-sparse"
     function = staticmethod(plan_torch.plan_attention)
+    one_query = staticmethod(plan_torch.one_query)  # a decode step's kept keys, no plan
     reads_groups = True  # a query row reads key row n // kv_group
 
 

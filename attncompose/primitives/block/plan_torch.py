@@ -29,13 +29,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Partial, Problem, Workspace, group_rows, row_pitch
+from attncompose.primitives.base import (
+    Coverage,
+    Partial,
+    Problem,
+    Workspace,
+    group_rows,
+    row_pitch,
+)
 from attncompose.primitives.block.naive import (
     SCORE_BUDGET,
     _softmax_chunk,
     grouped_chunk,
     key_ranges,
 )
+from attncompose.primitives.block.one_query import one_query_attention
 from attncompose.primitives.merge.naive import merge_into
 from attncompose.primitives.plan import (
     FULL,
@@ -56,6 +64,11 @@ MASK_MEMO = 1 << 24  # a static plan keeps its partial-block masks up to this ma
 def plan_attention(problem: Problem, plan: BlockPlan) -> Partial:
     """The reference: (out [N, Lq, Dv], lse [N, Lq]) over the pairs the plan selects."""
     return run_plan(problem, plan, _softmax_chunk)
+
+
+def one_query(problem: Problem, select: list[Coverage], exclude: list[Coverage]) -> Partial:
+    """The reference of a decode step's kept keys (:mod:`.one_query`)."""
+    return one_query_attention(problem, select, exclude, _softmax_chunk)
 
 
 def run_plan(problem: Problem, plan: BlockPlan, chunk_fn) -> Partial:

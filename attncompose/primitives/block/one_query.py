@@ -1,0 +1,106 @@
+"""A block step on one query per row (a decode step): its kept keys, gathered, in one call.
+
+A decode step's one query either takes a key or not, so the step's pair rule reduces to a
+key mask: each selection's :meth:`~attncompose.primitives.base.Coverage.covers` on every key
+(positions and block tables: a few vectorised comparisons and one lookup), united, less the
+exclusions and what the query cannot see. The kept keys are gathered (a decode step keeps
+few: the sinks, a window, its top blocks) and attended in one ``chunk_fn`` call with no mask
+where every row keeps the same keys, else one per-row gather with its padding masked.
+
+No :class:`~attncompose.primitives.plan.BlockPlan` is built: a decode loop's key length grows
+at every step, so a plan, reused per length, would be built (and its lists and pair masks
+with it) at every step: a step of streaming at 4000 keys (9 query, 3 key/value heads) took
+2.0-2.6 ms in a loop of growing lengths, 0.6-0.7 ms this way, exact attention 0.4. Same
+pairs as the plan's (products counted alike); the sums run over the kept keys in ascending
+order, so results agree with the plan walk to float rounding (~1e-7).
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from attncompose.primitives.base import (
+    Coverage,
+    Partial,
+    Problem,
+    add_products,
+    counting_products,
+    group_rows,
+    static_arange,
+)
+
+
+def kept_keys(problem: Problem, select: list[Coverage], exclude: list[Coverage] = ()) -> Tensor:
+    """[R, Lk] bool: the keys the one query of each row takes (R = 1: every row alike, else
+    a row each): covered by a selection, by no exclusion, and visible."""
+    dev = problem.q.device
+    qi = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+    kj = static_arange(problem.lk, dev).view(1, 1, 1, -1)
+    keep = reduce(torch.logical_or, [cov.covers(problem, qi, kj) for cov in select])
+    for cov in exclude:
+        keep = keep & ~cov.covers(problem, qi, kj)
+    if problem.causal:
+        keep = keep & problem.visible(qi, kj)
+    return keep.reshape(-1, problem.lk)
+
+
+def one_query_attention(
+    problem: Problem, select: list[Coverage], exclude: list[Coverage], chunk_fn
+) -> Partial:
+    """(out [N, 1, Dv], lse [N, 1]) of the step on ``problem`` (one query per row) through
+    ``chunk_fn(q, k, v, mask, bias, scale, scratch)`` (see the module doc)."""
+    if problem.lq != 1:
+        raise ValueError(f"a one-query step takes one query per row, not {problem.lq}")
+    keep = kept_keys(problem, select, exclude)
+    n = problem.q.shape[0]
+    if counting_products():
+        add_products(keep.sum() * (n if keep.shape[0] == 1 else 1))
+    if keep.shape[0] == 1:
+        return _shared_keys(problem, torch.nonzero(keep[0]).flatten(), chunk_fn)
+    return _keys_per_row(problem, keep, chunk_fn)
+
+
+def _shared_keys(problem: Problem, idx: Tensor, chunk_fn) -> Partial:
+    """Every row takes the keys ``idx`` [C]: one call, a group's query heads as the tiles of
+    its key row (a stride-0 view of the gathered keys, as exact attention reads groups)."""
+    n, d = problem.q.shape[0], problem.q.shape[-1]
+    group, dv = problem.kv_group, problem.v.shape[-1]
+    if idx.numel() == 0:
+        return _empty(problem)
+    q = problem.q.float().view(n // group, group, 1, d)  # [N/G, G, 1, D]
+    k, v = (x.index_select(1, idx).float().unsqueeze(1) for x in (problem.k, problem.v))
+    k, v = (x.expand(-1, group, -1, -1) for x in (k, v))  # [N/G, G, C, D]
+    out, lse = chunk_fn(q, k, v, None, None, problem.scale, problem.workspace)
+    return Partial(out.reshape(n, 1, dv), lse.reshape(n, 1))
+
+
+def _keys_per_row(problem: Problem, keep: Tensor, chunk_fn) -> Partial:
+    """Row n takes the keys ``keep[n]`` [Lk] of key row n // kv_group: gathered per row,
+    padded to the most any row keeps (padding masked)."""
+    n, dev = problem.q.shape[0], problem.q.device
+    count = keep.sum(-1)  # [N]
+    width = int(count.max())
+    if width == 0:
+        return _empty(problem)
+    row, key = torch.nonzero(keep).unbind(-1)  # by row, keys ascending
+    starts = torch.cumsum(count, 0) - count
+    slot = static_arange(len(row), dev) - starts[row]
+    idx = torch.zeros(n, width, dtype=torch.long, device=dev)
+    idx[row, slot] = key
+    valid = static_arange(width, dev) < count[:, None]  # [N, W]
+    at = group_rows(n, problem.kv_group, dev)[:, None]  # each row's key row
+    k, v = (x[at, idx].float()[:, None] for x in (problem.k, problem.v))  # [N, 1, W, D]
+    q = problem.q.float()[:, None]  # [N, 1, 1, D]
+    mask = valid[:, None, None, :]  # [N, 1, 1, W]
+    out, lse = chunk_fn(q, k, v, mask, None, problem.scale, problem.workspace)
+    return Partial(out.reshape(n, 1, -1), lse.reshape(n, 1))
+
+
+def _empty(problem: Problem) -> Partial:
+    """No key taken: output 0, lse -inf."""
+    n, dv = problem.q.shape[0], problem.v.shape[-1]
+    out = problem.q.new_zeros(n, 1, dv, dtype=torch.float32)
+    return Partial(out, out.new_full((n, 1), float("-inf")))
