@@ -99,7 +99,7 @@ def _keys_per_row(problem: Problem, keep: Tensor, chunk_fn) -> Partial:
     group = problem.kv_group  # row n reads key row n // group, where it lies
     scratch = problem.workspace or Workspace()
     k, v = (
-        gather_rows(x, idx, _buffer(scratch, name, x, (idx.numel(),)), group=group)
+        gather_rows(x, idx, _buffer(scratch, name, x, (idx.numel(),)).view(-1), group=group)
         for name, x in (("k", problem.k), ("v", problem.v))
     )
     k, v = (x.float()[:, None] for x in (k, v))  # [N, 1, W, D]
