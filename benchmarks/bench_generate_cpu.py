@@ -105,20 +105,22 @@ def bench(model, ids: torch.Tensor, names: dict[str, str], new: int, repeats: in
     rows = []
     for label, results in runs.items():
         tokens = results[0][0]
-        step_ms = statistics.median(statistics.median(r[2]) for r in results)
+        prefills = [r[1] for r in results]
+        steps = [statistics.median(r[2]) for r in results]  # a round's median decode step
+        step_ms = statistics.median(steps)
         pairs = enumerate(zip(tokens, reference, strict=True))
         same = next((i for i, (a, b) in pairs if a != b), new)
         rows.append(
             {
                 "impl": label,
-                "prefill_ms": statistics.median(r[1] for r in results),
+                "prefill_ms": statistics.median(prefills),
                 "step_ms": step_ms,
                 "tokens_per_s": 1e3 / step_ms,
                 "same_tokens": same,
                 "new": new,
                 "same_every_round": all(r[0] == tokens for r in results),
-                "prefill_samples_ms": [r[1] for r in results],
-                "step_samples_ms": [statistics.median(r[2]) for r in results],
+                "prefill_samples_ms": prefills,
+                "step_samples_ms": steps,
             }
         )
         print(
