@@ -15,6 +15,7 @@ import attncompose as ac
 from attncompose.primitives.base import Partial, Problem
 
 TIGHT = 1e-5  # relative error of float32 against the float64 reference
+FLOAT_ROUNDING = 1e-6  # relative error of two float32 computations summing in other orders
 
 
 def recipe(steps, **extra):
@@ -49,7 +50,9 @@ class ReducesToExact:
         attn = self.attn()
         grouped = attn(q, k, v, is_causal=True)
         repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
-        assert torch.equal(grouped, repeated)
+        # equal to float rounding: a group's heads may run stacked as the rows of one call
+        # (base.stack_heads), which the CPU kernel's matrix products block differently
+        assert ac.relative_error(grouped, repeated) < FLOAT_ROUNDING
 
     def test_decode_equals_last_rows_of_full_causal(self, make_qkv):
         q, k, v = make_qkv(b=1, hq=2, hkv=2, lq=90, d=16)

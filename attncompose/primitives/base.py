@@ -644,6 +644,28 @@ def group_views(x: Tensor, group: int) -> list[Tensor]:
     return list(x.unflatten(0, (-1, group)).unbind(1))
 
 
+def stack_heads(x: Tensor, group: int) -> Tensor:
+    """x [N, ..., L, D] (per query row) as [N / group, ..., group * L, D]: the query heads of
+    a group of grouped keys stacked as the rows of one attention against their shared key
+    row (query head g's rows at g * L; a copy unless x is laid out so already). Where every
+    head of a group attends the same keys, one call on these rows reads the keys once: on
+    the CPU PyTorch's fused kernel takes a decode step of 3 heads at 32768 keys in ~0.6 of
+    the time it takes them as heads, and tiles of 3 x 64 queries ~20% faster per product
+    than 64. :func:`unstack_heads` undoes it."""
+    return x.unflatten(0, (-1, group)).movedim(1, -3).flatten(-3, -2)
+
+
+def unstack_heads(x: Tensor, group: int, into: Tensor | None = None) -> Tensor:
+    """The inverse of :func:`stack_heads`: [N / group, ..., group * L, D] as [N, ..., L, D],
+    written into ``into`` if given (else a copy where needed); an lse [N / group, ...,
+    group * L] goes through as ``x.unsqueeze(-1)`` (and ``into.unsqueeze(-1)``)."""
+    heads = x.unflatten(-2, (group, -1)).movedim(-3, 1)  # [N / group, group, ..., L, D]
+    if into is None:
+        return heads.flatten(0, 1)
+    into.unflatten(0, (-1, group)).copy_(heads)
+    return into
+
+
 def take(meta: Tensor, idx: Tensor) -> Tensor:
     """``meta[n, idx[n, ...]]`` for per-row metadata meta [N, L] and idx [N, ...] (-1 -> 0)."""
     n = meta.shape[0]

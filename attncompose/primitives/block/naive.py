@@ -26,6 +26,8 @@ from attncompose.primitives.base import (
     group_views,
     row_index,
     row_pitch,
+    stack_heads,
+    unstack_heads,
 )
 
 SCORE_BUDGET = 1 << 24  # score elements held at once (64 MiB in fp32)
@@ -103,12 +105,25 @@ def grouped_chunk(
     scratch: Workspace | None,
     into: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``chunk_fn`` on q [N, ...] against k, v [N / group, ...] (grouped keys: query row n
-    reads key row n // group), one call per query head g of a group on views
-    (:func:`~attncompose.primitives.base.group_views`; ``mask`` and ``bias`` with one row
-    are shared), the results written into ``into`` (out, lse) or new tensors."""
+    """``chunk_fn`` on q [N, T, bq, D] against k, v [N / group, T, nk, D] (grouped keys:
+    query row n reads key row n // group), the results written into ``into`` (out, lse) or
+    new tensors. Where ``mask`` and ``bias`` have one row (every head of a group masks
+    alike), the group's query heads are stacked as the rows of one call
+    (:func:`~attncompose.primitives.base.stack_heads`: group * bq queries a tile, its keys
+    read once; a mask of bq query rows repeated for each head); else one call per query
+    head g on views (:func:`~attncompose.primitives.base.group_views`)."""
     if group == 1 and into is None:
         return chunk_fn(q, k, v, mask, bias, scale, scratch)
+    if group > 1 and all(x is None or x.shape[0] == 1 for x in (mask, bias)):
+        if mask is not None and mask.shape[-2] > 1:  # [1, T, bq, nk] -> [1, T, G * bq, nk]
+            mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], group, *mask.shape[-2:])
+            mask = mask.flatten(-3, -2)
+        out, lse = chunk_fn(stack_heads(q, group), k, v, mask, bias, scale, scratch)
+        if into is None:
+            return unstack_heads(out, group), unstack_heads(lse.unsqueeze(-1), group)[..., 0]
+        unstack_heads(out, group, into[0])
+        unstack_heads(lse.unsqueeze(-1), group, into[1].unsqueeze(-1))
+        return into
     if into is None:
         into = (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1]))
     per_head = lambda x: [x] * group if x is None or x.shape[0] == 1 else group_views(x, group)

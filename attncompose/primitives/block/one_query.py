@@ -32,6 +32,7 @@ from attncompose.primitives.base import (
     gather_rows,
     static_arange,
 )
+from attncompose.primitives.block.naive import grouped_chunk
 
 
 def kept_keys(problem: Problem, select: list[Coverage], exclude: list[Coverage] = ()) -> Tensor:
@@ -65,20 +66,22 @@ def one_query_attention(
 
 
 def _shared_keys(problem: Problem, idx: Tensor, chunk_fn) -> Partial:
-    """Every row takes the keys ``idx`` [C]: one call, a group's query heads as the tiles of
-    its key row (a stride-0 view of the gathered keys, as exact attention reads groups)."""
+    """Every row takes the keys ``idx`` [C]: one call, a group's query heads stacked as the
+    rows of its key row (:func:`~attncompose.primitives.block.naive.grouped_chunk`)."""
     n, d = problem.q.shape[0], problem.q.shape[-1]
-    group, dv = problem.kv_group, problem.v.shape[-1]
+    dv = problem.v.shape[-1]
     if idx.numel() == 0:
         return _empty(problem)
-    q = problem.q.float().view(n // group, group, 1, d)  # [N/G, G, 1, D]
+    q = problem.q.float().view(n, 1, 1, d)  # [N, 1, 1, D]
     scratch = problem.workspace or Workspace()
     k, v = (
         torch.index_select(x, 1, idx, out=_buffer(scratch, name, x, (x.shape[0], len(idx))))
         for name, x in (("k", problem.k), ("v", problem.v))
     )
-    k, v = (x.float().unsqueeze(1).expand(-1, group, -1, -1) for x in (k, v))  # [N/G, G, C, D]
-    out, lse = chunk_fn(q, k, v, None, None, problem.scale, problem.workspace)
+    k, v = (x.float().unsqueeze(1) for x in (k, v))  # [N/G, 1, C, D]
+    out, lse = grouped_chunk(
+        chunk_fn, problem.kv_group, q, k, v, None, None, problem.scale, problem.workspace
+    )
     return Partial(out.reshape(n, 1, dv), lse.reshape(n, 1))
 
 

@@ -233,12 +233,18 @@ class _Walk:
         nk = width * g.block_k
         valid = _valid(count, width)  # [R, M, W]
         mask = self._pair_mask(i0, i1, blocks, valid)[:, :, : self.bq]  # [R, M, BQ, nk]
-        at = group_rows(n, self.group, self.dev).repeat_interleave((i1 - i0) * width)
-        idx = blocks.expand(n, -1, -1).reshape(-1)  # block j of row at[j]
-        shape = (n, i1 - i0, nk)
+        # one plan for every row: the blocks of each key row once, its query heads stacked
+        # (grouped_chunk); a plan per row: the blocks of each query row from its key row
+        shared, group = blocks.shape[0] == 1, self.group
+        rows = n // group if shared else n
+        at = group_rows(rows, 1 if shared else group, self.dev)
+        at = at.repeat_interleave((i1 - i0) * width)
+        idx = blocks.expand(rows, -1, -1).reshape(-1)  # block j of row at[j]
+        shape = (rows, i1 - i0, nk)
         k = self._gather("pk", self.k, at, idx, shape)
         v = self._gather("pv", self.v, at, idx, shape)
-        o, s = self._call(self.q[:, i0:i1], k, v, mask, self._bias(blocks, valid))
+        bias = self._bias(blocks, valid)
+        o, s = self._call(self.q[:, i0:i1], k, v, mask, bias, group if shared else 1)
         merge_into(Partial(self.out[:, i0:i1], self.lse[:, i0:i1]), Partial(o, s))
 
     def _pair_mask(self, i0: int, i1: int, blocks: Tensor, valid: Tensor) -> Tensor:

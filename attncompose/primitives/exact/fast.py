@@ -9,14 +9,24 @@ sees every key: one non-causal call.
 
 Grouped keys and values (:attr:`Problem.kv_group`) are read where they are on the CPU: the
 query heads of a group as the heads of one batch element, its key/value row broadcast to
-them (a stride-0 view, no copy). The CUDA kernels get them expanded.
+them (a stride-0 view, no copy), or, where no causal mask tells the heads' rows apart (a
+decode step, a visible prefix), their queries stacked as the rows of one head
+(:func:`~attncompose.primitives.base.stack_heads`: the keys read once). The CUDA kernels
+get them expanded.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attncompose.primitives.base import Partial, Problem, add_products, counting_products
+from attncompose.primitives.base import (
+    Partial,
+    Problem,
+    add_products,
+    counting_products,
+    stack_heads,
+    unstack_heads,
+)
 from attncompose.primitives.exact.naive import exact_attention, on_leaves
 from attncompose.primitives.merge.naive import merge_partials
 
@@ -135,8 +145,14 @@ def _fused(problem: Problem, causal: bool) -> Partial:
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None:
         return exact_attention(problem)
-    group = problem.kv_group  # [N/G, G, L, D]: a group's query heads share its key row
-    q = q.view(-1, group, *q.shape[1:])
-    k, v = (x.unsqueeze(1).expand(-1, group, -1, -1) for x in (k, v))
-    out, lse = op(q, k, v, 0.0, causal, scale=problem.scale)[:2]
-    return Partial(out.flatten(0, 1), lse.flatten(0, 1))
+    group = problem.kv_group  # a group's query heads share its key row
+    if causal:  # [N/G, G, L, D]: the heads of one batch element, the key row broadcast
+        q = q.view(-1, group, *q.shape[1:])
+        k, v = (x.unsqueeze(1).expand(-1, group, -1, -1) for x in (k, v))
+        out, lse = op(q, k, v, 0.0, causal, scale=problem.scale)[:2]
+        return Partial(out.flatten(0, 1), lse.flatten(0, 1))
+    # non-causal (a decode step, a visible prefix): the heads' queries as rows of one head
+    q, k, v = stack_heads(q, group).unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    out, lse = op(q, k, v, 0.0, False, scale=problem.scale)[:2]  # [N/G, 1, G*Lq, ...]
+    out, lse = unstack_heads(out[:, 0], group), unstack_heads(lse[:, 0, :, None], group)
+    return Partial(out, lse[..., 0])
