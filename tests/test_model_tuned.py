@@ -191,6 +191,25 @@ def test_cuda_graphs_reach_every_compiled_choice_and_keep_their_own_buffers(tune
     assert all(m.workspace is not graphed.workspace for m in modules if hasattr(m, "graphs"))
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_check_finite_reaches_every_compiled_choice(tuned_path, check):
+    """``ac.load(..., check_finite=False)``: no choice's module (nor exact attention's on
+    the heads left exact) makes the NaN/Inf pass over its inputs; by default a NaN in the
+    keys of either head group is an error naming k."""
+    tuning = ac.load(tuned_path, backend="torch", check_finite=check)
+    q, k, v = qkv()
+    k[0, 1, 7, 2] = float("nan")  # KV head 1: layer 1 runs exact attention there
+    with torch.no_grad():
+        for i in (0, 1):
+            if check:
+                with pytest.raises(ac.AttentionInputError, match="k contains NaN or Inf"):
+                    tuning.layer(i)(q, k, v, is_causal=True)
+            else:
+                tuning.layer(i)(q, k, v, is_causal=True)
+    modules = list(tuning._modules.values())
+    assert len(modules) == 3 and all(m.check_finite == check for m in modules)
+
+
 @torch.inference_mode()
 def test_hf_register_dispatches_by_layer_index(tuned_path):
     """The model with the tuning registered equals the model with each layer's choice run by

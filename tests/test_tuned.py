@@ -306,3 +306,32 @@ def test_commands_name_a_tuned_file_by_all_its_recipes(tmp_path):
     write_tuned(path, tuned)
     assert attention_name(load_attention(path)) == "hyperattention+streaming (tuned)"
     assert attention_name(load_attention("streaming")) == "streaming"
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_load_hands_check_finite_to_every_module_it_compiles(tmp_path, make_qkv, monkeypatch, check):
+    """``ac.load(path, check_finite=False)``: neither the entry's module nor the exact
+    attention its decode steps fall back to makes the NaN/Inf pass (a host synchronisation,
+    and at decode a read of every cached key and value); by default a NaN in the keys is an
+    error naming k, at prefill and at decode."""
+    from attncompose.runtime import checks
+
+    passes = []
+    non_finite = checks.non_finite
+    monkeypatch.setattr(checks, "non_finite", lambda *x: passes.append(1) or non_finite(*x))
+    table = {"cpu": {128: entry(decode_latency_ms=9.0, exact_decode_latency_ms=3.0)}}
+    path = tmp_path / "tuned.yaml"
+    write_tuned(path, TunedFile(causal=True, recipes=recipes("hyperattention"), table=table))
+    attn = ac.load(path, backend="torch", check_finite=check)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=128, d=16)
+    k[0, 1, 5, 3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the decode fallback's note
+        for call in (q, q[:, :, -1:]):  # prefill (the entry), a decode step (exact attention)
+            if check:
+                with pytest.raises(ac.AttentionInputError, match="k contains NaN or Inf"):
+                    attn(call, k, v, is_causal=True)
+            else:
+                attn(call, k, v, is_causal=True)
+    assert len(passes) == (2 if check else 0)
+    assert len(attn._modules_by_key) == 2  # the entry's module and exact attention's

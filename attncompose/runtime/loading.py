@@ -16,7 +16,11 @@ from attncompose.spec.recipe import read_yaml
 
 
 def load(
-    path: str | Path, backend: str = "auto", cuda_graphs: bool = False, decode_fallback: bool = True
+    path: str | Path,
+    backend: str = "auto",
+    cuda_graphs: bool = False,
+    decode_fallback: bool = True,
+    check_finite: bool = True,
 ) -> nn.Module | ModelTuning:
     """A tuned file: a tuned recipe as an SDPA-compatible module
     (:func:`attncompose.runtime.tuned.load`), or a model-level tuned file
@@ -25,31 +29,39 @@ def load(
     ``cuda_graphs``: the modules it compiles capture a CUDA graph per call shape and replay
     it (:class:`~attncompose.runtime.attention.Attention`). ``decode_fallback``: a decode
     step runs exact attention where the tuner measured the choice's decode step no faster
-    (False: the choice at every step)."""
-    options = dict(backend=backend, cuda_graphs=cuda_graphs, decode_fallback=decode_fallback)
+    (False: the choice at every step). ``check_finite=False``: the modules it compiles make
+    no NaN/Inf pass over their inputs (a host synchronisation, and in a decode step a read
+    of every cached key and value; :class:`~attncompose.runtime.attention.Attention`)."""
+    options = dict(
+        backend=backend,
+        cuda_graphs=cuda_graphs,
+        decode_fallback=decode_fallback,
+        check_finite=check_finite,
+    )
     if _is_model_tuned(path):
         return load_model_tuning(path, **options)
     return load_tuned(path, **options)
 
 
 def load_attention(
-    spec: str | Path, backend: str = "auto", cuda_graphs: bool = False
+    spec: str | Path, backend: str = "auto", cuda_graphs: bool = False, check_finite: bool = True
 ) -> nn.Module | ModelTuning:
     """An attention module from a tuned recipe file, a recipe file or a built-in recipe name,
     or a :class:`~attncompose.runtime.model_tuned.ModelTuning` from a model-level tuned file.
 
     Tuned files (``format: attncompose-tuned/...``) dispatch by length and device
     (:func:`attncompose.runtime.tuned.load`); recipes compile to one pipeline (:func:`compile`).
-    ``cuda_graphs`` as in :func:`load`.
+    ``cuda_graphs`` and ``check_finite`` as in :func:`load`.
     """
+    options = dict(backend=backend, cuda_graphs=cuda_graphs, check_finite=check_finite)
     path = Path(spec)
     if path.is_file():
         data = read_yaml(path)
         if isinstance(data, dict) and str(data.get("format", "")).startswith("attncompose-tuned"):
-            return load_tuned(path, backend=backend, cuda_graphs=cuda_graphs)
+            return load_tuned(path, **options)
         if _is_model_tuned(path, data):
-            return load_model_tuning(path, backend=backend, cuda_graphs=cuda_graphs)
-    return compile_recipe(spec, backend=backend, cuda_graphs=cuda_graphs)
+            return load_model_tuning(path, **options)
+    return compile_recipe(spec, **options)
 
 
 def attention_name(attn: nn.Module | ModelTuning) -> str:

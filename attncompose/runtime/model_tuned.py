@@ -343,10 +343,12 @@ class ModelTuning:
         source: str | None = None,
         cuda_graphs: bool = False,
         decode_fallback: bool = True,
+        check_finite: bool = True,
     ):
         self.tuned = tuned
         self.backend = backend
         self.cuda_graphs = cuda_graphs  # each compiled choice captures a graph per call shape
+        self.check_finite = check_finite  # each compiled choice checks its inputs for NaN/Inf
         # a decode step runs exact attention on the heads whose choice's measured no faster
         self.decode_fallback = decode_fallback
         self.source = source or "<model tuning>"
@@ -455,7 +457,12 @@ class ModelTuning:
             recipe = (
                 "exact" if key is None else self.recipes[choice.recipe].with_knobs(choice.knobs)
             )
-            module = compile_recipe(recipe, backend=self.backend, cuda_graphs=self.cuda_graphs)
+            module = compile_recipe(
+                recipe,
+                backend=self.backend,
+                cuda_graphs=self.cuda_graphs,
+                check_finite=self.check_finite,
+            )
             if module.workspace is not None and module.graphs is None:  # graphs keep addresses
                 module.workspace = self.workspace
             self._modules[key] = module
@@ -544,15 +551,20 @@ def _heads(out: Any, start: int, count: int, with_lse: bool) -> Any:
 
 
 def load_model_tuning(
-    path: str | Path, backend: str = "auto", cuda_graphs: bool = False, decode_fallback: bool = True
+    path: str | Path,
+    backend: str = "auto",
+    cuda_graphs: bool = False,
+    decode_fallback: bool = True,
+    check_finite: bool = True,
 ) -> ModelTuning:
     """Load a model-level tuned file as a :class:`ModelTuning` (``cuda_graphs``: its compiled
     choices capture a CUDA graph per call shape; ``decode_fallback``: see
-    :meth:`ModelTuning.choose`)."""
+    :meth:`ModelTuning.choose`; ``check_finite=False``: no NaN/Inf pass over the inputs)."""
     return ModelTuning(
         read_model_tuned(path),
         backend=backend,
         source=str(path),
         cuda_graphs=cuda_graphs,
         decode_fallback=decode_fallback,
+        check_finite=check_finite,
     )

@@ -364,11 +364,13 @@ class TunedAttention(nn.Module):
         source: str | None = None,
         cuda_graphs: bool = False,
         decode_fallback: bool = True,
+        check_finite: bool = True,
     ):
         super().__init__()
         self.tuned = tuned
         self.backend = backend
         self.cuda_graphs = cuda_graphs  # each compiled entry captures a graph per call shape
+        self.check_finite = check_finite  # each compiled entry checks its inputs for NaN/Inf
         self.decode_fallback = decode_fallback  # policy 4 of the module docstring
         self.source = source or "<tuned>"
         self.recipes = {name: tuned.recipe_model(name) for name in tuned.recipes}
@@ -466,7 +468,10 @@ class TunedAttention(nn.Module):
             )
             backend = choice.backend or self.backend
             self._modules_by_key[key] = compile_recipe(
-                recipe, backend=backend, cuda_graphs=self.cuda_graphs
+                recipe,
+                backend=backend,
+                cuda_graphs=self.cuda_graphs,
+                check_finite=self.check_finite,
             )
         return self._modules_by_key[key]
 
@@ -498,16 +503,22 @@ def caller_stacklevel() -> int:
 
 
 def load(
-    path: str | Path, backend: str = "auto", cuda_graphs: bool = False, decode_fallback: bool = True
+    path: str | Path,
+    backend: str = "auto",
+    cuda_graphs: bool = False,
+    decode_fallback: bool = True,
+    check_finite: bool = True,
 ) -> TunedAttention:
     """Load a tuned recipe file as an SDPA-compatible :class:`TunedAttention` module
     (``cuda_graphs``: its compiled entries capture a CUDA graph per call shape;
     ``decode_fallback=False``: decode steps run the choice even where the tuner measured
-    exact attention's faster, see the module docstring)."""
+    exact attention's faster, see the module docstring; ``check_finite=False``: no NaN/Inf
+    pass over the inputs, as :class:`~attncompose.runtime.attention.Attention`)."""
     return TunedAttention(
         read_tuned(path),
         backend=backend,
         source=str(path),
         cuda_graphs=cuda_graphs,
         decode_fallback=decode_fallback,
+        check_finite=check_finite,
     )
