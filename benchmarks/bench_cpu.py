@@ -1,6 +1,8 @@
 """CPU speed of a recipe (torch backend) against PyTorch SDPA, measured in the same run.
 
-B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward. For causal rows it
+B=1, H=4, d=64, fp32, n = 4096..32768, causal and non-causal, forward (``--kv-heads``:
+grouped-query heads, e.g. SmolLM2's 9 query heads on 3 key/value heads, SDPA then with
+``enable_gqa=True``). For causal rows it
 also times SDPA on the causal splitter's exact diagonal leaves alone (the leaves stacked as
 heads): sdpa / leaves bounds the speedup any splitter with that min_seq_len can reach, even
 if everything else were free. frac is the share of exact attention's query-key products the
@@ -35,22 +37,34 @@ def leaf_size(recipe, n: int) -> int | None:
     return leaf_length(n, limits[0])
 
 
-def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) -> list[dict]:
+def inputs(n: int, heads: int, kv_heads: int | None, dim: int) -> list[torch.Tensor]:
+    """q [1, heads, n, dim] and k, v [1, kv_heads (default: heads), n, dim], float32, seeded
+    by n."""
+    g = torch.Generator().manual_seed(n)
+    counts = (heads, kv_heads or heads, kv_heads or heads)
+    return [torch.randn(1, h, n, dim, generator=g) for h in counts]
+
+
+def bench(
+    recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int, kv_heads=None
+) -> list[dict]:
     attn = ac.compile(recipe, backend="torch")
     rows = []
     for n in seq_lens:
-        g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
+        q, k, v = inputs(n, heads, kv_heads, dim)
+        gqa = k.shape[1] != heads
         for causal in (False, True):
             fns = {
-                "sdpa": lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(
-                    q, k, v, is_causal=c
+                "sdpa": lambda q=q, k=k, v=v, c=causal, g=gqa: F.scaled_dot_product_attention(
+                    q, k, v, is_causal=c, enable_gqa=g
                 ),
                 "recipe": lambda q=q, k=k, v=v, c=causal: attn(q, k, v, is_causal=c),
             }
             leaf = leaf_size(attn.recipe, n) if causal else None
             if leaf is not None:  # the exact leaves alone: a bound on the causal speedup
-                qv, kv, vv = (x.view(1, heads * (n // leaf), leaf, dim) for x in (q, k, v))
+                group = heads // k.shape[1]  # leaves of grouped keys: repeated per query head
+                kr, vr = (x.repeat_interleave(group, 1) for x in (k, v))
+                qv, kv, vv = (x.view(1, heads * (n // leaf), leaf, dim) for x in (q, kr, vr))
                 fns["leaves"] = lambda qv=qv, kv=kv, vv=vv: F.scaled_dot_product_attention(
                     qv, kv, vv, is_causal=True
                 )
@@ -89,9 +103,10 @@ def bench(recipe: str, seq_lens: list[int], heads: int, dim: int, repeats: int) 
 
 
 def cpu_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
-    """Arguments the CPU benchmarks share: recipe, heads, head dim, repeats."""
+    """Arguments the CPU benchmarks share: recipe, heads, key/value heads, head dim, repeats."""
     parser.add_argument("--recipe", default="hyperattention")
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=repeats)
 
@@ -103,6 +118,7 @@ def write_cpu_results(path: Path, benchmark: str, args: argparse.Namespace, rows
         "recipe": args.recipe,
         "batch": 1,
         "heads": args.heads,
+        "kv_heads": args.kv_heads or args.heads,
         "head_dim": args.dim,
         "dtype": "float32",
         "backend": "torch",
@@ -119,7 +135,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_cpu.json")
     args = parser.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
-    rows = bench(args.recipe, seq_lens, args.heads, args.dim, args.repeats)
+    rows = bench(args.recipe, seq_lens, args.heads, args.dim, args.repeats, args.kv_heads)
     write_cpu_results(args.out, "bench_cpu", args, rows)
 
 

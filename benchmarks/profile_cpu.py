@@ -1,10 +1,11 @@
 """Where a recipe's CPU time goes: PyTorch's fused attention kernel against everything else.
 
 Runs the recipe (torch backend, default knobs) under ``torch.profiler`` at one length,
-causal and non-causal, B=1, H=4, d=64, fp32, and sums the self CPU time of each aten op over
-``--repeats`` calls. The time spent inside ``aten::_scaled_dot_product_flash_attention_for_cpu``
-(the exact leaves and the tile kernel both run in it) is separated from the rest (hashing,
-sorting, gathers, masks, scatters, Python). SDPA and the recipe are timed unprofiled in the
+causal and non-causal, B=1, H=4 (``--kv-heads``: grouped), d=64, fp32, and sums the self
+CPU time of each aten op over ``--repeats`` calls. The time spent inside
+``aten::_scaled_dot_product_flash_attention_for_cpu`` (the exact leaves and the tile kernel
+both run in it) is separated from the rest (hashing, sorting, gathers, masks, scatters,
+Python). SDPA and the recipe are timed unprofiled in the
 same run (interleaved rounds), and
 
     bound_free_overhead = speedup * profiled_ms / attention_kernel_ms
@@ -24,9 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
-from bench_cpu import RESULTS, cpu_arguments, write_cpu_results  # this folder's
+from bench_cpu import RESULTS, cpu_arguments, inputs, write_cpu_results  # this folder's
 from torch.profiler import ProfilerActivity, profile
 
 import attncompose as ac
@@ -52,14 +52,18 @@ def op_times(fn, repeats: int) -> tuple[float, dict[str, float]]:
     return wall, dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def profile_rows(recipe: str, n: int, heads: int, dim: int, repeats: int) -> list[dict]:
+def profile_rows(
+    recipe: str, n: int, heads: int, dim: int, repeats: int, kv_heads=None
+) -> list[dict]:
     attn = ac.compile(recipe, backend="torch")
-    g = torch.Generator().manual_seed(n)
-    q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
+    q, k, v = inputs(n, heads, kv_heads, dim)
+    gqa = k.shape[1] != heads
     rows = []
     for causal in (False, True):
         fns = {
-            "sdpa": lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c),
+            "sdpa": lambda c=causal: F.scaled_dot_product_attention(
+                q, k, v, is_causal=c, enable_gqa=gqa
+            ),
             "recipe": lambda c=causal: attn(q, k, v, is_causal=c),
         }
         t = measure_rounds(fns, repeats=repeats)
@@ -96,7 +100,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--out", type=Path, default=RESULTS / "profile_cpu.json")
     args = parser.parse_args()
-    rows = profile_rows(args.recipe, args.seq_len, args.heads, args.dim, args.repeats)
+    rows = profile_rows(
+        args.recipe, args.seq_len, args.heads, args.dim, args.repeats, args.kv_heads
+    )
     write_cpu_results(args.out, "profile_cpu", args, rows)
 
 

@@ -49,6 +49,7 @@ DETECTOR_BUDGET = "128"
 RECIPE_NOTES = {"streaming": " (window + 4 sinks)", "hyperattention": " (paper)"}
 # the block recipes bench_cpu.py measures one by one (bench_cpu_<recipe>.json)
 BLOCK_RECIPES = ("streaming", "power", "block-topk", "topp")
+GQA_RECIPES = ("streaming", "power", "topp", "exact", "hyperattention")  # bench_cpu --kv-heads
 BENCH_NOTES = {"streaming": " (4 sinks + 1024 window)"}  # bench_cpu runs default knobs
 
 
@@ -166,39 +167,48 @@ def bench_cpu_recipes(results: Path) -> str:
     return "\n".join(lines) + "\n\n" + runs_line(all_runs)
 
 
-def bench_cpu_before_plans(results: Path) -> str:
-    """Each block recipe now and at the commit before block plans, same script and machine:
-    the speedups over SDPA measured in each run (``results/before-plans/`` holds the old)."""
-    before_runs = {
-        name: runs(f"bench_cpu_{name}", results / "before-plans") for name in BLOCK_RECIPES
-    }
-    lines = ["| recipe | n | mode | before plans | now |", "|---|---|---|---|---|"]
-    for name in BLOCK_RECIPES:
-        old = rows_by_key(before_runs[name])
-        new = rows_by_key(runs(f"bench_cpu_{name}", results)[:1])
-        for (n, causal), rows in sorted(old.items()):
-            mode = "causal" if causal else "non-causal"
-            now = new.get((n, causal), [])
-            cells = [spread([x for r in rows_ for x in ratios(r)]) for rows_ in (rows, now)]
-            lines.append(f"| `{name}` | {n} | {mode} | {cells[0]} | {cells[1] if now else ''} |")
-    quoted = dict.fromkeys(
-        f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
-        for name in BLOCK_RECIPES
-        for run in before_runs[name] + runs(f"bench_cpu_{name}", results)[:1]
-    )
-    return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
+def bench_cpu_before(
+    before: str, label: str, prefix: str = "bench_cpu", recipes: tuple[str, ...] = BLOCK_RECIPES
+) -> Callable[[Path], str]:
+    """A table of each recipe now and at an earlier commit, same script and machine: the
+    speedups over SDPA measured in each run (``results/{prefix}_{recipe}.json`` now,
+    ``results/{before}/`` the same files then)."""
+
+    def table(results: Path) -> str:
+        before_runs = {name: runs(f"{prefix}_{name}", results / before) for name in recipes}
+        lines = [f"| recipe | n | mode | {label} | now |", "|---|---|---|---|---|"]
+        for name in recipes:
+            old = rows_by_key(before_runs[name])
+            new = rows_by_key(runs(f"{prefix}_{name}", results)[:1])
+            for (n, causal), rows in sorted(old.items()):
+                mode = "causal" if causal else "non-causal"
+                now = new.get((n, causal), [])
+                cells = [spread([x for r in rows_ for x in ratios(r)]) for rows_ in (rows, now)]
+                lines.append(
+                    f"| `{name}` | {n} | {mode} | {cells[0]} | {cells[1] if now else ''} |"
+                )
+        quoted = dict.fromkeys(
+            f"{run['commit'][:7]} on {run['date'][:10]}{load_text(run)}"
+            for name in recipes
+            for run in before_runs[name] + runs(f"{prefix}_{name}", results)[:1]
+        )
+        return "\n".join(lines) + f"\n\nRuns (before; now): {'; '.join(quoted)}."
+
+    return table
 
 
-BEFORE_DECODE = ("before-gqa", "before-decode", "before-one-query")  # earlier runs, oldest first
+# earlier runs, oldest first
+BEFORE_DECODE = ("before-gqa", "before-decode", "before-one-query", "before-stack")
 
 
 def bench_decode_cpu(results: Path) -> str:
     """One decode step of each recipe (grouped heads) against SDPA, now and at earlier
     commits, same script and machine: before grouped keys and values were read in place
     (``results/before-gqa/``), before decode steps read only the key blocks and queries
-    they take (``results/before-decode/``) and before a block plan's decode step ran on its
-    kept keys (``results/before-one-query/``); a column per earlier run, headed by its
-    commit."""
+    they take (``results/before-decode/``), before a block plan's decode step ran on its
+    kept keys (``results/before-one-query/``) and before a group's query heads were stacked
+    as the rows of one call (``results/before-stack/``); a column per earlier run, headed
+    by its commit."""
     now = runs("bench_decode_cpu", results)[:1]
     befores = [runs("bench_decode_cpu", results / name)[:1] for name in BEFORE_DECODE]
     befores = [b for b in befores if b]
@@ -502,7 +512,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "bench_gpu": bench_gpu,
     "bench_cpu": bench_cpu,
     "bench_cpu_recipes": bench_cpu_recipes,
-    "bench_cpu_before_plans": bench_cpu_before_plans,
+    "bench_cpu_before_plans": bench_cpu_before("before-plans", "before plans"),
+    "bench_cpu_gqa": bench_cpu_before("before-stack", "before", "bench_cpu_gqa", GQA_RECIPES),
     "bench_decode_cpu": bench_decode_cpu,
     "bench_generate_cpu": bench_generate_cpu,
     "profile_cpu": profile_cpu("profile_cpu"),

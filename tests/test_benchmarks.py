@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_INFO = {"device", "torch", "triton", "python", "commit", "date", "load_1min", "cpus"}
 
 SCRIPTS = {
-    "bench_cpu": ["--seq-lens", "512", "--repeats", "1"],
+    "bench_cpu": ["--seq-lens", "512", "--repeats", "1", "--heads", "6", "--kv-heads", "2"],
     "bench_decode_cpu": ["--recipes", "exact,streaming", "--seq-lens", "512", "--repeats", "1"],
     "bench_gpu": ["--cpu-smoke", "--levels", "--copies", "--pointers", "--triton-exact"],
     "compile_gpu": [
