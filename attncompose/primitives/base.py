@@ -655,6 +655,18 @@ def stack_heads(x: Tensor, group: int) -> Tensor:
     return x.unflatten(0, (-1, group)).movedim(1, -3).flatten(-3, -2)
 
 
+def stacking_fills_threads(key_rows: int, rows: int, pieces: int = 1) -> bool:
+    """Whether one call with a group's query heads stacked (:func:`stack_heads`) still gives
+    every CPU thread work: PyTorch's fused CPU kernel runs (batch, head, block of up to 256
+    query rows) parts in parallel, here ``key_rows * pieces * ceil(rows / 256)`` of them
+    (``rows``: stacked query rows a piece). With fewer parts than threads the heads run
+    better as heads: one key/value head of 3 query heads at a decode step took 1.4-1.5x the
+    time stacked on 2 threads (one part, one thread busy), where 3 or 8 key/value heads took
+    0.6-1.0x (a stacked call reads each key row once)."""
+    parts = key_rows * pieces * -(-rows // 256)
+    return parts >= torch.get_num_threads()
+
+
 def unstack_heads(x: Tensor, group: int, into: Tensor | None = None) -> Tensor:
     """The inverse of :func:`stack_heads`: [N / group, ..., group * L, D] as [N, ..., L, D],
     written into ``into`` if given (else a copy where needed); an lse [N / group, ...,

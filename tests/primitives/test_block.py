@@ -351,6 +351,44 @@ def test_a_decode_loop_builds_no_plan(name, monkeypatch):
     assert built and set(built) == {300}
 
 
+@pytest.mark.parametrize(
+    ("hkv", "lq", "shapes"),
+    [(4, 1, [(4, 1, 3)]), (1, 1, [(1, 3, 1)]), (4, 200, None)],
+    ids=["decode-stacked", "decode-one-kv-row", "prefill-stacked"],
+)  # fmt: skip
+def test_a_groups_heads_share_one_call_of_a_shared_plan(hkv, lq, shapes, monkeypatch):
+    """A plan the same for every head (streaming) runs a group's query heads in one fused
+    call: stacked as the rows of a tile where the key rows keep the threads busy (a decode
+    step's kept keys read once per key/value head; a prefill's tiles of 3 x its query
+    block), else, for one tile, as its tiles against the key row broadcast (before: one
+    call per query head at prefill, or per group as heads). Same result as the keys
+    repeated per head, to float rounding."""
+    from attncompose.primitives.block import fused
+
+    calls = []
+    op = fused.fused_op()
+
+    def watch(q, k, *args, **kwargs):
+        calls.append((tuple(q.shape[:3]), k.stride(1) == 0))
+        return op(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "fused_op", lambda: watch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on CI, whatever runs this
+    g = torch.Generator().manual_seed(hkv)
+    q = torch.randn(1, 3 * hkv, lq, 16, generator=g)
+    k, v = (torch.randn(1, hkv, 600, 16, generator=g) for _ in range(2))
+    attn = ac.compile(small_recipe("streaming"), backend="torch")
+    grouped = attn(q, k, v, is_causal=True)
+    if shapes is None:  # every call: query rows 3 x a query block, one call for all heads
+        assert calls and all(rows % 3 == 0 and rows > 16 for (_, _, rows), _ in calls)
+        assert all(heads == hkv for (heads, _, _), _ in calls)
+    else:
+        assert calls == [(shape, shape[1] > 1) for shape in shapes]
+    calls.clear()
+    repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+    assert ac.relative_error(grouped, repeated) < 1e-6
+
+
 def test_full_blocks_of_a_plan_per_row_run_without_a_mask(monkeypatch):
     """Top-p counts differ from query block to query block; full blocks are still computed
     with no mask (chunks of equal counts: no padding keys), masks only in partial blocks."""

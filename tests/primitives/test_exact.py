@@ -143,19 +143,25 @@ def test_fused_exact_calls_the_kernel_once_where_every_query_sees_every_key(
 
 
 @pytest.mark.parametrize(
-    ("lq", "causal", "queries"),
-    [(1, True, [(4, 1, 3)]), (5, False, [(4, 1, 15)]), (5, True, [(4, 1, 15), (4, 3, 5)])],
-    ids=["decode", "noncausal", "causal"],
+    ("hkv", "lq", "causal", "queries"),
+    [
+        (4, 1, True, [(4, 1, 3)]),
+        (4, 5, False, [(4, 1, 15)]),
+        (4, 5, True, [(4, 1, 15), (4, 3, 5)]),
+        (1, 1, True, [(1, 3, 1)]),
+    ],
+    ids=["decode", "noncausal", "causal", "one-kv-row"],
 )  # fmt: skip
 def test_a_groups_heads_stack_as_rows_where_no_causal_mask_tells_them_apart(
-    make_qkv, reference, lq, causal, queries, monkeypatch
+    make_qkv, reference, hkv, lq, causal, queries, monkeypatch
 ):
     """A decode step, a non-causal call or the keys every query of a causal call sees: the
     query heads of a group are the rows of one head of the fused CPU kernel ([B*Hkv, 1,
     G*Lq] queries), so the keys are read once per key/value head (as heads against a
     broadcast key row, PyTorch's kernel read them once per query head: 1.6x the time of a
     decode step at 16k-32k keys). The causal square after them keeps them as heads ([B*Hkv,
-    G, Lq]: its mask is per row). Results to float rounding of the dense oracle's."""
+    G, Lq]: its mask is per row), and so does a call that stacked would leave a thread idle
+    (one key/value row on 2 threads). Results to float rounding of the dense oracle's."""
     calls = []
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -164,7 +170,8 @@ def test_a_groups_heads_stack_as_rows_where_no_causal_mask_tells_them_apart(
         return op(q, k, *args, **kwargs)
 
     monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", watch)
-    q, k, v = make_qkv(b=2, hq=6, hkv=2, lq=lq, lk=40, d=16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on CI, whatever runs this
+    q, k, v = make_qkv(b=1, hq=3 * hkv, hkv=hkv, lq=lq, lk=40, d=16)
     out = ac.compile("exact", backend="torch")(q, k, v, is_causal=causal)
     assert calls == [(shape, shape[1]) for shape in queries]  # keys: a head per query head
     assert ac.relative_error(out, reference(q, k, v, is_causal=causal)[0]) < 1e-6

@@ -27,6 +27,7 @@ from attncompose.primitives.base import (
     row_index,
     row_pitch,
     stack_heads,
+    stacking_fills_threads,
     unstack_heads,
 )
 
@@ -108,13 +109,17 @@ def grouped_chunk(
     """``chunk_fn`` on q [N, T, bq, D] against k, v [N / group, T, nk, D] (grouped keys:
     query row n reads key row n // group), the results written into ``into`` (out, lse) or
     new tensors. Where ``mask`` and ``bias`` have one row (every head of a group masks
-    alike), the group's query heads are stacked as the rows of one call
-    (:func:`~attncompose.primitives.base.stack_heads`: group * bq queries a tile, its keys
-    read once; a mask of bq query rows repeated for each head); else one call per query
-    head g on views (:func:`~attncompose.primitives.base.group_views`)."""
+    alike) and the call keeps the CPU's threads busy
+    (:func:`~attncompose.primitives.base.stacking_fills_threads`), the group's query heads
+    are stacked as the rows of one call (:func:`~attncompose.primitives.base.stack_heads`:
+    group * bq queries a tile, its keys read once; a mask of bq query rows repeated for each
+    head); with fewer parts than threads, one tile (a decode step's) takes the group's
+    heads as its tiles against the key row broadcast (a stride-0 view); else one call per
+    query head g on views (:func:`~attncompose.primitives.base.group_views`)."""
     if group == 1 and into is None:
         return chunk_fn(q, k, v, mask, bias, scale, scratch)
-    if group > 1 and all(x is None or x.shape[0] == 1 for x in (mask, bias)):
+    alike = group > 1 and all(x is None or x.shape[0] == 1 for x in (mask, bias))
+    if alike and stacking_fills_threads(q.shape[0] // group, q.shape[-2] * group, q.shape[1]):
         if mask is not None and mask.shape[-2] > 1:  # [1, T, bq, nk] -> [1, T, G * bq, nk]
             mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], group, *mask.shape[-2:])
             mask = mask.flatten(-3, -2)
@@ -123,6 +128,16 @@ def grouped_chunk(
             return unstack_heads(out, group), unstack_heads(lse.unsqueeze(-1), group)[..., 0]
         unstack_heads(out, group, into[0])
         unstack_heads(lse.unsqueeze(-1), group, into[1].unsqueeze(-1))
+        return into
+    if alike and q.shape[1] == 1:  # [N/G, G, bq, D] against [N/G, G (stride 0), nk, D]
+        heads = q.unflatten(0, (-1, group)).flatten(1, 2)
+        k, v = (x.expand(-1, group, -1, -1) for x in (k, v))
+        out, lse = chunk_fn(heads, k, v, mask, bias, scale, scratch)
+        out, lse = out.flatten(0, 1).unsqueeze(1), lse.flatten(0, 1).unsqueeze(1)
+        if into is None:
+            return out, lse
+        into[0].copy_(out)
+        into[1].copy_(lse)
         return into
     if into is None:
         into = (q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1]))

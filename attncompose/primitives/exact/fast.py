@@ -11,7 +11,8 @@ Grouped keys and values (:attr:`Problem.kv_group`) are read where they are on th
 query heads of a group as the heads of one batch element, its key/value row broadcast to
 them (a stride-0 view, no copy), or, where no causal mask tells the heads' rows apart (a
 decode step, a visible prefix), their queries stacked as the rows of one head
-(:func:`~attncompose.primitives.base.stack_heads`: the keys read once). The CUDA kernels
+(:func:`~attncompose.primitives.base.stack_heads`: the keys read once) where that leaves
+every thread work (:func:`~attncompose.primitives.base.stacking_fills_threads`). The CUDA kernels
 get them expanded.
 """
 
@@ -25,6 +26,7 @@ from attncompose.primitives.base import (
     add_products,
     counting_products,
     stack_heads,
+    stacking_fills_threads,
     unstack_heads,
 )
 from attncompose.primitives.exact.naive import exact_attention, on_leaves
@@ -146,12 +148,14 @@ def _fused(problem: Problem, causal: bool) -> Partial:
     if op is None:
         return exact_attention(problem)
     group = problem.kv_group  # a group's query heads share its key row
-    if causal:  # [N/G, G, L, D]: the heads of one batch element, the key row broadcast
+    stack = not causal and group > 1 and stacking_fills_threads(k.shape[0], group * q.shape[1])
+    if not stack:  # [N/G, G, L, D]: the heads of one batch element, the key row broadcast
         q = q.view(-1, group, *q.shape[1:])
         k, v = (x.unsqueeze(1).expand(-1, group, -1, -1) for x in (k, v))
         out, lse = op(q, k, v, 0.0, causal, scale=problem.scale)[:2]
         return Partial(out.flatten(0, 1), lse.flatten(0, 1))
-    # non-causal (a decode step, a visible prefix): the heads' queries as rows of one head
+    # non-causal (a decode step, a visible prefix): the heads' queries as rows of one head,
+    # where that leaves each thread a part
     q, k, v = stack_heads(q, group).unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     out, lse = op(q, k, v, 0.0, False, scale=problem.scale)[:2]  # [N/G, 1, G*Lq, ...]
     out, lse = unstack_heads(out[:, 0], group), unstack_heads(lse[:, 0, :, None], group)
