@@ -309,7 +309,9 @@ def test_commands_name_a_tuned_file_by_all_its_recipes(tmp_path):
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
-def test_load_hands_check_finite_to_every_module_it_compiles(tmp_path, make_qkv, monkeypatch, check):
+def test_load_hands_check_finite_to_every_module_it_compiles(
+    tmp_path, make_qkv, monkeypatch, check
+):
     """``ac.load(path, check_finite=False)``: neither the entry's module nor the exact
     attention its decode steps fall back to makes the NaN/Inf pass (a host synchronisation,
     and at decode a read of every cached key and value); by default a NaN in the keys is an

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from contract import ReducesToExact
+from contract import ReducesToExact, watch_expansions
 from on_device import (
     DEVICE,
     IDS,
@@ -277,6 +277,39 @@ def test_fused_cuda_path_splits_offsets_and_reads_each_kernels_lse(
     got = exact_fast.fused_exact_attention(problem, leaf=leaf)
     want = exact_naive.exact_attention(problem, leaf=leaf)
     assert got.out.shape == want.out.shape and got.lse.shape == want.lse.shape
+    assert ac.relative_error(got.out.float(), want.out) < 1e-2  # bf16 rounding of out
+    assert torch.allclose(got.lse, want.lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal", "calls"),
+    [(1, 33, True, [(2, 3)]), (40, 70, False, [(2, 120)]), (30, 90, True, [(2, 90), (6, 30)]),
+     (64, 64, True, [(6, 64)])],
+    ids=["decode", "rectangle", "queries-after-keys", "square"],
+)  # fmt: skip
+def test_fused_cuda_path_stacks_grouped_heads_where_no_causal_mask_applies(
+    lq, lk, causal, calls, kernel, monkeypatch
+):
+    """Grouped keys on the CUDA path: a non-causal call (a decode step, a visible prefix)
+    takes a group's 3 query heads as the rows of its key row, with no copy of the keys per
+    query head (before: every call copied them, the keys of a decode step 3 times); a
+    causal square still gets them expanded. ``calls``: (heads, query rows) of each kernel
+    call. Results as the keys repeated per head."""
+    _fake_fused_cuda_ops(monkeypatch, kernel)
+    expanded = watch_expansions(monkeypatch)
+    shapes = []
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    watch = lambda run: lambda q, *a, **kw: shapes.append(tuple(q.shape[1:3])) or run(q, *a, **kw)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", watch(cudnn))
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", watch(flash))
+    flat = _half(cpu_problem(6, lq, lk, 16, causal=causal, seed=lq), torch.bfloat16)
+    problem = replace(flat, k=flat.k[::3].clone(), v=flat.v[::3].clone(), kv_group=3)
+    got = exact_fast.fused_exact_attention(problem)
+    assert shapes == calls
+    assert len(expanded) == sum(heads == 6 for heads, _ in calls)  # causal squares only
+    want = exact_naive.exact_attention(problem.expanded())
     assert ac.relative_error(got.out.float(), want.out) < 1e-2  # bf16 rounding of out
     assert torch.allclose(got.lse, want.lse, atol=1e-5)
 

@@ -12,13 +12,14 @@ query heads of a group as the heads of one batch element, its key/value row broa
 them (a stride-0 view, no copy), or, where no causal mask tells the heads' rows apart (a
 decode step, a visible prefix), their queries stacked as the rows of one head
 (:func:`~attncompose.primitives.base.stack_heads`: the keys read once) where that leaves
-every thread work (:func:`~attncompose.primitives.base.stacking_fills_threads`). The CUDA kernels
-get them expanded.
+every thread work (:func:`~attncompose.primitives.base.stacking_fills_threads`). The CUDA
+kernels get a non-causal call's heads stacked so too, a causal one's keys expanded.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from attncompose.primitives.base import (
     Partial,
@@ -45,11 +46,13 @@ def fused_exact_attention(problem: Problem, leaf: int | None = None) -> Partial:
     pieces = fused_pieces(problem)
     if pieces is None:
         return exact_attention(problem)  # some rows see no key: rare, keep it simple
-    parts = [
-        _fused(problem if keys == slice(None) else problem.sub(slice(None), keys, causal), causal)
-        for keys, causal in pieces
-    ]
+    parts = [_fused(_piece(problem, keys, causal), causal) for keys, causal in pieces]
     return parts[0] if len(parts) == 1 else merge_partials(parts)
+
+
+def _piece(problem: Problem, keys: slice, causal: bool) -> Problem:
+    """The problem of one of :func:`fused_pieces`' calls: its queries on the keys ``keys``."""
+    return problem if keys == slice(None) else problem.sub(slice(None), keys, causal)
 
 
 def fused_pieces(problem: Problem) -> list[tuple[slice, bool]] | None:
@@ -94,11 +97,11 @@ def cuda_fused_reasons(problem: Problem, leaf: int | None = None) -> list[str]:
     pieces = fused_pieces(problem)
     if pieces is None:
         reasons.append("some query sees no key (the reference runs it)")
-    if not reasons:  # the calls fused_exact_attention makes (on the keys it is given: expanded)
-        problem = problem.expanded()
-        k, v = problem.k, problem.v
-        calls = [(k[:, keys], v[:, keys], causal) for keys, causal in pieces]
-        if any(_cuda_kernel(q, *call) is None for call in calls):
+    if not reasons:  # the calls fused_exact_attention makes (on the rows _cuda_rows gives)
+        parts = [(_piece(problem, keys, causal), causal) for keys, causal in pieces]
+        if any(
+            _cuda_kernel(*_cuda_rows(part, causal)[:3], causal) is None for part, causal in parts
+        ):
             reasons.append(
                 "PyTorch's cuDNN and flash kernels both decline it "
                 "(torch.backends.cuda.can_use_cudnn_attention / can_use_flash_attention)"
@@ -119,15 +122,27 @@ def _cuda_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     return None
 
 
+def _cuda_rows(problem: Problem, causal: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+    """q, k, v as PyTorch's fused CUDA kernels take ``problem``'s rows, and how many query
+    heads each row of q stacks: a non-causal call stacks a group's query heads as the rows
+    of its key row (:func:`~attncompose.primitives.base.stack_heads`: the keys not copied;
+    FlashAttention-2 packs a grouped decode step so itself), a causal one gets the keys
+    expanded per query head (a copy: its mask is per row)."""
+    group = problem.kv_group
+    if group > 1 and not causal:
+        return stack_heads(problem.q, group), problem.k, problem.v, group
+    problem = problem.expanded()
+    return problem.q, problem.k, problem.v, 1
+
+
 def _fused_cuda(problem: Problem, causal: bool) -> Partial:
     """Causal squares and any non-causal problem (causal rectangles, whose diagonal the
     kernels may anchor either way, run the reference)."""
-    problem = problem.expanded()
-    q, k, v = problem.q, problem.k, problem.v
+    q, k, v, stacked = _cuda_rows(problem, causal)
     square = problem.lq == problem.lk
     kernel = _cuda_kernel(q, k, v, causal) if q.dtype in HALF and (square or not causal) else None
     if kernel is None:
-        return exact_attention(problem)
+        return exact_attention(problem.expanded())
     q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, N, L, D]
     if kernel == "cudnn":  # lse [1, N, Lq, 1]
         run = torch.ops.aten._scaled_dot_product_cudnn_attention
@@ -135,7 +150,8 @@ def _fused_cuda(problem: Problem, causal: bool) -> Partial:
     else:  # lse [1, N, Lq]
         run = torch.ops.aten._scaled_dot_product_flash_attention
         out, lse = run(q, k, v, 0.0, causal, False, scale=problem.scale)[:2]
-    return Partial(out[0], lse.reshape(q.shape[1], q.shape[2]))
+    out, lse = out[0], lse.reshape(q.shape[1], q.shape[2], 1)
+    return Partial(unstack_heads(out, stacked), unstack_heads(lse, stacked)[..., 0])
 
 
 def _fused(problem: Problem, causal: bool) -> Partial:
