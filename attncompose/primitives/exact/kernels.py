@@ -20,6 +20,7 @@ class SdpaCuda(Kernel):
     op = "exact"
     name = "sdpa:cudnn-else-flash"
     function = staticmethod(fused_exact_attention)
+    reads_groups = True  # a non-causal call stacks a group's heads, a causal one expands (fast.py)
 
     @classmethod
     def not_supported_reasons(cls, problem: Problem, **inputs: Any) -> list[str]:
@@ -42,4 +43,4 @@ class SdpaWithLse(Kernel):
     op = "exact"
     name = "torch:sdpa-with-lse"
     function = staticmethod(fused_exact_attention)
-    reads_groups = True  # on the CPU in place, else expanded (fast.py)
+    reads_groups = True  # on the CPU in place or stacked, else expanded (fast.py)
