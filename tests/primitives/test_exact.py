@@ -352,6 +352,26 @@ def test_fused_cuda_exact_within_twice_torch_half_error(lq, lk, causal, d, dtype
 
 @pytest.mark.triton
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="PyTorch's fused CUDA kernels need CUDA")
+@pytest.mark.parametrize(
+    ("lq", "lk", "causal"),
+    [(1, 257, True), (100, 300, True), (200, 130, False)],
+    ids=["decode", "queries-after-keys", "rectangle"],
+)  # fmt: skip
+def test_fused_cuda_grouped_heads_within_twice_torch_half_error(lq, lk, causal):
+    """Grouped keys on CUDA (3 query heads a key/value head): the non-causal calls take a
+    group's heads as the rows of its key row, the causal square gets the keys expanded;
+    out and lse at most twice as far from the fp32 truth as PyTorch's own bf16 computation."""
+    flat = device_problem(6, lq, lk, 128, causal=causal, seed=lq)
+    problem = replace(flat, k=flat.k[::3].contiguous(), v=flat.v[::3].contiguous(), kv_group=3)
+    truth = exact_naive.exact_attention(problem.expanded())
+    half = _half(problem, torch.bfloat16)
+    assert dispatch.choose("exact", "auto", half) is SdpaCuda
+    baseline = exact_naive.exact_attention(half.expanded())
+    _assert_within_twice(dispatch.call("exact", "auto", half), baseline, truth)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="PyTorch's fused CUDA kernels need CUDA")
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_fused_cuda_leaves_within_twice_torch_half_error(causal):
     """The causal splitter's diagonal leaves on CUDA: stacked as rows (a view) into
