@@ -667,14 +667,18 @@ def stacking_fills_threads(key_rows: int, rows: int, pieces: int = 1) -> bool:
     return parts >= torch.get_num_threads()
 
 
-def unstack_heads(x: Tensor, group: int, into: Tensor | None = None) -> Tensor:
-    """The inverse of :func:`stack_heads`: [N / group, ..., group * L, D] as [N, ..., L, D],
-    written into ``into`` if given (else a copy where needed); an lse [N / group, ...,
-    group * L] goes through as ``x.unsqueeze(-1)`` (and ``into.unsqueeze(-1)``)."""
-    heads = x.unflatten(-2, (group, -1)).movedim(-3, 1)  # [N / group, group, ..., L, D]
+def unstack_heads(
+    out: Tensor, lse: Tensor, group: int, into: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`stack_heads` on a stacked call's results: out [N / group, ...,
+    group * L, Dv] and lse [N / group, ..., group * L] as [N, ..., L, Dv] and [N, ..., L],
+    written into ``into`` (out, lse) if given (else copies where needed)."""
+    heads = lambda x: x.unflatten(-2, (group, -1)).movedim(-3, 1)  # [N / G, G, ..., L, D]
+    pair = (heads(out), heads(lse.unsqueeze(-1)))
     if into is None:
-        return heads.flatten(0, 1)
-    into.unflatten(0, (-1, group)).copy_(heads)
+        return pair[0].flatten(0, 1), pair[1].flatten(0, 1)[..., 0]
+    into[0].unflatten(0, (-1, group)).copy_(pair[0])
+    into[1].unsqueeze(-1).unflatten(0, (-1, group)).copy_(pair[1])
     return into
 
 

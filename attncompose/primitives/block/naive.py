@@ -124,11 +124,7 @@ def grouped_chunk(
             mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], group, *mask.shape[-2:])
             mask = mask.flatten(-3, -2)
         out, lse = chunk_fn(stack_heads(q, group), k, v, mask, bias, scale, scratch)
-        if into is None:
-            return unstack_heads(out, group), unstack_heads(lse.unsqueeze(-1), group)[..., 0]
-        unstack_heads(out, group, into[0])
-        unstack_heads(lse.unsqueeze(-1), group, into[1].unsqueeze(-1))
-        return into
+        return unstack_heads(out, lse, group, into)
     if alike and q.shape[1] == 1:  # [N/G, G, bq, D] against [N/G, G (stride 0), nk, D]
         heads = q.unflatten(0, (-1, group)).flatten(1, 2)
         k, v = (x.expand(-1, group, -1, -1) for x in (k, v))

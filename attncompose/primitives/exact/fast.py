@@ -150,8 +150,7 @@ def _fused_cuda(problem: Problem, causal: bool) -> Partial:
     else:  # lse [1, N, Lq]
         run = torch.ops.aten._scaled_dot_product_flash_attention
         out, lse = run(q, k, v, 0.0, causal, False, scale=problem.scale)[:2]
-    out, lse = out[0], lse.reshape(q.shape[1], q.shape[2], 1)
-    return Partial(unstack_heads(out, stacked), unstack_heads(lse, stacked)[..., 0])
+    return Partial(*unstack_heads(out[0], lse.reshape(q.shape[1], q.shape[2]), stacked))
 
 
 def _fused(problem: Problem, causal: bool) -> Partial:
@@ -174,5 +173,4 @@ def _fused(problem: Problem, causal: bool) -> Partial:
     # where that leaves each thread a part
     q, k, v = stack_heads(q, group).unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     out, lse = op(q, k, v, 0.0, False, scale=problem.scale)[:2]  # [N/G, 1, G*Lq, ...]
-    out, lse = unstack_heads(out[:, 0], group), unstack_heads(lse[:, 0, :, None], group)
-    return Partial(out, lse[..., 0])
+    return Partial(*unstack_heads(out[:, 0], lse[:, 0], group))
