@@ -28,7 +28,7 @@ import triton
 import triton.runtime.interpreter
 
 import attncompose as ac
-from attncompose.eval.interpreter import CallWatch, LaunchCounter
+from attncompose.eval.interpreter import CallWatch, DeviceWaits, LaunchCounter
 from attncompose.primitives import causal_split, dispatch
 from attncompose.primitives.base import Coverage
 from attncompose.primitives.block import contiguous
@@ -408,27 +408,6 @@ def test_cuda_graph_replays_after_other_shapes_and_emptied_caches(make_qkv, name
         torch.cuda.synchronize()
         assert torch.equal(graphed(*first, is_causal=True), want)
     assert all(g is not None for g in graphed.graphs.graphs.values()), "capture fell back"
-
-
-class DeviceWaits(CallWatch):
-    """Records the aten ops, outside Triton launches, that make the host wait for the device
-    or that a CUDA graph cannot replay as a call: reading a value to the host (``item``,
-    ``bool``, ``int``, ``nonzero``, ...), copying host data into a tensor (``torch.tensor``),
-    drawing from a generator (a replay would not redraw as a call re-seeds)."""
-
-    WAITS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def op(self, func, args, kwargs, out) -> None:
-        name = str(func)
-        drawn = "generator" in name or kwargs.get("generator") is not None
-        tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor) and t.dim()]
-        crossing = len({t.device.type for t in tensors}) > 1  # between host and device (CUDA)
-        if drawn or crossing or any(w in name for w in self.WAITS):
-            self.seen.append(name)
 
 
 def _graph_sized(name: str):

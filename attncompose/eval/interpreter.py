@@ -4,8 +4,9 @@ On a CPU the Triton kernels run in the interpreter, which itself calls aten ops:
 :class:`CallWatch` sees each aten op the call makes outside a Triton launch
 (:meth:`CallWatch.op`) and each launch with its arguments (:meth:`CallWatch.launch`), never
 the interpreter's own ops. :class:`LaunchCounter` counts with it what a GPU would launch
-(``benchmarks/launch_count.py``, a test of the launch budget); the tests also check with it
-that a call never waits for the device and reads only memory a CUDA graph would own. Set
+(``benchmarks/launch_count.py``, a test of the launch budget), :class:`DeviceWaits` what
+would make the host wait for the device; the tests also check with it that a call reads
+only memory a CUDA graph would own. Set
 ``TRITON_INTERPRET=1`` before triton is first imported.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import triton.runtime.interpreter as interpreter
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -82,3 +84,26 @@ class LaunchCounter(CallWatch):
 
     def launch(self, kernel, args, kwargs) -> None:
         self.triton += 1
+
+
+class DeviceWaits(CallWatch):
+    """Records the aten ops, outside Triton launches, that make the host wait for the device
+    or that a CUDA graph cannot replay as a call: reading a value to the host (``item``,
+    ``bool``, ``int``, ``nonzero``, ...), copying host data into a tensor (``torch.tensor``),
+    and, with ``draws``, drawing from a generator (a replay would not redraw as a call
+    re-seeds; an eager call draws without waiting)."""
+
+    WAITS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh")
+
+    def __init__(self, draws: bool = True) -> None:
+        super().__init__()
+        self.draws = draws
+        self.seen: list[str] = []
+
+    def op(self, func, args, kwargs, out) -> None:
+        name = str(func)
+        drawn = self.draws and ("generator" in name or kwargs.get("generator") is not None)
+        tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor) and t.dim()]
+        crossing = len({t.device.type for t in tensors}) > 1  # between host and device (CUDA)
+        if drawn or crossing or any(w in name for w in self.WAITS):
+            self.seen.append(name)
