@@ -440,6 +440,24 @@ def test_a_call_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
         assert not waits.seen, f"{name} lq={lq} lk={lk} causal={causal}: {waits.seen}"
 
 
+@pytest.mark.parametrize("name", WAIT_RECIPES)
+def test_a_decode_loop_step_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
+    """Every step of a decode loop has a new key length, where what a call derives from its
+    shapes (plans, their rules as kernel data, positions) is made anew: that must not read a
+    value to the host or copy host data either (a window's band and a table's columns
+    change with the length, and their kernel meta came from host memory at every step; the
+    sinks' key exclusion counted its keys). Draws may happen: an eager call makes them."""
+    attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=1, lk=503, d=16)
+    with torch.no_grad():
+        attn(q, k[:, :, :500], v[:, :, :500], is_causal=True)
+        for lk in (501, 502):
+            waits = DeviceWaits(draws=False)
+            with waits:
+                attn(q, k[:, :, :lk], v[:, :, :lk], is_causal=True)
+            assert not waits.seen, f"{name} at {lk} keys: {waits.seen}"
+
+
 def _second_call(attn, watch: CallWatch, q, k, v, causal: bool) -> CallWatch:
     """``attn`` called once (plans, caches, draws made), then again under ``watch``."""
     with torch.no_grad():

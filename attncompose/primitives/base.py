@@ -381,7 +381,9 @@ class Coverage:
             keys = torch.arange(problem.lk, device=problem.q.device).view(1, 1, 1, -1)
             hit = self.covers(problem, keys[..., :1], keys).flatten()  # any query answers alike
             bias = torch.zeros(problem.lk + 1, dtype=torch.float32, device=keys.device)
-            return bias.index_fill_(0, torch.nonzero(hit).flatten(), float("-inf"))
+            # a mask, not the indices of the hits (which the host would wait to count)
+            bias[: problem.lk].masked_fill_(hit, float("-inf"))
+            return bias
 
         key = self.static_key()
         return make() if key is None else problem.memo("key-exclusion", key, make)

@@ -24,6 +24,7 @@ from attncompose.primitives.base import (
     Selection,
     Tiles,
     natural_tiles,
+    static_arange,
     take,
 )
 from attncompose.primitives.plan import FULL, BlockGrid, interval_states, table_fits
@@ -64,9 +65,14 @@ class BlockTable(Selection, Coverage):
     has_kernel_form = True
 
     def predicates(self, problem: Problem) -> list[Predicate]:
-        dev = self.table.device
-        q_block = (torch.arange(problem.lq, device=dev, dtype=torch.int32) // self.size)[None]
-        k_block = (torch.arange(problem.lk, device=dev, dtype=torch.int32) // self.size)[None]
+        # each position's block: the same in every call of these lengths (kept per problem)
+        block_of = lambda length: (
+            lambda: (torch.arange(length, device=problem.q.device, dtype=torch.int32) // self.size)[
+                None
+            ]
+        )
+        q_block = problem.memo("table-query-blocks", (self.size,), block_of(problem.lq))
+        k_block = problem.memo("table-key-blocks", (self.size,), block_of(problem.lk))
         # a static table (power) is one table for every row, whatever the rows of the call
         return [Predicate(q_block, k_block, self._rows(1))]
 
@@ -79,9 +85,11 @@ class BlockTable(Selection, Coverage):
         if not fits:
             raise ValueError(f"plan blocks {grid.block_q}x{grid.block_k} must divide {self.size}")
         table = self._rows(1)
+        if (grid.block_q, grid.block_k) == (self.size, self.size):  # its own blocks: as it is
+            return table.view(torch.uint8) * FULL  # (bool and uint8 share their bytes)
         dev = table.device
-        qi = torch.arange(grid.nqb, device=dev) * grid.block_q // self.size
-        kj = torch.arange(grid.nkb, device=dev) * grid.block_k // self.size
+        qi = static_arange(grid.nqb, dev, grid.block_q) // self.size
+        kj = static_arange(grid.nkb, dev, grid.block_k) // self.size
         return table[:, qi][:, :, kj].to(torch.uint8) * FULL
 
     def block_grid(self) -> int:
@@ -179,6 +187,10 @@ class KeyBand(Selection, Coverage):
         return problem.memo("covered-keys", self.static_key(), make)
 
     def predicates(self, problem: Problem) -> list[Predicate]:
+        """Its band as kernel data: positions only, kept per problem (:meth:`Problem.memo`)."""
+        return problem.memo("band-predicates", self.static_key(), lambda: self._predicates(problem))
+
+    def _predicates(self, problem: Problem) -> list[Predicate]:
         q_pos = _positions(problem, problem.lq, problem.q_positions)
         anchor = self.anchor(q_pos)
         if isinstance(anchor, int):
@@ -190,11 +202,12 @@ class KeyBand(Selection, Coverage):
         q_first, q_last = (x[:, None] for x in grid.q_span(problem.q.device))  # [nQB, 1]
         k_first, k_last = (x[None, :] for x in grid.k_span(problem.q.device))  # [1, nKB]
         w = self.extent
+        if w == 0:  # an empty band
+            return torch.zeros(1, grid.nqb, grid.nkb, dtype=torch.uint8, device=problem.q.device)
         end_first, end_last = self.anchor(q_first), self.anchor(q_last)
         full = (k_last <= end_first) & (k_first > end_last - w)  # every pair inside the band
-        some = (k_first <= end_last) & (k_last > end_first - w) & (w > 0)
-        states = interval_states(full & (w > 0), some)
-        return states.expand(grid.nqb, grid.nkb)[None]
+        some = (k_first <= end_last) & (k_last > end_first - w)
+        return interval_states(full, some).expand(grid.nqb, grid.nkb)[None]
 
     def tiles(self, problem: Problem) -> Tiles:
         """Natural query tiles and the key range each may cover: positions only, made once

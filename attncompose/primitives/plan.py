@@ -27,6 +27,7 @@ sortLSH, whose tiles live in sorted order) keeps the tile path of the block kern
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -83,14 +84,23 @@ class BlockGrid:
 
 
 def _span(count: int, size: int, length: int, offset: int, device) -> tuple[Tensor, Tensor]:
+    return pinned(_spans(count, size, length, offset, torch.device(device)))
+
+
+@functools.lru_cache(maxsize=256)
+def _spans(count: int, size: int, length: int, offset: int, device) -> tuple[Tensor, Tensor]:
+    """First and last positions of the blocks, made once per grid (do not modify): a plan
+    built at every call (a top-k's, a decode loop's at each new length) asks for them in
+    each of its parts."""
     first = torch.arange(count, device=device) * size
     last = (first + size - 1).clamp_max(length - 1)
     return first + offset, last + offset
 
 
 def interval_states(full: Tensor, some: Tensor) -> Tensor:
-    """uint8 states from two bool tensors: FULL where ``full``, else PARTIAL where ``some``."""
-    return torch.where(full, FULL, torch.where(some, PARTIAL, NONE)).to(torch.uint8)
+    """uint8 states from two bool tensors: FULL where ``full``, else PARTIAL where ``some``
+    (two ops: a bool's byte is 0 or 1)."""
+    return (full | some).view(torch.uint8) + full.view(torch.uint8)
 
 
 def visible_states(grid: BlockGrid, causal: bool, device: torch.device) -> Tensor:
@@ -164,9 +174,17 @@ class BlockPlan:
         (each coverage must have a block form: ``Coverage.has_block_form``)."""
         grid = BlockGrid.of(problem, block_q, block_k)
         device = problem.q.device
-        own = [_states(cov, problem, grid) for cov in select]
-        excluded = [_states(cov, problem, grid) for cov in exclude]
-        state = torch.minimum(union_states(own), visible_states(grid, problem.causal, device))
+        # a plan with a data-dependent part (top-k) is built at every call: its static parts
+        # (sinks, windows, causality) are kept per grid, where each launched a few dozen small
+        # ops a call (a static plan is kept whole by its caller: Block.plan)
+        keep = any(cov.static_key() is None for cov in (*select, *exclude))
+        own = [_states(cov, problem, grid, keep) for cov in select]
+        excluded = [_states(cov, problem, grid, keep) for cov in exclude]
+        causal = problem.causal
+        visible = _kept(
+            ("visible", grid, causal, device), lambda: visible_states(grid, causal, device), keep
+        )
+        state = torch.minimum(union_states(own), visible)
         for states in excluded:
             state = subtract_states(state, states)
         return BlockPlan(
@@ -491,9 +509,14 @@ def _block_list(selected: Tensor, trim: bool) -> tuple[Tensor, Tensor]:
 def selected_first(selected: Tensor, width: int) -> Tensor:
     """Indices [..., width] of the True blocks of ``selected`` [..., nKB], ascending first
     (then other blocks, in no set order): a top-k of descending keys, 3x faster than a sort."""
-    nkb = selected.shape[-1]
-    key = torch.arange(nkb, 0, -1, dtype=torch.int32, device=selected.device)
-    return torch.topk(selected.to(torch.int32) * key, width, dim=-1).indices
+    key = pinned(_descending(selected.shape[-1], selected.device))
+    return torch.topk(selected * key, width, dim=-1).indices
+
+
+@functools.lru_cache(maxsize=64)
+def _descending(count: int, device: torch.device) -> Tensor:
+    """int32 ``count, ..., 1``, made once per (count, device) (do not modify)."""
+    return torch.arange(count, 0, -1, dtype=torch.int32, device=device)
 
 
 def union_states(states: list[Tensor]) -> Tensor:
@@ -508,11 +531,24 @@ def subtract_states(state: Tensor, excluded: Tensor) -> Tensor:
     return torch.where(excluded == PARTIAL, torch.minimum(state, torch.ones_like(state)), state)
 
 
-def _states(cov: Coverage, problem: Problem, grid: BlockGrid) -> Tensor:
-    states = cov.block_states(problem, grid)
-    if states is None:
-        raise TypeError(f"{type(cov).__name__} has no block form")
-    return states
+def _states(cov: Coverage, problem: Problem, grid: BlockGrid, keep: bool) -> Tensor:
+    """The coverage's block states on ``grid``; with ``keep``, a static coverage's are kept
+    per grid (:func:`_kept`)."""
+
+    def make() -> Tensor:
+        states = cov.block_states(problem, grid)
+        if states is None:
+            raise TypeError(f"{type(cov).__name__} has no block form")
+        return states
+
+    key = cov.static_key()
+    return _kept(("states", key, grid, problem.q.device), make, keep and key is not None)
+
+
+def _kept(key: tuple, make, keep: bool) -> Tensor:
+    """``make()``, kept per ``key`` by :func:`static_plan` if ``keep`` (never modified: the
+    plan algebra makes new tensors)."""
+    return static_plan(key, make) if keep else make()
 
 
 def plan_block_size(problem: Problem, coverages: list[Coverage], default: int) -> int:
@@ -529,7 +565,7 @@ def table_fits(size: int, block: int, count: int) -> bool:
     return size % block == 0 or size >= count * block
 
 
-_STATIC: OrderedDict[tuple, BlockPlan] = OrderedDict()
+_STATIC: OrderedDict[tuple, object] = OrderedDict()  # plans, states, layouts
 
 
 def static_plan(key: tuple, make, keep=lambda value: True):

@@ -232,9 +232,16 @@ def _no_rules(device: torch.device) -> Packed:
 
 @functools.lru_cache(maxsize=256)
 def _meta_on(meta: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
-    """The rules' meta rows on ``device``, copied there once: a copy from host memory in every
-    call would wait for the device (and cannot be captured in a CUDA graph)."""
-    return torch.tensor(meta, dtype=torch.int64, device=device)
+    """The rules' meta rows on ``device``, made once per meta, each value written there by a
+    fill that takes it as an argument: a copy from host memory would make the host wait for
+    the device (and cannot be captured in a CUDA graph), and a decode loop meets new meta at
+    every step (its table's columns grow with the keys)."""
+    out = torch.zeros(len(meta), len(meta[0]), dtype=torch.int64, device=device)
+    for i, row in enumerate(meta):
+        for j, value in enumerate(row):
+            if value:
+                out[i, j].fill_(value)
+    return out
 
 
 def block_attention(

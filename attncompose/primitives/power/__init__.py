@@ -39,7 +39,10 @@ class Power(Primitive):
         end = max(problem.q_offset + problem.lq, problem.k_offset + problem.lk)
         size = fitted_block(self.knobs["block_size"], end)
         reach = min(self.knobs["max_distance"], -(-end // size))
-        return BlockTable(power_table(problem, size, reach), size, key=("power", size, reach))
+        # positions only: made once per problem shape, not a dozen small ops every call
+        make = lambda: power_table(problem, size, reach)
+        table = problem.memo("power-table", (size, reach), make)
+        return BlockTable(table, size, key=("power", size, reach))
 
     def kernel_name(self) -> str:
         return "positions only (no kernel)"

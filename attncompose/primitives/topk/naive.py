@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncompose.primitives.base import Problem
+from attncompose.primitives.base import Problem, static_arange
 
 
 def block_means(x: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -97,16 +97,17 @@ def key_products(problem: Problem, size: int) -> int:
 
 def select_blocks(est: Tensor, k: int, p: float | None, max_k: int) -> Tensor:
     """Bool table [N, nQB, nKB] of selected key blocks (never an invisible one)."""
-    visible = torch.isfinite(est)
+    visible = est.abs() < float("inf")  # isfinite in two ops (it launches four)
     nkb = est.shape[-1]
     order = torch.sort(est, dim=-1, descending=True)
+    rank = static_arange(nkb, est.device)
     if p is None:
-        keep = torch.arange(nkb, device=est.device) < min(k, nkb)
+        keep = rank < min(k, nkb)
         keep = keep.expand_as(est)
     else:
         share = torch.softmax(order.values, dim=-1).nan_to_num(0.0)
         before = torch.cumsum(share, dim=-1) - share  # mass of the better blocks
-        keep = (before < p) & (torch.arange(nkb, device=est.device) < max_k)
+        keep = (before < p) & (rank < max_k)
     table = torch.zeros_like(visible)
     table.scatter_(-1, order.indices, keep)
     return table & visible
