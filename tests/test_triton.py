@@ -458,6 +458,34 @@ def test_a_decode_loop_step_never_waits_for_the_device(make_qkv, packing_on_cpu,
             assert not waits.seen, f"{name} at {lk} keys: {waits.seen}"
 
 
+# What a decode step (one query after 500 keys, 4 query and 2 key/value heads, a length called
+# before) launches, at most (kernels and the torch ops between them): a model makes this call
+# in every layer at every step, where SDPA launches one kernel. A plan with a data-dependent
+# part (top-k) is built at every call, its static parts (sinks, window, causality) kept per
+# length (they launched ~110 more); partials merge in one launch (a dozen each before).
+STEP_BUDGET = {
+    "block-topk": 30,
+    "exact": 1,
+    "hyperattention": 31,
+    "hyperattention-aligned": 45,
+    "hyperattention-sinks": 38,
+    "hyperattention-topk": 69,
+    "lsh-only": 17,
+    "power": 1,
+    "sampling-only": 5,
+    "streaming": 1,
+    "topp": 36,
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEP_BUDGET))
+def test_a_decode_step_launches_a_fixed_budget(make_qkv, packing_on_cpu, name):
+    attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=1, lk=500, d=16)
+    launches = _second_call(attn, LaunchCounter(), q, k, v, True).launches
+    assert launches <= STEP_BUDGET[name], launches
+
+
 def _second_call(attn, watch: CallWatch, q, k, v, causal: bool) -> CallWatch:
     """``attn`` called once (plans, caches, draws made), then again under ``watch``."""
     with torch.no_grad():

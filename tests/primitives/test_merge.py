@@ -103,3 +103,50 @@ def test_merge_rows_into_equals_merging_one_part_at_a_time(merge_rows, dtype):
     finite = torch.isfinite(want.lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert torch.allclose(lse[finite], want.lse[finite], atol=1e-6)
+
+
+MERGE = {
+    "torch": merge_naive.merge,
+    "triton": pytest.param(
+        merge_triton and merge_triton.merge_partials,
+        marks=[pytest.mark.triton, pytest.mark.skipif(merge_triton is None, reason="no triton")],
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("merge", list(MERGE.values()), ids=list(MERGE))
+def test_the_merge_op_equals_the_reference_fold(merge, parts, dtype):
+    """The ``merge`` op (block passes, sampler residuals, the causal splitter's rectangle and
+    square) against :func:`merge_partials`: float32 results from parts in a kernel's dtype,
+    read through strided views; rows empty on one side, on every side, and -inf lse beside
+    finite outputs (a part that saw no key)."""
+    device = DEVICE if merge is not merge_naive.merge else torch.device("cpu")
+    g = torch.Generator().manual_seed(parts)
+    made = []
+    for i in range(parts):  # out [2, 9, 24] as a view of every other row of a larger buffer
+        out = torch.randn(2, 18, 24, generator=g)[:, ::2]
+        lse = torch.randn(2, 9, 3, generator=g)[..., 1] * 4
+        made.append(Partial(out, lse))
+    made[0].lse[0, 2] = float("-inf")  # empty on one side
+    made[0].out[0, 2] = 0.0
+    for part in made:  # empty on every side
+        part.lse[1, 5] = float("-inf")
+        part.out[1, 5] = 0.0
+    made = [Partial(p.out.to(dtype), p.lse) for p in made]
+    want = merge_partials([Partial(p.out.float(), p.lse) for p in made])
+    given = [Partial(p.out.to(device), p.lse.to(device)) for p in made]
+    kept = [(p.out.clone(), p.lse.clone()) for p in given]
+    got = merge(make_problem(2, 9, 9, d=16), given)
+    out, lse = got.out.cpu(), got.lse.cpu()
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == (2, 9, 24)
+    assert torch.isneginf(lse[1, 5]) and (out[1, 5] == 0).all()
+    finite = torch.isfinite(want.lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (out - want.out).abs().max() <= 1e-6 * want.out.abs().max()
+    assert torch.allclose(lse[finite], want.lse[finite], atol=1e-6)
+    assert all(  # the parts are read, never written
+        torch.equal(p.out, out) and torch.equal(p.lse, lse)
+        for p, (out, lse) in zip(given, kept, strict=True)
+    )

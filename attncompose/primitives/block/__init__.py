@@ -38,7 +38,6 @@ from attncompose.primitives.block.kernels import (
     TritonTileAttention,
 )
 from attncompose.primitives.block.schema import BlockStep
-from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, static_plan
 
 
@@ -116,7 +115,7 @@ class Block(Primitive):
             parts.append(
                 dispatch.call("block", self.backend, problem, tiles=tiles, own=cov, exclude=rest)
             )
-        return parts[0] if len(parts) == 1 else merge_partials(parts)
+        return parts[0] if len(parts) == 1 else dispatch.call("merge", self.backend, problem, parts)
 
     planned: bool | None = None  # set by connect(): do all inputs have block forms?
 

@@ -40,7 +40,7 @@ from attncompose.primitives import dispatch
 from attncompose.primitives.base import Packing, Partial, Primitive, Problem, RowMaps
 from attncompose.primitives.causal_split.schema import CausalSplitStep
 from attncompose.primitives.exact.fast import fused_exact_attention
-from attncompose.primitives.merge.naive import merge_into, merge_partials, merge_rows_into
+from attncompose.primitives.merge.naive import merge, merge_into, merge_rows_into
 from attncompose.primitives.plan import static_plan
 
 Body = Callable[[Problem], Partial]
@@ -73,11 +73,12 @@ def causal_split(
     min_seq_len: int,
     exact: Body = fused_exact_attention,
     merge_rows=merge_rows_into,
+    merge=merge,
 ) -> Partial:
     """Causal attention by recursive halving (base cases by ``exact``; a packed call's rows
-    merged by ``merge_rows``, an implementation of the ``merge_rows`` op); see the module
-    doc."""
-    kernels = Kernels(exact, merge_rows)
+    merged by ``merge_rows``, an implementation of the ``merge_rows`` op, other partials by
+    ``merge``, one of the ``merge`` op); see the module doc."""
+    kernels = Kernels(exact, merge_rows, merge)
     if not problem.causal:
         return body(problem)
     last_q = problem.q_offset + problem.lq
@@ -92,16 +93,17 @@ def causal_split(
     square = _square(
         problem.sub(slice(None), slice(delta, None), causal=True), body, min_seq_len, kernels
     )
-    return merge_partials([rect, square])
+    return kernels.merge(problem, [rect, square])
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The implementations a causal call runs besides its body: the exact leaves, and the
-    merge of a packed call's rows."""
+    """The implementations a causal call runs besides its body: the exact leaves, the merge
+    of a packed call's rows and of two partials."""
 
     exact: Body
     merge_rows: Callable
+    merge: Callable
 
 
 def _square(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) -> Partial:
@@ -278,7 +280,7 @@ def _halve(problem: Problem, body: Body, min_seq_len: int, kernels: Kernels) -> 
     top = _square(problem.sub(slice(0, h), slice(0, h), causal=True), body, min_seq_len, kernels)
     bottom = _square(problem.sub(slice(h, n), slice(h, n), causal=True), body, min_seq_len, kernels)
     rect = body(problem.sub(slice(h, n), slice(0, h), causal=False))
-    bottom = merge_partials([bottom, rect])
+    bottom = kernels.merge(problem, [bottom, rect])
     return Partial(torch.cat([top.out, bottom.out], dim=1), torch.cat([top.lse, bottom.lse], 1))
 
 
@@ -292,7 +294,8 @@ class CausalSplit(Primitive):
         # chosen per call: whole squares and leaves may go to different implementations
         exact = lambda part, **inputs: dispatch.call("exact", self.backend, part, **inputs)
         merge_rows = dispatch.choose("merge_rows", self.backend, problem).load()
-        return causal_split(problem, body, self.knobs["min_seq_len"], exact, merge_rows)
+        merge = dispatch.choose("merge", self.backend, problem).load()
+        return causal_split(problem, body, self.knobs["min_seq_len"], exact, merge_rows, merge)
 
     def kernel_name(self) -> str:
         return (

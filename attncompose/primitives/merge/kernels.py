@@ -1,9 +1,30 @@
-"""Implementations of the ``merge_rows`` kernel op: a packed result merged into its rows."""
+"""Implementations of the ``merge`` kernel op (partials over disjoint keys merged by lse) and
+of ``merge_rows`` (a packed result merged into its rows)."""
 
 from __future__ import annotations
 
 from attncompose.primitives.dispatch import Kernel, TritonKernel
-from attncompose.primitives.merge.naive import merge_rows_into
+from attncompose.primitives.merge.naive import merge, merge_rows_into
+
+
+class TritonMerge(TritonKernel):
+    """Two partials at a time in one launch (the reference launches a dozen ops a part)."""
+
+    op = "merge"
+    name = "triton:lse-merge"
+    lazy = "triton.merge_partials"
+    reads_rows = True  # partials only: the problem's tensors are not read
+    reads_groups = True
+
+
+class TorchMerge(Kernel):
+    """The reference: elementwise torch ops, folding the parts into a copy of the first."""
+
+    op = "merge"
+    name = "torch:lse-merge"
+    function = staticmethod(merge)
+    reads_rows = True
+    reads_groups = True
 
 
 class TritonMergeRows(TritonKernel):

@@ -8,6 +8,12 @@ from torch import Tensor
 from attncompose.primitives.base import Partial, Problem
 
 
+def merge(problem: Problem, parts: list[Partial]) -> Partial:
+    """The ``merge`` kernel op's reference: :func:`merge_partials` (``problem``: what the
+    kernel choice looks at)."""
+    return merge_partials(parts)
+
+
 def merge_partials(parts: list[Partial]) -> Partial:
     """o = sum_i e^{l_i} o_i / sum_i e^{l_i}, l = log sum_i e^{l_i}; rows all -inf stay empty.
     A new Partial (float32 where the first part's output is in a half dtype): the parts are

@@ -1,4 +1,8 @@
-"""Triton lse merge of a packed result into its rows: one launch, one pass, no atomics.
+"""Triton lse merges: partial results over disjoint keys, and a packed result into its rows.
+
+:func:`merge_partials` folds partials two at a time, one launch each (the reference,
+:func:`~attncompose.primitives.merge.naive.merge_partials`, launches a dozen small ops per
+part: a decode step of HyperAttention merged three times).
 
 The causal splitter's packed body call returns every level's rectangles as rows of one
 result; each row of the target (a query of the causal square) takes at most one row per
@@ -11,11 +15,89 @@ scatter-max and two scatter-adds.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from attncompose.primitives.base import Partial, Problem
+
+MERGE_ROWS = 32  # rows a program of the two-part merge holds
+
+
+@triton.jit
+def _merge_kernel(
+    a_out,
+    a_lse,
+    b_out,
+    b_lse,
+    out,
+    lse,
+    s_an,
+    s_al,
+    s_ad,
+    s_aln,
+    s_all,
+    s_bn,
+    s_bl,
+    s_bd,
+    s_bln,
+    s_bll,
+    s_on,
+    s_ol,
+    s_od,
+    s_ln,
+    s_ll,
+    L,
+    DV,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    i_r = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m_r = o_r < L
+    m_rd = m_r[:, None] & (o_d < DV)[None, :]
+    la = tl.load(a_lse + i_n * s_aln + o_r * s_all, mask=m_r, other=float("-inf"))
+    lb = tl.load(b_lse + i_n * s_bln + o_r * s_bll, mask=m_r, other=float("-inf"))
+    la, lb = la.to(tl.float32), lb.to(tl.float32)
+    top = tl.maximum(la, lb)
+    seen = top > float("-inf")  # a key on either side
+    low = tl.minimum(la, lb) - tl.where(seen, top, 0.0)  # never -inf - -inf
+    total = tl.where(seen, top + tl.log(1.0 + tl.exp(low)), top)  # log(e^la + e^lb)
+    base = tl.where(total > float("-inf"), total, 0.0)
+    keep = tl.exp(la - base)
+    add = tl.exp(lb - base)
+    pa = a_out + i_n * s_an + o_r[:, None] * s_al + o_d[None, :] * s_ad
+    pb = b_out + i_n * s_bn + o_r[:, None] * s_bl + o_d[None, :] * s_bd
+    oa = tl.load(pa, mask=m_rd, other=0.0).to(tl.float32)
+    ob = tl.load(pb, mask=m_rd, other=0.0).to(tl.float32)
+    po = out + i_n * s_on + o_r[:, None] * s_ol + o_d[None, :] * s_od
+    tl.store(po, oa * keep[:, None] + ob * add[:, None], mask=m_rd)
+    tl.store(lse + i_n * s_ln + o_r * s_ll, total, mask=m_r)
+
+
+def merge_partials(problem: Problem, parts: list[Partial]) -> Partial:
+    """The reference's result (float32; rows all -inf stay empty) in one launch per part
+    after the first: the first two merged into new buffers, each next one into those."""
+    first = parts[0]
+    n, length, dv = first.out.shape
+    if len(parts) == 1:
+        return Partial(first.out.float().clone(), first.lse.float().clone())
+    out = first.out.new_empty(n, length, dv, dtype=torch.float32)
+    lse = first.lse.new_empty(n, length, dtype=torch.float32)
+    result = Partial(out, lse)
+    grid = (triton.cdiv(length, MERGE_ROWS), n)
+    for a, b in zip([first, *[result] * (len(parts) - 2)], parts[1:], strict=True):
+        _merge_kernel[grid](
+            a.out, a.lse, b.out, b.lse, out, lse,
+            *a.out.stride(), *a.lse.stride(), *b.out.stride(), *b.lse.stride(),
+            *out.stride(), *lse.stride(),
+            length, dv,
+            BR=MERGE_ROWS, BD=max(16, triton.next_power_of_2(dv)),
+        )  # fmt: skip
+    return result
 
 
 @triton.jit

@@ -33,7 +33,6 @@ from attncompose.primitives.base import (
 from attncompose.primitives.block import without_keys
 from attncompose.primitives.block.schema import BlockStep
 from attncompose.primitives.fusion import Match
-from attncompose.primitives.merge.naive import merge_partials
 from attncompose.primitives.merge.schema import MergeStep
 from attncompose.primitives.uniform_sample.naive import draws_in, query_groups
 from attncompose.primitives.uniform_sample.schema import UniformSampleStep
@@ -75,7 +74,8 @@ class BlockWithResidual:
         tiles = query_groups(problem, [cov]) if m else None  # the detector's, if draws follow
         if tiles is None:  # the steps one by one (each gathers rows where it must)
             diag = self.block(problem, select=select)
-            return merge_partials([diag, self.sample(problem, exclude=[diag])])
+            parts = [diag, self.sample(problem, exclude=[diag])]
+            return dispatch.call("merge", self.block.backend, problem, parts)
         keyed = [c for c in mine if c.key_only]
         n, n_tiles, bq = tiles.q_idx.shape
         drawn = draws_in(problem, m, self.sample.knobs["seed"], tiles, cov)
