@@ -190,3 +190,29 @@ def test_no_recipe_reads_a_later_key(name):
     attn = ac.compile(ac.load_recipe(name), backend="torch")
     item = load_qkv(None, 1000)[1]
     assert_reads_no_later_key(attn, item.q, item.k, item.v, (100, 333, 512, 800))
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.triton),
+        pytest.param("flex", marks=needs_flex),
+    ],
+)
+@pytest.mark.parametrize("name", ["streaming", "power"])
+def test_the_last_queries_of_a_prefill_alone_equal_its_rows(make_qkv, name, backend):
+    """A chunk of queries after a prefix of keys (a chunked prefill, bottom-right aligned)
+    gets the rows the whole prefill gives them, for recipes whose pattern lies in absolute
+    positions, where the chunk's first query is no multiple of a block (power's blocks then
+    straddle the chunk's: its table shifted, BlockTable.shift; a plan kernel tile across two
+    table blocks read pair by pair)."""
+    from plan_cases import small_recipe
+
+    recipe = small_recipe(name).with_knobs({"sinks.count": 1, "out.block_size": 16})
+    attn = ac.compile(recipe, backend=backend, check_finite=False)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=200, lk=200, d=16)
+    whole = attn(q, k, v, is_causal=True)
+    for m in (1, 17, 57, 100):  # chunks from positions 199, 183, 143, 100
+        chunk = attn(q[:, :, -m:].contiguous(), k, v, is_causal=True)
+        assert ac.relative_error(chunk, whole[:, :, -m:]) < FLOAT_ROUNDING, m

@@ -37,12 +37,17 @@ class BlockTable(Selection, Coverage):
     by every row) on blocks of ``size`` positions. ``key``: set by static tables (built from
     knobs and positions alone), so that their plans are built once. ``most``: a bound on the
     blocks any query block selects, known without reading the table (a detector's k): its
-    tiles then take that width instead of counting (a host synchronisation)."""
+    tiles then take that width instead of counting (a host synchronisation). ``shift``
+    (queries, keys): a table of blocks in absolute positions (power) on a problem whose
+    offsets are no multiple of ``size`` (the last queries of a prefill after a prefix): query
+    i lies in row (i + shift[0]) // size, key j in column (j + shift[1]) // size; a top-k
+    detector's blocks start at the problem's first query and key (no shift)."""
 
     table: Tensor
     size: int
     key: tuple | None = None
     most: int | None = None
+    shift: tuple[int, int] = (0, 0)
 
     def bind(self, block_size: int) -> BlockTable:
         return self  # its own block size defines the geometry
@@ -58,21 +63,22 @@ class BlockTable(Selection, Coverage):
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         table = self._rows(max(qi.shape[0], kj.shape[0]))
         nkb = table.shape[-1]
-        qb, kb = qi.clamp_min(0) // self.size, kj.clamp_min(0) // self.size
+        (sq, sk), size = self.shift, self.size
+        qb, kb = (qi.clamp_min(0) + sq) // size, (kj.clamp_min(0) + sk) // size
         shape = torch.broadcast_shapes(qb.shape, kb.shape)
         return take(table.flatten(1), (qb * nkb + kb).expand(table.shape[0], *shape[1:]))
 
     has_kernel_form = True
 
     def predicates(self, problem: Problem) -> list[Predicate]:
-        # each position's block: the same in every call of these lengths (kept per problem)
-        block_of = lambda length: (
-            lambda: (torch.arange(length, device=problem.q.device, dtype=torch.int32) // self.size)[
-                None
-            ]
-        )
-        q_block = problem.memo("table-query-blocks", (self.size,), block_of(problem.lq))
-        k_block = problem.memo("table-key-blocks", (self.size,), block_of(problem.lk))
+        def block_of(length: int, shift: int):  # each position's block
+            idx = lambda: torch.arange(length, device=problem.q.device, dtype=torch.int32)
+            return lambda: ((idx() + shift) // self.size)[None]
+
+        # the same in every call of these lengths: kept per problem
+        key = (self.size, *self.shift)
+        q_block = problem.memo("table-query-blocks", key, block_of(problem.lq, self.shift[0]))
+        k_block = problem.memo("table-key-blocks", key, block_of(problem.lk, self.shift[1]))
         # a static table (power) is one table for every row, whatever the rows of the call
         return [Predicate(q_block, k_block, self._rows(1))]
 
@@ -85,12 +91,30 @@ class BlockTable(Selection, Coverage):
         if not fits:
             raise ValueError(f"plan blocks {grid.block_q}x{grid.block_k} must divide {self.size}")
         table = self._rows(1)
+        if self.shift != (0, 0):
+            return self._shifted_states(table, grid)
         if (grid.block_q, grid.block_k) == (self.size, self.size):  # its own blocks: as it is
             return table.view(torch.uint8) * FULL  # (bool and uint8 share their bytes)
         dev = table.device
         qi = static_arange(grid.nqb, dev, grid.block_q) // self.size
         kj = static_arange(grid.nkb, dev, grid.block_k) // self.size
         return table[:, qi][:, :, kj].to(torch.uint8) * FULL
+
+    def _shifted_states(self, table: Tensor, grid: BlockGrid) -> Tensor:
+        """A shifted table's states: a plan block (no larger than a table block) lies in at
+        most two rows and two columns of the table: full where each of those is selected,
+        partial where some is (the pair rule, :meth:`covers`, decides there)."""
+        dev, size = table.device, self.size
+        cells = lambda count, block, length, shift: (
+            (static_arange(count, dev, block) + shift) // size,  # first and last position's
+            ((static_arange(count, dev, block) + block).clamp_max(length) - 1 + shift) // size,
+        )
+        rows = cells(grid.nqb, grid.block_q, grid.lq, self.shift[0])
+        cols = cells(grid.nkb, grid.block_k, grid.lk, self.shift[1])
+        corners = [table[:, r][:, :, c] for r in rows for c in cols]
+        full = corners[0] & corners[1] & corners[2] & corners[3]
+        some = corners[0] | corners[1] | corners[2] | corners[3]
+        return interval_states(full, some)
 
     def block_grid(self) -> int:
         return self.size
@@ -99,8 +123,9 @@ class BlockTable(Selection, Coverage):
         return self.key
 
     def tiles(self, problem: Problem) -> Tiles:
-        n, _, nkb = self.table.shape
-        dev = self.table.device
+        n, rows, nkb = self.table.shape
+        dev, size = self.table.device, self.size
+        sq, sk = self.shift
         # a static table (the same for every row) gives tiles expanded along rows
         table = self._rows(1)
         if self.most is not None:
@@ -108,14 +133,17 @@ class BlockTable(Selection, Coverage):
         else:  # reads the table: a host synchronisation, as static tables do once per plan
             count = int(table.sum(-1).max()) if table.numel() else 0
         # selected block ids first (ascending), then unselected ones marked -1
-        key = torch.where(table, torch.arange(nkb, device=dev), nkb + 1)
+        key = torch.where(table, static_arange(nkb, dev), nkb + 1)
         blocks = torch.sort(key, dim=-1).values[..., : max(count, 1)]  # [N, nQB, K]
-        k_idx = blocks[..., None] * self.size + torch.arange(self.size, device=dev)
-        k_idx = k_idx.flatten(-2)  # [N, nQB, K*size]
-        k_idx = k_idx.masked_fill(
-            (blocks.repeat_interleave(self.size, -1) > nkb) | (k_idx >= problem.lk), -1
-        )
-        q_idx = natural_tiles(n, problem.lq, self.size, dev)
+        k_idx = blocks[..., None] * size + static_arange(size, dev)
+        k_idx = (k_idx - sk if sk else k_idx).flatten(-2)  # [N, nQB, K*size]
+        out = (blocks.repeat_interleave(size, -1) > nkb) | (k_idx >= problem.lk)
+        k_idx = k_idx.masked_fill(out | (k_idx < 0) if sk else out, -1)
+        if sq == 0 or rows == 1:  # one tile per block from the first query (or all of them)
+            q_idx = natural_tiles(n, problem.lq, size, dev)
+        else:  # row r holds queries [r * size - sq, (r + 1) * size - sq)
+            q_idx = torch.arange(rows * size, device=dev).view(rows, size) - sq
+            q_idx = q_idx.masked_fill((q_idx < 0) | (q_idx >= problem.lq), -1).expand(n, -1, -1)
         return Tiles(q_idx, k_idx.expand(n, -1, -1), exact=True, every_query=True)
 
 

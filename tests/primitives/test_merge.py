@@ -125,7 +125,7 @@ def test_the_merge_op_equals_the_reference_fold(merge, parts, dtype):
     device = DEVICE if merge is not merge_naive.merge else torch.device("cpu")
     g = torch.Generator().manual_seed(parts)
     made = []
-    for i in range(parts):  # out [2, 9, 24] as a view of every other row of a larger buffer
+    for _ in range(parts):  # out [2, 9, 24] as a view of every other row of a larger buffer
         out = torch.randn(2, 18, 24, generator=g)[:, ::2]
         lse = torch.randn(2, 9, 3, generator=g)[..., 1] * 4
         made.append(Partial(out, lse))

@@ -61,16 +61,24 @@ def covered(
 ):
     """Bool [BQ, BK]: does predicate i_p cover the pairs (queries b_qi x keys b_kj)? Its form
     (bits 2*i_p of :attr:`Packed.modes`) is known when the kernel compiles: only that form is
-    computed. ``WHOLE``: the tile lies in one block of any table (a plan's blocks divide its
-    tables' blocks), so a table is read once, not per pair."""
+    computed. ``WHOLE``: the tile mostly lies in one block of any table (a plan's blocks
+    divide its tables' blocks), so a table is read once, not per pair; pair by pair where it
+    does not (a table of absolute blocks shifted against the problem's, BlockTable.shift)."""
     MODE: tl.constexpr = (MODES >> (2 * i_p)) & 3
     b_a = tl.load(pred_q + (i_p * N + i_n) * Lq + b_qi, mask=m_q, other=-1)  # [BQ]
     b_b = tl.load(pred_k + (i_p * N + i_n) * Lk + b_kj, mask=m_k, other=-2)  # [BK]
     if MODE == 1 and WHOLE:  # the tile's one table entry (ids of padding are negative)
         p_row = table + tl.load(meta + i_p * 6 + 2) + i_n * tl.load(meta + i_p * 6 + 3)
+        cols = tl.load(meta + i_p * 6 + 4)
         a, b = tl.max(b_a, 0), tl.max(b_b, 0)
-        entry = tl.load(p_row + a * tl.load(meta + i_p * 6 + 4) + b, mask=(a >= 0) & (b >= 0))
-        hit = tl.full([b_qi.shape[0], b_kj.shape[0]], 1, tl.int1) & (entry != 0)  # [BQ, BK]
+        a_low = tl.min(tl.where(b_a >= 0, b_a, a), 0)
+        b_low = tl.min(tl.where(b_b >= 0, b_b, b), 0)
+        if (a_low == a) & (b_low == b):
+            entry = tl.load(p_row + a * cols + b, mask=(a >= 0) & (b >= 0))
+            hit = tl.full([b_qi.shape[0], b_kj.shape[0]], 1, tl.int1) & (entry != 0)  # [BQ, BK]
+        else:  # the tile straddles table blocks
+            p_t = p_row + b_a[:, None] * cols + b_b[None, :]
+            hit = tl.load(p_t, mask=m_q[:, None] & m_k[None, :], other=0) != 0
     elif MODE == 1:  # table: row b_a, column b_b of this row n's table
         p_row = table + tl.load(meta + i_p * 6 + 2) + i_n * tl.load(meta + i_p * 6 + 3)
         p_t = p_row + b_a[:, None] * tl.load(meta + i_p * 6 + 4) + b_b[None, :]

@@ -19,14 +19,22 @@ from attncompose.primitives.power.schema import PowerStep
 
 def power_table(problem: Problem, size: int, max_distance: int) -> torch.Tensor:
     """Bool [N, nQB, nKB]: key block j is selected for query block i iff their distance is
-    0 or a power of two not above ``max_distance`` (and max_distance > 0)."""
+    0 or a power of two not above ``max_distance`` (and max_distance > 0). Blocks in
+    absolute positions: row i is the i-th block from the one of the first query (offsets no
+    multiple of ``size`` shift the problem's queries and keys into them, :func:`shift_of`)."""
     dev = problem.q.device
-    nqb, nkb = -(-problem.lq // size), -(-problem.lk // size)
-    q_block = (problem.q_offset + torch.arange(nqb, device=dev) * size) // size
-    k_block = (problem.k_offset + torch.arange(nkb, device=dev) * size) // size
+    sq, sk = shift_of(problem, size)
+    nqb, nkb = -(-(problem.lq + sq) // size), -(-(problem.lk + sk) // size)
+    q_block = problem.q_offset // size + torch.arange(nqb, device=dev)
+    k_block = problem.k_offset // size + torch.arange(nkb, device=dev)
     d = q_block[:, None] - k_block[None, :]
     table = (d >= 0) & (d <= max_distance) & ((d & (d - 1)) == 0) & (max_distance > 0)
     return table.expand(problem.q.shape[0], -1, -1)
+
+
+def shift_of(problem: Problem, size: int) -> tuple[int, int]:
+    """How far the first query and key lie into their absolute blocks of ``size``."""
+    return problem.q_offset % size, problem.k_offset % size
 
 
 class Power(Primitive):
@@ -42,7 +50,7 @@ class Power(Primitive):
         # positions only: made once per problem shape, not a dozen small ops every call
         make = lambda: power_table(problem, size, reach)
         table = problem.memo("power-table", (size, reach), make)
-        return BlockTable(table, size, key=("power", size, reach))
+        return BlockTable(table, size, key=("power", size, reach), shift=shift_of(problem, size))
 
     def kernel_name(self) -> str:
         return "positions only (no kernel)"
