@@ -21,7 +21,9 @@ often it would make the host wait for the device
 draws without waiting) in the calls a model makes: a causal prefill and a decode step (one
 query after n keys) at a length called before, and a decode step at a new length, n + 1,
 as every step of a decode loop is (a plan per length is built anew there, once for all the
-layers of a step). Writes ``benchmarks/results/launch_count_calls.json``.
+layers of a step). Each recipe runs in a fresh process: the static parts one process keeps
+across calls (plans, states, layouts) start empty, as nothing another recipe made is there.
+Writes ``benchmarks/results/launch_count_calls.json``.
 
     python benchmarks/launch_count.py [--recipes hyperattention,lsh-only] [--seq-lens 512,4096]
     python benchmarks/launch_count.py --calls [--recipes topp,streaming]
@@ -30,7 +32,9 @@ layers of a step). Writes ``benchmarks/results/launch_count_calls.json``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -124,13 +128,17 @@ def calls(recipe_name: str, n: int) -> list[dict]:
 
 def main_calls(args) -> None:
     names = args.recipes.split(",") if args.recipes else builtin_recipes()
-    rows = [row for name in names for row in calls(name, CALLS_LENGTH)]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as fresh:
+        counted = [fresh.submit(calls, name, args.seq_len) for name in names]
+        rows = [row for future in counted for row in future.result()]
     for row in rows:
         print(
             f"{row['recipe']:22s} {row['call']:19s} launches {row['launches']:4d} "
             f"(triton {row['triton_launches']}, aten {row['aten_ops']})  waits {row['waits']}"
         )
     record = {"knobs": KNOBS, "head_dim": 16, "heads": 4, "kv_heads": 2, "dtype": "float32"}
+    record["seq_len"] = args.seq_len
     out = args.out or RESULTS / "launch_count_calls.json"
     write_results(out, {**record, "rows": rows}, device="cpu")
     print(f"wrote {out}")
@@ -143,6 +151,7 @@ def main() -> None:
     )
     parser.add_argument("--seq-lens", default="512,1024,2048,4096,1000,3600")
     parser.add_argument("--calls", action="store_true", help="prefill and decode calls")
+    parser.add_argument("--seq-len", type=int, default=CALLS_LENGTH, help="--calls: n")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.calls:

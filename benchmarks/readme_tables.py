@@ -508,6 +508,33 @@ def bench_gpu(results: Path) -> str:
     return "\n\n".join(parts)
 
 
+def launch_count_calls(results: Path) -> str:
+    """What one call of each recipe launches on the Triton backend (``launch_count.py
+    --calls``), the commit before (``results/before-launches/``) and now: a table."""
+    (now,) = runs("launch_count_calls", results)[:1]
+    (before,) = runs("launch_count_calls", results / "before-launches")[:1]
+    calls = ("prefill", "decode", "decode, new length")
+    count = lambda run: {(r["recipe"], r["call"]): r for r in run["rows"]}
+    was, counted = count(before), count(now)
+    cell = lambda row: f"{row['launches']}" + (f" ({row['waits']} wait)" if row["waits"] else "")
+    head = ["recipe", *(f"{c}: {before['commit'][:7]}, now" for c in calls)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for recipe in dict.fromkeys(r["recipe"] for r in now["rows"]):
+        cells = [
+            f"{cell(was[recipe, c])} -> {cell(counted[recipe, c])}"
+            if (recipe, c) in was
+            else cell(counted[recipe, c])
+            for c in calls
+        ]
+        lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (
+        f"\n\n(n = {now.get('seq_len', 2048)}, {now['heads']} query and {now['kv_heads']} "
+        f"key/value heads, d={now['head_dim']}, the Triton kernels interpreted on a CPU; "
+        f"{before['commit'][:7]} on {before['date'][:10]}, now {now['commit'][:7]} on "
+        f"{now['date'][:10]}.)"
+    )
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "bench_gpu": bench_gpu,
     "bench_cpu": bench_cpu,
@@ -522,6 +549,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "tune_time_result": tune_time_result,
     "detectors": detectors,
     "launch_count": launch_count,
+    "launch_count_calls": launch_count_calls,
     "curves-n4096": curves(4096),
     "curves-n8192": curves(8192),
     "exact-ppl-n4096": exact_ppl(4096),
