@@ -3,12 +3,13 @@
 A kernel-level op (``exact``: attention with lse, optionally within consecutive leaves;
 ``plan``: a block plan in one pass; ``block``: the tile kernel for selections without a
 block form, also the sampler's; ``lsh_sort``: hash, Gray rank, sort; ``topk_scores``:
-block means and their scores; ``merge_rows``: a packed result merged into its rows, the
-causal splitter's) has implementations, each a :class:`Kernel` class that an op folder
-declares in its ``kernels.py`` (xformers' ``FwOp`` style): its ``name`` (shown by
-``attncompose show``), ``not_supported_reasons(problem, **inputs)`` and the function it
-runs. The primitive that owns them lists them (``Primitive.kernels``) and registering it
-adds them here (:func:`add`).
+block means and their scores; ``merge``: partials over disjoint keys merged by lse;
+``merge_rows``: a packed result merged into its rows, the causal splitter's) has
+implementations, each a :class:`Kernel` class that an op folder declares in its
+``kernels.py`` (xformers' ``FwOp`` style): its ``name`` (shown by ``attncompose show``),
+``not_supported_reasons(problem, **inputs)`` and the function it runs. The primitive that
+owns them lists them (``Primitive.kernels``) and registering it adds them here
+(:func:`add`).
 
 Policy: implementations are kept in preference order: PyTorch's fused CUDA kernels first
 where an op has one (``sdpa``: half-precision exact attention, where cuDNN is faster than
