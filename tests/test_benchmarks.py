@@ -91,6 +91,20 @@ def test_benchmark_script_writes_its_results(script, tmp_path):
         }
 
 
+def test_launch_count_of_calls_writes_its_results(tmp_path):
+    """launch_count.py --calls: a prefill, a decode step and a decode step at a new length
+    per recipe, each recipe in a fresh process, with launches and host waits."""
+    out = tmp_path / "calls.json"
+    run_script("launch_count", ["--calls", "--recipes", "streaming", "--seq-len", "300",
+                                "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result) >= RUN_INFO and result["seq_len"] == 300
+    rows = {row["call"]: row for row in result["rows"]}
+    assert list(rows) == ["prefill", "decode", "decode, new length"]
+    assert [row["seq_len"] for row in rows.values()] == [300, 300, 301]
+    assert rows["decode"]["launches"] == 1 and not any(row["waits"] for row in rows.values())
+
+
 @pytest.mark.model
 def test_generation_benchmark_writes_its_results(tmp_path, monkeypatch):
     """benchmarks/bench_generate_cpu.py on SmolLM2: a 32-token prompt, 3 tokens, every
