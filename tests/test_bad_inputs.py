@@ -281,6 +281,16 @@ TENSORS = [
         id="mask",
     ),
     pytest.param(lambda: (qkv(), {"dropout_p": 0.1}), "dropout_p must be 0", id="dropout"),
+    pytest.param(
+        lambda: (qkv(), {"scale": float("nan")}),
+        "scale must be None or a finite number, got nan",
+        id="scale-nan",
+    ),
+    pytest.param(
+        lambda: (qkv(), {"scale": "0.25"}),
+        "scale must be None or a finite number, got '0.25'",
+        id="scale-text",
+    ),
     pytest.param(lambda: (qkv(b=0), {}), "empty batch: q has shape (0, 4, 8, 16)", id="batch-0"),
     pytest.param(lambda: (qkv(hq=0), {}), "no query heads: q has shape (1, 0, 8, 16)", id="hq-0"),
     pytest.param(lambda: (qkv(d=0), {}), "head_dim is 0: q has shape (1, 4, 8, 0)", id="d-0"),
@@ -333,7 +343,7 @@ def attn():
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    with pytest.raises(ac.AttncomposeError, match="unknown backend 'cuda'"):
         ac.compile("exact", backend="cuda")
 
 

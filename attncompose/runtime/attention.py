@@ -70,7 +70,7 @@ class Attention(nn.Module):
         enable_gqa: bool = False,
         return_lse: bool = False,
     ):
-        check_sdpa_options(attn_mask, dropout_p)
+        check_sdpa_options(attn_mask, dropout_p, scale)
         check_inputs(q, k, v, is_causal, self.check_finite)
         run = lambda q, k, v: self._run(q, k, v, is_causal, scale, self.workspace)
         if self.graphs is not None and q.device.type == "cuda":

@@ -12,8 +12,13 @@ from attncompose.errors import AttentionInputError
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_sdpa_options(attn_mask: object, dropout_p: float) -> None:
-    """SDPA arguments an approximation cannot honour: an explicit mask, dropout."""
+def check_sdpa_options(attn_mask: object, dropout_p: float, scale: object = None) -> None:
+    """SDPA arguments an approximation cannot honour (an explicit mask, dropout), and a
+    ``scale`` that is no finite number (a NaN scale gave finite nonsense or NaN outputs)."""
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise AttentionInputError(f"scale must be None or a finite number, got {scale!r}")
     if attn_mask is not None:
         raise AttentionInputError(
             "attn_mask is not supported: approximate attention takes no arbitrary mask; pass "

@@ -27,7 +27,7 @@ class Pipeline:
 
     def __init__(self, recipe, backend: str = "torch", fuse: bool = True):
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise RecipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.recipe = recipe
         self.backend = backend
         self.graph = recipe.graph

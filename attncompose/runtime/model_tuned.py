@@ -508,7 +508,7 @@ class LayerAttention(nn.Module):
         enable_gqa: bool = False,
         return_lse: bool = False,
     ):
-        check_sdpa_options(attn_mask, dropout_p)
+        check_sdpa_options(attn_mask, dropout_p, scale)
         decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
         choices, notes = self.tuning.choose(self.index, k.shape[2], bool(is_causal), decode)
         for key, note in notes:

@@ -395,7 +395,7 @@ class TunedAttention(nn.Module):
         enable_gqa: bool = False,
         return_lse: bool = False,
     ):
-        check_sdpa_options(attn_mask, dropout_p)
+        check_sdpa_options(attn_mask, dropout_p, scale)
         decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
         attn = self.select(device_name(q.device), k.shape[2], bool(is_causal), decode)
         return attn(q, k, v, is_causal=is_causal, scale=scale, return_lse=return_lse)
