@@ -26,16 +26,6 @@ MERGE_ROWS = 32  # rows a program of the two-part merge holds
 
 
 @triton.jit
-def _program_rows(L, DV, BR: tl.constexpr, BD: tl.constexpr):
-    """This program's row n, its BR rows of L and BD columns of DV, and their masks."""
-    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
-    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    o_d = tl.arange(0, BD)
-    m_r = o_r < L
-    return i_n, o_r, o_d, m_r, m_r[:, None] & (o_d < DV)[None, :]
-
-
-@triton.jit
 def _merge_kernel(
     a_out,
     a_lse,
@@ -63,7 +53,12 @@ def _merge_kernel(
     BR: tl.constexpr,
     BD: tl.constexpr,
 ):
-    i_n, o_r, o_d, m_r, m_rd = _program_rows(L, DV, BR, BD)
+    i_r = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m_r = o_r < L
+    m_rd = m_r[:, None] & (o_d < DV)[None, :]
     la = tl.load(a_lse + i_n * s_aln + o_r * s_all, mask=m_r, other=float("-inf"))
     lb = tl.load(b_lse + i_n * s_bln + o_r * s_bll, mask=m_r, other=float("-inf"))
     la, lb = la.to(tl.float32), lb.to(tl.float32)
@@ -126,7 +121,12 @@ def _merge_rows_kernel(
     BR: tl.constexpr,
     BD: tl.constexpr,
 ):
-    i_n, o_r, o_d, m_r, m_rd = _program_rows(L, DV, BR, BD)
+    i_r = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m_r = o_r < L
+    m_rd = m_r[:, None] & (o_d < DV)[None, :]
     p_t = out + i_n * s_on + o_r[:, None] * s_ol + o_d[None, :] * s_od
     m = tl.load(lse + i_n * s_ln + o_r, mask=m_r, other=float("-inf"))
     acc = tl.load(p_t, mask=m_rd, other=0.0).to(tl.float32)
