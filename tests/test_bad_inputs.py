@@ -224,6 +224,13 @@ def test_missing_recipe_file_and_unknown_name():
         ac.load_recipe("no-such-recipe")
 
 
+def test_a_recipe_or_knobs_of_another_type():
+    with pytest.raises(RecipeError, match=r"a recipe is a built-in name, .* not int"):
+        ac.load_recipe(123)
+    with pytest.raises(RecipeError, match=r"knobs must be a mapping .* not NoneType"):
+        ac.load_recipe("streaming").with_knobs(None)
+
+
 # --------------------------------------------------------------------------------- tensors
 
 

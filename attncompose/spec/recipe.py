@@ -21,6 +21,7 @@ usable; the recipe keeps the graph it built (:attr:`RecipeBase.graph`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -71,6 +72,10 @@ class RecipeBase(BaseModel):
 
     def with_knobs(self, values: dict[str, Any]) -> RecipeBase:
         """A copy with the given 'step.knob' values fixed (tunable declarations replaced)."""
+        if not isinstance(values, Mapping):
+            raise RecipeError(
+                f"knobs must be a mapping of 'step.knob' to values, not {type(values).__name__}"
+            )
         data = self.model_dump(mode="python", exclude_none=True)
         for dotted, value in values.items():
             sid, _, knob = dotted.partition(".")
@@ -171,6 +176,11 @@ def load_recipe(recipe: str | Path | dict | RecipeBase) -> RecipeBase:
         return recipe
     if isinstance(recipe, dict):
         return validate_recipe(recipe, source="<dict>")
+    if not isinstance(recipe, (str, Path)):
+        raise RecipeError(
+            "a recipe is a built-in name, a YAML path, a mapping or a Recipe, "
+            f"not {type(recipe).__name__}"
+        )
     path = Path(recipe)
     if not path.exists() and path.suffix not in (".yaml", ".yml") and "/" not in str(recipe):
         path = builtin_recipe_dir() / f"{recipe}.yaml"
