@@ -440,24 +440,6 @@ def test_a_call_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
         assert not waits.seen, f"{name} lq={lq} lk={lk} causal={causal}: {waits.seen}"
 
 
-@pytest.mark.parametrize("name", WAIT_RECIPES)
-def test_a_decode_loop_step_never_waits_for_the_device(make_qkv, packing_on_cpu, name):
-    """Every step of a decode loop has a new key length, where what a call derives from its
-    shapes (plans, their rules as kernel data, positions) is made anew: that must not read a
-    value to the host or copy host data either (a window's band and a table's columns
-    change with the length, and their kernel meta came from host memory at every step; the
-    sinks' key exclusion counted its keys). Draws may happen: an eager call makes them."""
-    attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
-    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=1, lk=503, d=16)
-    with torch.no_grad():
-        attn(q, k[:, :, :500], v[:, :, :500], is_causal=True)
-        for lk in (501, 502):
-            waits = DeviceWaits(draws=False)
-            with waits:
-                attn(q, k[:, :, :lk], v[:, :, :lk], is_causal=True)
-            assert not waits.seen, f"{name} at {lk} keys: {waits.seen}"
-
-
 # What a decode step (one query after 500 keys, 4 query and 2 key/value heads, a length called
 # before) launches, at most (kernels and the torch ops between them): a model makes this call
 # in every layer at every step, where SDPA launches one kernel. A plan with a data-dependent
@@ -478,12 +460,25 @@ STEP_BUDGET = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(STEP_BUDGET))
-def test_a_decode_step_launches_a_fixed_budget(make_qkv, packing_on_cpu, name):
+@pytest.mark.parametrize("name", WAIT_RECIPES)
+def test_a_decode_loop_step_launches_a_budget_and_never_waits(make_qkv, packing_on_cpu, name):
+    """A decode step at a length called before launches within its budget (STEP_BUDGET).
+    Every step of a decode loop has a new key length, where what a call derives from its
+    shapes (plans, their rules as kernel data, positions) is made anew: that must not read a
+    value to the host or copy host data either (a window's band and a table's columns
+    change with the length, and their kernel meta came from host memory at every step; the
+    sinks' key exclusion counted its keys). Draws may happen: an eager call makes them."""
     attn = ac.compile(_graph_sized(name), backend="triton", check_finite=False)
-    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=1, lk=500, d=16)
-    launches = _second_call(attn, LaunchCounter(), q, k, v, True).launches
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=1, lk=503, d=16)
+    at = lambda lk: (q, k[:, :, :lk], v[:, :, :lk])
+    launches = _second_call(attn, LaunchCounter(), *at(500), True).launches
     assert launches <= STEP_BUDGET[name], launches
+    with torch.no_grad():
+        for lk in (501, 502):
+            waits = DeviceWaits(draws=False)
+            with waits:
+                attn(*at(lk), is_causal=True)
+            assert not waits.seen, f"{name} at {lk} keys: {waits.seen}"
 
 
 def _second_call(attn, watch: CallWatch, q, k, v, causal: bool) -> CallWatch:
