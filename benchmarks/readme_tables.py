@@ -528,7 +528,7 @@ def launch_count_calls(results: Path) -> str:
         ]
         lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
-        f"\n\n(n = {now.get('seq_len', 2048)}, {now['heads']} query and {now['kv_heads']} "
+        f"\n\n(n = {now['seq_len']}, {now['heads']} query and {now['kv_heads']} "
         f"key/value heads, d={now['head_dim']}, the Triton kernels interpreted on a CPU; "
         f"{before['commit'][:7]} on {before['date'][:10]}, now {now['commit'][:7]} on "
         f"{now['date'][:10]}.)"

@@ -72,8 +72,10 @@ class BlockTable(Selection, Coverage):
 
     def predicates(self, problem: Problem) -> list[Predicate]:
         def block_of(length: int, shift: int):  # each position's block
-            idx = lambda: torch.arange(length, device=problem.q.device, dtype=torch.int32)
-            return lambda: ((idx() + shift) // self.size)[None]
+            dev = problem.q.device
+            return lambda: (
+                (torch.arange(length, device=dev, dtype=torch.int32) + shift) // self.size
+            )[None]
 
         # the same in every call of these lengths: kept per problem
         key = (self.size, *self.shift)
@@ -105,10 +107,12 @@ class BlockTable(Selection, Coverage):
         most two rows and two columns of the table: full where each of those is selected,
         partial where some is (the pair rule, :meth:`covers`, decides there)."""
         dev, size = table.device, self.size
-        cells = lambda count, block, length, shift: (
-            (static_arange(count, dev, block) + shift) // size,  # first and last position's
-            ((static_arange(count, dev, block) + block).clamp_max(length) - 1 + shift) // size,
-        )
+
+        def cells(count: int, block: int, length: int, shift: int) -> tuple[Tensor, Tensor]:
+            first = static_arange(count, dev, block)  # the first and last position's cell
+            last = (first + block).clamp_max(length) - 1
+            return (first + shift) // size, (last + shift) // size
+
         rows = cells(grid.nqb, grid.block_q, grid.lq, self.shift[0])
         cols = cells(grid.nkb, grid.block_k, grid.lk, self.shift[1])
         corners = [table[:, r][:, :, c] for r in rows for c in cols]
