@@ -150,3 +150,45 @@ def test_the_merge_op_equals_the_reference_fold(merge, parts, dtype):
         torch.equal(p.out, out) and torch.equal(p.lse, lse)
         for p, (out, lse) in zip(given, kept, strict=True)
     )
+
+
+@pytest.mark.parametrize("target", ["first", "other"])
+@pytest.mark.parametrize("merge", list(MERGE.values()), ids=list(MERGE))
+def test_the_merge_op_writes_into_a_target_with_two_row_dims(merge, target):
+    """``merge(problem, parts, into=...)`` as the causal splitter's level loop calls it: the
+    rows below each rectangle, [rows, rectangles, size, Dv] views of the square's result,
+    take the level's rectangles (rectangle-major rows, transposed) in place; or a target
+    apart from the parts, in half precision, takes the merge in its dtype."""
+    device = DEVICE if merge is not merge_naive.merge else torch.device("cpu")
+    g = torch.Generator().manual_seed(7)
+    rows, rects, size, dv = 3, 4, 5, 24
+    square = Partial(torch.randn(rows, rects * 2 * size, dv, generator=g),
+                     torch.randn(rows, rects * 2 * size, generator=g) * 4)  # fmt: skip
+    square.lse[1, 3 * 2 * size + size + 1] = float("-inf")  # a row below that saw no key yet
+    square.out[1, 3 * 2 * size + size + 1] = 0.0
+    level = Partial(torch.randn(rects * rows, size, dv, generator=g),
+                    torch.randn(rects * rows, size, generator=g) * 4)  # fmt: skip
+    below = lambda p: Partial(p.out.view(rows, rects, 2 * size, dv)[:, :, size:],
+                              p.lse.view(rows, rects, 2 * size)[:, :, size:])  # fmt: skip
+    stacked = lambda p: Partial(p.out.view(rects, rows, size, dv).transpose(0, 1),
+                                p.lse.view(rects, rows, size).transpose(0, 1))  # fmt: skip
+    want = merge_partials([below(square), stacked(level)])
+    on = lambda p: Partial(p.out.to(device), p.lse.to(device))
+    square_on, level_on = on(square), on(level)
+    parts = [below(square_on), stacked(level_on)]
+    if target == "first":
+        into = parts[0]
+        got = merge(make_problem(2, 9, 9, d=16), parts, into=into)
+        assert got is into
+        # the rows above each rectangle are left as they were
+        above = square_on.out.view(rows, rects, 2 * size, dv)[:, :, :size].cpu()
+        assert torch.equal(above, square.out.view(rows, rects, 2 * size, dv)[:, :, :size])
+    else:
+        into = Partial(torch.empty(rows, rects, size, dv, dtype=torch.float16, device=device),
+                       torch.empty(rows, rects, size, device=device))  # fmt: skip
+        got = merge(make_problem(2, 9, 9, d=16), parts, into=into)
+        assert got.out.dtype == torch.float16
+    out, lse = got.out.float().cpu(), got.lse.cpu()
+    tol = 1e-6 if target == "first" else 2e-3
+    assert (out - want.out).abs().max() <= tol * want.out.abs().max()
+    assert torch.allclose(lse, want.lse, atol=1e-6)

@@ -40,7 +40,7 @@ from attncompose.primitives import dispatch
 from attncompose.primitives.base import Packing, Partial, Primitive, Problem, RowMaps
 from attncompose.primitives.causal_split.schema import CausalSplitStep
 from attncompose.primitives.exact.fast import fused_exact_attention
-from attncompose.primitives.merge.naive import merge, merge_into, merge_rows_into
+from attncompose.primitives.merge.naive import merge, merge_rows_into
 from attncompose.primitives.plan import static_plan
 
 Body = Callable[[Problem], Partial]
@@ -219,7 +219,7 @@ def _flat_square(problem: Problem, body: Body, leaf: int, levels: int, kernels: 
             out.view(rows, len(starts), 2 * size, -1)[:, :, size:],
             lse.view(rows, len(starts), 2 * size)[:, :, size:],
         )
-        merge_into(below, rects)
+        kernels.merge(problem, [below, rects], into=below)
     return Partial(out, lse)
 
 

@@ -8,10 +8,19 @@ from torch import Tensor
 from attncompose.primitives.base import Partial, Problem
 
 
-def merge(problem: Problem, parts: list[Partial]) -> Partial:
+def merge(problem: Problem, parts: list[Partial], into: Partial | None = None) -> Partial:
     """The ``merge`` kernel op's reference: :func:`merge_partials` (``problem``: what the
-    kernel choice looks at)."""
-    return merge_partials(parts)
+    kernel choice looks at), or the parts merged into ``into`` (in its dtype): ``parts[0]``
+    itself folds the others in place (:func:`merge_into`), another target takes a copy of
+    the first part first. Partials are out [N, L, Dv], lse [N, L], or [N, M, L, Dv], [N, M, L]."""
+    if into is None:
+        return merge_partials(parts)
+    if into is not parts[0]:
+        into.out.copy_(parts[0].out)
+        into.lse.copy_(parts[0].lse)
+    for part in parts[1:]:
+        merge_into(into, part)
+    return into
 
 
 def merge_partials(parts: list[Partial]) -> Partial:

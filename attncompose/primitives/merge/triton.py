@@ -34,19 +34,25 @@ def _merge_kernel(
     out,
     lse,
     s_an,
+    s_am,
     s_al,
     s_ad,
     s_aln,
+    s_alm,
     s_all,
     s_bn,
+    s_bm,
     s_bl,
     s_bd,
     s_bln,
+    s_blm,
     s_bll,
     s_on,
+    s_om,
     s_ol,
     s_od,
     s_ln,
+    s_lm,
     s_ll,
     L,
     DV,
@@ -55,12 +61,13 @@ def _merge_kernel(
 ):
     i_r = tl.program_id(0)
     i_n = tl.program_id(1).to(tl.int64)  # row offsets may pass 2**31
+    i_m = tl.program_id(2).to(tl.int64)
     o_r = i_r * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m_r = o_r < L
     m_rd = m_r[:, None] & (o_d < DV)[None, :]
-    la = tl.load(a_lse + i_n * s_aln + o_r * s_all, mask=m_r, other=float("-inf"))
-    lb = tl.load(b_lse + i_n * s_bln + o_r * s_bll, mask=m_r, other=float("-inf"))
+    la = tl.load(a_lse + i_n * s_aln + i_m * s_alm + o_r * s_all, mask=m_r, other=float("-inf"))
+    lb = tl.load(b_lse + i_n * s_bln + i_m * s_blm + o_r * s_bll, mask=m_r, other=float("-inf"))
     la, lb = la.to(tl.float32), lb.to(tl.float32)
     top = tl.maximum(la, lb)
     seen = top > float("-inf")  # a key on either side
@@ -69,35 +76,43 @@ def _merge_kernel(
     base = tl.where(total > float("-inf"), total, 0.0)
     keep = tl.exp(la - base)
     add = tl.exp(lb - base)
-    pa = a_out + i_n * s_an + o_r[:, None] * s_al + o_d[None, :] * s_ad
-    pb = b_out + i_n * s_bn + o_r[:, None] * s_bl + o_d[None, :] * s_bd
+    pa = a_out + i_n * s_an + i_m * s_am + o_r[:, None] * s_al + o_d[None, :] * s_ad
+    pb = b_out + i_n * s_bn + i_m * s_bm + o_r[:, None] * s_bl + o_d[None, :] * s_bd
     oa = tl.load(pa, mask=m_rd, other=0.0).to(tl.float32)
     ob = tl.load(pb, mask=m_rd, other=0.0).to(tl.float32)
-    po = out + i_n * s_on + o_r[:, None] * s_ol + o_d[None, :] * s_od
-    tl.store(po, oa * keep[:, None] + ob * add[:, None], mask=m_rd)
-    tl.store(lse + i_n * s_ln + o_r * s_ll, total, mask=m_r)
+    po = out + i_n * s_on + i_m * s_om + o_r[:, None] * s_ol + o_d[None, :] * s_od
+    tl.store(po, (oa * keep[:, None] + ob * add[:, None]).to(out.dtype.element_ty), mask=m_rd)
+    tl.store(lse + i_n * s_ln + i_m * s_lm + o_r * s_ll, total, mask=m_r)
 
 
-def merge_partials(problem: Problem, parts: list[Partial]) -> Partial:
-    """The reference's result (float32; rows all -inf stay empty) in one launch per part
-    after the first: the first two merged into new buffers, each next one into those."""
+def merge_partials(problem: Problem, parts: list[Partial], into: Partial | None = None) -> Partial:
+    """The reference's result (rows all -inf stay empty) in one launch per part after the
+    first: the first two merged into the result, each next one into it. The result: new
+    float32 buffers, or ``into`` (written in its dtype; ``parts[0]`` itself merges in
+    place). Partials are out [N, L, Dv], lse [N, L], or with two row dims [N, M, L, Dv]
+    (views at any strides: a level's rectangles below the causal splitter's diagonal)."""
     first = parts[0]
-    n, length, dv = first.out.shape
+    if into is None:
+        out = first.out.new_empty(first.out.shape, dtype=torch.float32)
+        into = Partial(out, first.lse.new_empty(first.lse.shape, dtype=torch.float32))
     if len(parts) == 1:
-        return Partial(first.out.float().clone(), first.lse.float().clone())
-    out = first.out.new_empty(n, length, dv, dtype=torch.float32)
-    lse = first.lse.new_empty(n, length, dtype=torch.float32)
-    result = Partial(out, lse)
-    grid = (triton.cdiv(length, MERGE_ROWS), n)
-    for a, b in zip([first, *[result] * (len(parts) - 2)], parts[1:], strict=True):
+        into.out.copy_(first.out)
+        into.lse.copy_(first.lse)
+        return into
+    rows = lambda x, lead: x if x.dim() == lead + 2 else x.unsqueeze(1)  # [N, M, ...]
+    out, lse = rows(into.out, 2), rows(into.lse, 1)
+    n, m, length, dv = out.shape
+    grid = (triton.cdiv(length, MERGE_ROWS), n, m)
+    for a, b in zip([first, *[into] * (len(parts) - 2)], parts[1:], strict=True):
         _merge_kernel[grid](
-            a.out, a.lse, b.out, b.lse, out, lse,
-            *a.out.stride(), *a.lse.stride(), *b.out.stride(), *b.lse.stride(),
+            rows(a.out, 2), rows(a.lse, 1), rows(b.out, 2), rows(b.lse, 1), out, lse,
+            *rows(a.out, 2).stride(), *rows(a.lse, 1).stride(),
+            *rows(b.out, 2).stride(), *rows(b.lse, 1).stride(),
             *out.stride(), *lse.stride(),
             length, dv,
             BR=MERGE_ROWS, BD=max(16, triton.next_power_of_2(dv)),
         )  # fmt: skip
-    return result
+    return into
 
 
 @triton.jit
