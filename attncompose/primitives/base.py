@@ -701,12 +701,17 @@ def fitted_block(size: int, length: int) -> int:
 def natural_tiles(n: int, length: int, tile: int, device: torch.device) -> Tensor:
     """Query indices [N, ceil(length/tile), tile] in natural order, -1 padded. Fewer queries
     than a tile make one smaller tile (:func:`fitted_block`: a decode step's one query is a
-    tile of 16 rows, not of 127 padding rows that a kernel would compute as well)."""
+    tile of 16 rows, not of 127 padding rows that a kernel would compute as well). Made once
+    per (length, tile, device), like :func:`static_arange`. Do not modify."""
     tile = fitted_block(tile, length)
+    return pinned(_natural_tiles(length, tile, torch.device(device))).expand(n, -1, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _natural_tiles(length: int, tile: int, device: torch.device) -> Tensor:
     count = -(-length // tile)
     idx = torch.arange(count * tile, device=device).view(count, tile)
-    idx = idx.masked_fill(idx >= length, -1)
-    return idx.unsqueeze(0).expand(n, -1, -1)
+    return idx.masked_fill(idx >= length, -1).unsqueeze(0)
 
 
 _PINS: ContextVar[list[Any] | None] = ContextVar("attncompose_pins", default=None)
