@@ -219,6 +219,25 @@ def test_block_topk_pipeline_triton_equals_torch(make_qkv, causal):
     assert torch.allclose(got[1], want[1], atol=1e-5)
 
 
+def test_a_causal_lsh_block_step_sees_no_later_key():
+    """A user recipe with an LSH block step and no causal splitter, called causally: the
+    Triton tile kernel keeps the causal mask (the contiguous-tiles plan, which has no pair
+    rule, let every query see its bucket's later keys: found by fuzzing), as the reference
+    does; FlexAttention's tiles refuse the call, naming why."""
+    recipe = {"name": "lsh-causal", "steps": {"s0": {"op": "lsh", "num_projections": 4},
+              "b0": {"op": "block", "select": ["s0"], "block_size": 32}}}  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(1, 1, 64, 64, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.eye(64, device=DEVICE)[None, None]  # a row of the output: its weights
+    want = ac.compile(recipe, backend="torch")(q, k, v, is_causal=True, return_lse=True)
+    got = ac.compile(recipe, backend="triton")(q, k, v, is_causal=True, return_lse=True)
+    assert torch.triu(got[0][0, 0], 1).abs().sum() == 0  # no weight on a later key
+    assert torch.isneginf(got[1][0, 0, 0])  # query 0's one visible key lies in another bucket
+    assert ac.relative_error(got[0], want[0]) < 1e-5
+    with pytest.raises(ac.AttncomposeError, match="causal"):
+        ac.compile(recipe, backend="flex")(q, k, v, is_causal=True)
+
+
 def test_kernels_say_which_implementation_runs():
     recipe = ac.load_recipe({"name": "small", "steps": SMALL})
     tiles = "triton:contiguous-tiles else triton:tile-attention"
