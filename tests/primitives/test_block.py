@@ -389,6 +389,23 @@ def test_a_groups_heads_share_one_call_of_a_shared_plan(hkv, lq, shapes, monkeyp
     assert ac.relative_error(grouped, repeated) < 1e-6
 
 
+def test_full_blocks_stepping_back_are_gathered(reference):
+    """Full key blocks whose start steps evenly DOWN from one query block to the next (a
+    top-k over every block less a window's: 2, 1, 0 past the diagonal) are gathered: they
+    were read as a view of negative stride, a raw as_strided error (found by fuzzing user
+    recipes). The union is every pair: exact attention."""
+    steps = {"w": {"op": "window", "width": 16},
+             "local": {"op": "block", "select": ["w"], "block_size": 32},
+             "t": {"op": "topk", "block_size": 32, "k": 1000, "max_k": 1000},
+             "rest": {"op": "block", "select": ["t"], "block_size": 32, "exclude": ["local"]},
+             "out": {"op": "merge", "inputs": ["local", "rest"]}}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 100, 16, generator=g) for _ in range(3))
+    attn = ac.compile({"name": "topk-less-window", "steps": steps}, backend="torch")
+    want, _ = reference(q, k, v, False)
+    assert ac.relative_error(attn(q, k, v), want) < 1e-5
+
+
 def test_full_blocks_of_a_plan_per_row_run_without_a_mask(monkeypatch):
     """Top-p counts differ from query block to query block; full blocks are still computed
     with no mask (chunks of equal counts: no padding keys), masks only in partial blocks."""

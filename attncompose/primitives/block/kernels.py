@@ -126,10 +126,8 @@ class ContiguousTiles:
             reasons.append("tiles are not exact: their selection would be tested pair by pair")
         if exclude:
             reasons.append("exclusions are tested pair by pair")
-        if problem.causal:  # its block-diagonal plan has no pair rule (the causal splitter's
-            reasons.append(
-                "a causal problem: the causal mask is tested pair by pair"
-            )  # body: none)
+        if problem.causal:  # the block-diagonal plan has no pair rule (a splitter's body is
+            reasons.append("a causal problem: the causal mask is tested pair by pair")  # not)
         bq = tiles.q_idx.shape[-1]
         if bq < 16 or bq & (bq - 1):
             reasons.append(f"tiles of {bq} queries: not a power of two >= 16")

@@ -160,7 +160,7 @@ class _Walk:
         step = int(starts[1] - starts[0]) if m > 1 else 0
         ranges = blocks == starts[:, None] + torch.arange(width, device=self.dev)
         even = starts == starts[0] + step * torch.arange(m, device=self.dev)
-        if bool(ranges.all()) and bool(even.all()):  # full blocks: never past the last key
+        if step >= 0 and bool(ranges.all()) and bool(even.all()):  # never past the last key
             return tuple(
                 key_ranges(x.rows, int(starts[0]) * bk, step * bk, m, nk) for x in (self.k, self.v)
             )
