@@ -3,6 +3,8 @@
 - :class:`BlockTable`: per (row, query block), which key blocks are selected; every pair of a
   selected block is covered. The ``topk`` detector computes one per row from the data, the
   ``power`` pattern one for every row from positions alone.
+- :class:`DifferenceCoverage`: a coverage less others (what a block step with exclusions
+  attended).
 - :class:`KeyBand`: each query covers the keys whose absolute positions lie in a band of
   fixed width ending at an anchor, ``(anchor - width, anchor]``; the anchor is the query's own
   position (``window``) or a fixed position (``sink``: the first ``count`` keys end at
@@ -12,7 +14,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -27,7 +31,13 @@ from attncompose.primitives.base import (
     static_arange,
     take,
 )
-from attncompose.primitives.plan import FULL, BlockGrid, interval_states, table_fits
+from attncompose.primitives.plan import (
+    FULL,
+    BlockGrid,
+    interval_states,
+    subtract_states,
+    table_fits,
+)
 
 
 @dataclass
@@ -281,3 +291,59 @@ def _positions(problem: Problem, length: int, positions) -> Tensor:
     n = problem.q.shape[0]
     idx = torch.arange(length, device=problem.q.device)
     return positions(idx).to(torch.int32).expand(n, -1)
+
+
+@dataclass
+class DifferenceCoverage(Coverage):
+    """The pairs of ``base`` that no coverage of ``minus`` holds: what a block step that
+    excludes other steps attended (its selections' union less its exclusions), so that a step
+    excluding IT skips only those pairs (it skipped the whole union, and the pairs the block
+    left to its exclusions were computed by no step). Positions and block states follow the
+    parts; it has no kernel form (a kernel's rule ORs its own coverages and subtracts
+    exclusions: a difference to subtract is no such rule), so the Triton and Flex kernels
+    that would test it pair by pair refuse it, naming it."""
+
+    base: Coverage
+    minus: list[Coverage]
+
+    @property
+    def _parts(self) -> list[Coverage]:
+        return [self.base, *self.minus]
+
+    @property
+    def row_invariant(self) -> bool:
+        return all(part.row_invariant for part in self._parts)
+
+    @property
+    def key_only(self) -> bool:
+        return all(part.key_only for part in self._parts)
+
+    @property
+    def has_block_form(self) -> bool:
+        return all(part.has_block_form for part in self._parts)
+
+    def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor | None:
+        states = [part.block_states(problem, grid) for part in self._parts]
+        if any(s is None for s in states):
+            return None
+        return reduce(subtract_states, states)
+
+    def block_grid(self) -> int | None:
+        sizes = [s for s in (part.block_grid() for part in self._parts) if s is not None]
+        return math.gcd(*sizes) if sizes else None
+
+    def static_key(self) -> tuple | None:
+        keys = [part.static_key() for part in self._parts]
+        return None if any(k is None for k in keys) else ("difference", *keys)
+
+    def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
+        mask = self.base.covers(problem, qi, kj)
+        for part in self.minus:
+            mask = mask & ~part.covers(problem, qi, kj)
+        return mask
+
+    def tile_covers(self, problem: Problem, tiles: Tiles, kj: Tensor) -> Tensor:
+        mask = self.base.tile_covers(problem, tiles, kj)
+        for part in self.minus:
+            mask = mask & ~part.tile_covers(problem, tiles, kj)
+        return mask

@@ -38,6 +38,7 @@ from attncompose.primitives.block.kernels import (
     TritonTileAttention,
 )
 from attncompose.primitives.block.schema import BlockStep
+from attncompose.primitives.coverages import DifferenceCoverage
 from attncompose.primitives.plan import BlockGrid, BlockPlan, plan_block_size, static_plan
 
 
@@ -90,7 +91,8 @@ class Block(Primitive):
                 result = dispatch.call("plan", self.backend, problem, plan=plan)
         else:
             result = self._tiles(problem, mine, prior)
-        result.coverage = mine[0] if len(mine) == 1 else UnionCoverage(mine)
+        union = mine[0] if len(mine) == 1 else UnionCoverage(mine)
+        result.coverage = DifferenceCoverage(union, prior) if prior else union  # what it attended
         return result
 
     def plan(self, problem: Problem, mine: list[Coverage], prior: list[Coverage]) -> BlockPlan:

@@ -26,6 +26,18 @@ def plan_block_reasons(plan: BlockPlan | None) -> list[str]:
     ]
 
 
+def plan_rule_reasons(plan: BlockPlan | None) -> list[str]:
+    """Why a kernel that tests the plan's pair rule as kernel data cannot: a coverage of the
+    plan without a kernel form (:meth:`~attncompose.primitives.base.Coverage.predicates`)."""
+    if plan is None:
+        return []
+    return [
+        f"coverage {type(cov).__name__} has no kernel form (predicates)"
+        for cov in (*plan.own, *plan.exclude)
+        if not cov.has_kernel_form
+    ]
+
+
 class FlexKernel(Kernel):
     """A FlexAttention implementation: this torch must have it, and equal head dims."""
 
@@ -40,7 +52,7 @@ class FlexKernel(Kernel):
             reasons.append("query and value head dims differ")
         if problem.q.device.type == "cuda":
             reasons += plan_block_reasons(plan)
-        return reasons
+        return reasons + plan_rule_reasons(plan)
 
 
 class FusedCpuKernel(Kernel):
@@ -75,7 +87,8 @@ class TritonBlockSparse(TritonKernel):
     def not_supported_reasons(
         cls, problem: Problem, plan: BlockPlan | None = None, **inputs: Any
     ) -> list[str]:
-        return super().not_supported_reasons(problem) + plan_block_reasons(plan)
+        reasons = super().not_supported_reasons(problem)
+        return reasons + plan_block_reasons(plan) + plan_rule_reasons(plan)
 
 
 class FlexBlockSparse(FlexKernel):
