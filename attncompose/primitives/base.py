@@ -293,6 +293,14 @@ class Partial:
 
 
 @dataclass
+class Covered:
+    """The value of a step that only exclude ports read: the pairs it would attend, its
+    attention not computed (``Block.coverage``)."""
+
+    coverage: Coverage
+
+
+@dataclass
 class Tiles:
     """Work list of a block kernel: query tiles and the candidate keys of each.
 

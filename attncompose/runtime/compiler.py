@@ -16,7 +16,7 @@ from typing import Any
 import networkx as nx
 
 from attncompose.primitives import PRIMITIVES
-from attncompose.primitives.base import Partial, Primitive, Problem
+from attncompose.primitives.base import Covered, Partial, Primitive, Problem
 from attncompose.primitives.dispatch import BACKENDS
 from attncompose.primitives.fusion import Fusion, find_fusions
 from attncompose.spec.errors import RecipeError
@@ -42,6 +42,18 @@ class Pipeline:
                 {port: [self.nodes[n] for n in step.port_names(port)] for port in type(step).ports}
             )
         self.fusions: dict[str, Fusion] = find_fusions(recipe, self.nodes) if fuse else {}
+        # steps that only exclude ports read (their pairs, not their attention): asked for
+        # their coverage alone, so that nothing is computed or counted for them
+        used_as: dict[str, set[bool]] = {}
+        for step in recipe.steps.values():
+            for port, spec in type(step).ports.items():
+                for name in step.port_names(port):
+                    used_as.setdefault(name, set()).add(bool(spec.needs_coverage))
+        self.coverage_only = {
+            sid
+            for sid, uses in used_as.items()
+            if uses == {True} and sid not in self.fusions and hasattr(self.nodes[sid], "coverage")
+        }
         # per step: does every step its value depends on have Primitive.offset_free? And
         # the length a packed problem's parts must be a multiple of (None: not packable)
         self.offset_free: dict[str, bool] = {}
@@ -59,6 +71,8 @@ class Pipeline:
         names = {sid: node.kernel_name() for sid, node in self.nodes.items()}
         for sid, fusion in self.fusions.items():
             names[sid] = fusion.kernel_name()  # the absorbed steps run alone where it cannot
+        for sid in self.coverage_only:
+            names[sid] = "none: read only by exclude ports (its pairs, not attended)"
         return names
 
     def __call__(self, problem: Problem) -> Partial:
@@ -83,7 +97,11 @@ class Pipeline:
                 ports[port] = self._lazy(names[0])
             elif names:
                 ports[port] = [self.evaluate(name, problem, cache) for name in names]
-        value = self.nodes[sid](problem.for_reader(self.nodes[sid]), **ports)
+        node = self.nodes[sid]
+        if sid in self.coverage_only:
+            value = Covered(node.coverage(problem, **ports))
+        else:
+            value = node(problem.for_reader(node), **ports)
         cache[sid] = value
         return value
 

@@ -507,6 +507,24 @@ def test_recipes_count_the_plans_products():
     assert products_fraction(attn, q, k, v, True) == (window + sinks) / (150 * 151 / 2)
 
 
+def test_a_step_only_excluded_is_not_attended_nor_counted():
+    """A block step that only exclude ports read gives its pairs, not its attention: its
+    kernel does not run and frac counts only the pairs the output attends (it counted both,
+    0.52 for 0.09 here; found by fuzzing user recipes), and the pipeline says so."""
+    from attncompose.eval.products import products_fraction
+
+    steps = {"w": {"op": "window", "width": 16},
+             "guard": {"op": "block", "select": ["w"], "block_size": 16},
+             "s": {"op": "sink", "count": 4},
+             "out": {"op": "block", "select": ["s", "w"], "exclude": ["guard"],
+                     "block_size": 16}}  # fmt: skip
+    attn = ac.compile({"name": "exclude-only", "steps": steps}, backend="torch")
+    assert attn.pipeline.kernels()["guard"].startswith("none: read only by exclude ports")
+    q, k, v = (torch.randn(1, 1, 64, 16) for _ in range(3))
+    sinks = sum(min(4, i + 1 - 16) for i in range(64) if i + 1 > 16)  # outside the window
+    assert products_fraction(attn, q, k, v, True) == sinks / (64 * 65 / 2)
+
+
 def test_static_plans_are_built_once_per_length(monkeypatch):
     built = []
     real = BlockPlan.build

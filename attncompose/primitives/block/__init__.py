@@ -77,7 +77,7 @@ class Block(Primitive):
 
     def __call__(self, problem: Problem, select: list, exclude: list = ()) -> Partial:
         prior: list[Coverage] = [p.coverage for p in exclude]
-        mine = [selection.bind(self.knobs["block_size"]) for selection in select]
+        mine = self._bound(select)
         if all(cov.has_block_form for cov in (*mine, *prior)):
             if problem.packed is not None:
                 raise ValueError("a block plan cannot run a packed problem (parts unknown)")
@@ -91,9 +91,19 @@ class Block(Primitive):
                 result = dispatch.call("plan", self.backend, problem, plan=plan)
         else:
             result = self._tiles(problem, mine, prior)
-        union = mine[0] if len(mine) == 1 else UnionCoverage(mine)
-        result.coverage = DifferenceCoverage(union, prior) if prior else union  # what it attended
+        result.coverage = self.coverage(problem, select, exclude)
         return result
+
+    def coverage(self, problem: Problem, select: list, exclude: list = ()) -> Coverage:
+        """The pairs the step attends, without attending them (what a step that excludes it
+        skips; the pipeline asks only this of a step read by exclude ports alone): its
+        selections' union, less its exclusions' pairs."""
+        mine = self._bound(select)
+        union = mine[0] if len(mine) == 1 else UnionCoverage(mine)
+        return DifferenceCoverage(union, [p.coverage for p in exclude]) if exclude else union
+
+    def _bound(self, select: list) -> list[Coverage]:
+        return [selection.bind(self.knobs["block_size"]) for selection in select]
 
     def plan(self, problem: Problem, mine: list[Coverage], prior: list[Coverage]) -> BlockPlan:
         """The block plan of this step on ``problem`` (static ones from the process cache)."""
