@@ -332,6 +332,27 @@ def test_out_file_of_another_recipe_is_refused(recipe_path, tmp_path):
     assert "holds a tuning of another recipe set (tiny-hyper)" in done.output
 
 
+def test_a_rerun_on_other_data_at_the_same_path_is_refused(stream_path, tmp_path):
+    """A capture written over the --data path of a tuning (another text, another model) is
+    not resumed as if it were the same data: the study records a digest of the values, and
+    the rerun names it (it ran no trial and wrote the old data's entry; found by fuzzing)."""
+    from attncompose.models.capture_file import save_capture
+
+    data = tmp_path / "qkv.safetensors"
+
+    def capture(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, h, N, 16, generator=g) for h in (2, 1, 1))
+        save_capture(data, {0: (q, k, v)}, model="m", text_sha256="0")
+
+    args = cli_args(stream_path, tmp_path / "t.yaml", "--trials", "1", "--data", str(data))
+    capture(0)
+    assert CliRunner().invoke(tune_command, args).exit_code == 0
+    capture(1)
+    done = CliRunner().invoke(tune_command, args)
+    assert done.exit_code == 2 and "was started with data_sha256=" in done.output, done.output
+
+
 def test_several_recipes_compete_per_length_and_the_file_names_the_winner(
     recipe_path, stream_path, tmp_path
 ):
