@@ -100,6 +100,21 @@ def test_load_gives_a_model_tuning_and_its_file_round_trips(tuned_path):
     assert read_model_tuned(tuned_path) == hand_made()
 
 
+def test_model_tuned_files_get_the_permissions_of_any_new_file(tmp_path):
+    """As tuned files and captures: 0644 under umask 022 (they were the temporary file's
+    private 0600; found by fuzzing)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_model_tuned(tmp_path / "m.yaml", hand_made())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.yaml").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["m.yaml"]  # no temporary file left
+
+
 def test_layer_dispatch_equals_the_recipes_called_directly(tuned_path):
     tuning = ac.load(tuned_path, backend="torch")
     q, k, v = qkv()

@@ -353,6 +353,26 @@ def test_a_rerun_on_other_data_at_the_same_path_is_refused(stream_path, tmp_path
     assert done.exit_code == 2 and "was started with data_sha256=" in done.output, done.output
 
 
+def test_workers_writing_one_out_keep_each_others_lengths(stream_path, tmp_path):
+    """Two runs sharing an --out (workers per length): each reads the file again under a lock
+    before it writes, so a length another worker wrote meanwhile stays (the last writer wrote
+    back the copy it read at its start; found by fuzzing). Worker A runs its length while
+    worker B is tuning another."""
+    out, storage = tmp_path / "t.yaml", f"sqlite:///{tmp_path / 's.db'}"
+
+    def config(n: int) -> TuneConfig:
+        return TuneConfig(target_err=TARGET, seq_lens=(n,), trials=1, n_seeds=1, repeats=1,
+                          backend="torch", storage=storage, out=out)  # fmt: skip
+
+    class OtherWorkerMeanwhile(LineReporter):
+        def start_length(self, *args, **kwargs):
+            tune([stream_path], config(N // 2))  # worker A, while B is at its length
+            return super().start_length(*args, **kwargs)
+
+    tune([stream_path], config(N), OtherWorkerMeanwhile(io.StringIO()))  # worker B
+    assert sorted(read_tuned(out).table["cpu"]) == [N // 2, N]
+
+
 def test_several_recipes_compete_per_length_and_the_file_names_the_winner(
     recipe_path, stream_path, tmp_path
 ):

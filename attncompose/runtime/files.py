@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: writers of one file are not serialised
+    fcntl = None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -34,3 +41,20 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def folder_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder of ``path`` inside the block (``flock`` on the
+    folder itself: no lock file is left beside it), so that processes which read, update and
+    write one file (tuning workers sharing an --out) take turns instead of each writing back
+    the copy it read before the other wrote."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(Path(path).parent or ".", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

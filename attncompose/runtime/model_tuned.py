@@ -39,8 +39,6 @@ exact attention.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +51,7 @@ from torch import Tensor, nn
 from attncompose.primitives.base import Workspace
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.checks import check_sdpa_options
+from attncompose.runtime.files import write_text_atomic
 from attncompose.runtime.tuned import (
     DecodeMs,
     TunedFileError,
@@ -317,12 +316,9 @@ def _check_consistent(tuned: ModelTunedFile, source: str) -> None:
 
 
 def write_model_tuned(path: str | Path, tuned: ModelTunedFile) -> None:
-    """Write atomically (a killed run never leaves half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(tuned.dump_yaml())
-    os.replace(tmp, path)
+    """Write atomically (a killed run never leaves half a file), with the permissions of any
+    new file (the temporary file's were private: 0600)."""
+    write_text_atomic(path, tuned.dump_yaml())
 
 
 class ModelTuning:

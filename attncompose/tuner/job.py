@@ -16,6 +16,7 @@ from optuna.distributions import CategoricalDistribution
 
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.compiler import BACKENDS
+from attncompose.runtime.files import folder_lock
 from attncompose.runtime.tuned import (
     BACKEND_KNOB,
     TunedEntry,
@@ -135,7 +136,7 @@ def tune(recipes, config: TuneConfig, reporter: Reporter | None = None) -> TuneR
     loaded = load_recipes(recipes)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dname = device_name(device)
-    tuned = _start_file(config.out, loaded, config.causal)
+    tuned = _start_file(config.out, loaded, config.causal)  # read again at every write
     storage = open_storage(config.storage or default_storage_url(config.out))
     result = TuneResult(tuned, dname, trials={recipe.name: {} for recipe, _ in loaded})
     for n in config.seq_lens:
@@ -153,8 +154,10 @@ def tune(recipes, config: TuneConfig, reporter: Reporter | None = None) -> TuneR
         rules = Rules(config.target_err, config.latency_budget_ms, config.cost)
         entry = make_entry(runs, exact_ms, rules, _data_text(config, calib), versions())
         entry = _with_decode(entry, {r.name: r for r, _ in loaded}, config, calib)
-        result.tuned = result.tuned.with_entry(dname, n, entry)
-        write_tuned(config.out, result.tuned)
+        with folder_lock(config.out):  # other workers' lengths, written meanwhile, stay
+            current = _start_file(config.out, loaded, config.causal)
+            result.tuned = current.with_entry(dname, n, entry)
+            write_tuned(config.out, result.tuned)
         result.exact_ms[n] = exact_ms
         reporter.end_length(n, entry)
     return result

@@ -60,6 +60,7 @@ from attncompose.models.evaluate import perplexity_and_frac
 from attncompose.models.replay import LayerReplay
 from attncompose.models.segments import capture_segment, default_cache_dir, split_segments
 from attncompose.runtime.attention import compile as compile_recipe
+from attncompose.runtime.files import folder_lock
 from attncompose.runtime.model_tuned import (
     ROLES,
     Choice,
@@ -884,8 +885,10 @@ class ModelTuneJob:
                 decode = self._decode_times(chosen)
         self._note_target(chosen, errors)
         entry = self._entry(chosen, errors, forwards, curves, decode=decode)
-        tuned = self.base_file.with_length(self.config.seq_len, entry, self._used_recipes(chosen))
-        write_model_tuned(self.config.out, tuned)
+        out, used = self.config.out, self._used_recipes(chosen)
+        with folder_lock(out):  # read again: lengths other workers wrote meanwhile stay
+            tuned = _start_file(out, self.shape).with_length(self.config.seq_len, entry, used)
+            write_model_tuned(out, tuned)
         return ModelTuneResult(tuned, self.config.seq_len, points, chosen)
 
     def _final_errors(self, chosen: dict[Unit, Point]) -> dict[tuple[Unit, str], float]:
