@@ -250,6 +250,16 @@ def test_other_device_uses_its_entries_and_says_so(tuned_path):
     choice = attn.choose("cpu", 128, True)
     assert choice.knobs == KNOBS
     assert "not tuned on cpu; using the entries of NVIDIA H100" in choice.notes[0][1]
+    # an implementation a --backends tuning chose is its device's: the module's runs here
+    # (the GPU's triton refused every call of a CPU; found by fuzzing)
+    chose = {n: e.model_copy(update={"backend": "triton"}) for n, e in tuned.table["cpu"].items()}
+    on_gpu = TunedAttention(moved.model_copy(update={"table": {"NVIDIA H100": chose}}), "torch")
+    assert on_gpu.choose("cpu", 128, True).backend is None
+    assert on_gpu.choose("NVIDIA H100", 128, True).backend == "triton"
+    q = torch.randn(1, 2, 128, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert on_gpu(q, q, q, is_causal=True).shape == q.shape
 
 
 @pytest.mark.parametrize(

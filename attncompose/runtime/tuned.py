@@ -443,7 +443,10 @@ class TunedAttention(nn.Module):
                 f"{format_ms(entry.exact_decode_latency_ms)} ms where tuned"
             )
             return Choice(None, None, (device, n), (*notes, (("decode", device, n), note)))
-        return Choice(entry.recipe, entry.knobs, (device, n), notes, entry.backend)
+        # the implementation an entry chose is its device's: elsewhere, the module's backend
+        # (a GPU tuning's triton refused every call of a CPU; found by fuzzing)
+        backend = entry.backend if device in self.tuned.table else None
+        return Choice(entry.recipe, entry.knobs, (device, n), notes, backend)
 
     def _rows(self, device: str) -> tuple[dict[int, TunedEntry], tuple]:
         if device in self.tuned.table:
