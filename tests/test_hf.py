@@ -1,4 +1,5 @@
-"""Hugging Face integration: an exact stand-in callable must reproduce SDPA on a tiny Llama."""
+"""Hugging Face integration: an exact stand-in callable must reproduce SDPA on a tiny Llama;
+what it cannot honour (soft-capping, sinks, layers a model lacks) is refused, never dropped."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_models import exact_attention, tiny_llama  # noqa: E402
 
-from attncompose.integrations.hf import attention_implementation, register, select_layers  # noqa: E402
+from attncompose.errors import AttentionInputError, AttncomposeError  # noqa: E402
+from attncompose.integrations.hf import (  # noqa: E402
+    attention_function,
+    attention_implementation,
+    register,
+    select_layers,
+)
+from attncompose.models.card import ModelInputError  # noqa: E402
 
 
 class CallLog:
@@ -139,3 +147,131 @@ def test_core_exact_recipe_round_trip(model):
     with attention_implementation(model, register("ac-test-core-exact", attn)):
         got = model(x).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def qkv(length: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q [1, 4, L, 16] and k, v [1, 2, L, 16], the tiny Llama's attention shapes."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, length, 16, generator=g)
+    return q, torch.randn(1, 2, length, 16, generator=g), torch.randn(1, 2, length, 16, generator=g)
+
+
+@pytest.mark.parametrize("key", ["softcap", "s_aux", "sinks", "indices", "block_indices"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padded"])
+def test_unhonoured_kwargs_are_refused(model, key, padded):
+    """Neither the recipe nor exact SDPA applies them: refused by name, on either path."""
+    q, k, v = qkv()
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    mask[..., 0] = not padded
+    value = 1.0 if key == "softcap" else torch.zeros(4)
+    log = CallLog()
+    forward = attention_function(log)
+    with pytest.raises(AttentionInputError, match=key):
+        forward(model.model.layers[0].self_attn, q, k, v, mask, **{key: value})
+    assert log.calls == []
+
+
+@torch.inference_mode()
+def test_result_neutral_kwargs_reach_the_recipe(model):
+    q, k, v = qkv()
+    log = CallLog()
+    neutral = {"softcap": None, "s_aux": None, "sliding_window": None, "output_attentions": False}
+    attention_function(log)(model.model.layers[0].self_attn, q, k, v, None, **neutral)
+    assert log.calls == [(6, 6)]
+
+
+@torch.inference_mode()
+def test_position_bias_runs_exact_sdpa(model):
+    """T5's relative position bias is an additive mask: exact SDPA adds it, as transformers'."""
+    q, k, v = qkv()
+    bias = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    module = model.model.layers[0].self_attn
+    log = CallLog()
+    got, _ = attention_function(log)(module, q, k, v, None, position_bias=bias)
+    expected, _ = transformers.integrations.sdpa_attention.sdpa_attention_forward(
+        module, q, k, v, None, position_bias=bias
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert log.calls == []
+
+
+def tiny_gemma2(softcap: float | None) -> transformers.Gemma2ForCausalLM:
+    """A randomly initialised Gemma 2 whose attention soft-caps its logits at ``softcap``."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attn_logit_softcapping=softcap,
+        final_logit_softcapping=None,
+        query_pre_attn_scalar=16,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+@torch.inference_mode()
+def test_gemma2_softcap_is_refused_not_dropped():
+    """Gemma 2 soft-caps its attention logits: a recipe cannot, so the call is refused;
+    without soft-capping the same model matches eager."""
+    x = ids(batch=1, length=8)
+    model = tiny_gemma2(softcap=1.0)
+    name = register("ac-test-softcap", CallLog())
+    with attention_implementation(model, name), pytest.raises(AttentionInputError, match="softcap"):
+        model(x)
+    model = tiny_gemma2(softcap=None)
+    expected = model(x).logits
+    log = CallLog()
+    with attention_implementation(model, register("ac-test-softcap", log)):
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert log.calls == [(8, 8), (8, 8)]
+
+
+@torch.inference_mode()
+def test_sliding_window_is_in_the_mask():
+    """A window shorter than the keys makes a mask (exact SDPA); a decode step on the window's
+    cache goes to the recipe with the window's keys."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        attn_implementation="sdpa",
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    x = ids(batch=1, length=12)
+    kwargs = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    expected = model(x).logits, model.generate(x[:, :3], **kwargs)
+    log = CallLog()
+    with attention_implementation(model, register("ac-test-window", log)):
+        got = model(x).logits, model.generate(x[:, :3], **kwargs)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], expected[1])
+    assert log.calls == [(3, 3), (3, 3), (1, 4), (1, 4), (1, 4), (1, 4)]
+
+
+def test_register_refuses_a_recipe_name():
+    with pytest.raises(AttncomposeError, match=r"not str 'streaming'.*ac\.compile\('streaming'\)"):
+        register("ac-test-name", "streaming")
+
+
+@torch.inference_mode()
+def test_layers_are_checked(model):
+    """Their form at register, their range at the first call, naming the model's count."""
+    for bad in ([-1], [0.5], "some", True, None):
+        with pytest.raises(ModelInputError, match="layers must be"):
+            register("ac-test-bad-layers", exact_attention, layers=bad)
+    name = register("ac-test-bad-layers", CallLog(), [0, 99])
+    outside = r"layers=\[0, 99\] .* 2 layers.*\[99\]"
+    with attention_implementation(model, name), pytest.raises(ModelInputError, match=outside):
+        model(ids(batch=1, length=4))
