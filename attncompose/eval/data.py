@@ -96,6 +96,7 @@ def _from_capture(
     path: Path, seq_len: int, layers: list[int] | None, builtin: bool
 ) -> list[QKVItem]:
     from attncompose.models.capture_file import CaptureError, load_capture
+    from attncompose.runtime.checks import non_finite
 
     try:
         captured, meta = load_capture(path)
@@ -116,6 +117,9 @@ def _from_capture(
     out = []
     for i in chosen:
         q, k, v = (t[:, :, :seq_len].float() for t in captured[i])
+        bad = non_finite(q, k, v)  # the attention call's own check, naming file and layer
+        if bad is not None:
+            raise DataError(f"{path}: layer.{i}.{bad} contains NaN or Inf values")
         out.append(QKVItem(f"{path.name}:layer{i}", q, k, v))
     return out
 
