@@ -543,3 +543,26 @@ def test_unknown_backends_are_refused(recipe_path, tmp_path):
         tune_command, cli_args(recipe_path, tmp_path / "t.yaml", "--backends", "triton,cuda")
     )
     assert done.exit_code == 2 and "unknown backend 'cuda'" in done.output
+
+
+def test_backends_that_cannot_run_here_and_an_unwritable_out_are_refused_before_trials(
+    recipe_path, tmp_path, monkeypatch
+):
+    """Found before any trial, in one line (a trial failed first, with Optuna's traceback;
+    the unwritable --out only at the end, with a raw PermissionError; found by fuzzing)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter
+    out = tmp_path / "t.yaml"
+    done = CliRunner().invoke(
+        tune_command, cli_args(recipe_path, out, "--backends", "torch,triton")
+    )
+    assert done.exit_code == 2 and "--backends triton: backend 'triton' cannot run" in done.output
+    assert "Traceback" not in done.output and not (tmp_path / "t.optuna.db").exists()
+    import attncompose.tuner.job as job
+    from attncompose.runtime.files import can_write_beside
+
+    (tmp_path / "file").write_text("")  # no file can be made "in" a file (root can in 0555)
+    assert can_write_beside(tmp_path / "file" / "t.yaml") is not None
+    assert can_write_beside(out) is None
+    monkeypatch.setattr(job, "can_write_beside", lambda path: PermissionError("denied"))
+    done = CliRunner().invoke(tune_command, cli_args(recipe_path, out, "--trials", "1"))
+    assert done.exit_code == 2 and f"--out {out}: cannot write in" in done.output

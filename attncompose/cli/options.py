@@ -22,7 +22,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (AttncomposeError, FileNotFoundError) as err:
+        except (AttncomposeError, OSError) as err:  # OSError: a file or folder it names
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt as err:  # Ctrl-C: what was kept, if anything, not a traceback

@@ -31,6 +31,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def can_write_beside(path: str | Path) -> OSError | None:
+    """Why no file can be written in the folder of ``path`` (None: one can), found by making
+    one (permission bits alone miss a read-only mount, or root's sysfs)."""
+    try:
+        tempfile.TemporaryFile(dir=Path(path).parent).close()
+    except OSError as err:
+        return err
+    return None
+
+
 def default_permissions(path: str | Path) -> None:
     """Give ``path`` the mode a plain ``open(path, "w")`` would have: 0666 less the umask."""
     os.chmod(path, 0o666 & ~current_umask())

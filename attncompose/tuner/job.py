@@ -14,9 +14,10 @@ import optuna
 import torch
 from optuna.distributions import CategoricalDistribution
 
+from attncompose.errors import AttncomposeError
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.compiler import BACKENDS
-from attncompose.runtime.files import folder_lock
+from attncompose.runtime.files import can_write_beside, folder_lock
 from attncompose.runtime.tuned import (
     BACKEND_KNOB,
     TunedEntry,
@@ -93,6 +94,18 @@ class TuneConfig:
             raise TunerError("--study names a study in a shared --storage; give --storage too")
         if not self.out.parent.is_dir():
             raise TunerError(f"--out {self.out}: folder {self.out.parent} does not exist")
+        if (err := can_write_beside(self.out)) is not None:  # found before the trials
+            raise TunerError(f"--out {self.out}: cannot write in {self.out.parent}: {err}")
+
+    def check_backends(self, device: str) -> None:
+        """Refuse, before any trial, a ``--backends`` implementation that cannot run on
+        ``device`` (a trial failed with a traceback first): each runs a tiny exact call."""
+        for backend in self.backends:
+            q = torch.zeros(1, 1, 16, 16, device=device)
+            try:
+                compile_recipe("exact", backend=backend, check_finite=False)(q, q, q)
+            except AttncomposeError as err:
+                raise TunerError(f"--backends {backend}: {err}") from None
 
 
 class Reporter:
@@ -135,6 +148,7 @@ def tune(recipes, config: TuneConfig, reporter: Reporter | None = None) -> TuneR
     reporter = reporter or Reporter()
     loaded = load_recipes(recipes)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config.check_backends(device)
     dname = device_name(device)
     tuned = _start_file(config.out, loaded, config.causal)  # read again at every write
     storage = open_storage(config.storage or default_storage_url(config.out))

@@ -60,7 +60,7 @@ from attncompose.models.evaluate import perplexity_and_frac
 from attncompose.models.replay import LayerReplay
 from attncompose.models.segments import capture_segment, default_cache_dir, split_segments
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.runtime.files import folder_lock
+from attncompose.runtime.files import can_write_beside, folder_lock
 from attncompose.runtime.model_tuned import (
     ROLES,
     Choice,
@@ -172,6 +172,8 @@ class ModelTuneConfig:
             raise TunerError("--study names a study in a shared --storage; give --storage too")
         if not self.out.parent.is_dir():
             raise TunerError(f"--out {self.out}: folder {self.out.parent} does not exist")
+        if (err := can_write_beside(self.out)) is not None:  # found before the trials
+            raise TunerError(f"--out {self.out}: cannot write in {self.out.parent}: {err}")
 
     @property
     def roles(self) -> list[str]:
