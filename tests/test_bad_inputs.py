@@ -73,6 +73,12 @@ RECIPES = [
         "this is a tuned file, not a recipe: load it with attncompose.load",
         id="tuned-file",
     ),
+    pytest.param(
+        {"format": "attncompose-model-tuned/1", "model": {}, "lengths": {}},
+        "this is a model-level tuned file (a choice per layer), not a recipe: load it with "
+        "attncompose.load(PATH)",
+        id="model-tuned-file",
+    ),
     # knob values
     pytest.param(
         with_block(LSH, block_size="big"), "steps.out.block_size: expected an integer", id="int"
@@ -222,6 +228,8 @@ def test_missing_recipe_file_and_unknown_name():
         ac.load_recipe("does/not/exist.yaml")
     with pytest.raises(RecipeError, match=r"built-in: .*hyperattention"):
         ac.load_recipe("no-such-recipe")
+    with pytest.raises(RecipeError, match="the recipe name or path is empty"):
+        ac.load_recipe("")  # not the current folder
 
 
 def test_a_recipe_or_knobs_of_another_type():
@@ -410,6 +418,27 @@ def test_bad_tuned_file(tuned_path, edit, message):
     one_line_error(cli("bench", tuned_path, "--seq-lens", "16"), message)
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        pytest.param(None, "takes a tuned file's path (str or Path), not NoneType", id="none"),
+        pytest.param({"format": "attncompose-tuned/2"}, "(str or Path), not dict", id="dict"),
+        pytest.param(torch.zeros(1), "(str or Path), not Tensor", id="tensor"),
+        pytest.param("", "the path of the tuned file is empty", id="empty"),
+        pytest.param(
+            "streaming",
+            "streaming: file not found; 'streaming' is a built-in recipe, not a tuned file: "
+            "compile it with attncompose.compile('streaming')",
+            id="recipe-name",
+        ),
+    ],
+)
+def test_load_of_no_tuned_file_path(given, message):
+    with pytest.raises(RecipeError) as err:
+        ac.load(given)
+    one_line(err.value, message)
+
+
 def test_tuned_file_given_as_a_recipe_says_to_load_it(tuned_path):
     with pytest.raises(RecipeError) as err:
         ac.compile(tuned_path)
@@ -576,6 +605,8 @@ def files(tmp_path) -> dict[str, str]:
     (tmp_path / "not-a-journal.log").write_text("hello\n")
     tuned = {"format": "attncompose-tuned/1", "causal": True, "recipe": {}, "table": {}}
     (tmp_path / "some.tuned.yaml").write_text(yaml.safe_dump(tuned))
+    model_tuned = {"format": "attncompose-model-tuned/1", "model": {}, "lengths": {}}
+    (tmp_path / "model.tuned.yaml").write_text(yaml.safe_dump(model_tuned))
     return {
         "tmp": str(tmp_path),
         "tiny": str(tmp_path / "tiny.yaml"),
@@ -584,6 +615,7 @@ def files(tmp_path) -> dict[str, str]:
         "folder": str(tmp_path / "folder"),
         "not_journal": str(tmp_path / "not-a-journal.log"),
         "tuned": str(tmp_path / "some.tuned.yaml"),
+        "model_tuned": str(tmp_path / "model.tuned.yaml"),
     }
 
 
@@ -594,6 +626,14 @@ CLI_ARGS = [
     pytest.param(["show", "{tuned}"], "this is a tuned file, not a recipe", id="show-tuned"),
     pytest.param(
         ["run", "{tuned}", "--seq-len", "16"], "this is a tuned file, not a recipe", id="run-tuned"
+    ),
+    *(
+        pytest.param(args, message, id=f"{args[0]}-model-tuned")
+        for args, message in (
+            (["show", "{model_tuned}"], "model-level tuned file (a choice per layer), not a"),
+            (["run", "{model_tuned}", "--seq-len", "16"], "give it to `attncompose eval`"),
+            (["bench", "{model_tuned}", "--seq-lens", "16"], "which bench does not take: give"),
+        )
     ),
     # usage errors (click) are one line too
     pytest.param(["run", "exact", "--seq-len", "0"], "--seq-len", id="run-length"),

@@ -255,7 +255,8 @@ def capture(
 )
 @_user_errors
 def evaluate(recipe: str, model_name: str, text: str | None, seq_len: int, layers: str) -> None:
-    """Perplexity with exact attention and with RECIPE; per-layer error and frac."""
+    """Perplexity with exact attention and with RECIPE (a recipe, a tuned file or a
+    model-level tuned file); per-layer error and frac."""
     import time
 
     from rich.console import Console

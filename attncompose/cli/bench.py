@@ -13,7 +13,8 @@ import torch
 from attncompose.cli.options import backend_option, causal_option, device_option, parse_lengths
 from attncompose.cli.options import user_errors as _user_errors
 from attncompose.eval.bench import BenchRow, default_shape, iter_bench_length, random_qkv
-from attncompose.runtime.loading import attention_name, load_attention
+from attncompose.runtime.loading import attention_name, is_model_tuned_file, load_attention
+from attncompose.spec.errors import RecipeError
 
 COLUMNS = "{:>8}  {:<24} {:>10} {:>10}  {}"
 
@@ -69,6 +70,13 @@ def bench(
     shape = default_shape(dev)
     seq_lens = seq_lens or shape.seq_lens
     heads, head_dim, dtype = heads or shape.heads, head_dim or shape.head_dim, dtype or shape.dtype
+    if is_model_tuned_file(recipe_or_tuned):  # one choice per layer: no one attention to time
+        raise RecipeError(
+            "this is a model-level tuned file (a choice per layer), which bench does not take: "
+            "give it to `attncompose eval`, or load it with attncompose.load(PATH) (a "
+            "ModelTuning: .layer(i) is layer i's attention)",
+            source=recipe_or_tuned,
+        )
     attn = load_attention(recipe_or_tuned, backend)
     name = attention_name(attn)
     console = Console()

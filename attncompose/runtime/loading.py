@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,10 @@ from torch import nn
 
 from attncompose.runtime.attention import compile as compile_recipe
 from attncompose.runtime.model_tuned import ModelTuning, is_model_tuned, load_model_tuning
-from attncompose.runtime.tuned import TunedAttention
+from attncompose.runtime.tuned import TunedAttention, TunedFileError
 from attncompose.runtime.tuned import load as load_tuned
 from attncompose.spec.errors import RecipeError
-from attncompose.spec.recipe import read_yaml
+from attncompose.spec.recipe import builtin_recipes, read_yaml
 
 
 def load(
@@ -31,7 +32,10 @@ def load(
     step runs exact attention where the tuner measured the choice's decode step no faster
     (False: the choice at every step). ``check_finite=False``: the modules it compiles make
     no NaN/Inf pass over their inputs (a host synchronisation, and in a decode step a read
-    of every cached key and value; :class:`~attncompose.runtime.attention.Attention`)."""
+    of every cached key and value; :class:`~attncompose.runtime.attention.Attention`).
+    Anything but a non-empty path is a :class:`~attncompose.runtime.tuned.TunedFileError`
+    naming what it got (a built-in recipe's name: pointing to :func:`compile`)."""
+    _check_tuned_path(path)
     options = dict(
         backend=backend,
         cuda_graphs=cuda_graphs,
@@ -41,6 +45,29 @@ def load(
     if _is_model_tuned(path):
         return load_model_tuning(path, **options)
     return load_tuned(path, **options)
+
+
+def _check_tuned_path(path: Any) -> None:
+    """Refuse what :func:`load` cannot read as a file's path, saying what it takes."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TunedFileError(
+            f"attncompose.load takes a tuned file's path (str or Path), not {type(path).__name__}"
+        )
+    if path == "":
+        raise TunedFileError("the path of the tuned file is empty")
+    name = str(path)
+    if name in builtin_recipes() and not Path(path).exists():
+        raise TunedFileError(
+            f"file not found; {name!r} is a built-in recipe, not a tuned file: "
+            f"compile it with attncompose.compile({name!r})",
+            source=name,
+        )
+
+
+def is_model_tuned_file(spec: str | Path) -> bool:
+    """Whether ``spec`` (a command's RECIPE_OR_TUNED) names a model-level tuned file."""
+    path = Path(spec)
+    return path.is_file() and _is_model_tuned(path)
 
 
 def load_attention(

@@ -142,6 +142,13 @@ def validate_recipe(data: Any, source: str | None = None) -> RecipeBase:
             "it to a command that takes RECIPE_OR_TUNED (bench, eval)",
             source=source,
         )
+    if str(data.get("format", "")).startswith("attncompose-model-tuned"):
+        raise RecipeError(
+            "this is a model-level tuned file (a choice per layer), not a recipe: load it with "
+            "attncompose.load(PATH) (a ModelTuning, for attncompose.integrations.hf.register), "
+            "or give it to `attncompose eval`",
+            source=source,
+        )
     try:
         return recipe_model().model_validate(copy.deepcopy(data))
     except ValidationError as err:
@@ -181,6 +188,8 @@ def load_recipe(recipe: str | Path | dict | RecipeBase) -> RecipeBase:
             "a recipe is a built-in name, a YAML path, a mapping or a Recipe, "
             f"not {type(recipe).__name__}"
         )
+    if recipe == "":  # Path("") is the current folder
+        raise RecipeError("the recipe name or path is empty")
     path = Path(recipe)
     if not path.exists() and path.suffix not in (".yaml", ".yml") and "/" not in str(recipe):
         path = builtin_recipe_dir() / f"{recipe}.yaml"
