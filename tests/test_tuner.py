@@ -223,6 +223,7 @@ def test_rerun_resumes_and_a_stopped_run_loses_no_finished_trial(recipe_path, tm
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "Traceback" not in said, said
         assert said.strip().splitlines()[-1].startswith("interrupted: "), said
+        assert "of the study it stopped kept, as is every earlier study's" in said
         assert "run the same command again to resume" in said
     before = finished(url)
     assert len(before) >= 3 and not out.exists()
@@ -536,6 +537,50 @@ def test_the_implementation_is_a_tunable_choice(stream_path, tmp_path):
         attn(q, k, v, is_causal=True)
     (module,) = attn._modules_by_key.values()
     assert module.pipeline.backend == backend
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target-err", "inf"], "--target-err must be a positive number, got inf"),
+        (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
+        (["--plot", "{tmp}/missing/p.png"], "--plot {tmp}/missing/p.png: cannot write in"),
+        (["--storage", "journal:{tmp}/cut.log"], "the last record of {tmp}/cut.log is cut short"),
+        (["--storage", "journal:{tmp}/bad.log"], "line 2 of {tmp}/bad.log is no journal record"),
+    ],
+    ids=["target-inf", "timeout-nan", "plot-folder", "journal-cut", "journal-broken"],
+)
+def test_tune_settings_that_cannot_work_are_one_line_before_any_trial(
+    recipe_path, tmp_path, extra, message
+):
+    """Each was accepted (inf, NaN: ignored), found after the trials (the plot's folder), or
+    a raw traceback at every later run (a journal whose last record a killed run cut short:
+    Optuna appended after it; found by fuzzing)."""
+    record = '{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}'
+    (tmp_path / "cut.log").write_text(record + "\n" + record[:20])
+    (tmp_path / "bad.log").write_text(record + '\n{"op_cod\n')
+    args = [a.format(tmp=tmp_path) for a in extra]
+    done = CliRunner().invoke(tune_command, cli_args(recipe_path, tmp_path / "t.yaml", *args))
+    assert done.exit_code == 2 and message.format(tmp=tmp_path) in done.output, done.output
+    assert "Traceback" not in done.output and not (tmp_path / "t.optuna.db").exists()
+
+
+def test_a_recipe_name_is_no_path_of_the_default_out(stream_path, tmp_path, monkeypatch):
+    """A recipe's name is free text: the default --out takes only its safe characters (the
+    name "../escaped" wrote ../escaped.tuned.yaml and its study outside the working folder)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_STREAM.replace("name: tiny-stream", "name: ../escaped"))
+    args = cli_args(recipe, "x", "--trials", "1")
+    done = CliRunner().invoke(tune_command, args[: args.index("--out")] + args[-2:])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in work.iterdir()) == [
+        "escaped.tuned.optuna.db",
+        "escaped.tuned.yaml",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("escaped")]
 
 
 def test_unknown_backends_are_refused(recipe_path, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -123,6 +124,7 @@ def tune(
     from rich.console import Console
 
     from attncompose.eval.data import SYNTHETIC, SYNTHETIC_NOTE
+    from attncompose.runtime.files import can_write_beside
     from attncompose.tuner.job import TuneConfig, load_recipes
     from attncompose.tuner.job import tune as run_tune
     from attncompose.tuner.report import (
@@ -135,10 +137,14 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if plot is not None:
         require_plotting()  # before any trial runs, not after the file is written
+        if (err := can_write_beside(plot)) is not None:
+            raise click.UsageError(f"--plot {plot}: cannot write in {plot.parent}: {err}")
     if data is not None and str(data) == SYNTHETIC:
         click.echo(f"{SYNTHETIC_NOTE}: knobs tuned on them say little about a model", err=True)
     loaded = load_recipes(list(recipes))
-    default_out = f"{loaded[0][0].name}.tuned.yaml" if len(loaded) == 1 else "tuned.yaml"
+    # a name is free text: only its safe characters name a file here (not "../x", "a b/c")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", loaded[0][0].name).lstrip(".-") or "recipe"
+    default_out = f"{stem}.tuned.yaml" if len(loaded) == 1 else "tuned.yaml"
     config = TuneConfig(
         target_err=target_err,
         seq_lens=seq_lens,

@@ -68,6 +68,8 @@ def outcome(run: RecipeRun, exact_ms: float, rules: Rules) -> RecipeOutcome:
     useful = next((t for t in cheapest if fracs.below_exact(t)), None)  # counts lazily
     if useful is None:
         kind, why = _why_none(feasible, fitting, least, rules)
+        if not run.trials:  # e.g. a --timeout shorter than one trial
+            why = "no trial finished (a --timeout shorter than one trial?)"
         return RecipeOutcome(lost=why, lost_as=kind, **common)
     best = _candidate(useful, fracs.of(useful))
     if run.time_of is not None and best.latency_ms <= SLOW_FACTOR * exact_ms:  # could win

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -75,8 +76,12 @@ class TuneConfig:
 
     def check(self) -> None:
         """Raise :class:`TunerError` for settings that cannot work."""
-        if not self.target_err > 0:
-            raise TunerError(f"--target-err must be positive, got {self.target_err}")
+        if not 0 < self.target_err < math.inf:
+            raise TunerError(f"--target-err must be a positive number, got {self.target_err}")
+        if self.timeout_s is not None and not 0 < self.timeout_s < math.inf:
+            raise TunerError(
+                f"--timeout must be a positive number of seconds, got {self.timeout_s}"
+            )
         if not self.seq_lens or min(self.seq_lens) < 1:
             raise TunerError(f"--seq-lens must be positive lengths, got {list(self.seq_lens)}")
         if self.trials < 1 or self.n_seeds < 1 or self.repeats < 1:

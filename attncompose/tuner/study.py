@@ -16,6 +16,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -99,9 +100,44 @@ def _journal_storage(url: str, path: Path) -> JournalStorage:
                 f"--storage {url}: {path} is not an Optuna journal (its first line is not a "
                 "journal record); name a new file, or one that tune wrote"
             )
+        if path.exists() and _cut_short(path):  # Optuna would append after the cut record,
+            raise TunerError(  # and every later read fail on the line they make together
+                f"--storage {url}: the last record of {path} is cut short (a run killed while "
+                "writing it?); delete what follows its last newline (every finished trial "
+                "stays) and run again"
+            )
+        broken = _broken_record(path) if path.exists() else None
+        if broken is not None:  # Optuna reads past it until a record follows, then fails
+            raise TunerError(f"--storage {url}: line {broken} of {path} is no journal record")
         return JournalStorage(JournalFileBackend(str(path)))
     except OSError as err:
         raise TunerError(f"--storage {url}: cannot open ({err.strerror or err})") from None
+
+
+def _broken_record(path: Path) -> int | None:
+    """The number of the first line of the journal that is not a JSON record, or None."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                json.loads(line)
+            except ValueError:
+                return number
+    return None
+
+
+def _cut_short(path: Path, looks: int = 3) -> bool:
+    """Whether the journal's last line lacks its newline, in each of ``looks`` looks 0.1 s
+    apart (another worker may be writing a record right now)."""
+    for look in range(looks):
+        with path.open("rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return False
+        if look + 1 < looks:
+            time.sleep(0.1)
+    return True
 
 
 def _is_journal(path: Path) -> bool:
@@ -253,8 +289,8 @@ def run_trials(
             study.tell(running[0], state=TrialState.FAIL, skip_if_finished=True)
         done = len(finished_trials(study))
         raise TuningInterrupted(
-            f"{done} finished trial{'s' * (done != 1)} kept in the study; run the same "
-            "command again to resume"
+            f"{done} finished trial{'s' * (done != 1)} of the study it stopped kept, as is "
+            "every earlier study's; run the same command again to resume"
         ) from None
 
 
