@@ -189,6 +189,10 @@ def test_layers_share_one_workspace_and_results_stay_theirs(tuned_path):
     assert len(tuning._modules) >= 3 and spaces == {id(tuning.workspace)}
     assert tuning.workspace.nbytes() > 0
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    tuning.layer(1).release_memory()  # as Attention's: the buffers of every layer's choices
+    assert tuning.workspace.nbytes() == 0
+    with torch.no_grad():
+        assert torch.equal(tuning.layer(0)(q, k, v, is_causal=True), first[0])
 
 
 def test_cuda_graphs_reach_every_compiled_choice_and_keep_their_own_buffers(tuned_path):
@@ -207,10 +211,15 @@ def test_cuda_graphs_reach_every_compiled_choice_and_keep_their_own_buffers(tune
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
-def test_check_finite_reaches_every_compiled_choice(tuned_path, check):
-    """``ac.load(..., check_finite=False)``: no choice's module (nor exact attention's on
-    the heads left exact) makes the NaN/Inf pass over its inputs; by default a NaN in the
-    keys of either head group is an error naming k."""
+def test_check_finite_reaches_every_compiled_choice(tuned_path, monkeypatch, check):
+    """``ac.load(..., check_finite=False)``: no NaN/Inf pass over a layer's inputs; by
+    default a NaN in the keys of either head group is an error naming k, found by one pass
+    per call over all heads (not one per head group's module)."""
+    from attncompose.runtime import checks
+
+    passes = []
+    non_finite = checks.non_finite
+    monkeypatch.setattr(checks, "non_finite", lambda *x: passes.append(1) or non_finite(*x))
     tuning = ac.load(tuned_path, backend="torch", check_finite=check)
     q, k, v = qkv()
     k[0, 1, 7, 2] = float("nan")  # KV head 1: layer 1 runs exact attention there
@@ -221,8 +230,28 @@ def test_check_finite_reaches_every_compiled_choice(tuned_path, check):
                     tuning.layer(i)(q, k, v, is_causal=True)
             else:
                 tuning.layer(i)(q, k, v, is_causal=True)
-    modules = list(tuning._modules.values())
-    assert len(modules) == 3 and all(m.check_finite == check for m in modules)
+    assert len(passes) == (2 if check else 0)
+
+
+@pytest.mark.parametrize(
+    "qkv",
+    [
+        (None, None, None),
+        (torch.ones(64, 16),) * 3,
+        (torch.ones(1, 4, 64, 16), torch.ones(1, 2, 64, 16), torch.ones(1, 1, 64, 16)),
+    ],
+    ids=["none", "2-D", "k-v-heads"],
+)
+def test_bad_inputs_are_the_errors_of_compiled_modules(tuned_path, qkv):
+    """Checked before the shapes choose (they were an AttributeError, an IndexError, and per
+    head group v sliced by k's heads)."""
+    tuning = ac.load(tuned_path, backend="torch")
+    with pytest.raises(ac.AttentionInputError) as want:
+        ac.compile("exact")(*qkv, is_causal=True)
+    for i in (0, 1):  # one choice, a choice per head group
+        with pytest.raises(ac.AttentionInputError) as got:
+            tuning.layer(i)(*qkv, is_causal=True)
+        assert str(got.value) == str(want.value)
 
 
 @torch.inference_mode()
@@ -320,14 +349,26 @@ def test_a_file_for_another_model_is_a_clear_error(tmp_path):
             "outside",
         ),
         (lambda d: d.update(colour="red"), "unknown field"),
+        # hand edits that loaded (found by fuzzing); the last returns the file's text
+        (lambda d: d["lengths"][64].update(cost="bogus"), "lengths.64.cost: expected"),
+        (
+            lambda d: d["lengths"][64]["layers"][0]["choices"][0].update(
+                knobs={"local.width": True}
+            ),
+            "layers.0.choices.0.knobs",
+        ),
+        (lambda d: d["lengths"].update({0: d["lengths"][64]}), "lengths.0: must be at least 1"),
+        (
+            lambda d: yaml.safe_dump(d).replace("lengths:\n", "lengths:\n  64: {}\n"),
+            "lengths.64: listed twice",
+        ),
     ],
 )
 def test_bad_files_are_one_clear_error(tmp_path, change, message):
-
     data = yaml.safe_load(hand_made().dump_yaml())
-    change(data)
+    text = change(data)
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(text if isinstance(text, str) else yaml.safe_dump(data))
     with pytest.raises(ModelTuningError, match=message) as err:
         read_model_tuned(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)

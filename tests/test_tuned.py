@@ -89,7 +89,11 @@ def test_cuda_graphs_reach_the_compiled_entries(tuned_path, make_qkv):
     graphed = load(tuned_path, backend="torch", cuda_graphs=True)
     want = load(tuned_path, backend="torch")(q, k, v, is_causal=True)
     assert torch.equal(graphed(q, k, v, is_causal=True), want)
-    assert graphed.select("cpu", 128, True).graphs is not None
+    module = graphed.select("cpu", 128, True)
+    assert module.graphs is not None and module.workspace.nbytes() > 0
+    graphed.release_memory()  # as Attention's: every compiled entry's buffers and graphs
+    assert module.workspace.nbytes() == 0
+    assert torch.equal(graphed(q, k, v, is_causal=True), want)
 
 
 def test_dispatch_by_length_with_the_stated_policy(tuned_path, make_qkv):
@@ -277,6 +281,15 @@ def test_other_device_uses_its_entries_and_says_so(tuned_path):
             "recipes.hyperattention.steps.diag.block_size",
         ),
         (lambda d: d["table"]["cpu"][128].update(recipe="ghost"), "table.cpu.128.recipe"),
+        # hand edits that loaded (found by fuzzing): every call then failed, or ran as 1
+        (lambda d: d["table"]["cpu"][128].update(backend="banana"), "table.cpu.128.backend"),
+        (
+            lambda d: d["table"]["cpu"][128]["knobs"].update({"diag.block_size": True}),
+            "table.cpu.128.knobs[diag.block_size]: expected a number or a name, got True",
+        ),
+        (lambda d: d["table"]["cpu"][128].update(cost="bogus"), "table.cpu.128.cost"),
+        (lambda d: d["table"]["cpu"].update({0: d["table"]["cpu"][128]}), "table.cpu.0: must"),
+        (lambda d: d["table"]["cpu"].update({-5: d["table"]["cpu"][128]}), "table.cpu.-5:"),
         (lambda d: d.update(format="other/9"), "format: unknown tuned-file format 'other/9'"),
         (lambda d: d.update(extra=1), "extra: unknown field"),
     ],
@@ -297,6 +310,7 @@ def test_corrupt_tuned_file_names_file_and_field(tuned_path, edit, where):
         ("table: [1,\n", "YAML syntax error"),
         ("- 1\n", "a tuned file is a mapping"),
         ("name: x\nsteps: {out: {op: exact}}\n", "this is a recipe, not a tuned file"),
+        ("table:\n  cpu:\n    64: {}\n    64: {}\n", "table.cpu.64: listed twice"),  # not the last
     ],
 )
 def test_unreadable_tuned_file(tmp_path, text, message):
@@ -306,6 +320,24 @@ def test_unreadable_tuned_file(tmp_path, text, message):
         load(path)
     with pytest.raises(ac.RecipeError, match="file not found"):
         load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "qkv",
+    [
+        (None, None, None),
+        (torch.ones(64, 16),) * 3,
+        (torch.ones(1, 4, 64, 16), torch.ones(1, 2, 64, 16), torch.ones(1, 1, 64, 16)),
+    ],
+    ids=["none", "2-D", "k-v-heads"],
+)
+def test_bad_inputs_are_the_errors_of_compiled_modules(tuned_path, qkv):
+    """Checked before the shapes choose an entry (they were an AttributeError, an IndexError)."""
+    with pytest.raises(ac.AttentionInputError) as want:
+        ac.compile("exact")(*qkv, is_causal=True)
+    with pytest.raises(ac.AttentionInputError) as got:
+        load(tuned_path, backend="torch")(*qkv, is_causal=True)
+    assert str(got.value) == str(want.value)
 
 
 def test_commands_name_a_tuned_file_by_all_its_recipes(tmp_path):
@@ -322,10 +354,9 @@ def test_commands_name_a_tuned_file_by_all_its_recipes(tmp_path):
 def test_load_hands_check_finite_to_every_module_it_compiles(
     tmp_path, make_qkv, monkeypatch, check
 ):
-    """``ac.load(path, check_finite=False)``: neither the entry's module nor the exact
-    attention its decode steps fall back to makes the NaN/Inf pass (a host synchronisation,
-    and at decode a read of every cached key and value); by default a NaN in the keys is an
-    error naming k, at prefill and at decode."""
+    """``ac.load(path, check_finite=False)``: no NaN/Inf pass (a host synchronisation, and
+    at decode a read of every cached key and value), at prefill (the entry) nor at decode
+    (exact attention); by default a NaN in the keys is an error naming k, one pass a call."""
     from attncompose.runtime import checks
 
     passes = []
@@ -346,4 +377,6 @@ def test_load_hands_check_finite_to_every_module_it_compiles(
             else:
                 attn(call, k, v, is_causal=True)
     assert len(passes) == (2 if check else 0)
-    assert len(attn._modules_by_key) == 2  # the entry's module and exact attention's
+    # refused before an entry is compiled; else the entry's module and exact attention's,
+    # neither making a second pass
+    assert len(attn._modules_by_key) == (0 if check else 2)

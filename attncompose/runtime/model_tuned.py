@@ -50,16 +50,21 @@ from torch import Tensor, nn
 
 from attncompose.primitives.base import Workspace
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.runtime.checks import check_sdpa_options
+from attncompose.runtime.checks import check_inputs, check_sdpa_options
 from attncompose.runtime.files import write_text_atomic
 from attncompose.runtime.tuned import (
+    Cost,
     DecodeMs,
+    KnobValue,
+    SeqLen,
     TunedFileError,
     caller_stacklevel,
     check_decode_pair,
+    check_unique_keys,
     decode_slower,
+    validation_error,
 )
-from attncompose.spec.errors import RecipeError, format_loc, knobs_loc
+from attncompose.spec.errors import RecipeError, knobs_loc
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
 MODEL_FORMAT = "attncompose-model-tuned/1"
@@ -110,7 +115,7 @@ class Choice(BaseModel):
 
     kv_heads: list[int] = Field(min_length=1)
     recipe: str | None = None
-    knobs: dict[str, int | float | str] | None = None
+    knobs: dict[str, KnobValue] | None = None
     errors: dict[str, float] = Field(default_factory=dict, description="error per segment role")
     frac: float = Field(ge=0, description="share of exact attention's products (fit segment)")
     latency_ms: float | None = Field(None, ge=0)
@@ -178,7 +183,7 @@ class LengthTuning(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     device: str
-    cost: Literal["latency", "products"]
+    cost: Cost
     per_head: bool
     target_err: float | None = Field(None, gt=0)
     ppl_budget: float | None = Field(None, gt=0)
@@ -220,7 +225,7 @@ class ModelTunedFile(BaseModel):
     format: Literal["attncompose-model-tuned/1"] = MODEL_FORMAT
     model: ModelShape
     recipes: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    lengths: dict[int, LengthTuning] = Field(default_factory=dict)
+    lengths: dict[SeqLen, LengthTuning] = Field(default_factory=dict)
 
     def with_length(
         self, seq_len: int, entry: LengthTuning, recipes: dict[str, dict]
@@ -257,17 +262,12 @@ def read_model_tuned(path: str | Path) -> ModelTunedFile:
         raise ModelTuningError(err.reason, source=err.source or str(path)) from None
     if not is_model_tuned(data):
         raise ModelTuningError(f"not a model-level tuned file ({MODEL_FORMAT})", source=str(path))
+    check_unique_keys(path, ModelTuningError)
     try:
         tuned = ModelTunedFile.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        msg = {"extra_forbidden": "unknown field", "missing": "field required"}.get(
-            first["type"], msg
-        )
-        raise ModelTuningError(
-            msg, source=str(path), loc=format_loc(first["loc"]) or None
-        ) from None
+        loc, msg = validation_error(err)
+        raise ModelTuningError(msg, source=str(path), loc=loc or None) from None
     _check_consistent(tuned, str(path))
     return tuned
 
@@ -329,7 +329,7 @@ class ModelTuning:
     compiled modules share one :class:`~attncompose.primitives.base.Workspace` (a model runs
     its layers one after another): the buffers held between calls are one module's, not one
     set per distinct choice (with those, tune-model's verify phase at 8192 tokens held 17.8 GB
-    of memory; shared, 4.6 GB).
+    of memory; shared, 4.6 GB). ``release_memory()`` drops them, and any CUDA graphs.
     """
 
     def __init__(
@@ -344,7 +344,8 @@ class ModelTuning:
         self.tuned = tuned
         self.backend = backend
         self.cuda_graphs = cuda_graphs  # each compiled choice captures a graph per call shape
-        self.check_finite = check_finite  # each compiled choice checks its inputs for NaN/Inf
+        # a call's NaN/Inf pass, made by LayerAttention over all heads: not again per choice
+        self.check_finite = check_finite
         # a decode step runs exact attention on the heads whose choice's measured no faster
         self.decode_fallback = decode_fallback
         self.source = source or "<model tuning>"
@@ -447,22 +448,27 @@ class ModelTuning:
         return choices, notes
 
     def module(self, choice: Choice | None) -> nn.Module:
-        """The compiled attention of a choice (cached); exact attention for None or exact."""
+        """The compiled attention of a choice (cached); exact attention for None or exact. It
+        makes no NaN/Inf pass (:class:`LayerAttention` makes the call's one)."""
         key = None if choice is None or choice.is_exact else (choice.recipe, _key(choice.knobs))
         if key not in self._modules:
             recipe = (
                 "exact" if key is None else self.recipes[choice.recipe].with_knobs(choice.knobs)
             )
             module = compile_recipe(
-                recipe,
-                backend=self.backend,
-                cuda_graphs=self.cuda_graphs,
-                check_finite=self.check_finite,
+                recipe, backend=self.backend, cuda_graphs=self.cuda_graphs, check_finite=False
             )
             if module.workspace is not None and module.graphs is None:  # graphs keep addresses
                 module.workspace = self.workspace
             self._modules[key] = module
         return self._modules[key]
+
+    def release_memory(self) -> None:
+        """Drop what the compiled choices of every layer hold between calls (the shared
+        workspace's buffers, CUDA graphs); later calls make them again."""
+        self.workspace.clear()
+        for module in self._modules.values():
+            module.release_memory()
 
     def say(self, key: tuple, note: str) -> None:
         """Say ``note`` once per ``key`` (a warning at the caller's line, and logging)."""
@@ -505,6 +511,8 @@ class LayerAttention(nn.Module):
         return_lse: bool = False,
     ):
         check_sdpa_options(attn_mask, dropout_p, scale)
+        # before the shapes choose; one NaN/Inf pass over all heads, not one per head group
+        check_inputs(q, k, v, is_causal, self.tuning.check_finite)
         decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
         choices, notes = self.tuning.choose(self.index, k.shape[2], bool(is_causal), decode)
         for key, note in notes:
@@ -533,6 +541,10 @@ class LayerAttention(nn.Module):
                 f"{shape.num_kv_heads} key-value heads, got {q.shape[1]} / {k.shape[1]}",
                 source=self.tuning.source,
             )
+
+    def release_memory(self) -> None:
+        """:meth:`ModelTuning.release_memory`: the layers share their tuning's modules."""
+        self.tuning.release_memory()
 
     def extra_repr(self) -> str:
         return f"layer={self.index}, source={self.tuning.source!r}"

@@ -52,14 +52,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from torch import Tensor, nn
 
 from attncompose.runtime.attention import compile as compile_recipe
-from attncompose.runtime.checks import check_sdpa_options
+from attncompose.runtime.checks import check_inputs, check_sdpa_options
+from attncompose.runtime.compiler import BACKENDS
 from attncompose.runtime.files import write_text_atomic
 from attncompose.runtime.naming import device_name, format_ms  # device_name: the table key
-from attncompose.spec.errors import RecipeError, knobs_loc, plain_error
+from attncompose.spec.errors import RecipeError, format_loc, knobs_loc, plain_error
 from attncompose.spec.recipe import read_yaml, validate_recipe
 
 FORMAT = "attncompose-tuned/2"
@@ -69,6 +77,20 @@ log = logging.getLogger(__name__)
 
 
 BACKEND_KNOB = "backend"  # tune --backends: the trial parameter naming the implementation
+COSTS = ("latency", "products")  # what a tuning minimises (tune --cost)
+Cost = Literal[COSTS]
+Backend = Literal[BACKENDS]
+SeqLen = Annotated[int, Field(ge=1, description="a tuned sequence length")]
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic reads YAML's true as the integer 1 (a knob set to true ran as 1)
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number or a name, got {value!r}")
+    return value
+
+
+KnobValue = Annotated[int | float | str, BeforeValidator(_no_bool)]
 
 
 def split_backend(params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -106,8 +128,10 @@ class Candidate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    knobs: dict[str, int | float | str]
-    backend: str | None = Field(None, description="the implementation tuned with tune --backends")
+    knobs: dict[str, KnobValue]
+    backend: Backend | None = Field(
+        None, description="the implementation tuned with tune --backends"
+    )
     error_mean: float = Field(ge=0)
     error_max: float = Field(ge=0)
     latency_ms: float = Field(ge=0)
@@ -152,8 +176,10 @@ class TunedEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     recipe: str | None = None
-    knobs: dict[str, int | float | str] | None = None
-    backend: str | None = Field(None, description="the implementation tuned with tune --backends")
+    knobs: dict[str, KnobValue] | None = None
+    backend: Backend | None = Field(
+        None, description="the implementation tuned with tune --backends"
+    )
     fallback: str | None = Field(None, description="why exact attention is used")
     note: str | None = None
     error_mean: float = Field(ge=0)
@@ -167,7 +193,7 @@ class TunedEntry(BaseModel):
     trials: int = Field(ge=0)
     target_err: float = Field(gt=0)
     latency_budget_ms: float | None = Field(None, gt=0)
-    cost: str = Field("latency", description="what the tuner minimised: latency or products")
+    cost: Cost = Field("latency", description="what the tuner minimised: latency or products")
     seeds: int = Field(ge=1)
     data: str
     date: str
@@ -207,7 +233,7 @@ class TunedFile(BaseModel):
     causal: bool
     recipes: dict[str, dict[str, Any]]
     sources: dict[str, str] = {}
-    table: dict[str, dict[int, TunedEntry]] = {}
+    table: dict[str, dict[SeqLen, TunedEntry]] = {}
 
     def recipe_model(self, name: str | None = None):
         """The validated recipe ``name`` (default: the only one; errors name the field)."""
@@ -248,6 +274,7 @@ def read_tuned(path: str | Path) -> TunedFile:
         raise TunedFileError(
             f"a tuned file is a mapping, got {type(data).__name__}", source=str(path)
         )
+    check_unique_keys(path, TunedFileError)
     if "table" not in data and "steps" in data:
         raise TunedFileError(
             "this is a recipe, not a tuned file (run `attncompose tune`)", source=str(path)
@@ -264,10 +291,43 @@ def read_tuned(path: str | Path) -> TunedFile:
     try:
         tuned = TunedFile.model_validate(data)
     except ValidationError as err:
-        loc, msg = plain_error(err)
+        loc, msg = validation_error(err)
         raise TunedFileError(msg, source=str(path), loc=loc or None) from None
     _check_recipes(tuned, path)
     return tuned
+
+
+def validation_error(err: ValidationError) -> tuple[str, str]:
+    """:func:`plain_error` of a tuned file's validation: a bad length names its row
+    (``table.cpu.-5``), not pydantic's ``table.cpu.-5.[key]``."""
+    loc, msg = plain_error(err)
+    return loc.removesuffix(".[key]"), msg
+
+
+def check_unique_keys(path: Path, error: type[TunedFileError]) -> None:
+    """Raise ``error`` naming the field if a mapping of the (readable, parsed) YAML file
+    lists a key twice: YAML keeps the last silently (a length listed twice lost an entry)."""
+    stack = [((), yaml.compose(path.read_text(), Loader=yaml.SafeLoader))]
+    seen = set()  # aliases share nodes (and may loop)
+    while stack:
+        loc, node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(((*loc, i), item) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            keys = set()
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in keys:
+                    raise error(
+                        "listed twice (YAML would keep the last silently)",
+                        source=str(path),
+                        loc=format_loc((*loc, name)),
+                    )
+                keys.add(name)
+                stack.append(((*loc, name), value))
 
 
 def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -354,7 +414,8 @@ class TunedAttention(nn.Module):
 
     Called like :class:`attncompose.Attention` (SDPA's signature, plus ``return_lse``):
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D]; the dispatch policy is in this
-    module's docstring.
+    module's docstring. ``release_memory()`` drops the buffers and graphs its compiled entries
+    hold between calls.
     """
 
     def __init__(
@@ -370,7 +431,7 @@ class TunedAttention(nn.Module):
         self.tuned = tuned
         self.backend = backend
         self.cuda_graphs = cuda_graphs  # each compiled entry captures a graph per call shape
-        self.check_finite = check_finite  # each compiled entry checks its inputs for NaN/Inf
+        self.check_finite = check_finite  # a call's NaN/Inf pass, made here: not again per entry
         self.decode_fallback = decode_fallback  # policy 4 of the module docstring
         self.source = source or "<tuned>"
         self.recipes = {name: tuned.recipe_model(name) for name in tuned.recipes}
@@ -396,6 +457,7 @@ class TunedAttention(nn.Module):
         return_lse: bool = False,
     ):
         check_sdpa_options(attn_mask, dropout_p, scale)
+        check_inputs(q, k, v, is_causal, self.check_finite)  # before the shapes choose
         decode = bool(is_causal) and q.shape[2] == 1 and k.shape[2] > 1
         attn = self.select(device_name(q.device), k.shape[2], bool(is_causal), decode)
         return attn(q, k, v, is_causal=is_causal, scale=scale, return_lse=return_lse)
@@ -458,7 +520,8 @@ class TunedAttention(nn.Module):
         return self.tuned.table[other], ((("device", device), note),)
 
     def select(self, device: str, seq_len: int, causal: bool, decode: bool = False) -> nn.Module:
-        """The compiled attention for a call (cached), saying once each note on its choice."""
+        """The compiled attention for a call (cached), saying once each note on its choice;
+        it makes no NaN/Inf pass (:meth:`forward` makes the call's one)."""
         choice = self.choose(device, seq_len, causal, decode)
         for key, note in choice.notes:
             self._say(key, note)
@@ -471,12 +534,16 @@ class TunedAttention(nn.Module):
             )
             backend = choice.backend or self.backend
             self._modules_by_key[key] = compile_recipe(
-                recipe,
-                backend=backend,
-                cuda_graphs=self.cuda_graphs,
-                check_finite=self.check_finite,
+                recipe, backend=backend, cuda_graphs=self.cuda_graphs, check_finite=False
             )
         return self._modules_by_key[key]
+
+    def release_memory(self) -> None:
+        """Drop what every compiled entry holds between calls (its reused buffers and CUDA
+        graphs: :meth:`~attncompose.runtime.attention.Attention.release_memory`); later calls
+        make them again."""
+        for module in self._modules_by_key.values():
+            module.release_memory()
 
     def _say(self, key: tuple, note: str) -> None:
         if key in self._said:
