@@ -431,19 +431,52 @@ class Coverage:
         return None
 
 
-@dataclass
-class UnionCoverage(Coverage):
-    """Union of coverages: covered if any part covers the pair."""
+class CompositeCoverage(Coverage):
+    """A coverage made of others (:attr:`members`): what holds for each member holds for it
+    (positions only, a block form, a common block grid, a static key tagged ``kind``); how
+    it combines their pairs is the subclass's."""
 
-    parts: list[Coverage] = field(default_factory=list)
+    kind = "composite"
+
+    @property
+    def members(self) -> list[Coverage]:
+        raise NotImplementedError
 
     @property
     def row_invariant(self) -> bool:
-        return all(part.row_invariant for part in self.parts)
+        return all(part.row_invariant for part in self.members)
+
+    @property
+    def key_only(self) -> bool:
+        return all(part.key_only for part in self.members)
 
     @property
     def has_block_form(self) -> bool:
-        return all(part.has_block_form for part in self.parts)
+        return all(part.has_block_form for part in self.members)
+
+    def _member_states(self, problem: Problem, grid: BlockGrid) -> list[Tensor] | None:
+        states = [part.block_states(problem, grid) for part in self.members]
+        return None if any(s is None for s in states) else states
+
+    def block_grid(self) -> int | None:
+        sizes = [s for s in (part.block_grid() for part in self.members) if s is not None]
+        return math.gcd(*sizes) if sizes else None
+
+    def static_key(self) -> tuple | None:
+        keys = [part.static_key() for part in self.members]
+        return None if any(k is None for k in keys) else (self.kind, *keys)
+
+
+@dataclass
+class UnionCoverage(CompositeCoverage):
+    """Union of coverages: covered if any part covers the pair."""
+
+    parts: list[Coverage] = field(default_factory=list)
+    kind = "union"
+
+    @property
+    def members(self) -> list[Coverage]:
+        return self.parts
 
     @property
     def has_kernel_form(self) -> bool:
@@ -452,23 +485,9 @@ class UnionCoverage(Coverage):
     def predicates(self, problem: Problem) -> list[Predicate]:
         return [p for part in self.parts for p in part.predicates(problem)]
 
-    @property
-    def key_only(self) -> bool:
-        return all(part.key_only for part in self.parts)
-
     def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor | None:
-        states = [part.block_states(problem, grid) for part in self.parts]
-        if any(s is None for s in states):
-            return None
-        return functools.reduce(torch.maximum, states)
-
-    def block_grid(self) -> int | None:
-        sizes = [s for s in (part.block_grid() for part in self.parts) if s is not None]
-        return math.gcd(*sizes) if sizes else None
-
-    def static_key(self) -> tuple | None:
-        keys = [part.static_key() for part in self.parts]
-        return None if any(k is None for k in keys) else ("union", *keys)
+        states = self._member_states(problem, grid)
+        return None if states is None else functools.reduce(torch.maximum, states)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         mask = self.parts[0].covers(problem, qi, kj)

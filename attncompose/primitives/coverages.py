@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from functools import reduce
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from attncompose.primitives.base import (
+    CompositeCoverage,
     Coverage,
     Predicate,
     Problem,
@@ -294,7 +294,7 @@ def _positions(problem: Problem, length: int, positions) -> Tensor:
 
 
 @dataclass
-class DifferenceCoverage(Coverage):
+class DifferenceCoverage(CompositeCoverage):
     """The pairs of ``base`` that no coverage of ``minus`` holds: what a block step that
     excludes other steps attended (its selections' union less its exclusions), so that a step
     excluding IT skips only those pairs (it skipped the whole union, and the pairs the block
@@ -305,36 +305,15 @@ class DifferenceCoverage(Coverage):
 
     base: Coverage
     minus: list[Coverage]
+    kind = "difference"
 
     @property
-    def _parts(self) -> list[Coverage]:
+    def members(self) -> list[Coverage]:
         return [self.base, *self.minus]
 
-    @property
-    def row_invariant(self) -> bool:
-        return all(part.row_invariant for part in self._parts)
-
-    @property
-    def key_only(self) -> bool:
-        return all(part.key_only for part in self._parts)
-
-    @property
-    def has_block_form(self) -> bool:
-        return all(part.has_block_form for part in self._parts)
-
     def block_states(self, problem: Problem, grid: BlockGrid) -> Tensor | None:
-        states = [part.block_states(problem, grid) for part in self._parts]
-        if any(s is None for s in states):
-            return None
-        return reduce(subtract_states, states)
-
-    def block_grid(self) -> int | None:
-        sizes = [s for s in (part.block_grid() for part in self._parts) if s is not None]
-        return math.gcd(*sizes) if sizes else None
-
-    def static_key(self) -> tuple | None:
-        keys = [part.static_key() for part in self._parts]
-        return None if any(k is None for k in keys) else ("difference", *keys)
+        states = self._member_states(problem, grid)
+        return None if states is None else reduce(subtract_states, states)
 
     def covers(self, problem: Problem, qi: Tensor, kj: Tensor) -> Tensor:
         mask = self.base.covers(problem, qi, kj)

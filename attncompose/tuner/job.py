@@ -21,6 +21,7 @@ from attncompose.runtime.compiler import BACKENDS
 from attncompose.runtime.files import can_write_beside, folder_lock
 from attncompose.runtime.tuned import (
     BACKEND_KNOB,
+    COSTS,
     TunedEntry,
     TunedFile,
     device_name,
@@ -48,8 +49,6 @@ from attncompose.tuner.study import (
     study_name,
 )
 from attncompose.version import __version__
-
-COSTS = ("latency", "products")
 
 
 @dataclass(frozen=True)
