@@ -91,16 +91,13 @@ class Block(Primitive):
                 result = dispatch.call("plan", self.backend, problem, plan=plan)
         else:
             result = self._tiles(problem, mine, prior)
-        result.coverage = self.coverage(problem, select, exclude)
+        result.coverage = _attended(mine, prior)  # the selections bound once (LSH's: work)
         return result
 
     def coverage(self, problem: Problem, select: list, exclude: list = ()) -> Coverage:
         """The pairs the step attends, without attending them (what a step that excludes it
-        skips; the pipeline asks only this of a step read by exclude ports alone): its
-        selections' union, less its exclusions' pairs."""
-        mine = self._bound(select)
-        union = mine[0] if len(mine) == 1 else UnionCoverage(mine)
-        return DifferenceCoverage(union, [p.coverage for p in exclude]) if exclude else union
+        skips; the pipeline asks only this of a step read by exclude ports alone)."""
+        return _attended(self._bound(select), [p.coverage for p in exclude])
 
     def _bound(self, select: list) -> list[Coverage]:
         return [selection.bind(self.knobs["block_size"]) for selection in select]
@@ -143,3 +140,9 @@ class Block(Primitive):
         if self.planned:
             return "block plan, one pass: " + dispatch.describe("plan", self.backend)
         return dispatch.describe("block", self.backend)
+
+
+def _attended(mine: list[Coverage], prior: list[Coverage]) -> Coverage:
+    """A block step's pairs: its bound selections' union, less its exclusions' pairs."""
+    union = mine[0] if len(mine) == 1 else UnionCoverage(mine)
+    return DifferenceCoverage(union, prior) if prior else union
