@@ -651,6 +651,7 @@ CLI_ARGS = [
     pytest.param([*TUNE, "--target-err", "0"], "--target-err", id="target"),
     pytest.param([*TUNE, "--seq-lens", "12x"], "comma-separated integers", id="lengths"),
     pytest.param([*TUNE, "--study", "s"], "give --storage too", id="study"),
+    pytest.param([*TUNE, "--plot", "{tmp}/p.txt"], "no figure format .txt", id="plot-format"),
     pytest.param([*TUNE, "--data", "missing.safetensors"], "missing.safetensors", id="tune-data"),
     # models: checked before the model loads (that takes a minute on a busy CPU)
     pytest.param([*CAPTURE, "--model", "nope"], "unknown model 'nope'", id="model"),
@@ -666,6 +667,7 @@ CLI_ARGS = [
     pytest.param(
         [*CAPTURE, "--kv-heads", "3"], "no key/value heads [3]: smollm2 has 3", id="kv-heads"
     ),
+    pytest.param([*CAPTURE, "--kv-heads", "0,0"], "heads [0] more than once", id="kv-heads-twice"),
     pytest.param(
         [*CAPTURE, "--seq-len", "9000"],
         "--seq-len 9000 exceeds the 8192 positions of smollm2",

@@ -317,6 +317,7 @@ def test_two_workers_on_one_postgres_storage_duplicate_no_layer(tmp_path):
         (["--target-err", "0.05", "--text", "no-such-text"], "no such file, nor a built-in"),
         (["--target-err", "0.05", "--seq-len", "9000"], "exceeds the 8192 positions"),
         (["--target-err", "0.05", "--model", "gpt5"], "unknown model 'gpt5'"),
+        (["--target-err", "0.05", "--plot", "p.txt"], "--plot p.txt: no figure format .txt"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(tmp_path, args, message):
@@ -488,9 +489,15 @@ def test_a_rerun_reuses_the_measured_sensitivities(tiny_model, tmp_path, monkeyp
     monkeypatch.setattr(
         LayerReplay, "losses", lambda self, *a: calls.append(a) or original(self, *a)
     )
-    tune_model(tiny_model, "tiny", text_ids(), cfg)
+    phases = []
+    reporter = ModelReporter()
+    reporter.phase = phases.append
+    tune_model(tiny_model, "tiny", text_ids(), cfg, reporter)
     again = read_model_tuned(cfg.out).lengths[SEQ_LEN]
     assert calls == []  # every sensitivity came from the storage
+    # one entry a length: the rerun says it replaces the first run's (found by fuzzing)
+    replaced = f"replacing the entry of n={SEQ_LEN} (--ppl-budget 0.01) by this tuning's"
+    assert any(replaced in p for p in phases), phases
     assert [lt.sensitivity for lt in again.layers.values()] == [
         lt.sensitivity for lt in first.layers.values()
     ]

@@ -124,7 +124,6 @@ def tune(
     from rich.console import Console
 
     from attncompose.eval.data import SYNTHETIC, SYNTHETIC_NOTE
-    from attncompose.runtime.files import can_write_beside
     from attncompose.tuner.job import TuneConfig, load_recipes
     from attncompose.tuner.job import tune as run_tune
     from attncompose.tuner.report import (
@@ -136,9 +135,7 @@ def tune(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if plot is not None:
-        require_plotting()  # before any trial runs, not after the file is written
-        if (err := can_write_beside(plot)) is not None:
-            raise click.UsageError(f"--plot {plot}: cannot write in {plot.parent}: {err}")
+        require_plotting(plot)  # before any trial runs, not after the file is written
     if data is not None and str(data) == SYNTHETIC:
         click.echo(f"{SYNTHETIC_NOTE}: knobs tuned on them say little about a model", err=True)
     loaded = load_recipes(list(recipes))

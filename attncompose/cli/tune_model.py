@@ -143,8 +143,11 @@ def tune_model(
     )
     from attncompose.tuner.model_job import tune_model as run
     from attncompose.tuner.model_report import RichModelReporter, plot_layers, summary_table
+    from attncompose.tuner.report import require_plotting
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if plot is not None:
+        require_plotting(plot)  # before the model loads and any trial runs
     config = ModelTuneConfig(
         seq_len=seq_len,
         recipes=recipes,

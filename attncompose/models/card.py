@@ -63,3 +63,6 @@ class ModelCard:
         bad = sorted(h for h in kv_heads or () if not 0 <= h < self.kv_heads)
         if bad:
             raise ModelInputError(f"no key/value heads {bad}: {self.name} has {self.kv_heads}")
+        twice = sorted({h for h in kv_heads or () if list(kv_heads).count(h) > 1})
+        if twice:  # a capture would hold them twice and claim as many heads
+            raise ModelInputError(f"--kv-heads names key/value heads {twice} more than once")

@@ -889,7 +889,14 @@ class ModelTuneJob:
         entry = self._entry(chosen, errors, forwards, curves, decode=decode)
         out, used = self.config.out, self._used_recipes(chosen)
         with folder_lock(out):  # read again: lengths other workers wrote meanwhile stay
-            tuned = _start_file(out, self.shape).with_length(self.config.seq_len, entry, used)
+            current = _start_file(out, self.shape)
+            old = current.lengths.get(self.config.seq_len)
+            if old is not None:  # one entry a length: say which one this replaces
+                self.reporter.phase(
+                    f"{out}: replacing the entry of n={self.config.seq_len} ({_goal(old)}) by "
+                    f"this tuning's ({_goal(entry)}); its trials stay in the storage"
+                )
+            tuned = current.with_length(self.config.seq_len, entry, used)
             write_model_tuned(out, tuned)
         return ModelTuneResult(tuned, self.config.seq_len, points, chosen)
 
@@ -1030,6 +1037,13 @@ def check_out_file(out: Path, card: Any) -> None:
             f"{card.name} ({card.layers} layers, {card.kv_heads} key-value heads); choose "
             "another --out"
         )
+
+
+def _goal(entry) -> str:
+    """What a length's entry was tuned for, in the options' words."""
+    if entry.target_err is not None:
+        return f"--target-err {entry.target_err:g}"
+    return f"--ppl-budget {entry.ppl_budget:g}" if entry.ppl_budget is not None else "no goal"
 
 
 def _start_file(out: Path, shape: ModelShape) -> ModelTunedFile:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from attncompose.runtime.files import can_write_beside
 from attncompose.runtime.naming import format_ms
 from attncompose.runtime.tuned import RecipeOutcome, TunedEntry
 from attncompose.tuner.errors import TunerError
@@ -259,12 +260,27 @@ def _num(v: float) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def require_plotting() -> None:
-    """Raise :class:`TunerError` unless matplotlib can be imported (check before tuning)."""
+def require_plotting(path: Path | None = None) -> None:
+    """Raise :class:`TunerError` unless matplotlib can be imported and, for ``path``, write a
+    figure of its format in its folder (checked before tuning, not after it: tune and
+    tune-model alike)."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         raise TunerError("--plot needs matplotlib (pip install matplotlib)") from None
+    if path is None:
+        return
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise TunerError(
+            f"--plot {path}: no figure format {path.suffix or '(none)'}; "
+            f"name a file ending in one of .{', .'.join(sorted(formats))}"
+        )
+    if (err := can_write_beside(path)) is not None:
+        raise TunerError(f"--plot {path}: cannot write in {path.parent}: {err}")
 
 
 COSTS = {"latency_ms": "latency (ms)", "frac": "frac (share of exact attention's products)"}
