@@ -110,3 +110,16 @@ def assert_reads_no_later_key(attn, q, k, v, cuts, label=None) -> None:
         later[:, :, cut:] += 100.0
         after = attn(q, k, later, is_causal=True, enable_gqa=True)
         assert torch.equal(after[:, :, :cut], before[:, :, :cut]), (label, cut)
+
+
+# q, k, v that every SDPA-compatible module refuses with ac.compile's AttentionInputError
+# (the modules ac.load gives read shapes to choose: they must check first)
+BAD_QKV = pytest.mark.parametrize(
+    "qkv",
+    [
+        (None, None, None),
+        (torch.ones(64, 16),) * 3,
+        (torch.ones(1, 4, 64, 16), torch.ones(1, 2, 64, 16), torch.ones(1, 1, 64, 16)),
+    ],
+    ids=["none", "2-D", "k-v-heads"],
+)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
+from contract import BAD_QKV  # noqa: E402
 from tiny_models import STREAM, tiny_llama  # noqa: E402
 
 import attncompose as ac  # noqa: E402
@@ -233,15 +234,7 @@ def test_check_finite_reaches_every_compiled_choice(tuned_path, monkeypatch, che
     assert len(passes) == (2 if check else 0)
 
 
-@pytest.mark.parametrize(
-    "qkv",
-    [
-        (None, None, None),
-        (torch.ones(64, 16),) * 3,
-        (torch.ones(1, 4, 64, 16), torch.ones(1, 2, 64, 16), torch.ones(1, 1, 64, 16)),
-    ],
-    ids=["none", "2-D", "k-v-heads"],
-)
+@BAD_QKV
 def test_bad_inputs_are_the_errors_of_compiled_modules(tuned_path, qkv):
     """Checked before the shapes choose (they were an AttributeError, an IndexError, and per
     head group v sliced by k's heads)."""

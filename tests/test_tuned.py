@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from contract import BAD_QKV
 
 import attncompose as ac
 from attncompose.runtime.tuned import (
@@ -322,15 +323,7 @@ def test_unreadable_tuned_file(tmp_path, text, message):
         load(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize(
-    "qkv",
-    [
-        (None, None, None),
-        (torch.ones(64, 16),) * 3,
-        (torch.ones(1, 4, 64, 16), torch.ones(1, 2, 64, 16), torch.ones(1, 1, 64, 16)),
-    ],
-    ids=["none", "2-D", "k-v-heads"],
-)
+@BAD_QKV
 def test_bad_inputs_are_the_errors_of_compiled_modules(tuned_path, qkv):
     """Checked before the shapes choose an entry (they were an AttributeError, an IndexError)."""
     with pytest.raises(ac.AttentionInputError) as want:
