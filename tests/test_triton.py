@@ -517,11 +517,12 @@ LAUNCH_BUDGET = {"hyperattention": 20, "hyperattention-sinks": 25, "hyperattenti
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_BUDGET))
 def test_a_causal_hyperattention_call_launches_a_fixed_budget(make_qkv, packing_on_cpu, name):
-    """The same launches at 2 and 4 levels of the causal splitter (packed, as on CUDA), within
-    the budget. On CUDA only the torch ops are seen (compiled kernels launch unseen)."""
+    """The same launches at 2 and 3 levels of the causal splitter (packed, as on CUDA), within
+    the budget (a launch a level would show; 4 levels took the interpreter most of a minute).
+    On CUDA only the torch ops are seen (compiled kernels launch unseen)."""
     attn = ac.compile(_graph_sized(name), backend="triton")
     counts = []
-    for n in (512, 2048):
+    for n in (512, 1024):
         q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=n, lk=n, d=16)
         counts.append(_second_call(attn, LaunchCounter(), q, k, v, True).launches)
     assert counts[0] == counts[1] <= LAUNCH_BUDGET[name], counts
