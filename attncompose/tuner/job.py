@@ -321,18 +321,6 @@ def _data_text(config: TuneConfig, calib: Calibration) -> str:
     return f"{config.data or 'built-in'} ({origin}, {len(calib.items)} items)"
 
 
-def _data_sha256(calib: Calibration) -> str:
-    """A digest of the calibration items' values: a study measured on other data (a capture
-    written over the same path) is not resumed as if it were this one."""
-    digest = hashlib.sha256()
-    for item in calib.items:
-        digest.update(item.name.encode())
-        for x in (item.q, item.k, item.v):
-            digest.update(str((x.dtype, tuple(x.shape))).encode())
-            digest.update(x.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _meta(recipe, config: TuneConfig, calib: Calibration) -> dict:
     """What a study is for; workers joining it must agree (a study started before the data's
     digest was recorded is joined on the rest)."""
@@ -341,7 +329,7 @@ def _meta(recipe, config: TuneConfig, calib: Calibration) -> dict:
         "target_err": config.target_err,
         "causal": config.causal,
         "data": _data_text(config, calib),
-        "data_sha256": _data_sha256(calib),
+        "data_sha256": calib.values_sha256,
         "seeds": config.n_seeds,
         "backend": config.backend,
         "backends": ",".join(config.backends),

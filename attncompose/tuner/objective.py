@@ -16,10 +16,12 @@ slower than the best feasible latency found so far.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,19 @@ class Calibration:
     @property
     def seq_len(self) -> int:
         return self.items[0].seq_len
+
+    @cached_property
+    def values_sha256(self) -> str:
+        """A digest of the items' values, made once (every recipe's study of this length
+        records it): a study measured on other data (a capture written over the same path)
+        is not resumed as if it were this one."""
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(item.name.encode())
+            for x in (item.q, item.k, item.v):
+                digest.update(str((x.dtype, tuple(x.shape))).encode())
+                digest.update(x.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def build_calibration(
