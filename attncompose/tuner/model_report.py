@@ -10,9 +10,9 @@ from rich.table import Table
 
 from attncompose.runtime.model_tuned import Choice, LengthTuning
 from attncompose.spec.knobs import format_knob
-from attncompose.tuner.errors import TunerError
 from attncompose.tuner.front import Point
 from attncompose.tuner.model_job import ModelReporter, ModelTuneResult
+from attncompose.tuner.report import require_plotting
 
 
 class RichModelReporter(ModelReporter):
@@ -156,14 +156,13 @@ def _caption(entry: LengthTuning) -> str:
 
 def plot_layers(result: ModelTuneResult, path: Path) -> None:
     """PNG: per layer, the chosen frac (bars, coloured by recipe) and error on each segment."""
-    try:
-        import matplotlib
+    require_plotting()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise TunerError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     entry = result.entry
     layers = sorted(entry.layers)
     fig, (ax, ax_err) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
