@@ -30,7 +30,7 @@ from attncompose.tuner import TuneConfig, TunerError, search_space, seed_variant
 from attncompose.tuner.choice import RecipeRun, Rules, make_entry
 from attncompose.tuner.objective import Evaluator, build_calibration
 from attncompose.tuner.report import LineReporter
-from attncompose.tuner.study import interrupts_outside_storage, open_storage
+from attncompose.tuner.study import interrupts_outside_storage, open_storage, open_study
 
 N = 128
 TARGET = 0.65  # some knobs of TINY meet it at N=128 on the built-in data, others do not
@@ -235,6 +235,72 @@ def test_rerun_resumes_and_a_stopped_run_loses_no_finished_trial(recipe_path, tm
         assert (after[t.number].params, after[t.number].value) == (t.params, t.value)
     assert len(after) == goal
     assert read_tuned(out).table["cpu"][N].trials == goal
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_resumed_run_fails_the_trial_a_killed_run_left_running(stream_path, tmp_path, kind):
+    """A run SIGKILLed inside a trial left it RUNNING in the study for good (a journal has no
+    heartbeat; SQLite's fails it only 30 s on), and the defaults it was running were never
+    tried: the resume fails it, saying why, runs its knobs again and the trials asked."""
+    out = tmp_path / "t.yaml"
+    storage = (
+        f"journal:{tmp_path / 'j.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'j.db'}"
+    )
+    args = cli_args(stream_path, out, "--storage", storage, "--study", "s")
+    killed = (
+        "import os, signal\n"
+        "from attncompose.tuner.objective import Evaluator\n"
+        "Evaluator.evaluate = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from attncompose.cli.tune import tune\n"
+        "tune()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", killed, *args, "--trials", "3"], env=ENV, capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout
+    done = CliRunner().invoke(tune_command, [*args, "--trials", "2"])
+    assert done.exit_code == 0, done.output
+    loaded = open_storage(storage)
+    (name,) = optuna.get_all_study_names(loaded)
+    trials = optuna.load_study(study_name=name, storage=loaded).trials
+    assert trials[0].state == TrialState.FAIL
+    assert "ended while it ran" in trials[0].system_attrs["attncompose:interrupted"]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    finished_now = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished_now) == 2 and read_tuned(out).table["cpu"][N].trials == 2
+    assert finished_now[0].params == trials[0].params  # the defaults, run again
+
+
+def test_resuming_leaves_the_running_trial_of_a_live_worker(tmp_path):
+    """Workers share a study: the trial another worker is running is not stale while that
+    worker lives (failing it would crash the worker when it tells its value)."""
+    storage = f"journal:{tmp_path / 'j.log'}"
+    busy = (
+        "import sys, time\n"
+        "from attncompose.tuner.study import open_storage, open_study, run_trials\n"
+        "import optuna\n"
+        "study = open_study(open_storage(sys.argv[1]), 's', optuna.samplers.RandomSampler(), {})\n"
+        "run_trials(study, lambda t: time.sleep(t.suggest_float('x', 0, 1) + 600), 1, None)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", busy, storage], env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            if (tmp_path / "j.log").exists():
+                study = optuna.load_study(study_name="s", storage=open_storage(storage))
+                if study.trials and "attncompose:worker" in study.trials[0].system_attrs:
+                    break
+            time.sleep(0.1)
+        study = open_study(open_storage(storage), "s", optuna.samplers.RandomSampler(), {})
+        assert study.trials[0].state == TrialState.RUNNING
+    finally:
+        proc.kill()
+        proc.wait()
+    study = open_study(open_storage(storage), "s", optuna.samplers.RandomSampler(), {})
+    assert study.trials[0].state == TrialState.FAIL
+    assert study.trials[1].state == TrialState.WAITING  # its knobs, queued again
+    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].params
 
 
 def test_ctrl_c_inside_storage_code_lands_after_it():

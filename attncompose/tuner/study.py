@@ -5,7 +5,10 @@ same command resumes it. ``--storage`` takes an SQLAlchemy URL (``sqlite:///...`
 ``postgresql://...``) or ``journal:PATH`` (a journal file on a shared disk); processes that
 run the same command against one storage and study name cooperate. Every finished trial is
 committed when it ends, so a killed worker loses only the trial it was running; RDB storages
-keep a heartbeat and mark such a trial failed (and re-queue its knobs) once it goes stale.
+keep a heartbeat and mark such a trial failed (and re-queue its knobs) once it goes stale. A
+trial also records the process running it: opening its study on that machine again (a
+resumed run, another worker) fails it at once if that process has ended, and queues its
+knobs once more (journal storages have no heartbeat: such a trial stayed RUNNING for good).
 
 One study per (device, sequence length): ``NAME:DEVICE:nLENGTH``. A study records what it
 was started for (recipe, target, mode, data, seeds); joining it with other settings is an error.
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -27,7 +31,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import (
     BaseStorage,
     JournalStorage,
@@ -48,6 +52,9 @@ SQLITE_WAIT_S = 60  # how long a worker waits for another's SQLite transaction
 # Modules whose code must not be cut short by Ctrl-C: it can leave a transaction open.
 STORAGE_MODULES = ("sqlalchemy", "sqlite3", "optuna.storages", "optuna.study._tell")
 INTERRUPT_RETRY_S = 0.02
+WORKER_ATTR = "attncompose:worker"  # a trial's: the process that runs it (this_worker)
+INTERRUPTED_ATTR = "attncompose:interrupted"  # a trial's: why it was failed for its worker
+RETRY_ATTR = "attncompose:retry_of"  # a trial's: the number of the interrupted trial it reruns
 
 
 def default_storage_url(out: Path) -> str:
@@ -232,7 +239,6 @@ def open_study(
     if not recorded:
         for key, value in meta.items():
             study.set_user_attr(key, value)
-        return study
     diff = [k for k, v in meta.items() if k in recorded and recorded[k] != v]
     if diff:
         k = diff[0]
@@ -240,7 +246,89 @@ def open_study(
             f"study {name!r} was started with {k}={recorded[k]!r}, not {meta[k]!r}; "
             "use another --study (or --out) for different settings"
         )
+    fail_interrupted_trials(study)
     return study
+
+
+def this_worker() -> dict[str, Any]:
+    """What names this process among every other, now and later: host, PID namespace, boot,
+    PID and start time (PIDs are reused; the namespace, boot and start as Linux's /proc says
+    them, else None)."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid_space": _read("/proc/self/ns/pid", link=True),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pid": pid,
+        "start": _process_start(pid),
+    }
+
+
+def worker_ended(worker: dict[str, Any]) -> bool:
+    """Whether the process :func:`this_worker` described has ended; False where this process
+    cannot tell (another host or PID namespace: it may be running there)."""
+    here = this_worker()
+    if worker.get("host") != here["host"] or worker.get("pid_space") != here["pid_space"]:
+        return False
+    if None not in (worker.get("boot"), here["boot"]) and worker.get("boot") != here["boot"]:
+        return True  # the machine started again since
+    pid = worker.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process: alive
+    start = _process_start(pid)
+    return start == "ended" or (worker.get("start") is not None and start != worker["start"])
+
+
+def _read(path: str, link: bool = False) -> str | None:
+    try:
+        return os.readlink(path) if link else Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot), "ended" for a zombie, None where
+    /proc does not say."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # after the name, which may hold spaces
+    return "ended" if fields[0] in ("Z", "X") else fields[19]
+
+
+def fail_interrupted_trials(study: optuna.Study) -> None:
+    """Fail each trial left RUNNING by a worker that has ended (killed: it never told it),
+    saying so in its system attribute ``attncompose:interrupted``, and queue its knobs once
+    more (not a rerun's: its knobs may be what killed the worker), as RDB storages'
+    heartbeat does. Another live worker's running trial stays."""
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.system_attrs.get(WORKER_ATTR)
+        if not isinstance(worker, dict) or not worker_ended(worker):
+            continue
+        why = (
+            f"its worker (pid {worker['pid']} on {worker['host']}) ended while it ran; failed "
+            "when the study was opened again"
+        )
+        try:
+            storage.set_trial_system_attr(trial._trial_id, INTERRUPTED_ATTR, why)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another worker opening the study failed it first
+        knobs = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        if knobs and RETRY_ATTR not in trial.system_attrs:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING,
+                    system_attrs={"fixed_params": knobs, RETRY_ATTR: trial.number},
+                )
+            )
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -268,9 +356,11 @@ def run_trials(
     fails the trial it interrupts (as Optuna would) and raises :class:`TuningInterrupted`."""
     start = time.monotonic()
     running: list[optuna.Trial] = []
+    worker = this_worker()
 
     def interruptible(trial: optuna.Trial) -> float:
         running[:] = [trial]
+        trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker)
         try:
             return objective(trial)
         except KeyboardInterrupt:
