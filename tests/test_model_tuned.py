@@ -355,6 +355,23 @@ def test_a_file_for_another_model_is_a_clear_error(tmp_path):
             lambda d: yaml.safe_dump(d).replace("lengths:\n", "lengths:\n  64: {}\n"),
             "lengths.64: listed twice",
         ),
+        # booleans where integers go were read as 1 and 0 (kv_heads [true, false] ran as [1, 0])
+        (
+            lambda d: d["lengths"][64]["layers"][0]["choices"][0].update(kv_heads=[True, False]),
+            "layers.0.choices.0.kv_heads.0: expected an integer, got True",
+        ),
+        (
+            lambda d: d["lengths"][64]["layers"].update({True: d["lengths"][64]["layers"].pop(1)}),
+            "lengths.64.layers.1: expected an integer, got True",  # pydantic's place: 1
+        ),
+        (lambda d: d["lengths"].update({True: d["lengths"].pop(64)}), "lengths.1: expected an"),
+        (lambda d: d["model"].update(num_kv_heads=True), "model.num_kv_heads: expected an integer"),
+        (lambda d: d["lengths"][64]["segments"][0].update(offset=False), "offset: expected"),
+        (lambda d: d["lengths"][64].update(trials=True), "lengths.64.trials: expected"),
+        (
+            lambda d: d["lengths"][64]["layers"][1]["choices"][0].update(trial=True),
+            "layers.1.choices.0.trial: expected an integer",
+        ),
     ],
 )
 def test_bad_files_are_one_clear_error(tmp_path, change, message):

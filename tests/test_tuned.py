@@ -291,6 +291,10 @@ def test_other_device_uses_its_entries_and_says_so(tuned_path):
         (lambda d: d["table"]["cpu"][128].update(cost="bogus"), "table.cpu.128.cost"),
         (lambda d: d["table"]["cpu"].update({0: d["table"]["cpu"][128]}), "table.cpu.0: must"),
         (lambda d: d["table"]["cpu"].update({-5: d["table"]["cpu"][128]}), "table.cpu.-5:"),
+        (  # a length written true was read as 1
+            lambda d: d["table"]["cpu"].update({True: d["table"]["cpu"].pop(128)}),
+            "table.cpu.1: expected an integer, got True",
+        ),
         (lambda d: d.update(format="other/9"), "format: unknown tuned-file format 'other/9'"),
         (lambda d: d.update(extra=1), "extra: unknown field"),
     ],

@@ -55,6 +55,7 @@ from attncompose.runtime.files import write_text_atomic
 from attncompose.runtime.tuned import (
     Cost,
     DecodeMs,
+    Int,
     KnobValue,
     SeqLen,
     TunedFileError,
@@ -83,10 +84,10 @@ class ModelShape(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    num_layers: int = Field(ge=1)
-    num_q_heads: int = Field(ge=1)
-    num_kv_heads: int = Field(ge=1)
-    head_dim: int = Field(ge=1)
+    num_layers: Int = Field(ge=1)
+    num_q_heads: Int = Field(ge=1)
+    num_kv_heads: Int = Field(ge=1)
+    head_dim: Int = Field(ge=1)
 
     @classmethod
     def of(cls, config: Any, name: str) -> ModelShape:
@@ -113,7 +114,7 @@ class Choice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kv_heads: list[int] = Field(min_length=1)
+    kv_heads: list[Int] = Field(min_length=1)
     recipe: str | None = None
     knobs: dict[str, KnobValue] | None = None
     errors: dict[str, float] = Field(default_factory=dict, description="error per segment role")
@@ -122,7 +123,7 @@ class Choice(BaseModel):
     exact_latency_ms: float | None = Field(None, ge=0)
     decode_latency_ms: DecodeMs = None  # on its heads, after the fit segment's keys
     exact_decode_latency_ms: DecodeMs = None
-    trial: int | None = Field(None, description="number of the trial in its study")
+    trial: Int | None = Field(None, description="number of the trial in its study")
 
     @model_validator(mode="after")
     def _recipe_and_knobs(self) -> Choice:
@@ -171,7 +172,7 @@ class Segment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Literal["fit", "check", "test"]
-    offset: int = Field(ge=0, description="first token of the segment in the text")
+    offset: Int = Field(ge=0, description="first token of the segment in the text")
     exact_ppl: float = Field(gt=0)
     ppl: float | None = Field(None, gt=0, description="with the tuned layers (final forward)")
     frac: float | None = Field(None, ge=0, description="share of products in that forward")
@@ -188,16 +189,16 @@ class LengthTuning(BaseModel):
     target_err: float | None = Field(None, gt=0)
     ppl_budget: float | None = Field(None, gt=0)
     recipes_tried: list[str]
-    trials: int = Field(
+    trials: Int = Field(
         ge=0, description="trials per layer (x head group) x recipe, besides the model-wide ones"
     )
-    shared_trials: int = Field(
+    shared_trials: Int = Field(
         default=0, ge=0, description="model-wide trials per recipe, each run on every layer"
     )
     text: str
     text_sha256: str
     segments: list[Segment] = Field(min_length=1)
-    layers: dict[int, LayerTuning]
+    layers: dict[Int, LayerTuning]
     error_mean: dict[str, float] = Field(
         default_factory=dict, description="mean per-layer error on each segment role"
     )

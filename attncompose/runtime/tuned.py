@@ -80,17 +80,23 @@ BACKEND_KNOB = "backend"  # tune --backends: the trial parameter naming the impl
 COSTS = ("latency", "products")  # what a tuning minimises (tune --cost)
 Cost = Literal[COSTS]
 Backend = Literal[BACKENDS]
-SeqLen = Annotated[int, Field(ge=1, description="a tuned sequence length")]
 
 
-def _no_bool(value: Any) -> Any:
-    # pydantic reads YAML's true as the integer 1 (a knob set to true ran as 1)
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number or a name, got {value!r}")
-    return value
+def no_bool(expected: str) -> BeforeValidator:
+    """Refuse a boolean where ``expected`` goes: pydantic reads YAML's true as the integer 1
+    (a knob set to true ran as 1; a choice's kv_heads [true, false] as [1, 0])."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {expected}, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
 
 
-KnobValue = Annotated[int | float | str, BeforeValidator(_no_bool)]
+Int = Annotated[int, no_bool("an integer")]  # a file's integer ("64" as a JSON key too)
+KnobValue = Annotated[int | float | str, no_bool("a number or a name")]
+SeqLen = Annotated[Int, Field(ge=1, description="a tuned sequence length")]
 
 
 def split_backend(params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
