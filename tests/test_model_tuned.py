@@ -355,6 +355,18 @@ def test_a_file_for_another_model_is_a_clear_error(tmp_path):
             lambda d: yaml.safe_dump(d).replace("lengths:\n", "lengths:\n  64: {}\n"),
             "lengths.64: listed twice",
         ),
+        # a key written two ways that the file reads as one: an entry was lost silently
+        (
+            lambda d: yaml.safe_dump(d).replace(
+                "    layers:\n",
+                "    layers:\n      '1': {choices: [{kv_heads: [0, 1], frac: 1}], frac: 1}\n",
+            ),
+            "lengths.64.layers.1: listed twice, as '1' and 1",
+        ),
+        (
+            lambda d: yaml.safe_dump(d).replace("lengths:\n", "lengths:\n  0x40: {}\n"),
+            "lengths.64: listed twice, as 0x40 and 64",
+        ),
         # booleans where integers go were read as 1 and 0 (kv_heads [true, false] ran as [1, 0])
         (
             lambda d: d["lengths"][64]["layers"][0]["choices"][0].update(kv_heads=[True, False]),

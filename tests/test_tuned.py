@@ -316,6 +316,23 @@ def test_corrupt_tuned_file_names_file_and_field(tuned_path, edit, where):
         ("- 1\n", "a tuned file is a mapping"),
         ("name: x\nsteps: {out: {op: exact}}\n", "this is a recipe, not a tuned file"),
         ("table:\n  cpu:\n    64: {}\n    64: {}\n", "table.cpu.64: listed twice"),  # not the last
+        # the same length written two ways: read as one, one entry was lost silently
+        (
+            'table:\n  cpu:\n    64: {}\n    "64": {}\n',
+            'table.cpu.64: listed twice, as 64 and "64"',
+        ),
+        (
+            "table:\n  cpu:\n    '64': {}\n    64.0: {}\n",
+            "table.cpu.64: listed twice, as '64' and 64.0",
+        ),
+        (
+            '{"table": {"cpu": {"64": {}, "064": {}}}}',
+            'table.cpu.64: listed twice, as "64" and "064"',
+        ),
+        (
+            "table:\n  cpu:\n    64: {}\n    0x40: {}\n",
+            "table.cpu.64: listed twice, as 64 and 0x40",
+        ),
     ],
 )
 def test_unreadable_tuned_file(tmp_path, text, message):

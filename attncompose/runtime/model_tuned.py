@@ -71,6 +71,7 @@ from attncompose.spec.recipe import read_yaml, validate_recipe
 MODEL_FORMAT = "attncompose-model-tuned/1"
 FORMAT_PREFIX = "attncompose-model-tuned/"
 ROLES = ("fit", "check", "test")
+INT_KEYS = (("lengths",), ("lengths", "*", "layers"))  # the integer-keyed mappings
 log = logging.getLogger(__name__)
 
 
@@ -263,7 +264,7 @@ def read_model_tuned(path: str | Path) -> ModelTunedFile:
         raise ModelTuningError(err.reason, source=err.source or str(path)) from None
     if not is_model_tuned(data):
         raise ModelTuningError(f"not a model-level tuned file ({MODEL_FORMAT})", source=str(path))
-    check_unique_keys(path, ModelTuningError)
+    check_unique_keys(path, ModelTuningError, int_keys=INT_KEYS)
     try:
         tuned = ModelTunedFile.model_validate(data)
     except ValidationError as err:

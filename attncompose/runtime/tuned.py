@@ -43,6 +43,7 @@ step).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -57,6 +58,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -95,6 +97,7 @@ def no_bool(expected: str) -> BeforeValidator:
 
 
 Int = Annotated[int, no_bool("an integer")]  # a file's integer ("64" as a JSON key too)
+_INT_KEY = TypeAdapter(Int)
 KnobValue = Annotated[int | float | str, no_bool("a number or a name")]
 SeqLen = Annotated[Int, Field(ge=1, description="a tuned sequence length")]
 
@@ -280,7 +283,7 @@ def read_tuned(path: str | Path) -> TunedFile:
         raise TunedFileError(
             f"a tuned file is a mapping, got {type(data).__name__}", source=str(path)
         )
-    check_unique_keys(path, TunedFileError)
+    check_unique_keys(path, TunedFileError, int_keys=(("table", "*"),))
     if "table" not in data and "steps" in data:
         raise TunedFileError(
             "this is a recipe, not a tuned file (run `attncompose tune`)", source=str(path)
@@ -310,9 +313,13 @@ def validation_error(err: ValidationError) -> tuple[str, str]:
     return loc.removesuffix(".[key]"), msg
 
 
-def check_unique_keys(path: Path, error: type[TunedFileError]) -> None:
+def check_unique_keys(
+    path: Path, error: type[TunedFileError], int_keys: tuple[tuple[str, ...], ...] = ()
+) -> None:
     """Raise ``error`` naming the field if a mapping of the (readable, parsed) YAML file
-    lists a key twice: YAML keeps the last silently (a length listed twice lost an entry)."""
+    lists a key twice: as YAML reads keys (64 and 0x40: it keeps the last silently), and in
+    the mappings ``int_keys`` places (``"*"``: any key) as the schema reads them (64, '64'
+    and 64.0 are one length: one entry was lost silently)."""
     stack = [((), yaml.compose(path.read_text(), Loader=yaml.SafeLoader))]
     seen = set()  # aliases share nodes (and may loop)
     while stack:
@@ -323,17 +330,46 @@ def check_unique_keys(path: Path, error: type[TunedFileError]) -> None:
         if isinstance(node, yaml.SequenceNode):
             stack.extend(((*loc, i), item) for i, item in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
-            keys = set()
+            as_int = any(_place_matches(loc, place) for place in int_keys)
+            keys: dict[Any, yaml.ScalarNode] = {}
             for key, value in node.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else None
-                if name is not None and name in keys:
+                if not isinstance(key, yaml.ScalarNode):
+                    continue  # not a key the schema takes (validation says so)
+                read = _read_key(key, as_int)
+                if read in keys:
+                    name = read if as_int else key.value  # 64 for '64' and 64.0
                     raise error(
-                        "listed twice (YAML would keep the last silently)",
-                        source=str(path),
-                        loc=format_loc((*loc, name)),
+                        _twice(keys[read], key), source=str(path), loc=format_loc((*loc, name))
                     )
-                keys.add(name)
-                stack.append(((*loc, name), value))
+                keys[read] = key
+                stack.append(((*loc, key.value), value))
+
+
+def _place_matches(loc: tuple, place: tuple[str, ...]) -> bool:
+    if len(loc) != len(place):
+        return False
+    return all(p in ("*", str(part)) for part, p in zip(loc, place, strict=True))
+
+
+def _read_key(key: yaml.ScalarNode, as_int: bool) -> Any:
+    """A key as YAML reads it and, ``as_int``, as the schema's integer keys do ('64' -> 64)."""
+    read = yaml.constructor.SafeConstructor().construct_object(key)
+    if as_int:
+        with contextlib.suppress(ValidationError):
+            return _INT_KEY.validate_python(read)
+    return read
+
+
+def _twice(first: yaml.ScalarNode, second: yaml.ScalarNode) -> str:
+    written = [_written(first), _written(second)]
+    if written[0] == written[1]:
+        return "listed twice (YAML would keep the last silently)"
+    return f"listed twice, as {written[0]} and {written[1]} (one entry would be lost silently)"
+
+
+def _written(key: yaml.ScalarNode) -> str:
+    quote = key.style if key.style in ("'", '"') else ""
+    return f"{quote}{key.value}{quote}"
 
 
 def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
