@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from click.testing import CliRunner
 
+import attncompose as ac
 from attncompose.cli import bench as bench_command
 from attncompose.cli import main
+from attncompose.errors import AttncomposeError
 from attncompose.eval import bench
+from attncompose.runtime.model_tuned import ModelShape, ModelTunedFile, write_model_tuned
 
 
 def test_defaults_suit_the_device():
@@ -45,3 +49,17 @@ def test_a_math_backend_that_would_not_fit_in_memory_is_skipped(monkeypatch):
     rows = {r.name: r for r in bench.bench_length(lambda *a, **kw: a[0], q, k, v, False, "id")}
     assert rows["sdpa-math"].median_ms is None
     assert rows["sdpa-math"].note.startswith("skipped: its score matrix needs")
+
+
+def test_an_attention_per_layer_is_refused_naming_what_bench_takes(tmp_path):
+    """A ModelTuning (a choice per layer) given to the library's bench was a raw TypeError from
+    inside ('ModelTuning' object is not callable); the CLI refused it, the library did not."""
+    shape = ModelShape(name="tiny", num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16)
+    path = tmp_path / "model.tuned.yaml"
+    write_model_tuned(path, ModelTunedFile(model=shape))
+    q, k, v = bench.random_qkv(1, 2, 32, 16, torch.float32, torch.device("cpu"))
+    for function in (bench.bench_length, bench.iter_bench_length):
+        with pytest.raises(AttncomposeError, match=r"not ModelTuning.*attn\.layer\(i\)"):
+            function(ac.load(path), q, k, v, True, "tuned")
+    with pytest.raises(AttncomposeError, match=r"not str 'streaming'.*ac\.compile\('streaming'\)"):
+        bench.bench_length("streaming", q, k, v, True, "streaming")

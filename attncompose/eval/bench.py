@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attncompose.errors import AttncomposeError
 from attncompose.eval.metrics import relative_error
 from attncompose.eval.reference import exact_attention_float32
 from attncompose.eval.timing import measure
@@ -106,6 +107,31 @@ def iter_bench_length(
     attn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, causal: bool, name: str
 ) -> Iterator[BenchRow]:
     """:func:`bench_length`'s rows, each as soon as it is measured."""
+    _check_timeable(attn)  # now, not at the first row
+    return _rows(attn, q, k, v, causal, name)
+
+
+def _check_timeable(attn: object) -> None:
+    """Refuse what bench cannot time: it times one attention callable (an attention per layer,
+    a recipe's name and the like were a TypeError from inside)."""
+    if callable(attn):
+        return
+    got = type(attn).__name__
+    if callable(getattr(attn, "layer", None)):  # a ModelTuning: a choice per layer
+        hint = ": its attention differs per layer; time one layer's (attn.layer(i))"
+    elif isinstance(attn, str):
+        got, hint = f"str {attn!r:.60}", f"; for a recipe, pass ac.compile({attn!r:.60})"
+    else:
+        hint = ""
+    raise AttncomposeError(
+        "bench times an attention callable (ac.compile(recipe), ac.load(a tuned file of "
+        f"`attncompose tune`)), not {got}{hint}"
+    )
+
+
+def _rows(
+    attn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, causal: bool, name: str
+) -> Iterator[BenchRow]:
     n, device = q.shape[2], q.device
     with torch.no_grad():
         out = attn(q, k, v, is_causal=causal)
