@@ -51,6 +51,7 @@ from attncompose.tuner.allocate import (  # noqa: E402
     layer_front,
     measure_next,
 )
+from attncompose.tuner.choice import frac_one_reason  # noqa: E402
 from attncompose.tuner.front import Point, pareto  # noqa: E402
 from attncompose.tuner.model_job import (  # noqa: E402
     NUDGE,
@@ -59,6 +60,7 @@ from attncompose.tuner.model_job import (  # noqa: E402
     _next_budget,
     tune_model,
 )
+from attncompose.tuner.model_report import summary_table  # noqa: E402
 from attncompose.tuner.study import open_storage  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -197,6 +199,34 @@ def test_knobs_computing_every_product_are_no_choice(tiny_model, tmp_path, monke
     for unit, points in result.points.items():
         assert {p.knobs["local.width"] for p in points if not p.is_exact} == {8}, unit
         assert result.chosen[unit].is_exact, unit
+
+
+@pytest.mark.parametrize("goal", ["target", "budget"])
+def test_a_tuning_where_every_trial_computes_every_product_says_so(tiny_model, tmp_path, goal):
+    """At a length every knob setting covers (a window of 64 or more at 64 tokens) each trial
+    computes every product (frac 1): every layer runs exact attention, and the file's notes
+    said nothing of why (tune says it of a recipe); they say it now, in tune's words."""
+    recipe = tmp_path / "wide.yaml"
+    recipe.write_text(
+        "name: wide\nsteps:\n  local: {op: window, width: {default: 64, choices: [64, 128]}}\n"
+        "  out: {op: block, select: [local], block_size: 16}\n"
+    )
+    goals = {"target": {"target_err": 0.5}, "budget": {"target_err": None, "ppl_budget": 0.01}}
+    cfg = config(
+        tmp_path / "w.yaml",
+        tmp_path / "cache",
+        recipes=(str(recipe),),
+        shared_trials=2,
+        trials=2,
+        segments=2,
+        **goals[goal],
+    )
+    result = tune_model(tiny_model, "tiny", text_ids(2), cfg)
+    assert all(point.is_exact for point in result.chosen.values())
+    notes = read_model_tuned(cfg.out).lengths[SEQ_LEN].notes
+    goal = "the target" if goal == "target" else "the perplexity budget"
+    assert notes[0] == f"every layer runs exact attention: {frac_one_reason(goal)}", notes
+    assert notes[0] in summary_table(result).caption  # what tune-model prints
 
 
 def finished_studies(url: str, trials: int) -> dict[str, list[tuple]]:

@@ -94,9 +94,13 @@ def _why_none(
             f"the best feasible latency {format_ms(fastest)} ms exceeds the budget "
             f"{rules.latency_budget_ms:g} ms"
         )
-    return "frac 1", (
-        "only knobs that compute as many products as exact attention (frac 1) met the target"
-    )
+    return "frac 1", frac_one_reason()
+
+
+def frac_one_reason(goal: str = "the target") -> str:
+    """Why exact attention where only knobs of frac 1 met ``goal``: they compute every product,
+    exact attention by another road (tune says it of a recipe, tune-model of layers)."""
+    return f"only knobs that compute as many products as exact attention (frac 1) met {goal}"
 
 
 class _Fracs:

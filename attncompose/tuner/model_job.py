@@ -85,6 +85,7 @@ from attncompose.tuner.allocate import (
     measure_next,
     reference_combo,
 )
+from attncompose.tuner.choice import frac_one_reason
 from attncompose.tuner.errors import TunerError
 from attncompose.tuner.front import (
     DIRECTIONS,
@@ -498,7 +499,28 @@ class ModelTuneJob:
             previous = self._points(exact[unit], studies[unit])
             self.reporter.unit_done(self.label(unit), pareto(previous))
         # read again at the end: other workers may have finished trials since
-        return {unit: self._points(exact[unit], studies[unit]) for unit in self.units}
+        points = {unit: self._points(exact[unit], studies[unit]) for unit in self.units}
+        self._note_frac_one(points, studies)
+        return points
+
+    def _note_frac_one(
+        self, points: dict[Unit, list[Point]], studies: dict[Unit, dict[str, optuna.Study]]
+    ) -> None:
+        """Say which units run exact attention because each of their trials computed every
+        product (frac 1; exact attention is all their front holds), as tune says it."""
+        units = [
+            u
+            for u in self.units
+            if len(points[u]) == 1 and any(finished_trials(s) for s in studies[u].values())
+        ]
+        if not units:
+            return
+        if len(units) == len(self.units):
+            where = "every layer runs"
+        else:
+            where = f"{', '.join(self.label(u) for u in units)} run"
+        goal = "the target" if self.config.target_err is not None else "the perplexity budget"
+        self.notes.append(f"{where} exact attention: {frac_one_reason(goal)}")
 
     def _points(self, exact: Point, studies: dict[str, optuna.Study]) -> list[Point]:
         found = [exact]
