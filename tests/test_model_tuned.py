@@ -384,6 +384,11 @@ def test_a_file_for_another_model_is_a_clear_error(tmp_path):
             lambda d: d["lengths"][64]["layers"][1]["choices"][0].update(trial=True),
             "layers.1.choices.0.trial: expected an integer",
         ),
+        (  # numbers too: a frac written true was read as 1.0
+            lambda d: d["lengths"][64]["layers"][1]["choices"][0].update(frac=True),
+            "layers.1.choices.0.frac: expected a number, got True",
+        ),
+        (lambda d: d["lengths"][64].update(ppl_budget=True), "lengths.64.ppl_budget: expected"),
     ],
 )
 def test_bad_files_are_one_clear_error(tmp_path, change, message):

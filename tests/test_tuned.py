@@ -295,6 +295,11 @@ def test_other_device_uses_its_entries_and_says_so(tuned_path):
             lambda d: d["table"]["cpu"].update({True: d["table"]["cpu"].pop(128)}),
             "table.cpu.1: expected an integer, got True",
         ),
+        (lambda d: d["table"]["cpu"][128].update(seeds=True), "table.cpu.128.seeds: expected"),
+        (  # numbers too: a latency written true was read as 1.0 ms
+            lambda d: d["table"]["cpu"][128].update(latency_ms=True),
+            "table.cpu.128.latency_ms: expected a number, got True",
+        ),
         (lambda d: d.update(format="other/9"), "format: unknown tuned-file format 'other/9'"),
         (lambda d: d.update(extra=1), "extra: unknown field"),
     ],

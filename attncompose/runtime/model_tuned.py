@@ -55,6 +55,7 @@ from attncompose.runtime.files import write_text_atomic
 from attncompose.runtime.tuned import (
     Cost,
     DecodeMs,
+    Float,
     Int,
     KnobValue,
     SeqLen,
@@ -118,10 +119,10 @@ class Choice(BaseModel):
     kv_heads: list[Int] = Field(min_length=1)
     recipe: str | None = None
     knobs: dict[str, KnobValue] | None = None
-    errors: dict[str, float] = Field(default_factory=dict, description="error per segment role")
-    frac: float = Field(ge=0, description="share of exact attention's products (fit segment)")
-    latency_ms: float | None = Field(None, ge=0)
-    exact_latency_ms: float | None = Field(None, ge=0)
+    errors: dict[str, Float] = Field(default_factory=dict, description="error per segment role")
+    frac: Float = Field(ge=0, description="share of exact attention's products (fit segment)")
+    latency_ms: Float | None = Field(None, ge=0)
+    exact_latency_ms: Float | None = Field(None, ge=0)
     decode_latency_ms: DecodeMs = None  # on its heads, after the fit segment's keys
     exact_decode_latency_ms: DecodeMs = None
     trial: Int | None = Field(None, description="number of the trial in its study")
@@ -157,9 +158,9 @@ class LayerTuning(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     choices: list[Choice] = Field(min_length=1)
-    errors: dict[str, float] = Field(default_factory=dict, description="error per segment role")
-    frac: float = Field(ge=0)
-    sensitivity: list[tuple[float, float, float] | tuple[float, float]] | None = Field(
+    errors: dict[str, Float] = Field(default_factory=dict, description="error per segment role")
+    frac: Float = Field(ge=0)
+    sensitivity: list[tuple[Float, Float, Float] | tuple[Float, Float]] | None = Field(
         None,
         description="measured (layer error, growth of log perplexity, its standard error over "
         "blocks of tokens) with this layer alone approximated (perplexity budget; "
@@ -174,9 +175,9 @@ class Segment(BaseModel):
 
     role: Literal["fit", "check", "test"]
     offset: Int = Field(ge=0, description="first token of the segment in the text")
-    exact_ppl: float = Field(gt=0)
-    ppl: float | None = Field(None, gt=0, description="with the tuned layers (final forward)")
-    frac: float | None = Field(None, ge=0, description="share of products in that forward")
+    exact_ppl: Float = Field(gt=0)
+    ppl: Float | None = Field(None, gt=0, description="with the tuned layers (final forward)")
+    frac: Float | None = Field(None, ge=0, description="share of products in that forward")
 
 
 class LengthTuning(BaseModel):
@@ -187,8 +188,8 @@ class LengthTuning(BaseModel):
     device: str
     cost: Cost
     per_head: bool
-    target_err: float | None = Field(None, gt=0)
-    ppl_budget: float | None = Field(None, gt=0)
+    target_err: Float | None = Field(None, gt=0)
+    ppl_budget: Float | None = Field(None, gt=0)
     recipes_tried: list[str]
     trials: Int = Field(
         ge=0, description="trials per layer (x head group) x recipe, besides the model-wide ones"
@@ -200,12 +201,12 @@ class LengthTuning(BaseModel):
     text_sha256: str
     segments: list[Segment] = Field(min_length=1)
     layers: dict[Int, LayerTuning]
-    error_mean: dict[str, float] = Field(
+    error_mean: dict[str, Float] = Field(
         default_factory=dict, description="mean per-layer error on each segment role"
     )
-    frac: float = Field(ge=0, description="share of exact attention's products, all layers")
+    frac: Float = Field(ge=0, description="share of exact attention's products, all layers")
     notes: list[str] = Field(default_factory=list)
-    seconds: dict[str, float] = Field(default_factory=dict, description="wall time per phase")
+    seconds: dict[str, Float] = Field(default_factory=dict, description="wall time per phase")
     date: str
     versions: dict[str, str]
 

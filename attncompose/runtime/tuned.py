@@ -97,6 +97,7 @@ def no_bool(expected: str) -> BeforeValidator:
 
 
 Int = Annotated[int, no_bool("an integer")]  # a file's integer ("64" as a JSON key too)
+Float = Annotated[float, no_bool("a number")]  # a file's number (true read as 1.0)
 _INT_KEY = TypeAdapter(Int)
 KnobValue = Annotated[int | float | str, no_bool("a number or a name")]
 SeqLen = Annotated[Int, Field(ge=1, description="a tuned sequence length")]
@@ -113,7 +114,7 @@ def split_backend(params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
 # attention's, timed by the tuner: decode steps run exact attention where the choice's is no
 # faster (:func:`decode_slower`); None in both where not measured (exact attention chosen, a
 # non-causal tuning, a file from before)
-DecodeMs = Annotated[float | None, Field(ge=0, description="ms of one decode step")]
+DecodeMs = Annotated[Float | None, Field(ge=0, description="ms of one decode step")]
 
 
 def check_decode_pair(decode_ms: float | None, exact_ms: float | None) -> None:
@@ -141,10 +142,10 @@ class Candidate(BaseModel):
     backend: Backend | None = Field(
         None, description="the implementation tuned with tune --backends"
     )
-    error_mean: float = Field(ge=0)
-    error_max: float = Field(ge=0)
-    latency_ms: float = Field(ge=0)
-    frac: float | None = Field(None, ge=0, description="share of exact attention's products")
+    error_mean: Float = Field(ge=0)
+    error_max: Float = Field(ge=0)
+    latency_ms: Float = Field(ge=0)
+    frac: Float | None = Field(None, ge=0, description="share of exact attention's products")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -165,9 +166,9 @@ class RecipeOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     best: Candidate | None = None
-    least_error: float | None = Field(None, ge=0)
-    trials: int = Field(ge=0)
-    seeds: int = Field(1, ge=1)
+    least_error: Float | None = Field(None, ge=0)
+    trials: Int = Field(ge=0)
+    seeds: Int = Field(1, ge=1)
     lost: str | None = None
     lost_as: LossKind | None = Field(None, description="the kind of ``lost``, for tables")
 
@@ -191,19 +192,19 @@ class TunedEntry(BaseModel):
     )
     fallback: str | None = Field(None, description="why exact attention is used")
     note: str | None = None
-    error_mean: float = Field(ge=0)
-    error_max: float = Field(ge=0)
-    latency_ms: float = Field(ge=0)
-    frac: float | None = Field(None, ge=0, description="share of exact attention's products")
-    exact_latency_ms: float = Field(ge=0)
+    error_mean: Float = Field(ge=0)
+    error_max: Float = Field(ge=0)
+    latency_ms: Float = Field(ge=0)
+    frac: Float | None = Field(None, ge=0, description="share of exact attention's products")
+    exact_latency_ms: Float = Field(ge=0)
     decode_latency_ms: DecodeMs = None  # see DecodeMs
     exact_decode_latency_ms: DecodeMs = None
     recipes: dict[str, RecipeOutcome] = {}
-    trials: int = Field(ge=0)
-    target_err: float = Field(gt=0)
-    latency_budget_ms: float | None = Field(None, gt=0)
+    trials: Int = Field(ge=0)
+    target_err: Float = Field(gt=0)
+    latency_budget_ms: Float | None = Field(None, gt=0)
     cost: Cost = Field("latency", description="what the tuner minimised: latency or products")
-    seeds: int = Field(ge=1)
+    seeds: Int = Field(ge=1)
     data: str
     date: str
     versions: dict[str, str]
