@@ -229,6 +229,34 @@ def test_a_tuning_where_every_trial_computes_every_product_says_so(tiny_model, t
     assert notes[0] in summary_table(result).caption  # what tune-model prints
 
 
+def test_layers_exact_for_want_of_a_point_within_the_target_say_so(tiny_model, tmp_path):
+    """Layers whose trials all missed the target run exact attention; the notes said nothing
+    of why (tune says it of a recipe, with the least error reached); they say it now."""
+    recipe = tmp_path / "narrow.yaml"
+    recipe.write_text(
+        "name: narrow\nsteps:\n  local: {op: window, width: {default: 8, choices: [8, 16]}}\n"
+        "  out: {op: block, select: [local], block_size: 16}\n"
+    )
+    cfg = config(
+        tmp_path / "w.yaml",
+        tmp_path / "cache",
+        recipes=(str(recipe),),
+        target_err=1e-6,
+        shared_trials=1,
+        trials=1,
+        segments=2,
+    )
+    result = tune_model(tiny_model, "tiny", text_ids(2), cfg)
+    assert all(point.is_exact for point in result.chosen.values())
+    least = min(p.error for ps in result.points.values() for p in ps if not p.is_exact)
+    notes = read_model_tuned(cfg.out).lengths[SEQ_LEN].notes
+    assert notes[0] == (
+        "every layer runs exact attention: no trial met the error target 1e-06 on the fit and "
+        f"check segments (least error {least:.3g} on the fit segment)"
+    ), notes
+    assert notes[0] in summary_table(result).caption
+
+
 def finished_studies(url: str, trials: int) -> dict[str, list[tuple]]:
     """Studies with at least ``trials`` finished trials: name -> (number, params, values)."""
     storage = open_storage(url)

@@ -513,14 +513,15 @@ class ModelTuneJob:
             for u in self.units
             if len(points[u]) == 1 and any(finished_trials(s) for s in studies[u].values())
         ]
-        if not units:
-            return
+        if units:
+            goal = "the target" if self.config.target_err is not None else "the perplexity budget"
+            self.notes.append(f"{self._run_exact(units)}: {frac_one_reason(goal)}")
+
+    def _run_exact(self, units: list[Unit]) -> str:
+        """The words for ``units`` running exact attention: every layer, or which."""
         if len(units) == len(self.units):
-            where = "every layer runs"
-        else:
-            where = f"{', '.join(self.label(u) for u in units)} run"
-        goal = "the target" if self.config.target_err is not None else "the perplexity budget"
-        self.notes.append(f"{where} exact attention: {frac_one_reason(goal)}")
+            return "every layer runs exact attention"
+        return f"{', '.join(self.label(u) for u in units)} run exact attention"
 
     def _points(self, exact: Point, studies: dict[str, optuna.Study]) -> list[Point]:
         found = [exact]
@@ -611,6 +612,16 @@ class ModelTuneJob:
             if "check" in self.captures:
                 check = lambda p, data=data: self.unit_error(data, p, "check")
             chosen[unit] = cheapest_within(pareto(found), target, check)
+        # exact for want of a point within the target (a front of exact attention alone is
+        # _note_frac_one's): said, with the least error reached, as tune says it of a recipe
+        missed = [u for u, p in chosen.items() if p.is_exact and len(points[u]) > 1]
+        if missed:
+            least = min(p.error for u in missed for p in points[u] if not p.is_exact)
+            where = "fit and check segments" if "check" in self.captures else "fit segment"
+            self.notes.append(
+                f"{self._run_exact(missed)}: no trial met the error target {target:g} on the "
+                f"{where} (least error {least:.3g} on the fit segment)"
+            )
         return chosen
 
     def _layer_fronts(self, points: dict[Unit, list[Point]]) -> dict[int, list[Combo]]:
