@@ -216,3 +216,35 @@ def test_the_last_queries_of_a_prefill_alone_equal_its_rows(make_qkv, name, back
     for m in (1, 17, 57, 100):  # chunks from positions 199, 183, 143, 100
         chunk = attn(q[:, :, -m:].contiguous(), k, v, is_causal=True)
         assert ac.relative_error(chunk, whole[:, :, -m:]) < FLOAT_ROUNDING, m
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.triton),
+        pytest.param("flex", marks=needs_flex),
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_scale_of_zero_or_below_gives_softmax_of_the_scaled_scores(
+    make_qkv, reference, backend, causal
+):
+    """SDPA takes any finite scale. PyTorch's fused CPU kernel masks (-inf) and takes row
+    maxima before it scales, so causal calls at scale 0 or below gave NaN rows (exact
+    attention, and every recipe's exact parts); the sign now goes into the queries: scale 0
+    averages the visible values, -s attends as -q at s, approximations included."""
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, lq=40, lk=64, d=16)
+    exact = ac.compile("exact", backend=backend)
+    for scale in (0.0, -0.0, -0.3):
+        out, lse = exact(q, k, v, is_causal=causal, scale=scale, return_lse=True)
+        ref, ref_lse = reference(q, k, v, is_causal=causal, scale=scale)
+        assert ac.relative_error(out, ref) < FLOAT_ROUNDING, scale
+        assert torch.allclose(lse.double(), ref_lse, atol=1e-5), scale
+    recipe = ac.load_recipe("hyperattention-sinks").with_knobs(
+        {"diag.block_size": 16, "residual.sample_size": 8, "out.min_seq_len": 16}
+    )
+    approx = ac.compile(recipe, backend="torch")
+    negative = approx(q, k, v, is_causal=causal, scale=-0.3)
+    assert negative.isfinite().all()
+    assert torch.equal(negative, approx(-q, k, v, is_causal=causal, scale=0.3))

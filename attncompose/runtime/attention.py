@@ -21,8 +21,11 @@ class Attention(nn.Module):
     enable_gqa=False, return_lse=False)``, SDPA's signature, with q [B, Hq, Lq, D],
     k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (Hq a multiple of Hkv: grouped-query attention
     whatever ``enable_gqa`` says; causal masks are aligned bottom-right, so Lq < Lk is
-    decoding). ``attn_mask`` must be None and ``dropout_p`` 0 (an approximation takes no
-    arbitrary mask: the Hugging Face integration runs such calls exactly). Returns
+    decoding). A ``scale`` of 0 or below runs with its sign folded into the queries (-q at
+    scale s > 0 for -s, zero queries for 0): fused kernels that mask and take row maxima
+    before they scale (PyTorch's CPU flash kernel) gave NaN rows for it. ``attn_mask`` must
+    be None and ``dropout_p`` 0 (an approximation takes no arbitrary mask: the Hugging Face
+    integration runs such calls exactly). Returns
     o [B, Hq, Lq, Dv] in q's dtype, and with ``return_lse`` also lse [B, Hq, Lq] (float32,
     natural log). Forward only: where gradients are wanted the output carries a backward
     that raises, rather than silently detaching the inputs. Computation runs in float32:
@@ -95,6 +98,8 @@ class Attention(nn.Module):
         b, hq, lq, d = q.shape
         group = hq // k.shape[1]
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        if scale <= 0:  # the fused kernels mask (-inf) and take row maxima before scaling
+            q, scale = (-q if scale < 0 else torch.zeros_like(q)), (-scale or 1.0)
         native = self.pipeline.backend == "triton" or (
             self.pipeline.backend in ("auto", "flex") and q.device.type == "cuda"
         )
