@@ -8,6 +8,7 @@ A new mistake class lands here as one row: (what is given, a fragment of the exp
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -306,6 +307,11 @@ TENSORS = [
         "scale must be None or a finite number, got '0.25'",
         id="scale-text",
     ),
+    pytest.param(
+        lambda: (qkv(), {"scale": torch.tensor(0.25)}),
+        "scale must be None or a finite number, got tensor(0.2500) (a tensor: pass float(scale))",
+        id="scale-tensor",
+    ),
     pytest.param(lambda: (qkv(b=0), {}), "empty batch: q has shape (0, 4, 8, 16)", id="batch-0"),
     pytest.param(lambda: (qkv(hq=0), {}), "no query heads: q has shape (1, 0, 8, 16)", id="hq-0"),
     pytest.param(lambda: (qkv(d=0), {}), "head_dim is 0: q has shape (1, 4, 8, 0)", id="d-0"),
@@ -350,6 +356,15 @@ def test_finite_inputs_whose_sum_overflows_are_accepted(dtype):
     assert ac.compile("exact")(q, k, v).shape == q.shape
     v[0, 1, 2, 3] = float("nan")
     assert non_finite(q, k, v) == "v"
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.25), np.float16(0.25), np.int64(1)])
+def test_numpy_scalar_scales_are_numbers(scale):
+    """SDPA takes a NumPy scalar scale (a head dim's root taken in NumPy); the call refused it
+    as no finite number."""
+    q, k, v = qkv()
+    attn = ac.compile("exact")
+    assert torch.equal(attn(q, k, v, scale=scale), attn(q, k, v, scale=float(scale)))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -14,11 +15,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def check_sdpa_options(attn_mask: object, dropout_p: float, scale: object = None) -> None:
     """SDPA arguments an approximation cannot honour (an explicit mask, dropout), and a
-    ``scale`` that is no finite number (a NaN scale gave finite nonsense or NaN outputs)."""
+    ``scale`` that is no finite real number (a NaN scale gave finite nonsense or NaN
+    outputs); NumPy's scalars are numbers, a tensor is not (reading it waits for its device)."""
     if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+        isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)
     ):
-        raise AttentionInputError(f"scale must be None or a finite number, got {scale!r}")
+        hint = " (a tensor: pass float(scale))" if isinstance(scale, Tensor) else ""
+        raise AttentionInputError(f"scale must be None or a finite number, got {scale!r}{hint}")
     if attn_mask is not None:
         raise AttentionInputError(
             "attn_mask is not supported: approximate attention takes no arbitrary mask; pass "
