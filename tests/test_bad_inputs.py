@@ -292,6 +292,16 @@ TENSORS = [
         id="causal-lq",
     ),
     pytest.param(
+        lambda: (qkv(), {"is_causal": "false"}),
+        "is_causal must be True or False, got 'false'",  # it ran causal (bool('false'))
+        id="causal-text",
+    ),
+    pytest.param(
+        lambda: (qkv(), {"is_causal": torch.ones(8, 8, dtype=torch.bool)}),
+        "is_causal must be True or False, got a tensor of shape (8, 8)",  # a raw RuntimeError
+        id="causal-mask",
+    ),
+    pytest.param(
         lambda: (qkv(), {"attn_mask": torch.ones(8, 8, dtype=torch.bool)}),
         "attn_mask is not supported",
         id="mask",

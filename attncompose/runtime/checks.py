@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,7 +33,15 @@ def check_sdpa_options(attn_mask: object, dropout_p: float, scale: object = None
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, check_finite: bool) -> None:
-    """Shapes [B,Hq,Lq,D], [B,Hkv,Lk,D], [B,Hkv,Lk,Dv]; same dtype/device; Hq % Hkv == 0."""
+    """Shapes [B,Hq,Lq,D], [B,Hkv,Lk,D], [B,Hkv,Lk,Dv]; same dtype/device; Hq % Hkv == 0;
+    ``is_causal`` a bool, as SDPA wants it (a string such as 'false' read as true)."""
+    if not isinstance(is_causal, (bool, np.bool_)):
+        shown = (
+            f"a tensor of shape {tuple(is_causal.shape)}"
+            if isinstance(is_causal, Tensor)
+            else f"{is_causal!r:.60}"
+        )
+        raise AttentionInputError(f"is_causal must be True or False, got {shown}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise AttentionInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
