@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from on_device import needs_flex
 
 import attncompose as ac
 
@@ -44,3 +45,27 @@ def test_backward_fails_clearly_instead_of_dropping_gradients(attn):
         assert not attn(q, k, v).requires_grad
     with torch.inference_mode():
         assert torch.equal(attn(q, k, v, is_causal=True), out.detach())
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.triton),
+        pytest.param("flex", marks=needs_flex),
+    ],
+)
+def test_inputs_that_want_gradients_run_forward_on_every_backend(backend):
+    """q, k, v that require grad (a model's activations) reached the kernels attached:
+    FlexAttention on the CPU refused them with a raw NotImplementedError ('does not support
+    backward on CPU'), under torch.no_grad() and inference_mode too."""
+    recipe = ac.load_recipe("streaming").with_knobs(
+        {"local.width": 24, "sinks.count": 1, "out.block_size": 16}
+    )
+    attn = ac.compile(recipe, backend=backend)
+    q, k, v = _qkv(lq=64, lk=64)
+    want = attn(q, k, v, is_causal=True)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(attn(q, k, v, is_causal=True).detach(), want), mode.__name__

@@ -104,7 +104,8 @@ class Attention(nn.Module):
             self.pipeline.backend in ("auto", "flex") and q.device.type == "cuda"
         )
         dtype = q.dtype if native else torch.float32
-        rows = lambda x: _rows(x, dtype, strided=native)
+        # detached: the steps run forward only (FlexAttention refuses inputs that want grads)
+        rows = lambda x: _rows(x.detach(), dtype, strided=native)
         problem = Problem(
             q=rows(q),
             k=rows(k),  # one row per key/value head: the steps read them grouped or expand
