@@ -330,6 +330,11 @@ TENSORS = [
         "q, k, v are meta tensors (shapes without values)",
         id="meta",
     ),
+    pytest.param(  # a reshape deep inside raised for it
+        lambda: ((qkv()[0].to_sparse(), *qkv()[1:]), {}),
+        "q must be a dense tensor, got layout torch.sparse_coo",
+        id="sparse",
+    ),
     *(
         pytest.param(
             lambda name=name, bad=bad: poisoned(name, bad),

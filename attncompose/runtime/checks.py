@@ -45,6 +45,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, check_finite:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise AttentionInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:  # a sparse one died in a reshape
+            raise AttentionInputError(f"{name} must be a dense tensor, got layout {t.layout}")
         if t.dim() != 4:
             raise AttentionInputError(
                 f"{name} must be 4-D [batch, heads, length, head_dim], got shape {tuple(t.shape)}"
