@@ -5,6 +5,7 @@ plan."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import replace
 
@@ -25,7 +26,7 @@ from on_device import (
 )
 from on_device import make_problem as device_problem
 from oracle import dense_mask, make_problem, masked_attention
-from plan_cases import CASES, PROBLEMS, plan_of, problem_named, small_recipe
+from plan_cases import CASES, PROBLEMS, _topk, plan_of, problem_named, small_recipe
 
 import attncompose as ac
 from attncompose.primitives import dispatch
@@ -42,7 +43,11 @@ from attncompose.primitives.block import naive as block_naive
 from attncompose.primitives.block import plan_flex
 from attncompose.primitives.block.fused import _fused_chunk as fused_chunk
 from attncompose.primitives.block.fused import plan_attention as fused_plan_attention
-from attncompose.primitives.block.one_query import one_query_attention
+from attncompose.primitives.block.one_query import (
+    kept_keys,
+    kept_ranges,
+    one_query_attention,
+)
 from attncompose.primitives.block.plan_torch import plan_attention as naive_plan_attention
 from attncompose.primitives.lsh import Lsh
 from attncompose.primitives.lsh.schema import LshStep
@@ -320,6 +325,54 @@ def test_a_one_query_step_takes_the_plans_pairs(case, shape, grouped, walk):
     dense = plan.to_dense(p).expand(p.q.shape[0], -1, -1)
     assert_walk_equal(got, masked_attention(p.expanded(), dense))
     assert counted[0] == plan.products(p) == int(dense.sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_decode_steps_key_bands_are_the_ranges_their_masks_keep(seed):
+    """A decode step whose selections are all key bands takes its keys as index ranges
+    worked out on positions (no mask over the keys): the same keys as the bands' rules on
+    every key, for sinks longer than the keys, empty and overlapping windows, a query
+    before the last keys, keys that start later (k_offset), causal or not."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda hi: int(torch.randint(hi, (1,), generator=g))
+    for _ in range(40):
+        lk = 1 + draw(90)
+        p = make_problem(2, 1, lk, causal=bool(draw(2)), seed=seed)
+        p = replace(p, q_offset=draw(lk + 20), k_offset=draw(8))
+        bands = [SinkCoverage(draw(12)), WindowCoverage(draw(40)), WindowCoverage(draw(9))]
+        select = [bands[i] for i in range(3) if draw(3)] or [bands[1]]
+        ranges = kept_ranges(p, select)
+        keep = torch.zeros(lk, dtype=torch.bool)
+        for start, end in ranges:
+            keep[start:end] = True
+        assert torch.equal(keep, kept_keys(p, select)[0]), (select, p.q_offset, p.k_offset)
+        starts = [start for start, _ in ranges]
+        assert starts == sorted(starts) and all(
+            end < after for (_, end), (after, _) in itertools.pairwise(ranges)
+        ), ranges  # ascending, apart
+    topk = _topk(make_problem(2, 1, 64, causal=True, seed=seed), block_size=16, k=2)
+    assert kept_ranges(p, [bands[0], topk]) is None  # a table: its mask
+    assert kept_ranges(p, [bands[1]], [bands[0]]) is None  # an exclusion: the mask
+
+
+def test_a_decode_step_on_one_key_range_copies_no_key():
+    """A window alone (or one that reaches the sinks) is one range of keys: read where they
+    lie, nothing copied; sinks apart from the window: two ranges, copied into a buffer."""
+    p = make_problem(4, 1, 500, causal=True, seed=2)
+    grouped = replace(p, k=p.k[::2].clone(), v=p.v[::2].clone(), kv_group=2)
+    for problem in (p, grouped):
+        for select, copies in (
+            ([WindowCoverage(64)], False),
+            ([SinkCoverage(4), WindowCoverage(64)], True),
+        ):
+            with WatchWrites() as written:
+                got = one_query_attention(problem, select, [], fused_chunk)
+            kept = 64 + (4 if copies else 0)
+            big = [w for w in written if w >= kept * problem.k.shape[-1]]
+            assert bool(big) == copies, (select, written)
+            plan = BlockPlan.build(problem, select, [], 16, 16)
+            dense = plan.to_dense(problem).expand(p.q.shape[0], -1, -1)
+            assert_walk_equal(got, masked_attention(problem.expanded(), dense))
 
 
 def test_a_one_query_step_that_keeps_no_key_is_empty():

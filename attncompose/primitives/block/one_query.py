@@ -6,6 +6,9 @@ key mask: each selection's :meth:`~attncompose.primitives.base.Coverage.covers` 
 exclusions and what the query cannot see. The kept keys are gathered (a decode step keeps
 few: the sinks, a window, its top blocks) and attended in one ``chunk_fn`` call with no mask
 where every row keeps the same keys, else one per-row gather with its padding masked.
+Where every selection is a key band (sinks, a window) and none is excluded, the kept keys
+are a few index ranges worked out on positions alone (:func:`kept_ranges`: no mask over the
+keys, no ``nonzero``), read as a view when they are one range, else copied range by range.
 
 No :class:`~attncompose.primitives.plan.BlockPlan` is built: a decode loop's key length grows
 at every step, so a plan, reused per length, would be built (and its lists and pair masks
@@ -33,6 +36,7 @@ from attncompose.primitives.base import (
     static_arange,
 )
 from attncompose.primitives.block.naive import grouped_chunk
+from attncompose.primitives.coverages import KeyBand
 
 
 def kept_keys(problem: Problem, select: list[Coverage], exclude: list[Coverage] = ()) -> Tensor:
@@ -49,6 +53,30 @@ def kept_keys(problem: Problem, select: list[Coverage], exclude: list[Coverage] 
     return keep.reshape(-1, problem.lk)
 
 
+def kept_ranges(
+    problem: Problem, select: list[Coverage], exclude: list[Coverage] = ()
+) -> list[tuple[int, int]] | None:
+    """The keys :func:`kept_keys` takes for one query, as ascending disjoint index ranges
+    [start, end), where every selection is a key band and nothing is excluded (else None):
+    each band's keys are (anchor - extent, anchor] in positions, the query sees the keys up
+    to its own position when causal."""
+    if exclude or problem.packed is not None or not all(isinstance(c, KeyBand) for c in select):
+        return None
+    q_pos, k_off = problem.q_offset, problem.k_offset  # the one query's position
+    end = min(problem.lk, q_pos - k_off + 1) if problem.causal else problem.lk
+    ranges: list[tuple[int, int]] = []
+    for band in sorted(select, key=lambda c: int(c.anchor(q_pos)) - c.extent):
+        last = int(band.anchor(q_pos)) - k_off  # the last key index it covers
+        lo, hi = max(0, last - band.extent + 1), min(end, last + 1)
+        if lo >= hi:
+            continue
+        if ranges and lo <= ranges[-1][1]:  # touching or overlapping: one range
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], hi))
+        else:
+            ranges.append((lo, hi))
+    return ranges
+
+
 def one_query_attention(
     problem: Problem, select: list[Coverage], exclude: list[Coverage], chunk_fn
 ) -> Partial:
@@ -56,8 +84,13 @@ def one_query_attention(
     ``chunk_fn(q, k, v, mask, bias, scale, scratch)`` (see the module doc)."""
     if problem.lq != 1:
         raise ValueError(f"a one-query step takes one query per row, not {problem.lq}")
-    keep = kept_keys(problem, select, exclude)
     n = problem.q.shape[0]
+    ranges = kept_ranges(problem, select, exclude)
+    if ranges is not None:
+        if counting_products():
+            add_products(n * sum(end - start for start, end in ranges))
+        return _range_keys(problem, ranges, chunk_fn)
+    keep = kept_keys(problem, select, exclude)
     if counting_products():
         add_products(keep.sum() * (n if keep.shape[0] == 1 else 1))
     if keep.shape[0] == 1:
@@ -65,19 +98,46 @@ def one_query_attention(
     return _keys_per_row(problem, keep, chunk_fn)
 
 
+def _range_keys(problem: Problem, ranges: list[tuple[int, int]], chunk_fn) -> Partial:
+    """Every row takes the keys of ``ranges``: one range read where it lies (a view), more
+    copied range by range into the workspace's buffer."""
+    if not ranges:
+        return _empty(problem)
+    if len(ranges) == 1:
+        ((start, end),) = ranges
+        return _attend_shared(problem, problem.k[:, start:end], problem.v[:, start:end], chunk_fn)
+    count = sum(end - start for start, end in ranges)
+    scratch = problem.workspace or Workspace()
+    k, v = (
+        torch.cat(
+            [x[:, start:end] for start, end in ranges],
+            1,
+            out=_buffer(scratch, name, x, (x.shape[0], count)),
+        )
+        for name, x in (("k", problem.k), ("v", problem.v))
+    )
+    return _attend_shared(problem, k, v, chunk_fn)
+
+
 def _shared_keys(problem: Problem, idx: Tensor, chunk_fn) -> Partial:
-    """Every row takes the keys ``idx`` [C]: one call, a group's query heads stacked as the
-    rows of its key row (:func:`~attncompose.primitives.block.naive.grouped_chunk`)."""
-    n, d = problem.q.shape[0], problem.q.shape[-1]
-    dv = problem.v.shape[-1]
+    """Every row takes the keys ``idx`` [C]: gathered into the workspace's buffers."""
     if idx.numel() == 0:
         return _empty(problem)
-    q = problem.q.float().view(n, 1, 1, d)  # [N, 1, 1, D]
     scratch = problem.workspace or Workspace()
     k, v = (
         torch.index_select(x, 1, idx, out=_buffer(scratch, name, x, (x.shape[0], len(idx))))
         for name, x in (("k", problem.k), ("v", problem.v))
     )
+    return _attend_shared(problem, k, v, chunk_fn)
+
+
+def _attend_shared(problem: Problem, k: Tensor, v: Tensor, chunk_fn) -> Partial:
+    """Every row against the same kept keys k, v [N/G, C, D] of its key row: one call, a
+    group's query heads stacked as the rows of its key row
+    (:func:`~attncompose.primitives.block.naive.grouped_chunk`)."""
+    n, d = problem.q.shape[0], problem.q.shape[-1]
+    dv = problem.v.shape[-1]
+    q = problem.q.float().view(n, 1, 1, d)  # [N, 1, 1, D]
     k, v = (x.float().unsqueeze(1) for x in (k, v))  # [N/G, 1, C, D]
     out, lse = grouped_chunk(
         chunk_fn, problem.kv_group, q, k, v, None, None, problem.scale, problem.workspace
