@@ -198,7 +198,13 @@ def bench_cpu_before(
 
 
 # earlier runs, oldest first
-BEFORE_DECODE = ("before-gqa", "before-decode", "before-one-query", "before-stack")
+BEFORE_DECODE = (
+    "before-gqa",
+    "before-decode",
+    "before-one-query",
+    "before-stack",
+    "before-ranges",
+)
 
 
 def bench_decode_cpu(results: Path) -> str:
@@ -206,9 +212,10 @@ def bench_decode_cpu(results: Path) -> str:
     commits, same script and machine: before grouped keys and values were read in place
     (``results/before-gqa/``), before decode steps read only the key blocks and queries
     they take (``results/before-decode/``), before a block plan's decode step ran on its
-    kept keys (``results/before-one-query/``) and before a group's query heads were stacked
-    as the rows of one call (``results/before-stack/``); a column per earlier run, headed
-    by its commit."""
+    kept keys (``results/before-one-query/``), before a group's query heads were stacked
+    as the rows of one call (``results/before-stack/``) and before a decode step of key
+    bands took its keys as index ranges (``results/before-ranges/``); a column per earlier
+    run, headed by its commit."""
     now = runs("bench_decode_cpu", results)[:1]
     befores = [runs("bench_decode_cpu", results / name)[:1] for name in BEFORE_DECODE]
     befores = [b for b in befores if b]
