@@ -64,10 +64,12 @@ def kept_ranges(
         return None
     q_pos, k_off = problem.q_offset, problem.k_offset  # the one query's position
     end = min(problem.lk, q_pos - k_off + 1) if problem.causal else problem.lk
-    ranges: list[tuple[int, int]] = []
-    for band in sorted(select, key=lambda c: int(c.anchor(q_pos)) - c.extent):
+    spans = []
+    for band in select:
         last = int(band.anchor(q_pos)) - k_off  # the last key index it covers
-        lo, hi = max(0, last - band.extent + 1), min(end, last + 1)
+        spans.append((max(0, last - band.extent + 1), min(end, last + 1)))
+    ranges: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
         if lo >= hi:
             continue
         if ranges and lo <= ranges[-1][1]:  # touching or overlapping: one range
